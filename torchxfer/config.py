@@ -1,0 +1,226 @@
+"""Configuration dataclasses, validated in ``__post_init__`` (ValueError names the value).
+
+The rank formula for inference workers lives here, in :func:`worker_rank`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from .packing import ALIGNMENT, TensorSpec, dtype_name, parse_dtype
+
+__all__ = [
+    "DEFAULT_PACKED_BUFFER_SIZE_BYTES",
+    "DEFAULT_PACKED_NUM_BUFFERS",
+    "DEFAULT_TIMEOUT_S",
+    "WeightTransferConfig",
+    "ParallelConfig",
+    "NCCLWeightTransferInitInfo",
+    "NCCLWeightTransferUpdateInfo",
+    "TransferStats",
+    "worker_rank",
+]
+
+DEFAULT_PACKED_BUFFER_SIZE_BYTES = 1 << 30
+DEFAULT_PACKED_NUM_BUFFERS = 2
+DEFAULT_TIMEOUT_S = 300.0
+BACKENDS = ("nccl", "gloo")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(owner: str, field: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if not _is_int(value) or value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{owner}.{field} must be an int {bound}, got {value!r}")
+
+
+def check_timeout(owner: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{owner}.timeout_s must be a positive finite number of seconds, got {value!r}")
+    return float(value)
+
+
+def check_backend(owner: str, value: Any) -> str:
+    if value not in BACKENDS:
+        raise ValueError(f"{owner}.backend must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def check_buffers(owner: str, buffer_size: Any, num_buffers: Any) -> None:
+    _check_int(owner, "packed_buffer_size_bytes", buffer_size, ALIGNMENT)
+    _check_int(owner, "packed_num_buffers", num_buffers, 1, 64)
+
+
+@dataclasses.dataclass
+class WeightTransferConfig:
+    """How an inference worker's engine talks to the trainer."""
+
+    backend: str = "nccl"
+    """"nccl" (CUDA tensors, one GPU per rank) or "gloo" (CPU tensors, or CUDA
+    tensors staged through host memory). Must match the trainer's backend."""
+    timeout_s: float = 300.0
+    """Bound on every wait: store rendezvous, each collective, and the wait for
+    an update to begin once ``receive_weights`` is called."""
+    device: str | torch.device | None = None
+    """Where received weights land. None: the current CUDA device for "nccl",
+    the CPU for "gloo"."""
+
+    def __post_init__(self) -> None:
+        check_backend("WeightTransferConfig", self.backend)
+        self.timeout_s = check_timeout("WeightTransferConfig", self.timeout_s)
+        if self.device is not None:
+            try:
+                self.device = torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"WeightTransferConfig.device {self.device!r} is not a device: {e}") from None
+            if self.backend == "nccl" and self.device.type != "cuda":
+                raise ValueError(f"backend 'nccl' needs a CUDA device, got device {self.device}")
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    """Where this worker sits in its inference server: DP x TP x PP."""
+
+    data_parallel_rank: int = 0
+    """Index of this worker's data-parallel replica, in [0, data_parallel_size)."""
+    rank: int = 0
+    """Rank within the replica (TP x PP), in [0, world_size)."""
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for field in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            _check_int("ParallelConfig", field, getattr(self, field), 1)
+        _check_int("ParallelConfig", "rank", self.rank, 0, self.world_size - 1)
+        _check_int("ParallelConfig", "data_parallel_rank", self.data_parallel_rank, 0, self.data_parallel_size - 1)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in one data-parallel replica: TP x PP."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+def worker_rank(parallel_config: ParallelConfig, rank_offset: int) -> int:
+    """This worker's rank in the side group.
+
+    ``data_parallel_rank x (TP x PP) + rank + rank_offset``; the trainer is rank
+    0, so ``rank_offset`` is at least 1.
+    """
+    return parallel_config.data_parallel_rank * parallel_config.world_size + parallel_config.rank + rank_offset
+
+
+@dataclasses.dataclass
+class NCCLWeightTransferInitInfo:
+    """Where the side group's store listens and how large the group is.
+
+    The trainer (rank 0) binds ``master_address:master_port``; workers connect
+    to it. Every rank of the side group must be given the same values.
+    """
+
+    master_address: str
+    master_port: int
+    rank_offset: int
+    """Side-group rank of the first worker of this server (>= 1)."""
+    world_size: int
+    """Total ranks in the side group: the trainer plus every worker."""
+    token: str | None = None
+    """Shared secret. When set on any rank it must be set, equal, on every rank:
+    each rank proves it knows it (an HMAC over a per-group nonce) before any
+    weight moves. The token itself never travels."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.master_address, str) or not self.master_address:
+            raise ValueError(f"master_address must be a non-empty string, got {self.master_address!r}")
+        _check_int("NCCLWeightTransferInitInfo", "master_port", self.master_port, 1, 65535)
+        _check_int("NCCLWeightTransferInitInfo", "rank_offset", self.rank_offset, 1)
+        _check_int("NCCLWeightTransferInitInfo", "world_size", self.world_size, 1)
+        if self.token is not None and (not isinstance(self.token, str) or not self.token):
+            raise ValueError("token must be a non-empty string or None")
+
+    def __repr__(self) -> str:  # never print the secret
+        token = None if self.token is None else "***"
+        return (
+            f"NCCLWeightTransferInitInfo(master_address={self.master_address!r}, master_port={self.master_port}, "
+            f"rank_offset={self.rank_offset}, world_size={self.world_size}, token={token})"
+        )
+
+
+@dataclasses.dataclass
+class NCCLWeightTransferUpdateInfo:
+    """Out-of-band description of one update, checked against the in-band header.
+
+    Both producer and consumer must use the same ``packed``,
+    ``packed_buffer_size_bytes`` and ``packed_num_buffers``; any disagreement
+    raises TransferError on every rank before payload moves.
+    """
+
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+    packed: bool = False
+    packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_SIZE_BYTES
+    packed_num_buffers: int = DEFAULT_PACKED_NUM_BUFFERS
+
+    def __post_init__(self) -> None:
+        for field in ("names", "dtype_names", "shapes"):
+            if not isinstance(getattr(self, field), (list, tuple)):
+                raise ValueError(f"{field} must be a list, got {type(getattr(self, field)).__name__}")
+        n = len(self.names)
+        if len(self.dtype_names) != n:
+            raise ValueError(f"dtype_names has {len(self.dtype_names)} entries but names has {n}")
+        if len(self.shapes) != n:
+            raise ValueError(f"shapes has {len(self.shapes)} entries but names has {n}")
+        if not isinstance(self.packed, bool):
+            raise ValueError(f"packed must be a bool, got {self.packed!r}")
+        check_buffers("NCCLWeightTransferUpdateInfo", self.packed_buffer_size_bytes, self.packed_num_buffers)
+        specs = []
+        for name, dtype, shape in zip(self.names, self.dtype_names, self.shapes):
+            try:
+                specs.append(TensorSpec(name, parse_dtype(dtype), shape))
+            except ValueError as e:
+                raise ValueError(f"tensor {name!r}: {e}") from None
+        self._specs = tuple(specs)
+
+    @property
+    def specs(self) -> tuple[TensorSpec, ...]:
+        return self._specs
+
+    @classmethod
+    def from_named_tensors(
+        cls,
+        named_tensors: Any,
+        *,
+        packed: bool = False,
+        packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_SIZE_BYTES,
+        packed_num_buffers: int = DEFAULT_PACKED_NUM_BUFFERS,
+    ) -> NCCLWeightTransferUpdateInfo:
+        """Describe ``(name, tensor)`` pairs, e.g. ``model.named_parameters()``."""
+        names, dtypes, shapes = [], [], []
+        for name, tensor in named_tensors:
+            spec = TensorSpec.of(name, tensor)
+            names.append(name)
+            dtypes.append(dtype_name(spec.dtype))
+            shapes.append(list(spec.shape))
+        return cls(names, dtypes, shapes, packed, packed_buffer_size_bytes, packed_num_buffers)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferStats:
+    """What one update moved, as seen by the rank that returns it."""
+
+    update_id: int
+    num_tensors: int
+    num_bytes: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.num_bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")

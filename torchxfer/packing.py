@@ -1,0 +1,285 @@
+"""Bucket planning, packing and unpacking: pure functions, no process group.
+
+The sender and every receiver call :func:`plan_slots` with the same
+``(name, dtype, shape)`` specs and the same buffer size, so both sides agree on
+where every byte goes without either re-deriving the other's rule. The rule,
+in one place:
+
+* slots start at offsets aligned to :data:`ALIGNMENT` bytes, so every view
+  handed to ``load_weights`` is aligned for any dtype;
+* a tensor goes into the current bucket if it fits after the cursor; otherwise
+  the bucket is closed and the tensor starts a new one;
+* a tensor larger than a whole buffer is split: its bytes fill what is left of
+  the current bucket, then whole buffers, and its tail starts the next bucket;
+  so buffer memory stays ``num_buffers x buffer_size`` whatever the model;
+* a bucket holds at most :data:`MAX_SLOTS_PER_BUCKET` slots, which bounds the
+  size of its header;
+* with ``buffer_size=None`` (unpacked mode) every tensor is a bucket of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "ALIGNMENT",
+    "MAX_SLOTS_PER_BUCKET",
+    "TensorSpec",
+    "Slot",
+    "align_up",
+    "dtype_name",
+    "parse_dtype",
+    "plan_slots",
+    "pack_slot",
+    "slot_view",
+    "tensor_bytes",
+]
+
+ALIGNMENT = 16
+"""Byte alignment of every slot in a packed buffer (>= the largest itemsize)."""
+
+MAX_SLOTS_PER_BUCKET = 4096
+"""Most slots one bucket may hold; keeps a bucket header under the size cap."""
+
+MAX_NDIM = 64
+"""Most dimensions a tensor on the wire may have."""
+
+
+def _supported_dtypes() -> dict[str, torch.dtype]:
+    # Only dtypes whose storage is plain bytes that a uint8 view can carry.
+    names = [
+        "bool", "uint8", "int8", "int16", "int32", "int64",
+        "uint16", "uint32", "uint64",
+        "float16", "bfloat16", "float32", "float64",
+        "complex32", "complex64", "complex128",
+        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+        "float8_e8m0fnu", "float4_e2m1fn_x2",
+    ]  # fmt: skip
+    found = {}
+    for name in names:
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype):
+            found[name] = dtype
+    return found
+
+
+_DTYPE_BY_NAME: dict[str, torch.dtype] = _supported_dtypes()
+_NAME_BY_DTYPE: dict[torch.dtype, str] = {d: n for n, d in _DTYPE_BY_NAME.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The canonical wire name of ``dtype`` ("bfloat16"); ValueError if unsupported."""
+    try:
+        return _NAME_BY_DTYPE[dtype]
+    except (KeyError, TypeError):
+        raise ValueError(f"dtype {dtype!r} cannot be transferred") from None
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """The dtype for a name: canonical ("float32"), alias ("float") or "torch."-prefixed.
+
+    Raises ValueError for anything that is not a supported torch dtype
+    (``"nn"``, ``"Tensor"``, ``"qint8"``, ...).
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"dtype name must be a string, got {name!r}")
+    bare = name[len("torch.") :] if name.startswith("torch.") else name
+    dtype = _DTYPE_BY_NAME.get(bare)
+    if dtype is None and bare.isidentifier():
+        candidate = getattr(torch, bare, None)
+        if isinstance(candidate, torch.dtype) and candidate in _NAME_BY_DTYPE:
+            dtype = candidate
+    if dtype is None:
+        raise ValueError(f"{name!r} is not a supported torch dtype name")
+    return dtype
+
+
+def _check_shape(shape: object) -> tuple[int, ...]:
+    if not isinstance(shape, (list, tuple, torch.Size)):
+        raise ValueError(f"shape must be a list of ints, got {shape!r}")
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"shape {list(shape)!r} has more than {MAX_NDIM} dimensions")
+    dims = []
+    for dim in shape:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise ValueError(
+                f"shape {list(shape)!r} has dimension {dim!r}: dimensions must be "
+                "non-negative integers"
+            )
+        dims.append(int(dim))
+    return tuple(dims)
+
+
+def align_up(n: int, alignment: int = ALIGNMENT) -> int:
+    """``n`` rounded up to a multiple of ``alignment``."""
+    return -(-n // alignment) * alignment
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """What the wire knows of one tensor: name, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise ValueError(f"tensor name must be a string, got {self.name!r}")
+        dtype_name(self.dtype)
+        object.__setattr__(self, "shape", _check_shape(self.shape))
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+        """The spec of a dense tensor; ValueError for anything the wire cannot carry."""
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.layout != torch.strided or tensor.is_quantized:
+            raise ValueError(f"{name!r}: only dense tensors can be sent, got layout {tensor.layout}")
+        if tensor.device.type == "meta":
+            raise ValueError(f"{name!r}: a meta tensor has no data to send")
+        return cls(name, tensor.dtype, tuple(tensor.shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One contiguous run of one tensor's bytes inside one bucket.
+
+    ``start``/``length`` locate the run in the tensor's row-major bytes;
+    ``offset`` locates it in the bucket's buffer.
+    """
+
+    bucket: int
+    index: int
+    spec: TensorSpec
+    start: int
+    length: int
+    offset: int
+
+    @property
+    def is_whole(self) -> bool:
+        return self.start == 0 and self.length == self.spec.nbytes
+
+    @property
+    def is_last(self) -> bool:
+        return self.start + self.length == self.spec.nbytes
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def plan_slots(specs: Iterable[TensorSpec], buffer_size: int | None) -> Iterator[Slot]:
+    """Place tensors into buckets; yields slots in send order, lazily.
+
+    Both sides call this with the same specs and ``buffer_size``. It pulls one
+    spec at a time and never looks ahead, so a lazy source is not drained: the
+    sender learns that bucket ``b`` is complete when the first slot of
+    ``b + 1`` arrives, with only that one tensor in hand.
+
+    Args:
+        specs: tensors in send order.
+        buffer_size: bytes per buffer (packed mode), or None for one bucket
+            per tensor (unpacked mode).
+    """
+    if buffer_size is not None and (
+        isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < ALIGNMENT
+    ):
+        raise ValueError(f"buffer_size must be an int >= {ALIGNMENT}, got {buffer_size!r}")
+    bucket = -1
+    cursor = 0
+    count = 0
+    for index, spec in enumerate(specs):
+        if buffer_size is None:
+            bucket += 1
+            yield Slot(bucket, index, spec, 0, spec.nbytes, 0)
+            continue
+        nbytes = spec.nbytes
+        offset = align_up(cursor)
+        fits = offset + nbytes <= buffer_size and count < MAX_SLOTS_PER_BUCKET
+        if bucket < 0 or (not fits and (nbytes <= buffer_size or offset >= buffer_size)) or (
+            count >= MAX_SLOTS_PER_BUCKET
+        ):
+            bucket, offset, count = bucket + 1, 0, 0
+        if offset + nbytes <= buffer_size:
+            yield Slot(bucket, index, spec, 0, nbytes, offset)
+            cursor, count = offset + nbytes, count + 1
+            continue
+        # Larger than what is left of the buffer and than a whole buffer: split.
+        start = 0
+        while start < nbytes:
+            length = min(nbytes - start, buffer_size - offset)
+            yield Slot(bucket, index, spec, start, length, offset)
+            start += length
+            cursor, count = offset + length, count + 1
+            if start < nbytes:
+                bucket, offset, count = bucket + 1, 0, 0
+
+
+def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The row-major bytes of ``tensor`` as a flat uint8 tensor (copies if not contiguous)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def slot_view(buffer: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """The slot's bytes in ``buffer`` (a flat uint8 tensor)."""
+    return buffer[slot.offset : slot.end]
+
+
+def typed_view(raw: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """View a flat uint8 run of exactly ``spec.nbytes`` bytes as the spec's tensor."""
+    return raw.view(spec.dtype).view(spec.shape)
+
+
+def pack_slot(buffer: torch.Tensor, slot: Slot, tensor: torch.Tensor) -> None:
+    """Copy the slot's part of ``tensor`` into ``buffer``.
+
+    A whole, unsplit tensor is copied straight from its strides into the
+    buffer (no temporary for non-contiguous views); a split tensor is copied
+    from its contiguous bytes.
+    """
+    dst = slot_view(buffer, slot)
+    with torch.no_grad():
+        if slot.is_whole:
+            if slot.length:
+                typed_view(dst, slot.spec).copy_(tensor, non_blocking=True)
+        else:
+            src = tensor_bytes(tensor)[slot.start : slot.start + slot.length]
+            dst.copy_(src, non_blocking=True)
+
+
+def check_bucket(slots: Sequence[Slot], buffer_size: int | None) -> int:
+    """Validate slots decoded from the wire; returns the bucket's payload bytes.
+
+    Raises ValueError when slots overlap, are misaligned, or leave the buffer.
+    """
+    end = 0
+    for slot in slots:
+        if slot.start < 0 or slot.length < 0 or slot.start + slot.length > slot.spec.nbytes:
+            raise ValueError(f"slot of {slot.spec.name!r} covers bytes outside the tensor")
+        if buffer_size is None:
+            if not slot.is_whole or slot.offset != 0 or len(slots) != 1:
+                raise ValueError("an unpacked bucket holds one whole tensor at offset 0")
+        else:
+            if slot.offset % ALIGNMENT or slot.offset < end:
+                raise ValueError(f"slot of {slot.spec.name!r} at offset {slot.offset} is misaligned or overlaps")
+            if slot.end > buffer_size:
+                raise ValueError(f"slot of {slot.spec.name!r} ends at {slot.end}, past the buffer ({buffer_size})")
+        end = slot.end
+    if buffer_size is not None and len(slots) > MAX_SLOTS_PER_BUCKET:
+        raise ValueError(f"bucket has {len(slots)} slots, more than {MAX_SLOTS_PER_BUCKET}")
+    return end
