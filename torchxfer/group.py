@@ -31,6 +31,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,7 +40,9 @@ import torch.distributed as dist
 
 from .errors import TransferError
 
-__all__ = ["SideGroup", "create_side_group"]
+__all__ = ["SideGroup", "create_side_group", "side_group", "destroy_side_group"]
+
+_GROUPS: "weakref.WeakKeyDictionary[dist.ProcessGroup, SideGroup]" = weakref.WeakKeyDictionary()
 
 _PREFIX = "torchxfer/v1/"
 _POLL_S = (0.002, 0.05)
@@ -49,13 +52,15 @@ def _timedelta(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
-class SideGroup(dist.ProcessGroup):
-    """A side group between one trainer (rank 0) and inference workers.
+class SideGroup:
+    """State that torchxfer keeps beside one side ``ProcessGroup``.
 
-    Use it with ``torch.distributed`` collectives (``group=g, group_src=0``) or
-    hand it to :meth:`NCCLWeightTransferEngine.trainer_send_weights`. Buffers
-    and CUDA streams used for transfers are created once per group and kept in
-    ``cache``; :meth:`close` releases them.
+    The group itself is a plain ``torch.distributed.ProcessGroup`` (what
+    ``trainer_init`` returns and ``model_update_group`` holds), so
+    ``dist.broadcast(t, group=g, group_src=0)`` works on it. This object holds
+    what torch's does not: device, timeout, health, and the buffers and CUDA
+    streams of the transfer pipeline (``cache``), created once per group.
+    Find it with :func:`side_group`; it lives as long as the ProcessGroup.
 
     Attributes:
         backend_name: "gloo" or "nccl".
@@ -68,8 +73,7 @@ class SideGroup(dist.ProcessGroup):
 
     def __init__(
         self,
-        rank: int,
-        world_size: int,
+        pg: dist.ProcessGroup,
         *,
         backend_name: str,
         device: torch.device,
@@ -78,9 +82,13 @@ class SideGroup(dist.ProcessGroup):
         port: int,
         store: dist.Store,
     ) -> None:
-        # ProcessGroup(rank, size) is the constructor a Python subclass may use;
-        # the (store, rank, size) overload refuses subclasses (torch 2.6-2.13).
-        super().__init__(rank, world_size)
+        # Not a ProcessGroup subclass on purpose: a Python subclass routes every
+        # collective through a trampoline that holds the GIL while Gloo takes its
+        # queue lock, which deadlocks against Gloo threads freeing Python-owned
+        # tensors (seen on torch 2.13).
+        self._pg = weakref.ref(pg)
+        self._rank = pg.rank()
+        self._size = pg.size()
         self.backend_name = backend_name
         self.device = device
         self.timeout_s = timeout_s
@@ -92,6 +100,19 @@ class SideGroup(dist.ProcessGroup):
         self._broken: str | None = None
         self._closed = False
         self._lock = threading.Lock()
+
+    @property
+    def pg(self) -> dist.ProcessGroup:
+        pg = self._pg()
+        if pg is None:
+            raise TransferError("the side group's ProcessGroup was garbage collected", broken=True)
+        return pg
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
 
     def __repr__(self) -> str:
         return (
@@ -143,14 +164,15 @@ class SideGroup(dist.ProcessGroup):
         if work is None:
             return
         try:
-            if self.backend_name == "nccl":
-                deadline = time.monotonic() + self.timeout_s
-                delay = _POLL_S[0]
-                while not work.is_completed():
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"no completion after {self.timeout_s:g} s")
-                    time.sleep(delay)
-                    delay = min(delay * 2, _POLL_S[1])
+            # Poll from the CPU: a Gloo op queued behind a stuck one never starts,
+            # so its own timeout never fires; an NCCL op has no CPU timeout at all.
+            deadline = time.monotonic() + self.timeout_s
+            delay = 0.0
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no completion after {self.timeout_s:g} s")
+                time.sleep(delay)
+                delay = min(max(delay * 2, 5e-5), _POLL_S[1])
             work.wait()
         except Exception as e:  # any backend failure: peer death, timeout, abort
             reason = f"{what} failed on rank {self.rank()}: {type(e).__name__}: {e}".strip()
@@ -370,7 +392,7 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _build_backend(group: SideGroup, store: dist.Store, device: torch.device) -> None:
+def _build_backend(group: SideGroup, pg: dist.ProcessGroup, store: dist.Store) -> None:
     rank, world, timeout = group.rank(), group.size(), _timedelta(group.timeout_s)
     types = dist.ProcessGroup.BackendType
     if group.backend_name == "gloo":
@@ -392,9 +414,9 @@ def _build_backend(group: SideGroup, store: dist.Store, device: torch.device) ->
     # (torch 2.6-2.13); there is no public way to build one from a store.
     with contextlib.suppress(Exception):
         backend._set_sequence_number_for_group()
-    group._set_default_backend(backend_type)
+    pg._set_default_backend(backend_type)
     for device_type in device_types:
-        group._register_backend(torch.device(device_type), backend_type, backend)
+        pg._register_backend(torch.device(device_type), backend_type, backend)
     group._backend = backend
 
 
@@ -408,8 +430,8 @@ def create_side_group(
     device: torch.device | None = None,
     timeout_s: float,
     token: str | None = None,
-) -> SideGroup:
-    """Build the side group. Called by every rank of it together; blocks.
+) -> dist.ProcessGroup:
+    """Build the side group and return its ProcessGroup. Called by every rank of it together; blocks.
 
     Rank 0 must be the trainer: it binds ``address:port``. Every wait (store connection, rendezvous, backend connection, the
     first all_reduce) is bounded by ``timeout_s``; any failure raises
@@ -444,22 +466,44 @@ def create_side_group(
         prefixed = dist.PrefixStore(_PREFIX, store)
         nonce = _rendezvous(prefixed, rank, world_size, timeout_s, token,
                             _gpu_uuid(control_device) if backend == "nccl" else None)  # fmt: skip
+        pg = dist.ProcessGroup(store, rank, world_size)
         group = SideGroup(
-            rank, world_size, backend_name=backend, device=control_device,
+            pg, backend_name=backend, device=control_device,
             timeout_s=timeout_s, address=address, port=real_port, store=store,
         )  # fmt: skip
         with contextlib.suppress(Exception):
-            group._set_group_name(f"torchxfer-{nonce[:12]}")  # private, torch 2.6-2.13
+            pg._set_group_name(f"torchxfer-{nonce[:12]}")  # private, torch 2.6-2.13
         try:
-            _build_backend(group, dist.PrefixStore(f"{_PREFIX}{backend}/", store), control_device)
+            _build_backend(group, pg, dist.PrefixStore(f"{_PREFIX}{backend}/", store))
         except Exception as e:
             raise TransferError(f"rank {rank}: the {backend} backend could not connect: {e}") from e
         probe = torch.ones(1, dtype=torch.int64, device=control_device)
-        group.wait(dist.all_reduce(probe, group=group, async_op=True), "the side group's first all_reduce")
+        group.wait(dist.all_reduce(probe, group=pg, async_op=True), "the side group's first all_reduce")
         if int(probe.item()) != world_size:
             raise TransferError(f"side group check summed to {int(probe.item())}, expected {world_size}")
-        return group
+        _GROUPS[pg] = group
+        return pg
     except BaseException:
         if group is not None:
             group.close()
         raise
+
+
+def side_group(pg: Any) -> SideGroup:
+    """torchxfer's state for a side group; ValueError if ``pg`` is not one."""
+    try:
+        return _GROUPS[pg]
+    except (KeyError, TypeError):
+        raise ValueError(f"expected a side group made by torchxfer (trainer_init / init_transfer_engine), "
+                         f"got {type(pg).__name__}") from None
+
+
+def destroy_side_group(pg: dist.ProcessGroup) -> None:
+    """Shut a side group down on this rank: local, idempotent, never blocks on peers.
+
+    The store's port (on rank 0) is released once the last reference to
+    ``pg`` is dropped.
+    """
+    group = _GROUPS.pop(pg, None)
+    if group is not None:
+        group.close()

@@ -1,0 +1,37 @@
+"""torchxfer: move model weights from a torchrun trainer to inference servers
+over a torch.distributed side group: packed, overlapped, self-checking."""
+
+from .config import (
+    DEFAULT_PACKED_BUFFER_SIZE_BYTES,
+    DEFAULT_PACKED_NUM_BUFFERS,
+    NCCLWeightTransferInitInfo,
+    NCCLWeightTransferUpdateInfo,
+    ParallelConfig,
+    TransferStats,
+    WeightTransferConfig,
+    worker_rank,
+)
+from .engine import NCCLWeightTransferEngine, WeightTransferEngine
+from .errors import TransferError
+from .group import create_side_group, destroy_side_group, side_group
+from .wire import PROTOCOL_VERSION
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_PACKED_BUFFER_SIZE_BYTES",
+    "DEFAULT_PACKED_NUM_BUFFERS",
+    "NCCLWeightTransferEngine",
+    "NCCLWeightTransferInitInfo",
+    "NCCLWeightTransferUpdateInfo",
+    "ParallelConfig",
+    "PROTOCOL_VERSION",
+    "TransferError",
+    "TransferStats",
+    "WeightTransferConfig",
+    "WeightTransferEngine",
+    "create_side_group",
+    "destroy_side_group",
+    "side_group",
+    "worker_rank",
+]

@@ -1,0 +1,332 @@
+"""The engine API: the trainer's two static calls and the inference worker's engine.
+
+Trainer (rank 0 of the side group)::
+
+    group = NCCLWeightTransferEngine.trainer_init(dict(master_address=..., master_port=..., world_size=...))
+    NCCLWeightTransferEngine.trainer_send_weights(model.named_parameters(), group, packed=True)
+
+Inference worker (every rank of every server, all together)::
+
+    engine = NCCLWeightTransferEngine(WeightTransferConfig(...), ParallelConfig(...))
+    engine.init_transfer_engine(NCCLWeightTransferInitInfo(...))
+    engine.receive_weights(None, load_weights)   # once per update, while the trainer sends
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+
+from .config import (
+    DEFAULT_PACKED_BUFFER_SIZE_BYTES,
+    DEFAULT_PACKED_NUM_BUFFERS,
+    DEFAULT_TIMEOUT_S,
+    NCCLWeightTransferInitInfo,
+    NCCLWeightTransferUpdateInfo,
+    ParallelConfig,
+    TransferStats,
+    WeightTransferConfig,
+    check_backend,
+    check_buffers,
+    check_timeout,
+    worker_rank,
+)
+from .errors import TransferError
+import torch.distributed as dist
+
+from .group import create_side_group, destroy_side_group, side_group
+from .pipeline import LoadWeights, ReceiveProgress, receive_update, send_update
+
+__all__ = ["WeightTransferEngine", "NCCLWeightTransferEngine"]
+
+InitInfoT = TypeVar("InitInfoT")
+UpdateInfoT = TypeVar("UpdateInfoT")
+
+
+def _parse(cls: type, value: Any, what: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise ValueError(f"{what} has unknown keys {unknown}; expected keys from {sorted(fields)}")
+    missing = sorted(
+        name for name, f in fields.items()
+        if name not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )  # fmt: skip
+    if missing:
+        raise ValueError(f"{what} is missing keys {missing}")
+    return cls(**value)
+
+
+class WeightTransferEngine(abc.ABC, Generic[InitInfoT, UpdateInfoT]):
+    """Base of transfer engines, typed over their init and update infos.
+
+    Subclasses set ``init_info_cls`` and ``update_info_cls``; dicts (as they
+    arrive over an HTTP control plane) are parsed by :meth:`parse_init_info`
+    and :meth:`parse_update_info` in one place, raising ValueError.
+    """
+
+    init_info_cls: ClassVar[type]
+    update_info_cls: ClassVar[type]
+
+    def __init__(self, config: WeightTransferConfig, parallel_config: ParallelConfig) -> None:
+        if not isinstance(config, WeightTransferConfig):
+            raise ValueError(f"config must be a WeightTransferConfig, got {type(config).__name__}")
+        if not isinstance(parallel_config, ParallelConfig):
+            raise ValueError(f"parallel_config must be a ParallelConfig, got {type(parallel_config).__name__}")
+        self.config = config
+        self.parallel_config = parallel_config
+
+    @classmethod
+    def parse_init_info(cls, init_dict: Mapping[str, Any]) -> InitInfoT:
+        """Build the init info from a dict; ValueError on unknown, missing or bad values."""
+        return _parse(cls.init_info_cls, init_dict, "init info")
+
+    @classmethod
+    def parse_update_info(cls, update_dict: Mapping[str, Any]) -> UpdateInfoT:
+        """Build the update info from a dict; ValueError on unknown, missing or bad values."""
+        return _parse(cls.update_info_cls, update_dict, "update info")
+
+    @abc.abstractmethod
+    def init_transfer_engine(self, init_info: InitInfoT) -> None: ...
+
+    @abc.abstractmethod
+    def receive_weights(self, update_info: UpdateInfoT | None, load_weights: LoadWeights) -> TransferStats: ...
+
+    @abc.abstractmethod
+    def shutdown(self) -> None: ...
+
+
+class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, NCCLWeightTransferUpdateInfo]):
+    """Receives weights from a trainer over a torch.distributed side group.
+
+    One engine per inference worker process. Its side-group rank is
+    ``data_parallel_rank x (TP x PP) + rank + rank_offset``. The backend is
+    NCCL on GPUs or Gloo (CPU tensors, or CUDA tensors through host memory).
+
+    Attributes:
+        model_update_group: the side group (a ``torch.distributed
+            .ProcessGroup``), or None before :meth:`init_transfer_engine` and
+            after :meth:`shutdown`.
+    """
+
+    init_info_cls = NCCLWeightTransferInitInfo
+    update_info_cls = NCCLWeightTransferUpdateInfo
+
+    def __init__(self, config: WeightTransferConfig, parallel_config: ParallelConfig) -> None:
+        super().__init__(config, parallel_config)
+        self.model_update_group: dist.ProcessGroup | None = None
+        self._lock = threading.Lock()
+        self._weights_version: int | None = None
+        self._torn = False
+
+    # -- worker side ---------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where received weights land."""
+        if self.config.device is not None:
+            return torch.device(self.config.device)
+        if self.config.backend == "nccl" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
+    def weights_version(self) -> int | None:
+        """Update id of the last update fully loaded into this worker, or None."""
+        return self._weights_version
+
+    @property
+    def torn(self) -> bool:
+        """True when an update failed after ``load_weights`` had started.
+
+        The model then holds a mix of two versions: a server must not answer
+        from it until the next update succeeds (or it reloads a checkpoint).
+        ``receive_weights(..., atomic=True)`` never leaves weights torn by a
+        transfer failure.
+        """
+        return self._torn
+
+    def init_transfer_engine(self, init_info: NCCLWeightTransferInitInfo | Mapping[str, Any]) -> None:
+        """Join the trainer's side group. Every worker and the trainer's
+        ``trainer_init`` call this together; blocks at most ``timeout_s``.
+
+        Raises:
+            ValueError: bad init info, or a rank that cannot exist in the world.
+            RuntimeError: the engine is already initialized.
+            TransferError: the group could not be formed (see ``create_side_group``).
+        """
+        info = self.parse_init_info(init_info)
+        with self._lock:
+            if self.model_update_group is not None:
+                raise RuntimeError("the transfer engine is already initialized; call shutdown() first")
+            pc = self.parallel_config
+            rank = worker_rank(pc, info.rank_offset)
+            if rank >= info.world_size:
+                raise ValueError(
+                    f"worker rank {rank} (data_parallel_rank {pc.data_parallel_rank} x {pc.world_size} + rank "
+                    f"{pc.rank} + rank_offset {info.rank_offset}) is outside the side group's world_size "
+                    f"{info.world_size}"
+                )
+            self.model_update_group = create_side_group(
+                info.master_address, info.master_port, rank, info.world_size,
+                backend=self.config.backend, device=self.device, timeout_s=self.config.timeout_s,
+                token=info.token,
+            )  # fmt: skip
+
+    def receive_weights(
+        self,
+        update_info: NCCLWeightTransferUpdateInfo | Mapping[str, Any] | None,
+        load_weights: LoadWeights,
+        *,
+        atomic: bool = False,
+    ) -> TransferStats:
+        """Receive one update and hand it to ``load_weights``.
+
+        Every worker calls this while the trainer runs ``trainer_send_weights``;
+        it blocks until the update is complete on every rank. The wait for the
+        update to begin, and every collective after, is bounded by
+        ``config.timeout_s``.
+
+        Args:
+            update_info: the expected names, dtypes and shapes (checked against
+                the trainer's in-band header before payload moves), or None to
+                take them from the header.
+            load_weights: called with ``[(name, tensor), ...]``. The tensors are
+                views into a reused receive buffer, valid only during the call:
+                copy what you keep. Called once per bucket, in send order, or
+                once per update with ``atomic=True``.
+            atomic: stage the whole update (one extra copy of the model in
+                memory) and call ``load_weights`` only after every rank has
+                received all of it, so a failed transfer never tears weights.
+
+        Raises:
+            RuntimeError: before ``init_transfer_engine``.
+            ValueError: bad ``update_info`` or ``load_weights``.
+            TransferError: on every rank, for any disagreement between the
+                sides, a failing ``load_weights`` on any rank, an aborted
+                update, or a dead or silent peer. Check ``err.broken``: if
+                True, ``shutdown()`` and ``init_transfer_engine()`` again.
+        """
+        group = self.model_update_group
+        if group is None:
+            raise RuntimeError("weight transfer is not initialized; call init_transfer_engine() first")
+        info = None if update_info is None else self.parse_update_info(update_info)
+        if not callable(load_weights):
+            raise ValueError(f"load_weights must be callable, got {load_weights!r}")
+        progress = ReceiveProgress()
+        with self._lock:
+            try:
+                stats = receive_update(group, info, load_weights, self.device, atomic=atomic, progress=progress)
+            finally:
+                if progress.applied:
+                    self._weights_version, self._torn = progress.update_id, False
+                elif progress.loads_started:
+                    self._torn = True
+        return stats
+
+    def shutdown(self) -> None:
+        """Leave the side group and free its buffers. Local, idempotent, never blocks on peers."""
+        group, self.model_update_group = self.model_update_group, None
+        if group is not None:
+            destroy_side_group(group)
+
+    # -- trainer side ----------------------------------------------------------------
+
+    @staticmethod
+    def trainer_init(
+        init_info: NCCLWeightTransferInitInfo | Mapping[str, Any],
+        *,
+        backend: str | None = None,
+        timeout_s: float | None = None,
+    ) -> dist.ProcessGroup:
+        """Create the side group as its rank 0. Called by the one trainer process
+        that sends (global rank 0 under torchrun), together with every worker's
+        ``init_transfer_engine``; blocks at most ``timeout_s``.
+
+        Args:
+            init_info: ``master_address``, ``master_port``, ``world_size`` and
+                optionally ``token`` (``rank_offset`` is accepted and ignored:
+                the trainer is rank 0).
+            backend: "nccl" or "gloo"; default "nccl" when CUDA is available.
+            timeout_s: bound on every wait on the group (default 300).
+
+        Returns:
+            The side group, a ``torch.distributed.ProcessGroup``. Release it with
+            ``torchxfer.destroy_side_group(group)``; the port is free once the
+            group is dropped.
+        """
+        if isinstance(init_info, Mapping):
+            init_info = {"rank_offset": 1, **init_info}
+        info = _parse(NCCLWeightTransferInitInfo, init_info, "init info")
+        backend = check_backend("trainer_init", backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        timeout = check_timeout("trainer_init", DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" and torch.cuda.is_available() else None
+        return create_side_group(
+            info.master_address, info.master_port, 0, info.world_size,
+            backend=backend, device=device, timeout_s=timeout, token=info.token,
+        )  # fmt: skip
+
+    @staticmethod
+    def trainer_send_weights(
+        iterator: Iterable[tuple[str, torch.Tensor]],
+        group: dist.ProcessGroup,
+        src: int = 0,
+        post_iter_func: Callable[[tuple[str, torch.Tensor]], torch.Tensor] | None = None,
+        packed: bool = False,
+        stream: torch.cuda.Stream | None = None,
+        packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_SIZE_BYTES,
+        packed_num_buffers: int = DEFAULT_PACKED_NUM_BUFFERS,
+        *,
+        checksum: bool = False,
+    ) -> TransferStats:
+        """Send one update of ``(name, tensor)`` pairs to every worker.
+
+        Called on rank 0 of ``group`` while every worker runs
+        ``receive_weights``; returns once every worker has loaded the update.
+        Each collective is bounded by the group's ``timeout_s``. The iterator is
+        pulled lazily, one tensor ahead of the bucket being packed.
+
+        Args:
+            iterator: ``(name, tensor)`` pairs, e.g. ``model.named_parameters()``.
+            group: the side group from :meth:`trainer_init`.
+            src: the sending rank; must be 0 (the trainer).
+            post_iter_func: maps each ``(name, tensor)`` pair to the tensor to
+                send (default: the tensor).
+            packed: pack tensors into ``packed_num_buffers`` buffers of
+                ``packed_buffer_size_bytes`` (fast); otherwise one broadcast per
+                tensor.
+            stream: CUDA stream for the unpacked broadcasts (packed mode uses
+                one stream per buffer).
+            checksum: send a checksum per bucket; receivers verify it.
+
+        Raises:
+            ValueError: bad arguments, or a tensor the wire cannot carry (the
+                workers then get TransferError naming it).
+            TransferError: a worker rejected the update or failed, or a peer died.
+        """
+        side_group(group)  # ValueError unless it is a side group
+        if isinstance(src, bool) or src != 0 or group.rank() != 0:
+            raise ValueError(f"the trainer sends as rank 0 of the side group; got src={src!r} on rank {group.rank()}")
+        if not isinstance(packed, bool):
+            raise ValueError(f"packed must be a bool, got {packed!r}")
+        check_buffers("trainer_send_weights", packed_buffer_size_bytes, packed_num_buffers)
+        if post_iter_func is not None and not callable(post_iter_func):
+            raise ValueError(f"post_iter_func must be callable, got {post_iter_func!r}")
+        return send_update(
+            group, iterator, post_iter_func=post_iter_func, packed=packed,
+            buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
+            checksum=checksum, stream=stream,
+        )  # fmt: skip
+
+
+# TransferError is re-exported here for callers that import the engine module alone.
+__all__ += ["TransferError"]

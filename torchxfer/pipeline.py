@@ -1,0 +1,557 @@
+"""The N-buffer sender and receiver loops over a side group.
+
+One update on the wire, every rank in lockstep (``agree`` is one small
+all_reduce of a status code; on failure a second one carries each rank's
+message, so every rank raises the same TransferError)::
+
+    BEGIN header  -> agree            config checked before anything moves
+    BUCKET header -> agree -> payload   repeated; payload overlaps the next pack/load
+    ...
+    END header    -> agree            every rank received and loaded (or staged) all
+                  -> agree            atomic receivers applied their staged update
+    (ABORT header instead of any of the above: the trainer gave up; no agree)
+
+Buffers and CUDA streams are created once per group (in ``group.cache``) and
+reused, so memory after many updates equals memory after one.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import NCCLWeightTransferUpdateInfo, TransferStats
+from .errors import TransferError
+from .group import SideGroup, side_group
+from .packing import (
+    Slot,
+    TensorSpec,
+    check_bucket,
+    dtype_name,
+    pack_slot,
+    plan_slots,
+    slot_view,
+    tensor_bytes,
+    typed_view,
+)
+from .wire import PREFIX_BYTES, Abort, Begin, BucketHeader, End, decode, encode, frame_length
+
+__all__ = ["send_update", "receive_update", "ReceiveProgress"]
+
+INLINE_FRAME_BYTES = 4096
+"""Bytes of every header broadcast in one go; longer headers take a second broadcast."""
+MESSAGE_BYTES = 1024
+"""Bytes of each rank's error message in a failed ``agree``."""
+_MIN_BUFFER_BYTES = 1 << 20
+
+LoadWeights = Callable[[list[tuple[str, torch.Tensor]]], None]
+
+
+# -- per-group state, made once ---------------------------------------------------
+
+
+class _GroupState:
+    """Buffers, streams and control tensors of one group, reused across updates."""
+
+    def __init__(self, group: SideGroup) -> None:
+        self.group = group
+        self.next_update_id = 0
+        self.frame = torch.empty(INLINE_FRAME_BYTES, dtype=torch.uint8, device=group.device)
+        self.flag = torch.zeros(1, dtype=torch.int64, device=group.device)
+        self.buffers: list[torch.Tensor] = []
+        self.buffer_key: tuple | None = None
+        self.streams: list[Any] = []
+
+    def prepare(self, device: torch.device, buffer_size: int, num_buffers: int) -> None:
+        """Make sure ``num_buffers`` buffers (and streams) exist for this config."""
+        key = (device, buffer_size, num_buffers)
+        if self.buffer_key != key:
+            # Drop the old set first so peak memory never holds both.
+            self.buffers = []
+            self.buffer_key = key
+            self.buffers = [torch.empty(0, dtype=torch.uint8, device=device) for _ in range(num_buffers)]
+        if device.type == "cuda" and len(self.streams) < num_buffers:
+            with torch.cuda.device(device):
+                self.streams += [torch.cuda.Stream() for _ in range(num_buffers - len(self.streams))]
+
+    def buffer(self, b: int, nbytes: int, keep: int = 0) -> torch.Tensor:
+        """Buffer ``b`` with room for ``nbytes``; grows (keeping ``keep`` bytes) at most to buffer_size.
+
+        Growth is geometric and happens in the first updates only; a steady
+        layout then reuses the same memory forever.
+        """
+        buf = self.buffers[b]
+        if buf.numel() < nbytes:
+            _, limit, _ = self.buffer_key
+            size = min(limit, max(nbytes, 2 * buf.numel(), _MIN_BUFFER_BYTES))
+            new = torch.empty(size, dtype=torch.uint8, device=buf.device)
+            if keep:
+                with self.side_stream(b):
+                    new[:keep].copy_(buf[:keep])
+            self.buffers[b] = buf = new
+        return buf
+
+    @contextlib.contextmanager
+    def side_stream(self, b: int) -> Iterator[None]:
+        """Run on buffer ``b``'s own CUDA stream, after all work already queued
+        on the caller's stream (the source tensors, or earlier readers of the
+        buffer). A no-op on CPU."""
+        if not self.streams or not self.buffers or self.buffers[b].device.type != "cuda":
+            yield
+            return
+        stream = self.streams[b]
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream):
+            yield
+
+
+def _state(group: SideGroup) -> _GroupState:
+    state = group.cache.get("pipeline")
+    if state is None:
+        state = group.cache["pipeline"] = _GroupState(group)
+    return state
+
+
+# -- control messages ---------------------------------------------------------------
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    """The bytes of a uint8 tensor, copied to host (numpy is not required)."""
+    host = tensor.contiguous().cpu()
+    return ctypes.string_at(host.data_ptr(), host.numel())
+
+
+def _broadcast(group: SideGroup, tensor: torch.Tensor, what: str) -> None:
+    try:
+        work = dist.broadcast(tensor, group=group.pg, group_src=0, async_op=True)
+    except Exception as e:
+        group.mark_broken(f"{what}: {e}")
+        raise TransferError(f"{what} failed on rank {group.rank()}: {e}", broken=True) from e
+    group.wait(work, what)
+
+
+def _send_frame(group: SideGroup, state: _GroupState, frame: bytes) -> None:
+    head = frame[:INLINE_FRAME_BYTES]
+    state.frame[: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+    _broadcast(group, state.frame, "header broadcast")
+    if len(frame) > INLINE_FRAME_BYTES:
+        rest = torch.frombuffer(bytearray(frame[INLINE_FRAME_BYTES:]), dtype=torch.uint8).to(group.device)
+        _broadcast(group, rest, "header broadcast")
+
+
+def _recv_frame(group: SideGroup, state: _GroupState) -> Any:
+    """Receive and decode one header. A frame that does not decode is returned as the TransferError."""
+    _broadcast(group, state.frame, "header broadcast")
+    head = _bytes(state.frame)
+    try:
+        total = frame_length(head[:PREFIX_BYTES])
+    except TransferError as e:
+        # The rest of the frame (if any) cannot be sized, so the stream is lost.
+        group.mark_broken(str(e))
+        raise TransferError(f"rank {group.rank()} received a bad header: {e}", broken=True) from None
+    if total > INLINE_FRAME_BYTES:
+        rest = torch.empty(total - INLINE_FRAME_BYTES, dtype=torch.uint8, device=group.device)
+        _broadcast(group, rest, "header broadcast")
+        head += _bytes(rest)
+    try:
+        return decode(head[:total])
+    except TransferError as e:
+        return e
+
+
+def _agree(group: SideGroup, state: _GroupState, error: str | None, what: str) -> None:
+    """Every rank learns whether any rank failed; on failure all raise the same TransferError.
+
+    Called by every rank of the group together; blocks at most ``timeout_s``
+    per collective. The group stays usable after an agreed failure.
+    """
+    state.flag.fill_(1 if error else 0)
+    group.wait(dist.all_reduce(state.flag, group=group.pg, async_op=True), f"status all_reduce ({what})")
+    if int(state.flag.item()) == 0:
+        return
+    rows = torch.zeros(group.size(), MESSAGE_BYTES, dtype=torch.uint8)
+    if error:
+        raw = error.encode()[:MESSAGE_BYTES]
+        rows[group.rank(), : len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    rows = rows.to(group.device)
+    group.wait(dist.all_reduce(rows, group=group.pg, async_op=True), f"error all_reduce ({what})")
+    rows = rows.cpu()
+    parts = []
+    for rank in range(group.size()):
+        text = _bytes(rows[rank]).rstrip(b"\0").decode(errors="replace")
+        if text:
+            parts.append(f"[rank {rank}] {text}")
+    raise TransferError(f"{what} failed: " + "; ".join(parts))
+
+
+def _checksum(data: torch.Tensor) -> int:
+    """Position-sensitive checksum of a uint8 tensor, computed on its own device."""
+    n = data.numel()
+    words = data[: n - n % 4].view(torch.int32).to(torch.int64)
+    tail = data[n - n % 4 :].to(torch.int64)
+    prime = 2_147_483_647
+    blocks = torch.nn.functional.pad(words, (0, (-words.numel()) % 1024)).view(-1, 1024).sum(dim=1) % prime
+    weights = torch.arange(1, blocks.numel() + 1, dtype=torch.int64, device=data.device) % prime
+    total = (blocks * weights % prime).sum() + (tail * torch.arange(1, tail.numel() + 1, device=data.device)).sum()
+    return int(total.item()) * 8 + n % 8
+
+
+def _describe(slot: Slot) -> str:
+    spec = slot.spec
+    where = "" if slot.is_whole else f" bytes [{slot.start}, {slot.start + slot.length})"
+    return f"#{slot.index} {spec.name!r} {dtype_name(spec.dtype)} {list(spec.shape)}{where}"
+
+
+# -- sender -------------------------------------------------------------------------------
+
+
+def send_update(
+    pg: dist.ProcessGroup,
+    items: Iterable[tuple[str, Any]],
+    *,
+    post_iter_func: Callable[[tuple[str, Any]], torch.Tensor] | None,
+    packed: bool,
+    buffer_size: int,
+    num_buffers: int,
+    checksum: bool = False,
+    stream: Any = None,
+) -> TransferStats:
+    """Send one update from rank 0. Called on rank 0 while every other rank runs :func:`receive_update`.
+
+    Pulls ``items`` lazily: packing bucket ``i+1`` overlaps the broadcast of
+    bucket ``i``; at most one source tensor beyond the bucket being packed is
+    held. Returns once every receiver has loaded (or staged and applied) the
+    update. Raises the original exception for bad input or a failing source
+    (after telling the receivers with an ABORT), TransferError otherwise.
+    """
+    group = side_group(pg)
+    group.check_usable()
+    state = _state(group)
+    update_id = state.next_update_id
+    state.next_update_id += 1
+    start_time = time.perf_counter()
+    num_tensors = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+    _send_frame(group, state, encode(Begin(update_id, packed, buffer_size, num_buffers, num_tensors, checksum)))
+    _agree(group, state, None, f"update {update_id} (begin)")
+
+    stash: dict[int, torch.Tensor] = {}
+    pending: list[tuple[Any, Any] | None] = [None] * num_buffers
+    totals = {"tensors": 0, "bytes": 0}
+
+    def specs() -> Iterator[TensorSpec]:
+        for item in items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise ValueError(f"expected (name, tensor) pairs, got {type(item).__name__}: {item!r:.100}")
+            tensor = post_iter_func(item) if post_iter_func is not None else item[1]
+            spec = TensorSpec.of(item[0], tensor)
+            stash[totals["tensors"]] = tensor
+            totals["tensors"] += 1
+            totals["bytes"] += spec.nbytes
+            yield spec
+
+    def drain(b: int) -> None:
+        if pending[b] is not None:
+            work, _keepalive = pending[b]
+            pending[b] = None
+            group.wait(work, f"payload broadcast of update {update_id}")
+
+    def flush(bucket: int, slots: list[Slot], payload: torch.Tensor | None) -> None:
+        b = bucket % num_buffers
+        total = check_bucket(slots, buffer_size if packed else None)
+        digest = None
+        if checksum and payload is not None:
+            with state.side_stream(b):
+                digest = _checksum(payload[:total])
+        _send_frame(group, state, encode(BucketHeader(bucket, tuple(slots), digest)))
+        _agree(group, state, None, f"update {update_id} bucket {bucket}")
+        if total:
+            ctx = torch.cuda.stream(stream) if stream is not None and not packed else state.side_stream(b)
+            with ctx:
+                work = dist.broadcast(payload[:total], group=pg, group_src=0, async_op=True)
+            pending[b] = (work, payload)
+
+    try:
+        bucket, slots, payload = -1, [], None
+        for slot in plan_slots(specs(), buffer_size if packed else None):
+            if slot.bucket != bucket:
+                if slots:
+                    flush(bucket, slots, payload)
+                bucket, slots = slot.bucket, []
+                b = bucket % num_buffers
+                drain(b)
+                if packed:
+                    device = group.device if group.backend_name == "nccl" else stash[slot.index].device
+                    state.prepare(device, buffer_size, num_buffers)
+            tensor = stash[slot.index]
+            if not slot.is_whole and slot.start == 0:
+                stash[slot.index] = tensor = tensor_bytes(tensor)  # contiguous once, chunks are views
+            if packed:
+                payload = state.buffer(b, slot.end, keep=slots[-1].end if slots else 0)
+                with state.side_stream(b):
+                    if tensor.device.type == "cuda" and payload.device.type == "cuda":
+                        # The source may be freed by the caller before this copy runs.
+                        tensor.record_stream(torch.cuda.current_stream())
+                    pack_slot(payload, slot, tensor)
+            else:
+                payload = tensor_bytes(tensor)
+                if group.backend_name == "nccl" and payload.device.type != "cuda":
+                    payload = payload.to(group.device)
+            slots.append(slot)
+            if slot.is_last:
+                del stash[slot.index]
+        if slots:
+            flush(bucket, slots, payload)
+        for b in range(num_buffers):
+            drain(b)
+    except TransferError:
+        raise
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            for b in range(num_buffers):
+                drain(b)
+            reason = f"the trainer aborted update {update_id}: {type(e).__name__}: {e}"
+            _send_frame(group, state, encode(Abort(reason)))
+        raise
+    _send_frame(group, state, encode(End(totals["tensors"], totals["bytes"])))
+    _agree(group, state, None, f"update {update_id} (end)")
+    _agree(group, state, None, f"update {update_id} (apply)")
+    return TransferStats(update_id, totals["tensors"], totals["bytes"], time.perf_counter() - start_time)
+
+
+# -- receiver ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ReceiveProgress:
+    """What a receiver has done to its weights; read by the engine after a failure."""
+
+    update_id: int | None = None
+    loads_started: bool = False
+    applied: bool = False
+
+
+class _Assembler:
+    """Turns received slots into (name, tensor) pairs, validating in-band metadata.
+
+    Whole tensors are views into the receive buffer; a split tensor is
+    reassembled into a tensor of its own (the one tensor in hand).
+    """
+
+    def __init__(self, update_info: NCCLWeightTransferUpdateInfo | None, buffer_size: int | None) -> None:
+        self.buffer_size = buffer_size
+        self.expected = iter(plan_slots(update_info.specs, buffer_size)) if update_info is not None else None
+        self.expected_count = len(update_info.names) if update_info is not None else None
+        self.next_index = 0
+        self.partial: tuple[Slot, torch.Tensor | None] | None = None
+        self.assembly: torch.Tensor | None = None
+        self.num_bytes = 0
+
+    def check(self, header: BucketHeader) -> None:
+        """Raise TransferError if the header disagrees with update_info or is malformed."""
+        try:
+            check_bucket(header.slots, self.buffer_size)
+        except ValueError as e:
+            raise TransferError(f"bucket {header.index} is malformed: {e}") from None
+        for slot in header.slots:
+            if slot.bucket != header.index:
+                raise TransferError(f"bucket {header.index} holds a slot of bucket {slot.bucket}")
+            if self.expected is not None:
+                want = next(self.expected, None)
+                if want is None:
+                    raise TransferError(
+                        f"trainer sends tensor {_describe(slot)} but update_info lists only "
+                        f"{self.expected_count} tensors"
+                    )
+                if want != slot:
+                    raise TransferError(f"trainer sends {_describe(slot)}, update_info expects {_describe(want)}")
+            if self.partial is not None:
+                prev = self.partial[0]
+                if slot.index != prev.index or slot.spec != prev.spec or slot.start != prev.start + prev.length:
+                    raise TransferError(f"bucket {header.index}: {_describe(slot)} does not continue {_describe(prev)}")
+            elif slot.index != self.next_index or slot.start != 0:
+                raise TransferError(f"bucket {header.index}: {_describe(slot)} is out of order "
+                                    f"(expected tensor #{self.next_index} from byte 0)")  # fmt: skip
+            self.partial = None if slot.is_last else (slot, None)
+            if slot.is_last:
+                self.next_index = slot.index + 1
+
+    def finish(self, end: End) -> None:
+        if self.partial is not None:
+            raise TransferError(f"update ended inside tensor {_describe(self.partial[0])}")
+        if end.num_tensors != self.next_index:
+            raise TransferError(f"trainer says it sent {end.num_tensors} tensors but {self.next_index} arrived")
+        if self.expected_count is not None and self.next_index != self.expected_count:
+            raise TransferError(
+                f"trainer sent {self.next_index} tensors, update_info lists {self.expected_count}"
+            )
+
+    def tensors(self, slots: tuple[Slot, ...], payload: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        out = []
+        for slot in slots:
+            raw = slot_view(payload, slot) if self.buffer_size is not None else payload
+            if slot.is_whole:
+                out.append((slot.spec.name, typed_view(raw, slot.spec)))
+            else:
+                if slot.start == 0:
+                    self.assembly = torch.empty(slot.spec.nbytes, dtype=torch.uint8, device=payload.device)
+                self.assembly[slot.start : slot.start + slot.length].copy_(raw)
+                if slot.is_last:
+                    out.append((slot.spec.name, typed_view(self.assembly, slot.spec)))
+                    self.assembly = None
+            if slot.is_last:
+                self.num_bytes += slot.spec.nbytes
+        return out
+
+
+def receive_update(
+    pg: dist.ProcessGroup,
+    update_info: NCCLWeightTransferUpdateInfo | None,
+    load_weights: LoadWeights,
+    device: torch.device,
+    *,
+    atomic: bool = False,
+    progress: ReceiveProgress | None = None,
+) -> TransferStats:
+    """Receive one update. Called on every worker rank while rank 0 runs :func:`send_update`.
+
+    Blocks until the update ends; the wait for it to begin, and every
+    collective after, is bounded by the group's ``timeout_s``. With
+    ``atomic=False`` ``load_weights`` is called once per bucket with views into
+    a reused buffer; with ``atomic=True`` the update is staged whole and
+    ``load_weights`` is called once, only after every rank received it all.
+    """
+    group = side_group(pg)
+    group.check_usable()
+    progress = progress if progress is not None else ReceiveProgress()
+    state = _state(group)
+    begin = _recv_frame(group, state)
+    start_time = time.perf_counter()
+    if isinstance(begin, Abort):
+        raise TransferError(begin.reason)
+    error = _check_begin(begin, update_info)
+    update_id = begin.update_id if isinstance(begin, Begin) else -1
+    progress.update_id, progress.loads_started, progress.applied = update_id, False, False
+    _agree(group, state, error, f"update {update_id} (begin)")
+    num_buffers = begin.num_buffers
+    buffer_size = begin.buffer_size if begin.packed else None
+    if begin.packed:
+        state.prepare(device, begin.buffer_size, num_buffers)
+    assembler = _Assembler(update_info, buffer_size)
+    pending: collections.deque = collections.deque()
+    staged: list[tuple[str, torch.Tensor]] = []
+    failure: list[str] = []
+    where = f"rank {group.rank()}"
+
+    def load(entry: tuple[BucketHeader, Any, torch.Tensor, int]) -> None:
+        header, work, payload, total = entry
+        group.wait(work, f"payload broadcast of update {update_id}")
+        if failure:
+            return
+        if header.checksum is not None and _checksum(payload[:total]) != header.checksum:
+            names = ", ".join(repr(s.spec.name) for s in header.slots)
+            failure.append(f"checksum mismatch in bucket {header.index} on {where} (tensors {names})")
+            return
+        tensors = assembler.tensors(header.slots, payload)
+        if not tensors:
+            return
+        if atomic:
+            staged.extend((name, t.clone()) for name, t in tensors)
+            return
+        progress.loads_started = True
+        try:
+            load_weights(tensors)
+        except Exception as e:
+            failure.append(f"load_weights raised on {where} in bucket {header.index}: {type(e).__name__}: {e}")
+
+    try:
+        while True:
+            msg = _recv_frame(group, state)
+            if isinstance(msg, Abort):
+                raise TransferError(msg.reason)
+            if isinstance(msg, End):
+                while pending:
+                    load(pending.popleft())
+                error = failure[0] if failure else None
+                if error is None:
+                    try:
+                        assembler.finish(msg)
+                    except TransferError as e:
+                        error = str(e)
+                _agree(group, state, error, f"update {update_id} (end)")
+                error = None
+                if atomic:
+                    progress.loads_started = True
+                    try:
+                        load_weights(staged)
+                    except Exception as e:
+                        error = f"load_weights raised on {where} while applying update {update_id}: {e}"
+                    staged.clear()
+                progress.applied = error is None
+                _agree(group, state, error, f"update {update_id} (apply)")
+                break
+            error = failure[0] if failure else None
+            if error is None:
+                try:
+                    if isinstance(msg, TransferError):
+                        raise msg
+                    if not isinstance(msg, BucketHeader):
+                        raise TransferError(f"expected a bucket header, got {type(msg).__name__}")
+                    assembler.check(msg)
+                except TransferError as e:
+                    error = str(e)
+            _agree(group, state, error, f"update {update_id} bucket {getattr(msg, 'index', '?')}")
+            total = max((s.end for s in msg.slots), default=0)
+            if buffer_size is not None:
+                while len(pending) >= num_buffers:
+                    load(pending.popleft())
+                b = msg.index % num_buffers
+                payload = state.buffer(b, total)
+                stream_ctx = state.side_stream(b)
+            else:
+                spec = msg.slots[0].spec
+                payload = torch.empty(spec.nbytes, dtype=torch.uint8, device=device)
+                stream_ctx = contextlib.nullcontext()
+            work = None
+            if total:
+                with stream_ctx:
+                    work = dist.broadcast(payload[:total], group=pg, group_src=0, async_op=True)
+            pending.append((msg, work, payload, total))
+            while len(pending) > num_buffers - 1:
+                load(pending.popleft())
+    except BaseException:
+        with contextlib.suppress(Exception):
+            while pending:
+                _, work, _, _ = pending.popleft()
+                group.wait(work, "payload broadcast")
+        raise
+    return TransferStats(update_id, assembler.next_index, assembler.num_bytes, time.perf_counter() - start_time)
+
+
+def _check_begin(begin: Any, info: NCCLWeightTransferUpdateInfo | None) -> str | None:
+    if isinstance(begin, TransferError):
+        return str(begin)
+    if not isinstance(begin, Begin):
+        return f"expected an update to begin, got {type(begin).__name__}"
+    if info is None:
+        return None
+    problems = []
+    if begin.packed != info.packed:
+        problems.append(f"packed: trainer sends packed={begin.packed}, update_info says packed={info.packed}")
+    elif info.packed:
+        if begin.buffer_size != info.packed_buffer_size_bytes:
+            problems.append(f"packed_buffer_size_bytes: trainer uses {begin.buffer_size}, "
+                            f"update_info says {info.packed_buffer_size_bytes}")  # fmt: skip
+        if begin.num_buffers != info.packed_num_buffers:
+            problems.append(f"packed_num_buffers: trainer uses {begin.num_buffers}, "
+                            f"update_info says {info.packed_num_buffers}")  # fmt: skip
+    if begin.num_tensors is not None and begin.num_tensors != len(info.names):
+        problems.append(f"count: trainer sends {begin.num_tensors} tensors, update_info lists {len(info.names)}")
+    return "; ".join(problems) or None
