@@ -1,0 +1,183 @@
+"""Run several ranks of a test under one deadline, and report every rank.
+
+Two tiers share one contract: each rank runs ``fn(rank, *args)``; the harness
+returns the list of results in rank order, or fails the test with every rank's
+traceback (and, for a straggler, where it was stuck) once the deadline passes.
+
+* :func:`run_threads`: ranks as threads of this process (fast: no torch import).
+* :func:`run_processes`: ranks as spawned processes (for default groups,
+  torchrun-like worlds and killing a peer). Stragglers are killed.
+
+Deadlines come in layers: the library's ``timeout_s`` (a few seconds in tests)
+< the harness deadline < pytest-timeout.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import multiprocessing as mp
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["free_port", "run_threads", "run_processes", "RankFailure", "Outcome", "bytes_equal", "ADDR"]
+
+ADDR = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port that was free a moment ago. Callers retry on 'already in use'."""
+    with socket.socket() as s:
+        s.bind((ADDR, 0))
+        return s.getsockname()[1]
+
+
+class RankFailure(AssertionError):
+    pass
+
+
+class Outcome:
+    """What one rank did: ``value`` if it returned, ``error`` (with traceback) if it raised."""
+
+    def __init__(self, rank: int, value: Any = None, error: BaseException | None = None, tb: str = "") -> None:
+        self.rank, self.value, self.error, self.tb = rank, value, error, tb
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.tb
+
+    def __repr__(self) -> str:
+        return f"Outcome(rank={self.rank}, ok={self.ok}, value={self.value!r:.80}, error={self.error!r:.300})"
+
+
+def _report(outcomes: Sequence[Outcome | None], stuck: dict[int, str], what: str) -> str:
+    lines = [what]
+    for rank, out in enumerate(outcomes):
+        if out is None:
+            lines.append(f"--- rank {rank}: did not finish ---\n{stuck.get(rank, '(no stack)')}")
+        elif not out.ok:
+            lines.append(f"--- rank {rank}: raised ---\n{out.tb}")
+        else:
+            lines.append(f"--- rank {rank}: returned {out.value!r:.200}")
+    return "\n".join(lines)
+
+
+def _finish(outcomes: list[Outcome | None], stuck: dict[int, str], expect_ok: bool) -> list[Outcome]:
+    if any(o is None for o in outcomes):
+        raise RankFailure(_report(outcomes, stuck, "deadline passed with ranks still running"))
+    if expect_ok and not all(o.ok for o in outcomes):  # type: ignore[union-attr]
+        raise RankFailure(_report(outcomes, stuck, "a rank failed"))
+    return outcomes  # type: ignore[return-value]
+
+
+def run_threads(
+    fn: Callable[..., Any], world: int, *args: Any, deadline_s: float = 60.0, expect_ok: bool = True
+) -> list[Outcome]:
+    """Run ``fn(rank, *args)`` for each rank in threads; bounded by ``deadline_s``."""
+    outcomes: list[Outcome | None] = [None] * world
+
+    def body(rank: int) -> None:
+        try:
+            outcomes[rank] = Outcome(rank, value=fn(rank, *args))
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            outcomes[rank] = Outcome(rank, error=e, tb=traceback.format_exc())
+
+    threads = [threading.Thread(target=body, args=(r,), daemon=True, name=f"rank{r}") for r in range(world)]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + deadline_s
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+    stuck = {}
+    frames = sys._current_frames()
+    for rank, t in enumerate(threads):
+        if t.is_alive() and t.ident in frames:
+            stuck[rank] = "".join(traceback.format_stack(frames[t.ident]))
+    return _finish(outcomes, stuck, expect_ok)
+
+
+def _child(fn: Callable[..., Any], rank: int, args: tuple, conn: Any, deadline_s: float) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # The child prints its own stack shortly before the parent gives up on it.
+    faulthandler.dump_traceback_later(max(1.0, deadline_s - 2.0), exit=False)
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        value = fn(rank, *args)
+        conn.send(("ok", value, ""))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        try:
+            conn.send(("err", f"{type(e).__name__}: {e}", traceback.format_exc()))
+        except Exception:
+            pass
+    finally:
+        conn.close()
+
+
+def run_processes(
+    fn: Callable[..., Any],
+    world: int,
+    *args: Any,
+    deadline_s: float = 90.0,
+    expect_ok: bool = True,
+    per_rank_args: Sequence[tuple] | None = None,
+) -> list[Outcome]:
+    """Run ``fn(rank, *args)`` in ``world`` spawned processes; kill any left at the deadline.
+
+    ``fn`` must be importable (module level). A rank that raises comes back as
+    an Outcome whose ``error`` is the message string and ``tb`` the traceback.
+    A rank that dies without reporting (killed, crashed) comes back with
+    ``error`` naming its exit code.
+    """
+    ctx = mp.get_context("spawn")
+    procs, conns = [], []
+    for rank in range(world):
+        parent, child = ctx.Pipe(duplex=False)
+        extra = per_rank_args[rank] if per_rank_args is not None else ()
+        p = ctx.Process(target=_child, args=(fn, rank, tuple(args) + tuple(extra), child, deadline_s), daemon=True)
+        p.start()
+        child.close()
+        procs.append(p)
+        conns.append(parent)
+    outcomes: list[Outcome | None] = [None] * world
+    end = time.monotonic() + deadline_s
+    pending = set(range(world))
+    while pending and time.monotonic() < end:
+        for rank in list(pending):
+            conn = conns[rank]
+            if conn.poll(0.02):
+                try:
+                    kind, value, tb = conn.recv()
+                except EOFError:
+                    procs[rank].join(5)
+                    outcomes[rank] = Outcome(rank, error=RuntimeError(f"exited with code {procs[rank].exitcode}"),
+                                             tb=f"rank {rank} exited with code {procs[rank].exitcode} without reporting")
+                else:
+                    outcomes[rank] = Outcome(rank, value=value) if kind == "ok" else Outcome(rank, error=value, tb=tb)
+                pending.discard(rank)
+    stuck = {}
+    for rank in pending:
+        stuck[rank] = "(killed at the deadline; its stack was printed to stderr by faulthandler)"
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
+    return _finish(outcomes, stuck, expect_ok)
+
+
+def bytes_equal(a: Any, b: Any) -> bool:
+    """Bit-exact equality of two tensors: dtype, shape and every byte."""
+    import torch
+
+    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
+        return False
+    ab = a.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    bb = b.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return torch.equal(ab, bb)
