@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["free_port", "run_threads", "run_processes", "RankFailure", "Outcome", "bytes_equal", "ADDR"]
+__all__ = ["free_port", "run_threads", "run_processes", "RankFailure", "Outcome", "bytes_equal", "digest", "ADDR"]
 
 ADDR = "127.0.0.1"
 
@@ -181,3 +181,14 @@ def bytes_equal(a: Any, b: Any) -> bool:
     ab = a.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
     bb = b.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
     return torch.equal(ab, bb)
+
+
+def digest(t: Any) -> str:
+    """sha256 of a tensor's row-major bytes (no numpy needed: CI's venv has none)."""
+    import ctypes
+    import hashlib
+
+    import torch
+
+    host = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(ctypes.string_at(host.data_ptr(), host.numel())).hexdigest()
