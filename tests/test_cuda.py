@@ -102,6 +102,5 @@ def test_cuda_tensors_over_gloo_bit_exact_and_memory_flat():
     for out in outcomes[1:]:
         received, memory = out.value
         assert received == expected
-        # Steady state: every mode's buffers exist after the first three updates.
-        steady = memory[len(memory) // 2 :]
-        assert max(steady) == min(steady), memory
+        # Steady state: once every mode has run (3 updates), memory never moves.
+        assert len(set(memory[3:])) == 1, memory

@@ -71,13 +71,19 @@ class _GroupState:
         self.streams: list[Any] = []
 
     def prepare(self, device: torch.device, buffer_size: int, num_buffers: int) -> None:
-        """Make sure ``num_buffers`` buffers (and streams) exist for this config."""
-        key = (device, buffer_size, num_buffers)
+        """Make sure ``num_buffers`` buffers (and streams) exist for this config.
+
+        Buffers are kept across updates; they are dropped only when the device
+        or the buffer size changes. A smaller count leaves the extra buffers
+        idle rather than freeing and reallocating them on every switch.
+        """
+        key = (device, buffer_size)
         if self.buffer_key != key:
             # Drop the old set first so peak memory never holds both.
             self.buffers = []
             self.buffer_key = key
-            self.buffers = [torch.empty(0, dtype=torch.uint8, device=device) for _ in range(num_buffers)]
+        self.buffers += [torch.empty(0, dtype=torch.uint8, device=device)
+                         for _ in range(num_buffers - len(self.buffers))]  # fmt: skip
         if device.type == "cuda" and len(self.streams) < num_buffers:
             with torch.cuda.device(device):
                 self.streams += [torch.cuda.Stream() for _ in range(num_buffers - len(self.streams))]
@@ -90,7 +96,7 @@ class _GroupState:
         """
         buf = self.buffers[b]
         if buf.numel() < nbytes:
-            _, limit, _ = self.buffer_key
+            _, limit = self.buffer_key
             size = min(limit, max(nbytes, 2 * buf.numel(), _MIN_BUFFER_BYTES))
             new = torch.empty(size, dtype=torch.uint8, device=buf.device)
             if keep:
