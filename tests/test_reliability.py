@@ -371,3 +371,39 @@ def test_checksum_mismatch_names_the_bucket_tensors(monkeypatch):
     assert "'w0'" in outcomes[0].value and "rank 2" in outcomes[0].value
     for out in outcomes[1:]:
         assert out.value == [(n, digest(t)) for n, t in _model(8, 3)]
+
+
+def test_silent_worker_times_out_on_every_rank():
+    """A worker stuck in load_weights (alive, silent): the trainer and the other
+    worker raise TransferError within timeout_s, not after a watchdog's 10 minutes."""
+    port = free_port()
+    timeout = 2.0
+    release = threading.Event()
+
+    def body(rank: int) -> object:
+        start = time.monotonic()
+        if rank == 0:
+            group = _trainer(port, 3, timeout=timeout)
+            try:
+                with pytest.raises(TransferError, match="stopped responding within 2 s"):
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(_model(4)), group, packed=True, packed_buffer_size_bytes=BUF)
+                return time.monotonic() - start
+            finally:
+                release.set()
+                destroy_side_group(group)
+        engine = _worker_engine(rank, 3, timeout=timeout)
+        engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 3))
+        start = time.monotonic()
+
+        def load(batch: list) -> None:
+            if rank == 2:
+                release.wait(30)
+
+        with pytest.raises(TransferError):
+            engine.receive_weights(None, load)
+        engine.shutdown()
+        return time.monotonic() - start
+
+    outcomes = run_threads(body, 3, deadline_s=60)
+    assert outcomes[0].value < timeout + SLACK
+    assert outcomes[1].value < 2 * timeout + SLACK
