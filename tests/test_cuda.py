@@ -104,3 +104,53 @@ def test_cuda_tensors_over_gloo_bit_exact_and_memory_flat():
         assert received == expected
         # Steady state: once every mode has run (3 updates), memory never moves.
         assert len(set(memory[3:])) == 1, memory
+
+
+def _nccl_single(rank: int, port: int) -> object:
+    import torch.distributed as dist
+
+    from torchxfer import NCCLWeightTransferEngine, destroy_side_group
+
+    torch.cuda.set_device(0)
+    group = NCCLWeightTransferEngine.trainer_init(
+        dict(master_address=ADDR, master_port=port, world_size=1), backend="nccl", timeout_s=30
+    )
+    t = torch.arange(8, device="cuda", dtype=torch.float32)
+    dist.broadcast(t, group=group, group_src=0)
+    dist.all_reduce(t, group=group)
+    stats = [
+        NCCLWeightTransferEngine.trainer_send_weights(iter(_tensors(s)), group, packed=s % 2 == 0, checksum=True,
+                                                      packed_buffer_size_bytes=64 << 10)  # fmt: skip
+        for s in range(4)
+    ]
+    destroy_side_group(group)
+    return t.tolist(), [s.num_tensors for s in stats]
+
+
+def test_nccl_side_group_of_one_rank_runs_the_whole_sender_path():
+    """NCCL backend construction, CUDA control tensors, polled waits, packing streams."""
+    outcomes = run_processes(_nccl_single, 1, free_port(), deadline_s=120)
+    values, counts = outcomes[0].value
+    assert values == [float(i) for i in range(8)]
+    assert counts == [len(_tensors(0))] * 4
+
+
+def _nccl_same_gpu(rank: int, port: int) -> object:
+    from torchxfer import NCCLWeightTransferEngine, NCCLWeightTransferInitInfo, ParallelConfig, WeightTransferConfig
+
+    torch.cuda.set_device(0)
+    if rank == 0:
+        return NCCLWeightTransferEngine.trainer_init(
+            dict(master_address=ADDR, master_port=port, world_size=2), backend="nccl", timeout_s=20
+        )
+    engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="nccl", timeout_s=20), ParallelConfig())
+    engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 2))
+
+
+def test_two_nccl_ranks_on_one_gpu_fail_before_nccl_starts():
+    from torchxfer import TransferError  # noqa: F401
+
+    outcomes = run_processes(_nccl_same_gpu, 2, free_port(), deadline_s=120, expect_ok=False)
+    for out in outcomes:
+        assert not out.ok
+        assert "TransferError" in out.tb and "same GPU" in out.tb, out.tb
