@@ -84,3 +84,50 @@ def test_100_random_updates_bit_exact():
     outcomes = run_threads(body, world, deadline_s=120)
     for out in outcomes[1:]:
         assert out.value == ([], UPDATES - 1)
+
+
+def test_direct_sends_of_large_tensors_interleaved_with_packed_ones():
+    """Large contiguous tensors go straight from their memory, small ones through
+    the buffer, non-contiguous large ones are packed; all land bit-exact."""
+    port = free_port()
+    gen = torch.Generator().manual_seed(99)
+    tensors = [
+        ("small0", torch.randn(10, generator=gen)),
+        ("big0", torch.randn(300_000, generator=gen)),  # 1.2 MB: direct
+        ("small1", torch.randn(3, 3, generator=gen).bfloat16()),
+        ("big_t", torch.randn(700, 600, generator=gen).t()),  # non-contiguous: packed
+        ("big1", torch.randn(400_000, generator=gen).double()),  # 3.2 MB: direct
+        ("huge", torch.randn(3_000_000, generator=gen)),  # 12 MB > buffer: split
+        ("small2", torch.randint(0, 9, (5,), generator=gen)),
+    ]
+    want = [(n, digest(t), t.dtype, tuple(t.shape)) for n, t in tensors]
+
+    def body(rank: int) -> object:
+        if rank == 0:
+            group = NCCLWeightTransferEngine.trainer_init(
+                dict(master_address=ADDR, master_port=port, world_size=3), backend="gloo", timeout_s=10
+            )
+            for nb in (1, 2, 3):
+                NCCLWeightTransferEngine.trainer_send_weights(
+                    iter(tensors), group, packed=True, packed_buffer_size_bytes=8 << 20, packed_num_buffers=nb
+                )
+            destroy_side_group(group)
+            return None
+        engine = NCCLWeightTransferEngine(
+            WeightTransferConfig(backend="gloo", timeout_s=10), ParallelConfig(rank=rank - 1, tensor_parallel_size=2)
+        )
+        engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 3))
+        results = []
+        for nb in (1, 2, 3):
+            info = NCCLWeightTransferUpdateInfo.from_named_tensors(
+                tensors, packed=True, packed_buffer_size_bytes=8 << 20, packed_num_buffers=nb
+            ) if nb == 2 else None  # fmt: skip
+            got: list = []
+            engine.receive_weights(info, lambda b: got.extend((n, digest(t), t.dtype, tuple(t.shape)) for n, t in b))
+            results.append(got)
+        engine.shutdown()
+        return results
+
+    outcomes = run_threads(body, 3, deadline_s=60)
+    for out in outcomes[1:]:
+        assert out.value == [want, want, want]

@@ -164,16 +164,23 @@ class SideGroup:
         if work is None:
             return
         try:
-            # Poll from the CPU: a Gloo op queued behind a stuck one never starts,
-            # so its own timeout never fires; an NCCL op has no CPU timeout at all.
-            deadline = time.monotonic() + self.timeout_s
-            delay = 0.0
-            while not work.is_completed():
-                if time.monotonic() > deadline:
+            if self.backend_name == "gloo":
+                # Work.wait(timeout) bounds the wait on the CPU even for an op
+                # still queued behind a stuck one, whose own Gloo timeout would
+                # never start (torch 2.6-2.13).
+                if not work.wait(_timedelta(self.timeout_s)):
                     raise TimeoutError(f"no completion after {self.timeout_s:g} s")
-                time.sleep(delay)
-                delay = min(max(delay * 2, 5e-5), _POLL_S[1])
-            work.wait()
+            else:
+                # NCCL's wait() only orders streams; poll completion from the CPU
+                # so a dead peer is noticed within the timeout.
+                deadline = time.monotonic() + self.timeout_s
+                delay = 0.0
+                while not work.is_completed():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no completion after {self.timeout_s:g} s")
+                    time.sleep(delay)
+                    delay = min(max(delay * 2, 2e-5), 1e-3)
+                work.wait()
         except Exception as e:  # any backend failure: peer death, timeout, abort
             reason = f"{what} failed on rank {self.rank()}: {type(e).__name__}: {e}".strip()
             self.mark_broken(reason)

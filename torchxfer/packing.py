@@ -34,6 +34,7 @@ __all__ = [
     "parse_dtype",
     "plan_slots",
     "pack_slot",
+    "payload_runs",
     "slot_view",
     "tensor_bytes",
 ]
@@ -260,6 +261,35 @@ def pack_slot(buffer: torch.Tensor, slot: Slot, tensor: torch.Tensor) -> None:
         else:
             src = tensor_bytes(tensor)[slot.start : slot.start + slot.length]
             dst.copy_(src, non_blocking=True)
+
+
+def payload_runs(slots: Sequence[Slot], direct: Iterable[int] = ()) -> list[tuple[int, int, int | None]]:
+    """How a bucket's payload is split into broadcasts: ``(start, end, position)``.
+
+    Consecutive packed slots travel as one range of the buffer (``position``
+    None); a slot listed in ``direct`` travels alone (``position`` is its index
+    in ``slots``), sent by the trainer straight from the tensor's own memory
+    and received into the same place of the buffer as if it had been packed.
+    Both sides call this on the same header, so they issue the same
+    collectives. Empty ranges are left out.
+    """
+    direct = set(direct)
+    runs: list[tuple[int, int, int | None]] = []
+    start = end = None
+    for pos, slot in enumerate(slots):
+        if pos in direct:
+            if start is not None and end > start:
+                runs.append((start, end, None))
+            start = end = None
+            if slot.length:
+                runs.append((slot.offset, slot.end, pos))
+            continue
+        if start is None:
+            start = slot.offset
+        end = slot.end
+    if start is not None and end > start:
+        runs.append((start, end, None))
+    return runs
 
 
 def check_bucket(slots: Sequence[Slot], buffer_size: int | None) -> int:

@@ -37,6 +37,7 @@ from .packing import (
     check_bucket,
     dtype_name,
     pack_slot,
+    payload_runs,
     plan_slots,
     slot_view,
     tensor_bytes,
@@ -51,6 +52,10 @@ INLINE_FRAME_BYTES = 4096
 MESSAGE_BYTES = 1024
 """Bytes of each rank's error message in a failed ``agree``."""
 _MIN_BUFFER_BYTES = 1 << 20
+DIRECT_MIN_BYTES = 1 << 20
+"""A whole, contiguous tensor of at least max(this, buffer_size / 64) bytes is
+broadcast straight from its own memory instead of being copied into the
+buffer first: no pack copy, at the cost of one more collective."""
 
 LoadWeights = Callable[[list[tuple[str, torch.Tensor]]], None]
 
@@ -249,7 +254,8 @@ def send_update(
     _agree(group, state, None, f"update {update_id} (begin)")
 
     stash: dict[int, torch.Tensor] = {}
-    pending: list[tuple[Any, Any] | None] = [None] * num_buffers
+    pending: list[tuple[list, Any] | None] = [None] * num_buffers
+    direct_min = max(DIRECT_MIN_BYTES, buffer_size // 64)
     totals = {"tensors": 0, "bytes": 0}
 
     def specs() -> Iterator[TensorSpec]:
@@ -265,32 +271,36 @@ def send_update(
 
     def drain(b: int) -> None:
         if pending[b] is not None:
-            work, _keepalive = pending[b]
+            works, _keepalive = pending[b]
             pending[b] = None
-            group.wait(work, f"payload broadcast of update {update_id}")
+            for work in works:
+                group.wait(work, f"payload broadcast of update {update_id}")
 
-    def flush(bucket: int, slots: list[Slot], payload: torch.Tensor | None) -> None:
+    def flush(bucket: int, slots: list[Slot], payload: torch.Tensor | None, direct: dict[int, torch.Tensor]) -> None:
         b = bucket % num_buffers
         total = check_bucket(slots, buffer_size if packed else None)
         digest = None
         if checksum and payload is not None:
             with state.side_stream(b):
                 digest = _checksum(payload[:total])
-        _send_frame(group, state, encode(BucketHeader(bucket, tuple(slots), digest)))
+        _send_frame(group, state, encode(BucketHeader(bucket, tuple(slots), digest, tuple(sorted(direct)))))
         _agree(group, state, None, f"update {update_id} bucket {bucket}")
-        if total:
-            ctx = torch.cuda.stream(stream) if stream is not None and not packed else state.side_stream(b)
-            with ctx:
-                work = dist.broadcast(payload[:total], group=pg, group_src=0, async_op=True)
-            pending[b] = (work, payload)
+        works = []
+        ctx = torch.cuda.stream(stream) if stream is not None and not packed else state.side_stream(b)
+        with ctx:
+            for start, end, pos in payload_runs(slots, direct):
+                src = direct[pos] if pos is not None else payload[start:end]
+                works.append(dist.broadcast(src, group=pg, group_src=0, async_op=True))
+        # Sources sent directly stay referenced until their broadcast completes.
+        pending[b] = (works, (payload, direct))
 
     try:
-        bucket, slots, payload = -1, [], None
+        bucket, slots, payload, direct = -1, [], None, {}
         for slot in plan_slots(specs(), buffer_size if packed else None):
             if slot.bucket != bucket:
                 if slots:
-                    flush(bucket, slots, payload)
-                bucket, slots = slot.bucket, []
+                    flush(bucket, slots, payload, direct)
+                bucket, slots, direct = slot.bucket, [], {}
                 b = bucket % num_buffers
                 drain(b)
                 if packed:
@@ -301,6 +311,12 @@ def send_update(
                 stash[slot.index] = tensor = tensor_bytes(tensor)  # contiguous once, chunks are views
             if packed:
                 payload = state.buffer(b, slot.end, keep=slots[-1].end if slots else 0)
+                if (not checksum and slot.is_whole and slot.length >= direct_min
+                        and tensor.is_contiguous() and tensor.device == payload.device):  # fmt: skip
+                    direct[len(slots)] = tensor_bytes(tensor)
+                    slots.append(slot)
+                    del stash[slot.index]
+                    continue
                 with state.side_stream(b):
                     if tensor.device.type == "cuda" and payload.device.type == "cuda":
                         # The source may be freed by the caller before this copy runs.
@@ -314,7 +330,7 @@ def send_update(
             if slot.is_last:
                 del stash[slot.index]
         if slots:
-            flush(bucket, slots, payload)
+            flush(bucket, slots, payload, direct)
         for b in range(num_buffers):
             drain(b)
     except TransferError:
@@ -456,9 +472,10 @@ def receive_update(
     failure: list[str] = []
     where = f"rank {group.rank()}"
 
-    def load(entry: tuple[BucketHeader, Any, torch.Tensor, int]) -> None:
-        header, work, payload, total = entry
-        group.wait(work, f"payload broadcast of update {update_id}")
+    def load(entry: tuple[BucketHeader, list, torch.Tensor, int]) -> None:
+        header, works, payload, total = entry
+        for work in works:
+            group.wait(work, f"payload broadcast of update {update_id}")
         if failure:
             return
         if header.checksum is not None and _checksum(payload[:total]) != header.checksum:
@@ -525,18 +542,18 @@ def receive_update(
                 spec = msg.slots[0].spec
                 payload = torch.empty(spec.nbytes, dtype=torch.uint8, device=device)
                 stream_ctx = contextlib.nullcontext()
-            work = None
-            if total:
-                with stream_ctx:
-                    work = dist.broadcast(payload[:total], group=pg, group_src=0, async_op=True)
-            pending.append((msg, work, payload, total))
+            works = []
+            with stream_ctx:
+                for start, end, _ in payload_runs(msg.slots, msg.direct):
+                    works.append(dist.broadcast(payload[start:end], group=pg, group_src=0, async_op=True))
+            pending.append((msg, works, payload, total))
             while len(pending) > num_buffers - 1:
                 load(pending.popleft())
     except BaseException:
         with contextlib.suppress(Exception):
             while pending:
-                _, work, _, _ = pending.popleft()
-                group.wait(work, "payload broadcast")
+                for work in pending.popleft()[1]:
+                    group.wait(work, "payload broadcast")
         raise
     return TransferStats(update_id, assembler.next_index, assembler.num_bytes, time.perf_counter() - start_time)
 

@@ -69,6 +69,10 @@ class BucketHeader:
     index: int
     slots: tuple[Slot, ...]
     checksum: int | None
+    direct: tuple[int, ...] = ()
+    """Positions (in ``slots``) of whole tensors the sender broadcasts straight
+    from their own memory, each as a collective of its own; see
+    :func:`torchxfer.packing.payload_runs`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +106,7 @@ def encode(msg: Message) -> bytes:
         kind, body = _BUCKET, {
             "index": msg.index,
             "checksum": msg.checksum,
+            "direct": list(msg.direct),
             "slots": [_slot_row(s) for s in msg.slots],
         }
     elif isinstance(msg, End):
@@ -205,7 +210,15 @@ def decode(frame: bytes) -> Message:
             raise TransferError("header field 'slots' is not a list of at most "
                                 f"{MAX_SLOTS_PER_BUCKET} slot records")
         slots = tuple(_decode_slot(index, row) for row in rows)
-        return BucketHeader(index, slots, _int(body, "checksum", lo=-_MAX_INT, none_ok=True))
+        direct = body.get("direct")
+        if not isinstance(direct, list) or len(direct) > len(slots):
+            raise TransferError(f"header field 'direct' is {direct!r:.200}, expected a list of slot positions")
+        for i, pos in enumerate(direct):
+            _int({"direct": pos}, "direct", hi=len(slots) - 1)
+            if (i and pos <= direct[i - 1]) or not slots[pos].is_whole:
+                raise TransferError(f"header field 'direct' names slot {pos} out of order or not whole")
+        checksum = _int(body, "checksum", lo=-_MAX_INT, none_ok=True)
+        return BucketHeader(index, slots, checksum, tuple(direct))
     if kind == _END:
         return End(num_tensors=_int(body, "num_tensors"), num_bytes=_int(body, "num_bytes"))
     reason = body.get("reason")
