@@ -516,10 +516,6 @@ def test_conj_view_whole_slot():
     assert_bit_exact(out, t.resolve_conj())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tensor_bytes() calls .view(torch.uint8) on a conjugate view: RuntimeError when a conj() tensor is split",
-)
 def test_conj_view_split_slot():
     gen = torch.Generator().manual_seed(5)
     t = torch.randn(4, 3, dtype=torch.complex64, generator=gen).conj()

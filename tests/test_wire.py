@@ -70,8 +70,8 @@ def assert_valid(msg: object) -> None:
     if isinstance(msg, Begin):
         assert _is_int(msg.update_id, 0, MAX_INT)
         assert isinstance(msg.packed, bool) and isinstance(msg.checksum, bool)
-        assert _is_int(msg.buffer_size, 1, MAX_INT)
-        assert _is_int(msg.num_buffers, 1, 1024)
+        assert _is_int(msg.buffer_size, 16, MAX_INT)
+        assert _is_int(msg.num_buffers, 1, 64)
         assert msg.num_tensors is None or _is_int(msg.num_tensors, 0, MAX_INT)
     elif isinstance(msg, BucketHeader):
         assert _is_int(msg.index, 0, MAX_INT)
@@ -138,7 +138,7 @@ def headers_from_plan(specs: list[TensorSpec], buffer_size: int | None) -> list[
     [
         Begin(0, False, 16, 1, None, False),
         Begin(7, True, 1 << 30, 2, 123, True),
-        Begin(MAX_INT, True, MAX_INT, 1024, MAX_INT, False),
+        Begin(MAX_INT, True, MAX_INT, 64, MAX_INT, False),
         End(0, 0),
         End(12, 1 << 40),
         End(MAX_INT, MAX_INT),
@@ -224,7 +224,7 @@ def test_roundtrip_random_plans(rows, buffer_size):
 @settings(max_examples=100, **SETTINGS)
 @given(
     msg=st.one_of(
-        st.builds(Begin, st.integers(0, MAX_INT), st.booleans(), st.integers(1, MAX_INT), st.integers(1, 1024),
+        st.builds(Begin, st.integers(0, MAX_INT), st.booleans(), st.integers(16, MAX_INT), st.integers(1, 64),
                   st.one_of(st.none(), st.integers(0, MAX_INT)), st.booleans()),  # fmt: skip
         st.builds(End, st.integers(0, MAX_INT), st.integers(0, MAX_INT)),
         st.builds(Abort, st.text(max_size=50)),
@@ -240,7 +240,7 @@ def test_roundtrip_random_scalars(msg):
 
 VALID_FRAMES = [
     encode(Begin(3, True, 4096, 2, 10, True)),
-    encode(Begin(0, False, 1, 1, None, False)),
+    encode(Begin(0, False, 16, 1, None, False)),
     encode(End(10, 12345)),
     encode(Abort("boom")),
     *[encode(h) for h in headers_from_plan(sample_specs()[:6], 256)[:3]],
@@ -424,8 +424,8 @@ def test_bucket_bad_direct():
     for bad in bads:
         with pytest.raises(TransferError, match="direct"):
             decode(jframe(BUCKET, {**two, "direct": bad}))
-    with pytest.raises(TransferError, match="direct"):
-        decode(jframe(BUCKET, {k: v for k, v in two.items() if k != "direct"}))
+    # A header without the field has no direct slots.
+    assert decode(jframe(BUCKET, {k: v for k, v in two.items() if k != "direct"})).direct == ()
     split = {**GOOD_BUCKET, "slots": [[0, "w", "float32", [2, 3], 0, 16, 0]]}  # part of a tensor
     assert decode(jframe(BUCKET, {**split, "direct": []})).slots[0].is_whole is False
     with pytest.raises(TransferError, match="direct"):
@@ -677,16 +677,10 @@ def test_fuzz_any_json_value(body):
 # known gap
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="encode() does not enforce MAX_NAME_CHARS: it emits a frame for a >4096-char tensor name that "
-    "decode() then rejects on every receiver",
-)
 def test_encode_rejects_what_decode_rejects():
-    spec = TensorSpec("n" * (MAX_NAME_CHARS + 1), torch.float32, (1,))
+    # A name the receivers would refuse cannot even be described on the sender.
+    with pytest.raises(ValueError, match="characters"):
+        TensorSpec("n" * (MAX_NAME_CHARS + 1), torch.float32, (1,))
+    spec = TensorSpec("n" * MAX_NAME_CHARS, torch.float32, (1,))
     msg = BucketHeader(0, (Slot(0, 0, spec, 0, 4, 0),), None)
-    try:
-        data = encode(msg)
-    except ValueError:
-        return  # refusing to encode is fine
-    assert decode(data) == msg
+    assert decode(encode(msg)) == msg

@@ -29,6 +29,7 @@ DEFAULT_PACKED_BUFFER_SIZE_BYTES = 1 << 30
 DEFAULT_PACKED_NUM_BUFFERS = 2
 DEFAULT_TIMEOUT_S = 300.0
 BACKENDS = ("nccl", "gloo")
+MAX_NUM_BUFFERS = 64
 
 
 def _is_int(value: Any) -> bool:
@@ -42,9 +43,13 @@ def _check_int(owner: str, field: str, value: Any, lo: int, hi: int | None = Non
 
 
 def check_timeout(owner: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{owner}.timeout_s must be a positive finite number of seconds, got {value!r}")
-    return float(value)
+    try:
+        seconds = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{owner}.timeout_s must be a positive finite number of seconds, got {value!r:.40}")
+    return seconds
 
 
 def check_backend(owner: str, value: Any) -> str:
@@ -55,7 +60,7 @@ def check_backend(owner: str, value: Any) -> str:
 
 def check_buffers(owner: str, buffer_size: Any, num_buffers: Any) -> None:
     _check_int(owner, "packed_buffer_size_bytes", buffer_size, ALIGNMENT)
-    _check_int(owner, "packed_num_buffers", num_buffers, 1, 64)
+    _check_int(owner, "packed_num_buffers", num_buffers, 1, MAX_NUM_BUFFERS)
 
 
 @dataclasses.dataclass

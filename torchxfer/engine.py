@@ -54,7 +54,7 @@ def _parse(cls: type, value: Any, what: str) -> Any:
     if not isinstance(value, Mapping):
         raise ValueError(f"{what} must be a {cls.__name__} or a dict, got {type(value).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(value) - set(fields))
+    unknown = sorted(set(value) - set(fields), key=repr)
     if unknown:
         raise ValueError(f"{what} has unknown keys {unknown}; expected keys from {sorted(fields)}")
     missing = sorted(

@@ -57,15 +57,21 @@ class SideGroup:
 
     The group itself is a plain ``torch.distributed.ProcessGroup`` (what
     ``trainer_init`` returns and ``model_update_group`` holds), so
-    ``dist.broadcast(t, group=g, group_src=0)`` works on it. This object holds
-    what torch's does not: device, timeout, health, and the buffers and CUDA
-    streams of the transfer pipeline (``cache``), created once per group.
-    Find it with :func:`side_group`; it lives as long as the ProcessGroup.
+    ``dist.broadcast(t, group=g, group_src=0)`` works on it; it carries the
+    payload. Beside it, every side group has a small Gloo group of its own
+    for headers and status (``control``, CPU tensors): control messages then
+    never queue behind a payload on the same connection or stream, so the
+    next bucket is agreed while the current one is still on the wire. This
+    object holds what torch's does not: the control group, device, timeout,
+    health, and the pipeline's buffers and CUDA streams (``cache``), created
+    once per group. Find it with :func:`side_group`; it lives as long as the
+    ProcessGroup.
 
     Attributes:
-        backend_name: "gloo" or "nccl".
-        device: device of control tensors (header, status): CPU for gloo, the
-            rank's CUDA device for nccl.
+        backend_name: "gloo" or "nccl", the payload backend.
+        data_device: the rank's CUDA device for nccl, None for gloo (payload
+            stays on the device of the tensors).
+        control: the Gloo ProcessGroup for headers and status.
         timeout_s: bound on every wait on this group.
         address, port: where rank 0's store listens.
         cache: transfer state (buffers, streams, counters) owned by the pipeline.
@@ -74,9 +80,10 @@ class SideGroup:
     def __init__(
         self,
         pg: dist.ProcessGroup,
+        control: dist.ProcessGroup,
         *,
         backend_name: str,
-        device: torch.device,
+        data_device: torch.device | None,
         timeout_s: float,
         address: str,
         port: int,
@@ -89,14 +96,15 @@ class SideGroup:
         self._pg = weakref.ref(pg)
         self._rank = pg.rank()
         self._size = pg.size()
+        self.control = control
         self.backend_name = backend_name
-        self.device = device
+        self.data_device = data_device
         self.timeout_s = timeout_s
         self.address = address
         self.port = port
         self.cache: dict[str, Any] = {}
         self._store: dist.Store | None = store
-        self._backend: Any = None
+        self._backends: list[Any] = []
         self._broken: str | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -153,8 +161,11 @@ class SideGroup:
 
     # -- waiting ---------------------------------------------------------------
 
-    def wait(self, work: Any, what: str) -> None:
+    def wait(self, work: Any, what: str, *, data: bool = False) -> None:
         """Block until ``work`` completes, at most ``timeout_s``.
+
+        ``data`` says the work is a payload collective on the main group (NCCL
+        or Gloo); otherwise it is a control collective (always Gloo).
 
         Raises TransferError (and marks the group broken) if the collective
         fails or times out. On CUDA with NCCL this polls the work from the CPU
@@ -164,7 +175,7 @@ class SideGroup:
         if work is None:
             return
         try:
-            if self.backend_name == "gloo":
+            if not data or self.backend_name == "gloo":
                 # Work.wait(timeout) bounds the wait on the CPU even for an op
                 # still queued behind a stuck one, whose own Gloo timeout would
                 # never start (torch 2.6-2.13).
@@ -192,14 +203,12 @@ class SideGroup:
     # -- teardown --------------------------------------------------------------
 
     def _abort(self) -> None:
-        backend = self._backend
-        if backend is None:
-            return
         # Backend.abort exists for NCCL (torch 2.6-2.13); Gloo has none and its
         # pending work fails on its own once peers close their sockets.
-        with contextlib.suppress(Exception):
-            if hasattr(backend, "abort"):
-                backend.abort()
+        for backend in self._backends:
+            with contextlib.suppress(Exception):
+                if hasattr(backend, "abort"):
+                    backend.abort()
 
     def close(self) -> None:
         """Release the group's buffers and streams and shut its backend down.
@@ -212,12 +221,11 @@ class SideGroup:
                 return
             self._closed = True
         self.cache.clear()
-        backend = self._backend
-        if backend is not None:
+        if self._broken is not None:
+            self._abort()
+        for backend in self._backends:
             with contextlib.suppress(Exception):
-                if self._broken is not None:
-                    self._abort()
-                elif hasattr(backend, "shutdown"):
+                if hasattr(backend, "shutdown"):
                     # Backend.shutdown: torch 2.6-2.13; absent on some older Gloo builds.
                     backend.shutdown()
         self._store = None
@@ -399,10 +407,11 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _build_backend(group: SideGroup, pg: dist.ProcessGroup, store: dist.Store) -> None:
-    rank, world, timeout = group.rank(), group.size(), _timedelta(group.timeout_s)
+def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, timeout_s: float) -> Any:
+    """Make a Gloo or NCCL backend from the store and install it as ``pg``'s."""
+    rank, world, timeout = pg.rank(), pg.size(), _timedelta(timeout_s)
     types = dist.ProcessGroup.BackendType
-    if group.backend_name == "gloo":
+    if backend_name == "gloo":
         # The 4-argument constructor honours GLOO_SOCKET_IFNAME (torch 2.6-2.13).
         backend = dist.ProcessGroupGloo(store, rank, world, timeout)
         backend_type, device_types = types.GLOO, ["cpu", "cuda"]
@@ -424,7 +433,7 @@ def _build_backend(group: SideGroup, pg: dist.ProcessGroup, store: dist.Store) -
     pg._set_default_backend(backend_type)
     for device_type in device_types:
         pg._register_backend(torch.device(device_type), backend_type, backend)
-    group._backend = backend
+    return backend
 
 
 def create_side_group(
@@ -463,31 +472,35 @@ def create_side_group(
             raise ValueError(f"backend 'nccl' needs a CUDA device, got {device}")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        control_device = device
+        data_device = device
     else:
-        control_device = torch.device("cpu")
+        data_device = None
 
     store, real_port = _make_store(address, port, rank, timeout_s)
     group = None
     try:
         prefixed = dist.PrefixStore(_PREFIX, store)
         nonce = _rendezvous(prefixed, rank, world_size, timeout_s, token,
-                            _gpu_uuid(control_device) if backend == "nccl" else None)  # fmt: skip
+                            _gpu_uuid(data_device) if data_device is not None else None)  # fmt: skip
         pg = dist.ProcessGroup(store, rank, world_size)
+        control = dist.ProcessGroup(store, rank, world_size)
         group = SideGroup(
-            pg, backend_name=backend, device=control_device,
+            pg, control, backend_name=backend, data_device=data_device,
             timeout_s=timeout_s, address=address, port=real_port, store=store,
         )  # fmt: skip
         with contextlib.suppress(Exception):
             pg._set_group_name(f"torchxfer-{nonce[:12]}")  # private, torch 2.6-2.13
-        try:
-            _build_backend(group, pg, dist.PrefixStore(f"{_PREFIX}{backend}/", store))
-        except Exception as e:
-            raise TransferError(f"rank {rank}: the {backend} backend could not connect: {e}") from e
-        probe = torch.ones(1, dtype=torch.int64, device=control_device)
-        group.wait(dist.all_reduce(probe, group=pg, async_op=True), "the side group's first all_reduce")
-        if int(probe.item()) != world_size:
-            raise TransferError(f"side group check summed to {int(probe.item())}, expected {world_size}")
+            control._set_group_name(f"torchxfer-{nonce[:12]}-control")
+        for name, which, kind in (("payload", pg, backend), ("control", control, "gloo")):
+            try:
+                group._backends.append(_build_backend(which, kind, dist.PrefixStore(f"{_PREFIX}{name}/", store), timeout_s))
+            except Exception as e:
+                raise TransferError(f"rank {rank}: the {name} group ({kind}) could not connect: {e}") from e
+        for which, device, data in ((control, torch.device("cpu"), False), (pg, data_device or torch.device("cpu"), True)):
+            probe = torch.ones(1, dtype=torch.int64, device=device)
+            group.wait(dist.all_reduce(probe, group=which, async_op=True), "the side group's first all_reduce", data=data)
+            if int(probe.item()) != world_size:
+                raise TransferError(f"side group check summed to {int(probe.item())}, expected {world_size}")
         _GROUPS[pg] = group
         return pg
     except BaseException:

@@ -48,6 +48,9 @@ MAX_SLOTS_PER_BUCKET = 4096
 MAX_NDIM = 64
 """Most dimensions a tensor on the wire may have."""
 
+MAX_NAME_CHARS = 4096
+"""Longest tensor name the wire carries."""
+
 
 def _supported_dtypes() -> dict[str, torch.dtype]:
     # Only dtypes whose storage is plain bytes that a uint8 view can carry.
@@ -130,6 +133,9 @@ class TensorSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
             raise ValueError(f"tensor name must be a string, got {self.name!r}")
+        if len(self.name) > MAX_NAME_CHARS:
+            raise ValueError(f"tensor name {self.name[:60]!r}... has {len(self.name)} characters, "
+                             f"more than {MAX_NAME_CHARS}")
         dtype_name(self.dtype)
         object.__setattr__(self, "shape", _check_shape(self.shape))
 
@@ -233,7 +239,7 @@ def plan_slots(specs: Iterable[TensorSpec], buffer_size: int | None) -> Iterator
 
 def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """The row-major bytes of ``tensor`` as a flat uint8 tensor (copies if not contiguous)."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    return tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
 
 
 def slot_view(buffer: torch.Tensor, slot: Slot) -> torch.Tensor:

@@ -53,9 +53,11 @@ MESSAGE_BYTES = 1024
 """Bytes of each rank's error message in a failed ``agree``."""
 _MIN_BUFFER_BYTES = 1 << 20
 DIRECT_MIN_BYTES = 1 << 20
-"""A whole, contiguous tensor of at least max(this, buffer_size / 64) bytes is
-broadcast straight from its own memory instead of being copied into the
-buffer first: no pack copy, at the cost of one more collective."""
+DIRECT_BUFFER_FRACTION = 8
+"""A whole, contiguous tensor of at least max(DIRECT_MIN_BYTES, buffer_size /
+DIRECT_BUFFER_FRACTION) bytes is broadcast straight from its own memory
+instead of being copied into the buffer first: no pack copy, at the cost of
+one more collective (which is why small tensors are still packed)."""
 
 LoadWeights = Callable[[list[tuple[str, torch.Tensor]]], None]
 
@@ -69,8 +71,8 @@ class _GroupState:
     def __init__(self, group: SideGroup) -> None:
         self.group = group
         self.next_update_id = 0
-        self.frame = torch.empty(INLINE_FRAME_BYTES, dtype=torch.uint8, device=group.device)
-        self.flag = torch.zeros(1, dtype=torch.int64, device=group.device)
+        self.frame = torch.empty(INLINE_FRAME_BYTES, dtype=torch.uint8)
+        self.flag = torch.zeros(1, dtype=torch.int64)
         self.buffers: list[torch.Tensor] = []
         self.buffer_key: tuple | None = None
         self.streams: list[Any] = []
@@ -142,7 +144,7 @@ def _bytes(tensor: torch.Tensor) -> bytes:
 
 def _broadcast(group: SideGroup, tensor: torch.Tensor, what: str) -> None:
     try:
-        work = dist.broadcast(tensor, group=group.pg, group_src=0, async_op=True)
+        work = dist.broadcast(tensor, group=group.control, group_src=0, async_op=True)
     except Exception as e:
         group.mark_broken(f"{what}: {e}")
         raise TransferError(f"{what} failed on rank {group.rank()}: {e}", broken=True) from e
@@ -154,7 +156,7 @@ def _send_frame(group: SideGroup, state: _GroupState, frame: bytes) -> None:
     state.frame[: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
     _broadcast(group, state.frame, "header broadcast")
     if len(frame) > INLINE_FRAME_BYTES:
-        rest = torch.frombuffer(bytearray(frame[INLINE_FRAME_BYTES:]), dtype=torch.uint8).to(group.device)
+        rest = torch.frombuffer(bytearray(frame[INLINE_FRAME_BYTES:]), dtype=torch.uint8).clone()
         _broadcast(group, rest, "header broadcast")
 
 
@@ -169,7 +171,7 @@ def _recv_frame(group: SideGroup, state: _GroupState) -> Any:
         group.mark_broken(str(e))
         raise TransferError(f"rank {group.rank()} received a bad header: {e}", broken=True) from None
     if total > INLINE_FRAME_BYTES:
-        rest = torch.empty(total - INLINE_FRAME_BYTES, dtype=torch.uint8, device=group.device)
+        rest = torch.empty(total - INLINE_FRAME_BYTES, dtype=torch.uint8)
         _broadcast(group, rest, "header broadcast")
         head += _bytes(rest)
     try:
@@ -185,16 +187,14 @@ def _agree(group: SideGroup, state: _GroupState, error: str | None, what: str) -
     per collective. The group stays usable after an agreed failure.
     """
     state.flag.fill_(1 if error else 0)
-    group.wait(dist.all_reduce(state.flag, group=group.pg, async_op=True), f"status all_reduce ({what})")
+    group.wait(dist.all_reduce(state.flag, group=group.control, async_op=True), f"status all_reduce ({what})")
     if int(state.flag.item()) == 0:
         return
     rows = torch.zeros(group.size(), MESSAGE_BYTES, dtype=torch.uint8)
     if error:
         raw = error.encode()[:MESSAGE_BYTES]
         rows[group.rank(), : len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    rows = rows.to(group.device)
-    group.wait(dist.all_reduce(rows, group=group.pg, async_op=True), f"error all_reduce ({what})")
-    rows = rows.cpu()
+    group.wait(dist.all_reduce(rows, group=group.control, async_op=True), f"error all_reduce ({what})")
     parts = []
     for rank in range(group.size()):
         text = _bytes(rows[rank]).rstrip(b"\0").decode(errors="replace")
@@ -255,7 +255,7 @@ def send_update(
 
     stash: dict[int, torch.Tensor] = {}
     pending: list[tuple[list, Any] | None] = [None] * num_buffers
-    direct_min = max(DIRECT_MIN_BYTES, buffer_size // 64)
+    direct_min = max(DIRECT_MIN_BYTES, buffer_size // DIRECT_BUFFER_FRACTION)
     totals = {"tensors": 0, "bytes": 0}
 
     def specs() -> Iterator[TensorSpec]:
@@ -274,7 +274,7 @@ def send_update(
             works, _keepalive = pending[b]
             pending[b] = None
             for work in works:
-                group.wait(work, f"payload broadcast of update {update_id}")
+                group.wait(work, f"payload broadcast of update {update_id}", data=True)
 
     def flush(bucket: int, slots: list[Slot], payload: torch.Tensor | None, direct: dict[int, torch.Tensor]) -> None:
         b = bucket % num_buffers
@@ -304,7 +304,7 @@ def send_update(
                 b = bucket % num_buffers
                 drain(b)
                 if packed:
-                    device = group.device if group.backend_name == "nccl" else stash[slot.index].device
+                    device = group.data_device or stash[slot.index].device
                     state.prepare(device, buffer_size, num_buffers)
             tensor = stash[slot.index]
             if not slot.is_whole and slot.start == 0:
@@ -312,7 +312,8 @@ def send_update(
             if packed:
                 payload = state.buffer(b, slot.end, keep=slots[-1].end if slots else 0)
                 if (not checksum and slot.is_whole and slot.length >= direct_min
-                        and tensor.is_contiguous() and tensor.device == payload.device):  # fmt: skip
+                        and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg()
+                        and tensor.device == payload.device):  # fmt: skip
                     direct[len(slots)] = tensor_bytes(tensor)
                     slots.append(slot)
                     del stash[slot.index]
@@ -324,8 +325,8 @@ def send_update(
                     pack_slot(payload, slot, tensor)
             else:
                 payload = tensor_bytes(tensor)
-                if group.backend_name == "nccl" and payload.device.type != "cuda":
-                    payload = payload.to(group.device)
+                if group.data_device is not None and payload.device != group.data_device:
+                    payload = payload.to(group.data_device)
             slots.append(slot)
             if slot.is_last:
                 del stash[slot.index]
@@ -475,7 +476,7 @@ def receive_update(
     def load(entry: tuple[BucketHeader, list, torch.Tensor, int]) -> None:
         header, works, payload, total = entry
         for work in works:
-            group.wait(work, f"payload broadcast of update {update_id}")
+            group.wait(work, f"payload broadcast of update {update_id}", data=True)
         if failure:
             return
         if header.checksum is not None and _checksum(payload[:total]) != header.checksum:
@@ -553,7 +554,7 @@ def receive_update(
         with contextlib.suppress(Exception):
             while pending:
                 for work in pending.popleft()[1]:
-                    group.wait(work, "payload broadcast")
+                    group.wait(work, "payload broadcast", data=True)
         raise
     return TransferStats(update_id, assembler.next_index, assembler.num_bytes, time.perf_counter() - start_time)
 

@@ -23,7 +23,17 @@ import struct
 from typing import Any
 
 from .errors import TransferError
-from .packing import MAX_NDIM, MAX_SLOTS_PER_BUCKET, Slot, TensorSpec, dtype_name, parse_dtype
+from .config import MAX_NUM_BUFFERS
+from .packing import (
+    ALIGNMENT,
+    MAX_NAME_CHARS,
+    MAX_NDIM,
+    MAX_SLOTS_PER_BUCKET,
+    Slot,
+    TensorSpec,
+    dtype_name,
+    parse_dtype,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -43,7 +53,6 @@ _PREFIX = struct.Struct("<4sHBBI")
 PREFIX_BYTES = _PREFIX.size
 MAX_FRAME_BYTES = 64 << 20
 """Cap on one control frame; a larger declared size is rejected before allocating."""
-MAX_NAME_CHARS = 4096
 _MAX_INT = 1 << 62
 
 _BEGIN, _BUCKET, _END, _ABORT = 1, 2, 3, 4
@@ -198,8 +207,8 @@ def decode(frame: bytes) -> Message:
         return Begin(
             update_id=_int(body, "update_id"),
             packed=_bool(body, "packed"),
-            buffer_size=_int(body, "buffer_size", lo=1),
-            num_buffers=_int(body, "num_buffers", lo=1, hi=1024),
+            buffer_size=_int(body, "buffer_size", lo=ALIGNMENT),
+            num_buffers=_int(body, "num_buffers", lo=1, hi=MAX_NUM_BUFFERS),
             num_tensors=_int(body, "num_tensors", none_ok=True),
             checksum=_bool(body, "checksum"),
         )
@@ -210,7 +219,7 @@ def decode(frame: bytes) -> Message:
             raise TransferError("header field 'slots' is not a list of at most "
                                 f"{MAX_SLOTS_PER_BUCKET} slot records")
         slots = tuple(_decode_slot(index, row) for row in rows)
-        direct = body.get("direct")
+        direct = body.get("direct", [])
         if not isinstance(direct, list) or len(direct) > len(slots):
             raise TransferError(f"header field 'direct' is {direct!r:.200}, expected a list of slot positions")
         for i, pos in enumerate(direct):
