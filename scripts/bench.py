@@ -12,8 +12,11 @@ Modes, each on the same group in the same run:
   per-tensor one raw dist.broadcast per tensor, the receiver allocating each
              tensor (the seed's one-by-one path).
 Every timed phase ends with a one-element all_reduce so the clock covers
-delivery, not the sender's enqueue. Reports the median over --repeats after
-one warm-up, GB/s, the ratio to flat, and peak extra memory per rank.
+delivery, not the sender's enqueue. Each mode runs back to back with the flat
+broadcast, round after round (one warm-up round first); the ratio to flat is
+the median of the per-round ratios, so drift of the machine cancels. Reports
+median time, GB/s, that ratio, and peak extra memory over all rounds of the
+mode, buffers included (sender, and the largest over receivers).
 """
 
 from __future__ import annotations
@@ -169,57 +172,65 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any) -> None:
         engine.init_transfer_engine(NCCLWeightTransferInitInfo("127.0.0.1", port, 1, world))
         pg = engine.model_update_group
     results = []
-    plan = configs(args)
-    cache: dict[str, list] = {}
-    for i, cfg in enumerate(plan):
-        specs = layout(cfg["layout"], args.total_mib)
+    for lay in args.layouts:
+        specs = layout(lay, args.total_mib)
         total = sum(_nbytes(s) for s in specs)
-        if rank == 0:
-            if cfg["layout"] not in cache:
-                cache.clear()
-                cache[cfg["layout"]] = make_tensors(specs, device)
-            tensors = cache[cfg["layout"]]
-            print(f"[{i + 1}/{len(plan)}] {cfg}", file=sys.stderr, flush=True)
-        times = []
-        # The floor's buffer exists before the clock starts, as packed buffers do after warm-up.
-        flat = torch.empty(total, dtype=torch.uint8, device=device) if cfg["mode"] == "flat" else None
-        with PeakMemory(device) as mem:
-            for rep in range(args.repeats + 1):
-                _sync(pg, device)
-                start = time.perf_counter()
-                if cfg["mode"] == "flat":
-                    dist.broadcast(flat, group=pg, group_src=0)
-                elif cfg["mode"] == "packed":
-                    kwargs = dict(packed_buffer_size_bytes=cfg["buffer_mib"] * MiB, packed_num_buffers=cfg["num_buffers"])
-                    if rank == 0:
-                        NCCLWeightTransferEngine.trainer_send_weights(iter(tensors), pg, packed=True, **kwargs)
-                    else:
-                        engine.receive_weights(None, lambda batch: None)
+        tensors = make_tensors(specs, device) if rank == 0 else []
+        by_name = dict(tensors)
+        flat = torch.empty(total, dtype=torch.uint8, device=device)  # the floor's buffer exists up front
+
+        def run_once(cfg: dict) -> float:
+            _sync(pg, device)
+            start = time.perf_counter()
+            if cfg["mode"] == "flat":
+                dist.broadcast(flat, group=pg, group_src=0)
+            elif cfg["mode"] == "packed":
+                kwargs = dict(packed_buffer_size_bytes=cfg["buffer_mib"] * MiB, packed_num_buffers=cfg["num_buffers"])
+                if rank == 0:
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(tensors), pg, packed=True, **kwargs)
                 else:
-                    for name, shape, dtype in specs:
-                        t = tensors_by_index(cache, cfg, name) if rank == 0 else torch.empty(shape, dtype=dtype, device=device)
-                        dist.broadcast(t, group=pg, group_src=0)
-                        del t
-                _sync(pg, device)
-                if rep:
-                    times.append(time.perf_counter() - start)
+                    engine.receive_weights(None, lambda batch: None)
+            else:
+                for name, shape, dtype in specs:
+                    t = by_name[name] if rank == 0 else torch.empty(shape, dtype=dtype, device=device)
+                    dist.broadcast(t, group=pg, group_src=0)
+                    del t
+            _sync(pg, device)
+            return time.perf_counter() - start
+
+        # Each mode runs in rounds back to back with the floor, so the machine's
+        # drift hits both alike; the ratio is the median of per-round ratios.
+        # Round 0 is the warm-up.
+        modes = [cfg for cfg in configs(args) if cfg["layout"] == lay and cfg["mode"] != "flat"]
+        flat_all: list[float] = []
+        for n, cfg in enumerate(modes):
+            if rank == 0:
+                print(f"[{lay} {n + 1}/{len(modes)}] {cfg}", file=sys.stderr, flush=True)
+            times, ratios = [], []
+            # Peak over every round, from before the first: includes the buffers' allocation.
+            with PeakMemory(device) as mem:
+                for rnd in range(args.repeats + 1):
+                    t_flat = run_once({"mode": "flat"})
+                    t_mode = run_once(cfg)
+                    if rnd:
+                        times.append(t_mode)
+                        flat_all.append(t_flat)
+                        ratios.append(t_flat / t_mode)
+            peak = mem.peak
+            med = statistics.median(times)
+            results.append({**cfg, "rank": rank, "bytes": total, "tensors": len(specs), "seconds": med,
+                            "gb_per_s": total / med / 1e9, "ratio_to_flat": statistics.median(ratios),
+                            "peak_extra_bytes": peak})  # fmt: skip
+        med = statistics.median(flat_all)
+        results.append({"layout": lay, "mode": "flat", "rank": rank, "bytes": total, "tensors": len(specs),
+                        "seconds": med, "gb_per_s": total / med / 1e9, "ratio_to_flat": 1.0,
+                        "peak_extra_bytes": 0})  # fmt: skip
         del flat
-        med = statistics.median(times)
-        results.append({**cfg, "rank": rank, "bytes": total, "tensors": len(specs), "seconds": med,
-                        "gb_per_s": total / med / 1e9, "peak_extra_bytes": mem.peak})  # fmt: skip
     if rank == 0:
         destroy_side_group(pg)
     else:
         engine.shutdown()
     out.put(results)
-
-
-def tensors_by_index(cache: dict, cfg: dict, name: str) -> torch.Tensor:
-    index = cache.setdefault("_index", {})
-    if cfg["layout"] not in index:
-        index.clear()
-        index[cfg["layout"]] = dict(cache[cfg["layout"]])
-    return index[cfg["layout"]][name]
 
 
 def run_distributed(args: argparse.Namespace) -> list[dict]:
@@ -246,19 +257,18 @@ def run_distributed(args: argparse.Namespace) -> list[dict]:
 
 
 def summarize(results: list[dict]) -> list[dict]:
-    """One row per config: rank 0's time, max peak over workers, ratio to flat."""
+    """One row per config: rank 0's time and ratio to flat, the largest peak over workers."""
     rows: dict[tuple, dict] = {}
     for r in results:
         key = (r["layout"], r["mode"], r.get("buffer_mib"), r.get("num_buffers"))
         row = rows.setdefault(key, {k: v for k, v in r.items() if k not in ("rank", "peak_extra_bytes")})
         if r["rank"] == 0:
-            row.update(seconds=r["seconds"], gb_per_s=r["gb_per_s"], sender_peak_bytes=r["peak_extra_bytes"])
+            row.update(seconds=r["seconds"], gb_per_s=r["gb_per_s"], ratio_to_flat=r["ratio_to_flat"],
+                       sender_peak_bytes=r["peak_extra_bytes"])
         else:
             row["receiver_peak_bytes"] = max(row.get("receiver_peak_bytes", 0), r["peak_extra_bytes"])
-    flat = {k[0]: v["gb_per_s"] for k, v in rows.items() if k[1] == "flat"}
-    for (lay, *_), row in rows.items():
-        row["ratio_to_flat"] = row["gb_per_s"] / flat[lay] if lay in flat else None
-    return list(rows.values())
+    return sorted(rows.values(), key=lambda r: (r["layout"], r["mode"] != "flat", r["mode"], r.get("buffer_mib") or 0,
+                                                r.get("num_buffers") or 0))
 
 
 def print_table(rows: list[dict]) -> None:
