@@ -177,7 +177,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any) -> None:
         total = sum(_nbytes(s) for s in specs)
         tensors = make_tensors(specs, device) if rank == 0 else []
         by_name = dict(tensors)
-        flat = torch.empty(total, dtype=torch.uint8, device=device)  # the floor's buffer exists up front
+        flat = torch.zeros(total, dtype=torch.uint8, device=device)  # the floor's buffer exists (touched) up front
 
         def run_once(cfg: dict) -> float:
             _sync(pg, device)

@@ -75,6 +75,7 @@ class _GroupState:
         self.flag = torch.zeros(1, dtype=torch.int64)
         self.buffers: list[torch.Tensor] = []
         self.buffer_key: tuple | None = None
+        self.assembly = torch.empty(0, dtype=torch.uint8)  # a receiver's split tensor in hand
         self.streams: list[Any] = []
 
     def prepare(self, device: torch.device, buffer_size: int, num_buffers: int) -> None:
@@ -365,16 +366,21 @@ class _Assembler:
     """Turns received slots into (name, tensor) pairs, validating in-band metadata.
 
     Whole tensors are views into the receive buffer; a split tensor is
-    reassembled into a tensor of its own (the one tensor in hand).
+    reassembled in the group's assembly buffer (the one tensor in hand), kept
+    across updates and grown to the largest split tensor, so it is also only
+    valid during the ``load_weights`` call.
     """
 
-    def __init__(self, update_info: NCCLWeightTransferUpdateInfo | None, buffer_size: int | None) -> None:
+    def __init__(
+        self, update_info: NCCLWeightTransferUpdateInfo | None, buffer_size: int | None, state: _GroupState
+    ) -> None:
+        self.state = state
         self.buffer_size = buffer_size
         self.expected = iter(plan_slots(update_info.specs, buffer_size)) if update_info is not None else None
         self.expected_count = len(update_info.names) if update_info is not None else None
         self.next_index = 0
         self.partial: tuple[Slot, torch.Tensor | None] | None = None
-        self.assembly: torch.Tensor | None = None
+        self.head: tuple[Slot, torch.Tensor] | None = None
         self.num_bytes = 0
 
     def check(self, header: BucketHeader) -> None:
@@ -416,6 +422,18 @@ class _Assembler:
                 f"trainer sent {self.next_index} tensors, update_info lists {self.expected_count}"
             )
 
+    def after_load(self) -> None:
+        """Start the split tensor whose head arrived in the bucket just loaded."""
+        if self.head is None:
+            return
+        slot, raw = self.head
+        self.head = None
+        assembly = self.state.assembly
+        if assembly.numel() < slot.spec.nbytes or assembly.device != raw.device:
+            self.state.assembly = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            assembly = self.state.assembly = torch.empty(slot.spec.nbytes, dtype=torch.uint8, device=raw.device)
+        assembly[: slot.length].copy_(raw)
+
     def tensors(self, slots: tuple[Slot, ...], payload: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         out = []
         for slot in slots:
@@ -424,11 +442,16 @@ class _Assembler:
                 out.append((slot.spec.name, typed_view(raw, slot.spec)))
             else:
                 if slot.start == 0:
-                    self.assembly = torch.empty(slot.spec.nbytes, dtype=torch.uint8, device=payload.device)
-                self.assembly[slot.start : slot.start + slot.length].copy_(raw)
-                if slot.is_last:
-                    out.append((slot.spec.name, typed_view(self.assembly, slot.spec)))
-                    self.assembly = None
+                    # A split tensor's head is the last slot of its bucket, and the
+                    # tail of the previous split tensor may sit at the start of the
+                    # same bucket, still being read by load_weights: copy the head
+                    # only after that call (after_load).
+                    self.head = (slot, raw)
+                else:
+                    assembly = self.state.assembly
+                    assembly[slot.start : slot.start + slot.length].copy_(raw)
+                    if slot.is_last:
+                        out.append((slot.spec.name, typed_view(assembly[: slot.spec.nbytes], slot.spec)))
             if slot.is_last:
                 self.num_bytes += slot.spec.nbytes
         return out
@@ -467,7 +490,7 @@ def receive_update(
     buffer_size = begin.buffer_size if begin.packed else None
     if begin.packed:
         state.prepare(device, begin.buffer_size, num_buffers)
-    assembler = _Assembler(update_info, buffer_size)
+    assembler = _Assembler(update_info, buffer_size, state)
     pending: collections.deque = collections.deque()
     staged: list[tuple[str, torch.Tensor]] = []
     failure: list[str] = []
@@ -484,16 +507,15 @@ def receive_update(
             failure.append(f"checksum mismatch in bucket {header.index} on {where} (tensors {names})")
             return
         tensors = assembler.tensors(header.slots, payload)
-        if not tensors:
-            return
-        if atomic:
+        if tensors and atomic:
             staged.extend((name, t.clone()) for name, t in tensors)
-            return
-        progress.loads_started = True
-        try:
-            load_weights(tensors)
-        except Exception as e:
-            failure.append(f"load_weights raised on {where} in bucket {header.index}: {type(e).__name__}: {e}")
+        elif tensors:
+            progress.loads_started = True
+            try:
+                load_weights(tensors)
+            except Exception as e:
+                failure.append(f"load_weights raised on {where} in bucket {header.index}: {type(e).__name__}: {e}")
+        assembler.after_load()
 
     try:
         while True:
