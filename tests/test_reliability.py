@@ -232,6 +232,11 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def _native_threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
@@ -254,13 +259,16 @@ def test_init_shutdown_50_times_leaks_nothing():
     cycle(free_port())  # warm up lazily created torch state
     import gc
 
+    cycle(free_port())
     gc.collect()
-    fds, threads = _fds(), _native_threads()
+    fds, threads, rss = _fds(), _native_threads(), _rss()
     for _ in range(50):
         cycle(free_port())
     gc.collect()
     assert _fds() <= fds + 2, (fds, _fds())
     assert _native_threads() <= threads + 2, (threads, _native_threads())
+    # Each cycle allocates new buffers and Gloo state; 50 cycles must not keep them.
+    assert _rss() - rss < 32 << 20, (rss, _rss())
 
 
 def test_two_side_groups_coexist_in_one_process():
