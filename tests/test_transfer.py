@@ -654,12 +654,9 @@ def test_receive_buffers_are_reused_across_updates(buf, model):
         assert 1 <= len(storages[0]) <= 2  # num_buffers (2) buffers at most
 
 
-# -- known bugs (strict xfail: they start passing when fixed) --------------------------------------------
+# -- regressions: a TransferError from the source, long names in agreed errors --------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="send_update re-raises a TransferError that comes from the source without "
-                   "sending ABORT: the workers stay inside the update, misread the next BEGIN as a bucket header, "
-                   "so the next (correct) update fails too and the group then times out")  # fmt: skip
 def test_source_raising_transfer_error_aborts_like_any_other_source_error():
     world = 3
 
@@ -691,8 +688,6 @@ def test_source_raising_transfer_error_aborts_like_any_other_source_error():
         assert_same(values[rank], simple(1), f"rank {rank}")
 
 
-@pytest.mark.xfail(strict=True, reason="each rank's part of an agreed error is cut to MESSAGE_BYTES (1024) bytes, "
-                   "so a mismatch of long (legal, up to 4096 chars) names loses the update_info side")  # fmt: skip
 def test_mismatch_of_long_names_still_names_both_values():
     world = 2
     sent_name, expected_name = "model.layers." + "a" * 600, "model.layers." + "b" * 600

@@ -49,8 +49,9 @@ __all__ = ["send_update", "receive_update", "ReceiveProgress"]
 
 INLINE_FRAME_BYTES = 4096
 """Bytes of every header broadcast in one go; longer headers take a second broadcast."""
-MESSAGE_BYTES = 1024
-"""Bytes of each rank's error message in a failed ``agree``."""
+MESSAGE_BYTES = 64 << 10
+"""Most bytes of one rank's error message in a failed ``agree`` (enough for
+two descriptions with the longest names)."""
 _MIN_BUFFER_BYTES = 1 << 20
 DIRECT_MIN_BYTES = 1 << 20
 DIRECT_BUFFER_FRACTION = 8
@@ -72,7 +73,7 @@ class _GroupState:
         self.group = group
         self.next_update_id = 0
         self.frame = torch.empty(INLINE_FRAME_BYTES, dtype=torch.uint8)
-        self.flag = torch.zeros(1, dtype=torch.int64)
+        self.flag = torch.zeros(group.size(), dtype=torch.int64)
         self.buffers: list[torch.Tensor] = []
         self.buffer_key: tuple | None = None
         self.assembly = torch.empty(0, dtype=torch.uint8)  # a receiver's split tensor in hand
@@ -187,20 +188,25 @@ def _agree(group: SideGroup, state: _GroupState, error: str | None, what: str) -
     Called by every rank of the group together; blocks at most ``timeout_s``
     per collective. The group stays usable after an agreed failure.
     """
-    state.flag.fill_(1 if error else 0)
+    # One int64 per rank: the byte length of its message (0 when it is fine).
+    raw = error.encode()[:MESSAGE_BYTES] if error else b""
+    state.flag.zero_()
+    state.flag[group.rank()] = len(raw) or (1 if error else 0)
     group.wait(dist.all_reduce(state.flag, group=group.control, async_op=True), f"status all_reduce ({what})")
-    if int(state.flag.item()) == 0:
+    lengths = state.flag.tolist()
+    if not any(lengths):
         return
-    rows = torch.zeros(group.size(), MESSAGE_BYTES, dtype=torch.uint8)
-    if error:
-        raw = error.encode()[:MESSAGE_BYTES]
-        rows[group.rank(), : len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    group.wait(dist.all_reduce(rows, group=group.control, async_op=True), f"error all_reduce ({what})")
+    # Only on failure: each failing rank broadcasts its message, whole.
     parts = []
-    for rank in range(group.size()):
-        text = _bytes(rows[rank]).rstrip(b"\0").decode(errors="replace")
-        if text:
-            parts.append(f"[rank {rank}] {text}")
+    for rank, length in enumerate(lengths):
+        if not length:
+            continue
+        if rank == group.rank():
+            text = torch.frombuffer(bytearray(raw.ljust(length, b"?")), dtype=torch.uint8)
+        else:
+            text = torch.empty(min(length, MESSAGE_BYTES), dtype=torch.uint8)
+        group.wait(dist.broadcast(text, group=group.control, group_src=rank, async_op=True), f"error broadcast ({what})")
+        parts.append(f"[rank {rank}] {_bytes(text).decode(errors='replace')}")
     raise TransferError(f"{what} failed: " + "; ".join(parts))
 
 
@@ -260,10 +266,8 @@ def send_update(
     totals = {"tensors": 0, "bytes": 0}
 
     def specs() -> Iterator[TensorSpec]:
-        for item in items:
-            if not isinstance(item, tuple) or len(item) != 2:
-                raise ValueError(f"expected (name, tensor) pairs, got {type(item).__name__}: {item!r:.100}")
-            tensor = post_iter_func(item) if post_iter_func is not None else item[1]
+        for item in _source(items, post_iter_func):
+            tensor = item[1]
             spec = TensorSpec.of(item[0], tensor)
             stash[totals["tensors"]] = tensor
             totals["tensors"] += 1
@@ -335,9 +339,9 @@ def send_update(
             flush(bucket, slots, payload, direct)
         for b in range(num_buffers):
             drain(b)
-    except TransferError:
-        raise
     except BaseException as e:
+        if isinstance(e, TransferError) and not getattr(e, "from_source", False):
+            raise  # a protocol failure: every rank already knows, or the group is gone
         with contextlib.suppress(Exception):
             for b in range(num_buffers):
                 drain(b)
@@ -348,6 +352,20 @@ def send_update(
     _agree(group, state, None, f"update {update_id} (end)")
     _agree(group, state, None, f"update {update_id} (apply)")
     return TransferStats(update_id, totals["tensors"], totals["bytes"], time.perf_counter() - start_time)
+
+
+def _source(items: Iterable[Any], post_iter_func: Callable | None) -> Iterator[tuple[str, Any]]:
+    """The caller's pairs, transformed; an exception raised by the caller's code
+    (even a TransferError from a relayed group) is tagged so that send_update
+    aborts the update for everyone instead of mistaking it for its own."""
+    try:
+        for item in items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise ValueError(f"expected (name, tensor) pairs, got {type(item).__name__}: {item!r:.100}")
+            yield (item[0], post_iter_func(item) if post_iter_func is not None else item[1])
+    except TransferError as e:
+        e.from_source = True
+        raise
 
 
 # -- receiver ---------------------------------------------------------------------------
