@@ -225,7 +225,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any) -> None:
         results.append({"layout": lay, "mode": "flat", "rank": rank, "bytes": total, "tensors": len(specs),
                         "seconds": med, "gb_per_s": total / med / 1e9, "ratio_to_flat": 1.0,
                         "peak_extra_bytes": 0})  # fmt: skip
-        del flat
+        flat = None  # free the floor's buffer before the next layout
     if rank == 0:
         destroy_side_group(pg)
     else:

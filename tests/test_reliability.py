@@ -343,15 +343,15 @@ def test_token_checked_before_any_payload(tokens):
 
 
 def test_checksum_mismatch_names_the_bucket_tensors(monkeypatch):
-    import torchxfer.pipeline as pipeline
+    import torchxfer.control as control
 
-    real = pipeline._checksum
+    real = control.checksum
 
     def corrupt_on_worker_2(data: torch.Tensor) -> int:
         value = real(data)
         return value + 1 if threading.current_thread().name == "rank2" else value
 
-    monkeypatch.setattr(pipeline, "_checksum", corrupt_on_worker_2)
+    monkeypatch.setattr(control, "checksum", corrupt_on_worker_2)
     port = free_port()
 
     def body(rank: int) -> object:
@@ -362,7 +362,7 @@ def test_checksum_mismatch_names_the_bucket_tensors(monkeypatch):
                     iter(_model(7, 3)), group, packed=True, checksum=True, packed_buffer_size_bytes=BUF
                 )
             # The group stays usable: the next update (without the bad rank's check) succeeds.
-            monkeypatch.setattr(pipeline, "_checksum", real)
+            monkeypatch.setattr(control, "checksum", real)
             NCCLWeightTransferEngine.trainer_send_weights(iter(_model(8, 3)), group, packed=True, checksum=True)
             destroy_side_group(group)
             return str(err.value)

@@ -18,7 +18,6 @@ reused, so memory after many updates equals memory after one.
 from __future__ import annotations
 
 import collections
-import ctypes
 import contextlib
 import dataclasses
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import control
 from .config import NCCLWeightTransferUpdateInfo, TransferStats
 from .errors import TransferError
 from .group import SideGroup, side_group
@@ -43,15 +43,10 @@ from .packing import (
     tensor_bytes,
     typed_view,
 )
-from .wire import PREFIX_BYTES, Abort, Begin, BucketHeader, End, decode, encode, frame_length
+from .wire import Abort, Begin, BucketHeader, End, encode
 
 __all__ = ["send_update", "receive_update", "ReceiveProgress"]
 
-INLINE_FRAME_BYTES = 4096
-"""Bytes of every header broadcast in one go; longer headers take a second broadcast."""
-MESSAGE_BYTES = 64 << 10
-"""Most bytes of one rank's error message in a failed ``agree`` (enough for
-two descriptions with the longest names)."""
 _MIN_BUFFER_BYTES = 1 << 20
 DIRECT_MIN_BYTES = 1 << 20
 DIRECT_BUFFER_FRACTION = 8
@@ -72,8 +67,7 @@ class _GroupState:
     def __init__(self, group: SideGroup) -> None:
         self.group = group
         self.next_update_id = 0
-        self.frame = torch.empty(INLINE_FRAME_BYTES, dtype=torch.uint8)
-        self.flag = torch.zeros(group.size(), dtype=torch.int64)
+        self.control = control.ControlChannel(group)
         self.buffers: list[torch.Tensor] = []
         self.buffer_key: tuple | None = None
         self.assembly = torch.empty(0, dtype=torch.uint8)  # a receiver's split tensor in hand
@@ -138,90 +132,6 @@ def _state(group: SideGroup) -> _GroupState:
 # -- control messages ---------------------------------------------------------------
 
 
-def _bytes(tensor: torch.Tensor) -> bytes:
-    """The bytes of a uint8 tensor, copied to host (numpy is not required)."""
-    host = tensor.contiguous().cpu()
-    return ctypes.string_at(host.data_ptr(), host.numel())
-
-
-def _broadcast(group: SideGroup, tensor: torch.Tensor, what: str) -> None:
-    try:
-        work = dist.broadcast(tensor, group=group.control, group_src=0, async_op=True)
-    except Exception as e:
-        group.mark_broken(f"{what}: {e}")
-        raise TransferError(f"{what} failed on rank {group.rank()}: {e}", broken=True) from e
-    group.wait(work, what)
-
-
-def _send_frame(group: SideGroup, state: _GroupState, frame: bytes) -> None:
-    head = frame[:INLINE_FRAME_BYTES]
-    state.frame[: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
-    _broadcast(group, state.frame, "header broadcast")
-    if len(frame) > INLINE_FRAME_BYTES:
-        rest = torch.frombuffer(bytearray(frame[INLINE_FRAME_BYTES:]), dtype=torch.uint8).clone()
-        _broadcast(group, rest, "header broadcast")
-
-
-def _recv_frame(group: SideGroup, state: _GroupState) -> Any:
-    """Receive and decode one header. A frame that does not decode is returned as the TransferError."""
-    _broadcast(group, state.frame, "header broadcast")
-    head = _bytes(state.frame)
-    try:
-        total = frame_length(head[:PREFIX_BYTES])
-    except TransferError as e:
-        # The rest of the frame (if any) cannot be sized, so the stream is lost.
-        group.mark_broken(str(e))
-        raise TransferError(f"rank {group.rank()} received a bad header: {e}", broken=True) from None
-    if total > INLINE_FRAME_BYTES:
-        rest = torch.empty(total - INLINE_FRAME_BYTES, dtype=torch.uint8)
-        _broadcast(group, rest, "header broadcast")
-        head += _bytes(rest)
-    try:
-        return decode(head[:total])
-    except TransferError as e:
-        return e
-
-
-def _agree(group: SideGroup, state: _GroupState, error: str | None, what: str) -> None:
-    """Every rank learns whether any rank failed; on failure all raise the same TransferError.
-
-    Called by every rank of the group together; blocks at most ``timeout_s``
-    per collective. The group stays usable after an agreed failure.
-    """
-    # One int64 per rank: the byte length of its message (0 when it is fine).
-    raw = error.encode()[:MESSAGE_BYTES] if error else b""
-    state.flag.zero_()
-    state.flag[group.rank()] = len(raw) or (1 if error else 0)
-    group.wait(dist.all_reduce(state.flag, group=group.control, async_op=True), f"status all_reduce ({what})")
-    lengths = state.flag.tolist()
-    if not any(lengths):
-        return
-    # Only on failure: each failing rank broadcasts its message, whole.
-    parts = []
-    for rank, length in enumerate(lengths):
-        if not length:
-            continue
-        if rank == group.rank():
-            text = torch.frombuffer(bytearray(raw.ljust(length, b"?")), dtype=torch.uint8)
-        else:
-            text = torch.empty(min(length, MESSAGE_BYTES), dtype=torch.uint8)
-        group.wait(dist.broadcast(text, group=group.control, group_src=rank, async_op=True), f"error broadcast ({what})")
-        parts.append(f"[rank {rank}] {_bytes(text).decode(errors='replace')}")
-    raise TransferError(f"{what} failed: " + "; ".join(parts))
-
-
-def _checksum(data: torch.Tensor) -> int:
-    """Position-sensitive checksum of a uint8 tensor, computed on its own device."""
-    n = data.numel()
-    words = data[: n - n % 4].view(torch.int32).to(torch.int64)
-    tail = data[n - n % 4 :].to(torch.int64)
-    prime = 2_147_483_647
-    blocks = torch.nn.functional.pad(words, (0, (-words.numel()) % 1024)).view(-1, 1024).sum(dim=1) % prime
-    weights = torch.arange(1, blocks.numel() + 1, dtype=torch.int64, device=data.device) % prime
-    total = (blocks * weights % prime).sum() + (tail * torch.arange(1, tail.numel() + 1, device=data.device)).sum()
-    return int(total.item()) * 8 + n % 8
-
-
 def _describe(slot: Slot) -> str:
     spec = slot.spec
     where = "" if slot.is_whole else f" bytes [{slot.start}, {slot.start + slot.length})"
@@ -257,8 +167,8 @@ def send_update(
     state.next_update_id += 1
     start_time = time.perf_counter()
     num_tensors = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
-    _send_frame(group, state, encode(Begin(update_id, packed, buffer_size, num_buffers, num_tensors, checksum)))
-    _agree(group, state, None, f"update {update_id} (begin)")
+    state.control.send_frame(encode(Begin(update_id, packed, buffer_size, num_buffers, num_tensors, checksum)))
+    state.control.agree(None, f"update {update_id} (begin)")
 
     stash: dict[int, torch.Tensor] = {}
     pending: list[tuple[list, Any] | None] = [None] * num_buffers
@@ -287,9 +197,9 @@ def send_update(
         digest = None
         if checksum and payload is not None:
             with state.side_stream(b):
-                digest = _checksum(payload[:total])
-        _send_frame(group, state, encode(BucketHeader(bucket, tuple(slots), digest, tuple(sorted(direct)))))
-        _agree(group, state, None, f"update {update_id} bucket {bucket}")
+                digest = control.checksum(payload[:total])
+        state.control.send_frame(encode(BucketHeader(bucket, tuple(slots), digest, tuple(sorted(direct)))))
+        state.control.agree(None, f"update {update_id} bucket {bucket}")
         works = []
         ctx = torch.cuda.stream(stream) if stream is not None and not packed else state.side_stream(b)
         with ctx:
@@ -346,11 +256,11 @@ def send_update(
             for b in range(num_buffers):
                 drain(b)
             reason = f"the trainer aborted update {update_id}: {type(e).__name__}: {e}"
-            _send_frame(group, state, encode(Abort(reason)))
+            state.control.send_frame(encode(Abort(reason)))
         raise
-    _send_frame(group, state, encode(End(totals["tensors"], totals["bytes"])))
-    _agree(group, state, None, f"update {update_id} (end)")
-    _agree(group, state, None, f"update {update_id} (apply)")
+    state.control.send_frame(encode(End(totals["tensors"], totals["bytes"])))
+    state.control.agree(None, f"update {update_id} (end)")
+    state.control.agree(None, f"update {update_id} (apply)")
     return TransferStats(update_id, totals["tensors"], totals["bytes"], time.perf_counter() - start_time)
 
 
@@ -496,14 +406,14 @@ def receive_update(
     group.check_usable()
     progress = progress if progress is not None else ReceiveProgress()
     state = _state(group)
-    begin = _recv_frame(group, state)
+    begin = state.control.recv_frame()
     start_time = time.perf_counter()
     if isinstance(begin, Abort):
         raise TransferError(begin.reason)
     error = _check_begin(begin, update_info)
     update_id = begin.update_id if isinstance(begin, Begin) else -1
     progress.update_id, progress.loads_started, progress.applied = update_id, False, False
-    _agree(group, state, error, f"update {update_id} (begin)")
+    state.control.agree(error, f"update {update_id} (begin)")
     num_buffers = begin.num_buffers
     buffer_size = begin.buffer_size if begin.packed else None
     if begin.packed:
@@ -520,7 +430,7 @@ def receive_update(
             group.wait(work, f"payload broadcast of update {update_id}", data=True)
         if failure:
             return
-        if header.checksum is not None and _checksum(payload[:total]) != header.checksum:
+        if header.checksum is not None and control.checksum(payload[:total]) != header.checksum:
             names = ", ".join(repr(s.spec.name) for s in header.slots)
             failure.append(f"checksum mismatch in bucket {header.index} on {where} (tensors {names})")
             return
@@ -537,7 +447,7 @@ def receive_update(
 
     try:
         while True:
-            msg = _recv_frame(group, state)
+            msg = state.control.recv_frame()
             if isinstance(msg, Abort):
                 raise TransferError(msg.reason)
             if isinstance(msg, End):
@@ -549,7 +459,7 @@ def receive_update(
                         assembler.finish(msg)
                     except TransferError as e:
                         error = str(e)
-                _agree(group, state, error, f"update {update_id} (end)")
+                state.control.agree(error, f"update {update_id} (end)")
                 error = None
                 if atomic:
                     progress.loads_started = True
@@ -559,7 +469,7 @@ def receive_update(
                         error = f"load_weights raised on {where} while applying update {update_id}: {e}"
                     staged.clear()
                 progress.applied = error is None
-                _agree(group, state, error, f"update {update_id} (apply)")
+                state.control.agree(error, f"update {update_id} (apply)")
                 break
             error = failure[0] if failure else None
             if error is None:
@@ -571,7 +481,7 @@ def receive_update(
                     assembler.check(msg)
                 except TransferError as e:
                     error = str(e)
-            _agree(group, state, error, f"update {update_id} bucket {getattr(msg, 'index', '?')}")
+            state.control.agree(error, f"update {update_id} bucket {getattr(msg, 'index', '?')}")
             total = max((s.end for s in msg.slots), default=0)
             if buffer_size is not None:
                 while len(pending) >= num_buffers:
