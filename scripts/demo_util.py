@@ -1,0 +1,87 @@
+"""Small helpers shared by the demo's processes: a JSON-over-HTTP client,
+bounded polling, free ports, and dying with one's parent.
+
+Standard library only (no torch), so the server's HTTP front stays light.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+__all__ = ["http_json", "wait_healthy", "free_port", "die_with_parent", "ADDR"]
+
+ADDR = "127.0.0.1"
+
+
+def http_json(method: str, url: str, body: Any = None, *, timeout: float = 30.0) -> tuple[int, Any]:
+    """One JSON request; returns ``(status, decoded body)`` for any HTTP status.
+
+    Raises OSError (URLError, timeouts) only when no HTTP answer came back.
+    """
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw or b"null")
+        except ValueError:
+            return e.code, {"error": raw.decode(errors="replace")}
+
+
+def wait_healthy(base_url: str, deadline_s: float, *, alive: Any = None) -> dict:
+    """Poll ``GET /health`` until it answers 200; TimeoutError after ``deadline_s``.
+
+    ``alive``, if given, is called between polls and should raise when the
+    server process is gone, so a crashed server fails fast instead of at the
+    deadline.
+    """
+    end = time.monotonic() + deadline_s
+    last: Any = None
+    while True:
+        try:
+            status, body = http_json("GET", base_url + "/health", timeout=5.0)
+            if status == 200:
+                return body
+            last = body
+        except OSError as e:
+            last = e
+        if alive is not None:
+            alive()
+        if time.monotonic() > end:
+            raise TimeoutError(f"{base_url} not healthy after {deadline_s:g} s; last answer: {last!r}")
+        time.sleep(0.1)  # polling interval, not synchronization
+
+
+def free_port(address: str = ADDR) -> int:
+    """A port that was free a moment ago (the caller must handle 'already in use')."""
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent exits, so a
+    killed launcher never leaves orphans. Safe to call in a ``preexec_fn``
+    (no allocation beyond ctypes' call). A no-op where prctl is missing."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)
