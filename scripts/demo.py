@@ -25,8 +25,8 @@ orphans.
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import atexit
+import faulthandler
 import os
 import signal
 import subprocess
@@ -40,7 +40,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from demo_util import ADDR, die_with_parent, http_json  # noqa: E402
+from demo_util import ADDR, exec_command, http_json
 
 NPROC = 2
 """Trainer ranks (torchrun --nproc-per-node)."""
@@ -91,13 +91,20 @@ class Launcher:
 
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.forwarders: dict[str, threading.Thread] = {}
         self.stopping = threading.Event()
 
     def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent)
+        proc = subprocess.Popen(exec_command(cmd), env=env, stderr=subprocess.PIPE, start_new_session=True)
         self.procs.append((name, proc))
-        threading.Thread(target=self._forward, args=(proc.stderr,), daemon=True, name=f"{name}-stderr").start()
+        forwarder = threading.Thread(target=self._forward, args=(proc.stderr,), daemon=True, name=f"{name}-stderr")
+        forwarder.start()
+        self.forwarders[name] = forwarder
         return proc
+
+    def drain(self, name: str, timeout_s: float = 5.0) -> None:
+        """Wait (bounded) until everything ``name``'s tree wrote to stderr is out."""
+        self.forwarders[name].join(timeout_s)
 
     def _forward(self, stream: Any) -> None:
         for line in iter(stream.readline, b""):
@@ -152,6 +159,8 @@ def main() -> int:
                           "--port-file", port_file, "--replicas", str(REPLICAS), *common, *tag]  # fmt: skip
             if worker_devices:
                 server_cmd += ["--worker-devices", worker_devices]
+            if args.corrupt_replica >= 0:
+                server_cmd += ["--corrupt-replica", str(args.corrupt_replica)]
             server = launcher.start("server", server_cmd, env)
             while not os.path.exists(port_file):
                 if server.poll() is not None:
@@ -182,6 +191,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 pass
         rc = trainer.returncode
+        launcher.drain("trainer")
         try:
             http_json("POST", url + "/shutdown", {}, timeout=5)
             server.wait(15)
@@ -213,6 +223,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="a client thread sends /generate during updates; every answer is checked")  # fmt: skip
     p.add_argument("--run-tag", default=f"demo-{uuid.uuid4().hex[:12]}", help=argparse.SUPPRESS)
+    # Test hook: this replica flips one bit of its weights after every update.
+    p.add_argument("--corrupt-replica", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.model = "tiny" if args.tiny else "small"
     if args.steps is None:

@@ -22,20 +22,20 @@ import math
 import os
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = [
-    "ModelConfig",
     "PRESETS",
+    "PROMPT",
     "DecoderLM",
+    "ModelConfig",
     "build_model",
+    "greedy_generate",
     "set_deterministic",
     "synthetic_batch",
-    "greedy_generate",
     "tensor_sha256",
     "weights_sha256",
-    "PROMPT",
 ]
 
 PROMPT = [3, 141, 59, 26, 5, 35, 89, 79]

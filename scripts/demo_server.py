@@ -9,7 +9,7 @@ Processes and who calls what:
   workers, talks to each over a socketpair (JSON messages; one request and
   one reply at a time, under that replica's lock), and never blocks its HTTP
   threads for longer than a bounded wait.
-* **Workers** (``--worker-index i``, started by the front): each holds a full
+* **Workers** (``demo_worker.py``, started by the front): each holds a full
   replica of the model on its device and an ``NCCLWeightTransferEngine``
   with ``ParallelConfig(data_parallel_rank=i, data_parallel_size=N)``, so its
   side-group rank is ``i + rank_offset``. A worker runs one command at a
@@ -20,10 +20,12 @@ Processes and who calls what:
 
 Why DP and not TP: a tensor-parallel split changes the shapes of the matrix
 products (and, with row-parallel layers, the order of the sums), and float
-results then differ from the trainer's unsplit forward in the last bits: on
-this CPU build a [T, 1024] x [1024, 128] product is not the left half of the
-[T, 1024] x [1024, 256] one for T >= 16. The demo's promise is a bit-exact
-match with the trainer, so each worker holds a whole replica.
+results then differ from the trainer's unsplit forward in the last bits. On
+this CPU build (torch 2.13, one thread) ``x @ W[:128].T`` is not bitwise the
+first half of ``x @ W.T`` for ``x`` of shape [T, 1024], ``W`` of [256, 1024]
+and T >= 16, even though every output element is the same dot product. The
+demo promises a bit-exact match with the trainer, so each worker holds a
+whole replica and requests are spread over replicas.
 
 HTTP API (JSON in and out):
 
@@ -73,7 +75,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from demo_util import die_with_parent  # noqa: E402
+from demo_util import die_with_parent
 
 GENERATE_DEADLINE_S = 120.0
 """Bound on one generate command in a worker (the model is small)."""
@@ -96,7 +98,7 @@ class Replica:
     replica dead (the channel is then out of step).
     """
 
-    def __init__(self, index: int, argv: list[str]) -> None:
+    def __init__(self, index: int, args: argparse.Namespace) -> None:
         self.index = index
         self.lock = threading.Lock()
         self.version: int | None = None
@@ -104,10 +106,14 @@ class Replica:
         self.dead: str | None = None
         self.info: dict = {}
         ours, theirs = socket.socketpair()
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), *argv, "--worker-index", str(index), "--fd", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-        )  # fmt: skip
+        devices = args.worker_devices.split(",") if args.worker_devices else [args.device]
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_worker.py"),
+               "--index", str(index), "--fd", str(theirs.fileno()), "--replicas", str(args.replicas),
+               "--model", args.model, "--device", devices[index % len(devices)], "--backend", args.backend,
+               "--timeout-s", str(args.timeout_s), "--seed", str(args.seed), "--run-tag", args.run_tag]  # fmt: skip
+        if index == args.corrupt_replica:
+            cmd.append("--corrupt")
+        self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()])
         theirs.close()
         self.conn = Connection(ours.detach())
 
@@ -174,7 +180,7 @@ class Front:
     updates versions, releases the locks and wakes the held requests.
     """
 
-    def __init__(self, args: argparse.Namespace, worker_argv: list[str]) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.hold_s = 2 * args.timeout_s + 30
         self.cond = threading.Condition()
@@ -182,7 +188,7 @@ class Front:
         self.side_state = "none"
         self.last_op: dict | None = None
         self.rr = itertools.count()
-        self.replicas = [Replica(i, worker_argv) for i in range(args.replicas)]
+        self.replicas = [Replica(i, args) for i in range(args.replicas)]
         self.ready = False
         threading.Thread(target=self._wait_ready, daemon=True, name="wait-ready").start()
 
@@ -390,7 +396,7 @@ class Handler(BaseHTTPRequestHandler):
             status, body = 500, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         self._answer(status, body)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         front = self.front
         self._dispatch({
             "/health": front.health,
@@ -399,7 +405,7 @@ class Handler(BaseHTTPRequestHandler):
                                                "updating": front.busy is not None}),
         })  # fmt: skip
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         front = self.front
         self._dispatch({
             "/generate": lambda: (200, front.generate(self._body())),
@@ -414,7 +420,7 @@ class Handler(BaseHTTPRequestHandler):
         return 200, {"status": "shutting down"}
 
 
-def run_front(args: argparse.Namespace, worker_argv: list[str]) -> int:
+def run_front(args: argparse.Namespace) -> int:
     """Main process: start the workers, serve HTTP until /shutdown or a signal, stop the workers."""
     die_with_parent()
 
@@ -427,7 +433,7 @@ def run_front(args: argparse.Namespace, worker_argv: list[str]) -> int:
     try:
         httpd = ThreadingHTTPServer((args.host, args.port), Handler)
         httpd.daemon_threads = True
-        front = Front(args, worker_argv)
+        front = Front(args)
         Handler.front = front
         Handler.shutdown_server = httpd.shutdown
         port = httpd.server_address[1]
@@ -447,105 +453,6 @@ def run_front(args: argparse.Namespace, worker_argv: list[str]) -> int:
             front.stop()
 
 
-# -- worker process --------------------------------------------------------------------------
-
-
-def run_worker(args: argparse.Namespace) -> int:
-    """One replica: a model, a transfer engine, and a loop over the front's commands."""
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front tears workers down
-    conn = Connection(args.fd)
-
-    def send(msg: dict) -> None:
-        conn.send_bytes(json.dumps(msg).encode())
-
-    try:
-        import torch
-
-        from demo_model import build_model, greedy_generate, set_deterministic, weights_sha256
-        from torchxfer import (NCCLWeightTransferEngine, ParallelConfig, TransferError,
-                               WeightTransferConfig)  # fmt: skip
-
-        devices = args.worker_devices.split(",") if args.worker_devices else [args.device]
-        device = torch.device(devices[args.worker_index % len(devices)])
-        set_deterministic(device)
-        model = build_model(args.model, device, seed=args.seed).eval().requires_grad_(False)
-        params = dict(model.named_parameters())
-        engine = NCCLWeightTransferEngine(
-            WeightTransferConfig(backend=args.backend, timeout_s=args.timeout_s, device=device),
-            ParallelConfig(data_parallel_rank=args.worker_index, rank=0, tensor_parallel_size=1,
-                           pipeline_parallel_size=1, data_parallel_size=args.replicas),
-        )  # fmt: skip
-    except Exception as e:  # noqa: BLE001 - reported to the front
-        send({"ready": False, "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"})
-        return 1
-    send({"ready": True, "device": str(device), "num_params": sum(p.numel() for p in params.values())})
-    complete = True  # every parameter came from one update (or the initial weights)
-    loaded: set[str] = set()
-
-    def load_weights(batch: list[tuple[str, torch.Tensor]]) -> None:
-        # The views live in the engine's reused receive buffer: copy now.
-        for name, view in batch:
-            param = params.get(name)
-            if param is None:
-                raise KeyError(f"the model has no parameter {name!r}")
-            if param.shape != view.shape or param.dtype != view.dtype:
-                raise ValueError(f"{name}: got {view.dtype} {list(view.shape)}, "
-                                 f"the model has {param.dtype} {list(param.shape)}")  # fmt: skip
-            param.copy_(view)
-            loaded.add(name)
-
-    while True:
-        try:
-            msg = json.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            break  # the front is gone
-        cmd = msg.get("cmd")
-        try:
-            if cmd == "exit":
-                break
-            if cmd == "init":
-                engine.init_transfer_engine(msg["info"])
-                send({"ok": True})
-            elif cmd == "receive":
-                loaded.clear()
-                try:
-                    stats = engine.receive_weights(None, load_weights)
-                except TransferError as e:
-                    if e.broken:
-                        engine.shutdown()
-                    send({"ok": False, "error": str(e), "torn": engine.torn or not complete,
-                          "broken": bool(e.broken), "version": engine.weights_version})  # fmt: skip
-                    continue
-                missing = sorted(set(params) - loaded)
-                complete = not missing
-                send({"ok": complete, "version": engine.weights_version, "torn": not complete,
-                      "num_tensors": stats.num_tensors, "num_bytes": stats.num_bytes, "seconds": stats.seconds,
-                      "error": f"the update left {len(missing)} parameters unchanged: {missing[:5]}" if missing else None})  # fmt: skip
-            elif cmd == "generate":
-                if engine.torn or not complete:
-                    send({"ok": False, "status": 503, "error": "torn weights: waiting for the next update"})
-                    continue
-                try:
-                    tokens, logits_sha = greedy_generate(model, msg["prompt"], msg["max_new_tokens"])
-                except ValueError as e:
-                    send({"ok": False, "status": 400, "error": str(e)})
-                    continue
-                out = {"ok": True, "tokens": tokens, "logits_sha256": logits_sha, "weights_version": engine.weights_version}
-                if msg.get("weights_digest"):
-                    out["weights_sha256"] = weights_sha256(model)
-                send(out)
-            elif cmd == "close":
-                engine.shutdown()
-                send({"ok": True})
-            else:
-                send({"ok": False, "error": f"unknown command {cmd!r}"})
-        except Exception as e:  # noqa: BLE001 - reported to the front
-            send({"ok": False, "error": f"{type(e).__name__}: {e}", "broken": engine.model_update_group is None})
-    engine.shutdown()
-    return 0
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
@@ -560,18 +467,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="seed of the initial (pre-update) weights")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
     p.add_argument("--run-tag", default="", help="opaque tag carried in every process's command line")
-    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--corrupt-replica", type=int, default=-1, help=argparse.SUPPRESS)  # test hook
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: print every thread's stack
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.worker_index is not None:
-        return run_worker(args)
-    return run_front(args, [a for a in argv if a != "--verbose"])
+    return run_front(parse_args(argv))
 
 
 if __name__ == "__main__":

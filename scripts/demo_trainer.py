@@ -37,19 +37,26 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from demo_util import die_with_parent, free_port, http_json, wait_healthy  # noqa: E402
+from demo_util import die_with_parent, free_port, http_json, wait_healthy
 
 # The launcher (torchrun's agent) may be killed without warning; go with it.
 die_with_parent()
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from demo_model import (
+    PRESETS,
+    PROMPT,
+    build_model,
+    greedy_generate,
+    set_deterministic,
+    synthetic_batch,
+    weights_sha256,
+)
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from demo_model import PRESETS, PROMPT, build_model, greedy_generate, set_deterministic, synthetic_batch  # noqa: E402
-from demo_model import weights_sha256  # noqa: E402
-from torchxfer import NCCLWeightTransferEngine, TransferError, destroy_side_group  # noqa: E402
+from torchxfer import NCCLWeightTransferEngine, TransferError, destroy_side_group
 
 
 class Probe(threading.Thread):

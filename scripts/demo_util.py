@@ -11,12 +11,13 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
-__all__ = ["http_json", "wait_healthy", "free_port", "die_with_parent", "ADDR"]
+__all__ = ["ADDR", "die_with_parent", "exec_command", "free_port", "http_json", "wait_healthy"]
 
 ADDR = "127.0.0.1"
 
@@ -75,8 +76,8 @@ _PR_SET_PDEATHSIG = 1
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask Linux to send ``sig`` to this process when its parent exits, so a
-    killed launcher never leaves orphans. Safe to call in a ``preexec_fn``
-    (no allocation beyond ctypes' call). A no-op where prctl is missing."""
+    killed launcher never leaves orphans. The setting survives ``exec``, which
+    :func:`exec_command` relies on. A no-op where prctl is missing."""
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -85,3 +86,20 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
         os.kill(os.getpid(), sig)
+
+
+def exec_command(cmd: list[str]) -> list[str]:
+    """``cmd`` wrapped so that it dies with the process that starts it.
+
+    ``subprocess.Popen(exec_command(cmd))`` runs this file, which calls
+    :func:`die_with_parent` and then execs ``cmd`` in place (same pid). This
+    replaces a ``preexec_fn``, which is unsafe in a parent that has threads.
+    """
+    return [sys.executable, os.path.abspath(__file__), "--exec", *cmd]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] != "--exec":
+        sys.exit("usage: demo_util.py --exec COMMAND [ARG...]")
+    die_with_parent()
+    os.execvp(sys.argv[2], sys.argv[2:])

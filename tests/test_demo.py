@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "scripts", "demo.py")
 DEADLINE_S = 120.0
 STEP_LINE = re.compile(r"^step (\d+)/(\d+)  loss \S+  version (\d+)  sent \S+ MB  sync \S+ s  \S+ GB/s  "
-                       r"server == trainer: (\S+)", re.M)  # fmt: skip
+                       r"server == trainer: (\S+)", re.MULTILINE)  # fmt: skip
 
 
 def tagged_pids(tag: str) -> list[int]:
@@ -126,9 +126,9 @@ def test_demo_tiny_server_matches_trainer_bit_for_bit() -> None:
     assert all(verdict == "bit-exact" for *_, verdict in steps), out
     # weights_version is the update id: 0 for the first update on the group.
     assert [int(v) for _, _, v, _ in steps] == [0, 1], out
-    assert re.search(r"^probe: \d+ concurrent /generate answers .*: every one bit-exact", out, re.M), out
+    assert re.search(r"^probe: \d+ concurrent /generate answers .*: every one bit-exact", out, re.MULTILINE), out
     assert "MISMATCH" not in out, out
-    assert re.search(r"^demo: OK in ", out, re.M), out
+    assert re.search(r"^demo: OK in ", out, re.MULTILINE), out
     assert_no_leftovers(demo.tag)
 
 
@@ -145,4 +145,23 @@ def test_demo_interrupted_mid_run_leaves_no_process() -> None:
         demo.kill()
     assert rc == 130, demo.output()
     assert "demo: interrupted" in demo.output()
+    assert_no_leftovers(demo.tag)
+
+
+@pytest.mark.process
+@pytest.mark.timeout(DEADLINE_S + 60)
+def test_demo_fails_when_a_replica_differs_by_one_bit() -> None:
+    # A test hook makes replica 1 flip the lowest bit of one weight after each update.
+    demo = Demo("--tiny", "--corrupt-replica", "1")
+    try:
+        rc = demo.wait()
+    finally:
+        demo.kill()
+    out = demo.output()
+    assert rc == 1, out
+    steps = STEP_LINE.findall(out)
+    assert [verdict for *_, verdict in steps] == ["MISMATCH"], out
+    assert re.search(r"^  mismatch: replica 1 weights sha256 ", out, re.MULTILINE), out
+    assert "replica 0" not in out, out
+    assert re.search(r"^demo: FAILED ", out, re.MULTILINE), out
     assert_no_leftovers(demo.tag)
