@@ -125,8 +125,7 @@ class Launcher:
                 proc.wait(grace_s)
                 return
             except subprocess.TimeoutExpired:
-                print(f"demo: {name} ignored {sig.name}", file=sys.stderr, flush=True)
-        proc.wait(5)
+                print(f"demo: {name} (pid {proc.pid}) ignored {sig.name} for {grace_s:g} s", file=sys.stderr, flush=True)
 
     def stop_all(self) -> None:
         self.stopping.set()

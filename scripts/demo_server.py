@@ -46,7 +46,8 @@ HTTP API (JSON in and out):
     once every worker has loaded the whole update (or failed).
 ``POST /generate`` ``{prompt: [ids], max_new_tokens, replica?, weights_digest?}``
     Greedy tokens, the sha256 of the logits' float bytes, the weights version
-    that produced them and how long the request was held by an update.
+    that produced them, the replica, how long the request waited and whether
+    an update finished while it waited (``held_by_update``).
     Never answered from a half-updated model: during an update it waits, and
     a replica left torn by a failed update answers 503 until the next
     update succeeds.
@@ -187,6 +188,8 @@ class Front:
         self.busy: str | None = None
         self.side_state = "none"
         self.last_op: dict | None = None
+        self.ops_done = 0
+        """Control operations finished; a request that sees it change while it waits was held by one."""
         self.rr = itertools.count()
         self.replicas = [Replica(i, args) for i in range(args.replicas)]
         self.ready = False
@@ -243,6 +246,7 @@ class Front:
             raise HTTPError(400, f"replica must be an int in [0, {len(self.replicas)})")
         start = time.monotonic()
         with self.cond:
+            ops_at_arrival = self.ops_done
             if not self.cond.wait_for(lambda: self.busy is None, timeout=self.hold_s):
                 raise HTTPError(503, f"held for {self.hold_s:g} s by {self.busy!r}; giving up")
             if want is None:
@@ -258,6 +262,7 @@ class Front:
             raise HTTPError(503, f"replica {replica.index} stayed busy for {self.hold_s:g} s")
         try:
             held = time.monotonic() - start
+            held_by = self.ops_done - ops_at_arrival
             if replica.dead:
                 raise HTTPError(503, replica.dead)
             if replica.torn:
@@ -270,7 +275,9 @@ class Front:
         if not out.get("ok"):
             raise HTTPError(out.get("status", 500), out.get("error", "generate failed"))
         out.pop("ok")
-        out.update(replica=replica.index, held_s=round(held, 6))
+        # held_s: time waited before running; held_by_update: an update (or
+        # another control operation) finished while this request waited.
+        out.update(replica=replica.index, held_s=round(held, 6), held_by_update=held_by > 0)
         return out
 
     # -- control operations --
@@ -299,8 +306,6 @@ class Front:
                 held.append(r)
                 if r.dead:
                     raise HTTPError(503, r.dead)
-            for r in self.replicas:
-                r.send(msg)
         except BaseException:
             for r in held:
                 r.lock.release()
@@ -308,15 +313,26 @@ class Front:
                 self.busy = None
                 self.cond.notify_all()
             raise
-        threading.Thread(target=self._finish, args=(op,), daemon=True, name=f"finish-{op}").start()
+        # From here on the replies are collected whatever happens, so that no
+        # reply is left in a channel for the next request to read.
+        sent = {}
+        for r in self.replicas:
+            try:
+                r.send(msg)
+                sent[r.index] = True
+            except OSError as e:
+                r.dead = f"worker {r.index}: cannot send {op!r}: {e}"
+        threading.Thread(target=self._finish, args=(op, sent), daemon=True, name=f"finish-{op}").start()
+        if len(sent) < len(self.replicas):
+            raise HTTPError(503, "; ".join(r.dead for r in self.replicas if r.index not in sent and r.dead))
         return {"status": "started", "op": op}
 
-    def _finish(self, op: str) -> None:
+    def _finish(self, op: str, sent: dict[int, bool]) -> None:
         deadline = 2 * self.args.timeout_s + 30
         results = []
         for r in self.replicas:
             try:
-                res = r.reply(deadline)
+                res = r.reply(deadline) if r.index in sent else {"ok": False, "error": r.dead}
             except HTTPError as e:
                 res = {"ok": False, "error": str(e)}
             results.append(res)
@@ -332,6 +348,7 @@ class Front:
                 self.side_state = "none" if not errors else "error: " + "; ".join(errors)
             self.last_op = {"op": op, "ok": not errors, "errors": errors,
                             "versions": [r.version for r in self.replicas]}  # fmt: skip
+            self.ops_done += 1
             for r in self.replicas:
                 r.lock.release()
             self.busy = None
@@ -392,8 +409,9 @@ class Handler(BaseHTTPRequestHandler):
             status, body = route()
         except HTTPError as e:
             status, body = e.status, {"error": str(e)}
-        except Exception as e:  # noqa: BLE001 - reported to the client
-            status, body = 500, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        except Exception as e:  # noqa: BLE001 - reported to the client, the traceback to our log
+            traceback.print_exc()
+            status, body = 500, {"error": f"{type(e).__name__}: {e}"}
         self._answer(status, body)
 
     def do_GET(self) -> None:
