@@ -2,9 +2,11 @@
 step to a custom inference server, and the server's answers must match the
 trainer's own forward pass bit for bit.
 
-    python scripts/demo.py                     # CPU, gloo, 5 steps, about a minute on 2 cores
-    python scripts/demo.py --tiny              # much smaller model, 2 steps (CI)
-    python scripts/demo.py --device cuda       # GPUs, NCCL (trainer on cuda:0,1; workers on the next GPUs)
+    python scripts/demo.py                     # CPU, gloo, 5 steps: about 10 s on 2 cores
+    python scripts/demo.py --tiny              # much smaller model, 2 steps (CI): about 7 s
+    python scripts/demo.py --device cuda       # GPUs, NCCL: trainer on cuda:0,1, workers on cuda:2,3
+                                               # (3 GPUs: cuda:1,2); needs 3 GPUs or more
+    python scripts/demo.py --device cuda --backend gloo   # any number of GPUs, shared
 
 This launcher starts, each in its own process group (session):
 
@@ -20,6 +22,13 @@ SIGINT or SIGTERM it stops both process trees: SIGTERM to each group, then
 SIGKILL after a grace period. Every child also asks Linux for SIGTERM should
 its parent die (``PR_SET_PDEATHSIG``), so even a SIGKILLed launcher leaves no
 orphans.
+
+Each line the trainer prints per step: the step, the mean loss over ranks,
+the update id the server now reports as ``weights_version``, the bytes sent,
+the sync time (announcing the update over HTTP plus ``trainer_send_weights``,
+which returns once every worker has loaded it) and bytes / sync time, then the
+verdict: the server's greedy tokens, logits checksum and weights checksum for a
+fixed prompt, from every replica, against the trainer's own forward pass.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ REPLICAS = 2
 """Server workers, one model replica each."""
 
 
-def child_env(args: argparse.Namespace) -> dict[str, str]:
+def child_env() -> dict[str, str]:
     env = dict(os.environ)
     # One thread per process: 2 trainer ranks and 2 workers share the cores,
     # and single-threaded matmuls are what makes results reproducible.
@@ -147,7 +156,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     gpus, worker_devices = gpu_layout(args)
-    env = child_env(args)
+    env = child_env()
     tag = ["--run-tag", args.run_tag]
     common = ["--model", args.model, "--device", args.device, "--backend", args.backend, "--timeout-s", str(args.timeout_s)]
     deadline = started + args.deadline_s
