@@ -287,6 +287,7 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
         packed_num_buffers: int = DEFAULT_PACKED_NUM_BUFFERS,
         *,
         checksum: bool = False,
+        zero_copy: bool = True,
     ) -> TransferStats:
         """Send one update of ``(name, tensor)`` pairs to every worker.
 
@@ -307,6 +308,11 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
             stream: CUDA stream for the unpacked broadcasts (packed mode uses
                 one stream per buffer).
             checksum: send a checksum per bucket; receivers verify it.
+            zero_copy: broadcast large contiguous tensors straight from their
+                memory instead of packing them. Such a tensor stays referenced
+                until its broadcast completes; pass False when the iterator
+                makes fresh tensors (gathers, casts) and peak memory must stay
+                at the buffers plus one tensor.
 
         Raises:
             ValueError: bad arguments, or a tensor the wire cannot carry (the
@@ -324,7 +330,7 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
         return send_update(
             group, iterator, post_iter_func=post_iter_func, packed=packed,
             buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
-            checksum=checksum, stream=stream,
+            checksum=checksum, stream=stream, zero_copy=zero_copy,
         )  # fmt: skip
 
 

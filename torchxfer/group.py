@@ -1,11 +1,12 @@
 """The side process group: built from a TCPStore, next to any default group.
 
 This is the only module that touches private torch APIs. Each use names the
-torch versions it was checked on. The group is a ``torch.distributed
-.ProcessGroup`` subclass, so ``dist.broadcast(t, group=g, group_src=0)`` and
-``dist.all_reduce(t, group=g)`` work on it; it never enters the default
-world's maps, so it cannot disturb (or be disturbed by) the trainer's own
-``init_process_group``.
+torch versions it was checked on. The group is a plain ``torch.distributed
+.ProcessGroup`` assembled from a store, so ``dist.broadcast(t, group=g,
+group_src=0)`` and ``dist.all_reduce(t, group=g)`` work on it; torchxfer's own
+state for it lives in a :class:`SideGroup` beside it. It never enters the
+default world's maps, so it cannot disturb (or be disturbed by) the
+trainer's own ``init_process_group``.
 
 Life of a group, on every rank together:
 
@@ -15,7 +16,8 @@ Life of a group, on every rank together:
    (HMAC over a fresh nonce) and, for NCCL, publishes its GPU's UUID; any
    problem is written to the store so that every rank raises the same
    TransferError instead of waiting for the one that will never come;
-3. the Gloo or NCCL backend is built and checked with one all_reduce.
+3. the payload backend (Gloo or NCCL) and the control group (Gloo) are
+   built and each checked with one all_reduce.
 """
 
 from __future__ import annotations

@@ -151,6 +151,7 @@ def send_update(
     num_buffers: int,
     checksum: bool = False,
     stream: Any = None,
+    zero_copy: bool = True,
 ) -> TransferStats:
     """Send one update from rank 0. Called on rank 0 while every other rank runs :func:`receive_update`.
 
@@ -226,7 +227,7 @@ def send_update(
                 stash[slot.index] = tensor = tensor_bytes(tensor)  # contiguous once, chunks are views
             if packed:
                 payload = state.buffer(b, slot.end, keep=slots[-1].end if slots else 0)
-                if (not checksum and slot.is_whole and slot.length >= direct_min
+                if (zero_copy and not checksum and slot.is_whole and slot.length >= direct_min
                         and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg()
                         and tensor.device == payload.device):  # fmt: skip
                     direct[len(slots)] = tensor_bytes(tensor)
