@@ -14,6 +14,8 @@ from .config import (
 from .engine import NCCLWeightTransferEngine, WeightTransferEngine
 from .errors import TransferError
 from .group import create_side_group, destroy_side_group, side_group
+from .loading import ModuleLoader
+from .sources import iter_named_tensors, send_model, update_info_for
 from .wire import PROTOCOL_VERSION
 
 __version__ = "0.1.0"
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_PACKED_BUFFER_SIZE_BYTES",
     "DEFAULT_PACKED_NUM_BUFFERS",
+    "ModuleLoader",
     "NCCLWeightTransferEngine",
     "NCCLWeightTransferInitInfo",
     "NCCLWeightTransferUpdateInfo",
@@ -32,6 +35,9 @@ __all__ = [
     "WeightTransferEngine",
     "create_side_group",
     "destroy_side_group",
+    "iter_named_tensors",
+    "send_model",
     "side_group",
+    "update_info_for",
     "worker_rank",
 ]
