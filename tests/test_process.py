@@ -17,6 +17,8 @@ bounds hold regardless of import skew.
 
 from __future__ import annotations
 
+import os
+
 import multiprocessing as mp
 import socket
 import time
@@ -59,8 +61,14 @@ UPDATES = [
 DIRECT_OPS_AFTER = 4  # index of the last update before the direct collectives
 
 
+# TORCHXFER_TEST_DEVICE=cuda runs the same world with CUDA tensors over Gloo
+# (trainer and workers sharing one GPU), exercising the stream logic.
+DEVICE = os.environ.get("TORCHXFER_TEST_DEVICE", "cpu")
+
+
 def _model(step: int) -> list[tuple[str, torch.Tensor]]:
-    return zoo(300 + step) if UPDATES[step][5] == "zoo" else direct_model(300 + step)
+    pairs = zoo(300 + step) if UPDATES[step][5] == "zoo" else direct_model(300 + step)
+    return [(n, t.to(DEVICE)) for n, t in pairs]
 
 
 def _fingerprint(pairs: list[tuple[str, torch.Tensor]]) -> list[tuple[str, str, tuple[int, ...], str]]:
@@ -135,7 +143,7 @@ def _trainer_rank(rank: int, side_port: int, world_port: int) -> Any:
 def _worker_rank(index: int, side_port: int) -> Any:
     dp, tp = divmod(index, TP)
     engine = NCCLWeightTransferEngine(
-        WeightTransferConfig(backend="gloo", timeout_s=TIMEOUT, device=None),
+        WeightTransferConfig(backend="gloo", timeout_s=TIMEOUT, device=DEVICE),
         ParallelConfig(data_parallel_rank=dp, rank=tp, tensor_parallel_size=TP, pipeline_parallel_size=1,
                        data_parallel_size=DP),
     )  # fmt: skip
