@@ -131,3 +131,36 @@ def test_direct_sends_of_large_tensors_interleaved_with_packed_ones():
     outcomes = run_threads(body, 3, deadline_s=60)
     for out in outcomes[1:]:
         assert out.value == [want, want, want]
+
+
+def test_trainer_chosen_versions_reach_weights_version():
+    port = free_port()
+    gen = torch.Generator().manual_seed(5)
+    tensors = [("w", torch.randn(8, generator=gen))]
+
+    def body(rank: int) -> object:
+        if rank == 0:
+            group = NCCLWeightTransferEngine.trainer_init(
+                dict(master_address=ADDR, master_port=port, world_size=2), backend="gloo", timeout_s=10
+            )
+            import pytest
+
+            with pytest.raises(ValueError, match="version"):
+                NCCLWeightTransferEngine.trainer_send_weights(iter(tensors), group, version=-1)
+            ids = [NCCLWeightTransferEngine.trainer_send_weights(iter(tensors), group, packed=True, version=v).update_id
+                   for v in (100, 250)]  # fmt: skip
+            ids.append(NCCLWeightTransferEngine.trainer_send_weights(iter(tensors), group, packed=True).update_id)
+            destroy_side_group(group)
+            return ids
+        engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="gloo", timeout_s=10), ParallelConfig())
+        engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 2))
+        versions = []
+        for _ in range(3):
+            engine.receive_weights(None, lambda b: None)
+            versions.append(engine.weights_version)
+        engine.shutdown()
+        return versions
+
+    outcomes = run_threads(body, 2, deadline_s=60)
+    assert outcomes[0].value == [100, 250, 251]
+    assert outcomes[1].value == [100, 250, 251]

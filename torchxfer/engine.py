@@ -288,6 +288,7 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
         *,
         checksum: bool = False,
         zero_copy: bool = True,
+        version: int | None = None,
     ) -> TransferStats:
         """Send one update of ``(name, tensor)`` pairs to every worker.
 
@@ -313,6 +314,9 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
                 until its broadcast completes; pass False when the iterator
                 makes fresh tensors (gathers, casts) and peak memory must stay
                 at the buffers plus one tensor.
+            version: the id this update carries (e.g. the training step), which
+                workers report as ``weights_version``; default: one more than
+                the previous update on this group, from 0.
 
         Raises:
             ValueError: bad arguments, or a tensor the wire cannot carry (the
@@ -325,12 +329,14 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
         if not isinstance(packed, bool):
             raise ValueError(f"packed must be a bool, got {packed!r}")
         check_buffers("trainer_send_weights", packed_buffer_size_bytes, packed_num_buffers)
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or not 0 <= version < 1 << 62):
+            raise ValueError(f"version must be an int in [0, 2**62), got {version!r}")
         if post_iter_func is not None and not callable(post_iter_func):
             raise ValueError(f"post_iter_func must be callable, got {post_iter_func!r}")
         return send_update(
             group, iterator, post_iter_func=post_iter_func, packed=packed,
             buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
-            checksum=checksum, stream=stream, zero_copy=zero_copy,
+            checksum=checksum, stream=stream, zero_copy=zero_copy, version=version,
         )  # fmt: skip
 
 

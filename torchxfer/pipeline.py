@@ -152,6 +152,7 @@ def send_update(
     checksum: bool = False,
     stream: Any = None,
     zero_copy: bool = True,
+    version: int | None = None,
 ) -> TransferStats:
     """Send one update from rank 0. Called on rank 0 while every other rank runs :func:`receive_update`.
 
@@ -164,8 +165,8 @@ def send_update(
     group = side_group(pg)
     group.check_usable()
     state = _state(group)
-    update_id = state.next_update_id
-    state.next_update_id += 1
+    update_id = state.next_update_id if version is None else version
+    state.next_update_id = update_id + 1
     start_time = time.perf_counter()
     num_tensors = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
     state.control.send_frame(encode(Begin(update_id, packed, buffer_size, num_buffers, num_tensors, checksum)))
