@@ -1,8 +1,9 @@
 """The N-buffer sender and receiver loops over a side group.
 
 One update on the wire, every rank in lockstep (``agree`` is one small
-all_reduce of a status code; on failure a second one carries each rank's
-message, so every rank raises the same TransferError)::
+all_reduce of a status per rank on the control group; on failure each failing
+rank then broadcasts its message, so every rank raises the same
+TransferError; see :mod:`torchxfer.control`)::
 
     BEGIN header  -> agree            config checked before anything moves
     BUCKET header -> agree -> payload   repeated; payload overlaps the next pack/load
@@ -83,6 +84,8 @@ class _GroupState:
         key = (device, buffer_size)
         if self.buffer_key != key:
             # Drop the old set first so peak memory never holds both.
+            if self.buffer_key is not None and self.buffer_key[0] != device:
+                self.streams = []
             self.buffers = []
             self.buffer_key = key
         self.buffers += [torch.empty(0, dtype=torch.uint8, device=device)
@@ -105,6 +108,8 @@ class _GroupState:
             if keep:
                 with self.side_stream(b):
                     new[:keep].copy_(buf[:keep])
+                    if buf.is_cuda:
+                        buf.record_stream(torch.cuda.current_stream())  # freed below, read on this stream
             self.buffers[b] = buf = new
         return buf
 
@@ -127,9 +132,6 @@ def _state(group: SideGroup) -> _GroupState:
     if state is None:
         state = group.cache["pipeline"] = _GroupState(group)
     return state
-
-
-# -- control messages ---------------------------------------------------------------
 
 
 def _describe(slot: Slot) -> str:
