@@ -36,7 +36,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torchxfer import NCCLWeightTransferEngine, ParallelConfig, WeightTransferConfig  # noqa: E402
-from torchxfer import NCCLWeightTransferInitInfo, destroy_side_group  # noqa: E402
+from torchxfer import NCCLWeightTransferInitInfo, destroy_side_group, send_model  # noqa: E402
 from torchxfer.packing import TensorSpec, pack_slot, plan_slots, slot_view, typed_view  # noqa: E402
 
 MiB = 1 << 20
@@ -140,9 +140,33 @@ def configs(args: argparse.Namespace) -> list[dict]:
         for mib in args.buffer_mib:
             for nb in args.num_buffers:
                 plan.append({"layout": name, "mode": "packed", "buffer_mib": mib, "num_buffers": nb})
+        if args.sharded:
+            plan.append({"layout": name, "mode": "sharded", "buffer_mib": args.buffer_mib[0],
+                         "num_buffers": args.num_buffers[0]})  # fmt: skip
         if not args.skip_per_tensor:
             plan.append({"layout": name, "mode": "per-tensor"})
     return plan
+
+
+def _shard(tensors: list[tuple[str, torch.Tensor]], device: torch.device) -> dict:
+    """The layout as a 2-rank trainer holds it: every tensor a DTensor, Shard(0)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh(device.type, (2,))
+    return {name: distribute_tensor(t, mesh, [Shard(0)]) for name, t in tensors}
+
+
+def _trainer_peer(args: argparse.Namespace, trainer_port: int) -> None:
+    """Trainer rank 1 of a sharded trainer: only gathers, in step with rank 0's sends."""
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    dist.init_process_group(args.backend, init_method=f"tcp://127.0.0.1:{trainer_port}", rank=1, world_size=2)
+    for lay in args.layouts:
+        sharded = _shard(make_tensors(layout(lay, args.total_mib), device), device)
+        for _ in range(args.repeats + 1):
+            send_model(sharded, None)
+    dist.destroy_process_group()
 
 
 def _sync(pg: dist.ProcessGroup, device: torch.device) -> None:
@@ -152,8 +176,10 @@ def _sync(pg: dist.ProcessGroup, device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any) -> None:
+def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_port: int = 0) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if rank == args.workers + 1:
+        return _trainer_peer(args, trainer_port)
     torch.set_num_threads(1)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -162,6 +188,8 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any) -> None:
     world = args.workers + 1
     info = dict(master_address="127.0.0.1", master_port=port, world_size=world)
     if rank == 0:
+        if args.sharded:
+            dist.init_process_group(args.backend, init_method=f"tcp://127.0.0.1:{trainer_port}", rank=0, world_size=2)
         pg = NCCLWeightTransferEngine.trainer_init(info, backend=args.backend, timeout_s=args.timeout)
         engine = None
     else:
@@ -177,6 +205,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any) -> None:
         total = sum(_nbytes(s) for s in specs)
         tensors = make_tensors(specs, device) if rank == 0 else []
         by_name = dict(tensors)
+        sharded = _shard(tensors, device) if rank == 0 and args.sharded else None
         flat = torch.zeros(total, dtype=torch.uint8, device=device)  # the floor's buffer exists (touched) up front
 
         def run_once(cfg: dict) -> float:
@@ -184,12 +213,14 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any) -> None:
             start = time.perf_counter()
             if cfg["mode"] == "flat":
                 dist.broadcast(flat, group=pg, group_src=0)
-            elif cfg["mode"] == "packed":
+            elif cfg["mode"] in ("packed", "sharded"):
                 kwargs = dict(packed_buffer_size_bytes=cfg["buffer_mib"] * MiB, packed_num_buffers=cfg["num_buffers"])
-                if rank == 0:
-                    NCCLWeightTransferEngine.trainer_send_weights(iter(tensors), pg, packed=True, **kwargs)
-                else:
+                if rank != 0:
                     engine.receive_weights(None, lambda batch: None)
+                elif cfg["mode"] == "packed":
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(tensors), pg, packed=True, **kwargs)
+                else:  # gathered one DTensor at a time with trainer rank 1
+                    send_model(sharded, pg, **kwargs)
             else:
                 for name, shape, dtype in specs:
                     t = by_name[name] if rank == 0 else torch.empty(shape, dtype=dtype, device=device)
@@ -228,6 +259,8 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any) -> None:
         flat = None  # free the floor's buffer before the next layout
     if rank == 0:
         destroy_side_group(pg)
+        if args.sharded:
+            dist.destroy_process_group()
     else:
         engine.shutdown()
     out.put(results)
@@ -236,17 +269,20 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any) -> None:
 def run_distributed(args: argparse.Namespace) -> list[dict]:
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=rank_main, args=(r, args, port, queue)) for r in range(args.workers + 1)]
+    count = args.workers + 1 + (1 if args.sharded else 0)  # + trainer rank 1 of a sharded trainer
+    procs = [ctx.Process(target=rank_main, args=(r, args, ports[0], queue, ports[1])) for r in range(count)]
     for p in procs:
         p.start()
     results = []
     try:
-        for _ in procs:
+        for _ in range(args.workers + 1):
             results += queue.get(timeout=args.deadline)
     finally:
         for p in procs:
@@ -391,6 +427,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--deadline", type=float, default=1800.0)
     p.add_argument("--skip-per-tensor", action="store_true")
+    p.add_argument("--sharded", action="store_true",
+                   help="add a row sent by a 2-rank trainer holding every tensor as a DTensor (Shard(0))")
     p.add_argument("--pack-only", action="store_true", help="time pack/unpack against a device copy, no group")
     p.add_argument("--json", help="write all rows here")
     p.add_argument("--plot", help="draw throughput against buffer size (needs matplotlib)")
