@@ -1,4 +1,5 @@
-"""Sources (cast, rename, lazy iteration) and the module loader, thread tier."""
+"""Sources (plan, cast, rename, lazy iteration), send_model from a single-process
+trainer, and the module loader: thread tier (sharded trainers: test_sharded.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from tests.harness import ADDR, bytes_equal, free_port, run_threads
+from tests.harness import ADDR, bytes_equal, digest, free_port, run_threads
 from torchxfer import (
     ModuleLoader,
     NCCLWeightTransferEngine,
     NCCLWeightTransferInitInfo,
+    NCCLWeightTransferUpdateInfo,
     ParallelConfig,
     TransferError,
     WeightTransferConfig,
@@ -19,6 +21,8 @@ from torchxfer import (
     send_model,
     update_info_for,
 )
+
+TIMEOUT = 5.0
 
 
 class Tiny(nn.Module):
@@ -31,6 +35,7 @@ class Tiny(nn.Module):
         self.head = nn.Linear(16, 50, bias=False)
         self.head.weight = self.embed.weight  # tied
         self.register_buffer("steps", torch.tensor([seed], dtype=torch.int64))
+        self.register_buffer("cache", torch.zeros(3), persistent=False)  # never sent
 
 
 class Served(nn.Module):
@@ -47,44 +52,126 @@ class Served(nn.Module):
 RENAME = {"embed.weight": "tok.weight"}
 
 
+def _poison(module: nn.Module) -> None:
+    with torch.no_grad():
+        for t in module.state_dict(keep_vars=True).values():
+            t.fill_(float("nan") if t.is_floating_point() else -1)
+
+
+# -- planning and iteration -------------------------------------------------------------------
+
+
 def test_iter_named_tensors_casts_renames_dedups_and_drops():
     model = Tiny(1)
-    out = list(iter_named_tensors(model, dtype=torch.bfloat16, name_map=lambda n: None if n.startswith("norm.") else n))
+
+    def drop_norm(name: str) -> str | None:
+        return None if name.startswith("norm.") else name
+
+    items = iter_named_tensors(model, dtype=torch.bfloat16, name_map=drop_norm)
+    assert len(items) == 4  # known before anything is materialized
+    out = list(items)
     names = [n for n, _ in out]
     assert names == ["steps", "embed.weight", "proj.weight", "proj.bias"]  # head.weight is embed.weight: sent once
     by = dict(out)
-    assert by["proj.weight"].dtype == torch.bfloat16 and by["steps"].dtype == torch.int64
+    assert by["proj.weight"].dtype == torch.bfloat16 and by["steps"].dtype == torch.int64  # only floats are cast
     assert bytes_equal(by["proj.weight"], model.proj.weight.detach().bfloat16())
-    info = update_info_for(model, dtype=torch.bfloat16, name_map=lambda n: None if n.startswith("norm.") else n)
+    assert not by["proj.weight"].requires_grad
+    info = update_info_for(model, dtype=torch.bfloat16, name_map=drop_norm)
     assert info.names == names and info.dtype_names == ["int64"] + ["bfloat16"] * 3
+    assert info.shapes == [[1], [50, 16], [16, 16], [16]]
+    # dtype by name; include_buffers; an uncast tensor is the model's own memory, not a copy.
+    plain = dict(iter_named_tensors(model, dtype="float32", include_buffers=False))
+    assert "steps" not in plain and plain["proj.weight"].data_ptr() == model.proj.weight.data_ptr()
+
+
+def test_sources_state_dicts_and_pairs_send_what_they_are_given():
+    model = Tiny(2)
+    sd = model.state_dict()  # detached copies: tied names are separate entries here, and all are sent
+    assert [n for n, _ in iter_named_tensors(sd)] == list(sd)
+    pairs = list(model.named_parameters())
+    assert [n for n, _ in iter_named_tensors(pairs)] == [n for n, _ in pairs]
+    assert [n for n, _ in iter_named_tensors(iter(pairs))] == [n for n, _ in pairs]  # listed once, by reference
+
+
+def test_iteration_is_lazy():
+    state = {"a": torch.ones(4), "b": torch.ones(4)}
+    items = iter_named_tensors(state, dtype=torch.float16)
+    first = next(items)
+    state["b"].fill_(3.0)  # changed after the plan but before it is pulled: the pull sees it
+    second = next(items)
+    assert first[1].tolist() == [1.0] * 4 and second[1].tolist() == [3.0] * 4
+    with pytest.raises(StopIteration):
+        next(items)
+
+
+def test_plan_errors_name_every_problem_before_anything_moves():
+    model = Tiny(3)
+    with pytest.raises(ValueError, match=r"does not have: \['embd.weight'\]"):  # a typo in a dict is caught
+        iter_named_tensors(model, name_map={"embd.weight": "tok.weight"})
+    with pytest.raises(ValueError, match=r"\['proj.weight', 'proj.bias'\] would all be sent as 'p'"):
+        update_info_for(model, name_map=lambda n: "p" if n.startswith("proj.") else n)
+    with pytest.raises(ValueError, match="would all be sent as 'proj.bias'"):
+        iter_named_tensors(model, name_map={"proj.weight": "proj.bias"})
     with pytest.raises(ValueError, match="expected a string or None"):
-        list(iter_named_tensors(model, name_map=lambda n: 3))
-    with pytest.raises(ValueError, match="nn.Module or a state dict"):
-        list(iter_named_tensors([1, 2]))
+        iter_named_tensors(model, name_map=lambda n: 3)
+    with pytest.raises(ValueError, match="floating-point dtype"):
+        iter_named_tensors(model, dtype=torch.int8)
+    with pytest.raises(ValueError, match="not a supported torch dtype"):
+        iter_named_tensors(model, dtype="nn")
+    with pytest.raises(ValueError, match="dict, a callable or None"):
+        iter_named_tensors(model, name_map=["a"])
+    with pytest.raises(ValueError, match="nn.Module, a state dict or"):
+        iter_named_tensors(3)
+    with pytest.raises(ValueError, match="expected \\(name, tensor\\) pairs"):
+        iter_named_tensors([1, 2])
+    bad = {"ok": torch.ones(2), "meta": torch.empty(2, device="meta"), "obj": 3, "sparse": torch.eye(2).to_sparse()}
+    with pytest.raises(ValueError) as err:
+        iter_named_tensors(bad)
+    text = str(err.value)
+    assert text.startswith("cannot send 3 tensor(s)") and "'meta'" in text and "'obj'" in text and "'sparse'" in text
 
 
-def test_send_model_into_a_renamed_bf16_module_bit_exact():
+# -- send_model from a single-process trainer ----------------------------------------------------
+
+
+def _trainer(port: int, world: int) -> object:
+    return NCCLWeightTransferEngine.trainer_init(
+        dict(master_address=ADDR, master_port=port, world_size=world), backend="gloo", timeout_s=TIMEOUT
+    )
+
+
+def _worker(port: int, rank: int, world: int) -> NCCLWeightTransferEngine:
+    engine = NCCLWeightTransferEngine(
+        WeightTransferConfig(backend="gloo", timeout_s=TIMEOUT),
+        ParallelConfig(rank=rank - 1, tensor_parallel_size=world - 1),
+    )
+    engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, world))
+    return engine
+
+
+MODES = [({"packed_buffer_size_bytes": 1024}, {}), ({"packed": False}, {"checksum": True})]
+
+
+@pytest.mark.parametrize(("mode", "extra"), MODES)
+def test_send_model_into_a_renamed_bf16_module_bit_exact_in_place(mode, extra):
     port = free_port()
     model = Tiny(3)
+    info = update_info_for(model, dtype=torch.bfloat16, name_map=RENAME, **mode)
 
     def body(rank: int) -> object:
         if rank == 0:
-            group = NCCLWeightTransferEngine.trainer_init(
-                dict(master_address=ADDR, master_port=port, world_size=3), backend="gloo", timeout_s=5
-            )
-            stats = send_model(model, group, dtype=torch.bfloat16, name_map=RENAME, packed_buffer_size_bytes=1024)
+            group = _trainer(port, 3)
+            stats = send_model(model, group, dtype=torch.bfloat16, name_map=RENAME, **mode, **extra)
             destroy_side_group(group)
             return stats.num_tensors
         served = Served()
+        _poison(served)
         ptrs = {n: t.data_ptr() for n, t in served.state_dict().items()}
-        engine = NCCLWeightTransferEngine(
-            WeightTransferConfig(backend="gloo", timeout_s=5), ParallelConfig(rank=rank - 1, tensor_parallel_size=2)
-        )
-        engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 3))
+        engine = _worker(port, rank, 3)
         loader = ModuleLoader(served)
-        loader.check(update_info_for(model, dtype=torch.bfloat16, name_map=RENAME, packed_buffer_size_bytes=1024))
-        engine.receive_weights(update_info_for(model, dtype=torch.bfloat16, name_map=RENAME, packed_buffer_size_bytes=1024), loader)
-        loader.finish()
+        loader.check(info)
+        with loader.update():  # strict: every tensor of Served arrived
+            engine.receive_weights(info, loader)  # the header matches update_info_for exactly
         engine.shutdown()
         assert {n: t.data_ptr() for n, t in served.state_dict().items()} == ptrs  # in place
         return served
@@ -94,58 +181,141 @@ def test_send_model_into_a_renamed_bf16_module_bit_exact():
     for out in outcomes[1:]:
         served = out.value
         assert bytes_equal(served.tok.weight, model.embed.weight.detach().bfloat16())
+        assert bytes_equal(served.proj.weight, model.proj.weight.detach().bfloat16())
         assert bytes_equal(served.proj.bias, model.proj.bias.detach().bfloat16())
         assert bytes_equal(served.norm.weight, model.norm.weight.detach().bfloat16())
+        assert bytes_equal(served.norm.bias, model.norm.bias.detach().bfloat16())
         assert bytes_equal(served.steps, model.steps)
 
 
-def test_loader_names_every_problem_and_strict_switch():
-    served = Served()
-    loader = ModuleLoader(served)
-    bad = [
-        ("tok.weight", torch.zeros(50, 16)),  # float32, module is bf16
-        ("proj.weight", torch.zeros(4, 4, dtype=torch.bfloat16)),  # shape
-        ("nope", torch.zeros(1)),  # unexpected
-        ("proj.bias", torch.ones(16, dtype=torch.bfloat16)),  # fine, but the batch fails whole
-    ]
-    with pytest.raises(ValueError) as err:
-        loader(bad)
-    text = str(err.value)
-    assert "'tok.weight': dtype float32" in text and "'proj.weight': shape [4, 4]" in text and "unexpected 'nope'" in text
-    loader([("proj.bias", torch.ones(16, dtype=torch.bfloat16))])
-    with pytest.raises(ValueError, match="did not arrive") as err:
-        loader.finish()
-    assert "'tok.weight'" in str(err.value) and "'proj.bias'" not in str(err.value)
-    loose = ModuleLoader(served, strict=False)
-    loose([("nope", torch.zeros(1)), ("proj.bias", torch.full((16,), 2.0, dtype=torch.bfloat16))])
-    loose.finish()
-    assert served.proj.bias.float().tolist() == [2.0] * 16
+def test_send_model_tied_weights_reach_a_tied_module_once():
+    port = free_port()
+    model = Tiny(5)
+
+    def body(rank: int) -> object:
+        if rank == 0:
+            group = _trainer(port, 2)
+            names = [n for n, _ in iter_named_tensors(model)]
+            send_model(model, group)
+            destroy_side_group(group)
+            return names
+        target = Tiny(6)
+        engine = _worker(port, rank, 2)
+        loader = ModuleLoader(target)
+        with loader.update():  # head.weight counts as arrived through embed.weight
+            engine.receive_weights(None, loader)
+        engine.shutdown()
+        return {n: digest(t) for n, t in target.state_dict().items()}
+
+    outcomes = run_threads(body, 2, deadline_s=60)
+    assert "head.weight" not in outcomes[0].value
+    assert outcomes[1].value == {n: digest(t) for n, t in model.state_dict().items()}
 
 
-def test_loader_error_reaches_every_rank_as_transfer_error():
+def test_send_model_argument_errors():
+    model = Tiny(7)
+    with pytest.raises(ValueError, match="no trainer group"):
+        send_model(model, None)  # no default group here: this process would be the only trainer
+    with pytest.raises(ValueError):
+        send_model(model, object())  # not a side group
+    with pytest.raises(ValueError, match="timeout_s"):
+        send_model(model, None, timeout_s=0)
+    with pytest.raises(ValueError, match="packed_num_buffers"):
+        send_model(model, None, packed_num_buffers=0)
+
+
+def test_loader_error_reaches_every_rank_as_transfer_error_and_the_group_stays_usable():
     port = free_port()
     model = Tiny(4)
 
     def body(rank: int) -> object:
         if rank == 0:
-            group = NCCLWeightTransferEngine.trainer_init(
-                dict(master_address=ADDR, master_port=port, world_size=2), backend="gloo", timeout_s=5
-            )
+            group = _trainer(port, 2)
             try:
                 with pytest.raises(TransferError, match="cannot load"):
                     send_model(model, group)  # float32 into a bf16 module
                 return send_model(model, group, dtype=torch.bfloat16, name_map=RENAME).num_tensors
             finally:
                 destroy_side_group(group)
-        engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="gloo", timeout_s=5), ParallelConfig())
-        engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 2))
+        engine = _worker(port, rank, 2)
         loader = ModuleLoader(Served(), strict=False)
-        with pytest.raises(TransferError, match="cannot load"):
+        with pytest.raises(TransferError, match="'tok.weight'|'proj.weight'"):
+            with loader.update():
+                engine.receive_weights(None, loader)
+        with loader.update():
             engine.receive_weights(None, loader)
-        loader.finish()
-        engine.receive_weights(None, loader)
         engine.shutdown()
         return engine.weights_version
 
     outcomes = run_threads(body, 2, deadline_s=60)
     assert outcomes[0].value == 6 and outcomes[1].value == 1
+
+
+# -- the module loader --------------------------------------------------------------------------
+
+
+def test_loader_names_every_problem_and_loads_nothing_from_a_bad_batch():
+    served = Served()
+    _poison(served)
+    loader = ModuleLoader(served)
+    bad = [
+        ("tok.weight", torch.zeros(50, 16)),  # float32, module is bf16: no silent cast
+        ("proj.weight", torch.zeros(4, 4, dtype=torch.bfloat16)),  # shape
+        ("proj.bias", torch.zeros(4, 4, dtype=torch.bfloat16)),  # same numel, other shape: still an error
+        ("norm.weight", torch.zeros(16, dtype=torch.float16)),  # same size, other dtype: still an error
+        ("nope", torch.zeros(1)),  # unexpected
+        ("steps", torch.ones(1, dtype=torch.int64)),  # fine, but the batch fails whole
+    ]
+    with pytest.raises(ValueError) as err:
+        loader(bad)
+    text = str(err.value)
+    assert text.startswith("cannot load 5 tensor(s)")
+    for part in ("'tok.weight': dtype float32, the module has bfloat16", "'proj.weight': shape [4, 4]",
+                 "'proj.bias': shape [4, 4], the module has [16]", "'norm.weight': dtype float16",
+                 "unexpected 'nope'"):  # fmt: skip
+        assert part in text, part
+    assert served.steps.item() == -1 and loader.loaded == set()
+    same = torch.full((16,), 2.0, dtype=torch.bfloat16)
+    loader([("proj.bias", same)])
+    with pytest.raises(ValueError, match="'proj.bias' arrived twice in one update"):
+        loader([("proj.bias", same)])
+    with pytest.raises(ValueError, match="did not arrive") as err:
+        loader.finish()
+    assert "'tok.weight'" in str(err.value) and "'proj.bias'" not in str(err.value)
+    loader([("proj.bias", same)])  # finish() reset the update
+    loose = ModuleLoader(served, strict=False)
+    loose([("nope", torch.zeros(1)), ("proj.bias", same * 2)])
+    loose.finish()  # missing allowed
+    assert served.proj.bias.float().tolist() == [4.0] * 16
+    with pytest.raises(ValueError, match="'proj.bias': shape"):
+        loose([("proj.bias", torch.zeros(3, dtype=torch.bfloat16))])  # wrong shapes fail even when not strict
+
+
+def test_loader_tied_names_update_context_and_check():
+    target = Tiny(8)
+    loader = ModuleLoader(target)
+    assert "head.weight" in loader.targets and "cache" not in loader.targets  # non-persistent: never sent
+    with pytest.raises(ValueError, match=r"'embed.weight' \(or its tied names \['head.weight'\]\)"):
+        loader.finish()
+    loader([("head.weight", torch.ones(50, 16))])  # through the other name
+    assert torch.equal(target.embed.weight, torch.ones(50, 16))
+    assert "embed.weight" not in loader.missing()
+    with pytest.raises(RuntimeError):
+        with loader.update():
+            loader([("proj.bias", torch.ones(16))])
+            raise RuntimeError("the transfer failed")
+    assert loader.loaded == set()  # a failed update is forgotten
+    info = update_info_for(Tiny(9))
+    loader.check(info)
+    bad = NCCLWeightTransferUpdateInfo(["embed.weight", "zzz", "proj.bias"], ["bfloat16", "float32", "float32"],
+                                       [[50, 16], [1], [3]])  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        loader.check(bad)
+    text = str(err.value)
+    for part in ("'embed.weight': dtype bfloat16", "unexpected 'zzz'", "'proj.bias': shape [3]",
+                 "missing 'proj.weight'", "missing 'steps'"):  # fmt: skip
+        assert part in text, part
+    no_buffers = ModuleLoader(target, include_buffers=False)
+    assert "steps" not in no_buffers.targets
+    with pytest.raises(ValueError, match="nn.Module"):
+        ModuleLoader(object())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -16,49 +17,88 @@ __all__ = ["ModuleLoader"]
 class ModuleLoader:
     """Copy received tensors into a module's parameters and buffers, by name, in place.
 
-    Use one per worker; pass it as ``load_weights`` and call :meth:`finish`
-    after ``receive_weights`` returns::
+    Pass it as ``load_weights``; it is called once per bucket (or once per
+    update with ``atomic=True``), and remembers what arrived until the update
+    ends::
 
         loader = ModuleLoader(model)
-        engine.receive_weights(None, loader)
-        loader.finish()   # strict: every parameter and buffer arrived
+        with loader.update():                      # strict: raises naming every tensor that did not arrive
+            engine.receive_weights(None, loader)
 
-    Tensors are copied into the existing storage (``copy_`` under no_grad):
-    nothing is reallocated, so CUDA graphs and optimizer references stay
-    valid. A tensor whose name is unknown (strict), whose shape differs, or
-    whose dtype differs (no silent casts) fails the whole batch with one
-    ValueError naming every such tensor; raised inside ``load_weights``, it
-    reaches every rank of the transfer as a TransferError. Tied parameters
-    are filled through any of their names.
+    or, without the context manager, ``engine.receive_weights(None, loader)``
+    followed by ``loader.finish()``, with ``loader.reset()`` after a failed
+    update.
+
+    Rules:
+
+    * Names are those of ``module.state_dict()``: parameters and persistent
+      buffers. A tied tensor can be filled through any of its names, and
+      counts as arrived once any of them has arrived.
+    * Copies go into the existing storage (``copy_`` under no_grad). Nothing
+      is reallocated (``data_ptr`` is unchanged), so CUDA graphs, optimizer
+      state and other references stay valid. Copies across devices are fine.
+    * A shape must match exactly (no reshape, even when the sizes agree). A
+      dtype must match exactly: no cast, not even between same-sized dtypes
+      (bf16 into fp16 would change values silently). Cast on the trainer with
+      ``send_model(..., dtype=...)``.
+    * Each call checks its whole batch first. A batch with any problem loads
+      nothing and raises one ValueError naming every problem: an unknown name
+      (strict), a wrong shape or dtype, or a name that arrived twice in one
+      update. Raised inside ``load_weights``, it reaches every rank of the
+      transfer as a TransferError carrying this message.
+    * Missing names are known only at the end of an update: :meth:`finish`.
 
     Args:
         module: the model to fill.
-        strict: require every parameter and buffer (``finish``) and reject
-            unknown names; with False, unknown names are skipped and missing
-            ones allowed.
+        strict: reject unknown names and require every tensor at
+            :meth:`finish`. With False, unknown names are skipped and missing
+            ones allowed. Wrong shapes and dtypes are errors either way.
+        include_buffers: also fill (and, strict, require) persistent buffers.
+            Use False when the trainer sends with ``include_buffers=False``.
     """
 
-    def __init__(self, module: nn.Module, *, strict: bool = True) -> None:
+    def __init__(self, module: nn.Module, *, strict: bool = True, include_buffers: bool = True) -> None:
         if not isinstance(module, nn.Module):
             raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
+        if not isinstance(strict, bool):
+            raise ValueError(f"strict must be a bool, got {strict!r}")
         self.strict = strict
-        self.targets: dict[str, torch.Tensor] = dict(module.state_dict(keep_vars=True))
+        params = {id(p) for p in module.parameters()}
+        self.targets: dict[str, torch.Tensor] = {
+            name: t for name, t in module.state_dict(keep_vars=True).items() if include_buffers or id(t) in params
+        }
+        # Aliases of one tensor (tied weights), in state-dict order; the first name represents them.
+        groups: dict[int, list[str]] = {}
+        for name, t in self.targets.items():
+            groups.setdefault(id(t), []).append(name)
+        self._aliases: dict[str, list[str]] = {names[0]: names for names in groups.values()}
+        self._first: dict[str, str] = {name: names[0] for names in groups.values() for name in names}
         self.loaded: set[str] = set()
+        """Names loaded in the current update."""
+
+    def _problem(self, name: str, dtype: torch.dtype, shape: list[int]) -> str | None:
+        target = self.targets.get(name)
+        if target is None:
+            return f"unexpected {name!r}" if self.strict else None
+        if list(target.shape) != list(shape):
+            return f"{name!r}: shape {list(shape)}, the module has {list(target.shape)}"
+        if target.dtype != dtype:
+            return f"{name!r}: dtype {dtype_name(dtype)}, the module has {dtype_name(target.dtype)}"
+        return None
 
     def __call__(self, batch: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load one batch of ``(name, tensor)`` pairs, all or nothing (see the class docstring)."""
         batch = list(batch)
-        problems = []
+        problems, seen = [], set()
         for name, tensor in batch:
-            target = self.targets.get(name)
-            if target is None:
-                if self.strict:
-                    problems.append(f"unexpected {name!r}")
-            elif tuple(target.shape) != tuple(tensor.shape):
-                problems.append(f"{name!r}: shape {list(tensor.shape)}, the module has {list(target.shape)}")
-            elif target.dtype != tensor.dtype:
-                problems.append(f"{name!r}: dtype {dtype_name(tensor.dtype)}, the module has {dtype_name(target.dtype)}")
+            problem = self._problem(name, tensor.dtype, list(tensor.shape))
+            if problem is None and name in self.targets and (name in self.loaded or name in seen):
+                problem = f"{name!r} arrived twice in one update"
+            if problem is not None:
+                problems.append(problem)
+            seen.add(name)
         if problems:
-            raise ValueError(f"cannot load {len(problems)} tensor(s): " + "; ".join(problems))
+            raise ValueError(f"cannot load {len(problems)} tensor(s) into the module: " + "; ".join(problems))
         with torch.no_grad():
             for name, tensor in batch:
                 target = self.targets.get(name)
@@ -67,34 +107,52 @@ class ModuleLoader:
                     self.loaded.add(name)
 
     def missing(self) -> list[str]:
-        """Names of the module not loaded since the last :meth:`finish`."""
-        return [name for name in self.targets if name not in self.loaded]
+        """Tensors of the module not loaded in the current update (the first name of tied ones)."""
+        arrived = {self._first[name] for name in self.loaded}
+        return [first for first in self._aliases if first not in arrived]
+
+    def reset(self) -> None:
+        """Forget what arrived: the next call starts a new update."""
+        self.loaded = set()
 
     def finish(self) -> None:
-        """End of an update: in strict mode raise ValueError naming every
-        missing parameter or buffer. Resets for the next update either way."""
+        """End of an update. Strict: raise ValueError naming every tensor that did not arrive.
+        Resets for the next update either way."""
         missing = self.missing()
-        self.loaded = set()
+        self.reset()
         if self.strict and missing:
-            raise ValueError(f"{len(missing)} tensor(s) of the module did not arrive: {missing}")
+            raise ValueError(f"{len(missing)} tensor(s) of the module did not arrive: "
+                             + ", ".join(self._describe_missing(m) for m in missing))  # fmt: skip
+
+    def _describe_missing(self, first: str) -> str:
+        aliases = self._aliases[first]
+        return repr(first) if len(aliases) == 1 else f"{first!r} (or its tied names {aliases[1:]})"
+
+    @contextlib.contextmanager
+    def update(self) -> Iterator[ModuleLoader]:
+        """One update: reset on entry; :meth:`finish` on success; :meth:`reset` if the body raised."""
+        self.reset()
+        try:
+            yield self
+        except BaseException:
+            self.reset()
+            raise
+        self.finish()
 
     def check(self, update_info: NCCLWeightTransferUpdateInfo) -> None:
-        """Before a transfer: raise one ValueError naming every name, shape or
-        dtype of ``update_info`` that this module cannot take (and, strict,
-        every tensor of the module it leaves out)."""
-        problems = []
+        """Before a transfer: one ValueError naming every name, shape or dtype of
+        ``update_info`` that this module cannot take (and, strict, every tensor
+        of the module it leaves out)."""
+        problems, names = [], set()
         for name, dtype, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes):
-            target = self.targets.get(name)
-            if target is None:
-                if self.strict:
-                    problems.append(f"unexpected {name!r}")
-            elif list(target.shape) != list(shape):
-                problems.append(f"{name!r}: shape {list(shape)}, the module has {list(target.shape)}")
-            elif dtype_name(target.dtype) != dtype_name(parse_dtype(dtype)):
-                problems.append(f"{name!r}: dtype {dtype}, the module has {dtype_name(target.dtype)}")
+            problem = self._problem(name, parse_dtype(dtype), list(shape))
+            if problem is None and name in names:
+                problem = f"{name!r} is listed twice"
+            if problem is not None:
+                problems.append(problem)
+            names.add(name)
         if self.strict:
-            sent = set(update_info.names)
-            problems += [f"missing {name!r}" for name in self.targets if name not in sent]
+            covered = {self._first[n] for n in names if n in self._first}
+            problems += [f"missing {self._describe_missing(m)}" for m in self._aliases if m not in covered]
         if problems:
             raise ValueError(f"update does not fit the module ({len(problems)} problem(s)): " + "; ".join(problems))
-
