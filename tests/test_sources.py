@@ -196,7 +196,7 @@ def test_send_model_tied_weights_reach_a_tied_module_once():
         if rank == 0:
             group = _trainer(port, 2)
             names = [n for n, _ in iter_named_tensors(model)]
-            send_model(model, group)
+            send_model(model, group, version=42)
             destroy_side_group(group)
             return names
         target = Tiny(6)
@@ -205,11 +205,11 @@ def test_send_model_tied_weights_reach_a_tied_module_once():
         with loader.update():  # head.weight counts as arrived through embed.weight
             engine.receive_weights(None, loader)
         engine.shutdown()
-        return {n: digest(t) for n, t in target.state_dict().items()}
+        return engine.weights_version, {n: digest(t) for n, t in target.state_dict().items()}
 
     outcomes = run_threads(body, 2, deadline_s=60)
     assert "head.weight" not in outcomes[0].value
-    assert outcomes[1].value == {n: digest(t) for n, t in model.state_dict().items()}
+    assert outcomes[1].value == (42, {n: digest(t) for n, t in model.state_dict().items()})
 
 
 def test_send_model_argument_errors():

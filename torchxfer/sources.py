@@ -346,6 +346,7 @@ def send_model(
     packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_SIZE_BYTES,
     packed_num_buffers: int = DEFAULT_PACKED_NUM_BUFFERS,
     checksum: bool = False,
+    version: int | None = None,
 ) -> TransferStats | None:
     """Send one update of ``source``; every trainer rank calls this together.
 
@@ -375,6 +376,9 @@ def send_model(
             ``trainer_send_weights``. Tensors made by a gather or a cast are
             always packed, never sent zero-copy, so each is freed as soon as
             it is packed.
+        version: the update id workers report as ``weights_version`` (e.g.
+            the training step), as in ``trainer_send_weights``; read on the
+            sender only.
 
     Returns:
         The TransferStats on the sender, None on the other ranks.
@@ -432,7 +436,7 @@ def send_model(
     try:
         stats = NCCLWeightTransferEngine.trainer_send_weights(
             items, group, packed=packed, packed_buffer_size_bytes=packed_buffer_size_bytes,
-            packed_num_buffers=packed_num_buffers, checksum=checksum,
+            packed_num_buffers=packed_num_buffers, checksum=checksum, version=version,
             # A zero-copy send keeps its tensor until the broadcast completes:
             # fine for the model's own memory, not for fresh gathers and casts.
             zero_copy=not fresh,
