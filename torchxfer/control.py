@@ -111,10 +111,16 @@ class ControlChannel:
 def checksum(data: torch.Tensor) -> int:
     """Position-sensitive checksum of a uint8 tensor, computed on its own device."""
     n = data.numel()
-    words = data[: n - n % 4].view(torch.int32).to(torch.int64)
+    words = data[: n - n % 4].view(torch.int32)
     tail = data[n - n % 4 :].to(torch.int64)
     prime = 2_147_483_647
-    blocks = torch.nn.functional.pad(words, (0, (-words.numel()) % 1024)).view(-1, 1024).sum(dim=1) % prime
+    # Sums of 1024-word blocks, widened to int64 one 4 MiB chunk at a time so
+    # the scratch memory stays small whatever the bucket size.
+    full = words.numel() // 1024 * 1024
+    parts = [words[i : min(i + (1 << 20), full)].view(-1, 1024).to(torch.int64).sum(dim=1) for i in range(0, full, 1 << 20)]
+    if full < words.numel():
+        parts.append(words[full:].to(torch.int64).sum().reshape(1))
+    blocks = (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=data.device)) % prime
     weights = torch.arange(1, blocks.numel() + 1, dtype=torch.int64, device=data.device) % prime
     total = (blocks * weights % prime).sum() + (tail * torch.arange(1, tail.numel() + 1, device=data.device)).sum()
     return int(total.item()) * 8 + n % 8

@@ -105,6 +105,7 @@ class _GroupState:
             _, limit = self.buffer_key
             size = min(limit, max(nbytes, 2 * buf.numel(), _MIN_BUFFER_BYTES))
             new = torch.empty(size, dtype=torch.uint8, device=buf.device)
+            keep = min(keep, buf.numel())  # past it lie only direct slots, never written here
             if keep:
                 with self.side_stream(b):
                     new[:keep].copy_(buf[:keep])
@@ -229,14 +230,15 @@ def send_update(
             if not slot.is_whole and slot.start == 0:
                 stash[slot.index] = tensor = tensor_bytes(tensor)  # contiguous once, chunks are views
             if packed:
-                payload = state.buffer(b, slot.end, keep=slots[-1].end if slots else 0)
                 if (zero_copy and not checksum and slot.is_whole and slot.length >= direct_min
                         and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg()
-                        and tensor.device == payload.device):  # fmt: skip
+                        and tensor.device == state.buffers[b].device):  # fmt: skip
                     direct[len(slots)] = tensor_bytes(tensor)
                     slots.append(slot)
                     del stash[slot.index]
                     continue
+                # Only packed slots need the sender's buffer to reach this far.
+                payload = state.buffer(b, slot.end, keep=slots[-1].end if slots else 0)
                 with state.side_stream(b):
                     if tensor.device.type == "cuda" and payload.device.type == "cuda":
                         # The source may be freed by the caller before this copy runs.
