@@ -297,15 +297,17 @@ class _Rendezvous:
         """Publish ``message`` so every rank raises it, then raise it here.
 
         Rank 0 hosts the store, so it lingers (at most a couple of seconds)
-        until the others have read the message before its store goes away.
+        until the ranks that have arrived have read the message, before its
+        store goes away; ranks that never came are not waited for.
         """
         with contextlib.suppress(Exception):
             self.store.compare_set("error", "", message)
             if self.rank != 0:
                 self.store.add("error_seen", 1)
             else:
+                arrived = sum(self.store.check([f"claim/{r}"]) for r in range(1, self.world_size))
                 linger = time.monotonic() + min(2.0, self.timeout_s)
-                while self.store.add("error_seen", 0) < self.world_size - 1 and time.monotonic() < linger:
+                while self.store.add("error_seen", 0) < arrived and time.monotonic() < linger:
                     time.sleep(_POLL_S[0])
         raise TransferError(message)
 
