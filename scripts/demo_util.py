@@ -65,8 +65,28 @@ def wait_healthy(base_url: str, deadline_s: float, *, alive: Any = None) -> dict
 
 
 def free_port(address: str = ADDR) -> int:
-    """A port that was free a moment ago (the caller must handle 'already in use')."""
-    with socket.socket() as s:
+    """A port that was free a moment ago (the caller must handle 'already in use').
+
+    Chosen below the kernel's ephemeral range, so that no outgoing connection
+    (the store's, Gloo's) can be given it as a source port in the meantime.
+    """
+    import random
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10000, max(10001, low))
+        with socket.socket() as s:
+            try:
+                s.bind((address, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # fall back to any free port
         s.bind((address, 0))
         return s.getsockname()[1]
 
