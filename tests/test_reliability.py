@@ -415,3 +415,16 @@ def test_silent_worker_times_out_on_every_rank():
     outcomes = run_threads(body, 3, deadline_s=60)
     assert outcomes[0].value < timeout + SLACK
     assert outcomes[1].value < 2 * timeout + SLACK
+
+
+def test_store_listens_only_on_master_address():
+    import socket
+
+    port = free_port()
+    group = _trainer(port, 1)  # a world of one returns at once
+    try:
+        socket.create_connection((ADDR, port), timeout=2).close()  # where asked: reachable
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.2", port), timeout=2).close()  # another local address: refused
+    finally:
+        destroy_side_group(group)
