@@ -17,7 +17,6 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing as mp
 import os
-import socket
 import sys
 import threading
 import time
@@ -29,35 +28,15 @@ __all__ = ["free_port", "run_threads", "run_processes", "RankFailure", "Outcome"
 
 ADDR = "127.0.0.1"
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from demo_util import free_port as _pick_port  # noqa: E402
+
 
 def free_port() -> int:
     """A port that was free a moment ago, chosen below the kernel's ephemeral
-    range: the kernel never hands such a port out as the source port of an
-    outgoing connection (stores, Gloo pairs), so only another test picking the
-    same one at random could take it before it is bound."""
-    return pick_port(ADDR)
-
-
-def pick_port(address: str) -> int:
-    import random
-
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(10000, max(10001, low))
-        with socket.socket() as s:
-            try:
-                s.bind((address, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # fall back to any free port
-        s.bind((address, 0))
-        return s.getsockname()[1]
+    range (see ``scripts/demo_util.free_port``, shared with the demo).
+    Callers retry on 'already in use'."""
+    return _pick_port(ADDR)
 
 
 class RankFailure(AssertionError):
