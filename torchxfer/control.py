@@ -1,45 +1,90 @@
-"""The control channel of a side group: headers and agreed status.
+"""The control channel of a side group: rows, table frames and agreed errors.
 
 Control messages travel on the side group's own Gloo group (CPU tensors), so
 they never queue behind a payload. Every rank of the group calls these
-functions together, in the same order; each collective is bounded by the
-group's ``timeout_s``.
+methods together, in the same order; every wait is bounded by the group's
+``timeout_s``. Every size a rank posts comes from a row that every rank has
+seen (so all post the same collectives), and is checked against a fixed cap
+first.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .errors import TransferError
 from .group import SideGroup
-from .wire import PREFIX_BYTES, decode, frame_length
+from .wire import MAX_FRAME_BYTES, ROW_WORDS, Kind, Row, parse_row
 
-__all__ = ["ControlChannel", "checksum", "INLINE_FRAME_BYTES", "MESSAGE_BYTES"]
+__all__ = ["ControlChannel", "Step", "checksum", "MESSAGE_BYTES", "encode_message"]
 
-INLINE_FRAME_BYTES = 4096
-"""Bytes of every header broadcast in one go; longer headers take a second broadcast."""
 MESSAGE_BYTES = 64 << 10
-"""Most bytes of one rank's error message in a failed ``agree`` (enough for
-two descriptions with the longest names)."""
+"""Most bytes of one rank's error message (enough for two descriptions with the longest names)."""
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:
-    """The bytes of a uint8 tensor, copied to host (numpy is not required)."""
-    host = tensor.contiguous().cpu()
-    return ctypes.string_at(host.data_ptr(), host.numel())
+    """The bytes of a uint8 CPU tensor."""
+    return ctypes.string_at(tensor.data_ptr(), tensor.numel())
+
+
+def encode_message(text: str) -> bytes:
+    """A message as it travels: UTF-8 (unencodable characters escaped), at most MESSAGE_BYTES."""
+    return text.encode("utf-8", "backslashreplace")[:MESSAGE_BYTES]
+
+
+# all_gather_single replaces all_gather_into_tensor (deprecated) from torch 2.13 on.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class Step:
+    """One posted control step: an all_gather of one row per rank."""
+
+    def __init__(self, channel: ControlChannel, words: list[int], what: str) -> None:
+        self.channel, self.what = channel, what
+        group = channel.group
+        self._out = torch.empty(group.size() * ROW_WORDS, dtype=torch.int64)
+        row = torch.tensor(words, dtype=torch.int64)
+        try:
+            self._work = _all_gather(self._out, row, group=group.control, async_op=True)
+        except Exception as e:
+            group.mark_broken(f"{what}: {e}")
+            raise TransferError(f"{what} failed on rank {group.rank()}: {e}", broken=True) from e
+        self._rows: list[Row] | None = None
+
+    def done(self) -> bool:
+        """True once the step completed (never blocks)."""
+        return self._rows is not None or self._work.is_completed()
+
+    def rows(self) -> list[Row]:
+        """Every rank's row, checked; blocks at most ``timeout_s``.
+
+        A row that is not a row of this protocol breaks the group: its sender
+        does not follow the same sequence of collectives.
+        """
+        if self._rows is None:
+            group = self.channel.group
+            group.wait(self._work, self.what)
+            words = self._out.tolist()
+            try:
+                self._rows = [parse_row(words[r * ROW_WORDS : (r + 1) * ROW_WORDS], r) for r in range(group.size())]
+            except TransferError as e:
+                group.mark_broken(str(e))
+                raise TransferError(f"{self.what}: {e}", broken=True) from None
+        return self._rows
 
 
 class ControlChannel:
-    """Header frames and status agreement over ``group.control``; its tensors are made once."""
+    """Rows, frames and messages over ``group.control``."""
 
     def __init__(self, group: SideGroup) -> None:
         self.group = group
-        self.frame = torch.empty(INLINE_FRAME_BYTES, dtype=torch.uint8)
-        self.flag = torch.zeros(group.size(), dtype=torch.int64)
+
+    def post(self, words: list[int], what: str) -> Step:
+        """Post this rank's row of the next step; every rank posts one. Never blocks."""
+        return Step(self, words, what)
 
     def _broadcast(self, tensor: torch.Tensor, what: str, src: int = 0) -> None:
         group = self.group
@@ -50,77 +95,71 @@ class ControlChannel:
             raise TransferError(f"{what} failed on rank {group.rank()}: {e}", broken=True) from e
         group.wait(work, what)
 
-    def send_frame(self, frame: bytes) -> None:
-        """Rank 0: broadcast one header frame."""
-        head = frame[:INLINE_FRAME_BYTES]
-        self.frame[: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
-        self._broadcast(self.frame, "header broadcast")
-        if len(frame) > INLINE_FRAME_BYTES:
-            rest = torch.frombuffer(bytearray(frame[INLINE_FRAME_BYTES:]), dtype=torch.uint8).clone()
-            self._broadcast(rest, "header broadcast")
+    def send_frame(self, frame: bytes, what: str) -> None:
+        """Rank 0: broadcast a frame whose length every rank already has (from a row)."""
+        self._broadcast(torch.frombuffer(bytearray(frame), dtype=torch.uint8), what)
 
-    def recv_frame(self) -> Any:
-        """Other ranks: receive and decode one header. A frame that does not
-        decode is returned as its TransferError (the rank reports it at the next
-        agree); one that cannot even be sized breaks the group."""
-        group = self.group
-        self._broadcast(self.frame, "header broadcast")
-        head = _bytes(self.frame)
-        try:
-            total = frame_length(head[:PREFIX_BYTES])
-        except TransferError as e:
-            group.mark_broken(str(e))
-            raise TransferError(f"rank {group.rank()} received a bad header: {e}", broken=True) from None
-        if total > INLINE_FRAME_BYTES:
-            rest = torch.empty(total - INLINE_FRAME_BYTES, dtype=torch.uint8)
-            self._broadcast(rest, "header broadcast")
-            head += _bytes(rest)
-        try:
-            return decode(head[:total])
-        except TransferError as e:
-            return e
+    def recv_frame(self, length: int, what: str) -> bytes:
+        """Other ranks: receive a frame of ``length`` bytes, a value from the trainer's
+        row that every rank checked against MAX_FRAME_BYTES."""
+        assert 0 < length <= MAX_FRAME_BYTES
+        frame = torch.empty(length, dtype=torch.uint8)
+        self._broadcast(frame, what)
+        return _bytes(frame)
 
-    def agree(self, error: str | None, what: str) -> None:
-        """Every rank learns whether any rank failed; on failure all raise the same TransferError.
+    def settle(self, rows: list[Row], mine: bytes, what: str) -> None:
+        """After a step: raise the same TransferError on every rank if any rank reported a failure.
 
-        One all_reduce of an int64 per rank (the byte length of its message, 0
-        when fine); only on failure, each failing rank then broadcasts its
-        message whole. The group stays usable after an agreed failure.
+        Each failing rank's row declares its message length; every rank sees
+        the same rows, so every rank posts the same broadcasts: one per
+        failing rank whose length is within ``[1, MESSAGE_BYTES]``. A length
+        outside it is reported as such, with no broadcast. ``mine`` is this
+        rank's message (as declared in its row). Blocks at most ``timeout_s``
+        per broadcast; returns when no rank failed.
         """
-        group = self.group
-        raw = error.encode()[:MESSAGE_BYTES] if error else b""
-        self.flag.zero_()
-        self.flag[group.rank()] = len(raw) or (1 if error else 0)
-        group.wait(dist.all_reduce(self.flag, group=group.control, async_op=True), f"status all_reduce ({what})")
-        lengths = self.flag.tolist()
-        if not any(lengths):
+        lengths = {r: _status(row) for r, row in enumerate(rows)}
+        failing = {r: n for r, n in lengths.items() if n}
+        if not failing:
             return
         parts = []
-        for rank, length in enumerate(lengths):
-            if not length:
+        for rank, length in failing.items():
+            if not 0 < length <= MESSAGE_BYTES:
+                parts.append(f"[rank {rank}] (declared an invalid error length {length})")
                 continue
-            if rank == group.rank():
-                text = torch.frombuffer(bytearray(raw.ljust(length, b"?")), dtype=torch.uint8)
+            if rank == self.group.rank():
+                assert len(mine) == length
+                text = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
             else:
-                text = torch.empty(min(length, MESSAGE_BYTES), dtype=torch.uint8)
+                text = torch.empty(length, dtype=torch.uint8)
             self._broadcast(text, f"error broadcast ({what})", src=rank)
-            parts.append(f"[rank {rank}] {_bytes(text).decode(errors='replace')}")
+            parts.append(f"[rank {rank}] {_bytes(text).decode('utf-8', 'replace')}")
         raise TransferError(f"{what} failed: " + "; ".join(parts))
 
 
+def _status(row: Row) -> int:
+    """The error length a row declares: a worker's status, or the trainer's abort reason."""
+    if row.kind == Kind.WORKER:
+        return row.args[0]
+    if row.kind == Kind.ABORT:
+        return row.args[2]
+    return 0
+
+
 def checksum(data: torch.Tensor) -> int:
-    """Position-sensitive checksum of a uint8 tensor, computed on its own device."""
+    """Position-sensitive checksum of a flat uint8 tensor, computed on its own device.
+
+    Every 32-bit word is weighted by its position (modulo a prime), so a
+    changed, dropped or reordered word changes the sum. Computed in 4 MiB
+    chunks, so the scratch memory stays small whatever the bucket size.
+    """
+    prime = 2_147_483_647
     n = data.numel()
     words = data[: n - n % 4].view(torch.int32)
+    acc = torch.zeros((), dtype=torch.int64, device=data.device)
+    for i in range(0, words.numel(), 1 << 20):
+        chunk = words[i : i + (1 << 20)].to(torch.int64)
+        weights = torch.arange(i + 1, i + 1 + chunk.numel(), dtype=torch.int64, device=data.device) % prime
+        acc += (chunk * weights % prime).sum()
     tail = data[n - n % 4 :].to(torch.int64)
-    prime = 2_147_483_647
-    # Sums of 1024-word blocks, widened to int64 one 4 MiB chunk at a time so
-    # the scratch memory stays small whatever the bucket size.
-    full = words.numel() // 1024 * 1024
-    parts = [words[i : min(i + (1 << 20), full)].view(-1, 1024).to(torch.int64).sum(dim=1) for i in range(0, full, 1 << 20)]
-    if full < words.numel():
-        parts.append(words[full:].to(torch.int64).sum().reshape(1))
-    blocks = (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=data.device)) % prime
-    weights = torch.arange(1, blocks.numel() + 1, dtype=torch.int64, device=data.device) % prime
-    total = (blocks * weights % prime).sum() + (tail * torch.arange(1, tail.numel() + 1, device=data.device)).sum()
-    return int(total.item()) * 8 + n % 8
+    acc += (tail * torch.arange(1, tail.numel() + 1, device=data.device)).sum()
+    return (int(acc.item()) % prime) * 8 + n % 8

@@ -40,7 +40,8 @@ from .errors import TransferError
 import torch.distributed as dist
 
 from .group import create_side_group, destroy_side_group, side_group
-from .pipeline import LoadWeights, ReceiveProgress, receive_update, send_update
+from .receiver import LoadWeights, ReceiveProgress, Receiver
+from .sender import Sender
 
 __all__ = ["WeightTransferEngine", "NCCLWeightTransferEngine"]
 
@@ -224,8 +225,10 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
             raise ValueError(f"load_weights must be callable, got {load_weights!r}")
         progress = ReceiveProgress()
         with self._lock:
+            side = side_group(group)
+            side.check_usable()
             try:
-                stats = receive_update(group, info, load_weights, self.device, atomic=atomic, progress=progress)
+                stats = Receiver(side, info, load_weights, self.device, atomic=atomic, progress=progress).run()
             finally:
                 if progress.applied:
                     self._weights_version, self._torn = progress.update_id, False
@@ -323,7 +326,7 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
                 workers then get TransferError naming it).
             TransferError: a worker rejected the update or failed, or a peer died.
         """
-        side_group(group)  # ValueError unless it is a side group
+        side = side_group(group)  # ValueError unless it is a side group
         if isinstance(src, bool) or src != 0 or group.rank() != 0:
             raise ValueError(f"the trainer sends as rank 0 of the side group; got src={src!r} on rank {group.rank()}")
         if not isinstance(packed, bool):
@@ -333,11 +336,14 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
             raise ValueError(f"version must be an int in [0, 2**62), got {version!r}")
         if post_iter_func is not None and not callable(post_iter_func):
             raise ValueError(f"post_iter_func must be callable, got {post_iter_func!r}")
-        return send_update(
-            group, iterator, post_iter_func=post_iter_func, packed=packed,
-            buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
-            checksum=checksum, stream=stream, zero_copy=zero_copy, version=version,
-        )  # fmt: skip
+        side.check_usable()
+        num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
+        sender = Sender(side, packed=packed, buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
+                        checksum=checksum, zero_copy=zero_copy, version=version, num_tensors=num_tensors)  # fmt: skip
+        if stream is not None:
+            with torch.cuda.stream(stream):
+                return sender.run(iterator, post_iter_func)
+        return sender.run(iterator, post_iter_func)
 
 
 # TransferError is re-exported here for callers that import the engine module alone.

@@ -14,7 +14,8 @@ in one place:
   so buffer memory stays ``num_buffers x buffer_size`` whatever the model;
 * a bucket holds at most :data:`MAX_SLOTS_PER_BUCKET` slots, which bounds the
   size of its header;
-* with ``buffer_size=None`` (unpacked mode) every tensor is a bucket of its own.
+* with ``buffer_size=None`` (unpacked mode) whole tensors are grouped into
+  buckets, and each travels in a broadcast of its own.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ __all__ = [
     "align_up",
     "dtype_name",
     "parse_dtype",
+    "Planner",
+    "own_run_threshold",
     "plan_slots",
-    "pack_slot",
     "payload_runs",
+    "check_bucket",
     "slot_view",
     "tensor_bytes",
 ]
@@ -190,51 +193,102 @@ class Slot:
         return self.offset + self.length
 
 
-def plan_slots(specs: Iterable[TensorSpec], buffer_size: int | None) -> Iterator[Slot]:
-    """Place tensors into buckets; yields slots in send order, lazily.
+UNPACKED_GROUP_TENSORS = 256
+"""Unpacked mode: most tensors one bucket (one control tick) groups."""
+UNPACKED_GROUP_BYTES = 64 << 20
+"""Unpacked mode: a bucket closes once it holds this many bytes."""
+DIRECT_MIN_BYTES = 4 << 20
+DIRECT_BUFFER_FRACTION = 8
 
-    Both sides call this with the same specs and ``buffer_size``. It pulls one
-    spec at a time and never looks ahead, so a lazy source is not drained: the
-    sender learns that bucket ``b`` is complete when the first slot of
-    ``b + 1`` arrives, with only that one tensor in hand.
+
+def own_run_threshold(buffer_size: int | None) -> int:
+    """Slots of at least this many bytes travel as a broadcast of their own.
+
+    Such a slot can go straight from the source tensor's memory (no pack
+    copy) at the cost of one more collective, which is why small slots are
+    packed together. Unpacked mode (``None``): every slot.
+    """
+    if buffer_size is None:
+        return 0
+    return max(DIRECT_MIN_BYTES, buffer_size // DIRECT_BUFFER_FRACTION)
+
+
+class Planner:
+    """The bucket rule, one tensor at a time; both sides replay the same calls.
+
+    :meth:`add` places the next tensor and returns its slots. It never looks
+    ahead, so a lazy source is not drained: a bucket is complete when a slot
+    of the next bucket appears (or the source ends). :meth:`resume` and
+    :meth:`close_bucket` let a sender continue from a bucket it already sent
+    part of (a layout that changed mid-update).
+
+    Packed (``buffer_size`` an int): see the module docstring. Unpacked
+    (``None``): whole tensors, grouped into buckets of at most
+    :data:`UNPACKED_GROUP_TENSORS` tensors and about
+    :data:`UNPACKED_GROUP_BYTES` bytes; each travels in its own broadcast.
+    """
+
+    def __init__(self, buffer_size: int | None) -> None:
+        if buffer_size is not None and (
+            isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < ALIGNMENT
+        ):
+            raise ValueError(f"buffer_size must be an int >= {ALIGNMENT}, got {buffer_size!r}")
+        self.buffer_size = buffer_size
+        self.bucket, self.cursor, self.count = -1, 0, 0
+
+    def resume(self, bucket: int, cursor: int, count: int) -> None:
+        """Continue bucket ``bucket`` after ``count`` slots ending at ``cursor``."""
+        self.bucket, self.cursor, self.count = bucket, cursor, count
+
+    def close_bucket(self) -> None:
+        """Start the next tensor in a new bucket."""
+        self.cursor, self.count = 0, MAX_SLOTS_PER_BUCKET
+
+    def _new_bucket(self) -> None:
+        self.bucket, self.cursor, self.count = self.bucket + 1, 0, 0
+
+    def add(self, index: int, spec: TensorSpec) -> list[Slot]:
+        nbytes, size = spec.nbytes, self.buffer_size
+        if size is None:
+            if self.bucket < 0 or self.count >= UNPACKED_GROUP_TENSORS or (
+                self.count and self.cursor + nbytes > UNPACKED_GROUP_BYTES
+            ):
+                self._new_bucket()
+            self.cursor, self.count = self.cursor + nbytes, self.count + 1
+            return [Slot(self.bucket, index, spec, 0, nbytes, 0)]
+        offset = align_up(self.cursor)
+        fits = offset + nbytes <= size and self.count < MAX_SLOTS_PER_BUCKET
+        if self.bucket < 0 or self.count >= MAX_SLOTS_PER_BUCKET or (
+            not fits and (nbytes <= size or offset >= size)
+        ):
+            self._new_bucket()
+            offset = 0
+        if offset + nbytes <= size:
+            self.cursor, self.count = offset + nbytes, self.count + 1
+            return [Slot(self.bucket, index, spec, 0, nbytes, offset)]
+        # Larger than what is left of the buffer and than a whole buffer: split.
+        slots, start = [], 0
+        while start < nbytes:
+            length = min(nbytes - start, size - offset)
+            slots.append(Slot(self.bucket, index, spec, start, length, offset))
+            start += length
+            self.cursor, self.count = offset + length, self.count + 1
+            if start < nbytes:
+                self._new_bucket()
+                offset = 0
+        return slots
+
+
+def plan_slots(specs: Iterable[TensorSpec], buffer_size: int | None) -> Iterator[Slot]:
+    """Place tensors into buckets; yields slots in send order, lazily (see :class:`Planner`).
 
     Args:
         specs: tensors in send order.
-        buffer_size: bytes per buffer (packed mode), or None for one bucket
-            per tensor (unpacked mode).
+        buffer_size: bytes per buffer (packed mode), or None (unpacked mode).
     """
-    if buffer_size is not None and (
-        isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < ALIGNMENT
-    ):
-        raise ValueError(f"buffer_size must be an int >= {ALIGNMENT}, got {buffer_size!r}")
-    bucket = -1
-    cursor = 0
-    count = 0
+    planner = Planner(buffer_size)
     for index, spec in enumerate(specs):
-        if buffer_size is None:
-            bucket += 1
-            yield Slot(bucket, index, spec, 0, spec.nbytes, 0)
-            continue
-        nbytes = spec.nbytes
-        offset = align_up(cursor)
-        fits = offset + nbytes <= buffer_size and count < MAX_SLOTS_PER_BUCKET
-        if bucket < 0 or (not fits and (nbytes <= buffer_size or offset >= buffer_size)) or (
-            count >= MAX_SLOTS_PER_BUCKET
-        ):
-            bucket, offset, count = bucket + 1, 0, 0
-        if offset + nbytes <= buffer_size:
-            yield Slot(bucket, index, spec, 0, nbytes, offset)
-            cursor, count = offset + nbytes, count + 1
-            continue
-        # Larger than what is left of the buffer and than a whole buffer: split.
-        start = 0
-        while start < nbytes:
-            length = min(nbytes - start, buffer_size - offset)
-            yield Slot(bucket, index, spec, start, length, offset)
-            start += length
-            cursor, count = offset + length, count + 1
-            if start < nbytes:
-                bucket, offset, count = bucket + 1, 0, 0
+        yield from planner.add(index, spec)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -252,70 +306,59 @@ def typed_view(raw: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     return raw.view(spec.dtype).view(spec.shape)
 
 
-def pack_slot(buffer: torch.Tensor, slot: Slot, tensor: torch.Tensor) -> None:
-    """Copy the slot's part of ``tensor`` into ``buffer``.
+def payload_runs(slots: Sequence[Slot], buffer_size: int | None) -> list[tuple[int, int, int | None]]:
+    """How a bucket's payload is split into broadcasts, in posting order: ``(start, end, position)``.
 
-    A whole, unsplit tensor is copied straight from its strides into the
-    buffer (no temporary for non-contiguous views); a split tensor is copied
-    from its contiguous bytes.
+    First every slot of at least :func:`own_run_threshold` bytes, alone and in
+    slot order (``position`` is its index in ``slots``): the sender may
+    broadcast it straight from the tensor's memory, posted as soon as the
+    tensor is pulled. Then the remaining slots, consecutive ones merged into
+    one range of the buffer (``position`` None), posted once the bucket is
+    packed. Both sides call this on the same slots, so they issue the same
+    collectives whatever the tensors' memory layout. Empty ranges are left out.
     """
-    dst = slot_view(buffer, slot)
-    with torch.no_grad():
-        if slot.is_whole:
-            if slot.length:
-                typed_view(dst, slot.spec).copy_(tensor, non_blocking=True)
-        else:
-            src = tensor_bytes(tensor)[slot.start : slot.start + slot.length]
-            dst.copy_(src, non_blocking=True)
-
-
-def payload_runs(slots: Sequence[Slot], direct: Iterable[int] = ()) -> list[tuple[int, int, int | None]]:
-    """How a bucket's payload is split into broadcasts: ``(start, end, position)``.
-
-    Consecutive packed slots travel as one range of the buffer (``position``
-    None); a slot listed in ``direct`` travels alone (``position`` is its index
-    in ``slots``), sent by the trainer straight from the tensor's own memory
-    and received into the same place of the buffer as if it had been packed.
-    Both sides call this on the same header, so they issue the same
-    collectives. Empty ranges are left out.
-    """
-    direct = set(direct)
-    runs: list[tuple[int, int, int | None]] = []
+    threshold = own_run_threshold(buffer_size)
+    own: list[tuple[int, int, int | None]] = []
+    packed: list[tuple[int, int, int | None]] = []
     start = end = None
     for pos, slot in enumerate(slots):
-        if pos in direct:
+        if slot.length and slot.length >= threshold:
+            own.append((slot.offset, slot.end, pos))
             if start is not None and end > start:
-                runs.append((start, end, None))
+                packed.append((start, end, None))
             start = end = None
-            if slot.length:
-                runs.append((slot.offset, slot.end, pos))
             continue
         if start is None:
             start = slot.offset
         end = slot.end
     if start is not None and end > start:
-        runs.append((start, end, None))
-    return runs
+        packed.append((start, end, None))
+    return own + packed
 
 
 def check_bucket(slots: Sequence[Slot], buffer_size: int | None) -> int:
-    """Validate slots decoded from the wire; returns the bucket's payload bytes.
+    """Validate slots decoded from the wire; returns the bucket's extent in the buffer.
 
-    Raises ValueError when slots overlap, are misaligned, or leave the buffer.
+    Raises ValueError when slots overlap, are misaligned, leave the buffer or
+    the tensor, or exceed the per-bucket limits.
     """
     end = 0
+    if buffer_size is None and len(slots) > UNPACKED_GROUP_TENSORS:
+        raise ValueError(f"unpacked bucket has {len(slots)} tensors, more than {UNPACKED_GROUP_TENSORS}")
+    if buffer_size is not None and len(slots) > MAX_SLOTS_PER_BUCKET:
+        raise ValueError(f"bucket has {len(slots)} slots, more than {MAX_SLOTS_PER_BUCKET}")
+    if not slots:
+        raise ValueError("a bucket holds at least one slot")
     for slot in slots:
         if slot.start < 0 or slot.length < 0 or slot.start + slot.length > slot.spec.nbytes:
             raise ValueError(f"slot of {slot.spec.name!r} covers bytes outside the tensor")
         if buffer_size is None:
-            if not slot.is_whole or slot.offset != 0 or len(slots) != 1:
-                raise ValueError("an unpacked bucket holds one whole tensor at offset 0")
-        else:
-            if slot.offset % ALIGNMENT or slot.offset < end:
-                raise ValueError(f"slot of {slot.spec.name!r} at offset {slot.offset} is misaligned or overlaps")
-            if slot.end > buffer_size:
-                raise ValueError(f"slot of {slot.spec.name!r} ends at {slot.end}, past the buffer ({buffer_size})")
+            if not slot.is_whole or slot.offset != 0:
+                raise ValueError(f"an unpacked slot holds one whole tensor at offset 0, got {slot.spec.name!r}")
+            continue
+        if slot.offset % ALIGNMENT or slot.offset < end:
+            raise ValueError(f"slot of {slot.spec.name!r} at offset {slot.offset} is misaligned or overlaps")
+        if slot.end > buffer_size:
+            raise ValueError(f"slot of {slot.spec.name!r} ends at {slot.end}, past the buffer ({buffer_size})")
         end = slot.end
-    if buffer_size is not None and len(slots) > MAX_SLOTS_PER_BUCKET:
-        raise ValueError(f"bucket has {len(slots)} slots, more than {MAX_SLOTS_PER_BUCKET}")
     return end

@@ -1,29 +1,41 @@
-"""The header: what travels in-band before any payload, encoded without pickle.
+"""What travels in-band on the control group, encoded without pickle.
 
-Every control message is one frame::
+Two forms, both validated field by field before anything is sized from them:
+
+**Rows.** Every control step of an update is one all_gather of a fixed row of
+:data:`ROW_WORDS` int64 words per rank (:class:`torchxfer.control.ControlChannel`).
+Word 0 is :data:`ROW_MAGIC` (b"TXFR" and the protocol version), word 1 the
+kind. The trainer's row says what comes next (``BEGIN``, ``BUCKET``, ``TABLE``,
+``ABORT``, ``END``); a worker's row (``WORKER``) carries its status: the byte
+length of its error message (0 when fine), which plan it holds, whether it
+stages updates. Every rank sees every row, so every rank takes the same
+decision from the same values.
+
+**Table frames.** The slots of one bucket, sent when the layout is new::
 
     offset  size  field
     0       4     magic b"TXFR"
     4       2     protocol version (little-endian uint16)
-    6       1     kind: 1 BEGIN, 2 BUCKET, 3 END, 4 ABORT
+    6       1     kind: 2 BUCKET
     7       1     reserved (0)
     8       4     body length in bytes (little-endian uint32)
-    12      n     body: UTF-8 JSON object
+    12      n     body: UTF-8 JSON object {"index": int, "slots": [[index, name,
+                  dtype, shape, start, length, offset], ...]}
 
-A receiver never unpickles bytes from the network: :func:`decode` parses the
-frame, checks the magic, version, kind and size cap, parses the JSON and
-validates every field's type and range. Anything else is a TransferError.
+A receiver never unpickles bytes from the network: :func:`decode` checks the
+magic, version, kind and size cap, parses the JSON and validates every field's
+type and range. Anything else is a TransferError.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import struct
 from typing import Any
 
 from .errors import TransferError
-from .config import MAX_NUM_BUFFERS
 from .packing import (
     ALIGNMENT,
     MAX_NAME_CHARS,
@@ -38,16 +50,21 @@ from .packing import (
 __all__ = [
     "PROTOCOL_VERSION",
     "MAX_FRAME_BYTES",
-    "Begin",
     "BucketHeader",
-    "End",
-    "Abort",
+    "Kind",
+    "Row",
+    "ROW_WORDS",
+    "ROW_MAGIC",
+    "WIRE_SIGNATURE",
+    "check_arg",
+    "make_row",
+    "parse_row",
     "encode",
     "decode",
     "frame_length",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"TXFR"
 _PREFIX = struct.Struct("<4sHBBI")
 PREFIX_BYTES = _PREFIX.size
@@ -55,20 +72,7 @@ MAX_FRAME_BYTES = 64 << 20
 """Cap on one control frame; a larger declared size is rejected before allocating."""
 _MAX_INT = 1 << 62
 
-_BEGIN, _BUCKET, _END, _ABORT = 1, 2, 3, 4
-
-
-@dataclasses.dataclass(frozen=True)
-class Begin:
-    """Opens an update: its sequence number and the transfer configuration."""
-
-    update_id: int
-    packed: bool
-    buffer_size: int
-    num_buffers: int
-    num_tensors: int | None
-    """Total tensors in the update when the sender knows it up front, else None."""
-    checksum: bool
+_BUCKET = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,29 +81,8 @@ class BucketHeader:
 
     index: int
     slots: tuple[Slot, ...]
-    checksum: int | None
-    direct: tuple[int, ...] = ()
-    """Positions (in ``slots``) of whole tensors the sender broadcasts straight
-    from their own memory, each as a collective of its own; see
-    :func:`torchxfer.packing.payload_runs`."""
 
 
-@dataclasses.dataclass(frozen=True)
-class End:
-    """Closes an update."""
-
-    num_tensors: int
-    num_bytes: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Abort:
-    """The sender gave up on this update; ``reason`` says why."""
-
-    reason: str
-
-
-Message = Begin | BucketHeader | End | Abort
 
 
 def _slot_row(slot: Slot) -> list[Any]:
@@ -107,25 +90,13 @@ def _slot_row(slot: Slot) -> list[Any]:
     return [slot.index, spec.name, dtype_name(spec.dtype), list(spec.shape), slot.start, slot.length, slot.offset]
 
 
-def encode(msg: Message) -> bytes:
+def encode(msg: BucketHeader) -> bytes:
     """One frame for ``msg``. Raises ValueError if it exceeds :data:`MAX_FRAME_BYTES`."""
-    if isinstance(msg, Begin):
-        kind, body = _BEGIN, dataclasses.asdict(msg)
-    elif isinstance(msg, BucketHeader):
-        kind, body = _BUCKET, {
-            "index": msg.index,
-            "checksum": msg.checksum,
-            "direct": list(msg.direct),
-            "slots": [_slot_row(s) for s in msg.slots],
-        }
-    elif isinstance(msg, End):
-        kind, body = _END, dataclasses.asdict(msg)
-    elif isinstance(msg, Abort):
-        kind, body = _ABORT, {"reason": msg.reason[:MAX_NAME_CHARS]}
-    else:
+    if not isinstance(msg, BucketHeader):
         raise TypeError(f"cannot encode {type(msg).__name__}")
+    body = {"index": msg.index, "slots": [_slot_row(s) for s in msg.slots]}
     payload = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-    frame = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, 0, len(payload)) + payload
+    frame = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, _BUCKET, 0, len(payload)) + payload
     if len(frame) > MAX_FRAME_BYTES:
         raise ValueError(f"header of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte cap")
     return frame
@@ -146,7 +117,7 @@ def frame_length(prefix: bytes) -> int:
         raise TransferError(
             f"protocol version mismatch: sender speaks {version}, this receiver speaks {PROTOCOL_VERSION}"
         )
-    if kind not in (_BEGIN, _BUCKET, _END, _ABORT):
+    if kind != _BUCKET:
         raise TransferError(f"unknown header kind {kind}")
     if PREFIX_BYTES + body_len > MAX_FRAME_BYTES:
         raise TransferError(f"header declares {body_len} bytes, over the {MAX_FRAME_BYTES}-byte cap")
@@ -159,13 +130,6 @@ def _int(body: dict, key: str, lo: int = 0, hi: int = _MAX_INT, none_ok: bool = 
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise TransferError(f"header field {key!r} is {value!r}, expected an int in [{lo}, {hi}]")
-    return value
-
-
-def _bool(body: dict, key: str) -> bool:
-    value = body.get(key)
-    if not isinstance(value, bool):
-        raise TransferError(f"header field {key!r} is {value!r}, expected a bool")
     return value
 
 
@@ -191,46 +155,94 @@ def _decode_slot(bucket: int, row: Any) -> Slot:
     return Slot(bucket, index, spec, start, length, offset)
 
 
-def decode(frame: bytes) -> Message:
-    """Parse one frame. Any malformed input raises TransferError, never anything else."""
+def decode(frame: bytes) -> BucketHeader:
+    """Parse one table frame. Any malformed input raises TransferError, never anything else."""
     total = frame_length(frame[:PREFIX_BYTES])
     if len(frame) < total:
         raise TransferError(f"truncated header: {len(frame)} of {total} bytes")
-    kind = frame[6]
     try:
         body = json.loads(frame[PREFIX_BYTES:total].decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise TransferError(f"header body is not JSON: {e}") from None
     if not isinstance(body, dict):
         raise TransferError("header body is not a JSON object")
-    if kind == _BEGIN:
-        return Begin(
-            update_id=_int(body, "update_id"),
-            packed=_bool(body, "packed"),
-            buffer_size=_int(body, "buffer_size", lo=ALIGNMENT),
-            num_buffers=_int(body, "num_buffers", lo=1, hi=MAX_NUM_BUFFERS),
-            num_tensors=_int(body, "num_tensors", none_ok=True),
-            checksum=_bool(body, "checksum"),
-        )
-    if kind == _BUCKET:
-        index = _int(body, "index")
-        rows = body.get("slots")
-        if not isinstance(rows, list) or len(rows) > MAX_SLOTS_PER_BUCKET:
-            raise TransferError("header field 'slots' is not a list of at most "
-                                f"{MAX_SLOTS_PER_BUCKET} slot records")
-        slots = tuple(_decode_slot(index, row) for row in rows)
-        direct = body.get("direct", [])
-        if not isinstance(direct, list) or len(direct) > len(slots):
-            raise TransferError(f"header field 'direct' is {direct!r:.200}, expected a list of slot positions")
-        for i, pos in enumerate(direct):
-            _int({"direct": pos}, "direct", hi=len(slots) - 1)
-            if (i and pos <= direct[i - 1]) or not slots[pos].is_whole:
-                raise TransferError(f"header field 'direct' names slot {pos} out of order or not whole")
-        checksum = _int(body, "checksum", lo=-_MAX_INT, none_ok=True)
-        return BucketHeader(index, slots, checksum, tuple(direct))
-    if kind == _END:
-        return End(num_tensors=_int(body, "num_tensors"), num_bytes=_int(body, "num_bytes"))
-    reason = body.get("reason")
-    if not isinstance(reason, str):
-        raise TransferError(f"header field 'reason' is {reason!r:.200}, expected a string")
-    return Abort(reason[:MAX_NAME_CHARS])
+    index = _int(body, "index")
+    rows = body.get("slots")
+    if not isinstance(rows, list) or not rows or len(rows) > MAX_SLOTS_PER_BUCKET:
+        raise TransferError(f"header field 'slots' is not a list of 1 to {MAX_SLOTS_PER_BUCKET} slot records")
+    return BucketHeader(index, tuple(_decode_slot(index, row) for row in rows))
+
+
+# -- rows ----------------------------------------------------------------------------------
+
+ROW_WORDS = 8
+"""int64 words of one rank's row in a control step."""
+ROW_MAGIC = int.from_bytes(MAGIC, "little") << 16 | PROTOCOL_VERSION
+"""Word 0 of every row: a peer speaking another protocol is caught at its first row."""
+
+
+class Kind(enum.IntEnum):
+    """Word 1 of a row."""
+
+    BEGIN = 1
+    """trainer: [update_id, flags, buffer_size (0: unpacked), num_buffers, fingerprint, num_tensors (-1: unknown)]"""
+    BUCKET = 2
+    """trainer: [bucket, last, checksum]: the next bucket of the cached plan"""
+    TABLE = 3
+    """trainer: [bucket, last, checksum, frame_bytes, kept]: a table frame follows (a new layout);
+    ``kept`` leading slots of the cached bucket were already posted"""
+    ABORT = 4
+    """trainer: [bucket, kept, reason_bytes]: the update stops; ``kept`` leading slots of the
+    cached bucket were posted"""
+    END = 5
+    """trainer: [num_tensors, num_bytes]: the update is complete"""
+    WORKER = 6
+    """worker: [status_bytes, plan_fingerprint, plan_ok, atomic]"""
+    SYNC = 7
+    """trainer: no arguments; a step where only the workers' status matters"""
+
+
+FLAG_PACKED = 1
+FLAG_CHECKSUM = 2
+MAX_COUNT = 1 << 62
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One rank's row, checked: ``kind`` and up to six argument words."""
+
+    kind: Kind
+    args: tuple[int, ...]
+
+
+def make_row(kind: Kind, *args: int) -> list[int]:
+    """The words of a row; ``args`` are padded with zeros."""
+    assert len(args) <= ROW_WORDS - 2
+    return [ROW_MAGIC, int(kind), *args] + [0] * (ROW_WORDS - 2 - len(args))
+
+
+def parse_row(words: list[int], rank: int) -> Row:
+    """Check a row received from ``rank``; TransferError for another protocol or an unknown kind."""
+    if len(words) != ROW_WORDS or words[0] != ROW_MAGIC:
+        raise TransferError(f"rank {rank} speaks another torchxfer protocol or is not a torchxfer peer "
+                            f"(row word 0 is {words[0] if words else None:#x}, expected {ROW_MAGIC:#x})")
+    try:
+        kind = Kind(words[1])
+    except ValueError:
+        raise TransferError(f"rank {rank} sent a control row of unknown kind {words[1]}") from None
+    if (kind == Kind.WORKER) != (rank != 0):
+        raise TransferError(f"rank {rank} sent a {kind.name} row, which only "
+                            f"{'workers' if kind == Kind.WORKER else 'the trainer'} send")
+    return Row(kind, tuple(words[2:]))
+
+
+def check_arg(row: Row, position: int, what: str, lo: int, hi: int) -> int:
+    """Argument ``position`` of a row, in ``[lo, hi]``; TransferError naming it otherwise."""
+    value = row.args[position]
+    if not lo <= value <= hi:
+        raise TransferError(f"{row.kind.name} row field {what} is {value}, expected a value in [{lo}, {hi}]")
+    return value
+
+
+WIRE_SIGNATURE = f"v{PROTOCOL_VERSION}:row{ROW_WORDS}:frame{MAX_FRAME_BYTES}:slots{MAX_SLOTS_PER_BUCKET}:align{ALIGNMENT}"
+"""The protocol and its constants; ranks compare it at init, before any variable-size collective."""

@@ -1,0 +1,134 @@
+"""Layouts as both sides hold them: buckets, their tables and a fingerprint (pure).
+
+A layout is the list of buckets one update sent: each bucket's slots, the
+table frame that described them, and the broadcasts they travel in. Both
+sides keep the last layout that completed, keyed by a fingerprint over the
+configuration and every table frame, so an unchanged layout is announced
+by its fingerprint alone: no header is encoded or decoded and nothing is
+validated again. A layout that changes is described afresh, from the first
+tensor that differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+from .errors import TransferError
+from .packing import Slot, TensorSpec, check_bucket, dtype_name, payload_runs
+from .wire import BucketHeader, encode
+
+__all__ = ["BucketPlan", "Layout", "TableChecker", "describe"]
+
+
+def describe(slot: Slot) -> str:
+    """A slot as error messages name it."""
+    spec = slot.spec
+    where = "" if slot.is_whole else f" bytes [{slot.start}, {slot.start + slot.length})"
+    return f"#{slot.index} {spec.name!r} {dtype_name(spec.dtype)} {list(spec.shape)}{where}"
+
+
+@dataclasses.dataclass
+class BucketPlan:
+    """One bucket: its slots, its table frame and its broadcasts (see ``payload_runs``)."""
+
+    index: int
+    slots: tuple[Slot, ...]
+    frame: bytes
+    runs: list[tuple[int, int, int | None]]
+    extent: int
+    """Bytes of the buffer the bucket uses (0 in unpacked mode)."""
+    cache: dict = dataclasses.field(default_factory=dict)
+    """Per-side memo (views into a buffer), dropped with the layout."""
+
+    @classmethod
+    def make(cls, index: int, slots: tuple[Slot, ...], buffer_size: int | None, frame: bytes | None = None) -> BucketPlan:
+        if frame is None:
+            frame = encode(BucketHeader(index, slots))
+        extent = 0 if buffer_size is None else max(s.end for s in slots)
+        return cls(index, slots, frame, payload_runs(slots, buffer_size), extent)
+
+
+class Layout:
+    """The buckets of one update, in order, and their fingerprint."""
+
+    def __init__(self, packed: bool, buffer_size: int | None, num_buffers: int) -> None:
+        self.config = (packed, buffer_size, num_buffers)
+        self.buffer_size = buffer_size
+        self.buckets: list[BucketPlan] = []
+        self.specs: list[TensorSpec] = []
+        self.num_bytes = 0
+        self._hash = hashlib.sha256(repr(self.config).encode())
+
+    def append(self, bucket: BucketPlan) -> None:
+        assert bucket.index == len(self.buckets)
+        self.buckets.append(bucket)
+        self._hash.update(len(bucket.frame).to_bytes(8, "little") + bucket.frame)
+        for slot in bucket.slots:
+            if slot.start == 0:
+                self.specs.append(slot.spec)
+                self.num_bytes += slot.spec.nbytes
+
+    @property
+    def fingerprint(self) -> int:
+        """A positive 63-bit digest of the configuration and every table (0 means none)."""
+        return int.from_bytes(self._hash.digest()[:8], "little") >> 1 or 1
+
+
+class TableChecker:
+    """Checks, on a receiver, that tables decoded from the wire continue the update.
+
+    Bucket indices follow each other; tensors arrive in order from byte 0; a
+    split tensor continues exactly where it stopped, in the next bucket; and,
+    when the worker passed ``update_info``, each tensor is the one it lists.
+    """
+
+    def __init__(self, expected: tuple[TensorSpec, ...] | None, buffer_size: int | None) -> None:
+        self.expected = expected
+        self.buffer_size = buffer_size
+        self.next_index = 0
+        self.partial: Slot | None = None
+
+    def resume_after(self, previous: BucketPlan | None) -> None:
+        """Continue after a bucket of the cached layout (None: from the start)."""
+        last = previous.slots[-1] if previous is not None else None
+        self.partial = last if last is not None and not last.is_last else None
+        self.next_index = 0 if last is None else last.index + (1 if last.is_last else 0)
+
+    def check(self, header: BucketHeader, bucket: int) -> None:
+        """Raise TransferError if ``header`` cannot be bucket ``bucket`` of this update."""
+        if header.index != bucket:
+            raise TransferError(f"the trainer sent the table of bucket {header.index} where bucket {bucket} was due")
+        try:
+            check_bucket(header.slots, self.buffer_size)
+        except ValueError as e:
+            raise TransferError(f"bucket {bucket} is malformed: {e}") from None
+        for pos, slot in enumerate(header.slots):
+            if self.partial is not None:
+                prev = self.partial
+                if (pos != 0 or slot.index != prev.index or slot.spec != prev.spec
+                        or slot.start != prev.start + prev.length):  # fmt: skip
+                    raise TransferError(f"bucket {bucket}: {describe(slot)} does not continue {describe(prev)}")
+            elif slot.index != self.next_index or slot.start != 0:
+                raise TransferError(f"bucket {bucket}: {describe(slot)} is out of order "
+                                    f"(expected tensor #{self.next_index} from byte 0)")  # fmt: skip
+            if slot.start == 0 and self.expected is not None:
+                if slot.index >= len(self.expected):
+                    raise TransferError(f"trainer sends tensor {describe(slot)} but update_info lists only "
+                                        f"{len(self.expected)} tensors")  # fmt: skip
+                want = self.expected[slot.index]
+                if want != slot.spec:
+                    raise TransferError(f"trainer sends {describe(slot)}, update_info expects "
+                                        f"#{slot.index} {want.name!r} {dtype_name(want.dtype)} {list(want.shape)}")
+            if not slot.is_last and pos != len(header.slots) - 1:
+                raise TransferError(f"bucket {bucket}: split tensor {describe(slot)} is not the bucket's last slot")
+            self.partial = None if slot.is_last else slot
+            if slot.is_last:
+                self.next_index = slot.index + 1
+
+    def finish(self) -> None:
+        """After the last bucket: every tensor complete, and as many as update_info lists."""
+        if self.partial is not None:
+            raise TransferError(f"update ended inside tensor {describe(self.partial)}")
+        if self.expected is not None and self.next_index != len(self.expected):
+            raise TransferError(f"trainer sent {self.next_index} tensors, update_info lists {len(self.expected)}")

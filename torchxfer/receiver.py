@@ -1,0 +1,500 @@
+"""The worker's half of an update: one method per protocol step.
+
+Every worker runs :class:`Receiver` while rank 0 runs
+:class:`torchxfer.sender.Sender`; the module docstring there gives the steps.
+A worker posts its row in every step (its status: 0, or the byte length of
+its first error) and follows the trainer's row:
+
+* ``BUCKET``: the next bucket of the cached layout: post its broadcasts
+  into buffer ``bucket % num_buffers`` (views of it are made once per
+  layout and handed out again);
+* ``TABLE``: a new layout from this bucket on: receive, decode and check the
+  table; the SYNC step that follows tells every rank whether all accepted it
+  before any of its payload moves;
+* ``ABORT``: the trainer stopped: post what it already posted, then raise the
+  agreed error;
+* ``END``: check the counts; the last step tells every rank whether all
+  received and loaded everything (and, for atomic workers, a SYNC step
+  whether all applied it).
+
+A worker that failed keeps posting every collective the trainer's rows call
+for, and loads nothing more. Every wait is bounded by ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import MAX_NUM_BUFFERS, NCCLWeightTransferUpdateInfo, TransferStats
+from .control import ControlChannel, checksum, encode_message
+from .errors import TransferError
+from .group import SideGroup
+from .packing import ALIGNMENT, Slot, slot_view, typed_view
+from .plan import BucketPlan, Layout, TableChecker
+from .wire import (FLAG_CHECKSUM, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, Kind, Row, check_arg,
+                   decode, make_row)  # fmt: skip
+
+__all__ = ["LoadWeights", "ReceiveProgress", "ReceiverState", "Receiver"]
+
+log = logging.getLogger("torchxfer")
+
+LoadWeights = Callable[[list[tuple[str, torch.Tensor]]], None]
+
+
+@dataclasses.dataclass
+class ReceiveProgress:
+    """What a receiver has done to its weights; read by the engine after a failure."""
+
+    update_id: int | None = None
+    loads_started: bool = False
+    applied: bool = False
+
+
+class ReceiverState:
+    """What a worker keeps per group: the last layout, buffers, streams, the assembly buffer."""
+
+    def __init__(self, group: SideGroup) -> None:
+        self.group = group
+        self.control = ControlChannel(group)
+        self.layout: Layout | None = None
+        self.validated: Any = None  # the update_info the layout was checked against
+        self.buffers: list[torch.Tensor] = []
+        self.streams: list[Any] = []
+        self.device: torch.device | None = None
+        self.assembly = torch.empty(0, dtype=torch.uint8)
+
+    @staticmethod
+    def of(group: SideGroup) -> ReceiverState:
+        state = group.cache.get("receiver")
+        if state is None:
+            state = group.cache["receiver"] = ReceiverState(group)
+        return state
+
+    def prepare(self, device: torch.device, num_buffers: int) -> None:
+        if self.device != device:
+            self.buffers, self.streams, self.device = [], [], device
+        while len(self.buffers) < num_buffers:
+            self.buffers.append(torch.empty(0, dtype=torch.uint8, device=device))
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                while len(self.streams) < num_buffers:
+                    self.streams.append(torch.cuda.Stream())
+
+    def buffer(self, b: int, nbytes: int, limit: int) -> torch.Tensor:
+        """Buffer ``b`` with room for ``nbytes`` (its old bytes are not kept), growing
+        geometrically up to ``limit``."""
+        buf = self.buffers[b]
+        if buf.numel() < nbytes:
+            size = min(limit, max(nbytes, 2 * buf.numel(), 1 << 20))
+            self.buffers[b] = buf = torch.empty(0, dtype=torch.uint8, device=buf.device)  # free the old one first
+            self.buffers[b] = buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+        return buf
+
+    def plan_ok(self, info: NCCLWeightTransferUpdateInfo | None) -> bool:
+        """Whether the cached layout is known to satisfy ``info`` (checked once per info)."""
+        layout = self.layout
+        if layout is None:
+            return False
+        if info is None or info is self.validated:
+            return True
+        packed, buffer_size, num_buffers = layout.config
+        ok = info.packed == packed and (not packed or (info.packed_buffer_size_bytes, info.packed_num_buffers)
+                                        == (buffer_size, num_buffers)) and list(info.specs) == layout.specs  # fmt: skip
+        if ok:
+            self.validated = info
+        return ok
+
+
+@dataclasses.dataclass
+class _Posted:
+    """A bucket whose broadcasts are posted and not yet loaded."""
+
+    plan: BucketPlan
+    works: list[Any]
+    dests: dict[int, torch.Tensor]
+    expected_checksum: int | None
+
+
+class Receiver:
+    """Receives one update on a worker (see the module docstring). One instance per update."""
+
+    def __init__(self, group: SideGroup, update_info: NCCLWeightTransferUpdateInfo | None,
+                 load_weights: LoadWeights, device: torch.device, *, atomic: bool,
+                 progress: ReceiveProgress) -> None:  # fmt: skip
+        self.group = group
+        self.state = ReceiverState.of(group)
+        self.control = self.state.control
+        self.info = update_info
+        self.load_weights = load_weights
+        self.device = device
+        self.atomic = atomic
+        self.progress = progress
+        self.error: bytes = b""
+        self.pending: collections.deque[_Posted] = collections.deque()
+        self.staged: list[tuple[str, torch.Tensor]] = []
+        self.head: tuple[Slot, torch.Tensor] | None = None
+        self.num_tensors = 0
+        self.num_bytes = 0
+        self.what = "update"
+        self.in_table_mode = False
+        self.empty = torch.empty(0, dtype=torch.uint8, device=device)
+        self.checked = 0  # buckets the table checker has followed
+        self.prefix: tuple[dict[int, torch.Tensor], list[Any]] = ({}, [])
+
+    def fail(self, message: str) -> None:
+        """Remember this rank's first failure; it goes out in this rank's next row."""
+        if not self.error:
+            self.error = encode_message(message) or b"?"
+
+    def row(self) -> list[int]:
+        layout = self.state.layout
+        return make_row(Kind.WORKER, len(self.error), layout.fingerprint if layout is not None else 0,
+                        int(self.plan_ok), int(self.atomic))  # fmt: skip
+
+    # -- the update ------------------------------------------------------------------------------
+
+    def run(self) -> TransferStats:
+        self.plan_ok = self.state.plan_ok(self.info)
+        rows = self.control.post(self.row(), "update (begin)").rows()
+        start = time.perf_counter()
+        self.begin(rows)
+        try:
+            self.follow()
+        except BaseException:
+            self.drain()
+            raise
+        seconds = time.perf_counter() - start
+        log.debug("received %s: %d tensors, %d bytes in %.4f s (%.2f GB/s)", self.what, self.num_tensors,
+                  self.num_bytes, seconds, self.num_bytes / max(seconds, 1e-9) / 1e9)  # fmt: skip
+        return TransferStats(self.update_id, self.num_tensors, self.num_bytes, seconds)
+
+    def begin(self, rows: list[Row]) -> None:
+        """BEGIN step: take the trainer's configuration; use the cached layout if every worker holds it."""
+        row = self.trainer_row(rows, (Kind.BEGIN,))
+        self.update_id = check_arg(row, 0, "update_id", 0, MAX_COUNT)
+        self.what = f"update {self.update_id}"
+        self.progress.update_id, self.progress.loads_started, self.progress.applied = self.update_id, False, False
+        flags = check_arg(row, 1, "flags", 0, FLAG_PACKED | FLAG_CHECKSUM)
+        self.packed, self.checksum = bool(flags & FLAG_PACKED), bool(flags & FLAG_CHECKSUM)
+        size = check_arg(row, 2, "buffer_size", ALIGNMENT if self.packed else 0, MAX_COUNT if self.packed else 0)
+        self.buffer_size = size if self.packed else None
+        self.num_buffers = check_arg(row, 3, "num_buffers", 1, MAX_NUM_BUFFERS)
+        fingerprint = row.args[4]
+        hint = check_arg(row, 5, "num_tensors", -1, MAX_COUNT)
+        self.control.settle(rows, b"", f"{self.what} (begin)")
+        self.any_atomic = any(r.args[3] for r in rows[1:])
+        cached = self.state.layout
+        self.cached = cached if fingerprint and all(r.args[1] == fingerprint and r.args[2] for r in rows[1:]) else None
+        self.layout = Layout(self.packed, self.buffer_size, self.num_buffers)
+        self.checker = TableChecker(self.info.specs if self.info is not None else None, self.buffer_size)
+        self.prepared = False
+        if self.cached is None and self.info is not None:
+            self.check_config(hint)
+
+    def check_config(self, hint: int) -> None:
+        info, problems = self.info, []
+        if self.packed != info.packed:
+            problems.append(f"packed: trainer sends packed={self.packed}, update_info says packed={info.packed}")
+        elif info.packed:
+            if self.buffer_size != info.packed_buffer_size_bytes:
+                problems.append(f"packed_buffer_size_bytes: trainer uses {self.buffer_size}, "
+                                f"update_info says {info.packed_buffer_size_bytes}")  # fmt: skip
+            if self.num_buffers != info.packed_num_buffers:
+                problems.append(f"packed_num_buffers: trainer uses {self.num_buffers}, "
+                                f"update_info says {info.packed_num_buffers}")  # fmt: skip
+        if hint >= 0 and hint != len(info.names):
+            problems.append(f"count: trainer sends {hint} tensors, update_info lists {len(info.names)}")
+        if problems:
+            self.fail("; ".join(problems))
+
+    def follow(self) -> None:
+        """Every step after BEGIN, as the trainer's rows say."""
+        bucket, last = 0, True
+        while True:
+            rows = self.control.post(self.row(), f"{self.what} bucket {bucket}").rows()
+            row = self.trainer_row(rows, (Kind.BUCKET, Kind.TABLE, Kind.ABORT, Kind.END))
+            if row.kind == Kind.END:
+                return self.end(row, rows, last)
+            check_arg(row, 0, "bucket", bucket, bucket)
+            if row.kind == Kind.ABORT:
+                self.post_prefix(bucket, self.kept(row, 1))
+                self.drain()
+                self.control.settle(rows, self.error, self.what)
+                raise TransferError(f"{self.what}: the trainer aborted it")
+            last = bool(check_arg(row, 1, "last", 0, 1))
+            if row.kind == Kind.BUCKET:
+                if (self.cached is None or self.in_table_mode or bucket >= len(self.cached.buckets)
+                        or len(self.layout.buckets) != bucket):  # fmt: skip
+                    raise self.broken(f"the trainer announced bucket {bucket} of a layout this rank does not hold")
+                plan = self.cached.buckets[bucket]
+                self.receive(plan, 0, row.args[2])
+            else:
+                self.table(bucket, row)
+            bucket += 1
+            if last:
+                self.finish()
+
+    def table(self, bucket: int, row: Row) -> None:
+        """A TABLE step: the frame, its checks, the SYNC step, then the bucket's payload."""
+        length = check_arg(row, 3, "frame_bytes", PREFIX_BYTES + 2, MAX_FRAME_BYTES)
+        kept = self.kept(row, 4)
+        self.in_table_mode = True
+        self.post_prefix(bucket, kept)
+        frame = self.control.recv_frame(length, f"{self.what} table {bucket}")
+        plan = None
+        if not self.error:
+            try:
+                self.resume_checker()
+                header = decode(frame)
+                self.checker.check(header, bucket)
+                if kept and header.slots[:kept] != self.cached.buckets[bucket].slots[:kept]:
+                    raise TransferError(f"bucket {bucket}'s table does not begin with the {kept} slots already sent")
+                plan = BucketPlan.make(bucket, header.slots, self.buffer_size, frame)
+            except TransferError as e:
+                self.fail(str(e))
+        self.checked = bucket + 1
+        rows = self.control.post(self.row(), f"{self.what} bucket {bucket} (check)").rows()
+        self.control.settle(rows, self.error, f"{self.what} bucket {bucket}")
+        assert plan is not None  # a rank without a plan has failed, and settle raised on every rank
+        self.receive(plan, kept, row.args[2])
+
+    def resume_checker(self) -> None:
+        """Bring the table checker up to the buckets received so far (those of the cached layout)."""
+        if self.checked != len(self.layout.buckets):
+            self.checker.resume_after(self.layout.buckets[-1] if self.layout.buckets else None)
+            self.checked = len(self.layout.buckets)
+
+    def kept(self, row: Row, position: int) -> int:
+        """How many leading slots of the cached bucket the trainer already posted."""
+        bucket = row.args[0]
+        most = len(self.cached.buckets[bucket].slots) if self.cached is not None and bucket < len(self.cached.buckets) \
+            and len(self.layout.buckets) == bucket else 0  # fmt: skip
+        return check_arg(row, position, "kept", 0, most)
+
+    def end(self, row: Row, rows: list[Row], last: bool) -> None:
+        """END step: counts, then the agreement that every rank loaded everything, then apply."""
+        num_tensors = check_arg(row, 0, "num_tensors", 0, MAX_COUNT)
+        if not last:
+            self.finish()
+        if not self.error and num_tensors != self.checker.next_index:
+            raise self.broken(f"the trainer says it sent {num_tensors} tensors but {self.checker.next_index} arrived")
+        if not last:
+            rows = self.control.post(self.row(), f"{self.what} (end)").rows()
+            self.trainer_row(rows, (Kind.SYNC,))
+        self.control.settle(rows, self.error, f"{self.what} (end)")
+        if self.any_atomic:
+            if self.atomic:
+                self.apply()
+            rows = self.control.post(self.row(), f"{self.what} (apply)").rows()
+            self.trainer_row(rows, (Kind.SYNC,))
+            self.control.settle(rows, self.error, f"{self.what} (apply)")
+        self.progress.applied = True
+        self.state.layout = self.layout
+        self.state.validated = self.info
+
+    def finish(self) -> None:
+        """After the last bucket: load everything, then check the update is whole (before the final row)."""
+        self.load_all()
+        if not self.error:
+            try:
+                self.resume_checker()
+                self.checker.finish()
+            except TransferError as e:
+                self.fail(str(e))
+
+    def apply(self) -> None:
+        staged, self.staged = self.staged, []
+        self.check_open()
+        self.progress.loads_started = True
+        try:
+            self.load_weights(staged)
+        except Exception as e:
+            self.fail(f"load_weights raised on rank {self.group.rank()} while applying {self.what}: "
+                      f"{type(e).__name__}: {e}")  # fmt: skip
+
+    # -- rows -------------------------------------------------------------------------------------
+
+    def trainer_row(self, rows: list[Row], kinds: tuple[Kind, ...]) -> Row:
+        row = rows[0]
+        if row.kind not in kinds:
+            raise self.broken(f"the trainer sent a {row.kind.name} row where {'/'.join(k.name for k in kinds)} was due")
+        return row
+
+    def broken(self, message: str) -> TransferError:
+        self.group.mark_broken(message)
+        return TransferError(f"{self.what} on rank {self.group.rank()}: {message}", broken=True)
+
+    # -- payload ----------------------------------------------------------------------------------
+
+    def ensure_prepared(self) -> None:
+        if not self.prepared:
+            self.state.prepare(self.device, self.num_buffers)
+            self.prepared = True
+
+    def post_prefix(self, bucket: int, kept: int) -> None:
+        """Post the broadcasts the trainer already posted for the first ``kept`` slots of a cached bucket."""
+        self.prefix = ({}, [])
+        if not kept:
+            return
+        plan = self.cached.buckets[bucket]
+        self.make_room(bucket)
+        runs = [(s, e, p) for s, e, p in plan.runs if p is not None and p < kept]
+        if self.buffer_size is not None:
+            # The rest of this bucket's table is not known yet: give the buffer its full size.
+            self.state.buffer(bucket % self.num_buffers, self.buffer_size, self.buffer_size)
+        self.prefix = self.post_runs(plan, runs)
+
+    def make_room(self, bucket: int) -> None:
+        """Load older buckets until buffer ``bucket % num_buffers`` is free."""
+        self.ensure_prepared()
+        while len(self.pending) >= self.num_buffers:
+            self.load(self.pending.popleft())
+
+    def receive(self, plan: BucketPlan, kept: int, expected_checksum: int) -> None:
+        """Post the bucket's broadcasts (those not posted yet), then load what is due."""
+        if not kept:
+            self.make_room(plan.index)
+        runs = [(s, e, p) for s, e, p in plan.runs if p is None or p >= kept]
+        dests, works = self.post_runs(plan, runs)
+        if kept:
+            dests.update(self.prefix[0])
+            works = self.prefix[1] + works
+            self.prefix = ({}, [])
+        self.pending.append(_Posted(plan, works, dests, expected_checksum if self.checksum else None))
+        self.layout.append(plan)
+        while len(self.pending) > self.num_buffers - 1:
+            self.load(self.pending.popleft())
+
+    def post_runs(self, plan: BucketPlan, runs: list) -> tuple[dict[int, torch.Tensor], list[Any]]:
+        """Post broadcasts into the bucket's buffer (packed) or fresh tensors (unpacked)."""
+        dests: dict[int, torch.Tensor] = {}
+        works: list[Any] = []
+        if not runs:
+            return dests, works
+        stream = None
+        if self.buffer_size is not None:
+            b = plan.index % self.num_buffers
+            buf = self.state.buffer(b, plan.extent, self.buffer_size)
+            if self.device.type == "cuda":
+                stream = self.state.streams[b]
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+        elif self.device.type == "cuda":
+            stream = self.state.streams[0]
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for start, end, pos in runs:
+                if self.buffer_size is not None:
+                    dest = buf[start:end]
+                else:
+                    dest = dests[pos] = torch.empty(end - start, dtype=torch.uint8, device=self.device)
+                try:
+                    works.append(dist.broadcast(dest, group=self.group.pg, group_src=0, async_op=True))
+                except Exception as e:
+                    raise self.broken(f"payload broadcast failed: {e}") from e
+        return dests, works
+
+    def wait(self, posted: _Posted) -> None:
+        for work in posted.works:
+            self.group.wait(work, f"payload broadcast of {self.what}", data=True)
+        posted.works = []
+
+    def drain(self) -> None:
+        """Wait for every posted broadcast (failures included: the group may be gone)."""
+        with contextlib.suppress(TransferError):
+            while self.pending:
+                self.wait(self.pending.popleft())
+            for work in self.prefix[1]:
+                self.group.wait(work, "payload broadcast", data=True)
+
+    def load_all(self) -> None:
+        while self.pending:
+            self.load(self.pending.popleft())
+
+    def load(self, posted: _Posted) -> None:
+        """Wait for a bucket's broadcasts (bounded), check it, and hand its tensors to load_weights."""
+        self.wait(posted)
+        if self.error:
+            return
+        plan = posted.plan
+        buf = self.state.buffers[plan.index % self.num_buffers] if self.buffer_size is not None else None
+        if posted.expected_checksum is not None:
+            total = 0
+            for i, (start, end, pos) in enumerate(plan.runs):
+                part = checksum(buf[start:end] if buf is not None else posted.dests[pos])
+                total = (total + part * (i + 1)) % (1 << 61)
+            if total != posted.expected_checksum:
+                names = ", ".join(repr(s.spec.name) for s in plan.slots)
+                self.fail(f"checksum mismatch in bucket {plan.index} on rank {self.group.rank()} (tensors {names})")
+                return
+        tensors = self.tensors(plan, buf, posted.dests)
+        if tensors and self.atomic:
+            self.staged.extend((name, t.clone()) for name, t in tensors)
+        elif tensors:
+            self.check_open()
+            self.progress.loads_started = True
+            try:
+                self.load_weights(tensors)
+            except Exception as e:
+                self.fail(f"load_weights raised on rank {self.group.rank()} in bucket {plan.index}: "
+                          f"{type(e).__name__}: {e}")  # fmt: skip
+        self.after_load()
+
+    def check_open(self) -> None:
+        if self.group.closed:
+            raise TransferError(f"{self.what}: the engine was shut down", broken=True)
+
+    def tensors(self, plan: BucketPlan, buf: torch.Tensor | None, dests: dict) -> list[tuple[str, torch.Tensor]]:
+        """The bucket's complete tensors, in order: views into the buffer (made once per layout
+        and buffer), or into the assembly buffer for a tensor split across buckets."""
+        memo = plan.cache.get("recv")
+        key = (buf.data_ptr(), buf.numel()) if buf is not None else None
+        if memo is not None and memo[0] == key:
+            self.num_tensors += memo[2]
+            self.num_bytes += memo[3]
+            return list(memo[1])
+        out, count, nbytes = [], 0, 0
+        for pos, slot in enumerate(plan.slots):
+            if slot.is_last:
+                count += 1
+                nbytes += slot.spec.nbytes
+            if slot.is_whole:
+                raw = slot_view(buf, slot) if buf is not None else dests.get(pos, self.empty)
+                out.append((slot.spec.name, typed_view(raw, slot.spec)))
+                continue
+            raw = slot_view(buf, slot)
+            if slot.start == 0:
+                # A split tensor's head is its bucket's last slot, and the tail of the
+                # previous split tensor may sit at the start of the same bucket, still
+                # being read by load_weights: copy the head only after that call.
+                self.head = (slot, raw)
+            else:
+                assembly = self.state.assembly
+                assembly[slot.start : slot.start + slot.length].copy_(raw)
+                if slot.is_last:
+                    out.append((slot.spec.name, typed_view(assembly[: slot.spec.nbytes], slot.spec)))
+        self.num_tensors += count
+        self.num_bytes += nbytes
+        if key is not None and all(s.is_whole for s in plan.slots):
+            plan.cache["recv"] = (key, tuple(out), count, nbytes)
+        return out
+
+    def after_load(self) -> None:
+        """Start the split tensor whose head arrived in the bucket just loaded."""
+        if self.head is None:
+            return
+        slot, raw = self.head
+        self.head = None
+        if self.state.assembly.numel() < slot.spec.nbytes or self.state.assembly.device != raw.device:
+            self.state.assembly = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self.state.assembly = torch.empty(slot.spec.nbytes, dtype=torch.uint8, device=raw.device)
+        self.state.assembly[: slot.length].copy_(raw)
+

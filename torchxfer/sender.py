@@ -1,0 +1,543 @@
+"""The trainer's half of an update: rank 0 sends, one method per protocol step.
+
+One update, as rank 0 drives it (every worker runs :mod:`torchxfer.receiver`
+in lockstep; :mod:`torchxfer.wire` defines the rows)::
+
+    BEGIN step        blocking: config and the cached layout's fingerprint;
+                      every worker says whether it holds that layout
+    per bucket:       pull its tensors: large ones are posted at once from
+                      their own memory, small ones packed (fused copies)
+      BUCKET step     not waited for: "the next bucket of the cached layout"
+      or TABLE step   a new layout: the bucket's table frame follows, then a
+                      blocking SYNC step where every worker accepts it or not
+      payload         the packed runs, posted behind the pack copies
+    END step          blocking: every worker received and loaded everything
+    (SYNC step)       atomic workers applied their staged update
+
+Workers' failures come back in their rows of the steps the trainer does not
+wait for; it reads them STATUS_LAG steps late, so it never waits on the
+newest step, and turns its next step into an ABORT. Payload shapes come from
+the trainer's rows and tables alone, so a worker that rejects an update
+still posts every collective: nothing deadlocks, and the group stays usable.
+
+Sources: every tensor is consumed (its pack copy enqueued, or its broadcast
+ordered before anything that follows) before the next one is pulled, so a
+generator may refill one staging tensor. The exception, which makes the
+steady state fast: a tensor that is the very object sent at the same place
+last update, in a bucket whose tensors were all distinct objects (a
+module's parameters), is packed in fused batches and its zero-copy send is
+not waited for. On CUDA, buffer reuse is ordered on the current stream
+behind the sends that read the buffer (no CPU wait); every CPU wait is
+bounded by ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import TransferStats
+from .control import ControlChannel, Step, checksum, encode_message
+from .errors import TransferError
+from .group import SideGroup
+from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view
+from .plan import BucketPlan, Layout
+from .wire import FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
+
+__all__ = ["SenderState", "Sender", "SourceFailed"]
+
+log = logging.getLogger("torchxfer")
+
+STATUS_LAG = 2
+"""The trainer reads workers' rows this many steps late, so it never waits on the newest step."""
+PACK_BATCH = 1024
+"""Most pack copies fused into one multi-tensor copy."""
+_MIN_BUFFER_BYTES = 1 << 20
+
+Item = tuple[str, torch.Tensor]
+
+
+class SourceFailed(Exception):
+    """The caller's source (iterator, post_iter_func, or a tensor it gave) raised ``original``."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+class SenderState:
+    """What rank 0 keeps per group: the last layout sent, buffers, the next update id."""
+
+    def __init__(self, group: SideGroup) -> None:
+        self.group = group
+        self.control = ControlChannel(group)
+        self.layout: Layout | None = None
+        self.device: torch.device | None = None
+        self.next_update_id = 0
+        self.buffers: list[torch.Tensor] = []
+        self.buffer_key: tuple | None = None
+
+    @staticmethod
+    def of(group: SideGroup) -> SenderState:
+        state = group.cache.get("sender")
+        if state is None:
+            state = group.cache["sender"] = SenderState(group)
+        return state
+
+    def buffer(self, device: torch.device, buffer_size: int, num_buffers: int, b: int, nbytes: int,
+               keep: int) -> torch.Tensor:  # fmt: skip
+        """Buffer ``b`` with room for ``nbytes``, keeping its first ``keep`` bytes.
+
+        Buffers are made once per (device, buffer size) and grow geometrically
+        up to the buffer size in the first updates; a steady layout then
+        reuses the same memory forever.
+        """
+        if self.buffer_key != (device, buffer_size):
+            self.buffers, self.buffer_key = [], (device, buffer_size)
+        while len(self.buffers) < num_buffers:
+            self.buffers.append(torch.empty(0, dtype=torch.uint8, device=device))
+        buf = self.buffers[b]
+        if buf.numel() < nbytes:
+            size = min(buffer_size, max(nbytes, 2 * buf.numel(), _MIN_BUFFER_BYTES))
+            new = torch.empty(size, dtype=torch.uint8, device=device)
+            if keep:
+                new[:keep].copy_(buf[:keep])
+            self.buffers[b] = buf = new
+        return buf
+
+
+def _pairs(items: Iterable[Any], post_iter_func: Callable | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The caller's pairs, transformed; anything raised by the caller's code is wrapped."""
+    try:
+        for item in items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise ValueError(f"expected (name, tensor) pairs, got {type(item).__name__}: {item!r:.100}")
+            yield (item[0], post_iter_func(item) if post_iter_func is not None else item[1])
+    except Exception as e:
+        raise SourceFailed(e) from e
+
+
+def _spec(item: tuple[str, torch.Tensor]) -> TensorSpec:
+    try:
+        return TensorSpec.of(*item)
+    except ValueError as e:
+        raise SourceFailed(e) from e
+
+
+def _matches(item: tuple[str, Any], spec: TensorSpec) -> bool:
+    """Whether a pulled pair is the cached layout's tensor (cheap: no spec is built)."""
+    name, tensor = item
+    return (name == spec.name and isinstance(tensor, torch.Tensor) and tensor.dtype == spec.dtype
+            and tensor.shape == spec.shape and tensor.layout == torch.strided and not tensor.is_meta)  # fmt: skip
+
+
+class Sender:
+    """Sends one update from rank 0 (see the module docstring). One instance per update."""
+
+    def __init__(self, group: SideGroup, *, packed: bool, buffer_size: int, num_buffers: int, checksum: bool,
+                 zero_copy: bool, version: int | None, num_tensors: int | None) -> None:  # fmt: skip
+        self.group = group
+        self.state = SenderState.of(group)
+        self.control: ControlChannel = self.state.control
+        self.packed = packed
+        self.buffer_size = buffer_size if packed else None
+        self.num_buffers = num_buffers
+        self.checksum = checksum
+        self.zero_copy = zero_copy and not checksum
+        self.num_tensors_hint = num_tensors
+        self.update_id = self.state.next_update_id if version is None else version
+        self.state.next_update_id = self.update_id + 1
+        self.what = f"update {self.update_id}"
+        self.layout = Layout(packed, self.buffer_size, num_buffers)
+        self.device: torch.device | None = group.data_device
+        self.steps: collections.deque[Step] = collections.deque()
+        self.works: list[Any] = []
+        self.buffer_works: list[list[Any]] = [[] for _ in range(num_buffers)]
+        self.failed_ranks: list[int] = []
+        self.atomic = False
+        self.num_tensors = 0
+        # Where the update stands, for an ABORT row: the bucket, and how many
+        # of its leading slots (of the cached layout) were already posted.
+        self.bucket, self.kept = 0, 0
+        self.last_flag = True
+        self.run_sums: dict[int, int] = {}
+        self.stable = False
+        self.in_hand: torch.Tensor | None = None
+        self.in_hand_bytes: torch.Tensor | None = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # -- the update ------------------------------------------------------------------------------
+
+    def run(self, items: Iterable[Any], post_iter_func: Callable | None) -> TransferStats:
+        start = time.perf_counter()
+        source = _pairs(items, post_iter_func)
+        cached = self.begin()
+        try:
+            self.send_buckets(source, cached)
+        except SourceFailed as e:
+            self.abort(f"the trainer aborted {self.what}: {type(e.original).__name__}: {e.original}")
+            raise e.original from None
+        except BaseException:
+            self.drain(quiet=True)
+            raise
+        self.end(self.last_flag)
+        seconds = time.perf_counter() - start
+        log.debug("sent %s: %d tensors, %d bytes in %.4f s (%.2f GB/s)%s", self.what, self.num_tensors,
+                  self.layout.num_bytes, seconds, self.layout.num_bytes / max(seconds, 1e-9) / 1e9,
+                  "" if cached is not None else ", layout described in full")  # fmt: skip
+        return TransferStats(self.update_id, self.num_tensors, self.layout.num_bytes, seconds)
+
+    def begin(self) -> Layout | None:
+        """BEGIN step (blocking): returns the cached layout if every worker holds it, else None."""
+        old = self.state.layout
+        if self.device is None and old is not None:
+            self.device = self.state.device
+        fingerprint = old.fingerprint if old is not None and old.config == self.layout.config else 0
+        flags = (FLAG_PACKED if self.packed else 0) | (FLAG_CHECKSUM if self.checksum else 0)
+        hint = -1 if self.num_tensors_hint is None else self.num_tensors_hint
+        row = make_row(Kind.BEGIN, self.update_id, flags, self.buffer_size or 0, self.num_buffers, fingerprint, hint)
+        rows = self.control.post(row, f"{self.what} (begin)").rows()
+        self.control.settle(rows, b"", f"{self.what} (begin)")
+        self.atomic = any(row.args[3] for row in rows[1:])
+        if fingerprint and all(row.args[1] == fingerprint and row.args[2] for row in rows[1:]):
+            return old
+        return None
+
+    def send_buckets(self, source: Iterator[Item], cached: Layout | None) -> None:
+        """Every bucket, the last one announced as last when the source ends with it."""
+        item = next(source, None)
+        if cached is None:
+            self.table_buckets(source, item, 0, 0, None)
+            return
+        for plan in cached.buckets:
+            item, kept = self.cached_bucket(plan, item, source)
+            if kept is not None:
+                self.table_buckets(source, item, plan.index, kept, cached)
+                return
+            last = item is None and plan.index == len(cached.buckets) - 1
+            self.tick(Kind.BUCKET, plan.index, int(last), self.bucket_checksum(plan, 0, {}))
+            self.post_packed(plan)
+            self.layout.append(plan)
+        if item is not None:
+            self.table_buckets(source, item, len(cached.buckets), 0, cached)
+
+    def end(self, last: bool) -> None:
+        """END step (and a SYNC when the end was not announced), then the apply step for atomic workers."""
+        rows = self.control.post(make_row(Kind.END, self.num_tensors, self.layout.num_bytes), f"{self.what} (end)").rows()
+        self.steps.clear()
+        try:
+            if not last:
+                rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (end)").rows()
+            self.control.settle(rows, b"", f"{self.what} (end)")
+            self.drain()
+            if self.atomic:
+                rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (apply)").rows()
+                self.control.settle(rows, b"", f"{self.what} (apply)")
+        except TransferError as e:
+            if not e.broken:
+                log.warning("%s failed: %s", self.what, e)
+            self.drain(quiet=True)
+            raise
+        self.state.layout = self.layout
+        self.state.device = self.device
+
+    def abort(self, reason: str) -> None:
+        """The source failed: an ABORT step tells every worker why (they raise it); returns so the caller re-raises."""
+        log.warning("%s aborted by its source: %s", self.what, reason)
+        try:
+            self.abort_step(encode_message(reason) or b"?")
+        except TransferError as e:
+            if e.broken:
+                raise
+
+    def abort_step(self, reason: bytes) -> None:
+        """ABORT step, then every rank raises the agreed TransferError."""
+        self.flush()
+        step = self.control.post(make_row(Kind.ABORT, self.bucket, self.kept, len(reason)), f"{self.what} (abort)")
+        self.steps.clear()
+        self.drain(quiet=True)
+        self.control.settle(step.rows(), reason, self.what)
+        raise TransferError(f"{self.what} was aborted")  # settle raised already unless the rows were clean
+
+    def tick(self, kind: Kind, *args: int) -> None:
+        """Post the next bucket's row, or an ABORT step if a worker reported a failure."""
+        while self.steps and (len(self.steps) >= STATUS_LAG or self.steps[0].done()):
+            rows = self.steps.popleft().rows()
+            self.failed_ranks += [r for r, row in enumerate(rows) if r and row.args[0]]
+        if self.failed_ranks:
+            self.abort_step(b"")
+        self.last_flag = bool(args[1])
+        self.steps.append(self.control.post(make_row(kind, *args), f"{self.what} bucket {args[0]}"))
+
+    # -- a bucket of the cached layout ------------------------------------------------------------
+
+    def cached_bucket(self, plan: BucketPlan, item: Item | None, source: Iterator[Item]) -> tuple[Item | None, int | None]:
+        """Pull and pack one bucket of the cached layout.
+
+        Returns the next item and None; or, when the source departs from the
+        layout at slot ``kept``, the item in hand and ``kept`` (the slots
+        before it are packed, and those that travel alone were posted).
+        """
+        self.bucket, self.kept = plan.index, 0
+        self.run_sums.clear()
+        memo = plan.cache.setdefault("sender", {})
+        own = memo.get("own")
+        if own is None:
+            own = memo["own"] = {p for _, _, p in plan.runs if p is not None}
+        refs: list = memo.setdefault("refs", [None] * len(plan.slots))
+        distinct = memo.get("distinct", False)
+        seen: set[int] = set()
+        buf = self.packed_buffer(plan, memo)
+        views = memo.get("views") if buf is not None and memo.get("views_of") == buf.data_ptr() else None
+        for pos, slot in enumerate(plan.slots):
+            if slot.start == 0:
+                if item is None or not _matches(item, slot.spec):
+                    self.flush()
+                    memo["distinct"] = False
+                    return item, pos
+                tensor = item[1]
+                ref = refs[pos]
+                self.stable = distinct and ref is not None and ref() is tensor
+                refs[pos] = weakref.ref(tensor)
+                seen.add(id(tensor))
+                self.take(tensor)
+                item = None
+            if slot.length:
+                if pos in own:
+                    self.send_own(plan, pos, slot)
+                elif views is not None and views[pos] is not None and self.in_hand.device == buf.device:
+                    self.pending.append((views[pos], self.in_hand))
+                    if not self.stable or len(self.pending) >= PACK_BATCH:
+                        self.flush()
+                else:
+                    self.pack(slot)
+            self.kept = pos + 1
+            if slot.is_last and pos + 1 < len(plan.slots):
+                item = self.pull(source)
+        self.flush()
+        memo["distinct"] = len(seen) == sum(1 for s in plan.slots if s.start == 0)
+        if buf is not None and views is None:
+            memo["views"] = [typed_view(slot_view(buf, s), s.spec) if s.is_whole else None for s in plan.slots]
+            memo["views_of"] = buf.data_ptr()
+        return (self.pull(source) if plan.slots[-1].is_last else None), None
+
+    def packed_buffer(self, plan: BucketPlan, memo: dict) -> torch.Tensor | None:
+        """The bucket's buffer, grown to its packed slots and free of older sends (None: unpacked)."""
+        if self.buffer_size is None:
+            return None
+        extent = memo.get("packed_extent")
+        if extent is None:
+            own = {p for _, _, p in plan.runs if p is not None}
+            extent = memo["packed_extent"] = max((s.end for p, s in enumerate(plan.slots) if p not in own), default=0)
+        return self.free_buffer(plan.index, extent) if extent else self.free_buffer(plan.index, 0)
+
+    # -- a bucket of a new layout ---------------------------------------------------------------
+
+    def table_buckets(self, source: Iterator[Item], item: Item | None, bucket: int, kept: int,
+                      cached: Layout | None) -> None:  # fmt: skip
+        """Plan, pack and send the rest of the update; each bucket's table is agreed before its payload.
+
+        Starts at ``bucket``, whose first ``kept`` slots (of the cached
+        layout) are already packed or posted. The last bucket goes out
+        flagged last.
+        """
+        planner = Planner(self.buffer_size)
+        slots: list[Slot] = []
+        if not kept:
+            self.run_sums.clear()
+        if kept:
+            slots = list(cached.buckets[bucket].slots[:kept])
+            cursor = slots[-1].end if self.buffer_size is not None else sum(s.length for s in slots)
+            planner.resume(bucket, cursor, kept)
+        else:
+            planner.resume(bucket - 1, 0, 0)
+            planner.close_bucket()
+        self.bucket, self.kept = bucket, kept
+        if not kept and self.buffer_size is not None:
+            self.free_buffer(bucket, 0)
+        unpacked: dict[int, torch.Tensor] = {}
+        queue: collections.deque[Slot] = collections.deque()
+        index = self.num_tensors
+        while True:
+            if not queue and item is not None:
+                queue.extend(planner.add(index, _spec(item)))
+                self.take(item[1], copy=len(queue) > 1 or self.buffer_size is None)
+                index += 1
+                item = None
+            if queue and queue[0].bucket == bucket:
+                slot = queue.popleft()
+                slots.append(slot)
+                if slot.length:
+                    if self.buffer_size is None:
+                        unpacked[len(slots) - 1] = self.bytes_in_hand()
+                    else:
+                        self.pack(slot)
+                if not queue:
+                    self.in_hand = self.in_hand_bytes = None
+                    item = self.pull(source)
+                continue
+            if not slots:
+                return
+            last = not queue and item is None
+            plan = BucketPlan.make(bucket, tuple(slots), self.buffer_size)
+            if len(plan.frame) > MAX_FRAME_BYTES:
+                raise SourceFailed(ValueError(f"the table of bucket {bucket} has {len(plan.frame)} bytes, over the "
+                                              f"{MAX_FRAME_BYTES}-byte cap: tensor names are too long"))  # fmt: skip
+            self.table_bucket(plan, kept, last, unpacked)
+            if last:
+                return
+            slots, kept, bucket = [], 0, bucket + 1
+            self.bucket, self.kept = bucket, 0
+            self.run_sums.clear()
+            unpacked.clear()
+            if self.buffer_size is not None:
+                self.free_buffer(bucket, 0)
+
+    def table_bucket(self, plan: BucketPlan, kept: int, last: bool, unpacked: dict[int, torch.Tensor]) -> None:
+        """TABLE step, the frame, a SYNC step every rank waits for, then the payload."""
+        self.flush()
+        buf = self.state.buffers[plan.index % self.num_buffers] if self.buffer_size is not None else None
+        total = self.bucket_checksum(plan, kept, unpacked)
+        self.tick(Kind.TABLE, plan.index, int(last), total, len(plan.frame), kept)
+        self.control.send_frame(plan.frame, f"{self.what} table {plan.index}")
+        rows = self.control.post(make_row(Kind.SYNC), f"{self.what} bucket {plan.index} (check)").rows()
+        self.control.settle(rows, b"", f"{self.what} bucket {plan.index}")
+        for start, end, pos in plan.runs:
+            if pos is not None and pos >= kept:
+                self.post(buf[start:end] if buf is not None else unpacked[pos], plan.index, from_buffer=buf is not None)
+        self.post_packed(plan)
+        self.layout.append(plan)
+
+    # -- tensors and payload --------------------------------------------------------------------
+
+    def pull(self, source: Iterator[Item]) -> Item | None:
+        return next(source, None)
+
+    def take(self, tensor: torch.Tensor, copy: bool = False) -> None:
+        """Hold the next tensor (with a private copy of its bytes if it must outlive the next pull)."""
+        if self.device is None:
+            self.device = tensor.device
+        self.num_tensors += 1
+        self.in_hand = tensor
+        self.in_hand_bytes = None
+        if copy:
+            self.in_hand_bytes = tensor_bytes(tensor).to(self.device, copy=True)
+
+    def bytes_in_hand(self) -> torch.Tensor:
+        if self.in_hand_bytes is None:
+            self.in_hand_bytes = tensor_bytes(self.in_hand)
+        return self.in_hand_bytes
+
+    def free_buffer(self, bucket: int, nbytes: int) -> torch.Tensor:
+        """Buffer ``bucket % num_buffers``, once the sends that read it are done (ordered, not waited on CUDA)."""
+        b = bucket % self.num_buffers
+        for work in self.buffer_works[b]:
+            self.after(work)
+        self.buffer_works[b] = []
+        return self.state.buffer(self.device, self.buffer_size, self.num_buffers, b, nbytes, keep=0)
+
+    def pack(self, slot: Slot) -> None:
+        """Copy one slot of the tensor in hand into its bucket's buffer (growing it if needed)."""
+        self.flush()
+        b = slot.bucket % self.num_buffers
+        have = self.state.buffers[b].numel() if self.state.buffer_key == (self.device, self.buffer_size) else 0
+        buf = self.state.buffer(self.device, self.buffer_size, self.num_buffers, b, slot.end, keep=min(have, slot.offset))
+        dst = slot_view(buf, slot)
+        with torch.no_grad():
+            if slot.is_whole and self.in_hand_bytes is None:
+                typed_view(dst, slot.spec).copy_(self.in_hand, non_blocking=True)
+            else:
+                dst.copy_(self.bytes_in_hand()[slot.start : slot.start + slot.length], non_blocking=True)
+
+    def flush(self) -> None:
+        """Issue the batched pack copies as one fused multi-tensor copy."""
+        if self.pending:
+            with torch.no_grad():
+                torch._foreach_copy_([d for d, _ in self.pending], [s for _, s in self.pending])
+            self.pending.clear()
+
+    def send_own(self, plan: BucketPlan, pos: int, slot: Slot) -> None:
+        """A slot that travels alone: straight from the tensor's memory when it can, else packed first."""
+        self.flush()
+        tensor = self.in_hand
+        if self.zero_copy and tensor.device == self.device and tensor.is_contiguous() and not tensor.is_conj() \
+                and not tensor.is_neg() and (self.stable or self.stream_ordered):  # fmt: skip
+            src = self.bytes_in_hand()[slot.start : slot.start + slot.length]
+            work = self.post(src, plan.index, from_buffer=False)
+            if not self.stable:
+                work.wait()  # the source may refill this tensor once the next one is pulled
+            return
+        if self.buffer_size is None:
+            src = tensor_bytes(tensor).to(self.device, copy=True)
+        else:
+            self.pack(slot)
+            src = slot_view(self.state.buffers[slot.bucket % self.num_buffers], slot)
+        if self.checksum:
+            self.run_sums[pos] = checksum(src)
+        self.post(src, plan.index, from_buffer=self.buffer_size is not None)
+
+    def post_packed(self, plan: BucketPlan) -> None:
+        """Post the bucket's packed runs, behind its pack copies."""
+        if self.buffer_size is None:
+            return
+        buf = self.state.buffers[plan.index % self.num_buffers]
+        for start, end, pos in plan.runs:
+            if pos is None:
+                self.post(buf[start:end], plan.index, from_buffer=True)
+
+    def bucket_checksum(self, plan: BucketPlan, kept: int, unpacked: dict[int, torch.Tensor]) -> int:
+        """The bucket's checksum (0 when off): each run's, weighted by its place among the runs."""
+        if not self.checksum:
+            return 0
+        self.flush()
+        buf = self.state.buffers[plan.index % self.num_buffers] if self.buffer_size is not None else None
+        total = 0
+        for i, (start, end, pos) in enumerate(plan.runs):
+            if pos is not None and pos in self.run_sums:
+                part = self.run_sums[pos]
+            else:
+                part = checksum(buf[start:end] if buf is not None else unpacked[pos])
+            total = (total + part * (i + 1)) % (1 << 61)
+        return total
+
+    def post(self, src: torch.Tensor, bucket: int, *, from_buffer: bool) -> Any:
+        """Post one payload broadcast from rank 0; kept until the update drains."""
+        try:
+            work = dist.broadcast(src, group=self.group.pg, group_src=0, async_op=True)
+        except Exception as e:
+            self.group.mark_broken(f"payload broadcast: {e}")
+            raise TransferError(f"payload broadcast of {self.what} failed: {e}", broken=True) from e
+        self.works.append(work)
+        if from_buffer:
+            self.buffer_works[bucket % self.num_buffers].append(work)
+        return work
+
+    @property
+    def stream_ordered(self) -> bool:
+        """Whether payload work can be ordered on a CUDA stream rather than waited for on the CPU."""
+        return self.group.backend_name == "nccl"
+
+    def after(self, work: Any) -> None:
+        """Order what follows after ``work``: on CUDA on the current stream; on the CPU by waiting (bounded)."""
+        if self.stream_ordered:
+            work.wait()
+        else:
+            self.group.wait(work, f"payload broadcast of {self.what}", data=True)
+
+    def drain(self, quiet: bool = False) -> None:
+        """Wait (bounded) until every payload broadcast of this update completed."""
+        works, self.works = self.works, []
+        for work in works:
+            try:
+                self.group.wait(work, f"payload broadcast of {self.what}", data=True)
+            except TransferError:
+                if not quiet:
+                    raise
+                return
