@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from .config import MAX_NUM_BUFFERS, NCCLWeightTransferUpdateInfo, TransferStats
-from .control import ControlChannel, checksum, encode_message
+from . import control
+from .control import ControlChannel, encode_message
 from .errors import TransferError
 from .group import SideGroup
 from .packing import ALIGNMENT, Slot, slot_view, typed_view
@@ -429,7 +430,7 @@ class Receiver:
         if posted.expected_checksum is not None:
             total = 0
             for i, (start, end, pos) in enumerate(plan.runs):
-                part = checksum(buf[start:end] if buf is not None else posted.dests[pos])
+                part = control.checksum(buf[start:end] if buf is not None else posted.dests[pos])
                 total = (total + part * (i + 1)) % (1 << 61)
             if total != posted.expected_checksum:
                 names = ", ".join(repr(s.spec.name) for s in plan.slots)

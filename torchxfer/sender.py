@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 
 from .config import TransferStats
-from .control import ControlChannel, Step, checksum, encode_message
+from . import control
+from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
 from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view
@@ -480,7 +481,7 @@ class Sender:
             self.pack(slot)
             src = slot_view(self.state.buffers[slot.bucket % self.num_buffers], slot)
         if self.checksum:
-            self.run_sums[pos] = checksum(src)
+            self.run_sums[pos] = control.checksum(src)
         self.post(src, plan.index, from_buffer=self.buffer_size is not None)
 
     def post_packed(self, plan: BucketPlan) -> None:
@@ -503,7 +504,7 @@ class Sender:
             if pos is not None and pos in self.run_sums:
                 part = self.run_sums[pos]
             else:
-                part = checksum(buf[start:end] if buf is not None else unpacked[pos])
+                part = control.checksum(buf[start:end] if buf is not None else unpacked[pos])
             total = (total + part * (i + 1)) % (1 << 61)
         return total
 
