@@ -92,9 +92,9 @@ def gpu_layout(args: argparse.Namespace) -> tuple[str, str, int]:
         raise SystemExit("demo: --device cuda but no CUDA device is visible")
     if args.backend == "nccl":
         if n < replicas + 1:
-            raise SystemExit(f"demo: --backend nccl needs {replicas + 1} GPUs (trainer rank 0 plus {replicas} workers "
-                             f"on distinct GPUs); {n} visible. Use --replicas {max(1, n - 1)}, or --backend gloo "
-                             "to share GPUs.")  # fmt: skip
+            fewer = f"--replicas {n - 1}, or " if n >= 2 else ""
+            raise SystemExit(f"demo: --backend nccl needs {replicas + 1} GPUs (trainer rank 0 and each of {replicas} "
+                             f"worker(s) on its own GPU); {n} visible. Use {fewer}--backend gloo to share GPUs.")  # fmt: skip
         nproc = min(NPROC, n - replicas)
         return f"{n} GPUs", ",".join(f"cuda:{nproc + i}" for i in range(replicas)), nproc
     first = NPROC if n >= NPROC + replicas else 1
