@@ -4,17 +4,20 @@ trainer's own forward pass bit for bit.
 
     python scripts/demo.py                     # CPU, gloo, 5 steps: about 10 s on 2 cores
     python scripts/demo.py --tiny              # much smaller model, 2 steps (CI): about 7 s
-    python scripts/demo.py --device cuda       # GPUs, NCCL: trainer on cuda:0,1, workers on cuda:2,3
-                                               # (3 GPUs: cuda:1,2); needs 3 GPUs or more
+    python scripts/demo.py --device cuda       # GPUs, NCCL: trainer on cuda:0,1, workers on cuda:2,3;
+                                               # with fewer GPUs the trainer gets the ones the workers leave
+    python scripts/demo.py --device cuda --replicas 1     # 2 GPUs, NCCL: trainer on cuda:0, worker on cuda:1
     python scripts/demo.py --device cuda --backend gloo   # any number of GPUs, shared
 
 This launcher starts, each in its own process group (session):
 
-* the server, ``scripts/demo_server.py``: an HTTP front and 2 worker
-  processes, one model replica each (DP=2), each a receiver on the side group;
+* the server, ``scripts/demo_server.py``: an HTTP front and ``--replicas``
+  worker processes (default 2), one model replica each (DP=replicas), each a
+  receiver on the side group;
 * the trainer, ``python -m torch.distributed.run --standalone --nproc-per-node 2
-  scripts/demo_trainer.py``: DDP over 2 ranks; rank 0 drives the server over
-  HTTP and sends the weights, and prints one line per step.
+  scripts/demo_trainer.py``: DDP over 2 ranks (fewer under NCCL when GPUs are
+  short, see :func:`gpu_layout`); rank 0 drives the server over HTTP and sends
+  the weights, and prints one line per step.
 
 It waits (bounded by ``--deadline-s``) for the trainer, then stops the server.
 Its exit code is the trainer's (non-zero on any mismatch). On exit, error,
@@ -52,9 +55,9 @@ sys.path.insert(0, HERE)
 from demo_util import ADDR, exec_command, http_json
 
 NPROC = 2
-"""Trainer ranks (torchrun --nproc-per-node)."""
+"""Trainer ranks (torchrun --nproc-per-node), unless NCCL leaves fewer GPUs."""
 REPLICAS = 2
-"""Server workers, one model replica each."""
+"""Server workers, one model replica each (default of --replicas)."""
 
 
 def child_env() -> dict[str, str]:
@@ -68,26 +71,34 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def gpu_layout(args: argparse.Namespace) -> tuple[str, str]:
-    """(trainer note, comma-separated worker devices) for --device cuda.
+def gpu_layout(args: argparse.Namespace) -> tuple[str, str, int]:
+    """(trainer note, comma-separated worker devices, trainer ranks).
 
     Trainer rank r uses cuda:r. The side group holds trainer rank 0 and the
-    workers; NCCL needs each of those on its own GPU, so workers go to the
-    GPUs after the trainer's when there are enough, else to cuda:1, cuda:2...
+    workers; NCCL needs each of those on its own GPU. Under NCCL the workers
+    take the last ``replicas`` GPUs and the trainer as many of the others as it
+    has ranks (up to NPROC; 2 GPUs and 1 replica: trainer on cuda:0 alone,
+    worker on cuda:1). Under Gloo GPUs are shared: the trainer keeps NPROC
+    ranks, and workers go to the GPUs after the trainer's when there are
+    enough, else to cuda:1, cuda:2...
     """
+    replicas = args.replicas
     if args.device != "cuda":
-        return "", ""
+        return "", "", NPROC
     import torch
 
     n = torch.cuda.device_count()
     if n == 0:
         raise SystemExit("demo: --device cuda but no CUDA device is visible")
-    if args.backend == "nccl" and n < max(NPROC, REPLICAS + 1):
-        raise SystemExit(f"demo: --backend nccl needs {max(NPROC, REPLICAS + 1)} GPUs (one per trainer rank, "
-                         f"and trainer rank 0 plus {REPLICAS} workers on distinct GPUs); {n} visible. "
-                         "Use --backend gloo to share GPUs.")  # fmt: skip
-    first = NPROC if n >= NPROC + REPLICAS else 1
-    return f"{n} GPUs", ",".join(f"cuda:{(first + i) % n}" for i in range(REPLICAS))
+    if args.backend == "nccl":
+        if n < replicas + 1:
+            fewer = f"--replicas {n - 1}, or " if n >= 2 else ""
+            raise SystemExit(f"demo: --backend nccl needs {replicas + 1} GPUs (trainer rank 0 and each of {replicas} "
+                             f"worker(s) on its own GPU); {n} visible. Use {fewer}--backend gloo to share GPUs.")  # fmt: skip
+        nproc = min(NPROC, n - replicas)
+        return f"{n} GPUs", ",".join(f"cuda:{nproc + i}" for i in range(replicas)), nproc
+    first = NPROC if n >= NPROC + replicas else 1
+    return f"{n} GPUs", ",".join(f"cuda:{(first + i) % n}" for i in range(replicas)), NPROC
 
 
 class Launcher:
@@ -155,7 +166,7 @@ def main() -> int:
         raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
-    gpus, worker_devices = gpu_layout(args)
+    gpus, worker_devices, nproc = gpu_layout(args)
     env = child_env()
     tag = ["--run-tag", args.run_tag]
     common = ["--model", args.model, "--device", args.device, "--backend", args.backend, "--timeout-s", str(args.timeout_s)]
@@ -164,7 +175,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="torchxfer-demo-") as tmp:
             port_file = os.path.join(tmp, "port")
             server_cmd = [sys.executable, os.path.join(HERE, "demo_server.py"), "--host", ADDR, "--port", str(args.port),
-                          "--port-file", port_file, "--replicas", str(REPLICAS), *common, *tag]  # fmt: skip
+                          "--port-file", port_file, "--replicas", str(args.replicas), *common, *tag]  # fmt: skip
             if worker_devices:
                 server_cmd += ["--worker-devices", worker_devices]
             if args.corrupt_replica >= 0:
@@ -181,9 +192,10 @@ def main() -> int:
             with open(port_file) as f:
                 url = f"http://{ADDR}:{int(f.read())}"
         print(f"demo: model {args.model}, {args.steps} steps, {args.device}/{args.backend}{' (' + gpus + ')' if gpus else ''}; "
-              f"server {url} with {REPLICAS} workers (DP={REPLICAS}); trainer torchrun --nproc-per-node {NPROC}",
+              f"server {url} with {args.replicas} workers (DP={args.replicas}); trainer torchrun --nproc-per-node {nproc}"
+              f"{' (workers on ' + worker_devices + ')' if worker_devices else ''}",
               flush=True)  # fmt: skip
-        trainer_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(NPROC),
+        trainer_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                        os.path.join(HERE, "demo_trainer.py"), "--server", url, "--steps", str(args.steps),
                        "--buffer-mb", str(args.buffer_mb), "--probe" if args.probe else "--no-probe", *common, *tag]  # fmt: skip
         trainer = launcher.start("trainer", trainer_cmd, env)
@@ -224,6 +236,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"],
                    help="trainer and side-group backend (default: gloo on cpu, nccl on cuda)")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="a much smaller model and 2 steps (CI)")
+    p.add_argument("--replicas", type=int, default=REPLICAS,
+                   help=f"server workers, one model replica each (default {REPLICAS}; under NCCL each needs its own GPU)")  # fmt: skip
     p.add_argument("--port", type=int, default=0, help="the server's HTTP port (default: a free one)")
     p.add_argument("--timeout-s", type=float, default=60.0, help="bound on every side-group wait")
     p.add_argument("--deadline-s", type=float, default=600.0, help="bound on the whole run")
@@ -243,6 +257,8 @@ def parse_args() -> argparse.Namespace:
         p.error("--backend nccl needs --device cuda")
     if args.steps < 1:
         p.error("--steps must be at least 1")
+    if args.replicas < 1:
+        p.error("--replicas must be at least 1")
     return args
 
 

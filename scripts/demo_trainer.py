@@ -143,7 +143,7 @@ class ServerLink:
                 problems.append(f"replica {replica} tokens {out['tokens']} != trainer's {ref_tokens}")
             if out["logits_sha256"] != ref_logits:
                 problems.append(f"replica {replica} logits sha256 {out['logits_sha256'][:12]} != {ref_logits[:12]}")
-        verdict = (f"bit-exact ({self.replicas} replicas; {len(ref_tokens)} tokens; logits sha256 {ref_logits[:12]})"
+        verdict = (f"bit-exact ({self.replicas} replica{'s' if self.replicas != 1 else ''}; {len(ref_tokens)} tokens; logits sha256 {ref_logits[:12]})"
                    if not problems else "MISMATCH")  # fmt: skip
         mb = stats.num_bytes / 1e6
         print(f"step {step}/{self.args.steps}  loss {loss:.4f}  version {stats.update_id}  sent {mb:.2f} MB  "
