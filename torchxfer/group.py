@@ -192,7 +192,7 @@ class SideGroup:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"no completion after {self.timeout_s:g} s")
                     time.sleep(delay)
-                    delay = min(max(delay * 2, 2e-5), 1e-3)
+                    delay = min(max(delay * 2, 1e-5), 5e-5)
                 work.wait()
         except Exception as e:  # any backend failure: peer death, timeout, abort
             reason = f"{what} failed on rank {self.rank()}: {type(e).__name__}: {e}".strip()
