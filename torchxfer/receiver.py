@@ -149,7 +149,6 @@ class Receiver:
         self.in_table_mode = False
         self.empty = torch.empty(0, dtype=torch.uint8, device=device)
         self.checked = 0  # buckets the table checker has followed
-        self.prefix: tuple[dict[int, torch.Tensor], list[Any]] = ({}, [])
 
     def fail(self, message: str) -> None:
         """Remember this rank's first failure; it goes out in this rank's next row."""
@@ -227,7 +226,6 @@ class Receiver:
                 return self.end(row, rows, last)
             check_arg(row, 0, "bucket", bucket, bucket)
             if row.kind == Kind.ABORT:
-                self.post_prefix(bucket, self.kept(row, 1))
                 self.drain()
                 self.control.settle(rows, self.error, self.what)
                 raise TransferError(f"{self.what}: the trainer aborted it")
@@ -237,7 +235,7 @@ class Receiver:
                         or len(self.layout.buckets) != bucket):  # fmt: skip
                     raise self.broken(f"the trainer announced bucket {bucket} of a layout this rank does not hold")
                 plan = self.cached.buckets[bucket]
-                self.receive(plan, 0, row.args[2])
+                self.receive(plan, row.args[2])
             else:
                 self.table(bucket, row)
             bucket += 1
@@ -247,9 +245,7 @@ class Receiver:
     def table(self, bucket: int, row: Row) -> None:
         """A TABLE step: the frame, its checks, the SYNC step, then the bucket's payload."""
         length = check_arg(row, 3, "frame_bytes", PREFIX_BYTES + 2, MAX_FRAME_BYTES)
-        kept = self.kept(row, 4)
         self.in_table_mode = True
-        self.post_prefix(bucket, kept)
         frame = self.control.recv_frame(length, f"{self.what} table {bucket}")
         plan = None
         if not self.error:
@@ -257,8 +253,6 @@ class Receiver:
                 self.resume_checker()
                 header = decode(frame)
                 self.checker.check(header, bucket)
-                if kept and header.slots[:kept] != self.cached.buckets[bucket].slots[:kept]:
-                    raise TransferError(f"bucket {bucket}'s table does not begin with the {kept} slots already sent")
                 plan = BucketPlan.make(bucket, header.slots, self.buffer_size, frame)
             except TransferError as e:
                 self.fail(str(e))
@@ -266,20 +260,13 @@ class Receiver:
         rows = self.control.post(self.row(), f"{self.what} bucket {bucket} (check)").rows()
         self.control.settle(rows, self.error, f"{self.what} bucket {bucket}")
         assert plan is not None  # a rank without a plan has failed, and settle raised on every rank
-        self.receive(plan, kept, row.args[2])
+        self.receive(plan, row.args[2])
 
     def resume_checker(self) -> None:
         """Bring the table checker up to the buckets received so far (those of the cached layout)."""
         if self.checked != len(self.layout.buckets):
             self.checker.resume_after(self.layout.buckets[-1] if self.layout.buckets else None)
             self.checked = len(self.layout.buckets)
-
-    def kept(self, row: Row, position: int) -> int:
-        """How many leading slots of the cached bucket the trainer already posted."""
-        bucket = row.args[0]
-        most = len(self.cached.buckets[bucket].slots) if self.cached is not None and bucket < len(self.cached.buckets) \
-            and len(self.layout.buckets) == bucket else 0  # fmt: skip
-        return check_arg(row, position, "kept", 0, most)
 
     def end(self, row: Row, rows: list[Row], last: bool) -> None:
         """END step: counts, then the agreement that every rank loaded everything, then apply."""
@@ -341,35 +328,16 @@ class Receiver:
             self.state.prepare(self.device, self.num_buffers)
             self.prepared = True
 
-    def post_prefix(self, bucket: int, kept: int) -> None:
-        """Post the broadcasts the trainer already posted for the first ``kept`` slots of a cached bucket."""
-        self.prefix = ({}, [])
-        if not kept:
-            return
-        plan = self.cached.buckets[bucket]
-        self.make_room(bucket)
-        runs = [(s, e, p) for s, e, p in plan.runs if p is not None and p < kept]
-        if self.buffer_size is not None:
-            # The rest of this bucket's table is not known yet: give the buffer its full size.
-            self.state.buffer(bucket % self.num_buffers, self.buffer_size, self.buffer_size)
-        self.prefix = self.post_runs(plan, runs)
-
     def make_room(self, bucket: int) -> None:
         """Load older buckets until buffer ``bucket % num_buffers`` is free."""
         self.ensure_prepared()
         while len(self.pending) >= self.num_buffers:
             self.load(self.pending.popleft())
 
-    def receive(self, plan: BucketPlan, kept: int, expected_checksum: int) -> None:
-        """Post the bucket's broadcasts (those not posted yet), then load what is due."""
-        if not kept:
-            self.make_room(plan.index)
-        runs = [(s, e, p) for s, e, p in plan.runs if p is None or p >= kept]
-        dests, works = self.post_runs(plan, runs)
-        if kept:
-            dests.update(self.prefix[0])
-            works = self.prefix[1] + works
-            self.prefix = ({}, [])
+    def receive(self, plan: BucketPlan, expected_checksum: int) -> None:
+        """Post the bucket's broadcasts, then load what is due."""
+        self.make_room(plan.index)
+        dests, works = self.post_runs(plan, plan.runs)
         self.pending.append(_Posted(plan, works, dests, expected_checksum if self.checksum else None))
         self.layout.append(plan)
         while len(self.pending) > self.num_buffers - 1:
@@ -413,8 +381,6 @@ class Receiver:
         with contextlib.suppress(TransferError):
             while self.pending:
                 self.wait(self.pending.popleft())
-            for work in self.prefix[1]:
-                self.group.wait(work, "payload broadcast", data=True)
 
     def load_all(self) -> None:
         while self.pending:

@@ -173,6 +173,7 @@ class Sender:
         self.in_hand: torch.Tensor | None = None
         self.in_hand_bytes: torch.Tensor | None = None
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.deferred: dict[int, torch.Tensor | None] = {}
 
     # -- the update ------------------------------------------------------------------------------
 
@@ -224,6 +225,7 @@ class Sender:
                 return
             last = item is None and plan.index == len(cached.buckets) - 1
             self.tick(Kind.BUCKET, plan.index, int(last), self.bucket_checksum(plan, 0, {}))
+            self.post_own(plan)
             self.post_packed(plan)
             self.layout.append(plan)
         if item is not None:
@@ -261,7 +263,7 @@ class Sender:
     def abort_step(self, reason: bytes) -> None:
         """ABORT step, then every rank raises the agreed TransferError."""
         self.flush()
-        step = self.control.post(make_row(Kind.ABORT, self.bucket, self.kept, len(reason)), f"{self.what} (abort)")
+        step = self.control.post(make_row(Kind.ABORT, self.bucket, 0, len(reason)), f"{self.what} (abort)")
         self.steps.clear()
         self.drain(quiet=True)
         self.control.settle(step.rows(), reason, self.what)
@@ -280,14 +282,15 @@ class Sender:
     # -- a bucket of the cached layout ------------------------------------------------------------
 
     def cached_bucket(self, plan: BucketPlan, item: Item | None, source: Iterator[Item]) -> tuple[Item | None, int | None]:
-        """Pull and pack one bucket of the cached layout.
+        """Pull and pack one bucket of the cached layout; nothing is posted before its row.
 
         Returns the next item and None; or, when the source departs from the
         layout at slot ``kept``, the item in hand and ``kept`` (the slots
-        before it are packed, and those that travel alone were posted).
+        before it are packed, or held for a zero-copy send).
         """
         self.bucket, self.kept = plan.index, 0
         self.run_sums.clear()
+        self.deferred: dict[int, torch.Tensor | None] = {}
         memo = plan.cache.setdefault("sender", {})
         own = memo.get("own")
         if own is None:
@@ -308,12 +311,13 @@ class Sender:
                 self.stable = distinct and ref is not None and ref() is tensor
                 refs[pos] = weakref.ref(tensor)
                 seen.add(id(tensor))
-                self.take(tensor)
+                self.take(tensor, copy=not self.stable and not slot.is_last)
                 item = None
             if slot.length:
                 if pos in own:
-                    self.send_own(plan, pos, slot)
-                elif views is not None and views[pos] is not None and self.in_hand.device == buf.device:
+                    self.hold_own(pos, slot)
+                elif views is not None and views[pos] is not None and self.in_hand_bytes is None \
+                        and self.in_hand.device == buf.device:  # fmt: skip
                     self.pending.append((views[pos], self.in_hand))
                     if not self.stable or len(self.pending) >= PACK_BATCH:
                         self.flush()
@@ -325,9 +329,36 @@ class Sender:
         self.flush()
         memo["distinct"] = len(seen) == sum(1 for s in plan.slots if s.start == 0)
         if buf is not None and views is None:
+            buf = self.state.buffers[plan.index % self.num_buffers]
             memo["views"] = [typed_view(slot_view(buf, s), s.spec) if s.is_whole else None for s in plan.slots]
             memo["views_of"] = buf.data_ptr()
         return (self.pull(source) if plan.slots[-1].is_last else None), None
+
+    def hold_own(self, pos: int, slot: Slot) -> None:
+        """A slot that travels alone, posted after the bucket's row: straight from the tensor's
+        memory when the tensor is stable, else copied now (packed, or a private copy)."""
+        tensor = self.in_hand
+        if self.in_hand_bytes is None and self.zero_copy and self.stable and tensor.device == self.device \
+                and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg():  # fmt: skip
+            self.deferred[pos] = self.bytes_in_hand()[slot.start : slot.start + slot.length]
+        elif self.buffer_size is None:
+            self.deferred[pos] = self.in_hand_bytes if self.in_hand_bytes is not None else \
+                tensor_bytes(tensor).to(self.device, copy=True)  # fmt: skip
+        else:
+            self.pack(slot)
+            self.deferred[pos] = None  # from the buffer
+        if self.checksum and self.deferred[pos] is not None:
+            self.run_sums[pos] = control.checksum(self.deferred[pos])
+
+    def post_own(self, plan: BucketPlan, upto: int | None = None) -> None:
+        """Post the held slots that travel alone (those before slot ``upto``), in order."""
+        buf = self.state.buffers[plan.index % self.num_buffers] if self.buffer_size is not None else None
+        for start, end, pos in plan.runs:
+            if pos is None or (upto is not None and pos >= upto) or pos not in self.deferred:
+                continue
+            src = self.deferred[pos]
+            self.post(buf[start:end] if src is None else src, plan.index, from_buffer=src is None)
+        self.deferred = {}
 
     def packed_buffer(self, plan: BucketPlan, memo: dict) -> torch.Tensor | None:
         """The bucket's buffer, grown to its packed slots and free of older sends (None: unpacked)."""
@@ -354,7 +385,8 @@ class Sender:
         if not kept:
             self.run_sums.clear()
         if kept:
-            slots = list(cached.buckets[bucket].slots[:kept])
+            self.cached_plan = cached.buckets[bucket]
+            slots = list(self.cached_plan.slots[:kept])
             cursor = slots[-1].end if self.buffer_size is not None else sum(s.length for s in slots)
             planner.resume(bucket, cursor, kept)
         else:
@@ -406,10 +438,12 @@ class Sender:
         self.flush()
         buf = self.state.buffers[plan.index % self.num_buffers] if self.buffer_size is not None else None
         total = self.bucket_checksum(plan, kept, unpacked)
-        self.tick(Kind.TABLE, plan.index, int(last), total, len(plan.frame), kept)
+        self.tick(Kind.TABLE, plan.index, int(last), total, len(plan.frame))
         self.control.send_frame(plan.frame, f"{self.what} table {plan.index}")
         rows = self.control.post(make_row(Kind.SYNC), f"{self.what} bucket {plan.index} (check)").rows()
         self.control.settle(rows, b"", f"{self.what} bucket {plan.index}")
+        if kept:
+            self.post_own(self.cached_plan, upto=kept)  # held while the source was still the cached layout
         for start, end, pos in plan.runs:
             if pos is not None and pos >= kept:
                 self.post(buf[start:end] if buf is not None else unpacked[pos], plan.index, from_buffer=buf is not None)
@@ -463,26 +497,6 @@ class Sender:
             with torch.no_grad():
                 torch._foreach_copy_([d for d, _ in self.pending], [s for _, s in self.pending])
             self.pending.clear()
-
-    def send_own(self, plan: BucketPlan, pos: int, slot: Slot) -> None:
-        """A slot that travels alone: straight from the tensor's memory when it can, else packed first."""
-        self.flush()
-        tensor = self.in_hand
-        if self.zero_copy and tensor.device == self.device and tensor.is_contiguous() and not tensor.is_conj() \
-                and not tensor.is_neg() and (self.stable or self.stream_ordered):  # fmt: skip
-            src = self.bytes_in_hand()[slot.start : slot.start + slot.length]
-            work = self.post(src, plan.index, from_buffer=False)
-            if not self.stable:
-                work.wait()  # the source may refill this tensor once the next one is pulled
-            return
-        if self.buffer_size is None:
-            src = tensor_bytes(tensor).to(self.device, copy=True)
-        else:
-            self.pack(slot)
-            src = slot_view(self.state.buffers[slot.bucket % self.num_buffers], slot)
-        if self.checksum:
-            self.run_sums[pos] = control.checksum(src)
-        self.post(src, plan.index, from_buffer=self.buffer_size is not None)
 
     def post_packed(self, plan: BucketPlan) -> None:
         """Post the bucket's packed runs, behind its pack copies."""

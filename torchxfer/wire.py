@@ -189,11 +189,9 @@ class Kind(enum.IntEnum):
     BUCKET = 2
     """trainer: [bucket, last, checksum]: the next bucket of the cached plan"""
     TABLE = 3
-    """trainer: [bucket, last, checksum, frame_bytes, kept]: a table frame follows (a new layout);
-    ``kept`` leading slots of the cached bucket were already posted"""
+    """trainer: [bucket, last, checksum, frame_bytes]: a table frame follows (a new layout)"""
     ABORT = 4
-    """trainer: [bucket, kept, reason_bytes]: the update stops; ``kept`` leading slots of the
-    cached bucket were posted"""
+    """trainer: [bucket, 0, reason_bytes]: the update stops"""
     END = 5
     """trainer: [num_tensors, num_bytes]: the update is complete"""
     WORKER = 6
