@@ -234,3 +234,4 @@ def decode(frame: bytes) -> Message:
     if not isinstance(reason, str):
         raise TransferError(f"header field 'reason' is {reason!r:.200}, expected a string")
     return Abort(reason[:MAX_NAME_CHARS])
+WIRE_SIGNATURE = f"v{PROTOCOL_VERSION}"
