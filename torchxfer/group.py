@@ -568,8 +568,8 @@ def _rendezvous(
         rdv.check_versions(trainer, "the trainer (rank 0)")
         trainer_world = trainer.get("world_size")
         if trainer_world != world_size:
-            rdv.fail(f"rank {rank} was given world_size={world_size} but the trainer has "
-                     f"world_size={_quote(str(trainer_world), 20)}")  # fmt: skip
+            shown = trainer_world if isinstance(trainer_world, int) else _quote(str(trainer_world), 20)
+            rdv.fail(f"rank {rank} was given world_size={world_size} but the trainer has world_size={shown}")
     rdv.write(f"hello/{rank}", {
         "pid": os.getpid(), "host": socket.gethostname(), "uuid": uuid, "nonce": mine,
         "protocol": wire.PROTOCOL_VERSION, "wire": wire.WIRE_SIGNATURE,
