@@ -417,14 +417,29 @@ def test_silent_worker_times_out_on_every_rank():
     assert outcomes[1].value < 2 * timeout + SLACK
 
 
-def test_store_listens_only_on_master_address():
+def test_store_listens_only_on_master_address_and_only_until_the_group_forms():
     import socket
 
     port = free_port()
-    group = _trainer(port, 1)  # a world of one returns at once
-    try:
+    seen: dict = {}
+
+    def body(rank: int) -> None:
+        if rank == 0:
+            group = _trainer(port, 2)  # waits for the worker, so the store is up meanwhile
+            destroy_side_group(group)
+            return
+        time.sleep(0.3)
         socket.create_connection((ADDR, port), timeout=2).close()  # where asked: reachable
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.2", port), timeout=2).close()  # another local address: refused
-    finally:
-        destroy_side_group(group)
+        engine = _worker_engine(1, 2)
+        engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 2))
+        try:
+            socket.create_connection((ADDR, port), timeout=2).close()
+            seen["after"] = "listening"
+        except OSError:
+            seen["after"] = "closed"  # formed: the store is gone, nothing listens
+        engine.shutdown()
+
+    run_threads(body, 2, deadline_s=30)
+    assert seen["after"] == "closed"

@@ -8,16 +8,29 @@ state for it lives in a :class:`SideGroup` beside it. It never enters the
 default world's maps, so it cannot disturb (or be disturbed by) the
 trainer's own ``init_process_group``.
 
-Life of a group, on every rank together:
+Life of a group, on every rank together, all of it within one ``timeout_s``:
 
 1. rank 0 binds ``address:port`` and hosts a TCPStore; the others connect;
 2. rendezvous through the store, before any backend exists: each rank claims
-   its rank number once, agrees on the world size, proves it knows the token
-   (HMAC over a fresh nonce) and, for NCCL, publishes its GPU's UUID; any
-   problem is written to the store so that every rank raises the same
-   TransferError instead of waiting for the one that will never come;
-3. the payload backend (Gloo or NCCL) and the control group (Gloo) are
-   built and each checked with one all_reduce.
+   its rank number once, agrees on the world size and the wire protocol,
+   proves it knows the token (HMAC over rank 0's fresh nonce and its own)
+   and, for NCCL, publishes its GPU's UUID; rank 0 proves it knows the token
+   to each worker the same way. Any problem is written to the store so that
+   every rank raises a TransferError instead of waiting for the one that
+   will never come;
+3. the payload backend (Gloo or NCCL) and the control group (Gloo) are built;
+4. binding: on each of the two groups, every rank all_gathers a fresh
+   nonce, then an HMAC of the whole transcript, and checks every member's.
+   The store is unauthenticated, so a stranger can put its own address where
+   a rank's should be; this step proves, over the very connections that will
+   carry the weights, that every member knows the token;
+5. the store is dropped: rank 0 stops listening and every rank closes its
+   store connection, so strangers cannot hold resources of a formed group.
+
+The store phase and the backend construction run in a daemon thread that the
+caller waits for at most until the deadline: a TCPStore client blocks without
+bound on a peer that accepts and never answers (a stopped trainer, a silent
+listener), and no store call can be interrupted.
 """
 
 from __future__ import annotations
@@ -28,30 +41,48 @@ import errno
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import socket
 import threading
 import time
+import traceback
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from . import wire
 from .errors import TransferError
 
 __all__ = ["SideGroup", "create_side_group", "side_group", "destroy_side_group"]
+
+log = logging.getLogger("torchxfer")
 
 _GROUPS: "weakref.WeakKeyDictionary[dist.ProcessGroup, SideGroup]" = weakref.WeakKeyDictionary()
 
 _PREFIX = "torchxfer/v1/"
 _POLL_S = (0.002, 0.05)
+# A wait on a collective checks the closed flag this often.
+_SLICE_S = 0.05
+# Rendezvous values are a few hundred bytes; anything larger was not written by torchxfer.
+_MAX_VALUE_BYTES = 4096
+# How long the caller waits past the deadline for the init thread to report its own, precise error.
+_GRACE_S = 0.5
+# Rank 0 lingers at most this long after a failure for arrived ranks to read it.
+_LINGER_S = 0.5
+_NONCE_BYTES = 32
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
+
+
+def _left(deadline: float) -> float:
+    return max(0.01, deadline - time.monotonic())
 
 
 class SideGroup:
@@ -75,7 +106,7 @@ class SideGroup:
             stays on the device of the tensors).
         control: the Gloo ProcessGroup for headers and status.
         timeout_s: bound on every wait on this group.
-        address, port: where rank 0's store listens.
+        address, port: where rank 0's store listened while the group formed.
         cache: transfer state (buffers, streams, counters) owned by the pipeline.
     """
 
@@ -89,7 +120,7 @@ class SideGroup:
         timeout_s: float,
         address: str,
         port: int,
-        store: dist.Store,
+        store: _Store | None = None,
     ) -> None:
         # Not a ProcessGroup subclass on purpose: a Python subclass routes every
         # collective through a trampoline that holds the GIL while Gloo takes its
@@ -105,10 +136,11 @@ class SideGroup:
         self.address = address
         self.port = port
         self.cache: dict[str, Any] = {}
-        self._store: dist.Store | None = store
+        self._store = store
         self._backends: list[Any] = []
         self._broken: str | None = None
         self._closed = False
+        self._waiting = 0
         self._lock = threading.Lock()
 
     @property
@@ -157,50 +189,76 @@ class SideGroup:
         kernels waiting for a dead peer) without touching other groups.
         """
         with self._lock:
-            if self._broken is None:
+            first = self._broken is None
+            if first:
                 self._broken = reason
+        if first and not self._closed:
+            log.warning("torchxfer side group (rank %d of %d) is broken: %s", self._rank, self._size, reason)
         self._abort()
 
     # -- waiting ---------------------------------------------------------------
 
-    def wait(self, work: Any, what: str, *, data: bool = False) -> None:
-        """Block until ``work`` completes, at most ``timeout_s``.
+    def wait(self, work: Any, what: str, *, data: bool = False, timeout_s: float | None = None) -> None:
+        """Block until ``work`` completes, at most ``timeout_s`` (default: the group's).
 
         ``data`` says the work is a payload collective on the main group (NCCL
         or Gloo); otherwise it is a control collective (always Gloo).
 
         Raises TransferError (and marks the group broken) if the collective
-        fails or times out. On CUDA with NCCL this polls the work from the CPU
-        so that a dead peer is noticed within the timeout; the side
-        communicator alone is then aborted, never the process.
+        fails, times out, or the group is closed from another thread (noticed
+        within 50 ms). On CUDA with NCCL this polls the work from the CPU so
+        that a dead peer is noticed within the timeout; the side communicator
+        alone is then aborted, never the process.
         """
         if work is None:
             return
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        with self._lock:
+            self._waiting += 1
         try:
             if not data or self.backend_name == "gloo":
-                # Work.wait(timeout) bounds the wait on the CPU even for an op
-                # still queued behind a stuck one, whose own Gloo timeout would
-                # never start (torch 2.6-2.13).
-                if not work.wait(_timedelta(self.timeout_s)):
-                    raise TimeoutError(f"no completion after {self.timeout_s:g} s")
+                # Work.wait(timeout) bounds the wait on the CPU even for an op still
+                # queued behind a stuck one, whose own Gloo timeout would never
+                # start. On a timeout it raises "Operation timed out!" and leaves
+                # the work running (torch 2.6-2.13), so waiting in slices lets
+                # close() interrupt it; a failed work is completed, a slice's is not.
+                while True:
+                    try:
+                        if work.wait(_timedelta(min(_SLICE_S, _left(deadline)))):
+                            break
+                    except Exception:
+                        if work.is_completed():
+                            raise
+                    self._check_wait(deadline, limit)
             else:
                 # NCCL's wait() only orders streams; poll completion from the CPU
                 # so a dead peer is noticed within the timeout.
-                deadline = time.monotonic() + self.timeout_s
                 delay = 0.0
                 while not work.is_completed():
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"no completion after {self.timeout_s:g} s")
+                    self._check_wait(deadline, limit)
                     time.sleep(delay)
                     delay = min(max(delay * 2, 1e-5), 5e-5)
                 work.wait()
-        except Exception as e:  # any backend failure: peer death, timeout, abort
+        except Exception as e:  # any backend failure: peer death, timeout, abort, close
+            if self._closed:
+                reason = f"{what} was interrupted on rank {self.rank()}: the side group was closed"
+                self.mark_broken(reason)
+                raise TransferError(reason, broken=True) from None
             reason = f"{what} failed on rank {self.rank()}: {type(e).__name__}: {e}".strip()
             self.mark_broken(reason)
             raise TransferError(
-                f"{reason}. A peer may have died or stopped responding within {self.timeout_s:g} s.",
-                broken=True,
+                f"{reason}. A peer may have died or stopped responding within {limit:g} s.", broken=True
             ) from e
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def _check_wait(self, deadline: float, limit: float) -> None:
+        if self._closed:
+            raise RuntimeError("closed")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no completion after {limit:g} s")
 
     # -- teardown --------------------------------------------------------------
 
@@ -212,28 +270,88 @@ class SideGroup:
                 if hasattr(backend, "abort"):
                     backend.abort()
 
+    def release_store(self) -> None:
+        """Drop this rank's use of the store: rank 0 stops listening and closes
+        every connection to it (its port is free again); a worker closes its
+        connection. Local; called once the group has formed, as nothing after
+        that needs the store."""
+        store, self._store = self._store, None
+        if store is not None:
+            store.detach()
+
     def close(self) -> None:
         """Release the group's buffers and streams and shut its backend down.
 
-        Local and idempotent: it does not wait for peers. The store's port is
-        released once the last reference to this group is dropped.
+        Local and idempotent: it does not wait for peers. A ``wait`` blocked in
+        another thread raises TransferError within 50 ms.
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            waiting = self._waiting
+        log.info("torchxfer side group closed (rank %d of %d, %s:%d)", self._rank, self._size, self.address, self.port)
         self.cache.clear()
-        if self._broken is not None:
+        if self._broken is not None or waiting:
             self._abort()
         for backend in self._backends:
             with contextlib.suppress(Exception):
                 if hasattr(backend, "shutdown"):
                     # Backend.shutdown: torch 2.6-2.13; absent on some older Gloo builds.
                     backend.shutdown()
-        self._store = None
+        self.release_store()
 
 
-# -- store and rendezvous ----------------------------------------------------------
+# -- store -------------------------------------------------------------------------
+
+
+class _Store(dist.Store):
+    """The store handed to the backends: forwards to the TCPStore until detached.
+
+    Backends keep a reference to their store for as long as they live; this
+    indirection lets a formed group drop the TCPStore (and so rank 0's
+    listener) while its backends stay up. Calls after ``detach`` raise.
+    """
+
+    def __init__(self, inner: dist.Store) -> None:
+        super().__init__()
+        self._inner: dist.Store | None = inner
+
+    def detach(self) -> None:
+        self._inner = None
+
+    def _s(self) -> dist.Store:
+        inner = self._inner
+        if inner is None:
+            raise RuntimeError("torchxfer: the side group's store was closed after the group formed")
+        return inner
+
+    def set(self, key: str, value: Any) -> None:
+        self._s().set(key, value)
+
+    def get(self, key: str) -> bytes:
+        return self._s().get(key)
+
+    def add(self, key: str, amount: int) -> int:
+        return self._s().add(key, amount)
+
+    def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
+        return self._s().compare_set(key, expected, desired)
+
+    def check(self, keys: list[str]) -> bool:
+        return self._s().check(keys)
+
+    def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
+        if timeout is None:
+            self._s().wait(keys)
+        else:
+            self._s().wait(keys, timeout)
+
+    def delete_key(self, key: str) -> bool:
+        return self._s().delete_key(key)
+
+    def num_keys(self) -> int:
+        return self._s().num_keys()
 
 
 def _listen(address: str, port: int) -> socket.socket:
@@ -257,7 +375,13 @@ def _listen(address: str, port: int) -> socket.socket:
     return sock
 
 
-def _make_store(address: str, port: int, rank: int, timeout_s: float) -> tuple[dist.Store, int]:
+def _make_store(address: str, port: int, rank: int, deadline: float) -> tuple[_Store, int]:
+    """Rank 0 hosts the store on ``address:port``; the others connect to it.
+
+    Blocks (a worker's connection can block without bound on a silent peer;
+    the caller runs this in the bounded init thread). The TCPStore is held by
+    the returned wrapper alone, so detaching it releases the port.
+    """
     if rank == 0:
         sock = _listen(address, port)
         real_port = sock.getsockname()[1]
@@ -265,87 +389,150 @@ def _make_store(address: str, port: int, rank: int, timeout_s: float) -> tuple[d
             # master_listen_fd hands the bound socket to the store, so the store
             # listens exactly where asked (the store alone would bind every
             # interface). The store owns the fd from here on (torch 2.6-2.13).
-            store = dist.TCPStore(
-                address, real_port, None, True, _timedelta(timeout_s),
+            store = _Store(dist.TCPStore(
+                address, real_port, None, True, _timedelta(_left(deadline)),
                 wait_for_workers=False, master_listen_fd=sock.fileno(),
-            )  # fmt: skip
+            ))  # fmt: skip
         except Exception as e:
             sock.close()
-            raise TransferError(f"cannot start the store on {address}:{real_port}: {e}") from e
+            raise TransferError(f"cannot start the store on {address}:{real_port}: {e}") from None
         sock.detach()
         return store, real_port
     try:
-        store = dist.TCPStore(address, port, None, False, _timedelta(timeout_s))
+        return _Store(dist.TCPStore(address, port, None, False, _timedelta(_left(deadline)))), port
     except Exception as e:
         raise TransferError(
-            f"rank {rank} could not reach the trainer's store at {address}:{port} within {timeout_s:g} s: {e}"
-        ) from e
-    return store, port
+            f"rank {rank} could not reach the trainer's store at {address}:{port}: {e}"
+        ) from None
+
+
+# -- rendezvous ---------------------------------------------------------------------
+
+
+def _mac(token: str | None, *parts: object) -> str:
+    """HMAC-SHA256 of ``parts`` under the token ("" without a token)."""
+    if token is None:
+        return ""
+    message = "|".join(["torchxfer", *map(str, parts)]).encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _quote(text: str, limit: int = 300) -> str:
+    """Text read from the store, made printable and short, for an error message."""
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return f'"{clean}"' + ("..." if len(text) > limit else "")
 
 
 class _Rendezvous:
-    """Store-based checks made by every rank before a backend is built."""
+    """Store-based checks made by every rank before a backend is built.
 
-    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float) -> None:
+    Everything read from the store is untrusted: a stranger can write any key.
+    Values are size-checked and parsed field by field; text from the store
+    appears in an error only quoted and labelled as unauthenticated, unless
+    an HMAC under the token vouches for it.
+    """
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float, deadline: float,
+                 token: str | None) -> None:  # fmt: skip
         self.store = store
         self.rank = rank
         self.world_size = world_size
-        self.deadline = time.monotonic() + timeout_s
         self.timeout_s = timeout_s
+        self.deadline = deadline
+        self.token = token
+        self.nonce = ""  # rank 0's nonce: generated by rank 0, read from the store by the others
+
+    # -- errors ----------------------------------------------------------------
 
     def fail(self, message: str) -> None:
         """Publish ``message`` so every rank raises it, then raise it here.
 
-        Rank 0 hosts the store, so it lingers (at most a couple of seconds)
-        until the ranks that have arrived have read the message, before its
-        store goes away; ranks that never came are not waited for.
+        Rank 0 hosts the store, so it lingers (at most half a second) until the
+        ranks that have arrived have read the message, before its store goes
+        away; ranks that never came are not waited for.
         """
+        record = json.dumps({"rank": self.rank, "message": message,
+                             "mac": _mac(self.token, "error", self.nonce, self.rank, message)})  # fmt: skip
         with contextlib.suppress(Exception):
-            self.store.compare_set("error", "", message)
+            self.store.compare_set("error", "", record[:_MAX_VALUE_BYTES])
             if self.rank != 0:
                 self.store.add("error_seen", 1)
             else:
                 arrived = sum(self.store.check([f"claim/{r}"]) for r in range(1, self.world_size))
-                linger = time.monotonic() + min(2.0, self.timeout_s)
+                linger = time.monotonic() + _LINGER_S
                 while self.store.add("error_seen", 0) < arrived and time.monotonic() < linger:
                     time.sleep(_POLL_S[0])
         raise TransferError(message)
+
+    def _raise_published(self) -> None:
+        raw = self.store.get("error")
+        self.store.add("error_seen", 1)
+        record = self._parse(raw, "error")
+        message = record.get("message") if record else None
+        rank = record.get("rank") if record else None
+        if isinstance(message, str) and isinstance(rank, int) and self.token is not None and hmac.compare_digest(
+            str(record.get("mac", "")), _mac(self.token, "error", self.nonce, rank, message)
+        ):
+            raise TransferError(message)
+        text = message if isinstance(message, str) else raw.decode(errors="replace")
+        raise TransferError(f"the side group could not form; the store holds this error, "
+                            f"unauthenticated (any process can write it): {_quote(text)}")  # fmt: skip
+
+    # -- reading ---------------------------------------------------------------
 
     def _poll(self, keys: list[str], what: str) -> None:
         delay = _POLL_S[0]
         while True:
             try:
                 if self.store.check(["error"]):
-                    message = self.store.get("error").decode(errors="replace")
-                    self.store.add("error_seen", 1)
-                    raise TransferError(message)
+                    self._raise_published()
                 if self.store.check(keys):
                     return
             except TransferError:
                 raise
             except Exception as e:  # the store's host (rank 0) went away
-                raise TransferError(f"rank {self.rank} lost the trainer's store while waiting for {what}: {e}") from e
+                raise TransferError(f"rank {self.rank} lost the trainer's store while waiting for {what}: {e}") from None
             if time.monotonic() > self.deadline:
                 missing = [k for k in keys if not self.store.check([k])]
                 self.fail(f"timed out after {self.timeout_s:g} s waiting for {what}: missing {missing}")
             time.sleep(delay)
             delay = min(delay * 2, _POLL_S[1])
 
-    def wait_all(self, stem: str, what: str) -> dict[int, str]:
-        keys = [f"{stem}/{r}" for r in range(self.world_size)]
-        self._poll(keys, what)
-        return {r: self.store.get(k).decode() for r, k in enumerate(keys)}
+    def _parse(self, raw: bytes, key: str) -> dict | None:
+        if len(raw) > _MAX_VALUE_BYTES:
+            return None
+        try:
+            value = json.loads(raw.decode())
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return None
+        return value if isinstance(value, dict) else None
 
-    def wait_one(self, key: str, what: str) -> str:
+    def read(self, key: str, what: str) -> dict:
+        """Wait for ``key`` and return its JSON object; fail on anything torchxfer would not write."""
         self._poll([key], what)
-        return self.store.get(key).decode()
+        raw = self.store.get(key)
+        value = self._parse(raw, key)
+        if value is None:
+            self.fail(f"the store's value under {key!r} ({len(raw)} bytes) is not what torchxfer writes: "
+                      "another process wrote into the trainer's store")  # fmt: skip
+        return value
 
+    def write(self, key: str, value: dict) -> None:
+        self.store.set(key, json.dumps(value))
 
-def _proof(token: str | None, nonce: str, rank: int, world_size: int) -> str:
-    if token is None:
-        return ""
-    message = f"torchxfer|{nonce}|{rank}|{world_size}".encode()
-    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+    # -- the steps -------------------------------------------------------------
+
+    def claim(self) -> None:
+        if self.store.add(f"claim/{self.rank}", 1) > 1:
+            self.fail(f"two processes claim rank {self.rank} of the side group (the second is pid {os.getpid()} on "
+                      f"{socket.gethostname()}); check rank_offset and the DP x TP x PP layout of every server")
+
+    def check_versions(self, info: dict, who: str) -> None:
+        protocol, signature = info.get("protocol"), info.get("wire")
+        if protocol != wire.PROTOCOL_VERSION or signature != wire.WIRE_SIGNATURE:
+            self.fail(f"wire protocol mismatch: {who} speaks protocol {_quote(str(protocol), 40)} "
+                      f"(wire {_quote(str(signature), 80)}), rank {self.rank} speaks protocol "
+                      f"{wire.PROTOCOL_VERSION} (wire {wire.WIRE_SIGNATURE}); install the same torchxfer on both sides")
 
 
 def _gpu_uuid(device: torch.device) -> str | None:
@@ -356,45 +543,76 @@ def _gpu_uuid(device: torch.device) -> str | None:
 
 
 def _rendezvous(
-    store: dist.Store, rank: int, world_size: int, timeout_s: float, token: str | None, uuid: str | None
+    store: dist.Store, rank: int, world_size: int, timeout_s: float, deadline: float, token: str | None,
+    uuid: str | None,
 ) -> str:
-    rdv = _Rendezvous(store, rank, world_size, timeout_s)
-    if rank == 0:
-        store.set("world_size", str(world_size))
-        store.set("nonce", secrets.token_hex(16))
-    nonce = rdv.wait_one("nonce", "the trainer (rank 0)")
-    if store.add(f"claim/{rank}", 1) > 1:
-        rdv.fail(f"two processes claim rank {rank} of the side group (the second is pid {os.getpid()} on "
-                 f"{socket.gethostname()}); check rank_offset and the DP x TP x PP layout of every server")
-    trainer_world = int(rdv.wait_one("world_size", "the trainer's world size"))
-    if trainer_world != world_size:
-        rdv.fail(f"rank {rank} was given world_size={world_size} but the trainer has world_size={trainer_world}")
-    hello = {"pid": os.getpid(), "host": socket.gethostname(), "uuid": uuid,
-             "proof": _proof(token, nonce, rank, world_size)}  # fmt: skip
-    store.set(f"hello/{rank}", json.dumps(hello))
-    peers = {r: json.loads(v) for r, v in rdv.wait_all("hello", "every rank to join").items()}
+    """The store phase of :func:`create_side_group`; returns rank 0's nonce.
 
-    # Rank 0 checks every worker; workers check rank 0. The token never travels.
-    for r in range(world_size) if rank == 0 else [0]:
-        if r == rank:
-            continue
-        expected = _proof(token, nonce, r, world_size)
-        if not hmac.compare_digest(expected, str(peers[r].get("proof", ""))):
-            worker = max(r, rank)
-            info = peers[worker]
-            rdv.fail(f"authentication failed between the trainer (rank 0) and rank {worker} (pid {info.get('pid')} "
-                     f"on {info.get('host')}): wrong or missing token")
+    Workers prove to rank 0 that they know the token with an HMAC over rank
+    0's nonce (which rank 0 generated and never reads back) and their own;
+    rank 0 answers each worker with an HMAC over the same pair. Neither proof
+    can be replayed into another session: each side checks one over a nonce
+    it generated itself.
+    """
+    rdv = _Rendezvous(store, rank, world_size, timeout_s, deadline, token)
+    mine = secrets.token_hex(16)
+    if rank == 0:
+        rdv.nonce = mine
+        rdv.write("trainer", {"nonce": mine, "world_size": world_size,
+                              "protocol": wire.PROTOCOL_VERSION, "wire": wire.WIRE_SIGNATURE})  # fmt: skip
+    rdv.claim()
+    if rank != 0:
+        trainer = rdv.read("trainer", "the trainer (rank 0)")
+        nonce = trainer.get("nonce")
+        rdv.nonce = nonce if isinstance(nonce, str) and len(nonce) <= 64 else ""
+        rdv.check_versions(trainer, "the trainer (rank 0)")
+        trainer_world = trainer.get("world_size")
+        if trainer_world != world_size:
+            shown = trainer_world if isinstance(trainer_world, int) else _quote(str(trainer_world), 20)
+            rdv.fail(f"rank {rank} was given world_size={world_size} but the trainer has world_size={shown}")
+    rdv.write(f"hello/{rank}", {
+        "pid": os.getpid(), "host": socket.gethostname(), "uuid": uuid, "nonce": mine,
+        "protocol": wire.PROTOCOL_VERSION, "wire": wire.WIRE_SIGNATURE,
+        "proof": "" if rank == 0 else _mac(token, "hello", rdv.nonce, mine, rank, world_size),
+    })  # fmt: skip
+    peers = {r: rdv.read(f"hello/{r}", "every rank to join") for r in range(world_size)}
+
+    if rank == 0:
+        for r in range(1, world_size):
+            info = peers[r]
+            who = (f"rank {r} (pid {_quote(str(info.get('pid')), 12)} on {_quote(str(info.get('host')), 64)}, "
+                   "as it reported itself)")  # fmt: skip
+            rdv.check_versions(info, who)
+            expected = _mac(token, "hello", mine, info.get("nonce"), r, world_size)
+            if not hmac.compare_digest(expected, str(info.get("proof", ""))[:128]):
+                trainer = rdv.read("trainer", "the trainer's own record")
+                if trainer.get("nonce") != mine:
+                    rdv.fail("the side group was tampered with: another process rewrote the trainer's nonce "
+                             "in the store, so no rank's proof can be checked")  # fmt: skip
+                rdv.fail(f"authentication failed between the trainer (rank 0) and {who}: wrong or missing token")
+        for r in range(1, world_size):
+            rdv.write(f"auth/{r}", {"proof": _mac(token, "trainer", mine, peers[r].get("nonce"), r, world_size)})
+    else:
+        answer = rdv.read(f"auth/{rank}", "the trainer's proof")
+        expected = _mac(token, "trainer", rdv.nonce, mine, rank, world_size)
+        if not hmac.compare_digest(expected, str(answer.get("proof", ""))[:128]):
+            rdv.fail(f"authentication failed between the trainer (rank 0) and rank {rank}: the trainer did not "
+                     "prove it knows the token (wrong or missing token, or a process posing as the trainer)")
     if uuid is not None:
         owners: dict[str, list[int]] = {}
         for r, info in peers.items():
-            if info.get("uuid"):
+            if isinstance(info.get("uuid"), str):
                 owners.setdefault(info["uuid"], []).append(r)
         for gpu, ranks in owners.items():
             if len(ranks) > 1:
-                rdv.fail(f"ranks {ranks} of the side group use the same GPU ({gpu}); NCCL needs one GPU per rank")
+                rdv.fail(f"ranks {ranks} of the side group use the same GPU ({_quote(gpu, 80)}); "
+                         "NCCL needs one GPU per rank")  # fmt: skip
     store.set(f"ok/{rank}", "1")
-    rdv.wait_all("ok", "every rank to pass the checks")
-    return nonce
+    rdv._poll([f"ok/{r}" for r in range(world_size)], "every rank to pass the checks")
+    return rdv.nonce
+
+
+# -- backends ------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -426,7 +644,11 @@ def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, 
         # with error handling off it no longer tears the process down when a
         # collective times out; SideGroup.wait notices the timeout and aborts
         # this communicator alone, so an inference server outlives its trainer.
-        with _env(TORCH_NCCL_ASYNC_ERROR_HANDLING="0", TORCH_NCCL_ENABLE_MONITORING="0"):
+        # The heartbeat monitor and the dump-on-timeout would poll or write the
+        # store, which is gone once the group has formed: the log gets our one
+        # WARNING (SideGroup.mark_broken) instead of their stack traces.
+        with _env(TORCH_NCCL_ASYNC_ERROR_HANDLING="0", TORCH_NCCL_ENABLE_MONITORING="0",
+                  TORCH_NCCL_DUMP_ON_TIMEOUT="0"):  # fmt: skip
             backend = dist.ProcessGroupNCCL(store, rank, world, opts)
         backend_type, device_types = types.NCCL, ["cuda"]
     # Private: _set_sequence_number_for_group, _set_default_backend and
@@ -438,6 +660,136 @@ def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, 
     for device_type in device_types:
         pg._register_backend(torch.device(device_type), backend_type, backend)
     return backend
+
+
+# -- bounded init ----------------------------------------------------------------------
+
+
+def _bounded(fn: Callable[[], Any], deadline: float, on_late: Callable[[Any], None],
+             what: Callable[[], str]) -> Any:  # fmt: skip
+    """Run ``fn`` in a daemon thread; return its result or raise its error, or
+    raise TransferError if it is still running at ``deadline``. A result that
+    arrives after that is handed to ``on_late`` (to release it)."""
+    box: dict[str, Any] = {}
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def body() -> None:
+        try:
+            value = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            with lock:
+                box["error"] = e
+        else:
+            with lock:
+                late = "abandoned" in box
+                if not late:
+                    box["value"] = value
+            if late:
+                on_late(value)
+        finally:
+            done.set()
+
+    threading.Thread(target=body, daemon=True, name="torchxfer-init").start()
+    done.wait(max(0.0, deadline - time.monotonic()))
+    with lock:
+        if "error" not in box and "value" not in box:
+            box["abandoned"] = True
+            raise TransferError(what())
+    if "error" in box:
+        error = box.pop("error")
+        # The init thread's frames hold the store; a caller keeping the exception
+        # must not keep the port (torch's store closes when its last reference goes).
+        traceback.clear_frames(error.__traceback__)
+        raise error
+    return box.pop("value")
+
+
+def _form(address: str, port: int, rank: int, world_size: int, backend: str, data_device: torch.device | None,
+          timeout_s: float, deadline: float, token: str | None, phase: list[str],
+          ) -> tuple[dist.ProcessGroup, SideGroup, str]:  # fmt: skip
+    """Store, rendezvous and backends; runs in the bounded init thread."""
+    phase[0] = f"connecting to the trainer's store at {address}:{port}" if rank else f"starting the store on {address}:{port}"
+    store, real_port = _make_store(address, port, rank, deadline)
+    group = None
+    try:
+        phase[0] = "the rendezvous through the trainer's store"
+        uuid = _gpu_uuid(data_device) if data_device is not None else None
+        nonce = _rendezvous(dist.PrefixStore(_PREFIX, store), rank, world_size, timeout_s, deadline, token, uuid)
+        pg = dist.ProcessGroup(store, rank, world_size)
+        control = dist.ProcessGroup(store, rank, world_size)
+        group = SideGroup(
+            pg, control, backend_name=backend, data_device=data_device,
+            timeout_s=timeout_s, address=address, port=real_port, store=store,
+        )  # fmt: skip
+        with contextlib.suppress(Exception):
+            pg._set_group_name(f"torchxfer-{nonce[:12]}")  # private, torch 2.6-2.13
+            control._set_group_name(f"torchxfer-{nonce[:12]}-control")
+        for name, which, kind in (("payload", pg, backend), ("control", control, "gloo")):
+            phase[0] = f"connecting the {name} group ({kind})"
+            try:
+                sub = dist.PrefixStore(f"{_PREFIX}{name}/", store)
+                group._backends.append(_build_backend(which, kind, sub, _left(deadline)))
+            except Exception as e:
+                raise TransferError(f"rank {rank}: the {name} group ({kind}) could not connect: {e}") from None
+        return pg, group, nonce  # the caller must hold pg: the SideGroup refers to it weakly
+    except BaseException:
+        if group is not None:
+            group.close()
+        store.detach()
+        raise
+
+
+def _all_gather_bytes(group: SideGroup, which: dist.ProcessGroup, payload: bytes, device: torch.device,
+                      data: bool, deadline: float, what: str) -> list[bytes]:  # fmt: skip
+    mine = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    outs = [torch.zeros_like(mine) for _ in range(group.size())]
+
+    def issue() -> Any:
+        return dist.all_gather(outs, mine, group=which, async_op=True)
+
+    if data and group.backend_name == "nccl":
+        # The first NCCL collective creates the communicator, which blocks until
+        # every member's bootstrap answers.
+        work = _bounded(issue, deadline, lambda w: None, lambda: f"{what}: the NCCL communicator did not form")
+    else:
+        work = issue()
+    group.wait(work, what, data=data, timeout_s=_left(deadline))
+    return [bytes(o.cpu().tolist()) for o in outs]
+
+
+def _bind(group: SideGroup, token: str | None, nonce: str, deadline: float) -> None:
+    """Prove over each group's own connections that every member knows the token.
+
+    Called by every rank together after the backends are built; blocks until
+    ``deadline``. Each rank all_gathers a fresh nonce, then an HMAC of the
+    transcript (every nonce, the group's name, rank 0's rendezvous nonce)
+    and its rank, and checks every member's. Without a token the same
+    exchange only checks that every member saw the same transcript.
+    """
+    rank, world = group.rank(), group.size()
+    cpu = torch.device("cpu")
+    for name, which, device, data in (("control", group.control, cpu, False),
+                                      ("payload", group.pg, group.data_device or cpu, True)):  # fmt: skip
+        mine = secrets.token_bytes(_NONCE_BYTES)
+        try:
+            nonces = _all_gather_bytes(group, which, mine, device, data, deadline, f"the {name} group's nonce exchange")
+            transcript = hashlib.sha256(b"|".join([f"bind|{name}|{world}|{nonce}".encode(), *nonces])).hexdigest()
+            key = (token or "").encode()
+            mac = hmac.new(key, f"{transcript}|{rank}".encode(), hashlib.sha256).digest()
+            macs = _all_gather_bytes(group, which, mac, device, data, deadline, f"the {name} group's proof exchange")
+        except Exception as e:
+            group.mark_broken(f"the {name} group could not be verified")
+            raise TransferError(f"rank {rank} could not verify the {name} group's connections ({e}); a peer died or "
+                                "stopped, or the side group was tampered with", broken=True) from None  # fmt: skip
+        bad = [r for r in range(world)
+               if not hmac.compare_digest(macs[r], hmac.new(key, f"{transcript}|{r}".encode(), hashlib.sha256).digest())]
+        if nonces[rank] != mine or bad:
+            group.mark_broken(f"the {name} group failed its check")
+            raise TransferError(
+                f"the side group was tampered with: on the {name} group's connections, rank(s) {bad or [rank]} did "
+                "not prove they know the token (a process outside the group took part in the connection setup); "
+                "nothing was sent", broken=True)  # fmt: skip
 
 
 def create_side_group(
@@ -453,17 +805,24 @@ def create_side_group(
 ) -> dist.ProcessGroup:
     """Build the side group and return its ProcessGroup. Called by every rank of it together; blocks.
 
-    Rank 0 must be the trainer: it binds ``address:port``. Every wait (store connection, rendezvous, backend connection, the
-    first all_reduce) is bounded by ``timeout_s``; any failure raises
-    TransferError on every rank that reached the store.
+    Rank 0 must be the trainer: it binds ``address:port``. The whole call
+    (store connection, rendezvous, backend connection, the binding check) is
+    bounded by ``timeout_s`` plus half a second, whether a peer is absent,
+    stopped or silent; any failure raises TransferError on every rank that
+    reached the store. A failed call releases the port at once. Once formed,
+    the store is closed: the port is free and nothing listens on it.
 
     Raises:
         ValueError: rank outside ``[0, world_size)``, an unknown backend, or a
             non-CUDA device for NCCL.
-        TransferError: port in use, store unreachable, a rank claimed twice,
-            world sizes that disagree, a failed token check, two NCCL ranks on
-            one GPU, a missing rank, or a backend that cannot connect.
+        TransferError: port in use, store unreachable or silent, a rank claimed
+            twice, world sizes or wire protocols that disagree, a failed token
+            check (in the store or over the connections: "tampered with"), two
+            NCCL ranks on one GPU, a missing rank, or a backend that cannot
+            connect.
     """
+    start = time.monotonic()
+    deadline = start + timeout_s
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank!r} is outside the side group's world of size {world_size}")
     if backend not in ("gloo", "nccl"):
@@ -480,37 +839,29 @@ def create_side_group(
     else:
         data_device = None
 
-    store, real_port = _make_store(address, port, rank, timeout_s)
-    group = None
+    phase = ["starting"]
+
+    def late(result: tuple[dist.ProcessGroup, SideGroup, str]) -> None:
+        result[1].close()
+
+    def too_long() -> str:
+        return (f"rank {rank}: {phase[0]} did not finish within {timeout_s:g} s; a peer is absent, stopped, or "
+                f"something that does not answer holds {address}:{port}")  # fmt: skip
+
+    pg, group, nonce = _bounded(
+        lambda: _form(address, port, rank, world_size, backend, data_device, timeout_s, deadline, token, phase),
+        deadline + _GRACE_S, late, too_long,
+    )  # fmt: skip
     try:
-        prefixed = dist.PrefixStore(_PREFIX, store)
-        nonce = _rendezvous(prefixed, rank, world_size, timeout_s, token,
-                            _gpu_uuid(data_device) if data_device is not None else None)  # fmt: skip
-        pg = dist.ProcessGroup(store, rank, world_size)
-        control = dist.ProcessGroup(store, rank, world_size)
-        group = SideGroup(
-            pg, control, backend_name=backend, data_device=data_device,
-            timeout_s=timeout_s, address=address, port=real_port, store=store,
-        )  # fmt: skip
-        with contextlib.suppress(Exception):
-            pg._set_group_name(f"torchxfer-{nonce[:12]}")  # private, torch 2.6-2.13
-            control._set_group_name(f"torchxfer-{nonce[:12]}-control")
-        for name, which, kind in (("payload", pg, backend), ("control", control, "gloo")):
-            try:
-                group._backends.append(_build_backend(which, kind, dist.PrefixStore(f"{_PREFIX}{name}/", store), timeout_s))
-            except Exception as e:
-                raise TransferError(f"rank {rank}: the {name} group ({kind}) could not connect: {e}") from e
-        for which, device, data in ((control, torch.device("cpu"), False), (pg, data_device or torch.device("cpu"), True)):
-            probe = torch.ones(1, dtype=torch.int64, device=device)
-            group.wait(dist.all_reduce(probe, group=which, async_op=True), "the side group's first all_reduce", data=data)
-            if int(probe.item()) != world_size:
-                raise TransferError(f"side group check summed to {int(probe.item())}, expected {world_size}")
-        _GROUPS[pg] = group
-        return pg
+        _bind(group, token, nonce, deadline + _GRACE_S)
     except BaseException:
-        if group is not None:
-            group.close()
+        group.close()
         raise
+    group.release_store()
+    _GROUPS[pg] = group
+    log.info("torchxfer side group formed: rank %d of %d, %s, %s:%d, %.2f s",
+             rank, world_size, backend, address, group.port, time.monotonic() - start)  # fmt: skip
+    return pg
 
 
 def side_group(pg: Any) -> SideGroup:
@@ -523,11 +874,7 @@ def side_group(pg: Any) -> SideGroup:
 
 
 def destroy_side_group(pg: dist.ProcessGroup) -> None:
-    """Shut a side group down on this rank: local, idempotent, never blocks on peers.
-
-    The store's port (on rank 0) is released once the last reference to
-    ``pg`` is dropped.
-    """
+    """Shut a side group down on this rank: local, idempotent, never blocks on peers."""
     group = _GROUPS.pop(pg, None)
     if group is not None:
         group.close()

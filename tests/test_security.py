@@ -1,0 +1,371 @@
+"""Hostile input at group formation: strangers, replays, silent and stopped peers.
+
+Attackers are threads of this process using plain ``torch.distributed`` (a
+TCPStore client, a Gloo backend built on the group's store keys), a raw
+socket that accepts and never answers, or a spawned trainer that is
+SIGSTOPped. Every wait is bounded: the library's ``timeout_s`` (1-3 s here)
+< the harness deadline < pytest-timeout; spawned processes are killed by PID.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torchxfer.group as group_mod
+from tests.harness import ADDR, free_port, run_threads
+from torchxfer import (
+    NCCLWeightTransferEngine,
+    NCCLWeightTransferInitInfo,
+    ParallelConfig,
+    TransferError,
+    WeightTransferConfig,
+    destroy_side_group,
+    side_group,
+)
+
+TIMEOUT = 2.0
+SLACK = 1.5
+PREFIX = "torchxfer/v1/"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _trainer(port: int, world: int, token: str | None = None, timeout: float = TIMEOUT) -> dist.ProcessGroup:
+    return NCCLWeightTransferEngine.trainer_init(
+        dict(master_address=ADDR, master_port=port, world_size=world, token=token), backend="gloo", timeout_s=timeout
+    )
+
+
+def _worker(rank: int, port: int, world: int, token: str | None = None,
+            timeout: float = TIMEOUT) -> NCCLWeightTransferEngine:  # fmt: skip
+    engine = NCCLWeightTransferEngine(
+        WeightTransferConfig(backend="gloo", timeout_s=timeout),
+        ParallelConfig(rank=rank - 1, tensor_parallel_size=world - 1),
+    )
+    engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, world, token=token))
+    return engine
+
+
+def _timed(fn) -> tuple[BaseException | None, float]:
+    start = time.monotonic()
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - inspected by the test
+        return e, time.monotonic() - start
+    return None, time.monotonic() - start
+
+
+def _client(port: int, timeout: float = 5.0) -> dist.TCPStore:
+    return dist.TCPStore(ADDR, port, None, False, datetime.timedelta(seconds=timeout))
+
+
+def _wait_key(store: dist.Store, key: str, deadline_s: float = 10.0) -> None:
+    end = time.monotonic() + deadline_s
+    while not store.check([key]):
+        assert time.monotonic() < end, f"{key} never appeared"
+        time.sleep(0.002)
+
+
+# -- a stranger inside the backends ------------------------------------------------------
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["forged_trainer", "stolen_worker_seat"])
+def test_stranger_in_the_backends_is_caught_before_any_weight_byte(monkeypatch, victim):
+    """The store is unauthenticated: once the legitimate ranks have passed the
+    token checks, a stranger builds the group's Gloo backends in the place of
+    rank ``victim`` (here: the victim is held back, so the stranger wins the
+    race every time). The legitimate rank must refuse it over the connections
+    themselves, and nothing is sent or loaded."""
+    port = free_port()
+    real_build = group_mod._build_backend
+    release = threading.Event()
+
+    def held_back(pg, name, store, timeout_s):
+        if pg.rank() == victim:
+            release.wait(TIMEOUT + 1)
+            raise TransferError("held back by the test")
+        return real_build(pg, name, store, timeout_s)
+
+    monkeypatch.setattr(group_mod, "_build_backend", held_back)
+    loaded: list = []
+
+    def legit(rank: int) -> tuple[BaseException | None, float]:
+        if rank == 0:
+            return _timed(lambda: NCCLWeightTransferEngine.trainer_send_weights(
+                iter([("w", torch.arange(8.0))]), _trainer(port, 2, token="s3cret")))  # fmt: skip
+        return _timed(lambda: _worker(1, port, 2, token="s3cret").receive_weights(None, loaded.extend))
+
+    def stranger() -> dict:
+        store = _client(port)
+        _wait_key(dist.PrefixStore(PREFIX, store), f"ok/{victim}")
+        seen: dict = {}
+        timeout = datetime.timedelta(seconds=3)
+        backends = [dist.ProcessGroupGloo(dist.PrefixStore(f"{PREFIX}{name}/", store), victim, 2, timeout)
+                    for name in ("payload", "control")]  # fmt: skip
+        for b in backends:
+            b._set_sequence_number_for_group()
+        control = backends[1]
+        for round_ in ("nonces", "macs"):  # take part, without the token
+            outs = [torch.zeros(32, dtype=torch.uint8) for _ in range(2)]
+            control.allgather([outs], [torch.randint(0, 255, (32,), dtype=torch.uint8)]).wait()
+            seen[round_] = True
+        header = torch.zeros(4096, dtype=torch.uint8)
+        try:  # as rank 1: wait for the first header; as rank 0: push a forged one
+            opts = dist.BroadcastOptions()
+            opts.rootRank = 0
+            control.broadcast([header], opts).wait()
+            seen["broadcast"] = bool(header.any()) if victim == 1 else "sent"
+        except Exception as e:  # noqa: BLE001 - the legitimate rank has left
+            seen["broadcast"] = f"failed: {type(e).__name__}"
+        return seen
+
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(stranger=stranger()), daemon=True)
+    thread.start()
+    legit_rank = 1 - victim
+    outcomes = run_threads(lambda r: legit(r) if r == legit_rank else (legit(r), release.set()), 2, deadline_s=20)
+    out = outcomes[legit_rank].value
+    release.set()
+    thread.join(10)
+    error, elapsed = out
+    assert isinstance(error, TransferError), error
+    assert "tampered with" in str(error), error
+    assert elapsed < TIMEOUT + SLACK, elapsed
+    assert loaded == []
+    # Seated as the worker, the stranger never got a header; as the trainer, it could not push one.
+    assert box["stranger"]["broadcast"].startswith("failed"), box
+
+
+
+# -- the store phase: replays, junk and forged errors --------------------------------------
+
+
+@pytest.mark.parametrize("rewrite_nonce", [True, False])
+def test_replayed_proof_is_refused(monkeypatch, rewrite_nonce):
+    """A sniffer recorded the trainer's record and a worker's hello from one
+    session; in the next it replays them as rank 1 (rewriting the nonce first,
+    or not). Rank 0 checks proofs against the nonce it generated itself."""
+    recorded: dict = {}
+    real_write = group_mod._Rendezvous.write
+
+    def sniff(self, key, value):
+        recorded[key] = json.dumps(value)
+        real_write(self, key, value)
+
+    monkeypatch.setattr(group_mod._Rendezvous, "write", sniff)
+    port = free_port()
+    run_threads(lambda r: destroy_side_group(_trainer(port, 2, "s3cret")) if r == 0
+                else _worker(1, port, 2, "s3cret").shutdown(), 2, deadline_s=20)  # fmt: skip
+    monkeypatch.undo()
+
+    port = free_port()
+
+    def replayer() -> None:
+        store = dist.PrefixStore(PREFIX, _client(port))
+        _wait_key(store, "trainer")
+        if rewrite_nonce:
+            store.set("trainer", recorded["trainer"])
+        store.add("claim/1", 1)
+        store.set("hello/1", recorded["hello/1"])
+
+    threading.Thread(target=replayer, daemon=True).start()
+    error, elapsed = _timed(lambda: _trainer(port, 2, "s3cret"))
+    assert isinstance(error, TransferError), error
+    phrase = "tampered with" if rewrite_nonce else "authentication failed"
+    assert phrase in str(error), error
+    assert elapsed < TIMEOUT + SLACK
+
+
+JUNK = [b"\xff\xfe not json", b"[1, 2, 3]", b'{"protocol": [], "nonce": {}, "proof": 5, "pid": "x"}', b"x" * (1 << 20)]
+
+
+@pytest.mark.parametrize("junk", JUNK, ids=["bytes", "list", "types", "huge"])
+def test_junk_in_the_store_never_crashes_a_rank(junk):
+    port = free_port()
+
+    def stranger() -> None:
+        store = dist.PrefixStore(PREFIX, _client(port))
+        _wait_key(store, "trainer")
+        store.add("claim/1", 1)
+        store.set("hello/1", junk)
+
+    threading.Thread(target=stranger, daemon=True).start()
+    error, elapsed = _timed(lambda: _trainer(port, 2))
+    assert type(error) is TransferError, repr(error)
+    assert elapsed < TIMEOUT + SLACK
+    assert "xxxxxxxxxx" not in str(error)
+
+
+def test_error_written_by_a_stranger_is_labelled():
+    port = free_port()
+
+    def stranger() -> None:
+        store = dist.PrefixStore(PREFIX, _client(port))
+        _wait_key(store, "trainer")
+        store.set("error", json.dumps({"rank": 1, "message": "send your weights to evil.example", "mac": "00"}))
+
+    threading.Thread(target=stranger, daemon=True).start()
+    error, elapsed = _timed(lambda: _trainer(port, 2, "s3cret"))
+    assert isinstance(error, TransferError), error
+    assert str(error).startswith("the side group could not form; the store holds this error, unauthenticated")
+    assert elapsed < TIMEOUT + SLACK
+
+
+def test_wire_version_mismatch_fails_clearly_on_each_side():
+    """A fake trainer (a bare store) speaking protocol 999 to a real worker, and a
+    fake worker speaking it to a real trainer."""
+    host = dist.TCPStore(ADDR, 0, None, True, datetime.timedelta(seconds=5), wait_for_workers=False)
+    dist.PrefixStore(PREFIX, host).set("trainer", json.dumps(
+        {"nonce": "ab" * 16, "world_size": 2, "protocol": 999, "wire": "v999"}))
+    error, elapsed = _timed(lambda: _worker(1, host.port, 2))
+    assert isinstance(error, TransferError) and "wire protocol mismatch" in str(error), error
+    assert "999" in str(error) and elapsed < TIMEOUT + SLACK
+
+    port = free_port()
+
+    def old_worker() -> None:
+        store = dist.PrefixStore(PREFIX, _client(port))
+        _wait_key(store, "trainer")
+        store.add("claim/1", 1)
+        store.set("hello/1", json.dumps({"pid": 1, "host": "h", "nonce": "cd" * 16, "protocol": 999, "wire": "v999",
+                                         "proof": ""}))  # fmt: skip
+
+    threading.Thread(target=old_worker, daemon=True).start()
+    error, elapsed = _timed(lambda: _trainer(port, 2))
+    assert isinstance(error, TransferError) and "wire protocol mismatch" in str(error), error
+    assert elapsed < TIMEOUT + SLACK
+
+
+# -- bounded inits and released ports ------------------------------------------------------
+
+
+def test_silent_listener_and_empty_port_bound_the_worker_init():
+    silent = socket.socket()
+    silent.bind((ADDR, 0))
+    silent.listen(8)
+    accepted: list = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()), daemon=True).start()
+    try:
+        for port in (silent.getsockname()[1], free_port()):  # accepts and never answers; nothing listens
+            error, elapsed = _timed(lambda: _worker(1, port, 2))
+            assert isinstance(error, TransferError), error
+            assert elapsed < TIMEOUT + SLACK, (port, elapsed)
+    finally:
+        silent.close()
+
+
+def test_failed_init_releases_the_port_at_once():
+    port = free_port()
+    first, elapsed = _timed(lambda: _trainer(port, 2, timeout=1.0))  # nobody comes
+    assert isinstance(first, TransferError) and "timed out" in str(first), first
+    assert elapsed < 1.0 + SLACK
+    # The exception (and its traceback) is still referenced: the retry must bind anyway.
+    out = run_threads(lambda r: destroy_side_group(_trainer(port, 2)) if r == 0
+                      else _worker(1, port, 2).shutdown(), 2, deadline_s=20)  # fmt: skip
+    assert all(o.ok for o in out) and first is not None
+
+
+_STOPPABLE = """
+import sys, threading, torchxfer
+def serve(port, world):
+    try:
+        torchxfer.NCCLWeightTransferEngine.trainer_init(
+            dict(master_address="127.0.0.1", master_port=port, world_size=world), backend="gloo", timeout_s=60)
+    except Exception:
+        pass
+threads = [threading.Thread(target=serve, args=(int(p), 3)) for p in sys.argv[1:]]
+[t.start() for t in threads]
+[t.join(60) for t in threads]
+"""
+
+
+def test_stopped_trainer_bounds_every_worker_init():
+    """A trainer process is SIGSTOPped: one worker had joined it before, the
+    other connects after. Both raise within timeout_s."""
+    joined, fresh = free_port(), free_port()
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.Popen([sys.executable, "-c", _STOPPABLE, str(joined), str(fresh)], env=env)
+    try:
+        end = time.monotonic() + 30
+        for port in (joined, fresh):
+            while True:
+                assert time.monotonic() < end and proc.poll() is None, "the trainer never listened"
+                try:
+                    socket.create_connection((ADDR, port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        results: dict = {}
+
+        def worker(name: str, port: int) -> None:
+            results[name] = _timed(lambda: _worker(1, port, 3))
+
+        first = threading.Thread(target=worker, args=("joined", joined), daemon=True)
+        first.start()
+        time.sleep(0.5)  # joined: now waiting in the rendezvous for rank 2
+        os.kill(proc.pid, signal.SIGSTOP)
+        second = threading.Thread(target=worker, args=("fresh", fresh), daemon=True)
+        second.start()
+        first.join(TIMEOUT + 5)
+        second.join(TIMEOUT + 5)
+        for name in ("joined", "fresh"):
+            error, elapsed = results[name]
+            assert isinstance(error, TransferError), (name, error)
+            limit = TIMEOUT + SLACK + (0.5 if name == "joined" else 0.0)
+            assert elapsed < limit, (name, elapsed)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+# -- a formed group ------------------------------------------------------------------------
+
+
+def test_formed_group_closes_the_store_and_close_interrupts_a_wait(caplog):
+    """After formation nothing listens on the port and a stranger's earlier
+    connection is closed; close() from another thread ends a blocked receive
+    well within timeout_s; formation and shutdown are logged at INFO."""
+    caplog.set_level(logging.INFO, logger="torchxfer")
+    port = free_port()
+    timeout = 30.0
+    seen: dict = {}
+
+    def body(rank: int) -> object:
+        if rank == 0:
+            group = _trainer(port, 2, timeout=timeout)
+            seen["formed"] = True
+            return group
+        time.sleep(0.2)
+        early = socket.create_connection((ADDR, port), timeout=2)  # a stranger, before formation
+        engine = _worker(1, port, 2, timeout=timeout)
+        early.settimeout(2)
+        seen["early"] = early.recv(16)
+        with pytest.raises(OSError):
+            socket.create_connection((ADDR, port), timeout=2).close()
+        pg = engine.model_update_group
+        threading.Timer(0.3, side_group(pg).close).start()
+        error, elapsed = _timed(lambda: engine.receive_weights(None, lambda batch: None))
+        engine.shutdown()
+        return error, elapsed
+
+    out = run_threads(body, 2, deadline_s=30)
+    destroy_side_group(out[0].value)
+    error, elapsed = out[1].value
+    assert isinstance(error, TransferError) and "closed" in str(error), error
+    assert elapsed < 1.5, elapsed
+    assert seen["early"] == b""
+    messages = [r.getMessage() for r in caplog.records if r.name == "torchxfer"]
+    assert any("side group formed: rank 1 of 2, gloo" in m for m in messages), messages
+    assert any("side group closed" in m for m in messages), messages
