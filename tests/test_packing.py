@@ -14,13 +14,18 @@ from hypothesis import strategies as st
 from tests.harness import bytes_equal
 from torchxfer.packing import (
     ALIGNMENT,
+    DIRECT_BUFFER_FRACTION,
+    DIRECT_MIN_BYTES,
     MAX_SLOTS_PER_BUCKET,
+    UNPACKED_GROUP_BYTES,
+    UNPACKED_GROUP_TENSORS,
+    Planner,
     Slot,
     TensorSpec,
     align_up,
     check_bucket,
     dtype_name,
-    pack_slot,
+    own_run_threshold,
     parse_dtype,
     payload_runs,
     plan_slots,
@@ -134,7 +139,7 @@ def check_plan(specs: list[TensorSpec], buffer_size: int | None, slots: list[Slo
         assert pos == sp.nbytes
         assert chunks[-1].is_last
         if buffer_size is None:
-            assert chunks == [Slot(i, i, sp, 0, sp.nbytes, 0)]
+            assert chunks == [Slot(chunks[0].bucket, i, sp, 0, sp.nbytes, 0)]
             continue
         if sp.nbytes <= buffer_size:
             assert len(chunks) == 1, f"tensor {i} of {sp.nbytes} bytes fits a {buffer_size}-byte buffer but was split"
@@ -147,6 +152,7 @@ def check_plan(specs: list[TensorSpec], buffer_size: int | None, slots: list[Slo
             assert all(c.end == buffer_size for c in chunks[:-1])  # fill the buffer, then the next
 
     if buffer_size is None:
+        check_unpacked_groups(slots)
         return
     # Per bucket: aligned, non-overlapping, inside the buffer, bounded slot count; check_bucket agrees.
     prev_end, prev_count = None, None
@@ -169,6 +175,20 @@ def check_plan(specs: list[TensorSpec], buffer_size: int | None, slots: list[Slo
                 cursor + n > buffer_size and (n <= buffer_size or cursor >= buffer_size)
             ), f"bucket {b} opened for tensor {first.index} that fit in bucket {b - 1}"
         prev_end, prev_count = end, len(group)
+
+
+def check_unpacked_groups(slots: list[Slot]) -> None:
+    """Unpacked grouping: at most UNPACKED_GROUP_TENSORS tensors and about UNPACKED_GROUP_BYTES per bucket,
+    a bucket closed only when the next tensor would pass a limit."""
+    groups = [list(g) for _, g in groupby(slots, key=lambda s: s.bucket)]
+    for k, group in enumerate(groups):
+        assert 1 <= len(group) <= UNPACKED_GROUP_TENSORS
+        assert check_bucket(group, None) == 0
+        total = sum(s.length for s in group)
+        assert len(group) == 1 or total <= UNPACKED_GROUP_BYTES  # only a lone tensor may pass the limit
+        if k + 1 < len(groups):
+            nxt = groups[k + 1][0].length
+            assert len(group) >= UNPACKED_GROUP_TENSORS or total + nxt > UNPACKED_GROUP_BYTES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +320,7 @@ def test_plan_zero_d_and_empty_tensors():
     assert all(s.is_whole and s.is_last for s in slots)
     check_plan(specs, 16, slots)
     unpacked = list(plan_slots(specs, None))
-    assert unpacked == [Slot(i, i, sp, 0, sp.nbytes, 0) for i, sp in enumerate(specs)]
+    assert unpacked == [Slot(0, i, sp, 0, sp.nbytes, 0) for i, sp in enumerate(specs)]
 
 
 def test_plan_only_empty_tensors():
@@ -343,11 +363,44 @@ def test_plan_max_slots_minus_one_then_oversized_tensor():
     check_plan(specs, 16, slots)
 
 
-def test_plan_unpacked_one_bucket_per_tensor():
+def test_plan_unpacked_groups_whole_tensors():
     specs = [spec("a", torch.float32, 1000, 1000), u8("b", 3), spec("c", torch.bfloat16, 0)]
     slots = list(plan_slots(specs, None))
-    assert slots == [Slot(i, i, sp, 0, sp.nbytes, 0) for i, sp in enumerate(specs)]
-    assert all(check_bucket([s], None) == s.length for s in slots)
+    assert slots == [Slot(0, i, sp, 0, sp.nbytes, 0) for i, sp in enumerate(specs)]
+    assert check_bucket(slots, None) == 0
+
+
+def test_plan_unpacked_tensor_limit():
+    assert UNPACKED_GROUP_TENSORS == 256
+    specs = [u8(f"s{i}", 1) for i in range(2 * UNPACKED_GROUP_TENSORS + 3)]
+    slots = list(plan_slots(specs, None))
+    counts = [len(list(g)) for _, g in groupby(slots, key=lambda s: s.bucket)]
+    assert counts == [UNPACKED_GROUP_TENSORS, UNPACKED_GROUP_TENSORS, 3]
+    check_plan(specs, None, slots)
+
+
+def test_plan_unpacked_byte_limit():
+    assert UNPACKED_GROUP_BYTES == 64 << 20
+    mib = 1 << 20
+    sizes = [40 * mib, 30 * mib, 20 * mib, 14 * mib, 0, 1, 100 * mib, 1, 64 * mib, 0, 1]
+    specs = [u8(f"t{i}", n) for i, n in enumerate(sizes)]
+    slots = list(plan_slots(specs, None))
+    assert [s.bucket for s in slots] == [
+        0,  # 40 MiB
+        1,  # 40 + 30 > 64: a new bucket
+        1,  # 30 + 20
+        1,  # 30 + 20 + 14 == 64: still fits
+        1,  # an empty tensor adds nothing
+        2,  # one more byte passes the limit
+        3,  # 1 + 100 MiB > 64 MiB
+        4,  # 100 MiB bucket is over the limit: closed
+        5,  # 1 + 64 MiB > 64 MiB
+        5,  # 64 MiB + 0
+        6,
+    ]
+    # A tensor over the limit travels in a bucket of its own when the bucket is empty.
+    assert list(plan_slots([u8("huge", 100 * mib)], None)) == [Slot(0, 0, u8("huge", 100 * mib), 0, 100 * mib, 0)]
+    check_plan(specs, None, slots)
 
 
 def test_plan_lazy_explicit():
@@ -400,7 +453,7 @@ def test_tensor_spec_validation():
 
 
 # ----------------------------------------------------------------------------------------------
-# pack_slot / slot_view / typed_view round trip
+# pack / slot_view / typed_view round trip
 
 
 def roundtrip(tensors: list[torch.Tensor], buffer_size: int | None) -> list[torch.Tensor]:
@@ -412,27 +465,42 @@ def roundtrip(tensors: list[torch.Tensor], buffer_size: int | None) -> list[torc
     chunks: dict[int, list[torch.Tensor]] = defaultdict(list)
     for _, group in groupby(slots, key=lambda s: s.bucket):
         group = list(group)
-        size = buffer_size if buffer_size is not None else group[0].length
-        buf = torch.full((size,), POISON, dtype=torch.uint8)
-        for s in group:
-            pack_slot(buf, s, tensors[s.index])
-        untouched = torch.ones(size, dtype=torch.bool)
-        for s in group:
-            untouched[s.offset : s.end] = False
-        assert bool((buf[untouched] == POISON).all()), "pack_slot wrote outside its slot"
-        for s in group:
-            raw = slot_view(buf, s)
-            assert raw.dtype == torch.uint8 and raw.numel() == s.length
-            if s.is_whole:
-                received[s.index] = typed_view(raw, s.spec).clone()
-            else:
-                chunks[s.index].append(raw.clone())
-                if s.is_last:
-                    received[s.index] = typed_view(torch.cat(chunks.pop(s.index)), s.spec)
-        buf.fill_(POISON)  # a reused buffer: later buckets must not depend on earlier contents
+        # Unpacked: every slot (a whole tensor at offset 0) travels in a buffer of its own.
+        bufs = [group] if buffer_size is not None else [[s] for s in group]
+        for members in bufs:
+            size = buffer_size if buffer_size is not None else members[0].length
+            buf = torch.full((size,), POISON, dtype=torch.uint8)
+            for s in members:
+                pack(buf, s, tensors[s.index])
+            untouched = torch.ones(size, dtype=torch.bool)
+            for s in members:
+                untouched[s.offset : s.end] = False
+            assert bool((buf[untouched] == POISON).all()), "packing wrote outside its slot"
+            unpack(buf, members, received, chunks)
+            buf.fill_(POISON)  # a reused buffer: later buckets must not depend on earlier contents
     assert not chunks
     assert sorted(received) == list(range(len(tensors)))
     return [received[i] for i in range(len(tensors))]
+
+
+def pack(buf: torch.Tensor, s: Slot, tensor: torch.Tensor) -> None:
+    """What the sender does for one slot: a typed copy for a whole tensor, a byte range copy for a split one."""
+    if s.is_whole:
+        typed_view(slot_view(buf, s), s.spec).copy_(tensor)
+    else:
+        slot_view(buf, s).copy_(tensor_bytes(tensor)[s.start : s.start + s.length])
+
+
+def unpack(buf: torch.Tensor, group: list[Slot], received: dict, chunks: dict) -> None:
+    for s in group:
+        raw = slot_view(buf, s)
+        assert raw.dtype == torch.uint8 and raw.numel() == s.length
+        if s.is_whole:
+            received[s.index] = typed_view(raw, s.spec).clone()
+        else:
+            chunks[s.index].append(raw.clone())
+            if s.is_last:
+                received[s.index] = typed_view(torch.cat(chunks.pop(s.index)), s.spec)
 
 
 def assert_bit_exact(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -548,71 +616,149 @@ def test_typed_view_is_a_view():
 # payload_runs: how a bucket's payload is split into broadcasts
 
 
-def test_payload_runs_explicit():
+def test_own_run_threshold():
+    assert own_run_threshold(None) == 0
+    assert own_run_threshold(16) == DIRECT_MIN_BYTES == 4 << 20
+    assert own_run_threshold(32 << 20) == DIRECT_MIN_BYTES
+    assert own_run_threshold(256 << 20) == (256 << 20) // DIRECT_BUFFER_FRACTION == 32 << 20
+
+
+def test_payload_runs_explicit_small():
+    # Below the threshold everything is packed: consecutive slots merge into one range, padding included.
     a, b, c, d, e = u8("a", 10), u8("b", 20), u8("c", 5), spec("e", torch.float32, 0), u8("d", 3)
     slots = [Slot(0, 0, a, 0, 10, 0), Slot(0, 1, b, 0, 20, 16), Slot(0, 2, c, 0, 5, 48), Slot(0, 3, d, 0, 0, 64),
              Slot(0, 4, e, 0, 3, 64)]  # fmt: skip
-    assert payload_runs(slots) == [(0, 67, None)]  # one range, alignment padding included
-    assert payload_runs(slots, [1]) == [(0, 10, None), (16, 36, 1), (48, 67, None)]
-    assert payload_runs(slots, (0, 2)) == [(0, 10, 0), (16, 36, None), (48, 53, 2), (64, 67, None)]
-    assert payload_runs(slots, [3]) == [(0, 53, None), (64, 67, None)]  # an empty direct slot sends nothing
-    assert payload_runs(slots, range(5)) == [(0, 10, 0), (16, 36, 1), (48, 53, 2), (64, 67, 4)]
-    assert payload_runs([]) == []
-    assert payload_runs([Slot(0, 0, d, 0, 0, 0)]) == []  # empty ranges are left out
-    assert payload_runs([Slot(0, 0, d, 0, 0, 0)], [0]) == []
+    assert payload_runs(slots, 1024) == [(0, 67, None)]
+    assert payload_runs([], 1024) == []
+    assert payload_runs([Slot(0, 0, d, 0, 0, 0)], 1024) == []  # empty ranges are left out
+
+
+def test_payload_runs_own_first_then_merged_ranges():
+    mib = 1 << 20
+    size = 64 * mib  # threshold 8 MiB
+    big1, big2, small, tiny, empty = u8("big1", 8 * mib), u8("big2", 20 * mib), u8("s", 100), u8("t", 7), u8("e", 0)
+    off = [0, 112, 112 + 8 * mib, 128 + 8 * mib, 128 + 28 * mib, 128 + 28 * mib]
+    slots = [Slot(0, 0, small, 0, 100, off[0]), Slot(0, 1, tiny, 0, 7, off[1]), Slot(0, 2, big1, 0, 8 * mib, off[1] + 16),
+             Slot(0, 3, tiny, 0, 7, off[3]), Slot(0, 4, big2, 0, 20 * mib, off[4]), Slot(0, 5, empty, 0, 0, off[5] + 20 * mib),
+             Slot(0, 6, small, 0, 100, off[5] + 20 * mib)]  # fmt: skip
+    assert check_bucket(slots, size)
+    runs = payload_runs(slots, size)
+    assert runs == [
+        (slots[2].offset, slots[2].end, 2),  # own runs first, in slot order
+        (slots[4].offset, slots[4].end, 4),
+        (0, slots[1].end, None),  # slots 0 and 1 merged
+        (slots[3].offset, slots[3].end, None),
+        (slots[5].offset, slots[6].end, None),  # the empty slot joins the next range
+    ]
+    # Just under the threshold a slot is packed like any other.
+    under = [Slot(0, 0, u8("u", 8 * mib - 1), 0, 8 * mib - 1, 0), Slot(0, 1, small, 0, 100, 8 * mib)]
+    assert payload_runs(under, size) == [(0, 8 * mib + 100, None)]
+    # A split slot (part of a tensor) large enough travels alone too.
+    part = Slot(3, 9, u8("w", 100 * mib), 64 * mib, 30 * mib, 0)
+    assert payload_runs([part], size) == [(0, 30 * mib, 0)]
+
+
+def test_payload_runs_unpacked_all_alone():
+    a, b, e, c = u8("a", 10), spec("b", torch.float32, 3), u8("e", 0), u8("c", 1)
+    slots = [Slot(0, i, sp, 0, sp.nbytes, 0) for i, sp in enumerate([a, b, e, c])]
+    assert payload_runs(slots, None) == [(0, 10, 0), (0, 12, 1), (0, 1, 3)]  # the empty tensor sends nothing
+    assert payload_runs([Slot(0, 0, e, 0, 0, 0)], None) == []
+
+
+def check_runs(slots: list[Slot], buffer_size: int | None, runs: list) -> None:
+    thr = own_run_threshold(buffer_size)
+    own = [(s.offset, s.end, p) for p, s in enumerate(slots) if s.length and s.length >= thr]
+    assert runs[: len(own)] == own
+    packed = runs[len(own) :]
+    assert all(p is None for _, _, p in packed)
+    if buffer_size is None:
+        assert packed == []
+        return
+    assert all(start < end <= buffer_size for start, end, _ in packed)
+    assert all(r1[1] <= r2[0] for r1, r2 in zip(packed, packed[1:]))
+    own_pos = {p for _, _, p in own}
+    for pos, s in enumerate(slots):
+        if s.length and pos not in own_pos:
+            assert any(start <= s.offset and s.end <= end for start, end, _ in packed)
+    for start, end, _ in packed:
+        assert not any(o < end and start < e for o, e, _ in own)
+    # Maximal: two packed ranges are separated by an own slot.
+    for r1, r2 in zip(packed, packed[1:]):
+        assert any(r1[1] <= o and e <= r2[0] for o, e, _ in own)
+
+
+def deliver(tensors: list[torch.Tensor], buffer_size: int | None) -> None:
+    """Simulate the broadcasts: packed ranges from the sender's buffer, own runs from the tensor's own
+    bytes, each landing at [start, end) of a poisoned receive buffer; every tensor arrives bit-exact."""
+    specs = [TensorSpec.of(f"t{i}", t) for i, t in enumerate(tensors)]
+    received: dict[int, torch.Tensor] = {}
+    chunks: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for _, group in groupby(plan_slots(specs, buffer_size), key=lambda s: s.bucket):
+        slots = list(group)
+        runs = payload_runs(slots, buffer_size)
+        check_runs(slots, buffer_size, runs)
+        own = {p for _, _, p in runs if p is not None}
+        if buffer_size is None:
+            assert own == {p for p, s in enumerate(slots) if s.length}
+            for p, s in enumerate(slots):
+                recv = torch.full((s.length,), POISON, dtype=torch.uint8)
+                for start, end, q in runs:
+                    if q == p:
+                        recv[start:end].copy_(tensor_bytes(tensors[s.index]))
+                unpack(recv, [s], received, chunks)
+            continue
+        send = torch.full((buffer_size,), POISON, dtype=torch.uint8)
+        for pos, s in enumerate(slots):
+            if pos not in own:
+                pack(send, s, tensors[s.index])
+        recv = torch.full((buffer_size,), POISON, dtype=torch.uint8)
+        for start, end, p in runs:
+            if p is None:
+                src = send[start:end]
+            else:
+                s = slots[p]
+                src = tensor_bytes(tensors[s.index])[s.start : s.start + s.length]
+            assert src.numel() == end - start
+            recv[start:end].copy_(src)
+        unpack(recv, slots, received, chunks)
+    assert not chunks
+    for i, t in enumerate(tensors):
+        assert_bit_exact(received[i], t)
 
 
 @settings(max_examples=80, **SETTINGS)
 @given(
     rows=st.lists(st.tuples(st.sampled_from(DTYPES), st.sampled_from(LAYOUTS), st.integers(1, 6), st.integers(1, 6)),
                   min_size=1, max_size=10),
-    buffer_size=st.integers(16, 400),
-    pick=st.randoms(use_true_random=False),
+    buffer_size=st.one_of(st.none(), st.integers(16, 400)),
     seed=st.integers(0, 2**31 - 1),
 )  # fmt: skip
-def test_payload_runs_deliver_every_slot(rows, buffer_size, pick, seed):
-    """Simulate the broadcasts: packed ranges from the sender's buffer, direct slots from the tensor's own
-    bytes, each landing at [start, end) of a poisoned receive buffer; every tensor arrives bit-exact."""
+def test_payload_runs_deliver_every_slot(rows, buffer_size, seed):
     gen = torch.Generator().manual_seed(seed)
     tensors = [make_any_tensor(layout, dtype, gen, a, b) for dtype, layout, a, b in rows]
+    deliver(tensors, buffer_size)
+
+
+def test_payload_runs_deliver_with_own_runs():
+    # 16 MiB buffers: slots of 4 MiB and more travel alone, including the chunks of a split tensor.
+    gen = torch.Generator().manual_seed(11)
+    mib = 1 << 20
+    tensors = [
+        random_tensor(torch.uint8, (100,), gen),
+        random_tensor(torch.float32, (mib + 1,), gen),  # just over 4 MiB: own
+        random_tensor(torch.int16, (3, 5), gen).t(),
+        random_tensor(torch.uint8, (4 * mib,), gen),  # exactly the threshold: own
+        random_tensor(torch.bfloat16, (0,), gen),
+        random_tensor(torch.float64, (5 * mib // 2,), gen),  # 20 MiB: split, chunks own
+        random_tensor(torch.uint8, (4 * mib - 1,), gen),  # just under: packed
+        random_tensor(torch.int8, (7,), gen),
+    ]
     specs = [TensorSpec.of(f"t{i}", t) for i, t in enumerate(tensors)]
-    received: dict[int, torch.Tensor] = {}
-    chunks: dict[int, list[torch.Tensor]] = defaultdict(list)
-    for _, group in groupby(plan_slots(specs, buffer_size), key=lambda s: s.bucket):
-        slots = list(group)
-        direct = sorted(i for i, s in enumerate(slots) if s.is_whole and pick.random() < 0.5)
-        runs = payload_runs(slots, direct)
-        # Shape of the runs: ordered, disjoint, non-empty, inside the buffer; direct slots travel alone.
-        assert all(start < end <= buffer_size for start, end, _ in runs)
-        assert all(r1[1] <= r2[0] for r1, r2 in zip(runs, runs[1:]))
-        assert [(r[0], r[1], r[2]) for r in runs if r[2] is not None] == [
-            (slots[p].offset, slots[p].end, p) for p in direct if slots[p].length
-        ]
-        for pos, s in enumerate(slots):
-            if s.length and pos not in direct:
-                assert any(start <= s.offset and s.end <= end for start, end, p in runs if p is None)
-        for start, end, p in runs:
-            if p is None:
-                assert not any(slots[q].offset < end and start < slots[q].end for q in direct if slots[q].length)
-        send = torch.full((buffer_size,), POISON, dtype=torch.uint8)
-        for pos, s in enumerate(slots):
-            if pos not in direct:
-                pack_slot(send, s, tensors[s.index])
-        recv = torch.full((buffer_size,), POISON, dtype=torch.uint8)
-        for start, end, p in runs:
-            src = tensor_bytes(tensors[slots[p].index]) if p is not None else send[start:end]
-            assert src.numel() == end - start
-            recv[start:end].copy_(src)
-        for s in slots:
-            raw = slot_view(recv, s)
-            if s.is_whole:
-                received[s.index] = typed_view(raw, s.spec).clone()
-            else:
-                chunks[s.index].append(raw.clone())
-                if s.is_last:
-                    received[s.index] = typed_view(torch.cat(chunks.pop(s.index)), s.spec)
-    for i, t in enumerate(tensors):
-        assert_bit_exact(received[i], t)
+    slots = list(plan_slots(specs, 16 * mib))
+    assert any(not s.is_whole and s.length >= 4 * mib for s in slots)
+    runs = [r for _, g in groupby(slots, key=lambda s: s.bucket) for r in payload_runs(list(g), 16 * mib)]
+    assert any(p is not None for _, _, p in runs) and any(p is None for _, _, p in runs)
+    deliver(tensors, 16 * mib)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,7 +835,9 @@ def test_check_bucket_accepts_and_returns_payload_bytes():
     slots = [Slot(0, 0, a, 0, 10, 0), Slot(0, 1, b, 0, 20, 16)]
     assert check_bucket(slots, 64) == 36
     assert check_bucket(slots, 36) == 36
-    assert check_bucket([], 64) == 0
+    for size in (64, None):
+        with pytest.raises(ValueError, match="at least one slot"):
+            check_bucket([], size)
 
 
 def test_check_bucket_rejects_overlap():
@@ -727,12 +875,18 @@ def test_check_bucket_rejects_bytes_outside_tensor():
 
 
 def test_check_bucket_unpacked_rules():
-    a = u8("a", 32)
-    assert check_bucket([Slot(3, 0, a, 0, 32, 0)], None) == 32
+    a, b, e = u8("a", 32), spec("b", torch.float32, 3), spec("e", torch.int64, 0)
+    assert check_bucket([Slot(3, 0, a, 0, 32, 0)], None) == 0  # unpacked buckets use no shared buffer
+    # Several whole tensors, each at offset 0, travel in one unpacked bucket.
+    assert check_bucket([Slot(0, 0, a, 0, 32, 0), Slot(0, 1, b, 0, 12, 0), Slot(0, 2, e, 0, 0, 0)], None) == 0
+    assert check_bucket([Slot(0, i, a, 0, 32, 0) for i in range(UNPACKED_GROUP_TENSORS)], None) == 0
+    with pytest.raises(ValueError, match=str(UNPACKED_GROUP_TENSORS)):
+        check_bucket([Slot(0, i, a, 0, 32, 0) for i in range(UNPACKED_GROUP_TENSORS + 1)], None)
     for bad in (
         [Slot(0, 0, a, 0, 16, 0)],  # not whole
         [Slot(0, 0, a, 0, 32, 16)],  # not at 0
-        [Slot(0, 0, a, 0, 32, 0), Slot(0, 1, a, 0, 32, 0)],  # two tensors
+        [Slot(0, 0, a, 0, 32, 0), Slot(0, 1, b, 0, 12, 16)],  # a second tensor not at 0
+        [Slot(0, 0, a, 0, 32, 0), Slot(0, 1, a, 16, 16, 0)],  # a second one not whole
     ):
         with pytest.raises(ValueError, match="unpacked"):
             check_bucket(bad, None)
@@ -744,3 +898,77 @@ def test_check_bucket_rejects_too_many_slots():
     assert check_bucket(ok, 16) == 0
     with pytest.raises(ValueError, match=str(MAX_SLOTS_PER_BUCKET)):
         check_bucket(ok + [Slot(0, MAX_SLOTS_PER_BUCKET, e, 0, 0, 0)], 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Planner: the rule one tensor at a time
+
+
+def plan_incrementally(specs: list[TensorSpec], buffer_size: int | None) -> list[Slot]:
+    planner = Planner(buffer_size)
+    out = []
+    for i, sp in enumerate(specs):
+        got = planner.add(i, sp)
+        assert isinstance(got, list) and got and all(s.index == i for s in got)
+        out.extend(got)
+    return out
+
+
+def planner_state(slots: list[Slot], buffer_size: int | None) -> tuple[int, int, int]:
+    """(bucket, cursor, count) after ``slots``, as a sender resuming a bucket passes them."""
+    if not slots:
+        return -1, 0, 0
+    bucket = slots[-1].bucket
+    mine = [s for s in slots if s.bucket == bucket]
+    cursor = sum(s.length for s in mine) if buffer_size is None else mine[-1].end
+    return bucket, cursor, len(mine)
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(specs=spec_lists, buffer_size=st.one_of(st.none(), buffer_sizes), cut=st.integers(0, 30))
+def test_planner_matches_plan_slots(specs, buffer_size, cut):
+    expected = list(plan_slots(specs, buffer_size))
+    assert plan_incrementally(specs, buffer_size) == expected
+    # Resuming from the state after the first ``cut`` tensors continues the same plan.
+    cut = min(cut, len(specs))
+    before = [s for s in expected if s.index < cut]
+    planner = Planner(buffer_size)
+    planner.resume(*planner_state(before, buffer_size))
+    rest = [s for i in range(cut, len(specs)) for s in planner.add(i, specs[i])]
+    assert before + rest == expected
+
+
+def test_planner_unpacked_many_groups_matches_plan_slots():
+    mib = 1 << 20
+    specs = [u8(f"t{i}", (i % 7) * 5 * mib + (i % 3)) for i in range(600)]
+    expected = list(plan_slots(specs, None))
+    assert plan_incrementally(specs, None) == expected
+    check_plan(specs, None, expected)
+
+
+@pytest.mark.parametrize("buffer_size", [64, None])
+def test_planner_close_bucket(buffer_size):
+    planner = Planner(buffer_size)
+    a, b, c = u8("a", 10), u8("b", 10), u8("c", 10)
+    assert planner.add(0, a) == [Slot(0, 0, a, 0, 10, 0)]
+    planner.close_bucket()
+    assert planner.add(1, b) == [Slot(1, 1, b, 0, 10, 0)]  # would have fit, but the bucket was closed
+    second = planner.add(2, c)
+    assert second == [Slot(1, 2, c, 0, 10, 16 if buffer_size else 0)]  # the new bucket goes on
+
+
+def test_planner_resume_explicit():
+    a, b = u8("a", 10), u8("b", 40)
+    planner = Planner(64)
+    planner.resume(4, 20, 2)  # bucket 4 already holds two slots ending at byte 20
+    assert planner.add(7, a) == [Slot(4, 7, a, 0, 10, 32)]
+    assert planner.add(8, b) == [Slot(5, 8, b, 0, 40, 0)]  # 48 + 40 > 64
+    planner = Planner(None)
+    planner.resume(2, UNPACKED_GROUP_BYTES, 1)
+    assert planner.add(3, a) == [Slot(3, 3, a, 0, 10, 0)]
+
+
+@pytest.mark.parametrize("bad", [0, 15, -16, 16.0, True, "64", [64]])
+def test_planner_rejects_bad_buffer_size(bad):
+    with pytest.raises(ValueError, match="buffer_size"):
+        Planner(bad)

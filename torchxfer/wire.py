@@ -222,8 +222,9 @@ def make_row(kind: Kind, *args: int) -> list[int]:
 def parse_row(words: list[int], rank: int) -> Row:
     """Check a row received from ``rank``; TransferError for another protocol or an unknown kind."""
     if len(words) != ROW_WORDS or words[0] != ROW_MAGIC:
+        first = f"{words[0]:#x}" if words else "missing"
         raise TransferError(f"rank {rank} speaks another torchxfer protocol or is not a torchxfer peer "
-                            f"(row word 0 is {words[0] if words else None:#x}, expected {ROW_MAGIC:#x})")
+                            f"(row word 0 is {first}, expected {ROW_MAGIC:#x})")
     try:
         kind = Kind(words[1])
     except ValueError:
