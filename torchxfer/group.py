@@ -458,7 +458,9 @@ class _Rendezvous:
             if self.rank != 0:
                 self.store.add("error_seen", 1)
             else:
-                arrived = sum(self.store.check([f"claim/{r}"]) for r in range(1, self.world_size))
+                # Count claimants, not ranks: two processes may have claimed one rank.
+                arrived = sum(self.store.add(f"claim/{r}", 0) for r in range(1, self.world_size)
+                              if self.store.check([f"claim/{r}"]))  # fmt: skip
                 linger = time.monotonic() + _LINGER_S
                 while self.store.add("error_seen", 0) < arrived and time.monotonic() < linger:
                     time.sleep(_POLL_S[0])
