@@ -84,8 +84,9 @@ def _trainer_dies(rank: int, port: int, port2: int) -> object:
     engine.receive_weights(None, _collect(first))
     version = engine.weights_version
     start = time.monotonic()
+    partial: list = []
     with pytest.raises(TransferError) as err:
-        engine.receive_weights(None, _collect([]))
+        engine.receive_weights(None, _collect(partial))
     elapsed = time.monotonic() - start
     torn = engine.torn
     assert engine.weights_version == version
@@ -97,12 +98,10 @@ def _trainer_dies(rank: int, port: int, port2: int) -> object:
     after = (engine.weights_version, engine.torn)
     engine.shutdown()
     return {"first": first, "third": third, "elapsed": elapsed, "torn": torn, "error": str(err.value),
-            "broken": err.value.broken, "after": after}  # fmt: skip
+            "broken": err.value.broken, "after": after, "loaded": len(partial)}  # fmt: skip
 
 
 @pytest.mark.process
-@pytest.mark.xfail(strict=False, reason="flaky under load since the new data path: one run of four saw a "
-                   "survivor's first assertion fail; under investigation")
 def test_trainer_killed_mid_update_workers_survive_and_reconnect():
     port, port2 = free_port(), free_port()
     outcomes = run_processes(_trainer_dies, 4, port, port2, deadline_s=120, expect_ok=False)
@@ -117,7 +116,9 @@ def test_trainer_killed_mid_update_workers_survive_and_reconnect():
         assert v["third"] == want3
         assert v["elapsed"] < TIMEOUT + SLACK, v
         assert v["broken"] is True
-        assert v["torn"] is True  # buckets of the dead update had been loaded
+        # Torn exactly when buckets of the dead update reached load_weights (how many
+        # did depends on how far the dead trainer's last sends got).
+        assert v["torn"] is (v["loaded"] > 0), v
         assert v["after"] == (0, False)  # the new trainer's first update; no longer torn
 
 
