@@ -310,8 +310,6 @@ def _formation(proc: int, ports: dict[str, int], barrier: Any) -> Any:
     return out
 
 
-@pytest.mark.xfail(strict=False, reason="known regression: since the authenticated rendezvous, the first of two "
-                   "processes claiming one rank can lose the store before it reads the published error")
 def test_group_formation_errors_on_every_rank_within_the_timeout():
     ctx = mp.get_context("spawn")
 

@@ -445,30 +445,35 @@ class _Rendezvous:
     # -- errors ----------------------------------------------------------------
 
     def fail(self, message: str) -> None:
-        """Publish ``message`` so every rank raises it, then raise it here.
-
-        Rank 0 hosts the store, so it lingers (at most half a second) until the
-        ranks that have arrived have read the message, before its store goes
-        away; ranks that never came are not waited for.
-        """
+        """Publish ``message`` so every rank raises it, then raise it here."""
         record = json.dumps({"rank": self.rank, "message": message,
                              "mac": _mac(self.token, "error", self.nonce, self.rank, message)})  # fmt: skip
         with contextlib.suppress(Exception):
             self.store.compare_set("error", "", record[:_MAX_VALUE_BYTES])
+        self._seen()
+        raise TransferError(message)
+
+    def _seen(self) -> None:
+        """Count this worker among those that read the error; on rank 0, linger for them.
+
+        Rank 0 hosts the store, so before its store goes away it waits (at most
+        _LINGER_S) until every worker that has arrived has read the error;
+        workers that never came are not waited for.
+        """
+        with contextlib.suppress(Exception):
             if self.rank != 0:
                 self.store.add("error_seen", 1)
-            else:
-                # Count claimants, not ranks: two processes may have claimed one rank.
-                arrived = sum(self.store.add(f"claim/{r}", 0) for r in range(1, self.world_size)
-                              if self.store.check([f"claim/{r}"]))  # fmt: skip
-                linger = time.monotonic() + _LINGER_S
-                while self.store.add("error_seen", 0) < arrived and time.monotonic() < linger:
-                    time.sleep(_POLL_S[0])
-        raise TransferError(message)
+                return
+            # Count claimants, not ranks: two processes may have claimed one rank.
+            arrived = sum(self.store.add(f"claim/{r}", 0) for r in range(1, self.world_size)
+                          if self.store.check([f"claim/{r}"]))  # fmt: skip
+            linger = time.monotonic() + _LINGER_S
+            while self.store.add("error_seen", 0) < arrived and time.monotonic() < linger:
+                time.sleep(_POLL_S[0])
 
     def _raise_published(self) -> None:
         raw = self.store.get("error")
-        self.store.add("error_seen", 1)
+        self._seen()
         record = self._parse(raw, "error")
         message = record.get("message") if record else None
         rank = record.get("rank") if record else None
