@@ -431,17 +431,27 @@ def test_store_listens_only_on_master_address_and_only_until_the_group_forms():
             group = _trainer(port, 2)  # waits for the worker, so the store is up meanwhile
             destroy_side_group(group)
             return
-        time.sleep(0.3)
-        socket.create_connection((ADDR, port), timeout=2).close()  # where asked: reachable
+        def reachable() -> bool:
+            try:
+                socket.create_connection((ADDR, port), timeout=2).close()
+                return True
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 10
+        while not reachable():  # where asked: reachable once the trainer has bound it
+            assert time.monotonic() < deadline, "the trainer's store never listened"
+            time.sleep(0.01)
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.2", port), timeout=2).close()  # another local address: refused
         engine = _worker_engine(1, 2)
         engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 2))
-        try:
-            socket.create_connection((ADDR, port), timeout=2).close()
-            seen["after"] = "listening"
-        except OSError:
-            seen["after"] = "closed"  # formed: the store is gone, nothing listens
+        # Formed: rank 0 closes its listener as it finishes forming (it may finish a
+        # moment after this worker), so nothing listens from then on.
+        deadline = time.monotonic() + 5
+        while reachable() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["after"] = "listening" if reachable() else "closed"
         engine.shutdown()
 
     run_threads(body, 2, deadline_s=30)
