@@ -343,6 +343,17 @@ def _noop(batch: list) -> None:
     pass
 
 
+def _profile(fn: Any, folder: str, name: str, device: torch.device) -> None:
+    """One more update under torch.profiler; a Chrome trace per rank in ``folder``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    os.makedirs(folder, exist_ok=True)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+    prof.export_chrome_trace(os.path.join(folder, f"{name}.json"))
+
+
 def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_port: int = 0) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if rank == args.workers + 1:
@@ -435,6 +446,8 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
                         times.append(t_mode)
                         flat_all.append(t_flat)
                         ratios.append(t_flat / t_mode)
+            if args.profile and cfg["mode"] == "packed":
+                _profile(lambda: run_once(cfg), args.profile, f"{lay}_{cfg['buffer_mib']}mib_rank{rank}", device)
             med = statistics.median(times)
             results.append({**cfg, "rank": rank, "bytes": total, "tensors": len(specs), "seconds": med,
                             "gb_per_s": total / med / 1e9, "ratio_to_flat": statistics.median(ratios),
@@ -660,6 +673,8 @@ def main() -> None:
                    help="size of every layout (default: 192 on cpu; on cuda ~4 GiB, tiny 32 MiB, moe full ~31 GB)")  # fmt: skip
     p.add_argument("--buffer-mib", default=None, type=_ints, help="packed/seed buffer sizes (default cpu 4,16,64; cuda 1024,256)")
     p.add_argument("--num-buffers", default=None, type=_ints, help="buffer counts (default cpu 2,3; cuda 2)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after each packed row, profile one more update on every rank (Chrome traces in DIR)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds after one warm-up (default cpu 3; cuda 5, 3 over 8 GiB)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--deadline", type=float, default=1800.0)

@@ -148,13 +148,14 @@ def check_plan(specs: list[TensorSpec], buffer_size: int | None, slots: list[Slo
             assert len(chunks) >= 2
             assert all(c.length > 0 for c in chunks)
             assert [c.bucket for c in chunks] == list(range(chunks[0].bucket, chunks[0].bucket + len(chunks)))
-            assert all(c.offset == 0 for c in chunks[1:])
+            assert all(c.offset == 0 for c in chunks)  # the first slice too: a split starts a fresh bucket
             assert all(c.end == buffer_size for c in chunks[:-1])  # fill the buffer, then the next
 
     if buffer_size is None:
         check_unpacked_groups(slots)
         return
     # Per bucket: aligned, non-overlapping, inside the buffer, bounded slot count; check_bucket agrees.
+    split_buckets: dict[int, set[int]] = {}
     prev_end, prev_count = None, None
     for b, group in groupby(slots, key=lambda s: s.bucket):
         group = list(group)
@@ -166,15 +167,31 @@ def check_plan(specs: list[TensorSpec], buffer_size: int | None, slots: list[Slo
             assert s.end <= buffer_size
             end = s.end
         assert check_bucket(group, buffer_size) == end
-        # Greedy: a bucket is only closed when its next tensor could not go on in it.
+        # A split tensor's first slice opens its bucket (offset 0, no slot before it), and every
+        # slice but the tail is alone in its bucket; only the tail's bucket may go on with later tensors.
+        for k, s in enumerate(group):
+            if s.spec.nbytes > buffer_size:
+                if s.start == 0:
+                    assert k == 0, f"split tensor {s.index} does not open bucket {b}"
+                if not s.is_last:
+                    assert group == [s], f"bucket {b} holds a non-tail slice of tensor {s.index} and more"
+                split_buckets.setdefault(s.index, set()).add(b)
+        # Greedy: a bucket is only closed when it is full by count, or its next tensor does not fit
+        # after the cursor (the closed bucket always holds slots).
         first = group[0]
         if b > 0 and first.start == 0:
             cursor = align_up(prev_end)
             n = first.spec.nbytes
-            assert prev_count >= MAX_SLOTS_PER_BUCKET or (
-                cursor + n > buffer_size and (n <= buffer_size or cursor >= buffer_size)
-            ), f"bucket {b} opened for tensor {first.index} that fit in bucket {b - 1}"
+            assert prev_count >= 1
+            assert prev_count >= MAX_SLOTS_PER_BUCKET or cursor + n > buffer_size, (
+                f"bucket {b} opened for tensor {first.index} that fit in bucket {b - 1}"
+            )
         prev_end, prev_count = end, len(group)
+    # No two split tensors share a bucket.
+    seen: set[int] = set()
+    for index in sorted(split_buckets):
+        assert not (split_buckets[index] & seen), f"split tensor {index} shares a bucket with another split tensor"
+        seen |= split_buckets[index]
 
 
 def check_unpacked_groups(slots: list[Slot]) -> None:
@@ -260,18 +277,42 @@ def test_plan_exact_layout_with_alignment_padding():
     ]
 
 
-def test_plan_split_fills_rest_of_bucket_then_whole_buffers_then_tail():
+def test_plan_split_starts_new_bucket_then_whole_buffers_then_tail():
     a, big, c = u8("a", 10), u8("big", 200), u8("c", 5)
     slots = list(plan_slots([a, big, c], 64))
     assert slots == [
-        Slot(0, 0, a, 0, 10, 0),
-        Slot(0, 1, big, 0, 48, 16),
-        Slot(1, 1, big, 48, 64, 0),
-        Slot(2, 1, big, 112, 64, 0),
-        Slot(3, 1, big, 176, 24, 0),
-        Slot(3, 2, c, 0, 5, 32),  # the tail's bucket goes on
+        Slot(0, 0, a, 0, 10, 0),  # bucket 0 keeps its free 48 bytes: big does not fit after the cursor
+        Slot(1, 1, big, 0, 64, 0),  # the split starts a fresh bucket at offset 0
+        Slot(2, 1, big, 64, 64, 0),
+        Slot(3, 1, big, 128, 64, 0),
+        Slot(4, 1, big, 192, 8, 0),
+        Slot(4, 2, c, 0, 5, 16),  # the tail's bucket goes on
     ]
     check_plan([a, big, c], 64, slots)
+
+
+def test_plan_consecutive_split_tensors_never_share_a_bucket():
+    a, big1, big2, c = u8("a", 10), u8("big1", 100), u8("big2", 70), u8("c", 5)
+    slots = list(plan_slots([a, big1, big2, c], 64))
+    assert slots == [
+        Slot(0, 0, a, 0, 10, 0),
+        Slot(1, 1, big1, 0, 64, 0),
+        Slot(2, 1, big1, 64, 36, 0),  # big1's tail: 16 bytes left after it, too few for big2
+        Slot(3, 2, big2, 0, 64, 0),  # big2 opens a new bucket rather than filling big1's tail bucket
+        Slot(4, 2, big2, 64, 6, 0),
+        Slot(4, 3, c, 0, 5, 16),
+    ]
+    check_plan([a, big1, big2, c], 64, slots)
+    # Back to back, with no small tensor before them, and an exact multiple of the buffer.
+    x, y, z = u8("x", 128), u8("y", 65), u8("z", 80)
+    slots = list(plan_slots([x, y, z], 64))
+    buckets = {i: {s.bucket for s in slots if s.index == i} for i in range(3)}
+    assert buckets == {0: {0, 1}, 1: {2, 3}, 2: {4, 5}}
+    for i in range(3):
+        first = next(s for s in slots if s.index == i)
+        assert first.start == 0 and first.offset == 0
+        assert slots[[s.bucket for s in slots].index(first.bucket)] == first  # first slot of its bucket
+    check_plan([x, y, z], 64, slots)
 
 
 def test_plan_split_when_current_bucket_is_full():
@@ -359,7 +400,8 @@ def test_plan_max_slots_minus_one_then_oversized_tensor():
     specs = [spec(f"e{i}", torch.float32, 0) for i in range(MAX_SLOTS_PER_BUCKET - 1)] + [u8("big", 40)]
     slots = list(plan_slots(specs, 16))
     counts = [len(list(g)) for _, g in groupby(slots, key=lambda s: s.bucket)]
-    assert counts == [MAX_SLOTS_PER_BUCKET, 1, 1]  # the first chunk is the 4096th slot of bucket 0
+    assert counts == [MAX_SLOTS_PER_BUCKET - 1, 1, 1, 1]  # bucket 0 holds slots: the split starts bucket 1
+    assert [(s.bucket, s.start, s.length, s.offset) for s in slots[-3:]] == [(1, 0, 16, 0), (2, 16, 16, 0), (3, 32, 8, 0)]
     check_plan(specs, 16, slots)
 
 
@@ -407,7 +449,7 @@ def test_plan_lazy_explicit():
     pulled = []
 
     def source():
-        for i, n in enumerate([10, 10, 100, 30]):
+        for i, n in enumerate([10, 10, 100, 10]):
             pulled.append(i)
             yield u8(f"t{i}", n)
 
@@ -417,13 +459,11 @@ def test_plan_lazy_explicit():
     assert (first.bucket, first.index, pulled) == (0, 0, [0])
     assert next(it).index == 1 and pulled == [0, 1]
     s = next(it)
-    assert (s.bucket, s.index, s.length, pulled) == (0, 2, 32, [0, 1, 2])
+    assert (s.bucket, s.index, s.length, s.offset, pulled) == (1, 2, 64, 0, [0, 1, 2])  # bucket 1 opens with tensor 2 in hand
     s = next(it)
-    assert (s.bucket, s.index, s.length, pulled) == (1, 2, 64, [0, 1, 2])  # bucket 1 opens with tensor 2 in hand
+    assert (s.bucket, s.index, s.length, s.offset, pulled) == (2, 2, 36, 0, [0, 1, 2])
     s = next(it)
-    assert (s.bucket, s.index, s.length, pulled) == (2, 2, 4, [0, 1, 2])
-    s = next(it)
-    assert (s.bucket, s.index, s.offset, pulled) == (2, 3, 16, [0, 1, 2, 3])
+    assert (s.bucket, s.index, s.offset, pulled) == (2, 3, 48, [0, 1, 2, 3])
     assert next(it, None) is None
 
 
@@ -561,7 +601,8 @@ def test_split_tensor_reassembled_from_chunks_explicit():
     specs = [TensorSpec.of("small", small), TensorSpec.of("big", big)]
     slots = list(plan_slots(specs, 256))
     big_chunks = [s for s in slots if s.index == 1]
-    assert len(big_chunks) == 6 and big_chunks[0].offset == 16 and big_chunks[0].length == 240
+    assert len(big_chunks) == 6 and big_chunks[0].offset == 0 and big_chunks[0].length == 256
+    assert [s.bucket for s in big_chunks] == [1, 2, 3, 4, 5, 6] and big_chunks[-1].length == 1320 - 5 * 256
     out = roundtrip([small, big], 256)
     assert_bit_exact(out[0], small)
     assert_bit_exact(out[1], big)
@@ -963,6 +1004,8 @@ def test_planner_resume_explicit():
     planner.resume(4, 20, 2)  # bucket 4 already holds two slots ending at byte 20
     assert planner.add(7, a) == [Slot(4, 7, a, 0, 10, 32)]
     assert planner.add(8, b) == [Slot(5, 8, b, 0, 40, 0)]  # 48 + 40 > 64
+    big = u8("big", 100)
+    assert planner.add(9, big) == [Slot(6, 9, big, 0, 64, 0), Slot(7, 9, big, 64, 36, 0)]  # a split opens a bucket
     planner = Planner(None)
     planner.resume(2, UNPACKED_GROUP_BYTES, 1)
     assert planner.add(3, a) == [Slot(3, 3, a, 0, 10, 0)]

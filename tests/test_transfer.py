@@ -715,3 +715,55 @@ def test_mismatch_of_long_names_still_names_both_values():
 
     for message in run_world(body, world):
         assert repr(sent_name) in message and repr(expected_name) in message, message[-200:]
+
+
+# -- tensors larger than a buffer --------------------------------------------------------------------
+
+
+def split_model(seed: int) -> list[tuple[str, torch.Tensor]]:
+    """Tensors of several buffers each, back to back and between small ones, so that slices
+    travel alone (received straight into the assembly tensor) and one tensor's tail shares a
+    bucket with the next one's head (received through the buffer)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        ("small0", rand_tensor((33,), torch.float32, gen)),
+        ("big0", rand_tensor((7 << 19,), torch.int32, gen)),  # 14 MiB: 3.5 buffers
+        ("big1", rand_tensor((9 << 20,), torch.uint8, gen)),  # 9 MiB, right after big0's tail
+        ("small1", rand_tensor((5, 3), torch.bfloat16, gen).t()),
+        ("big2", rand_tensor((3 << 20,), torch.float16, gen)),  # 6 MiB, its own head bucket
+        ("tail", rand_tensor((), torch.float64, gen)),
+    ]
+
+
+@pytest.mark.parametrize("packed_source", ["list", "gen"])
+def test_tensors_larger_than_a_buffer_round_trip_over_cached_updates(packed_source):
+    world = 3
+    updates = 4  # the first describes the layout, the rest run from the cache
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            try:
+                for step in range(updates):
+                    pairs = split_model(step)
+                    src = generate(pairs) if packed_source == "gen" else pairs
+                    NCCLWeightTransferEngine.trainer_send_weights(src, group, packed=True,
+                                                                  packed_buffer_size_bytes=DIRECT_BUF)  # fmt: skip
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = worker(rank, port, world)
+        runs = []
+        try:
+            for _ in range(updates):
+                got, load = collector()
+                engine.receive_weights(None, load)
+                runs.append(got)
+        finally:
+            engine.shutdown()
+        return runs
+
+    values = run_world(body, world)
+    for rank in (1, 2):
+        for step, got in enumerate(values[rank]):
+            assert_same(got, split_model(step), f"rank {rank} update {step}")

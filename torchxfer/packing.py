@@ -9,9 +9,12 @@ in one place:
   handed to ``load_weights`` is aligned for any dtype;
 * a tensor goes into the current bucket if it fits after the cursor; otherwise
   the bucket is closed and the tensor starts a new one;
-* a tensor larger than a whole buffer is split: its bytes fill what is left of
-  the current bucket, then whole buffers, and its tail starts the next bucket;
-  so buffer memory stays ``num_buffers x buffer_size`` whatever the model;
+* a tensor larger than a whole buffer is split: like any tensor that does not
+  fit, it starts a new bucket (unless the current one is still empty), so its
+  first slice sits at offset 0 of a fresh bucket; its bytes fill whole buffers,
+  and its tail starts the last of its buckets at offset 0, where later tensors
+  may follow if they fit; so buffer memory stays ``num_buffers x buffer_size``
+  whatever the model;
 * a bucket holds at most :data:`MAX_SLOTS_PER_BUCKET` slots, which bounds the
   size of its header;
 * with ``buffer_size=None`` (unpacked mode) whole tensors are grouped into
@@ -141,17 +144,18 @@ class TensorSpec:
                              f"more than {MAX_NAME_CHARS}")
         dtype_name(self.dtype)
         object.__setattr__(self, "shape", _check_shape(self.shape))
-
-    @property
-    def numel(self) -> int:
         n = 1
         for dim in self.shape:
             n *= dim
-        return n
+        object.__setattr__(self, "_numel", n)
+
+    @property
+    def numel(self) -> int:
+        return self._numel  # type: ignore[attr-defined]
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self._numel * self.dtype.itemsize  # type: ignore[attr-defined]
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
@@ -258,15 +262,13 @@ class Planner:
             return [Slot(self.bucket, index, spec, 0, nbytes, 0)]
         offset = align_up(self.cursor)
         fits = offset + nbytes <= size and self.count < MAX_SLOTS_PER_BUCKET
-        if self.bucket < 0 or self.count >= MAX_SLOTS_PER_BUCKET or (
-            not fits and (nbytes <= size or offset >= size)
-        ):
+        if self.bucket < 0 or self.count >= MAX_SLOTS_PER_BUCKET or (not fits and self.count > 0):
             self._new_bucket()
             offset = 0
         if offset + nbytes <= size:
             self.cursor, self.count = offset + nbytes, self.count + 1
             return [Slot(self.bucket, index, spec, 0, nbytes, offset)]
-        # Larger than what is left of the buffer and than a whole buffer: split.
+        # Larger than a whole buffer: split, from the start of a fresh bucket.
         slots, start = [], 0
         while start < nbytes:
             length = min(nbytes - start, size - offset)

@@ -38,6 +38,12 @@ class BucketPlan:
     runs: list[tuple[int, int, int | None]]
     extent: int
     """Bytes of the buffer the bucket uses (0 in unpacked mode)."""
+    specs: list[TensorSpec]
+    """The tensors that start in this bucket, in order."""
+    nbytes: int
+    """Their bytes."""
+    digest: bytes
+    """sha256 of the frame."""
     cache: dict = dataclasses.field(default_factory=dict)
     """Per-side memo (views into a buffer), dropped with the layout."""
 
@@ -46,7 +52,9 @@ class BucketPlan:
         if frame is None:
             frame = encode(BucketHeader(index, slots))
         extent = 0 if buffer_size is None else max(s.end for s in slots)
-        return cls(index, slots, frame, payload_runs(slots, buffer_size), extent)
+        specs = [s.spec for s in slots if s.start == 0]
+        return cls(index, slots, frame, payload_runs(slots, buffer_size), extent, specs,
+                   sum(s.nbytes for s in specs), hashlib.sha256(frame).digest())  # fmt: skip
 
 
 class Layout:
@@ -63,11 +71,9 @@ class Layout:
     def append(self, bucket: BucketPlan) -> None:
         assert bucket.index == len(self.buckets)
         self.buckets.append(bucket)
-        self._hash.update(len(bucket.frame).to_bytes(8, "little") + bucket.frame)
-        for slot in bucket.slots:
-            if slot.start == 0:
-                self.specs.append(slot.spec)
-                self.num_bytes += slot.spec.nbytes
+        self._hash.update(bucket.digest)
+        self.specs += bucket.specs
+        self.num_bytes += bucket.nbytes
 
     @property
     def fingerprint(self) -> int:

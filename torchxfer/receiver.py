@@ -100,6 +100,12 @@ class ReceiverState:
             self.buffers[b] = buf = torch.empty(size, dtype=torch.uint8, device=self.device)
         return buf
 
+    def assembly_for(self, nbytes: int, device: torch.device) -> None:
+        """Make the assembly tensor hold ``nbytes`` on ``device`` (its contents are not kept)."""
+        if self.assembly.numel() < nbytes or self.assembly.device != device:
+            self.assembly = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self.assembly = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
     def plan_ok(self, info: NCCLWeightTransferUpdateInfo | None) -> bool:
         """Whether the cached layout is known to satisfy ``info`` (checked once per info)."""
         layout = self.layout
@@ -147,6 +153,7 @@ class Receiver:
         self.num_bytes = 0
         self.what = "update"
         self.in_table_mode = False
+        self.direct_split: tuple[int, bool] | None = None
         self.empty = torch.empty(0, dtype=torch.uint8, device=device)
         self.checked = 0  # buckets the table checker has followed
 
@@ -337,14 +344,47 @@ class Receiver:
     def receive(self, plan: BucketPlan, expected_checksum: int) -> None:
         """Post the bucket's broadcasts, then load what is due."""
         self.make_room(plan.index)
-        dests, works = self.post_runs(plan, plan.runs)
+        direct = self.split_direct(plan)
+        head = next((plan.slots[pos] for pos in direct if plan.slots[pos].start == 0), None)
+        if head is not None:
+            # The assembly tensor gets a new owner: the previous one must be loaded first.
+            self.load_all()
+            self.state.assembly_for(head.spec.nbytes, self.device)
+        dests, works = self.post_runs(plan, plan.runs, direct)
         self.pending.append(_Posted(plan, works, dests, expected_checksum if self.checksum else None))
         self.layout.append(plan)
         while len(self.pending) > self.num_buffers - 1:
             self.load(self.pending.popleft())
 
-    def post_runs(self, plan: BucketPlan, runs: list) -> tuple[dict[int, torch.Tensor], list[Any]]:
-        """Post broadcasts into the bucket's buffer (packed) or fresh tensors (unpacked)."""
+    def split_direct(self, plan: BucketPlan) -> set[int]:
+        """Positions of the bucket's slots of split tensors that are received straight into
+        the assembly tensor rather than into the buffer and copied.
+
+        A split tensor's head goes straight there when it travels alone and no other
+        split tensor's tail shares its bucket (that tail is still to be loaded from
+        the assembly tensor); the rest of the tensor follows its head's way.
+        """
+        if "whole" not in plan.cache:
+            plan.cache["whole"] = all(s.is_whole for s in plan.slots)
+        if plan.cache["whole"]:
+            return set()
+        own = {p for _, _, p in plan.runs if p is not None}
+        out = set()
+        for pos, slot in enumerate(plan.slots):
+            if slot.is_whole or self.buffer_size is None:
+                continue
+            if slot.start == 0:
+                direct = pos in own and not any(s.start > 0 for s in plan.slots)
+                self.direct_split = (slot.index, direct)
+            else:
+                direct = self.direct_split == (slot.index, True)
+            if direct and pos in own:
+                out.add(pos)
+        return out
+
+    def post_runs(self, plan: BucketPlan, runs: list, direct: set[int] = frozenset()) -> tuple[dict[int, torch.Tensor], list[Any]]:
+        """Post broadcasts into the bucket's buffer (packed), the assembly tensor (``direct``
+        split slots) or fresh tensors (unpacked)."""
         dests: dict[int, torch.Tensor] = {}
         works: list[Any] = []
         if not runs:
@@ -361,7 +401,10 @@ class Receiver:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for start, end, pos in runs:
-                if self.buffer_size is not None:
+                if pos in direct:
+                    slot = plan.slots[pos]
+                    dest = dests[pos] = self.state.assembly[slot.start : slot.start + slot.length]
+                elif self.buffer_size is not None:
                     dest = buf[start:end]
                 else:
                     dest = dests[pos] = torch.empty(end - start, dtype=torch.uint8, device=self.device)
@@ -396,7 +439,7 @@ class Receiver:
         if posted.expected_checksum is not None:
             total = 0
             for i, (start, end, pos) in enumerate(plan.runs):
-                part = control.checksum(buf[start:end] if buf is not None else posted.dests[pos])
+                part = control.checksum(posted.dests[pos] if pos in posted.dests else buf[start:end])
                 total = (total + part * (i + 1)) % (1 << 61)
             if total != posted.expected_checksum:
                 names = ", ".join(repr(s.spec.name) for s in plan.slots)
@@ -437,6 +480,10 @@ class Receiver:
                 raw = slot_view(buf, slot) if buf is not None else dests.get(pos, self.empty)
                 out.append((slot.spec.name, typed_view(raw, slot.spec)))
                 continue
+            if pos in dests:  # received straight into the assembly tensor
+                if slot.is_last:
+                    out.append((slot.spec.name, typed_view(self.state.assembly[: slot.spec.nbytes], slot.spec)))
+                continue
             raw = slot_view(buf, slot)
             if slot.start == 0:
                 # A split tensor's head is its bucket's last slot, and the tail of the
@@ -450,7 +497,7 @@ class Receiver:
                     out.append((slot.spec.name, typed_view(assembly[: slot.spec.nbytes], slot.spec)))
         self.num_tensors += count
         self.num_bytes += nbytes
-        if key is not None and all(s.is_whole for s in plan.slots):
+        if key is not None and all(s.is_whole for s in plan.slots):  # split tensors: built each time
             plan.cache["recv"] = (key, tuple(out), count, nbytes)
         return out
 
@@ -460,8 +507,6 @@ class Receiver:
             return
         slot, raw = self.head
         self.head = None
-        if self.state.assembly.numel() < slot.spec.nbytes or self.state.assembly.device != raw.device:
-            self.state.assembly = torch.empty(0, dtype=torch.uint8)  # free the old one first
-            self.state.assembly = torch.empty(slot.spec.nbytes, dtype=torch.uint8, device=raw.device)
+        self.state.assembly_for(slot.spec.nbytes, raw.device)
         self.state.assembly[: slot.length].copy_(raw)
 

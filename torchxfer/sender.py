@@ -34,6 +34,7 @@ bounded by ``timeout_s``.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import time
 import weakref
@@ -300,6 +301,12 @@ class Sender:
         seen: set[int] = set()
         buf = self.packed_buffer(plan, memo)
         views = memo.get("views") if buf is not None and memo.get("views_of") == buf.data_ptr() else None
+        if memo.get("all_stable") and (views is not None or buf is None) and item is not None:
+            done = self.bulk_bucket(plan, memo, own, views, item, source)
+            if done is not None:
+                return done
+            item, source = self.replay
+        all_stable = True
         for pos, slot in enumerate(plan.slots):
             if slot.start == 0:
                 if item is None or not _matches(item, slot.spec):
@@ -309,6 +316,7 @@ class Sender:
                 tensor = item[1]
                 ref = refs[pos]
                 self.stable = distinct and ref is not None and ref() is tensor
+                all_stable = all_stable and self.stable
                 refs[pos] = weakref.ref(tensor)
                 seen.add(id(tensor))
                 self.take(tensor, copy=not self.stable and not slot.is_last)
@@ -328,11 +336,50 @@ class Sender:
                 item = self.pull(source)
         self.flush()
         memo["distinct"] = len(seen) == sum(1 for s in plan.slots if s.start == 0)
+        memo["all_stable"] = all_stable and all(s.is_whole for s in plan.slots)
         if buf is not None and views is None:
             buf = self.state.buffers[plan.index % self.num_buffers]
             memo["views"] = [typed_view(slot_view(buf, s), s.spec) if s.is_whole else None for s in plan.slots]
             memo["views_of"] = buf.data_ptr()
         return (self.pull(source) if plan.slots[-1].is_last else None), None
+
+    def bulk_bucket(self, plan: BucketPlan, memo: dict, own: set[int], views: list | None, item: Item,
+                    source: Iterator[Item]) -> tuple[Item | None, None] | None:  # fmt: skip
+        """One bucket of whole tensors that were all the very objects of the last update:
+        pulled, checked and packed in bulk (one fused copy).
+
+        Returns None when the bucket's tensors are not those of the last update;
+        ``self.replay`` then holds the pulled items, for the slot-by-slot path.
+        """
+        batch = [item, *itertools.islice(source, len(plan.slots) - 1)]
+        self.replay = (batch[0], itertools.chain(batch[1:], source))
+        tensors = [t for _, t in batch]
+        keys = memo.get("keys")
+        if keys is None:
+            keys = memo["keys"] = ([s.spec.name for s in plan.slots], [s.spec.dtype for s in plan.slots],
+                                   [s.spec.shape for s in plan.slots])  # fmt: skip
+        if (len(batch) != len(plan.slots)
+                or not all(r() is t for r, t in zip(memo["refs"], tensors))
+                or [n for n, _ in batch] != keys[0] or [t.dtype for t in tensors] != keys[1]
+                or [t.shape for t in tensors] != keys[2]
+                or any(t.device != self.device for t in tensors)):  # fmt: skip
+            memo["all_stable"] = False
+            return None
+        self.stable = True
+        if views is not None:
+            packed = memo.get("packed")
+            if packed is None:
+                packed = memo["packed"] = [p for p, s in enumerate(plan.slots) if p not in own and s.length]
+            with torch.no_grad():
+                torch._foreach_copy_([views[p] for p in packed], [tensors[p] for p in packed])
+        for pos in sorted(own):
+            self.take(tensors[pos])
+            self.hold_own(pos, plan.slots[pos])
+            self.num_tensors -= 1
+        self.num_tensors += len(tensors)
+        self.in_hand = self.in_hand_bytes = None
+        self.kept = len(plan.slots)
+        return self.pull(source), None
 
     def hold_own(self, pos: int, slot: Slot) -> None:
         """A slot that travels alone, posted after the bucket's row: straight from the tensor's
