@@ -446,7 +446,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
                         times.append(t_mode)
                         flat_all.append(t_flat)
                         ratios.append(t_flat / t_mode)
-            if args.profile and cfg["mode"] == "packed":
+            if args.profile and cfg["mode"] == "packed" and lay in args.profile_layouts.split(","):
                 _profile(lambda: run_once(cfg), args.profile, f"{lay}_{cfg['buffer_mib']}mib_rank{rank}", device)
             med = statistics.median(times)
             results.append({**cfg, "rank": rank, "bytes": total, "tensors": len(specs), "seconds": med,
@@ -675,6 +675,7 @@ def main() -> None:
     p.add_argument("--num-buffers", default=None, type=_ints, help="buffer counts (default cpu 2,3; cuda 2)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after each packed row, profile one more update on every rank (Chrome traces in DIR)")
+    p.add_argument("--profile-layouts", default="transformer", help="layouts to profile with --profile")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds after one warm-up (default cpu 3; cuda 5, 3 over 8 GiB)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--deadline", type=float, default=1800.0)

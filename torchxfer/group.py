@@ -73,7 +73,7 @@ _MAX_VALUE_BYTES = 4096
 # How long the caller waits past the deadline for the init thread to report its own, precise error.
 _GRACE_S = 0.5
 # Rank 0 lingers at most this long after a failure for arrived ranks to read it.
-_LINGER_S = 0.5
+_LINGER_S = 1.0
 _NONCE_BYTES = 32
 
 
@@ -457,19 +457,22 @@ class _Rendezvous:
         """Count this worker among those that read the error; on rank 0, linger for them.
 
         Rank 0 hosts the store, so before its store goes away it waits (at most
-        _LINGER_S) until every worker that has arrived has read the error;
-        workers that never came are not waited for.
+        _LINGER_S) until every worker that has claimed a rank, before or during
+        that wait, has read the error; workers that never come are not waited for
+        beyond it.
         """
         with contextlib.suppress(Exception):
             if self.rank != 0:
                 self.store.add("error_seen", 1)
                 return
-            # Count claimants, not ranks: two processes may have claimed one rank.
-            arrived = sum(self.store.add(f"claim/{r}", 0) for r in range(1, self.world_size)
-                          if self.store.check([f"claim/{r}"]))  # fmt: skip
-            linger = time.monotonic() + _LINGER_S
-            while self.store.add("error_seen", 0) < arrived and time.monotonic() < linger:
+            linger = time.monotonic() + min(_LINGER_S, self.timeout_s)
+            while self.store.add("error_seen", 0) < self._claimants() and time.monotonic() < linger:
                 time.sleep(_POLL_S[0])
+
+    def _claimants(self) -> int:
+        """Workers that have claimed a rank so far (two processes may claim one rank)."""
+        return sum(self.store.add(f"claim/{r}", 0) for r in range(1, self.world_size)
+                   if self.store.check([f"claim/{r}"]))  # fmt: skip
 
     def _raise_published(self) -> None:
         raw = self.store.get("error")
