@@ -41,8 +41,8 @@ from .errors import TransferError
 from .group import SideGroup
 from .packing import ALIGNMENT, Slot, slot_view, typed_view
 from .plan import BucketPlan, Layout, TableChecker
-from .wire import (FLAG_CHECKSUM, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, Kind, Row, check_arg,
-                   decode, make_row)  # fmt: skip
+from .wire import (FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind,
+                   Row, check_arg, decode, make_row)  # fmt: skip
 
 __all__ = ["LoadWeights", "ReceiveProgress", "ReceiverState", "Receiver"]
 
@@ -163,14 +163,13 @@ class Receiver:
             self.error = encode_message(message) or b"?"
 
     def row(self) -> list[int]:
-        layout = self.state.layout
-        return make_row(Kind.WORKER, len(self.error), layout.fingerprint if layout is not None else 0,
-                        int(self.plan_ok), int(self.atomic))  # fmt: skip
+        return make_row(Kind.WORKER, len(self.error), self.holds, int(self.plan_ok), int(self.atomic))
 
     # -- the update ------------------------------------------------------------------------------
 
     def run(self) -> TransferStats:
         self.plan_ok = self.state.plan_ok(self.info)
+        self.holds = self.state.layout.fingerprint if self.state.layout is not None else 0
         rows = self.control.post(self.row(), "update (begin)").rows()
         start = time.perf_counter()
         self.begin(rows)
@@ -190,21 +189,30 @@ class Receiver:
         self.update_id = check_arg(row, 0, "update_id", 0, MAX_COUNT)
         self.what = f"update {self.update_id}"
         self.progress.update_id, self.progress.loads_started, self.progress.applied = self.update_id, False, False
-        flags = check_arg(row, 1, "flags", 0, FLAG_PACKED | FLAG_CHECKSUM)
+        flags = check_arg(row, 1, "flags", 0, FLAG_PACKED | FLAG_CHECKSUM | FLAG_CACHED)
         self.packed, self.checksum = bool(flags & FLAG_PACKED), bool(flags & FLAG_CHECKSUM)
         size = check_arg(row, 2, "buffer_size", ALIGNMENT if self.packed else 0, MAX_COUNT if self.packed else 0)
         self.buffer_size = size if self.packed else None
         self.num_buffers = check_arg(row, 3, "num_buffers", 1, MAX_NUM_BUFFERS)
         fingerprint = row.args[4]
         hint = check_arg(row, 5, "num_tensors", -1, MAX_COUNT)
-        self.control.settle(rows, b"", f"{self.what} (begin)")
         self.any_atomic = any(r.args[3] for r in rows[1:])
         cached = self.state.layout
-        self.cached = cached if fingerprint and all(r.args[1] == fingerprint and r.args[2] for r in rows[1:]) else None
+        if flags & FLAG_CACHED:
+            # The trainer goes on without waiting: every worker confirmed holding this layout.
+            if not fingerprint or fingerprint != self.holds:
+                raise self.broken(f"the trainer sends a cached layout ({fingerprint:#x}) this rank does not hold")
+            self.cached = cached
+        else:
+            self.control.settle(rows, b"", f"{self.what} (begin)")
+            self.cached = cached if fingerprint and all(r.args[1] == fingerprint and r.args[2] for r in rows[1:]) \
+                else None  # fmt: skip
+        # A cached layout this worker has not checked against its update_info is checked bucket by bucket.
+        self.check_cached = self.cached is not None and not self.plan_ok
         self.layout = Layout(self.packed, self.buffer_size, self.num_buffers)
         self.checker = TableChecker(self.info.specs if self.info is not None else None, self.buffer_size)
         self.prepared = False
-        if self.cached is None and self.info is not None:
+        if self.info is not None and (self.cached is None or not self.plan_ok):
             self.check_config(hint)
 
     def check_config(self, hint: int) -> None:
@@ -242,6 +250,12 @@ class Receiver:
                         or len(self.layout.buckets) != bucket):  # fmt: skip
                     raise self.broken(f"the trainer announced bucket {bucket} of a layout this rank does not hold")
                 plan = self.cached.buckets[bucket]
+                if self.check_cached and not self.error:
+                    try:
+                        self.checker.check(BucketHeader(plan.index, plan.slots), bucket)
+                    except TransferError as e:
+                        self.fail(str(e))
+                    self.checked = bucket + 1
                 self.receive(plan, row.args[2])
             else:
                 self.table(bucket, row)
@@ -305,6 +319,8 @@ class Receiver:
                 self.checker.finish()
             except TransferError as e:
                 self.fail(str(e))
+        if not self.error:
+            self.holds = self.layout.fingerprint  # the final row says this worker holds it
 
     def apply(self) -> None:
         staged, self.staged = self.staged, []

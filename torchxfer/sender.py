@@ -51,7 +51,7 @@ from .errors import TransferError
 from .group import SideGroup
 from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view
 from .plan import BucketPlan, Layout
-from .wire import FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
+from .wire import FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
 
 __all__ = ["SenderState", "Sender", "SourceFailed"]
 
@@ -81,6 +81,7 @@ class SenderState:
         self.group = group
         self.control = ControlChannel(group)
         self.layout: Layout | None = None
+        self.confirmed = 0  # the fingerprint every worker said it holds after the last update
         self.device: torch.device | None = None
         self.next_update_id = 0
         self.buffers: list[torch.Tensor] = []
@@ -163,7 +164,6 @@ class Sender:
         self.works: list[Any] = []
         self.buffer_works: list[list[Any]] = [[] for _ in range(num_buffers)]
         self.failed_ranks: list[int] = []
-        self.atomic = False
         self.num_tensors = 0
         # Where the update stands, for an ABORT row: the bucket, and how many
         # of its leading slots (of the cached layout) were already posted.
@@ -187,8 +187,11 @@ class Sender:
         except SourceFailed as e:
             self.abort(f"the trainer aborted {self.what}: {type(e.original).__name__}: {e.original}")
             raise e.original from None
-        except BaseException:
+        except TransferError:
             self.drain(quiet=True)
+            raise
+        except Exception as e:  # a fault of this rank's own: tell the workers, then raise it
+            self.abort(f"the trainer failed during {self.what}: {type(e).__name__}: {e}")
             raise
         self.end(self.last_flag)
         seconds = time.perf_counter() - start
@@ -198,17 +201,28 @@ class Sender:
         return TransferStats(self.update_id, self.num_tensors, self.layout.num_bytes, seconds)
 
     def begin(self) -> Layout | None:
-        """BEGIN step (blocking): returns the cached layout if every worker holds it, else None."""
+        """BEGIN step: returns the cached layout if every worker holds it, else None.
+
+        When every worker confirmed, at the end of the last update, that it
+        holds the layout the trainer is about to send (the steady state), the
+        trainer announces it with FLAG_CACHED and does not wait for the step;
+        otherwise it waits for every worker's answer.
+        """
         old = self.state.layout
         if self.device is None and old is not None:
             self.device = self.state.device
         fingerprint = old.fingerprint if old is not None and old.config == self.layout.config else 0
-        flags = (FLAG_PACKED if self.packed else 0) | (FLAG_CHECKSUM if self.checksum else 0)
+        confirmed = fingerprint != 0 and self.state.confirmed == fingerprint
+        flags = ((FLAG_PACKED if self.packed else 0) | (FLAG_CHECKSUM if self.checksum else 0)
+                 | (FLAG_CACHED if confirmed else 0))  # fmt: skip
         hint = -1 if self.num_tensors_hint is None else self.num_tensors_hint
         row = make_row(Kind.BEGIN, self.update_id, flags, self.buffer_size or 0, self.num_buffers, fingerprint, hint)
-        rows = self.control.post(row, f"{self.what} (begin)").rows()
+        self.begin_step = self.control.post(row, f"{self.what} (begin)")
+        if confirmed:
+            self.steps.append(self.begin_step)  # its workers' status is read late, like a bucket's
+            return old
+        rows = self.begin_step.rows()
         self.control.settle(rows, b"", f"{self.what} (begin)")
-        self.atomic = any(row.args[3] for row in rows[1:])
         if fingerprint and all(row.args[1] == fingerprint and row.args[2] for row in rows[1:]):
             return old
         return None
@@ -241,7 +255,9 @@ class Sender:
                 rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (end)").rows()
             self.control.settle(rows, b"", f"{self.what} (end)")
             self.drain()
-            if self.atomic:
+            # Every worker now holds this layout (its final row says so) unless one did not finish it.
+            held = all(row.args[1] == self.layout.fingerprint for row in rows[1:])
+            if any(row.args[3] for row in self.begin_step.rows()[1:]):
                 rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (apply)").rows()
                 self.control.settle(rows, b"", f"{self.what} (apply)")
         except TransferError as e:
@@ -251,6 +267,7 @@ class Sender:
             raise
         self.state.layout = self.layout
         self.state.device = self.device
+        self.state.confirmed = self.layout.fingerprint if held else 0
 
     def abort(self, reason: str) -> None:
         """The source failed: an ABORT step tells every worker why (they raise it); returns so the caller re-raises."""
@@ -370,8 +387,9 @@ class Sender:
             packed = memo.get("packed")
             if packed is None:
                 packed = memo["packed"] = [p for p, s in enumerate(plan.slots) if p not in own and s.length]
-            with torch.no_grad():
-                torch._foreach_copy_([views[p] for p in packed], [tensors[p] for p in packed])
+            if packed:
+                with torch.no_grad():
+                    torch._foreach_copy_([views[p] for p in packed], [tensors[p] for p in packed])
         for pos in sorted(own):
             self.take(tensors[pos])
             self.hold_own(pos, plan.slots[pos])

@@ -195,13 +195,17 @@ class Kind(enum.IntEnum):
     END = 5
     """trainer: [num_tensors, num_bytes]: the update is complete"""
     WORKER = 6
-    """worker: [status_bytes, plan_fingerprint, plan_ok, atomic]"""
+    """worker: [status_bytes, plan_fingerprint (the layout it holds, or will hold once the
+    update it just finished is agreed), plan_ok, atomic]"""
     SYNC = 7
     """trainer: no arguments; a step where only the workers' status matters"""
 
 
 FLAG_PACKED = 1
 FLAG_CHECKSUM = 2
+FLAG_CACHED = 4
+"""BEGIN: the update uses the layout of the given fingerprint, which every worker
+confirmed holding at the end of the last update; the trainer does not wait for this step."""
 MAX_COUNT = 1 << 62
 
 
