@@ -660,9 +660,8 @@ def test_typed_view_is_a_view():
 def test_own_run_threshold():
     assert own_run_threshold(None) == 0
     assert own_run_threshold(16) == DIRECT_MIN_BYTES == 4 << 20
-    assert own_run_threshold(32 << 20) == DIRECT_MIN_BYTES
-    assert own_run_threshold(256 << 20) == DIRECT_MIN_BYTES
-    assert own_run_threshold(1 << 30) == (1 << 30) // DIRECT_BUFFER_FRACTION == 16 << 20
+    for size in (1 << 20, 8 << 20, 32 << 20, 256 << 20, 1 << 30):
+        assert own_run_threshold(size) == max(DIRECT_MIN_BYTES, size // DIRECT_BUFFER_FRACTION)
 
 
 def test_payload_runs_explicit_small():
@@ -675,9 +674,12 @@ def test_payload_runs_explicit_small():
     assert payload_runs([Slot(0, 0, d, 0, 0, 0)], 1024) == []  # empty ranges are left out
 
 
-def test_payload_runs_own_first_then_merged_ranges():
+def test_payload_runs_own_first_then_merged_ranges(monkeypatch):
+    import torchxfer.packing as packing
+
+    monkeypatch.setattr(packing, "DIRECT_BUFFER_FRACTION", 8)
     mib = 1 << 20
-    size = 512 * mib  # threshold 8 MiB
+    size = 64 * mib  # threshold 8 MiB
     big1, big2, small, tiny, empty = u8("big1", 8 * mib), u8("big2", 20 * mib), u8("s", 100), u8("t", 7), u8("e", 0)
     off = [0, 112, 112 + 8 * mib, 128 + 8 * mib, 128 + 28 * mib, 128 + 28 * mib]
     slots = [Slot(0, 0, small, 0, 100, off[0]), Slot(0, 1, tiny, 0, 7, off[1]), Slot(0, 2, big1, 0, 8 * mib, off[1] + 16),

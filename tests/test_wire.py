@@ -61,10 +61,10 @@ def test_constants():
     assert MAGIC == b"TXFR"
     assert PROTOCOL_VERSION == 2
     assert MAX_FRAME_BYTES == 64 << 20
-    assert ROW_WORDS == 8
+    assert ROW_WORDS == 10
     assert ROW_MAGIC == int.from_bytes(b"TXFR", "little") << 16 | PROTOCOL_VERSION
     assert 0 < ROW_MAGIC < 1 << 63  # fits an int64 word
-    assert WIRE_SIGNATURE == f"v{PROTOCOL_VERSION}:row8:frame{MAX_FRAME_BYTES}:slots{MAX_SLOTS_PER_BUCKET}:align16"
+    assert WIRE_SIGNATURE == f"v{PROTOCOL_VERSION}:row{ROW_WORDS}:frame{MAX_FRAME_BYTES}:slots{MAX_SLOTS_PER_BUCKET}:align16"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -606,7 +606,7 @@ def test_kind_values():
 @pytest.mark.parametrize("kind", list(Kind), ids=lambda k: k.name)
 def test_row_roundtrip(kind):
     rank = 1 if kind == Kind.WORKER else 0
-    args = (7, -1, MAX_INT, 0, 1 << 40, -(1 << 62))
+    args = (7, -1, MAX_INT, 0, 1 << 40, -(1 << 62), 3, 5)[: ROW_WORDS - 2]
     for n in range(ROW_WORDS - 1):
         words = make_row(kind, *args[:n])
         assert len(words) == ROW_WORDS and all(type(w) is int for w in words)
@@ -621,7 +621,7 @@ def test_row_roundtrip(kind):
 
 def test_row_worker_from_any_worker_rank():
     for rank in (1, 2, 63, 1 << 20):
-        assert parse_row(make_row(Kind.WORKER, 12, 34, 1, 0), rank) == Row(Kind.WORKER, (12, 34, 1, 0, 0, 0))
+        assert parse_row(make_row(Kind.WORKER, 12, 34, 1, 0), rank) == Row(Kind.WORKER, (12, 34, 1, 0) + (0,) * (ROW_WORDS - 6))
 
 
 @pytest.mark.parametrize(

@@ -202,7 +202,7 @@ UNPACKED_GROUP_TENSORS = 256
 UNPACKED_GROUP_BYTES = 64 << 20
 """Unpacked mode: a bucket closes once it holds this many bytes."""
 DIRECT_MIN_BYTES = 4 << 20
-DIRECT_BUFFER_FRACTION = 64
+DIRECT_BUFFER_FRACTION = 2
 
 
 def own_run_threshold(buffer_size: int | None) -> int:

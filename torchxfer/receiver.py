@@ -41,7 +41,7 @@ from .errors import TransferError
 from .group import SideGroup
 from .packing import ALIGNMENT, Slot, slot_view, typed_view
 from .plan import BucketPlan, Layout, TableChecker
-from .wire import (FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind,
+from .wire import (FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind,
                    Row, check_arg, decode, make_row)  # fmt: skip
 
 __all__ = ["LoadWeights", "ReceiveProgress", "ReceiverState", "Receiver"]
@@ -189,7 +189,7 @@ class Receiver:
         self.update_id = check_arg(row, 0, "update_id", 0, MAX_COUNT)
         self.what = f"update {self.update_id}"
         self.progress.update_id, self.progress.loads_started, self.progress.applied = self.update_id, False, False
-        flags = check_arg(row, 1, "flags", 0, FLAG_PACKED | FLAG_CHECKSUM | FLAG_CACHED)
+        flags = check_arg(row, 1, "flags", 0, FLAG_PACKED | FLAG_CHECKSUM | FLAG_CACHED | FLAG_BUCKET0)
         self.packed, self.checksum = bool(flags & FLAG_PACKED), bool(flags & FLAG_CHECKSUM)
         size = check_arg(row, 2, "buffer_size", ALIGNMENT if self.packed else 0, MAX_COUNT if self.packed else 0)
         self.buffer_size = size if self.packed else None
@@ -198,6 +198,8 @@ class Receiver:
         hint = check_arg(row, 5, "num_tensors", -1, MAX_COUNT)
         self.any_atomic = any(r.args[3] for r in rows[1:])
         cached = self.state.layout
+        # With FLAG_BUCKET0 this row is also bucket 0's BUCKET row.
+        self.first = Row(Kind.BUCKET, (0, *row.args[6:])) if flags & FLAG_BUCKET0 and flags & FLAG_CACHED else None
         if flags & FLAG_CACHED:
             # The trainer goes on without waiting: every worker confirmed holding this layout.
             if not fingerprint or fingerprint != self.holds:
@@ -235,8 +237,11 @@ class Receiver:
         """Every step after BEGIN, as the trainer's rows say."""
         bucket, last = 0, True
         while True:
-            rows = self.control.post(self.row(), f"{self.what} bucket {bucket}").rows()
-            row = self.trainer_row(rows, (Kind.BUCKET, Kind.TABLE, Kind.ABORT, Kind.END))
+            if self.first is not None:
+                row, self.first = self.first, None
+            else:
+                rows = self.control.post(self.row(), f"{self.what} bucket {bucket}").rows()
+                row = self.trainer_row(rows, (Kind.BUCKET, Kind.TABLE, Kind.ABORT, Kind.END))
             if row.kind == Kind.END:
                 return self.end(row, rows, last)
             check_arg(row, 0, "bucket", bucket, bucket)

@@ -51,7 +51,7 @@ from .errors import TransferError
 from .group import SideGroup
 from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view
 from .plan import BucketPlan, Layout
-from .wire import FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
+from .wire import FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
 
 __all__ = ["SenderState", "Sender", "SourceFailed"]
 
@@ -216,16 +216,28 @@ class Sender:
         flags = ((FLAG_PACKED if self.packed else 0) | (FLAG_CHECKSUM if self.checksum else 0)
                  | (FLAG_CACHED if confirmed else 0))  # fmt: skip
         hint = -1 if self.num_tensors_hint is None else self.num_tensors_hint
-        row = make_row(Kind.BEGIN, self.update_id, flags, self.buffer_size or 0, self.num_buffers, fingerprint, hint)
-        self.begin_step = self.control.post(row, f"{self.what} (begin)")
+        self.begin_args = [self.update_id, flags, self.buffer_size or 0, self.num_buffers, fingerprint, hint]
+        self.begin_step = None
         if confirmed:
-            self.steps.append(self.begin_step)  # its workers' status is read late, like a bucket's
-            return old
+            return old  # posted with bucket 0 (post_begin), once that bucket is pulled
+        self.post_begin()
         rows = self.begin_step.rows()
         self.control.settle(rows, b"", f"{self.what} (begin)")
         if fingerprint and all(row.args[1] == fingerprint and row.args[2] for row in rows[1:]):
             return old
         return None
+
+    def post_begin(self, *bucket0: int) -> None:
+        """Post the BEGIN step (once); with ``bucket0`` (last, checksum) it also announces bucket 0."""
+        if self.begin_step is not None:
+            return
+        args = list(self.begin_args)
+        if bucket0:
+            args[1] |= FLAG_BUCKET0
+            self.last_flag = bool(bucket0[0])
+        self.begin_step = self.control.post(make_row(Kind.BEGIN, *args, *bucket0), f"{self.what} (begin)")
+        if args[1] & FLAG_CACHED:
+            self.steps.append(self.begin_step)  # its workers' status is read late, like a bucket's
 
     def send_buckets(self, source: Iterator[Item], cached: Layout | None) -> None:
         """Every bucket, the last one announced as last when the source ends with it."""
@@ -236,18 +248,24 @@ class Sender:
         for plan in cached.buckets:
             item, kept = self.cached_bucket(plan, item, source)
             if kept is not None:
+                self.post_begin()
                 self.table_buckets(source, item, plan.index, kept, cached)
                 return
             last = item is None and plan.index == len(cached.buckets) - 1
-            self.tick(Kind.BUCKET, plan.index, int(last), self.bucket_checksum(plan, 0, {}))
+            if self.begin_step is None:
+                self.post_begin(int(last), self.bucket_checksum(plan, 0, {}))
+            else:
+                self.tick(Kind.BUCKET, plan.index, int(last), self.bucket_checksum(plan, 0, {}))
             self.post_own(plan)
             self.post_packed(plan)
             self.layout.append(plan)
+        self.post_begin()
         if item is not None:
             self.table_buckets(source, item, len(cached.buckets), 0, cached)
 
     def end(self, last: bool) -> None:
         """END step (and a SYNC when the end was not announced), then the apply step for atomic workers."""
+        self.post_begin()
         rows = self.control.post(make_row(Kind.END, self.num_tensors, self.layout.num_bytes), f"{self.what} (end)").rows()
         self.steps.clear()
         try:
@@ -281,6 +299,7 @@ class Sender:
     def abort_step(self, reason: bytes) -> None:
         """ABORT step, then every rank raises the agreed TransferError."""
         self.flush()
+        self.post_begin()
         step = self.control.post(make_row(Kind.ABORT, self.bucket, 0, len(reason)), f"{self.what} (abort)")
         self.steps.clear()
         self.drain(quiet=True)

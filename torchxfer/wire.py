@@ -175,7 +175,7 @@ def decode(frame: bytes) -> BucketHeader:
 
 # -- rows ----------------------------------------------------------------------------------
 
-ROW_WORDS = 8
+ROW_WORDS = 10
 """int64 words of one rank's row in a control step."""
 ROW_MAGIC = int.from_bytes(MAGIC, "little") << 16 | PROTOCOL_VERSION
 """Word 0 of every row: a peer speaking another protocol is caught at its first row."""
@@ -185,7 +185,9 @@ class Kind(enum.IntEnum):
     """Word 1 of a row."""
 
     BEGIN = 1
-    """trainer: [update_id, flags, buffer_size (0: unpacked), num_buffers, fingerprint, num_tensors (-1: unknown)]"""
+    """trainer: [update_id, flags, buffer_size (0: unpacked), num_buffers, fingerprint, num_tensors (-1: unknown),
+    last, checksum]; with FLAG_BUCKET0 the row also announces bucket 0 of the cached layout (``last`` and
+    ``checksum`` as in a BUCKET row)"""
     BUCKET = 2
     """trainer: [bucket, last, checksum]: the next bucket of the cached plan"""
     TABLE = 3
@@ -206,6 +208,8 @@ FLAG_CHECKSUM = 2
 FLAG_CACHED = 4
 """BEGIN: the update uses the layout of the given fingerprint, which every worker
 confirmed holding at the end of the last update; the trainer does not wait for this step."""
+FLAG_BUCKET0 = 8
+"""BEGIN (with FLAG_CACHED): this step is also bucket 0's BUCKET step, saving a round trip."""
 MAX_COUNT = 1 << 62
 
 
