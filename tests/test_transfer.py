@@ -20,6 +20,8 @@ with the library's ``timeout_s`` (``TIMEOUT``) well below it.
 from __future__ import annotations
 
 import math
+import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -37,9 +39,13 @@ from torchxfer import (
     TransferError,
     WeightTransferConfig,
     destroy_side_group,
+    side_group,
 )
 
-TIMEOUT = 4.0
+TIMEOUT = 10.0
+"""These tests check what arrives, not how fast failures are noticed (test_reliability does):
+a generous bound keeps a worker that waits for an update to begin from timing out while the
+ranks, threads of one process, share two loaded cores."""
 DEADLINE = 45.0
 BUF = 512
 
@@ -767,3 +773,120 @@ def test_tensors_larger_than_a_buffer_round_trip_over_cached_updates(packed_sour
     for rank in (1, 2):
         for step, got in enumerate(values[rank]):
             assert_same(got, split_model(step), f"rank {rank} update {step}")
+
+
+# -- a source that refills one staging tensor ---------------------------------------------------------
+
+
+def staged(pairs: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every tensor through one staging tensor per (dtype, size), refilled for each."""
+    staging: dict[tuple, torch.Tensor] = {}
+    for name, t in pairs:
+        key = (t.dtype, t.numel())
+        buf = staging.get(key)
+        if buf is None:
+            buf = staging[key] = torch.empty(t.numel(), dtype=t.dtype)
+        buf.copy_(t.reshape(-1))
+        yield name, buf.view(t.shape)
+
+
+def staging_model(seed: int) -> list[tuple[str, torch.Tensor]]:
+    """Several tensors of each size, so that the staging tensor is refilled while earlier values
+    may still be in flight: small (packed), large (sent alone), larger than a buffer (split)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(3):
+        out.append((f"small{i}", rand_tensor((7, 5), torch.float32, gen)))
+        out.append((f"large{i}", rand_tensor((3 << 18,), torch.float16, gen)))  # 1.5 MiB
+        out.append((f"split{i}", rand_tensor((5 << 18,), torch.int32, gen)))  # 5 MiB
+    return out
+
+
+@pytest.mark.parametrize("packed,zero_copy", [(True, True), (True, False), (False, True)])
+def test_a_generator_may_refill_one_staging_tensor(packed, zero_copy):
+    """What arrives is each value as it was yielded, over updates that describe the layout
+    and updates that run from the cached layout."""
+    world = 3
+    updates = 4
+    buf = 4 << 20
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            try:
+                for step in range(updates):
+                    NCCLWeightTransferEngine.trainer_send_weights(
+                        staged(staging_model(step)), group, packed=packed, packed_buffer_size_bytes=buf,
+                        zero_copy=zero_copy)  # fmt: skip
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = worker(rank, port, world)
+        runs = []
+        try:
+            for _ in range(updates):
+                got, load = collector()
+                engine.receive_weights(None, load)
+                runs.append(got)
+        finally:
+            engine.shutdown()
+        return runs
+
+    values = run_world(body, world)
+    for rank in (1, 2):
+        for step, got in enumerate(values[rank]):
+            assert_same(got, staging_model(step), f"rank {rank} update {step}")
+
+
+# -- shutdown from another thread --------------------------------------------------------------------
+
+
+def test_shutdown_from_another_thread_stops_a_blocked_receive_and_changes_nothing():
+    world = 2
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            try:
+                NCCLWeightTransferEngine.trainer_send_weights(simple(1), group, packed=True)
+                # Then no second update: the worker below waits for one until it is shut down.
+                deadline = time.monotonic() + DEADLINE / 2
+                while not group_closed.is_set() and time.monotonic() < deadline:
+                    group_closed.wait(0.05)
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = worker(rank, port, world)
+        got, load = collector()
+        engine.receive_weights(None, load)
+        version = engine.weights_version
+        loads: list = []
+        side = engine.model_update_group
+        waiting = threading.Event()
+
+        def stopper() -> None:
+            # Shut down once the receive is blocked inside a wait on the group.
+            deadline = time.monotonic() + DEADLINE / 2
+            while side_group(side)._waiting == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            waiting.set()
+            engine.shutdown()
+
+        thread = threading.Thread(target=stopper)
+        thread.start()
+        start = time.monotonic()
+        with pytest.raises(TransferError) as err:
+            engine.receive_weights(None, lambda batch: loads.append(batch))
+        elapsed = time.monotonic() - start
+        thread.join()
+        group_closed.set()
+        return {"elapsed": elapsed, "waiting": waiting.is_set(), "loads": loads, "version": (version, engine.weights_version),
+                "broken": err.value.broken, "first": got}
+
+    group_closed = threading.Event()
+    values = run_world(body, world)
+    v = values[1]
+    assert v["waiting"]
+    assert v["elapsed"] < 2.0, v  # promptly, not after the group's timeout
+    assert v["loads"] == [] and v["version"][0] == v["version"][1] == 0 and v["broken"] is True
+    assert_same(v["first"], simple(1))

@@ -199,21 +199,30 @@ class Slot:
 
 UNPACKED_GROUP_TENSORS = 256
 """Unpacked mode: most tensors one bucket (one control tick) groups."""
-UNPACKED_GROUP_BYTES = 64 << 20
+UNPACKED_GROUP_BYTES = 256 << 20
 """Unpacked mode: a bucket closes once it holds this many bytes."""
 DIRECT_MIN_BYTES = 4 << 20
 DIRECT_BUFFER_FRACTION = 2
+"""NCCL: a slot travels alone from max(DIRECT_MIN_BYTES, buffer / DIRECT_BUFFER_FRACTION)."""
+GLOO_DIRECT_MIN_BYTES = 1 << 20
+GLOO_DIRECT_BUFFER_FRACTION = 8
+"""Gloo: from max(GLOO_DIRECT_MIN_BYTES, buffer / GLOO_DIRECT_BUFFER_FRACTION)."""
 
 
-def own_run_threshold(buffer_size: int | None) -> int:
+def own_run_threshold(buffer_size: int | None, backend: str = "nccl") -> int:
     """Slots of at least this many bytes travel as a broadcast of their own.
 
     Such a slot can go straight from the source tensor's memory (no pack
-    copy) at the cost of one more collective, which is why small slots are
-    packed together. Unpacked mode (``None``): every slot.
+    copy) at the cost of one more collective. On NCCL a collective costs
+    about a tenth of a millisecond of CPU on each rank while the copy is
+    cheap (device bandwidth), so only slots of half a buffer travel alone; on
+    Gloo the copy competes with the transfer for the same CPU cores, so slots
+    of an eighth of a buffer do. Unpacked mode (``None``): every slot.
     """
     if buffer_size is None:
         return 0
+    if backend == "gloo":
+        return max(GLOO_DIRECT_MIN_BYTES, buffer_size // GLOO_DIRECT_BUFFER_FRACTION)
     return max(DIRECT_MIN_BYTES, buffer_size // DIRECT_BUFFER_FRACTION)
 
 
@@ -308,7 +317,7 @@ def typed_view(raw: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     return raw.view(spec.dtype).view(spec.shape)
 
 
-def payload_runs(slots: Sequence[Slot], buffer_size: int | None) -> list[tuple[int, int, int | None]]:
+def payload_runs(slots: Sequence[Slot], buffer_size: int | None, backend: str = "nccl") -> list[tuple[int, int, int | None]]:
     """How a bucket's payload is split into broadcasts, in posting order: ``(start, end, position)``.
 
     First every slot of at least :func:`own_run_threshold` bytes, alone and in
@@ -319,7 +328,7 @@ def payload_runs(slots: Sequence[Slot], buffer_size: int | None) -> list[tuple[i
     packed. Both sides call this on the same slots, so they issue the same
     collectives whatever the tensors' memory layout. Empty ranges are left out.
     """
-    threshold = own_run_threshold(buffer_size)
+    threshold = own_run_threshold(buffer_size, backend)
     own: list[tuple[int, int, int | None]] = []
     packed: list[tuple[int, int, int | None]] = []
     start = end = None

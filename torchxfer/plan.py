@@ -48,25 +48,27 @@ class BucketPlan:
     """Per-side memo (views into a buffer), dropped with the layout."""
 
     @classmethod
-    def make(cls, index: int, slots: tuple[Slot, ...], buffer_size: int | None, frame: bytes | None = None) -> BucketPlan:
+    def make(cls, index: int, slots: tuple[Slot, ...], buffer_size: int | None, frame: bytes | None = None,
+             backend: str = "nccl") -> BucketPlan:
         if frame is None:
             frame = encode(BucketHeader(index, slots))
         extent = 0 if buffer_size is None else max(s.end for s in slots)
         specs = [s.spec for s in slots if s.start == 0]
-        return cls(index, slots, frame, payload_runs(slots, buffer_size), extent, specs,
+        return cls(index, slots, frame, payload_runs(slots, buffer_size, backend), extent, specs,
                    sum(s.nbytes for s in specs), hashlib.sha256(frame).digest())  # fmt: skip
 
 
 class Layout:
     """The buckets of one update, in order, and their fingerprint."""
 
-    def __init__(self, packed: bool, buffer_size: int | None, num_buffers: int) -> None:
+    def __init__(self, packed: bool, buffer_size: int | None, num_buffers: int, backend: str = "nccl") -> None:
         self.config = (packed, buffer_size, num_buffers)
+        self.backend = backend
         self.buffer_size = buffer_size
         self.buckets: list[BucketPlan] = []
         self.specs: list[TensorSpec] = []
         self.num_bytes = 0
-        self._hash = hashlib.sha256(repr(self.config).encode())
+        self._hash = hashlib.sha256(repr((*self.config, backend)).encode())
 
     def append(self, bucket: BucketPlan) -> None:
         assert bucket.index == len(self.buckets)

@@ -211,7 +211,7 @@ class Receiver:
                 else None  # fmt: skip
         # A cached layout this worker has not checked against its update_info is checked bucket by bucket.
         self.check_cached = self.cached is not None and not self.plan_ok
-        self.layout = Layout(self.packed, self.buffer_size, self.num_buffers)
+        self.layout = Layout(self.packed, self.buffer_size, self.num_buffers, self.group.backend_name)
         self.checker = TableChecker(self.info.specs if self.info is not None else None, self.buffer_size)
         self.prepared = False
         if self.info is not None and (self.cached is None or not self.plan_ok):
@@ -279,7 +279,7 @@ class Receiver:
                 self.resume_checker()
                 header = decode(frame)
                 self.checker.check(header, bucket)
-                plan = BucketPlan.make(bucket, header.slots, self.buffer_size, frame)
+                plan = BucketPlan.make(bucket, header.slots, self.buffer_size, frame, self.group.backend_name)
             except TransferError as e:
                 self.fail(str(e))
         self.checked = bucket + 1

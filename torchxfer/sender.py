@@ -158,7 +158,7 @@ class Sender:
         self.update_id = self.state.next_update_id if version is None else version
         self.state.next_update_id = self.update_id + 1
         self.what = f"update {self.update_id}"
-        self.layout = Layout(packed, self.buffer_size, num_buffers)
+        self.layout = Layout(packed, self.buffer_size, num_buffers, group.backend_name)
         self.device: torch.device | None = group.data_device
         self.steps: collections.deque[Step] = collections.deque()
         self.works: list[Any] = []
@@ -503,7 +503,7 @@ class Sender:
             if not slots:
                 return
             last = not queue and item is None
-            plan = BucketPlan.make(bucket, tuple(slots), self.buffer_size)
+            plan = BucketPlan.make(bucket, tuple(slots), self.buffer_size, backend=self.group.backend_name)
             if len(plan.frame) > MAX_FRAME_BYTES:
                 raise SourceFailed(ValueError(f"the table of bucket {bucket} has {len(plan.frame)} bytes, over the "
                                               f"{MAX_FRAME_BYTES}-byte cap: tensor names are too long"))  # fmt: skip

@@ -1,0 +1,106 @@
+"""Fast tier: layouts, fingerprints and the checks a worker makes on tables from the wire."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchxfer import TransferError
+from torchxfer.packing import Slot, TensorSpec, plan_slots
+from torchxfer.plan import BucketPlan, Layout, TableChecker
+from torchxfer.wire import BucketHeader
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def specs(*sizes: int) -> list[TensorSpec]:
+    return [TensorSpec(f"t{i}", torch.uint8, (n,)) for i, n in enumerate(sizes)]
+
+
+def buckets(slots: list[Slot]) -> list[BucketHeader]:
+    out: dict[int, list[Slot]] = {}
+    for s in slots:
+        out.setdefault(s.bucket, []).append(s)
+    return [BucketHeader(b, tuple(ss)) for b, ss in sorted(out.items())]
+
+
+def test_a_planned_update_passes_every_check():
+    sp = specs(10, 100, 7, 300, 5)
+    headers = buckets(list(plan_slots(sp, 64)))
+    checker = TableChecker(tuple(sp), 64)
+    for i, h in enumerate(headers):
+        checker.check(h, i)
+    checker.finish()
+    assert checker.next_index == len(sp)
+
+
+def test_a_reused_bucket_index_is_refused():
+    headers = buckets(list(plan_slots(specs(40, 40, 40), 64)))
+    checker = TableChecker(None, 64)
+    checker.check(headers[0], 0)
+    with pytest.raises(TransferError, match="table of bucket 0 where bucket 1 was due"):
+        checker.check(headers[0], 1)
+
+
+def test_a_split_tensor_continued_inside_the_same_bucket_is_refused():
+    spec = TensorSpec("big", torch.uint8, (100,))
+    head = Slot(0, 0, spec, 0, 48, 0)
+    rest = Slot(0, 0, spec, 48, 52, 48)  # the continuation must start the next bucket
+    with pytest.raises(TransferError, match="split tensor"):
+        TableChecker(None, 128).check(BucketHeader(0, (head, rest)), 0)
+
+
+def test_a_split_tensor_that_skips_bytes_is_refused():
+    spec = TensorSpec("big", torch.uint8, (100,))
+    checker = TableChecker(None, 64)
+    checker.check(BucketHeader(0, (Slot(0, 0, spec, 0, 64, 0),)), 0)
+    with pytest.raises(TransferError, match="does not continue"):
+        checker.check(BucketHeader(1, (Slot(1, 0, spec, 80, 20, 0),)), 1)
+
+
+def test_out_of_order_and_unexpected_tensors_are_refused():
+    sp = specs(10, 20)
+    with pytest.raises(TransferError, match="out of order"):
+        TableChecker(None, 64).check(BucketHeader(0, (Slot(0, 1, sp[1], 0, 20, 0),)), 0)
+    other = TensorSpec("t0", torch.float32, (10,))
+    with pytest.raises(TransferError, match="update_info expects"):
+        TableChecker(tuple(sp), 64).check(BucketHeader(0, (Slot(0, 0, other, 0, 40, 0),)), 0)
+    with pytest.raises(TransferError, match="lists only 1"):
+        TableChecker(tuple(sp[:1]), 64).check(BucketHeader(0, tuple(list(plan_slots(sp, 64)))), 0)
+
+
+def test_an_update_that_ends_early_is_refused():
+    sp = specs(10, 20)
+    checker = TableChecker(tuple(sp), 64)
+    checker.check(BucketHeader(0, (next(iter(plan_slots(sp, 64))),)), 0)
+    with pytest.raises(TransferError, match="update_info lists 2"):
+        checker.finish()
+    split = TableChecker(None, 64)
+    split.check(BucketHeader(0, (Slot(0, 0, TensorSpec("big", torch.uint8, (100,)), 0, 64, 0),)), 0)
+    with pytest.raises(TransferError, match="ended inside tensor"):
+        split.finish()
+
+
+def test_resume_after_a_cached_bucket():
+    sp = specs(40, 100, 10)
+    headers = buckets(list(plan_slots(sp, 64)))  # t0 | t1 head | t1 tail, t2
+    plans = [BucketPlan.make(h.index, h.slots, 64) for h in headers]
+    checker = TableChecker(tuple(sp), 64)
+    checker.resume_after(plans[1])  # the split tensor t1 continues
+    checker.check(headers[2], 2)
+    checker.finish()
+
+
+def test_fingerprints_tell_layouts_and_configurations_apart():
+    def layout(sizes: tuple[int, ...], buffer_size: int = 64, num_buffers: int = 2) -> Layout:
+        out = Layout(True, buffer_size, num_buffers)
+        for h in buckets(list(plan_slots(specs(*sizes), buffer_size))):
+            out.append(BucketPlan.make(h.index, h.slots, buffer_size))
+        return out
+
+    same = layout((10, 20, 30))
+    assert layout((10, 20, 30)).fingerprint == same.fingerprint > 0
+    assert layout((10, 20, 31)).fingerprint != same.fingerprint
+    assert layout((10, 20, 30), num_buffers=3).fingerprint != same.fingerprint
+    assert layout((10, 20, 30), buffer_size=128).fingerprint != same.fingerprint
+    assert same.num_bytes == 60 and [s.name for s in same.specs] == ["t0", "t1", "t2"]
