@@ -19,7 +19,7 @@ from .errors import TransferError
 from .group import SideGroup
 from .wire import MAX_FRAME_BYTES, ROW_WORDS, Kind, Row, parse_row
 
-__all__ = ["ControlChannel", "Step", "checksum", "MESSAGE_BYTES", "encode_message"]
+__all__ = ["ControlChannel", "Step", "checksum", "MESSAGE_BYTES", "encode_message", "owned"]
 
 MESSAGE_BYTES = 64 << 10
 """Most bytes of one rank's error message (enough for two descriptions with the longest names)."""
@@ -28,6 +28,20 @@ MESSAGE_BYTES = 64 << 10
 def _bytes(tensor: torch.Tensor) -> bytes:
     """The bytes of a uint8 CPU tensor."""
     return ctypes.string_at(tensor.data_ptr(), tensor.numel())
+
+
+def owned(data: bytes) -> torch.Tensor:
+    """``data`` in a uint8 tensor whose memory torch owns.
+
+    Never hand a collective a tensor over Python-owned memory (``torch.frombuffer``):
+    a backend thread that drops the last reference to it must take the GIL to free
+    the Python buffer, which deadlocks against a thread that holds the GIL while it
+    enqueues the next collective.
+    """
+    tensor = torch.empty(len(data), dtype=torch.uint8)
+    if data:
+        ctypes.memmove(tensor.data_ptr(), data, len(data))
+    return tensor
 
 
 def encode_message(text: str) -> bytes:
@@ -97,7 +111,7 @@ class ControlChannel:
 
     def send_frame(self, frame: bytes, what: str) -> None:
         """Rank 0: broadcast a frame whose length every rank already has (from a row)."""
-        self._broadcast(torch.frombuffer(bytearray(frame), dtype=torch.uint8), what)
+        self._broadcast(owned(frame), what)
 
     def recv_frame(self, length: int, what: str) -> bytes:
         """Other ranks: receive a frame of ``length`` bytes, a value from the trainer's
@@ -128,7 +142,7 @@ class ControlChannel:
                 continue
             if rank == self.group.rank():
                 assert len(mine) == length
-                text = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
+                text = owned(mine)
             else:
                 text = torch.empty(length, dtype=torch.uint8)
             self._broadcast(text, f"error broadcast ({what})", src=rank)

@@ -752,7 +752,9 @@ def _form(address: str, port: int, rank: int, world_size: int, backend: str, dat
 
 def _all_gather_bytes(group: SideGroup, which: dist.ProcessGroup, payload: bytes, device: torch.device,
                       data: bool, deadline: float, what: str) -> list[bytes]:  # fmt: skip
-    mine = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    # Memory torch owns (not torch.frombuffer): a Gloo thread freeing a Python-owned
+    # buffer needs the GIL, which deadlocks against a thread enqueueing the next collective.
+    mine = torch.tensor(list(payload), dtype=torch.uint8).to(device)
     outs = [torch.zeros_like(mine) for _ in range(group.size())]
 
     def issue() -> Any:

@@ -496,7 +496,7 @@ class _Lockstep:
         rows = torch.zeros(self.size, _MESSAGE_BYTES, dtype=torch.uint8, device=self.device)
         if error:
             raw = error.encode()[:_MESSAGE_BYTES]
-            rows[self.rank, : len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
+            rows[self.rank, : len(raw)] = torch.tensor(list(raw), dtype=torch.uint8).to(self.device)
         self._wait(dist.all_reduce(rows, group=self.pg, async_op=True), "send_model error exchange")
         self.done = True
         host = rows.cpu()
