@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
@@ -44,6 +45,8 @@ from .receiver import LoadWeights, ReceiveProgress, Receiver
 from .sender import Sender
 
 __all__ = ["WeightTransferEngine", "NCCLWeightTransferEngine"]
+
+log = logging.getLogger("torchxfer")
 
 InitInfoT = TypeVar("InitInfoT")
 UpdateInfoT = TypeVar("UpdateInfoT")
@@ -229,6 +232,10 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
             side.check_usable()
             try:
                 stats = Receiver(side, info, load_weights, self.device, atomic=atomic, progress=progress).run()
+            except TransferError as e:
+                if not e.broken:  # a broken group was logged when it broke
+                    log.warning("update %s failed on rank %d: %s", progress.update_id, side.rank(), e)
+                raise
             finally:
                 if progress.applied:
                     self._weights_version, self._torn = progress.update_id, False
