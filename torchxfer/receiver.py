@@ -329,13 +329,16 @@ class Receiver:
 
     def apply(self) -> None:
         staged, self.staged = self.staged, []
+        self.call_load(staged, f"while applying {self.what}")
+
+    def call_load(self, batch: list[tuple[str, torch.Tensor]], where: str) -> None:
+        """Hand ``batch`` to load_weights (unless the engine was shut down); its failure becomes this rank's."""
         self.check_open()
         self.progress.loads_started = True
         try:
-            self.load_weights(staged)
+            self.load_weights(batch)
         except Exception as e:
-            self.fail(f"load_weights raised on rank {self.group.rank()} while applying {self.what}: "
-                      f"{type(e).__name__}: {e}")  # fmt: skip
+            self.fail(f"load_weights raised on rank {self.group.rank()} {where}: {type(e).__name__}: {e}")
 
     # -- rows -------------------------------------------------------------------------------------
 
@@ -470,13 +473,7 @@ class Receiver:
         if tensors and self.atomic:
             self.staged.extend((name, t.clone()) for name, t in tensors)
         elif tensors:
-            self.check_open()
-            self.progress.loads_started = True
-            try:
-                self.load_weights(tensors)
-            except Exception as e:
-                self.fail(f"load_weights raised on rank {self.group.rank()} in bucket {plan.index}: "
-                          f"{type(e).__name__}: {e}")  # fmt: skip
+            self.call_load(tensors, f"in bucket {plan.index}")
         self.after_load()
 
     def check_open(self) -> None:
