@@ -741,20 +741,16 @@ def split_model(seed: int) -> list[tuple[str, torch.Tensor]]:
     ]
 
 
-@pytest.mark.parametrize("packed_source", ["list", "gen"])
-def test_tensors_larger_than_a_buffer_round_trip_over_cached_updates(packed_source):
+def updates_over_three_ranks(updates: int, source: Callable[[int], Any], **send: Any) -> list[Any]:
+    """Send ``source(step)`` for each update from rank 0; ranks 1 and 2 collect what arrives."""
     world = 3
-    updates = 4  # the first describes the layout, the rest run from the cache
 
     def body(rank: int, port: int) -> Any:
         if rank == 0:
             group = trainer(port, world)
             try:
                 for step in range(updates):
-                    pairs = split_model(step)
-                    src = generate(pairs) if packed_source == "gen" else pairs
-                    NCCLWeightTransferEngine.trainer_send_weights(src, group, packed=True,
-                                                                  packed_buffer_size_bytes=DIRECT_BUF)  # fmt: skip
+                    NCCLWeightTransferEngine.trainer_send_weights(source(step), group, **send)
             finally:
                 destroy_side_group(group)
             return None
@@ -769,7 +765,18 @@ def test_tensors_larger_than_a_buffer_round_trip_over_cached_updates(packed_sour
             engine.shutdown()
         return runs
 
-    values = run_world(body, world)
+    return run_world(body, world)
+
+
+@pytest.mark.parametrize("packed_source", ["list", "gen"])
+def test_tensors_larger_than_a_buffer_round_trip_over_cached_updates(packed_source):
+    updates = 4  # the first describes the layout, the rest run from the cache
+
+    def source(step: int) -> Any:
+        pairs = split_model(step)
+        return generate(pairs) if packed_source == "gen" else pairs
+
+    values = updates_over_three_ranks(updates, source, packed=True, packed_buffer_size_bytes=DIRECT_BUF)
     for rank in (1, 2):
         for step, got in enumerate(values[rank]):
             assert_same(got, split_model(step), f"rank {rank} update {step}")
@@ -806,33 +813,8 @@ def staging_model(seed: int) -> list[tuple[str, torch.Tensor]]:
 def test_a_generator_may_refill_one_staging_tensor(packed, zero_copy):
     """What arrives is each value as it was yielded, over updates that describe the layout
     and updates that run from the cached layout."""
-    world = 3
-    updates = 4
-    buf = 4 << 20
-
-    def body(rank: int, port: int) -> Any:
-        if rank == 0:
-            group = trainer(port, world)
-            try:
-                for step in range(updates):
-                    NCCLWeightTransferEngine.trainer_send_weights(
-                        staged(staging_model(step)), group, packed=packed, packed_buffer_size_bytes=buf,
-                        zero_copy=zero_copy)  # fmt: skip
-            finally:
-                destroy_side_group(group)
-            return None
-        engine = worker(rank, port, world)
-        runs = []
-        try:
-            for _ in range(updates):
-                got, load = collector()
-                engine.receive_weights(None, load)
-                runs.append(got)
-        finally:
-            engine.shutdown()
-        return runs
-
-    values = run_world(body, world)
+    values = updates_over_three_ranks(4, lambda step: staged(staging_model(step)), packed=packed,
+                                      packed_buffer_size_bytes=4 << 20, zero_copy=zero_copy)  # fmt: skip
     for rank in (1, 2):
         for step, got in enumerate(values[rank]):
             assert_same(got, staging_model(step), f"rank {rank} update {step}")
