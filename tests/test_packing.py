@@ -25,6 +25,7 @@ from torchxfer.packing import (
     align_up,
     check_bucket,
     dtype_name,
+    PACKED_RUN_BYTES,
     own_run_threshold,
     parse_dtype,
     payload_runs,
@@ -702,6 +703,23 @@ def test_payload_runs_own_first_then_merged_ranges(monkeypatch):
     assert payload_runs([part], size) == [(0, 30 * mib, 0)]
 
 
+def test_payload_runs_cap_packed_ranges_on_nccl():
+    mib = 1 << 20
+    size = 1 << 30  # threshold 512 MiB: every slot below is packed
+    specs = [u8(f"w{i}", 50 * mib) for i in range(7)]
+    slots = list(plan_slots(specs, size))
+    runs = payload_runs(slots, size)
+    # 50 MiB slots: two fit under the 128 MiB cap, a third would pass it.
+    assert [(e - s) // mib for s, e, _ in runs] == [100, 100, 100, 50]
+    assert all(p is None for _, _, p in runs)
+    check_runs(slots, size, runs)
+    # Gloo merges without a cap.
+    assert payload_runs(slots, size, "gloo") == [(0, slots[-1].end, None)]
+    # A part of a split tensor travels alone, whatever its size.
+    tail = Slot(1, 0, u8("big", size + 100), size, 100, 0)
+    assert payload_runs([tail, Slot(1, 1, u8("x", 10), 0, 10, 112)], size) == [(0, 100, 0), (112, 122, None)]
+
+
 def test_payload_runs_unpacked_all_alone():
     a, b, e, c = u8("a", 10), spec("b", torch.float32, 3), u8("e", 0), u8("c", 1)
     slots = [Slot(0, i, sp, 0, sp.nbytes, 0) for i, sp in enumerate([a, b, e, c])]
@@ -709,9 +727,10 @@ def test_payload_runs_unpacked_all_alone():
     assert payload_runs([Slot(0, 0, e, 0, 0, 0)], None) == []
 
 
-def check_runs(slots: list[Slot], buffer_size: int | None, runs: list) -> None:
-    thr = own_run_threshold(buffer_size)
-    own = [(s.offset, s.end, p) for p, s in enumerate(slots) if s.length and s.length >= thr]
+def check_runs(slots: list[Slot], buffer_size: int | None, runs: list, backend: str = "nccl") -> None:
+    thr = own_run_threshold(buffer_size, backend)
+    cap = PACKED_RUN_BYTES if backend == "nccl" else None
+    own = [(s.offset, s.end, p) for p, s in enumerate(slots) if s.length and (s.length >= thr or not s.is_whole)]
     assert runs[: len(own)] == own
     packed = runs[len(own) :]
     assert all(p is None for _, _, p in packed)
@@ -726,9 +745,12 @@ def check_runs(slots: list[Slot], buffer_size: int | None, runs: list) -> None:
             assert any(start <= s.offset and s.end <= end for start, end, _ in packed)
     for start, end, _ in packed:
         assert not any(o < end and start < e for o, e, _ in own)
-    # Maximal: two packed ranges are separated by an own slot.
+        # A range passes the cap only when it is a single slot.
+        if cap is not None and end - start > cap:
+            assert sum(1 for s in slots if s.length and start <= s.offset < end) == 1
+    # Maximal: two packed ranges are separated by an own slot, or merging them would pass the cap.
     for r1, r2 in zip(packed, packed[1:]):
-        assert any(r1[1] <= o and e <= r2[0] for o, e, _ in own)
+        assert any(r1[1] <= o and e <= r2[0] for o, e, _ in own) or (cap is not None and r2[1] - r1[0] > cap)
 
 
 def deliver(tensors: list[torch.Tensor], buffer_size: int | None) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "own_run_threshold",
     "plan_slots",
     "payload_runs",
+    "PACKED_RUN_BYTES",
     "check_bucket",
     "slot_view",
     "tensor_bytes",
@@ -204,6 +205,8 @@ UNPACKED_GROUP_BYTES = 256 << 20
 DIRECT_MIN_BYTES = 4 << 20
 DIRECT_BUFFER_FRACTION = 2
 """NCCL: a slot travels alone from max(DIRECT_MIN_BYTES, buffer / DIRECT_BUFFER_FRACTION)."""
+PACKED_RUN_BYTES = 128 << 20
+"""NCCL: a merged range of packed slots closes before it would pass this many bytes."""
 GLOO_DIRECT_MIN_BYTES = 1 << 20
 GLOO_DIRECT_BUFFER_FRACTION = 8
 """Gloo: from max(GLOO_DIRECT_MIN_BYTES, buffer / GLOO_DIRECT_BUFFER_FRACTION)."""
@@ -320,25 +323,32 @@ def typed_view(raw: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
 def payload_runs(slots: Sequence[Slot], buffer_size: int | None, backend: str = "nccl") -> list[tuple[int, int, int | None]]:
     """How a bucket's payload is split into broadcasts, in posting order: ``(start, end, position)``.
 
-    First every slot of at least :func:`own_run_threshold` bytes, alone and in
-    slot order (``position`` is its index in ``slots``): the sender may
-    broadcast it straight from the tensor's memory, posted as soon as the
-    tensor is pulled. Then the remaining slots, consecutive ones merged into
-    one range of the buffer (``position`` None), posted once the bucket is
-    packed. Both sides call this on the same slots, so they issue the same
-    collectives whatever the tensors' memory layout. Empty ranges are left out.
+    First, alone and in slot order (``position`` is the slot's index in
+    ``slots``): every slot of at least :func:`own_run_threshold` bytes, and
+    every part of a tensor split across buckets. The sender may broadcast
+    these straight from the tensor's memory and the receiver straight into
+    the tensor it assembles. Then the remaining slots, consecutive ones merged
+    into ranges of the buffer (``position`` None), posted once packed; on NCCL
+    a range closes before it would pass :data:`PACKED_RUN_BYTES`, so the
+    first range can travel while the next is still being packed. Both sides
+    call this on the same slots, so they issue the same collectives whatever
+    the tensors' memory layout. Empty ranges are left out.
     """
     threshold = own_run_threshold(buffer_size, backend)
+    cap = PACKED_RUN_BYTES if backend == "nccl" else None
     own: list[tuple[int, int, int | None]] = []
     packed: list[tuple[int, int, int | None]] = []
     start = end = None
     for pos, slot in enumerate(slots):
-        if slot.length and slot.length >= threshold:
+        if slot.length and (slot.length >= threshold or not slot.is_whole):
             own.append((slot.offset, slot.end, pos))
             if start is not None and end > start:
                 packed.append((start, end, None))
             start = end = None
             continue
+        if start is not None and cap is not None and end > start and slot.end - start > cap:
+            packed.append((start, end, None))
+            start = None
         if start is None:
             start = slot.offset
         end = slot.end

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from .config import MAX_NUM_BUFFERS, NCCLWeightTransferUpdateInfo, TransferStats
 from . import control
-from .control import ControlChannel, encode_message
+from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
 from .packing import ALIGNMENT, Slot, slot_view, typed_view
@@ -234,20 +234,29 @@ class Receiver:
             self.fail("; ".join(problems))
 
     def follow(self) -> None:
-        """Every step after BEGIN, as the trainer's rows say."""
+        """Every step after BEGIN, as the trainer's rows say.
+
+        After a BUCKET row the trainer's next control operation is always
+        another row, so this rank posts its own row for that step before it
+        posts and loads the bucket: the step is under way while this rank
+        waits for payload. Its status is then the one of that moment; a
+        later failure goes out in the following row.
+        """
         bucket, last = 0, True
+        ahead: Step | None = None
         while True:
             if self.first is not None:
                 row, self.first = self.first, None
             else:
-                rows = self.control.post(self.row(), f"{self.what} bucket {bucket}").rows()
+                step, ahead = ahead or self.post_row(f"{self.what} bucket {bucket}"), None
+                rows, mine = step.rows(), step.mine
                 row = self.trainer_row(rows, (Kind.BUCKET, Kind.TABLE, Kind.ABORT, Kind.END))
             if row.kind == Kind.END:
-                return self.end(row, rows, last)
+                return self.end(row, rows, mine, last)
             check_arg(row, 0, "bucket", bucket, bucket)
             if row.kind == Kind.ABORT:
                 self.drain()
-                self.control.settle(rows, self.error, self.what)
+                self.control.settle(rows, mine, self.what)
                 raise TransferError(f"{self.what}: the trainer aborted it")
             last = bool(check_arg(row, 1, "last", 0, 1))
             if row.kind == Kind.BUCKET:
@@ -261,12 +270,20 @@ class Receiver:
                     except TransferError as e:
                         self.fail(str(e))
                     self.checked = bucket + 1
+                if not last:
+                    ahead = self.post_row(f"{self.what} bucket {bucket + 1}")
                 self.receive(plan, row.args[2])
             else:
                 self.table(bucket, row)
             bucket += 1
             if last:
                 self.finish()
+
+    def post_row(self, what: str) -> Step:
+        """Post this rank's row of the next step; the step remembers the error message the row declares."""
+        step = self.control.post(self.row(), what)
+        step.mine = self.error
+        return step
 
     def table(self, bucket: int, row: Row) -> None:
         """A TABLE step: the frame, its checks, the SYNC step, then the bucket's payload."""
@@ -294,7 +311,7 @@ class Receiver:
             self.checker.resume_after(self.layout.buckets[-1] if self.layout.buckets else None)
             self.checked = len(self.layout.buckets)
 
-    def end(self, row: Row, rows: list[Row], last: bool) -> None:
+    def end(self, row: Row, rows: list[Row], mine: bytes, last: bool) -> None:
         """END step: counts, then the agreement that every rank loaded everything, then apply."""
         num_tensors = check_arg(row, 0, "num_tensors", 0, MAX_COUNT)
         if not last:
@@ -302,9 +319,10 @@ class Receiver:
         if not self.error and num_tensors != self.checker.next_index:
             raise self.broken(f"the trainer says it sent {num_tensors} tensors but {self.checker.next_index} arrived")
         if not last:
-            rows = self.control.post(self.row(), f"{self.what} (end)").rows()
+            step = self.post_row(f"{self.what} (end)")
+            rows, mine = step.rows(), step.mine
             self.trainer_row(rows, (Kind.SYNC,))
-        self.control.settle(rows, self.error, f"{self.what} (end)")
+        self.control.settle(rows, mine, f"{self.what} (end)")
         if self.any_atomic:
             if self.atomic:
                 self.apply()

@@ -175,6 +175,7 @@ class Sender:
         self.in_hand_bytes: torch.Tensor | None = None
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.deferred: dict[int, torch.Tensor | None] = {}
+        self.bulk_copies: tuple[list, list] | None = None
 
     # -- the update ------------------------------------------------------------------------------
 
@@ -406,9 +407,11 @@ class Sender:
             packed = memo.get("packed")
             if packed is None:
                 packed = memo["packed"] = [p for p, s in enumerate(plan.slots) if p not in own and s.length]
-            if packed:
+            if packed and self.checksum:  # the row carries the checksum: pack it all now
                 with torch.no_grad():
                     torch._foreach_copy_([views[p] for p in packed], [tensors[p] for p in packed])
+            elif packed:
+                self.bulk_copies = (views, tensors)  # packed run by run, each before its broadcast
         for pos in sorted(own):
             self.take(tensors[pos])
             self.hold_own(pos, plan.slots[pos])
@@ -583,13 +586,37 @@ class Sender:
             self.pending.clear()
 
     def post_packed(self, plan: BucketPlan) -> None:
-        """Post the bucket's packed runs, behind its pack copies."""
+        """Post the bucket's packed runs, each behind its pack copies.
+
+        A bucket packed in bulk is copied run by run here, each run's fused
+        copy issued just before its broadcast: a broadcast waits only for the
+        copies issued before it on the stream, so the first range travels
+        while the next ones are being packed.
+        """
         if self.buffer_size is None:
             return
         buf = self.state.buffers[plan.index % self.num_buffers]
-        for start, end, pos in plan.runs:
-            if pos is None:
-                self.post(buf[start:end], plan.index, from_buffer=True)
+        copies, self.bulk_copies = self.bulk_copies, None
+        groups = self.run_groups(plan) if copies is not None else None
+        for i, (start, end, pos) in enumerate(r for r in plan.runs if r[2] is None):
+            if groups is not None and groups[i]:
+                views, tensors = copies
+                with torch.no_grad():
+                    torch._foreach_copy_([views[p] for p in groups[i]], [tensors[p] for p in groups[i]])
+            self.post(buf[start:end], plan.index, from_buffer=True)
+
+    @staticmethod
+    def run_groups(plan: BucketPlan) -> list[list[int]]:
+        """For each packed run of the bucket, in order, the positions of the slots it carries."""
+        memo = plan.cache.setdefault("sender", {})
+        groups = memo.get("run_groups")
+        if groups is None:
+            own = {p for _, _, p in plan.runs if p is not None}
+            groups = memo["run_groups"] = [
+                [p for p, s in enumerate(plan.slots) if p not in own and s.length and start <= s.offset < end]
+                for start, end, pos in plan.runs if pos is None
+            ]  # fmt: skip
+        return groups
 
     def bucket_checksum(self, plan: BucketPlan, kept: int, unpacked: dict[int, torch.Tensor]) -> int:
         """The bucket's checksum (0 when off): each run's, weighted by its place among the runs."""

@@ -64,7 +64,7 @@ __all__ = [
     "frame_length",
 ]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"TXFR"
 _PREFIX = struct.Struct("<4sHBBI")
 PREFIX_BYTES = _PREFIX.size
