@@ -25,7 +25,6 @@ from torchxfer.packing import (
     align_up,
     check_bucket,
     dtype_name,
-    PACKED_RUN_BYTES,
     own_run_threshold,
     parse_dtype,
     payload_runs,
@@ -703,21 +702,13 @@ def test_payload_runs_own_first_then_merged_ranges(monkeypatch):
     assert payload_runs([part], size) == [(0, 30 * mib, 0)]
 
 
-def test_payload_runs_cap_packed_ranges_on_nccl():
-    mib = 1 << 20
-    size = 1 << 30  # threshold 512 MiB: every slot below is packed
-    specs = [u8(f"w{i}", 50 * mib) for i in range(7)]
-    slots = list(plan_slots(specs, size))
-    runs = payload_runs(slots, size)
-    # 50 MiB slots: two fit under the 128 MiB cap, a third would pass it.
-    assert [(e - s) // mib for s, e, _ in runs] == [100, 100, 100, 50]
-    assert all(p is None for _, _, p in runs)
-    check_runs(slots, size, runs)
-    # Gloo merges without a cap.
-    assert payload_runs(slots, size, "gloo") == [(0, slots[-1].end, None)]
-    # A part of a split tensor travels alone, whatever its size.
+def test_payload_runs_split_parts_travel_alone():
+    size = 1 << 30  # threshold 512 MiB
+    # A part of a split tensor travels alone, whatever its size; small whole slots after it merge.
     tail = Slot(1, 0, u8("big", size + 100), size, 100, 0)
-    assert payload_runs([tail, Slot(1, 1, u8("x", 10), 0, 10, 112)], size) == [(0, 100, 0), (112, 122, None)]
+    slots = [tail, Slot(1, 1, u8("x", 10), 0, 10, 112), Slot(1, 2, u8("y", 10), 0, 10, 128)]
+    assert payload_runs(slots, size) == [(0, 100, 0), (112, 138, None)]
+    assert payload_runs(slots, size, "gloo") == [(0, 100, 0), (112, 138, None)]
 
 
 def test_payload_runs_unpacked_all_alone():
@@ -729,7 +720,6 @@ def test_payload_runs_unpacked_all_alone():
 
 def check_runs(slots: list[Slot], buffer_size: int | None, runs: list, backend: str = "nccl") -> None:
     thr = own_run_threshold(buffer_size, backend)
-    cap = PACKED_RUN_BYTES if backend == "nccl" else None
     own = [(s.offset, s.end, p) for p, s in enumerate(slots) if s.length and (s.length >= thr or not s.is_whole)]
     assert runs[: len(own)] == own
     packed = runs[len(own) :]
@@ -745,12 +735,9 @@ def check_runs(slots: list[Slot], buffer_size: int | None, runs: list, backend: 
             assert any(start <= s.offset and s.end <= end for start, end, _ in packed)
     for start, end, _ in packed:
         assert not any(o < end and start < e for o, e, _ in own)
-        # A range passes the cap only when it is a single slot.
-        if cap is not None and end - start > cap:
-            assert sum(1 for s in slots if s.length and start <= s.offset < end) == 1
-    # Maximal: two packed ranges are separated by an own slot, or merging them would pass the cap.
+    # Maximal: two packed ranges are separated by an own slot.
     for r1, r2 in zip(packed, packed[1:]):
-        assert any(r1[1] <= o and e <= r2[0] for o, e, _ in own) or (cap is not None and r2[1] - r1[0] > cap)
+        assert any(r1[1] <= o and e <= r2[0] for o, e, _ in own)
 
 
 def deliver(tensors: list[torch.Tensor], buffer_size: int | None) -> None:

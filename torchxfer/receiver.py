@@ -457,7 +457,10 @@ class Receiver:
         return dests, works
 
     def wait(self, posted: _Posted) -> None:
-        for work in posted.works:
+        works = posted.works
+        if self.group.backend_name == "nccl":
+            works = works[-1:]  # one NCCL stream: the last broadcast completes after every earlier one
+        for work in works:
             self.group.wait(work, f"payload broadcast of {self.what}", data=True)
         posted.works = []
 
