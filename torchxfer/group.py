@@ -875,6 +875,7 @@ def create_side_group(
         raise
     if group._store is not None:
         _seal_listeners(group._store.written)
+        group._store.written = []
     group.release_store()
     _GROUPS[pg] = group
     log.info("torchxfer side group formed: rank %d of %d, %s, %s:%d, %.2f s",
