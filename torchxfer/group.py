@@ -36,6 +36,7 @@ listener), and no store call can be interrupted.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import errno
 import hashlib
@@ -316,6 +317,8 @@ class _Store(dist.Store):
     def __init__(self, inner: dist.Store) -> None:
         super().__init__()
         self._inner: dist.Store | None = inner
+        self.written: list[bytes] = []
+        """Every value this rank set (a few KiB in all): where its backends published their listeners."""
 
     def detach(self) -> None:
         self._inner = None
@@ -328,6 +331,7 @@ class _Store(dist.Store):
 
     def set(self, key: str, value: Any) -> None:
         self._s().set(key, value)
+        self.written.append(value.encode() if isinstance(value, str) else bytes(value))
 
     def get(self, key: str) -> bytes:
         return self._s().get(key)
@@ -869,11 +873,88 @@ def create_side_group(
     except BaseException:
         group.close()
         raise
+    if group._store is not None:
+        _seal_listeners(group._store.written)
+        group._store.written = []
     group.release_store()
     _GROUPS[pg] = group
     log.info("torchxfer side group formed: rank %d of %d, %s, %s:%d, %.2f s",
              rank, world_size, backend, address, group.port, time.monotonic() - start)  # fmt: skip
     return pg
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+_SO_ATTACH_FILTER = 26  # Linux
+_DROP_ALL = (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0))  # BPF "ret #0": drop every packet
+_DROP_ALL_PROG = _SockFprog(1, _DROP_ALL)
+
+
+def _listening_fds() -> list[int]:
+    """This process's listening TCP sockets (Linux: /proc); [] elsewhere."""
+    try:
+        listening = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError), open(table) as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
+                        listening.add(f"socket:[{fields[9]}]")
+        fds = []
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{name}") in listening:
+                    fds.append(int(name))
+        return fds
+    except OSError:
+        return []
+
+
+def _published(sock: socket.socket, written: list[bytes]) -> bool:
+    """Whether this rank published ``sock``'s address in the store (a sockaddr_in
+    or sockaddr_in6 within a value it set: family, port in network order, address)."""
+    host, port = sock.getsockname()[:2]
+    if sock.family == socket.AF_INET:
+        needle = (2).to_bytes(2, "little") + port.to_bytes(2, "big") + socket.inet_pton(socket.AF_INET, host)
+        return any(needle in value for value in written)
+    if sock.family == socket.AF_INET6:
+        head, addr = (10).to_bytes(2, "little") + port.to_bytes(2, "big"), socket.inet_pton(socket.AF_INET6, host)
+        for value in written:
+            at = value.find(head)
+            while at >= 0:
+                if value[at + 8 : at + 24] == addr:
+                    return True
+                at = value.find(head, at + 1)
+    return False
+
+
+def _seal_listeners(written: list[bytes]) -> None:
+    """Make this rank's Gloo listeners drop every new connection; local, never blocks.
+
+    Each Gloo backend keeps a listening socket for its whole life and keeps
+    every connection it accepts (one file descriptor each, even once the
+    peer has gone), although it needs no connection after the group formed.
+    The listener is the backend's, so it stays open; a socket filter that
+    drops every packet (Linux) makes it ignore a stranger's SYN, so no new
+    connection ever reaches it. Only sockets whose address this rank itself
+    published in the store while forming are touched. Elsewhere: nothing.
+    """
+    prog = ctypes.string_at(ctypes.addressof(_DROP_ALL_PROG), ctypes.sizeof(_DROP_ALL_PROG))
+    for fd in _listening_fds():
+        try:
+            sock = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)  # a duplicate: fd stays the backend's
+        except OSError:
+            continue
+        with sock:
+            with contextlib.suppress(OSError, ValueError):
+                if _published(sock, written):
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, prog)
 
 
 def side_group(pg: Any) -> SideGroup:

@@ -363,6 +363,8 @@ def check_bucket(slots: Sequence[Slot], buffer_size: int | None) -> int:
         raise ValueError(f"bucket has {len(slots)} slots, more than {MAX_SLOTS_PER_BUCKET}")
     if not slots:
         raise ValueError("a bucket holds at least one slot")
+    if buffer_size is None and len(slots) > 1 and sum(s.length for s in slots) > UNPACKED_GROUP_BYTES:
+        raise ValueError(f"unpacked bucket of {len(slots)} tensors holds more than {UNPACKED_GROUP_BYTES} bytes")
     for slot in slots:
         if slot.start < 0 or slot.length < 0 or slot.start + slot.length > slot.spec.nbytes:
             raise ValueError(f"slot of {slot.spec.name!r} covers bytes outside the tensor")

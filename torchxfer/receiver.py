@@ -186,16 +186,16 @@ class Receiver:
     def begin(self, rows: list[Row]) -> None:
         """BEGIN step: take the trainer's configuration; use the cached layout if every worker holds it."""
         row = self.trainer_row(rows, (Kind.BEGIN,))
-        self.update_id = check_arg(row, 0, "update_id", 0, MAX_COUNT)
+        self.update_id = self.arg(row, 0, "update_id", 0, MAX_COUNT)
         self.what = f"update {self.update_id}"
         self.progress.update_id, self.progress.loads_started, self.progress.applied = self.update_id, False, False
-        flags = check_arg(row, 1, "flags", 0, FLAG_PACKED | FLAG_CHECKSUM | FLAG_CACHED | FLAG_BUCKET0)
+        flags = self.arg(row, 1, "flags", 0, FLAG_PACKED | FLAG_CHECKSUM | FLAG_CACHED | FLAG_BUCKET0)
         self.packed, self.checksum = bool(flags & FLAG_PACKED), bool(flags & FLAG_CHECKSUM)
-        size = check_arg(row, 2, "buffer_size", ALIGNMENT if self.packed else 0, MAX_COUNT if self.packed else 0)
+        size = self.arg(row, 2, "buffer_size", ALIGNMENT if self.packed else 0, MAX_COUNT if self.packed else 0)
         self.buffer_size = size if self.packed else None
-        self.num_buffers = check_arg(row, 3, "num_buffers", 1, MAX_NUM_BUFFERS)
+        self.num_buffers = self.arg(row, 3, "num_buffers", 1, MAX_NUM_BUFFERS)
         fingerprint = row.args[4]
-        hint = check_arg(row, 5, "num_tensors", -1, MAX_COUNT)
+        hint = self.arg(row, 5, "num_tensors", -1, MAX_COUNT)
         self.any_atomic = any(r.args[3] for r in rows[1:])
         cached = self.state.layout
         # With FLAG_BUCKET0 this row is also bucket 0's BUCKET row.
@@ -253,12 +253,12 @@ class Receiver:
                 row = self.trainer_row(rows, (Kind.BUCKET, Kind.TABLE, Kind.ABORT, Kind.END))
             if row.kind == Kind.END:
                 return self.end(row, rows, mine, last)
-            check_arg(row, 0, "bucket", bucket, bucket)
+            self.arg(row, 0, "bucket", bucket, bucket)
             if row.kind == Kind.ABORT:
                 self.drain()
                 self.control.settle(rows, mine, self.what)
                 raise TransferError(f"{self.what}: the trainer aborted it")
-            last = bool(check_arg(row, 1, "last", 0, 1))
+            last = bool(self.arg(row, 1, "last", 0, 1))
             if row.kind == Kind.BUCKET:
                 if (self.cached is None or self.in_table_mode or bucket >= len(self.cached.buckets)
                         or len(self.layout.buckets) != bucket):  # fmt: skip
@@ -287,7 +287,7 @@ class Receiver:
 
     def table(self, bucket: int, row: Row) -> None:
         """A TABLE step: the frame, its checks, the SYNC step, then the bucket's payload."""
-        length = check_arg(row, 3, "frame_bytes", PREFIX_BYTES + 2, MAX_FRAME_BYTES)
+        length = self.arg(row, 3, "frame_bytes", PREFIX_BYTES + 2, MAX_FRAME_BYTES)
         self.in_table_mode = True
         frame = self.control.recv_frame(length, f"{self.what} table {bucket}")
         plan = None
@@ -297,6 +297,7 @@ class Receiver:
                 header = decode(frame)
                 self.checker.check(header, bucket)
                 plan = BucketPlan.make(bucket, header.slots, self.buffer_size, frame, self.group.backend_name)
+                self.reserve(plan)
             except TransferError as e:
                 self.fail(str(e))
         self.checked = bucket + 1
@@ -304,6 +305,30 @@ class Receiver:
         self.control.settle(rows, self.error, f"{self.what} bucket {bucket}")
         assert plan is not None  # a rank without a plan has failed, and settle raised on every rank
         self.receive(plan, row.args[2])
+
+    def reserve(self, plan: BucketPlan) -> None:
+        """Check that this rank can allocate what a new bucket's table asks for, before the
+        SYNC step agrees on it: the sizes come from the trainer (a buffer up to its size,
+        a split tensor's assembly, unpacked tensors), so a failed allocation becomes this
+        rank's error, reported to every rank, and never an exception after the agreement."""
+        if self.buffer_size is None:
+            sizes = [s.length for s in plan.slots if s.length]
+        else:
+            b = plan.index % self.num_buffers
+            have = self.state.buffers[b] if self.prepared and b < len(self.state.buffers) else self.empty
+            sizes = [plan.extent] if have.numel() < plan.extent or have.device != self.device else []
+            head = next((s for s in plan.slots if not s.is_whole and s.start == 0), None)
+            if head is not None and (self.state.assembly.numel() < head.spec.nbytes
+                                     or self.state.assembly.device != self.device):  # fmt: skip
+                sizes.append(head.spec.nbytes)
+        if not sizes:
+            return
+        try:
+            probe = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in sizes]
+        except (RuntimeError, MemoryError) as e:
+            raise TransferError(f"bucket {plan.index} needs {sum(sizes)} bytes on {self.device}, which rank "
+                                f"{self.group.rank()} cannot allocate ({type(e).__name__}: {str(e)[:200]})") from None
+        del probe
 
     def resume_checker(self) -> None:
         """Bring the table checker up to the buckets received so far (those of the cached layout)."""
@@ -313,7 +338,7 @@ class Receiver:
 
     def end(self, row: Row, rows: list[Row], mine: bytes, last: bool) -> None:
         """END step: counts, then the agreement that every rank loaded everything, then apply."""
-        num_tensors = check_arg(row, 0, "num_tensors", 0, MAX_COUNT)
+        num_tensors = self.arg(row, 0, "num_tensors", 0, MAX_COUNT)
         if not last:
             self.finish()
         if not self.error and num_tensors != self.checker.next_index:
@@ -365,6 +390,14 @@ class Receiver:
         if row.kind not in kinds:
             raise self.broken(f"the trainer sent a {row.kind.name} row where {'/'.join(k.name for k in kinds)} was due")
         return row
+
+    def arg(self, row: Row, position: int, what: str, lo: int, hi: int) -> int:
+        """A word of the trainer's row, in ``[lo, hi]``; a value outside it breaks the group, since
+        the ranks can no longer agree on the collectives that follow."""
+        try:
+            return check_arg(row, position, what, lo, hi)
+        except TransferError as e:
+            raise self.broken(f"the trainer's {e}") from None
 
     def broken(self, message: str) -> TransferError:
         self.group.mark_broken(message)

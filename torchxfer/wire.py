@@ -160,6 +160,8 @@ def decode(frame: bytes) -> BucketHeader:
     total = frame_length(frame[:PREFIX_BYTES])
     if len(frame) < total:
         raise TransferError(f"truncated header: {len(frame)} of {total} bytes")
+    if len(frame) > total:
+        raise TransferError(f"header of {len(frame)} bytes declares {total}: its length and the row's disagree")
     try:
         body = json.loads(frame[PREFIX_BYTES:total].decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
