@@ -18,8 +18,11 @@ bucket i is packed and broadcast to the workers.
 (``packed_num_buffers x packed_buffer_size_bytes``) plus about two buckets of
 gathered tensors: the bucket being sent, and the next one in flight (its
 packed part once more while it is cut into tensors, and this rank's own
-shards of it). A tensor larger than a buffer is a bucket of its own here.
-Other trainer ranks hold their shards of two buckets. Unpacked mode
+shards of it). A tensor larger than a buffer is a bucket of its own here,
+and the sender keeps one private copy of it while it splits it.
+Over Gloo, a gather holds its output twice for a moment (Gloo's flat
+temporary), so count one bucket more there. Other trainer ranks hold their
+shards of two buckets. Unpacked mode
 (``packed=False``) groups tensors as the sender does (about 256 MiB).
 
 Why this cannot deadlock, and what happens on failure:
@@ -263,11 +266,9 @@ class _Pulled:
         for g, indices in enumerate(self._groups):
             j = self._schedule.slot.get(g)
             fulls = self._schedule.advance(j) if j is not None else {}
-            for i in indices:
+            for i in indices:  # the frame keeps no reference to a tensor once yielded
                 entry = self._entries[i]
-                tensor = fulls.pop(i) if entry.collective else local_tensor(entry)
-                yield entry.name, tensor
-                del tensor  # do not hold a tensor the sender already packed
+                yield entry.name, (fulls.pop(i) if entry.collective else local_tensor(entry))
 
     def __len__(self) -> int:
         return len(self._entries)
