@@ -127,7 +127,9 @@ def send_model(
             own timeout. Rank 0 may spend several of the side group's
             ``timeout_s`` between two pulls, so make this larger.
         packed, packed_buffer_size_bytes, packed_num_buffers, checksum: as in
-            ``trainer_send_weights``. Tensors made by a gather or a cast are
+            ``trainer_send_weights``. ``packed`` and ``packed_buffer_size_bytes``
+            decide which tensors are gathered together, so they must be the
+            same on every trainer rank (checked with the plan). Tensors made by a gather or a cast are
             always packed, never sent zero-copy, so each is freed as soon as
             it is packed.
         version: the update id workers report as ``weights_version`` (e.g.
@@ -170,7 +172,9 @@ def send_model(
             raise local_error
         sender = dist.get_rank() if dist.is_initialized() else 0
     else:
-        sender = lock.begin(entries, group is not None, local_error)
+        # Buckets decide which tensors are gathered together: the bucket rule's inputs are part of the plan.
+        bucketing = f"packed={packed}|buffer={packed_buffer_size_bytes}"
+        sender = lock.begin(entries, bucketing, group is not None, local_error)
     stream_ordered = group is not None and side_group(group).backend_name == "nccl"
     schedule = _Schedule(entries, groups, sender, lock, timeout_s, stream_ordered)
 
@@ -338,10 +342,10 @@ class _Lockstep:
                 parts.append(f"[trainer rank {r}] {text}")
         return "; ".join(parts)
 
-    def begin(self, entries: list[Entry], is_sender: bool, error: Exception | None) -> int:
+    def begin(self, entries: list[Entry], bucketing: str, is_sender: bool, error: Exception | None) -> int:
         """Check that every rank planned the same tensors and that one rank sends; returns
         the sender's global rank."""
-        digest = hashlib.sha256("\n".join(e.describe() for e in entries).encode()).digest()
+        digest = hashlib.sha256("\n".join([bucketing] + [e.describe() for e in entries]).encode()).digest()
         row = torch.tensor(
             [1 if error else 0, int(is_sender), len(entries), sum(e.collective for e in entries)]
             + [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)],
@@ -362,8 +366,8 @@ class _Lockstep:
                               for i, r in enumerate(table))  # fmt: skip
             problems.append(
                 f"trainer ranks planned different updates ({ranks}). Every trainer rank must call send_model "
-                "with the same model or state dict, in the same order, with the same dtype, name_map and "
-                "include_buffers; otherwise their gathers would pair with the wrong tensors"
+                "with the same model or state dict, in the same order, with the same dtype, name_map, "
+                "include_buffers, packed and packed_buffer_size_bytes; otherwise their gathers would pair with the wrong tensors"
             )
         senders = [i for i, r in enumerate(table) if r[1]]
         if len(senders) != 1:
