@@ -9,8 +9,10 @@ the full tensors). :mod:`torchxfer.trainer` interleaves them with its
 lockstep so that a group is posted by every rank or by none.
 
 What moves, per group and per mesh-dimension group that holds a ``shard``
-entry (each a ``torch.distributed.gather`` to the sender, on the trainer's
-own groups; ranks of other replicas of an HSDP mesh take no part):
+entry (each a ``torch.distributed.gather`` to the sender on NCCL, or
+point-to-point sends to it on Gloo, whose gather copies its whole output
+through a temporary; on the trainer's own groups; ranks of other replicas of
+an HSDP mesh take no part):
 
 * a ``Shard(0)`` tensor that splits evenly and has at least
   :data:`DIRECT_MIN_BYTES` bytes is gathered straight into its full tensor
@@ -63,6 +65,9 @@ class _Op:
     me: int
     entries: list[int]
     direct: bool  # one tensor, gathered straight into its full tensor
+    p2p: bool = False  # Gloo: point-to-point sends to the sender (its gather copies through a flat temporary)
+    tag: int = 0
+    own: dict[int, torch.Tensor] | None = None  # p2p, on the sender: its own pieces, by entry
     send: torch.Tensor | None = None  # this rank's bytes (the shard, or the packed shards)
     recv: list[torch.Tensor] | None = None  # on the sender: one tensor per rank of pg
     full: torch.Tensor | None = None  # direct, on the sender
@@ -99,6 +104,7 @@ class Gatherer:
         self.is_sender = dist.get_rank() == sender
         self.timeout = None if timeout_s is None else datetime.timedelta(seconds=float(timeout_s))
         self._members: dict[int, tuple[Any, int | None, int]] = {}
+        self._tags: dict[int, int] = {}
         self.posted_groups = 0  # how many groups this rank posted (tests count them)
 
     def _member(self, entry: Entry) -> tuple[Any, int | None, int]:
@@ -129,17 +135,24 @@ class Gatherer:
             world = len(entry.shard.sizes)
             nbytes = entry.spec.nbytes
             if entry.shard.dim == 0 and entry.shard.even and nbytes >= DIRECT_MIN_BYTES:
-                ops.append(_Op(pg, dst, world, me, [i], direct=True))
+                ops.append(self._op(pg, dst, world, me, [i], direct=True))
                 continue
             op = packed.get(id(pg))
             if op is None:
-                op = packed[id(pg)] = _Op(pg, dst, world, me, [], direct=False)
+                op = packed[id(pg)] = self._op(pg, dst, world, me, [], direct=False)
                 ops.append(op)
             op.entries.append(i)
         with torch.no_grad():
             for op in ops:
                 self._prepare_op(op)
         return Posted(g, ops, full)
+
+    def _op(self, pg: Any, dst: int, world: int, me: int, entries: list[int], direct: bool) -> _Op:
+        """A new op; every member of ``pg`` numbers its ops alike (the tags of point-to-point sends)."""
+        tag = self._tags.get(id(pg), 0)
+        self._tags[id(pg)] = tag + 1
+        p2p = "gloo" in str(dist.get_backend(pg)).lower()
+        return _Op(pg, dst, world, me, entries, direct, p2p=p2p, tag=tag % (1 << 30))
 
     def _local(self, entry: Entry, device: torch.device) -> torch.Tensor:
         local = entry.tensor.to_local().detach()
@@ -148,11 +161,15 @@ class Gatherer:
     def _prepare_op(self, op: _Op) -> None:
         first = self.entries[op.entries[0]]
         device = mesh_device(first.tensor.device_mesh)
+        mine = op.me == op.dst
         if op.direct:
-            op.send = self._local(first, device).contiguous()
-            if op.me == op.dst:
+            if mine:
                 op.full = torch.empty(first.shape, dtype=first.dtype, device=device)
                 op.recv = list(op.full.chunk(op.world, dim=0))
+            if mine and op.p2p:
+                op.recv[op.me].copy_(first.tensor.to_local().detach())
+            else:
+                op.send = self._local(first, device).contiguous()
             return
         op.layout, cursors = [], [0] * op.world
         for i in op.entries:
@@ -167,6 +184,11 @@ class Gatherer:
                 cursors[q] = align_up(cursors[q] + n * itemsize)
             op.layout.append((i, offsets))
         op.section = max(max(cursors), 16)
+        if mine:
+            op.recv = list(torch.empty(op.world * op.section, dtype=torch.uint8, device=device).split(op.section))
+        if mine and op.p2p:  # its own pieces are read from its shards: nothing to stage
+            op.own = {i: self._local(self.entries[i], device) for i, _ in op.layout}
+            return
         op.send = torch.empty(op.section, dtype=torch.uint8, device=device)
         for i, offsets in op.layout:
             entry = self.entries[i]
@@ -175,8 +197,6 @@ class Gatherer:
                 nbytes = local.numel() * entry.dtype.itemsize
                 dst = op.send[offsets[op.me] : offsets[op.me] + nbytes].view(entry.dtype).view(local.shape)
                 dst.copy_(local, non_blocking=True)
-        if op.me == op.dst:
-            op.recv = list(torch.empty(op.world * op.section, dtype=torch.uint8, device=device).split(op.section))
 
     def post(self, posted: Posted) -> None:
         """Post group's gathers (asynchronous), then its ``full`` entries' ``full_tensor()`` (blocking)."""
@@ -184,7 +204,14 @@ class Gatherer:
         self.posted_groups += 1
         try:
             for op in posted.ops:
-                posted.works.append(dist.gather(op.send, op.recv, group=op.pg, group_dst=op.dst, async_op=True))
+                if not op.p2p:
+                    posted.works.append(dist.gather(op.send, op.recv, group=op.pg, group_dst=op.dst, async_op=True))
+                elif op.me != op.dst:
+                    posted.works.append(dist.isend(op.send, group=op.pg, group_dst=op.dst, tag=op.tag))
+                else:
+                    for q in range(op.world):
+                        if q != op.me and op.recv[q].numel():
+                            posted.works.append(dist.irecv(op.recv[q], group=op.pg, group_src=q, tag=op.tag))
             for i in posted.full:
                 full = materialize(self.entries[i])
                 if self.is_sender:
@@ -232,10 +259,13 @@ class Gatherer:
                 n = 1
                 for d in shape:
                     n *= d
+                if op.own is not None and q == op.me:
+                    pieces.append(op.own[i])
+                    continue
                 raw = op.recv[q][offsets[q] : offsets[q] + n * entry.dtype.itemsize]
                 pieces.append(raw.view(entry.dtype).view(shape))
             fulls[i] = torch.cat(pieces, dim=entry.shard.dim)
-        op.recv = None
+        op.recv = op.own = None
 
 
 def local_tensor(entry: Entry) -> torch.Tensor:
