@@ -380,12 +380,21 @@ def _refuse_dtensors(iterator: Iterable[Any], post_iter_func: Callable | None) -
     if _DTensor is None:
         return iterator, post_iter_func
     it = iter(iterator)
-    first = next(it, None)
-    if first is None:
+    try:
+        head = [next(it)]
+    except StopIteration:
         return (), post_iter_func
+    except Exception as e:  # the source's own failure: raised when pulled, so the workers hear of it
+
+        def failing(error: Exception = e) -> Iterator[Any]:
+            raise error
+            yield  # noqa: unreachable - makes this a generator
+
+        return failing(), post_iter_func
+    first = head[0]
 
     def checked() -> Iterator[Any]:
-        for item in itertools.chain([first], it):
+        for item in itertools.chain(head, it):
             if isinstance(item, tuple) and len(item) == 2:
                 _check_plain(item[0], item[1])
             yield item
