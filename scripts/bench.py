@@ -327,8 +327,9 @@ def _trainer_peer(args: argparse.Namespace, trainer_port: int) -> None:
     for lay in args.layouts:
         specs = layout(lay, layout_mib(lay, args))
         sharded = _shard(make_tensors(specs, device), device)
+        kwargs = dict(packed_buffer_size_bytes=args.buffer_mib[0] * MiB, packed_num_buffers=args.num_buffers[0])
         for _ in range(rounds_for(sum(_nbytes(s) for s in specs), args) + 1):
-            send_model(sharded, None)
+            send_model(sharded, None, **kwargs)
     dist.destroy_process_group()
 
 
@@ -410,7 +411,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
                     kwargs.update(packed_buffer_size_bytes=cfg["buffer_mib"] * MiB, packed_num_buffers=cfg["num_buffers"])
                 if rank != 0:
                     engine.receive_weights(None, _noop)
-                elif mode == "sharded":  # gathered one DTensor at a time with trainer rank 1
+                elif mode == "sharded":  # gathered per bucket from trainer rank 1, overlapped with the send
                     send_model(sharded, pg, **{k: v for k, v in kwargs.items() if k != "packed"})
                 else:
                     NCCLWeightTransferEngine.trainer_send_weights(iter(tensors), pg, **kwargs)

@@ -15,7 +15,8 @@ from .engine import NCCLWeightTransferEngine, WeightTransferEngine
 from .errors import TransferError
 from .group import create_side_group, destroy_side_group, side_group
 from .loading import ModuleLoader
-from .sources import iter_named_tensors, send_model, update_info_for
+from .sources import iter_named_tensors, update_info_for
+from .trainer import send_model
 from .wire import PROTOCOL_VERSION
 
 __version__ = "0.1.0"

@@ -63,6 +63,15 @@ def check_buffers(owner: str, buffer_size: Any, num_buffers: Any) -> None:
     _check_int(owner, "packed_num_buffers", num_buffers, 1, MAX_NUM_BUFFERS)
 
 
+def check_send(owner: str, packed: Any, buffer_size: Any, num_buffers: Any, version: Any) -> None:
+    """The arguments every send takes (``trainer_send_weights``, ``send_model``), checked in one place."""
+    if not isinstance(packed, bool):
+        raise ValueError(f"{owner}: packed must be a bool, got {packed!r}")
+    check_buffers(owner, buffer_size, num_buffers)
+    if version is not None and (not _is_int(version) or not 0 <= version < 1 << 62):
+        raise ValueError(f"{owner}: version must be an int in [0, 2**62), got {version!r}")
+
+
 @dataclasses.dataclass
 class WeightTransferConfig:
     """How an inference worker's engine talks to the trainer."""

@@ -17,8 +17,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
+import itertools
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -33,7 +34,7 @@ from .config import (
     TransferStats,
     WeightTransferConfig,
     check_backend,
-    check_buffers,
+    check_send,
     check_timeout,
     worker_rank,
 )
@@ -43,6 +44,11 @@ import torch.distributed as dist
 from .group import create_side_group, destroy_side_group, side_group
 from .receiver import LoadWeights, ReceiveProgress, Receiver
 from .sender import Sender
+
+try:  # public since torch 2.5
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
 
 __all__ = ["WeightTransferEngine", "NCCLWeightTransferEngine"]
 
@@ -332,25 +338,74 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
             ValueError: bad arguments, or a tensor the wire cannot carry (the
                 workers then get TransferError naming it).
             TransferError: a worker rejected the update or failed, or a peer died.
+
+        A DTensor (FSDP2 parameters, ``distribute_tensor``) is refused with a
+        ValueError naming ``send_model``, which every trainer rank calls
+        together: gathering it here would wait in a collective that the other
+        trainer ranks never join. The first pair is checked before anything
+        moves; a DTensor further on aborts the update for the workers.
         """
         side = side_group(group)  # ValueError unless it is a side group
         if isinstance(src, bool) or src != 0 or group.rank() != 0:
             raise ValueError(f"the trainer sends as rank 0 of the side group; got src={src!r} on rank {group.rank()}")
-        if not isinstance(packed, bool):
-            raise ValueError(f"packed must be a bool, got {packed!r}")
-        check_buffers("trainer_send_weights", packed_buffer_size_bytes, packed_num_buffers)
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or not 0 <= version < 1 << 62):
-            raise ValueError(f"version must be an int in [0, 2**62), got {version!r}")
+        check_send("trainer_send_weights", packed, packed_buffer_size_bytes, packed_num_buffers, version)
         if post_iter_func is not None and not callable(post_iter_func):
             raise ValueError(f"post_iter_func must be callable, got {post_iter_func!r}")
         side.check_usable()
         num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
+        iterator, post_iter_func = _refuse_dtensors(iterator, post_iter_func)
         sender = Sender(side, packed=packed, buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
                         checksum=checksum, zero_copy=zero_copy, version=version, num_tensors=num_tensors)  # fmt: skip
         if stream is not None:
             with torch.cuda.stream(stream):
                 return sender.run(iterator, post_iter_func)
         return sender.run(iterator, post_iter_func)
+
+
+_DTENSOR_HINT = (
+    "is a DTensor (sharded over trainer ranks, e.g. by fully_shard): gathering it needs every trainer "
+    "rank, so use torchxfer.send_model(model, group) on every trainer rank (group None on all but the "
+    "sender) instead of trainer_send_weights"
+)
+
+
+def _check_plain(name: Any, tensor: Any) -> Any:
+    if _DTensor is not None and isinstance(tensor, _DTensor):
+        raise ValueError(f"tensor {name!r} {_DTENSOR_HINT}")
+    return tensor
+
+
+def _refuse_dtensors(iterator: Iterable[Any], post_iter_func: Callable | None) -> tuple[Iterable[Any], Callable | None]:
+    """Check the first pair now (before any collective) and every later one as it is pulled."""
+    if _DTensor is None:
+        return iterator, post_iter_func
+    it = iter(iterator)
+    try:
+        head = [next(it)]
+    except StopIteration:
+        return (), post_iter_func
+    except Exception as e:  # the source's own failure: raised when pulled, so the workers hear of it
+
+        def failing(error: Exception = e) -> Iterator[Any]:
+            raise error
+            yield  # noqa: unreachable - makes this a generator
+
+        return failing(), post_iter_func
+    first = head[0]
+
+    def checked() -> Iterator[Any]:
+        for item in itertools.chain(head, it):
+            if isinstance(item, tuple) and len(item) == 2:
+                _check_plain(item[0], item[1])
+            yield item
+
+    if isinstance(first, tuple) and len(first) == 2:
+        _check_plain(first[0], first[1])
+    post = post_iter_func
+    if post is not None:
+        def post(item: Any, f: Callable = post_iter_func) -> Any:  # noqa: E306
+            return _check_plain(item[0], f(item))
+    return checked(), post
 
 
 # TransferError is re-exported here for callers that import the engine module alone.

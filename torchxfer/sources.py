@@ -1,76 +1,38 @@
-"""Trainer-side sources: send a (possibly sharded) model with bounded memory.
+"""What a trainer sends: the plan of a (possibly sharded) model, known without gathering.
 
-Every trainer rank calls :func:`send_model` over the same model, together, in
-the same order; only the sending rank (the one holding the side group, global
-rank 0 under torchrun) passes a group, the others pass None::
+:func:`torchxfer.trainer.send_model` sends it; this module only says what goes
+on the wire. The plan is made from names, global shapes, dtypes and
+placements alone: names as sent (``name_map``), casts (``dtype``), drops, the
+order, and how each tensor is materialized (:class:`Entry`):
 
-    group = NCCLWeightTransferEngine.trainer_init(...) if dist.get_rank() == 0 else None
-    send_model(model, group, dtype=torch.bfloat16, name_map={"embed.weight": "tok.weight"})
+* ``local``: a plain tensor, or a DTensor whose local tensor is the whole
+  tensor (replicated, or sharded over mesh dimensions of size 1);
+* ``shard``: a DTensor sharded (``Shard(d)``, any ``d``, even or uneven) along
+  exactly one mesh dimension and replicated along the others (FSDP2, TP,
+  HSDP replicate x shard): gathered per bucket, to the sending rank only
+  (:mod:`torchxfer.gather`);
+* ``full``: any other DTensor (``Partial``, several sharded mesh dimensions,
+  strided shards): ``full_tensor()`` on every rank of its mesh.
 
-What is sent is planned up front from names, global shapes and dtypes alone
-(nothing gathered): the plan fixes names, casts, drops and the order, and
-:func:`update_info_for` describes it for servers. A DTensor is then
-materialized with a gather on the trainer's own mesh only when the sender's
-pipeline pulls it, one tensor ahead of the bucket being packed. So rank 0's
-extra memory is the transfer buffers plus about one full tensor, never the
-whole model.
-
-Why this cannot deadlock, and what happens on failure (``send_model``):
-
-* **Same plan everywhere.** Before anything moves, one all_gather on the
-  trainer group compares a digest of every rank's plan (names, shapes,
-  dtypes, placements, order) and checks that exactly one rank sends. A rank
-  that iterates another model, order, ``dtype`` or ``name_map`` gets a
-  ValueError on every rank at once. Unchecked, its gathers would pair with the
-  wrong tensors: Gloo then kills the process ("Received data size doesn't
-  match expected size") or, when the shapes agree, silently swaps data.
-* **Lockstep before each gather.** Each gather is preceded by a one-int
-  all_reduce of a status code on the trainer group. The sender runs it when the
-  pipeline pulls the tensor. The others run it as they reach it, so they wait
-  there, never inside a gather, while rank 0 works on the side group. Rank 0
-  never waits for another trainer rank while it holds the side group's
-  collectives, and the others wait only for rank 0, so there is no cycle.
-* **Failure.** If rank 0's send fails (a worker rejects the update, a peer
-  dies, a side-group timeout), rank 0 posts a failure status. The rank
-  waiting at its next lockstep point learns it at once, with rank 0's message,
-  and raises TransferError: it does not gather the rest of the model. A
-  non-sender that fails on its own (not inside a collective) posts its failure
-  the same way. Rank 0 then raises TransferError inside the pipeline's
-  source, which aborts the update for every worker. If rank 0 had already
-  pulled every tensor, the workers keep the update and rank 0 raises
-  TransferError after it. One final status all_reduce tells every trainer
-  rank the outcome of a successful update too. Every wait on the trainer
-  group is bounded by ``timeout_s`` (default: the trainer group's own
-  timeout). A gather that fails as a collective leaves
-  the trainer group unusable, as any failed collective does. ``send_model``
-  then raises without further trainer-group traffic.
+:func:`gather_groups` cuts the plan where the sender's buckets start (the
+sender's own ``packing.Planner`` over the same specs and buffer size), so
+every trainer rank derives the same groups without talking.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .config import (
-    DEFAULT_PACKED_BUFFER_SIZE_BYTES,
-    DEFAULT_PACKED_NUM_BUFFERS,
-    NCCLWeightTransferUpdateInfo,
-    TransferStats,
-    check_buffers,
-)
-from .engine import NCCLWeightTransferEngine
-from .errors import TransferError
-from .group import side_group
-from .packing import TensorSpec, dtype_name, parse_dtype
+from .config import DEFAULT_PACKED_BUFFER_SIZE_BYTES, DEFAULT_PACKED_NUM_BUFFERS, NCCLWeightTransferUpdateInfo
+from .packing import Planner, TensorSpec, dtype_name, parse_dtype
 
-__all__ = ["NameMap", "Source", "iter_named_tensors", "send_model", "update_info_for"]
+__all__ = ["NameMap", "Source", "Entry", "ShardInfo", "plan", "gather_groups", "iter_named_tensors",
+           "update_info_for"]  # fmt: skip
 
 NameMap = Mapping[str, "str | None"] | Callable[[str], "str | None"] | None
 """How names change on the wire. A dict renames the names it lists; a name it
@@ -85,36 +47,90 @@ persistent buffers; tied tensors once, under their first name), a state dict
 pass pairs of existing tensors, not a generator that materializes them)."""
 
 try:  # public since torch 2.5
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 except ImportError:  # pragma: no cover - torch without DTensor
-    DTensor = None  # type: ignore[assignment,misc]
-
-_MESSAGE_BYTES = 2048
-"""Most bytes of one trainer rank's error message in a failed lockstep."""
+    DTensor = Partial = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 
-# -- the plan: what will be sent, known without gathering --------------------------------
+def is_dtensor(tensor: Any) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Entry:
+class ShardInfo:
+    """How a ``shard`` entry is split: along tensor dim ``dim``, over mesh dim ``mesh_dim``.
+
+    ``sizes[q]`` is the extent of dim ``dim`` on the q-th rank of that mesh
+    dimension (DTensor's rule: chunks of ceil(n / world), the last ones
+    smaller or empty), so every rank knows every rank's local shape.
+    """
+
+    mesh_dim: int
+    dim: int
+    sizes: tuple[int, ...]
+
+    def local_shape(self, shape: tuple[int, ...], q: int) -> tuple[int, ...]:
+        return shape[: self.dim] + (self.sizes[q],) + shape[self.dim + 1 :]
+
+    @property
+    def even(self) -> bool:
+        return len(set(self.sizes)) == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One tensor to send."""
+
     source_name: str
     name: str  # as sent
     tensor: torch.Tensor  # the source's own tensor (a DTensor, a parameter, a buffer)
     dtype: torch.dtype  # as sent
     shape: tuple[int, ...]  # global shape
-    gather: bool  # materializing it is a collective on the trainer's mesh
+    how: str  # "local", "shard" or "full" (see the module docstring)
+    shard: ShardInfo | None = None
+
+    @property
+    def collective(self) -> bool:
+        """Whether materializing it takes a collective on the trainer's mesh."""
+        return self.how != "local"
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.dtype, self.shape)
 
     def describe(self) -> str:
-        if not _is_dtensor(self.tensor):
-            return f"{self.name}|{self.source_name}|{dtype_name(self.dtype)}|{list(self.shape)}"
+        """One line per entry for the plan digest that every trainer rank compares."""
+        text = f"{self.name}|{self.source_name}|{dtype_name(self.dtype)}|{list(self.shape)}|{self.how}"
+        if not is_dtensor(self.tensor):
+            return text
         mesh = self.tensor.device_mesh
-        return (f"{self.name}|{self.source_name}|{dtype_name(self.dtype)}|{list(self.shape)}|"
-                f"{list(self.tensor.placements)}|{mesh.device_type}{tuple(mesh.shape)}")  # fmt: skip
+        return f"{text}|{list(self.tensor.placements)}|{mesh.device_type}{tuple(mesh.shape)}"
 
 
-def _is_dtensor(tensor: Any) -> bool:
-    return DTensor is not None and isinstance(tensor, DTensor)
+def _chunk_sizes(n: int, world: int) -> tuple[int, ...]:
+    chunk = -(-n // world)
+    return tuple(max(0, min(n, (q + 1) * chunk) - q * chunk) for q in range(world))
+
+
+def _how(name: str, tensor: torch.Tensor) -> tuple[str, ShardInfo | None]:
+    """How a tensor is materialized; ValueError when its local shape breaks DTensor's rule."""
+    if not is_dtensor(tensor):
+        return "local", None
+    mesh, placements = tensor.device_mesh, tuple(tensor.placements)
+    split = [i for i, p in enumerate(placements) if not p.is_replicate() and mesh.size(i) > 1]
+    if not split:
+        return "local", None
+    if len(split) > 1 or type(placements[split[0]]) is not Shard:
+        return "full", None
+    i = split[0]
+    dim = placements[i].dim % max(1, tensor.dim())
+    info = ShardInfo(i, dim, _chunk_sizes(tensor.shape[dim], mesh.size(i)))
+    want = info.local_shape(tuple(tensor.shape), mesh.get_local_rank(i))
+    if tuple(tensor.to_local().shape) != want:
+        raise ValueError(f"{name!r}: local shard of shape {list(tensor.to_local().shape)} on a DTensor of shape "
+                         f"{list(tensor.shape)} sharded {placements[i]} over {mesh.size(i)} ranks; expected "
+                         f"{list(want)}")  # fmt: skip
+    return "shard", info
 
 
 def _named(source: Source, include_buffers: bool) -> list[tuple[str, Any]]:
@@ -155,8 +171,8 @@ def _check_dtype(dtype: Any) -> torch.dtype | None:
     return dtype
 
 
-def _plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) -> list[_Entry]:
-    """The entries to send, in order; ValueError naming every bad tensor or name."""
+def plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) -> list[Entry]:
+    """The entries to send, in order; ValueError naming every bad tensor or name. Local: no collective."""
     dtype = _check_dtype(dtype)
     if name_map is not None and not isinstance(name_map, Mapping) and not callable(name_map):
         raise ValueError(f"name_map must be a dict, a callable or None, got {type(name_map).__name__}")
@@ -165,7 +181,7 @@ def _plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) 
         unknown = sorted(set(name_map) - {name for name, _ in named}, key=str)
         if unknown:
             raise ValueError(f"name_map names {len(unknown)} tensor(s) the source does not have: {unknown}")
-    entries: list[_Entry] = []
+    entries: list[Entry] = []
     problems: list[str] = []
     sources_of: dict[str, list[str]] = {}
     for name, tensor in named:
@@ -183,93 +199,89 @@ def _plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) 
             problems.append(f"{name!r}: expected a tensor, got {type(tensor).__name__}")
             continue
         out_dtype = dtype if dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
-        gather = _is_dtensor(tensor) and any(not p.is_replicate() for p in tensor.placements)
-        local = tensor.to_local() if _is_dtensor(tensor) else tensor
+        local = tensor.to_local() if is_dtensor(tensor) else tensor
         try:
             TensorSpec.of(name, local)  # dense, not meta, a wire dtype
             spec = TensorSpec(new, out_dtype, tuple(tensor.shape))
+            how, shard = _how(name, tensor)
         except ValueError as e:
             problems.append(str(e))
             continue
         sources_of.setdefault(new, []).append(name)
-        entries.append(_Entry(name, new, tensor, out_dtype, spec.shape, gather))
+        entries.append(Entry(name, new, tensor, out_dtype, spec.shape, how, shard))
     problems += [f"{sources} would all be sent as {new!r}" for new, sources in sources_of.items() if len(sources) > 1]
     if problems:
         raise ValueError(f"cannot send {len(problems)} tensor(s): " + "; ".join(problems))
     return entries
 
 
-def _mesh_device(mesh: Any) -> torch.device:
+def gather_groups(entries: list[Entry], buffer_size: int | None) -> list[list[int]]:
+    """Entry indices grouped by the sender's bucket that holds each entry's first byte.
+
+    ``buffer_size`` None: unpacked mode. Every rank computes the same groups
+    from the plan alone. A tensor larger than a buffer is the only tensor whose
+    first byte is in its first bucket, so it forms a group of its own.
+    """
+    planner = Planner(buffer_size)
+    groups: list[list[int]] = []
+    last = -1
+    for i, entry in enumerate(entries):
+        bucket = planner.add(i, entry.spec)[0].bucket
+        if bucket != last:
+            groups.append([])
+            last = bucket
+        groups[-1].append(i)
+    return groups
+
+
+def materialize(entry: Entry) -> torch.Tensor:
+    """The full tensor of one entry, cast, on its own device; ``full_tensor()`` (a collective
+    on the entry's mesh, every rank of it) unless the entry is ``local``.
+
+    A CPU-offloaded shard is moved to its mesh's device first; a sharded
+    tensor is cast before the gather (bit-identical, fewer bytes), a
+    ``Partial`` one after its reduction.
+    """
+    tensor = entry.tensor
+    with torch.no_grad():
+        if not is_dtensor(tensor):
+            return tensor.detach().to(entry.dtype)
+        local = tensor.to_local().detach()
+        if not entry.collective:
+            return local.to(entry.dtype)
+        cast_first = not any(p.is_partial() for p in tensor.placements)
+        if cast_first:
+            local = local.to(entry.dtype)
+        mesh = tensor.device_mesh
+        local = local.to(mesh_device(mesh))
+        staged = DTensor.from_local(local, mesh, tensor.placements, run_check=False,
+                                    shape=tensor.shape, stride=tensor.stride())  # fmt: skip
+        del local
+        full = staged.full_tensor()
+        return full if cast_first else full.to(entry.dtype)
+
+
+def mesh_device(mesh: Any) -> torch.device:
     if mesh.device_type == "cpu":
         return torch.device("cpu")
     return torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
 
 
-def _materialize(entry: _Entry, before_gather: Callable[[], None] | None = None) -> torch.Tensor:
-    """The full tensor of one entry, cast; a gather on the trainer's mesh for a sharded DTensor.
+class _Materialized:
+    """``(name, full tensor)`` pairs of a plan, materialized one at a time when pulled; has a length."""
 
-    Everything local (cast, the move of a CPU-offloaded shard to its mesh's
-    device) happens before ``before_gather``, so that a rank that passed the
-    lockstep point goes straight into the gather.
-    """
-    tensor = entry.tensor
-    with torch.no_grad():
-        if not _is_dtensor(tensor):
-            return tensor.detach().to(entry.dtype)
-        local = tensor.to_local().detach()
-        if not entry.gather:  # replicated on every mesh dim: the local tensor is the full one
-            return local.to(entry.dtype)
-        # Casting each shard before the gather moves (and holds) fewer bytes and is
-        # bit-identical for Shard/Replicate; a Partial sum must be cast after it.
-        cast_first = not any(p.is_partial() for p in tensor.placements)
-        if cast_first:
-            local = local.to(entry.dtype)
-        mesh = tensor.device_mesh
-        device = _mesh_device(mesh)
-        if local.device != device:  # a CPU-offloaded shard (FSDP2 CPUOffloadPolicy): gather on the mesh's device
-            local = local.to(device)
-        staged = DTensor.from_local(local, mesh, tensor.placements, run_check=False,
-                                    shape=tensor.shape, stride=tensor.stride())  # fmt: skip
-        del local
-        if before_gather is not None:
-            before_gather()
-        try:
-            full = staged.full_tensor()
-        except Exception as e:
-            e._torchxfer_collective = True  # type: ignore[attr-defined]  # the trainer group is suspect now
-            raise
-        del staged
-        return full if cast_first else full.to(entry.dtype)
-
-
-class _LazyTensors:
-    """``(name, full tensor)`` pairs of a plan, materialized one at a time when pulled.
-
-    Has a length (the number of tensors) so the sender announces the count in
-    its header and a receiver with an update_info can check it before payload moves.
-    """
-
-    def __init__(self, entries: list[_Entry], before_gather: Callable[[], None] | None = None) -> None:
+    def __init__(self, entries: list[Entry]) -> None:
         self._entries = entries
-        self._gen = self._run(before_gather)
-
-    def _run(self, before_gather: Callable[[], None] | None) -> Iterator[tuple[str, torch.Tensor]]:
-        for entry in self._entries:
-            full = _materialize(entry, before_gather if entry.gather else None)
-            yield entry.name, full
-            del full  # do not hold the previous tensor while the next one is gathered
+        self._gen = ((e.name, materialize(e)) for e in entries)
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __iter__(self) -> _LazyTensors:
+    def __iter__(self) -> _Materialized:
         return self
 
     def __next__(self) -> tuple[str, torch.Tensor]:
         return next(self._gen)
-
-    def close(self) -> None:
-        self._gen.close()
 
 
 def iter_named_tensors(
@@ -279,15 +291,15 @@ def iter_named_tensors(
     name_map: NameMap = None,
     include_buffers: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, full tensor)`` pairs as the wire will carry them, lazily.
+    """``(name, full tensor)`` pairs as the wire will carry them, lazily, on every rank.
 
     Planning (names, casts, drops, checks) happens now and raises ValueError
     naming every problem. Tensors are materialized only when pulled: a sharded
     DTensor is gathered (``full_tensor()``, a collective on its own mesh) at
     that moment. So **every rank of the mesh must pull the same tensors in the
     same order**, and no rank may run a different collective in between.
-    :func:`send_model` does this for you, with a check and a lockstep;
-    use this iterator directly only when you keep the ranks paired yourself.
+    :func:`torchxfer.send_model` does this for you, faster (per bucket, to the
+    sender only, overlapped with the send), with a check and a lockstep.
 
     Args:
         source: see :data:`Source`.
@@ -301,12 +313,11 @@ def iter_named_tensors(
 
     Yields:
         Tensors on their own device. A plain CPU-offloaded tensor stays on the
-        CPU (the sender copies it into its buffers). A DTensor whose shard lives
-        off its mesh's device (FSDP2 ``CPUOffloadPolicy``) is gathered on the
-        mesh's device, one shard copy at a time. Untouched tensors are the
-        source's own memory (detached), not copies.
+        CPU. A DTensor whose shard lives off its mesh's device (FSDP2
+        ``CPUOffloadPolicy``) is gathered on the mesh's device. Untouched
+        tensors are the source's own memory (detached), not copies.
     """
-    return _LazyTensors(_plan(source, dtype, name_map, include_buffers))
+    return _Materialized(plan(source, dtype, name_map, include_buffers))
 
 
 def update_info_for(
@@ -319,242 +330,20 @@ def update_info_for(
     packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_SIZE_BYTES,
     packed_num_buffers: int = DEFAULT_PACKED_NUM_BUFFERS,
 ) -> NCCLWeightTransferUpdateInfo:
-    """What :func:`send_model` with the same arguments sends, computed locally
+    """What :func:`torchxfer.send_model` with the same arguments sends, computed locally
     from names, global shapes (a DTensor's ``shape``) and dtypes: nothing is
     gathered. Hand it to servers (``receive_weights(info, ...)``,
     ``ModuleLoader.check(info)``) to check each update out of band."""
-    entries = _plan(source, dtype, name_map, include_buffers)
+    entries = plan(source, dtype, name_map, include_buffers)
     return NCCLWeightTransferUpdateInfo(
         [e.name for e in entries], [dtype_name(e.dtype) for e in entries], [list(e.shape) for e in entries],
         packed, packed_buffer_size_bytes, packed_num_buffers,
     )  # fmt: skip
 
 
-# -- send_model: every trainer rank, one sender -------------------------------------------
+def __getattr__(name: str) -> Any:  # send_model lived here before it moved to torchxfer.trainer
+    if name == "send_model":
+        from .trainer import send_model
 
-
-def send_model(
-    source: Source,
-    group: dist.ProcessGroup | None,
-    *,
-    dtype: torch.dtype | str | None = None,
-    name_map: NameMap = None,
-    include_buffers: bool = True,
-    trainer_group: dist.ProcessGroup | None = None,
-    timeout_s: float | None = None,
-    packed: bool = True,
-    packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_SIZE_BYTES,
-    packed_num_buffers: int = DEFAULT_PACKED_NUM_BUFFERS,
-    checksum: bool = False,
-    version: int | None = None,
-) -> TransferStats | None:
-    """Send one update of ``source``; every trainer rank calls this together.
-
-    Blocks until every worker has loaded the update and every trainer rank
-    knows the outcome. See the module docstring for why it cannot deadlock.
-
-    Args:
-        source: the model or state dict (plain, DTensor-sharded, ``fully_shard``-ed,
-            CPU-offloaded). It must be the same on every trainer rank, in the
-            same order (checked); see :data:`Source`.
-        group: the side group (from ``trainer_init``) on the one sending rank,
-            None on every other trainer rank.
-        dtype, name_map, include_buffers: as in :func:`iter_named_tensors`.
-            They change what the in-band header describes, so receivers see
-            exactly what arrives. :func:`update_info_for` describes it too.
-        trainer_group: the group of all trainer ranks that call this (default:
-            the default group, when torch.distributed is initialized). It
-            carries the plan check and the status lockstep (one small tensor
-            per sharded tensor, on the CPU for Gloo, on the current CUDA device
-            otherwise). Pass a Gloo group of the same ranks to keep status
-            traffic off NCCL. With no trainer group (a single-process trainer),
-            the caller must be the sender.
-        timeout_s: bound on each wait on the trainer group; None: the group's
-            own timeout. Rank 0 may spend several of the side group's
-            ``timeout_s`` between two pulls, so make this larger.
-        packed, packed_buffer_size_bytes, packed_num_buffers, checksum: as in
-            ``trainer_send_weights``. Tensors made by a gather or a cast are
-            always packed, never sent zero-copy, so each is freed as soon as
-            it is packed.
-        version: the update id workers report as ``weights_version`` (e.g.
-            the training step), as in ``trainer_send_weights``; read on the
-            sender only.
-
-    Returns:
-        The TransferStats on the sender, None on the other ranks.
-
-    Raises:
-        ValueError: on every trainer rank, before anything moves, for bad
-            arguments or a bad tensor on any rank, plans that differ between
-            ranks, or not exactly one sender. The rank whose input was bad
-            raises its own exception.
-        TransferError: on the other trainer ranks when the sender failed
-            (with its message), and on the sender when another trainer rank
-            failed. The sender raises whatever ``trainer_send_weights`` raised.
-    """
-    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
-                                  or not 0 < timeout_s < float("inf")):  # fmt: skip
-        raise ValueError(f"timeout_s must be a positive number of seconds or None, got {timeout_s!r}")
-    if trainer_group is None and dist.is_initialized():
-        trainer_group = dist.group.WORLD
-    lock = _Lockstep(trainer_group, timeout_s) if trainer_group is not None and trainer_group.size() > 1 else None
-    entries: list[_Entry] = []
-    local_error: Exception | None = None
-    try:
-        if not isinstance(packed, bool):
-            raise ValueError(f"packed must be a bool, got {packed!r}")
-        check_buffers("send_model", packed_buffer_size_bytes, packed_num_buffers)
-        if group is None and lock is None:
-            raise ValueError("group is None, but there is no trainer group of several ranks to send for: "
-                             "the one trainer process must pass its side group")  # fmt: skip
-        if group is not None:
-            side_group(group)  # ValueError unless it is a side group
-        entries = _plan(source, dtype, name_map, include_buffers)
-    except Exception as e:  # bad input here: every other rank must hear of it before it could wait in a gather
-        local_error = e
-    if lock is None:
-        if local_error is not None:
-            raise local_error
-    else:
-        lock.begin(entries, group is not None, local_error)
-
-    if group is None:
-        assert lock is not None
-        try:
-            for entry in entries:
-                if entry.gather:
-                    _materialize(entry, lock.step)  # the sender gathers the same, when its pipeline pulls
-        except Exception as e:
-            if not lock.done and not getattr(e, "_torchxfer_collective", False):
-                lock.fail(e)
-            raise
-        lock.finish()
-        return None
-
-    items = _LazyTensors(entries, lock.step if lock is not None else None)
-    fresh = any(e.gather or e.dtype != e.tensor.dtype or _is_dtensor(e.tensor) for e in entries)
-    try:
-        stats = NCCLWeightTransferEngine.trainer_send_weights(
-            items, group, packed=packed, packed_buffer_size_bytes=packed_buffer_size_bytes,
-            packed_num_buffers=packed_num_buffers, checksum=checksum, version=version,
-            # A zero-copy send keeps its tensor until the broadcast completes:
-            # fine for the model's own memory, not for fresh gathers and casts.
-            zero_copy=not fresh,
-        )  # fmt: skip
-    except Exception as e:
-        if lock is not None and not lock.done and not getattr(e, "_torchxfer_collective", False):
-            lock.fail(e)
-        raise
-    finally:
-        items.close()
-    if lock is not None:
-        lock.finish()
-    return stats
-
-
-class _Lockstep:
-    """Plan check and status agreement among the trainer ranks of one send_model call.
-
-    Every rank makes the same sequence of calls: ``begin``, then ``step`` before
-    each gather, then ``finish``, except that a rank stops at the first
-    failure. A failure is a nonzero status in the same all_reduce the others
-    use for ``step`` or ``finish``, so whichever call of theirs it meets, they
-    learn it there. Then each rank's message is exchanged, and ``done`` is set.
-    """
-
-    def __init__(self, pg: dist.ProcessGroup, timeout_s: float | None) -> None:
-        self.pg = pg
-        self.rank = pg.rank()
-        self.size = pg.size()
-        backend = str(dist.get_backend(pg)).lower()
-        on_cpu = "gloo" in backend or not torch.cuda.is_available()
-        self.device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
-        self.timeout = None if timeout_s is None else datetime.timedelta(seconds=float(timeout_s))
-        self.flag = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self.done = False  # a failure was agreed, or the group failed: no more collectives
-
-    def _wait(self, work: Any, what: str) -> None:
-        try:
-            ok = work.wait() if self.timeout is None else work.wait(self.timeout)
-            if ok is False:
-                raise TimeoutError(f"no completion after {self.timeout}")
-        except Exception as e:
-            self.done = True
-            raise TransferError(
-                f"{what} on the trainer group failed on trainer rank {self.rank}: {type(e).__name__}: {e}. "
-                "Another trainer rank died, stopped calling send_model, or is stuck; the trainer group "
-                "is no longer usable."
-            ) from e
-
-    def _all_reduce_flag(self, code: int, what: str) -> int:
-        self.flag.fill_(code)
-        self._wait(dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.pg, async_op=True), what)
-        return int(self.flag.item())
-
-    def _messages(self, error: str | None) -> str:
-        """Every rank's message (after a nonzero status), as one string."""
-        rows = torch.zeros(self.size, _MESSAGE_BYTES, dtype=torch.uint8, device=self.device)
-        if error:
-            raw = error.encode()[:_MESSAGE_BYTES]
-            rows[self.rank, : len(raw)] = torch.tensor(list(raw), dtype=torch.uint8).to(self.device)
-        self._wait(dist.all_reduce(rows, group=self.pg, async_op=True), "send_model error exchange")
-        self.done = True
-        host = rows.cpu()
-        parts = []
-        for r in range(self.size):
-            text = bytes(host[r].tolist()).rstrip(b"\0").decode(errors="replace")
-            if text:
-                parts.append(f"[trainer rank {r}] {text}")
-        return "; ".join(parts)
-
-    def begin(self, entries: list[_Entry], is_sender: bool, error: Exception | None) -> None:
-        """Check that every rank planned the same tensors and that one rank sends."""
-        digest = hashlib.sha256("\n".join(e.describe() for e in entries).encode()).digest()
-        row = torch.tensor(
-            [1 if error else 0, int(is_sender), len(entries), sum(e.gather for e in entries)]
-            + [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)],
-            dtype=torch.int64, device=self.device,
-        )  # fmt: skip
-        rows = [torch.empty_like(row) for _ in range(self.size)]
-        self._wait(dist.all_gather(rows, row, group=self.pg, async_op=True), "send_model plan check")
-        table = [r.cpu().tolist() for r in rows]
-        if any(r[0] for r in table):
-            text = self._messages(None if error is None else f"{type(error).__name__}: {error}")
-            if error is not None:
-                raise error
-            raise ValueError(f"send_model failed on another trainer rank before anything moved: {text}")
-        problems = []
-        plans = {tuple(r[2:]) for r in table}
-        if len(plans) > 1:
-            ranks = "; ".join(f"rank {i}: {r[2]} tensors ({r[3]} sharded), plan {r[4]:014x}"
-                              for i, r in enumerate(table))  # fmt: skip
-            problems.append(
-                f"trainer ranks planned different updates ({ranks}). Every trainer rank must call send_model "
-                "with the same model or state dict, in the same order, with the same dtype, name_map and "
-                "include_buffers; otherwise their gathers would pair with the wrong tensors"
-            )
-        senders = [i for i, r in enumerate(table) if r[1]]
-        if len(senders) != 1:
-            problems.append(f"exactly one trainer rank must pass a side group; ranks {senders} did")
-        if problems:
-            self.done = True
-            raise ValueError("send_model: " + "; ".join(problems))
-
-    def step(self) -> None:
-        """Before a gather: continue together, or raise TransferError if another rank failed."""
-        if self._all_reduce_flag(0, "send_model status") != 0:
-            raise TransferError(f"send_model failed on another trainer rank: {self._messages(None)}")
-
-    def fail(self, error: BaseException) -> None:
-        """Tell the other ranks this rank failed (they are at a step or at finish). Best effort."""
-        try:
-            self._all_reduce_flag(1, "send_model status")
-            self._messages(f"{type(error).__name__}: {error}")
-        except TransferError:
-            pass
-        self.done = True
-
-    def finish(self) -> None:
-        """After the update: every rank learns whether any rank failed."""
-        if self._all_reduce_flag(0, "send_model status") != 0:
-            raise TransferError(f"send_model failed on another trainer rank: {self._messages(None)}")
+        return send_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

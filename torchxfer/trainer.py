@@ -1,0 +1,397 @@
+"""The trainer-rank protocol of :func:`send_model`: every trainer rank, one sender.
+
+Every trainer rank calls :func:`send_model` over the same model, together, in
+the same order; only the sending rank (the one holding the side group, global
+rank 0 under torchrun) passes a group, the others pass None::
+
+    group = NCCLWeightTransferEngine.trainer_init(...) if dist.get_rank() == 0 else None
+    send_model(model, group, dtype=torch.bfloat16, name_map={"embed.weight": "tok.weight"})
+
+What is sent is planned up front (:mod:`torchxfer.sources`). Sharded tensors
+are gathered per bucket, to the sender only, on the trainer's own groups
+(:mod:`torchxfer.gather`): when the sender's pipeline pulls the first tensor
+of bucket i, bucket i's gathers (posted one bucket earlier) are waited for and
+bucket i+1's are posted, so bucket i+1 moves between trainer ranks while
+bucket i is packed and broadcast to the workers.
+
+**Memory.** Rank 0's extra memory is the transfer buffers
+(``packed_num_buffers x packed_buffer_size_bytes``) plus about two buckets of
+gathered tensors: the bucket being sent, and the next one in flight (its
+packed part once more while it is cut into tensors, and this rank's own
+shards of it). A tensor larger than a buffer is a bucket of its own here,
+and the sender keeps one private copy of it while it splits it.
+Over Gloo, a gather holds its output twice for a moment (Gloo's flat
+temporary), so count one bucket more there. Other trainer ranks hold their
+shards of two buckets. Unpacked mode
+(``packed=False``) groups tensors as the sender does (about 256 MiB).
+
+Why this cannot deadlock, and what happens on failure:
+
+* **Same plan everywhere.** Before anything moves, one all_gather on the
+  trainer group compares a digest of every rank's plan (names, shapes,
+  dtypes, placements, order) and checks that exactly one rank sends. A rank
+  that iterates another model, order, ``dtype`` or ``name_map`` gets a
+  ValueError on every rank at once. Unchecked, its gathers would pair with the
+  wrong tensors.
+* **One lockstep per bucket.** Each post of a bucket's gathers is preceded by
+  a one-int all_reduce of a status code on the trainer group (the first one
+  posts two buckets). The sender runs it when its pipeline pulls the bucket
+  before; the others run it as they reach it, so they wait there, never
+  inside a gather that the sender will not join. Everything local (casts,
+  copies of shards, allocations) is done before that point. Rank 0 never
+  waits for another trainer rank while it holds the side group's
+  collectives, and the others wait only for rank 0, so there is no cycle.
+* **Failure.** If rank 0's send fails (a worker rejects the update, a peer
+  dies, a side-group timeout), rank 0 posts a failure status. The rank
+  waiting at its next lockstep point learns it at once, with rank 0's message,
+  and raises TransferError: it does not gather the rest of the model. A
+  non-sender that fails on its own (not inside a collective) posts its failure
+  the same way; rank 0 then raises TransferError inside the pipeline's source,
+  which aborts the update for every worker. One final status all_reduce tells
+  every trainer rank the outcome of a successful update too. Every wait on
+  the trainer group is bounded by ``timeout_s`` (default: the trainer group's
+  own timeout); the sender on CUDA orders its gathers on the stream (the side
+  group's own timeout then bounds the send). A gather that fails as a
+  collective leaves the trainer group unusable, as any failed collective
+  does: ``send_model`` then raises without further trainer-group traffic.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import (
+    DEFAULT_PACKED_BUFFER_SIZE_BYTES,
+    DEFAULT_PACKED_NUM_BUFFERS,
+    TransferStats,
+    check_send,
+    check_timeout,
+)
+from .engine import NCCLWeightTransferEngine
+from .errors import TransferError
+from .gather import GatherFailed, Gatherer, Posted, local_tensor
+from .group import side_group
+from .sources import Entry, NameMap, Source, gather_groups, is_dtensor, plan
+
+__all__ = ["send_model"]
+
+_MESSAGE_BYTES = 2048
+"""Most bytes of one trainer rank's error message in a failed lockstep."""
+
+
+def send_model(
+    source: Source,
+    group: dist.ProcessGroup | None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    name_map: NameMap = None,
+    include_buffers: bool = True,
+    trainer_group: dist.ProcessGroup | None = None,
+    timeout_s: float | None = None,
+    packed: bool = True,
+    packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_SIZE_BYTES,
+    packed_num_buffers: int = DEFAULT_PACKED_NUM_BUFFERS,
+    checksum: bool = False,
+    version: int | None = None,
+) -> TransferStats | None:
+    """Send one update of ``source``; every trainer rank calls this together.
+
+    Blocks until every worker has loaded the update and every trainer rank
+    knows the outcome. See the module docstring for the memory bound and why
+    it cannot deadlock.
+
+    Args:
+        source: the model or state dict (plain, DTensor-sharded, ``fully_shard``-ed,
+            HSDP, CPU-offloaded). It must be the same on every trainer rank, in
+            the same order (checked); see :data:`torchxfer.sources.Source`.
+        group: the side group (from ``trainer_init``) on the one sending rank,
+            None on every other trainer rank.
+        dtype, name_map, include_buffers: as in :func:`torchxfer.iter_named_tensors`.
+            They change what the in-band header describes, so receivers see
+            exactly what arrives. :func:`torchxfer.update_info_for` describes it too.
+        trainer_group: the group of all trainer ranks that call this (default:
+            the default group, when torch.distributed is initialized). It
+            carries the plan check and the status lockstep (one small tensor
+            per bucket, on the CPU for Gloo, on the current CUDA device
+            otherwise). Pass a Gloo group of the same ranks to keep status
+            traffic off NCCL. Gathers run on the DTensors' own mesh groups.
+            With no trainer group (a single-process trainer), the caller must
+            be the sender.
+        timeout_s: bound on each wait on the trainer group; None: the group's
+            own timeout. Rank 0 may spend several of the side group's
+            ``timeout_s`` between two pulls, so make this larger.
+        packed, packed_buffer_size_bytes, packed_num_buffers, checksum: as in
+            ``trainer_send_weights``. ``packed`` and ``packed_buffer_size_bytes``
+            decide which tensors are gathered together, so they must be the
+            same on every trainer rank (checked with the plan). Tensors made by a gather or a cast are
+            always packed, never sent zero-copy, so each is freed as soon as
+            it is packed.
+        version: the update id workers report as ``weights_version`` (e.g.
+            the training step), as in ``trainer_send_weights``; read on the
+            sender only.
+
+    Returns:
+        The TransferStats on the sender, None on the other ranks.
+
+    Raises:
+        ValueError: on every trainer rank, before anything moves, for bad
+            arguments or a bad tensor on any rank, plans that differ between
+            ranks, or not exactly one sender. The rank whose input was bad
+            raises its own exception.
+        TransferError: on the other trainer ranks when the sender failed
+            (with its message), and on the sender when another trainer rank
+            failed. The sender raises whatever ``trainer_send_weights`` raised.
+    """
+    if timeout_s is not None:
+        check_timeout("send_model", timeout_s)
+    if trainer_group is None and dist.is_initialized():
+        trainer_group = dist.group.WORLD
+    lock = _Lockstep(trainer_group, timeout_s) if trainer_group is not None and trainer_group.size() > 1 else None
+    entries: list[Entry] = []
+    groups: list[list[int]] = []
+    local_error: Exception | None = None
+    try:
+        check_send("send_model", packed, packed_buffer_size_bytes, packed_num_buffers, version)
+        if group is None and lock is None:
+            raise ValueError("group is None, but there is no trainer group of several ranks to send for: "
+                             "the one trainer process must pass its side group")  # fmt: skip
+        if group is not None:
+            side_group(group)  # ValueError unless it is a side group
+        entries = plan(source, dtype, name_map, include_buffers)
+        groups = gather_groups(entries, packed_buffer_size_bytes if packed else None)
+    except Exception as e:  # bad input here: every other rank must hear of it before it could wait in a gather
+        local_error = e
+    if lock is None:
+        if local_error is not None:
+            raise local_error
+        sender = dist.get_rank() if dist.is_initialized() else 0
+    else:
+        # Buckets decide which tensors are gathered together: the bucket rule's inputs are part of the plan.
+        bucketing = f"packed={packed}|buffer={packed_buffer_size_bytes}"
+        sender = lock.begin(entries, bucketing, group is not None, local_error)
+    stream_ordered = group is not None and side_group(group).backend_name == "nccl"
+    schedule = _Schedule(entries, groups, sender, lock, timeout_s, stream_ordered)
+
+    if group is None:
+        assert lock is not None
+        try:
+            schedule.run_peer()
+        except Exception as e:
+            if not lock.done and not isinstance(e, GatherFailed):
+                lock.fail(e)
+            raise
+        lock.finish()
+        return None
+
+    items = _Pulled(entries, groups, schedule)
+    fresh = any(e.collective or e.dtype != e.tensor.dtype or is_dtensor(e.tensor) for e in entries)
+    try:
+        stats = NCCLWeightTransferEngine.trainer_send_weights(
+            items, group, packed=packed, packed_buffer_size_bytes=packed_buffer_size_bytes,
+            packed_num_buffers=packed_num_buffers, checksum=checksum, version=version,
+            # A zero-copy send keeps its tensor until the broadcast completes:
+            # fine for the model's own memory, not for fresh gathers and casts.
+            zero_copy=not fresh,
+        )  # fmt: skip
+    except Exception as e:
+        if lock is not None and not lock.done and not isinstance(e, GatherFailed):
+            lock.fail(e)
+        raise
+    finally:
+        items.close()
+    if lock is not None:
+        lock.finish()
+    return stats
+
+
+class _Schedule:
+    """When each group's gathers are posted, on every trainer rank alike.
+
+    Groups without a collective need nothing. Of the others (``j`` counts
+    them): ``advance(0)`` prepares groups 0 and 1, passes a lockstep point and
+    posts both; ``advance(j)`` waits for group ``j``'s gathers (on the
+    sender: returns its full tensors), then prepares group ``j + 1``, passes a
+    lockstep point and posts it. So at most one lockstep exchange per group,
+    and the sender's next group moves while it sends this one.
+    """
+
+    def __init__(self, entries: list[Entry], groups: list[list[int]], sender: int, lock: _Lockstep | None,
+                 timeout_s: float | None, stream_ordered: bool) -> None:  # fmt: skip
+        self.cgroups = [g for g, idx in enumerate(groups) if any(entries[i].collective for i in idx)]
+        self.slot = {g: j for j, g in enumerate(self.cgroups)}
+        self.gatherer = Gatherer(entries, groups, sender, timeout_s) if self.cgroups else None
+        self.lock = lock
+        self.stream_ordered = stream_ordered
+        self.posted: dict[int, Posted] = {}
+
+    def _post(self, batch: list[Posted]) -> None:
+        if self.lock is not None:
+            self.lock.step()
+        for posted in batch:
+            self.gatherer.post(posted)
+
+    def advance(self, j: int) -> dict[int, torch.Tensor]:
+        m = len(self.cgroups)
+        if j == 0:
+            batch = [self.gatherer.prepare(self.cgroups[k]) for k in range(min(2, m))]
+            self._post(batch)
+            self.posted = dict(enumerate(batch))
+        fulls = self.gatherer.collect(self.posted.pop(j), self.stream_ordered)
+        if j >= 1 and j + 1 < m:
+            nxt = self.gatherer.prepare(self.cgroups[j + 1])
+            self._post([nxt])
+            self.posted[j + 1] = nxt
+        return fulls
+
+    def run_peer(self) -> None:
+        """A trainer rank that does not send: every group's gathers, in the sender's order."""
+        for j in range(len(self.cgroups)):
+            self.advance(j)
+
+
+class _Pulled:
+    """The sender's ``(name, full tensor)`` pairs, in plan order, as the pipeline pulls them.
+
+    Has a length (the number of tensors) so the sender announces the count in
+    its header and a receiver with an update_info can check it before payload moves.
+    """
+
+    def __init__(self, entries: list[Entry], groups: list[list[int]], schedule: _Schedule) -> None:
+        self._entries, self._groups, self._schedule = entries, groups, schedule
+        self._gen = self._run()
+
+    def _run(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for g, indices in enumerate(self._groups):
+            j = self._schedule.slot.get(g)
+            fulls = self._schedule.advance(j) if j is not None else {}
+            for i in indices:  # the frame keeps no reference to a tensor once yielded
+                entry = self._entries[i]
+                yield entry.name, (fulls.pop(i) if entry.collective else local_tensor(entry))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> _Pulled:
+        return self
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+
+class _Lockstep:
+    """Plan check and status agreement among the trainer ranks of one send_model call.
+
+    Every rank makes the same sequence of calls: ``begin``, then ``step`` before
+    each gather, then ``finish``, except that a rank stops at the first
+    failure. A failure is a nonzero status in the same all_reduce the others
+    use for ``step`` or ``finish``, so whichever call of theirs it meets, they
+    learn it there. Then each rank's message is exchanged, and ``done`` is set.
+    """
+
+    def __init__(self, pg: dist.ProcessGroup, timeout_s: float | None) -> None:
+        self.pg = pg
+        self.rank = pg.rank()
+        self.size = pg.size()
+        backend = str(dist.get_backend(pg)).lower()
+        on_cpu = "gloo" in backend or not torch.cuda.is_available()
+        self.device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
+        self.timeout = None if timeout_s is None else datetime.timedelta(seconds=float(timeout_s))
+        self.flag = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.done = False  # a failure was agreed, or the group failed: no more collectives
+
+    def _wait(self, work: Any, what: str) -> None:
+        try:
+            ok = work.wait() if self.timeout is None else work.wait(self.timeout)
+            if ok is False:
+                raise TimeoutError(f"no completion after {self.timeout}")
+        except Exception as e:
+            self.done = True
+            raise TransferError(
+                f"{what} on the trainer group failed on trainer rank {self.rank}: {type(e).__name__}: {e}. "
+                "Another trainer rank died, stopped calling send_model, or is stuck; the trainer group "
+                "is no longer usable."
+            ) from e
+
+    def _all_reduce_flag(self, code: int, what: str) -> int:
+        self.flag.fill_(code)
+        self._wait(dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.pg, async_op=True), what)
+        return int(self.flag.item())
+
+    def _messages(self, error: str | None) -> str:
+        """Every rank's message (after a nonzero status), as one string."""
+        rows = torch.zeros(self.size, _MESSAGE_BYTES, dtype=torch.uint8, device=self.device)
+        if error:
+            raw = error.encode()[:_MESSAGE_BYTES]
+            rows[self.rank, : len(raw)] = torch.tensor(list(raw), dtype=torch.uint8).to(self.device)
+        self._wait(dist.all_reduce(rows, group=self.pg, async_op=True), "send_model error exchange")
+        self.done = True
+        host = rows.cpu()
+        parts = []
+        for r in range(self.size):
+            text = bytes(host[r].tolist()).rstrip(b"\0").decode(errors="replace")
+            if text:
+                parts.append(f"[trainer rank {r}] {text}")
+        return "; ".join(parts)
+
+    def begin(self, entries: list[Entry], bucketing: str, is_sender: bool, error: Exception | None) -> int:
+        """Check that every rank planned the same tensors and that one rank sends; returns
+        the sender's global rank."""
+        digest = hashlib.sha256("\n".join([bucketing] + [e.describe() for e in entries]).encode()).digest()
+        row = torch.tensor(
+            [1 if error else 0, int(is_sender), len(entries), sum(e.collective for e in entries)]
+            + [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)],
+            dtype=torch.int64, device=self.device,
+        )  # fmt: skip
+        rows = [torch.empty_like(row) for _ in range(self.size)]
+        self._wait(dist.all_gather(rows, row, group=self.pg, async_op=True), "send_model plan check")
+        table = [r.cpu().tolist() for r in rows]
+        if any(r[0] for r in table):
+            text = self._messages(None if error is None else f"{type(error).__name__}: {error}")
+            if error is not None:
+                raise error
+            raise ValueError(f"send_model failed on another trainer rank before anything moved: {text}")
+        problems = []
+        plans = {tuple(r[2:]) for r in table}
+        if len(plans) > 1:
+            ranks = "; ".join(f"rank {i}: {r[2]} tensors ({r[3]} sharded), plan {r[4]:014x}"
+                              for i, r in enumerate(table))  # fmt: skip
+            problems.append(
+                f"trainer ranks planned different updates ({ranks}). Every trainer rank must call send_model "
+                "with the same model or state dict, in the same order, with the same dtype, name_map, "
+                "include_buffers, packed and packed_buffer_size_bytes; otherwise their gathers would pair with the wrong tensors"
+            )
+        senders = [i for i, r in enumerate(table) if r[1]]
+        if len(senders) != 1:
+            problems.append(f"exactly one trainer rank must pass a side group; ranks {senders} did")
+        if problems:
+            self.done = True
+            raise ValueError("send_model: " + "; ".join(problems))
+        return senders[0] if self.pg is dist.group.WORLD else dist.get_global_rank(self.pg, senders[0])
+
+    def step(self) -> None:
+        """Before posting gathers: continue together, or raise TransferError if another rank failed."""
+        if self._all_reduce_flag(0, "send_model status") != 0:
+            raise TransferError(f"send_model failed on another trainer rank: {self._messages(None)}")
+
+    def fail(self, error: BaseException) -> None:
+        """Tell the other ranks this rank failed (they are at a step or at finish). Best effort."""
+        try:
+            self._all_reduce_flag(1, "send_model status")
+            self._messages(f"{type(error).__name__}: {error}")
+        except TransferError:
+            pass
+        self.done = True
+
+    def finish(self) -> None:
+        """After the update: every rank learns whether any rank failed."""
+        if self._all_reduce_flag(0, "send_model status") != 0:
+            raise TransferError(f"send_model failed on another trainer rank: {self._messages(None)}")
