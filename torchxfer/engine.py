@@ -44,7 +44,7 @@ from .group import create_side_group, destroy_side_group, side_group
 from .receiver import LoadWeights, ReceiveProgress, Receiver
 from .sender import Sender
 
-__all__ = ["WeightTransferEngine", "NCCLWeightTransferEngine"]
+__all__ = ["WeightTransferEngine", "NCCLWeightTransferEngine", "IPCWeightTransferEngine", "create_engine"]
 
 log = logging.getLogger("torchxfer")
 
@@ -127,6 +127,9 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
 
     def __init__(self, config: WeightTransferConfig, parallel_config: ParallelConfig) -> None:
         super().__init__(config, parallel_config)
+        if config.backend not in ("nccl", "gloo"):
+            raise ValueError(f"NCCLWeightTransferEngine needs backend 'nccl' or 'gloo', got {config.backend!r} "
+                             "(use create_engine(config, parallel_config) to pick the engine from the config)")
         self.model_update_group: dist.ProcessGroup | None = None
         self._lock = threading.Lock()
         self._weights_version: int | None = None
@@ -352,6 +355,23 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
                 return sender.run(iterator, post_iter_func)
         return sender.run(iterator, post_iter_func)
 
+
+def create_engine(config: WeightTransferConfig, parallel_config: ParallelConfig) -> WeightTransferEngine:
+    """The worker engine that ``config.backend`` names: NCCLWeightTransferEngine for "nccl" and "gloo",
+    IPCWeightTransferEngine for "ipc" (colocated). Local; ValueError for a bad config.
+
+    A server that reads its config from a file switches from a broadcast to colocated
+    transfers by changing ``backend`` alone.
+    """
+    if not isinstance(config, WeightTransferConfig):
+        raise ValueError(f"config must be a WeightTransferConfig, got {type(config).__name__}")
+    if config.backend == "ipc":
+        return IPCWeightTransferEngine(config, parallel_config)
+    return NCCLWeightTransferEngine(config, parallel_config)
+
+
+# The colocated engine lives in its own module, which builds on this one.
+from .ipc_engine import IPCWeightTransferEngine  # noqa: E402
 
 # TransferError is re-exported here for callers that import the engine module alone.
 __all__ += ["TransferError"]
