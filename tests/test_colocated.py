@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import torchxfer
-from tests.harness import ADDR, bytes_equal, free_port, run_processes, run_threads
+from tests.harness import ADDR, bytes_equal, digest, free_port, run_processes, run_threads
 from torchxfer import (
     IPCWeightTransferEngine,
     IPCWeightTransferInitInfo,
@@ -424,3 +424,63 @@ def test_memory_flat_over_50_updates_on_both_sides():
         assert rss50 - rss5 < 4 << 20, (out.rank, rss5, rss50)
         assert maps50 == maps5 and fds50 == fds5, out.value
     assert _shm() - before == set()
+
+
+def _sharded_body(rank: int, trainer_port: int, ports: tuple, device_type: str):
+    """Ranks 0-1: a 2-rank trainer (DTensor / fully_shard), each serving its own colocated worker
+    (ranks 2-3) through send_model with its own group; every rank sends after the same gathers."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from torchxfer import send_model
+
+    cuda = device_type == "cuda"
+    me = rank % 2
+    if cuda:
+        torch.cuda.set_device(me)
+    if rank >= 2:
+        engine = create_engine(WeightTransferConfig(backend="ipc", timeout_s=PROCESS_TIMEOUT), ParallelConfig())
+        engine.init_transfer_engine(IPCWeightTransferInitInfo(ADDR, ports[me], 1, 2))
+        got = []
+        for _ in range(2):
+            store: dict = {}
+            engine.receive_weights(None, _collect(store))
+            got.append({n: digest(t) for n, t in store.items()})
+        engine.shutdown()
+        return got
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank,
+                            world_size=2, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    mesh = init_device_mesh(device_type, (2,))
+    group = IPCWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=ports[me], world_size=2),
+                                                 timeout_s=PROCESS_TIMEOUT)  # fmt: skip
+    torch.manual_seed(0)
+    dev = torch.device(device_type, me) if cuda else torch.device("cpu")
+    full = {f"w{i}": torch.randn(64 + 8 * i, 12, device=dev) for i in range(6)}
+    sd = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in full.items()}
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)).to(dev)
+    fully_shard(net, mesh=mesh)
+    refs, sent = [], []
+    for source in (sd, net):
+        stats = send_model(source, group, packed_buffer_size_bytes=4096, packed_num_buffers=2,
+                           timeout_s=PROCESS_TIMEOUT)  # fmt: skip
+        sent.append(stats.num_tensors)
+        items = source.items() if isinstance(source, dict) else source.state_dict().items()
+        refs.append({n: digest(t.full_tensor() if isinstance(t, DTensor) else t) for n, t in items})
+    destroy_side_group(group)
+    dist.destroy_process_group()
+    return refs, sent
+
+
+@processes
+def test_sharded_trainer_each_rank_serves_its_own_colocated_worker():
+    ports = (free_port(), free_port())
+    outcomes = run_processes(_sharded_body, 4, free_port(), ports, "cpu", deadline_s=150)
+    for trainer in (0, 1):
+        refs, sent = outcomes[trainer].value
+        assert sent == [len(refs[0]), len(refs[1])]
+        assert outcomes[trainer + 2].value == refs

@@ -65,7 +65,8 @@ from .config import (
     TransferStats,
     check_buffers,
 )
-from .engine import NCCLWeightTransferEngine
+from .colocated import is_colocated
+from .engine import IPCWeightTransferEngine, NCCLWeightTransferEngine
 from .errors import TransferError
 from .group import side_group
 from .packing import TensorSpec, dtype_name, parse_dtype
@@ -358,7 +359,9 @@ def send_model(
             CPU-offloaded). It must be the same on every trainer rank, in the
             same order (checked); see :data:`Source`.
         group: the side group (from ``trainer_init``) on the one sending rank,
-            None on every other trainer rank.
+            None on every other trainer rank; or, colocated, every trainer rank's
+            own group (``IPCWeightTransferEngine.trainer_init``), serving the
+            workers on that rank's GPU: then every rank sends, after the same gathers.
         dtype, name_map, include_buffers: as in :func:`iter_named_tensors`.
             They change what the in-band header describes, so receivers see
             exactly what arrives. :func:`update_info_for` describes it too.
@@ -381,7 +384,7 @@ def send_model(
             sender only.
 
     Returns:
-        The TransferStats on the sender, None on the other ranks.
+        The TransferStats on each sender, None on the other ranks.
 
     Raises:
         ValueError: on every trainer rank, before anything moves, for bad
@@ -416,7 +419,8 @@ def send_model(
         if local_error is not None:
             raise local_error
     else:
-        lock.begin(entries, group is not None, local_error)
+        # A colocated trainer rank (2) serves the workers on its own GPU: every rank may send.
+        lock.begin(entries, 0 if group is None else 2 if is_colocated(group) else 1, local_error)
 
     if group is None:
         assert lock is not None
@@ -434,13 +438,19 @@ def send_model(
     items = _LazyTensors(entries, lock.step if lock is not None else None)
     fresh = any(e.gather or e.dtype != e.tensor.dtype or _is_dtensor(e.tensor) for e in entries)
     try:
-        stats = NCCLWeightTransferEngine.trainer_send_weights(
-            items, group, packed=packed, packed_buffer_size_bytes=packed_buffer_size_bytes,
-            packed_num_buffers=packed_num_buffers, checksum=checksum, version=version,
-            # A zero-copy send keeps its tensor until the broadcast completes:
-            # fine for the model's own memory, not for fresh gathers and casts.
-            zero_copy=not fresh,
-        )  # fmt: skip
+        if is_colocated(group):  # packed, into this rank's shared buffers (checksum does not apply)
+            stats = IPCWeightTransferEngine.trainer_send_weights(
+                items, group, packed_buffer_size_bytes=packed_buffer_size_bytes,
+                packed_num_buffers=packed_num_buffers, version=version,
+            )  # fmt: skip
+        else:
+            stats = NCCLWeightTransferEngine.trainer_send_weights(
+                items, group, packed=packed, packed_buffer_size_bytes=packed_buffer_size_bytes,
+                packed_num_buffers=packed_num_buffers, checksum=checksum, version=version,
+                # A zero-copy send keeps its tensor until the broadcast completes:
+                # fine for the model's own memory, not for fresh gathers and casts.
+                zero_copy=not fresh,
+            )  # fmt: skip
     except Exception as e:
         if lock is not None and not lock.done and not getattr(e, "_torchxfer_collective", False):
             lock.fail(e)
@@ -507,8 +517,9 @@ class _Lockstep:
                 parts.append(f"[trainer rank {r}] {text}")
         return "; ".join(parts)
 
-    def begin(self, entries: list[_Entry], is_sender: bool, error: Exception | None) -> None:
-        """Check that every rank planned the same tensors and that one rank sends."""
+    def begin(self, entries: list[_Entry], is_sender: int, error: Exception | None) -> None:
+        """Check that every rank planned the same tensors and that one rank sends (``is_sender``
+        1), or every rank through its own colocated group (2); 0 on a rank that does not send."""
         digest = hashlib.sha256("\n".join(e.describe() for e in entries).encode()).digest()
         row = torch.tensor(
             [1 if error else 0, int(is_sender), len(entries), sum(e.gather for e in entries)]
@@ -534,8 +545,10 @@ class _Lockstep:
                 "include_buffers; otherwise their gathers would pair with the wrong tensors"
             )
         senders = [i for i, r in enumerate(table) if r[1]]
-        if len(senders) != 1:
-            problems.append(f"exactly one trainer rank must pass a side group; ranks {senders} did")
+        every_rank_colocated = all(r[1] == 2 for r in table)
+        if len(senders) != 1 and not every_rank_colocated:
+            problems.append(f"exactly one trainer rank must pass a side group, or every rank its own colocated "
+                            f"group; ranks {senders} passed one")  # fmt: skip
         if problems:
             self.done = True
             raise ValueError("send_model: " + "; ".join(problems))
