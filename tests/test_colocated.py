@@ -484,3 +484,55 @@ def test_sharded_trainer_each_rank_serves_its_own_colocated_worker():
         refs, sent = outcomes[trainer].value
         assert sent == [len(refs[0]), len(refs[1])]
         assert outcomes[trainer + 2].value == refs
+
+
+# -- CUDA (nvidia-h200: one GPU; nvidia-h200-x2: two) ----------------------------------------------
+
+
+def _cuda_body(rank: int, port: int):
+    """Trainer and two workers on GPU 0: three updates (in place, then a new layout), bit-exact."""
+    torch.cuda.set_device(0)
+    gen = torch.Generator().manual_seed(11)
+    model = [(n, t.cuda()) for n, t in _model(12, big=3_000_000)]
+    if rank == 0:
+        group = _trainer(port, 3, PROCESS_TIMEOUT)
+        sent = []
+        for u in range(3):
+            if u == 2:
+                model = [(n, t.cuda()) for n, t in _model(13)]
+            IPCWeightTransferEngine.trainer_send_weights(model, group, packed_buffer_size_bytes=1 << 22,
+                                                         packed_num_buffers=2)  # fmt: skip
+            sent.append({n: digest(t) for n, t in model})
+            with torch.no_grad():
+                for _, t in model:
+                    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and t.numel():
+                        t.add_(torch.randn(t.shape, generator=gen).to(t.device, t.dtype))
+        destroy_side_group(group)
+        return sent
+    engine = _worker(rank, port, 3, PROCESS_TIMEOUT)
+    assert engine.device == torch.device("cuda", 0)
+    got = []
+    for _ in range(3):
+        store: dict = {}
+        engine.receive_weights(None, _collect(store))
+        got.append({n: digest(t) for n, t in store.items()})
+    engine.shutdown()
+    return got
+
+
+@processes
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_trainer_and_workers_on_one_gpu_bit_exact():
+    outcomes = run_processes(_cuda_body, 3, free_port(), deadline_s=240)
+    assert outcomes[1].value == outcomes[0].value and outcomes[2].value == outcomes[0].value
+
+
+@processes
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_cuda_fsdp2_trainer_of_two_ranks_each_with_a_colocated_worker():
+    ports = (free_port(), free_port())
+    outcomes = run_processes(_sharded_body, 4, free_port(), ports, "cuda", deadline_s=240)
+    for trainer in (0, 1):
+        refs, sent = outcomes[trainer].value
+        assert sent == [len(refs[0]), len(refs[1])]
+        assert outcomes[trainer + 2].value == refs
