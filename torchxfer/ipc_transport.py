@@ -132,6 +132,12 @@ class _IpcHandle(ctypes.Structure):
 _CUDART: Any = None
 
 
+def _handle(raw: bytes) -> _IpcHandle:
+    handle = _IpcHandle()
+    ctypes.memmove(ctypes.addressof(handle), raw, 64)
+    return handle
+
+
 def _cudart() -> Any:
     """The CUDA runtime torch loaded (found in this process's maps), else one by name."""
     global _CUDART
@@ -227,7 +233,8 @@ class SharedBuffers:
                 with torch.cuda.device(self.device):
                     _check(lib.cudaIpcGetMemHandle(ctypes.byref(handle), ctypes.c_void_p(t.data_ptr())),
                            "cudaIpcGetMemHandle")  # fmt: skip
-                handles.append(bytes(handle.reserved).ljust(64, b"\0").hex())
+                # string_at, not .reserved: a c_char array field stops at its first NUL byte.
+                handles.append(ctypes.string_at(ctypes.addressof(handle), 64).hex())
             with torch.cuda.device(self.device):
                 desc["events"] = [bytes(e.ipc_handle()).hex() for e in self.events]
             desc["handles"] = handles
@@ -270,7 +277,7 @@ def open_buffers(desc: Any, device: torch.device, num_buffers: int, nbytes: int)
     for h in handles:
         ptr = ctypes.c_void_p()
         with torch.cuda.device(device):
-            _check(lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), _IpcHandle(bytes.fromhex(h)), 1),
+            _check(lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), _handle(bytes.fromhex(h)), 1),
                    "opening the trainer's buffer (cudaIpcOpenMemHandle)")  # fmt: skip
         tensors.append(_wrap(device, ptr.value, nbytes, "close"))
     with torch.cuda.device(device):
