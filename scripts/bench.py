@@ -5,6 +5,9 @@
         --layouts transformer,huge,tiny,moe --modes flat,packed,seed,per-tensor,unpacked \\
         --buffer-mib 1024,256 --num-buffers 2 --out bench.json
     python scripts/bench.py --pack-only --device cuda   # plain-torch pack/unpack vs device copy
+    python scripts/bench.py --modes flat,packed,ipc,d2d --buffer-mib 32,64 --num-buffers 2   # colocated, CPU
+    python scripts/bench.py --backend gloo --device cuda --workers 1 --layouts transformer,tiny \
+        --modes flat,ipc,d2d --buffer-mib 1024,256 --num-buffers 2   # colocated, one GPU
 
 Modes, each on the same group in the same run:
   flat       one dist.broadcast of a single uint8 tensor of the layout's total
@@ -22,7 +25,14 @@ Modes, each on the same group in the same run:
   per-tensor one raw dist.broadcast per tensor, the receiver allocating each
              tensor (the seed's one-by-one path);
   unpacked   trainer_send_weights(packed=False) / receive_weights(None, ...);
-  sharded    packed, sent by a 2-rank DTensor trainer through send_model.
+  sharded    packed, sent by a 2-rank DTensor trainer through send_model;
+  ipc        colocated (IPCWeightTransferEngine): workers on the trainer's
+             device (the CPU, or the trainer's GPU) read its shared buffers and
+             load with ModuleLoader into a module of the layout, same sweep;
+  d2d        the colocated floor: two copies of the layout's bytes on the
+             trainer's device (the pack and the load), rank 0 only.
+The summary also prints, per layout, the best ipc row against the best packed
+row (speedup) and against d2d (ratio): the colocated targets.
 Every timed phase ends with a one-element all_reduce so the clock covers
 delivery, not the sender's enqueue. Each mode runs back to back with the flat
 broadcast, round after round (one warm-up round first); the ratio to flat is
@@ -56,10 +66,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torchxfer import NCCLWeightTransferEngine, ParallelConfig, WeightTransferConfig  # noqa: E402
 from torchxfer import NCCLWeightTransferInitInfo, destroy_side_group, send_model  # noqa: E402
+from torchxfer import IPCWeightTransferEngine, IPCWeightTransferInitInfo, ModuleLoader  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
-MODES = ("flat", "packed", "seed", "per-tensor", "unpacked", "sharded")
+MODES = ("flat", "packed", "seed", "per-tensor", "unpacked", "sharded", "ipc", "d2d")
 Spec = tuple[str, tuple[int, ...], torch.dtype]
 
 
@@ -299,9 +310,11 @@ def configs(args: argparse.Namespace, name: str) -> list[dict]:
     """One layout's rows other than flat, in run order; every rank computes the same list."""
     plan = []
     sweep = [(mib, nb) for mib in args.buffer_mib for nb in args.num_buffers]
-    for mode in ("packed", "seed"):
+    for mode in ("packed", "seed", "ipc"):
         if mode in args.modes:
             plan += [{"layout": name, "mode": mode, "buffer_mib": mib, "num_buffers": nb} for mib, nb in sweep]
+    if "d2d" in args.modes:
+        plan.append({"layout": name, "mode": "d2d"})
     if "sharded" in args.modes:
         plan.append({"layout": name, "mode": "sharded", "buffer_mib": sweep[0][0], "num_buffers": sweep[0][1]})
     for mode in ("per-tensor", "unpacked"):
@@ -355,7 +368,22 @@ def _profile(fn: Any, folder: str, name: str, device: torch.device) -> None:
     prof.export_chrome_trace(os.path.join(folder, f"{name}.json"))
 
 
-def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_port: int = 0) -> None:
+def _module(specs: list, device: torch.device) -> torch.nn.Module:
+    """A module whose buffers are the layout's tensors, by their dotted names (for ModuleLoader)."""
+    root = torch.nn.Module()
+    for name, shape, dtype in specs:
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        mod.register_buffer(leaf, torch.zeros(shape, dtype=dtype, device=device))
+    return root
+
+
+def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_port: int = 0,
+              ipc_port: int = 0) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if rank == args.workers + 1:
         return _trainer_peer(args, trainer_port)
@@ -379,6 +407,19 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
         )
         engine.init_transfer_engine(NCCLWeightTransferInitInfo("127.0.0.1", port, 1, world))
         pg = engine.model_update_group
+    ipc_pg, ipc_engine, ipc_device = None, None, device
+    if "ipc" in args.modes:
+        # Colocated: every worker on the trainer's device (cuda:0 or the CPU).
+        ipc_device = torch.device("cuda", 0) if device.type == "cuda" else device
+        ipc_info = dict(master_address="127.0.0.1", master_port=ipc_port, world_size=world)
+        if rank == 0:
+            ipc_pg = IPCWeightTransferEngine.trainer_init(ipc_info, timeout_s=args.timeout, device=ipc_device)
+        else:
+            ipc_engine = IPCWeightTransferEngine(
+                WeightTransferConfig(backend="ipc", timeout_s=args.timeout, device=ipc_device),
+                ParallelConfig(rank=rank - 1, tensor_parallel_size=args.workers),
+            )
+            ipc_engine.init_transfer_engine(IPCWeightTransferInitInfo("127.0.0.1", ipc_port, 1, world))
     seed = SeedPacked(device)
     results = []
     for lay in args.layouts:
@@ -396,6 +437,8 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
         else:
             flat = torch.zeros(total, dtype=torch.uint8, device=device)
         buckets_by_size: dict[int, list[list[int]]] = {}
+        loader = ModuleLoader(_module(specs, ipc_device)) if rank != 0 and "ipc" in args.modes else None
+        copy_dst = torch.empty_like(flat) if rank == 0 and "d2d" in args.modes else None
 
         def run_once(cfg: dict) -> float:
             mode = cfg["mode"]
@@ -415,6 +458,19 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
                     send_model(sharded, pg, **{k: v for k, v in kwargs.items() if k != "packed"})
                 else:
                     NCCLWeightTransferEngine.trainer_send_weights(iter(tensors), pg, **kwargs)
+            elif mode == "ipc":
+                kw = dict(packed_buffer_size_bytes=cfg["buffer_mib"] * MiB, packed_num_buffers=cfg["num_buffers"])
+                if rank == 0:
+                    IPCWeightTransferEngine.trainer_send_weights(iter(tensors), ipc_pg, **kw)
+                else:
+                    with loader.update():
+                        ipc_engine.receive_weights(None, loader)
+                    if ipc_device.type == "cuda":
+                        torch.cuda.synchronize(ipc_device)
+            elif mode == "d2d":
+                if rank == 0:
+                    copy_dst.copy_(flat)
+                    copy_dst.copy_(flat)
             elif mode == "seed":
                 buckets = buckets_by_size[cfg["buffer_mib"]]
                 if rank == 0:
@@ -463,10 +519,14 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
                         "seconds": med, "gb_per_s": total / med / 1e9, "ratio_to_flat": 1.0,
                         "rounds": len(flat_all), "peak_extra_bytes": 0})  # fmt: skip
         # Free this layout (30 GB for moe) before the next one.
-        del tensors, by_name, sharded, flat
+        del tensors, by_name, sharded, flat, loader, copy_dst
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
+    if ipc_pg is not None:
+        destroy_side_group(ipc_pg)
+    if ipc_engine is not None:
+        ipc_engine.shutdown()
     if rank == 0:
         destroy_side_group(pg)
         if "sharded" in args.modes:
@@ -480,14 +540,14 @@ def run_distributed(args: argparse.Namespace) -> list[dict]:
     import socket
 
     ports = []
-    for _ in range(2):
+    for _ in range(3):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     count = args.workers + 1 + (1 if "sharded" in args.modes else 0)  # + trainer rank 1 of a sharded trainer
-    procs = [ctx.Process(target=rank_main, args=(r, args, ports[0], queue, ports[1])) for r in range(count)]
+    procs = [ctx.Process(target=rank_main, args=(r, args, ports[0], queue, ports[1], ports[2])) for r in range(count)]
     for p in procs:
         p.start()
     results = []
@@ -541,8 +601,19 @@ def print_short_table(rows: list[dict]) -> None:
         print(f"{r['layout']:12} {r['mode']:10} {_buffer(r):>14} {r['seconds'] * 1e3:>10.2f} "
               f"{r['gb_per_s']:>8.2f} {r['ratio_to_flat']:>6.2f}")  # fmt: skip
     for r in rows:
-        if r["layout"] == "tiny" and r["mode"] == "packed":
-            print(f"tiny ({r['tensors']} x 4 KiB fp32), packed {_buffer(r)}: {r['seconds'] * 1e3:.2f} ms per update")
+        if r["layout"] == "tiny" and r["mode"] in ("packed", "ipc"):
+            print(f"tiny ({r['tensors']} x 4 KiB fp32), {r['mode']} {_buffer(r)}: {r['seconds'] * 1e3:.2f} ms per update")
+    for lay in dict.fromkeys(r["layout"] for r in rows):
+        best = {m: min((r["seconds"] for r in rows if r["layout"] == lay and r["mode"] == m), default=None)
+                for m in ("ipc", "packed", "d2d")}  # fmt: skip
+        if best["ipc"] is None:
+            continue
+        parts = [f"{lay}: ipc best {best['ipc'] * 1e3:.2f} ms"]
+        if best["packed"] is not None:
+            parts.append(f"{best['packed'] / best['ipc']:.2f}x faster than the best packed row")
+        if best["d2d"] is not None:
+            parts.append(f"{best['ipc'] / best['d2d']:.2f}x the time of two device copies (d2d)")
+        print("; ".join(parts))
 
 
 # -- pack / unpack against the device copy (plain torch, no torchxfer internals) ----------------

@@ -4,6 +4,7 @@ over a torch.distributed side group: packed, overlapped, self-checking."""
 from .config import (
     DEFAULT_PACKED_BUFFER_SIZE_BYTES,
     DEFAULT_PACKED_NUM_BUFFERS,
+    IPCWeightTransferInitInfo,
     NCCLWeightTransferInitInfo,
     NCCLWeightTransferUpdateInfo,
     ParallelConfig,
@@ -11,7 +12,7 @@ from .config import (
     WeightTransferConfig,
     worker_rank,
 )
-from .engine import NCCLWeightTransferEngine, WeightTransferEngine
+from .engine import IPCWeightTransferEngine, NCCLWeightTransferEngine, WeightTransferEngine, create_engine
 from .errors import TransferError
 from .group import create_side_group, destroy_side_group, side_group
 from .loading import ModuleLoader
@@ -24,6 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_PACKED_BUFFER_SIZE_BYTES",
     "DEFAULT_PACKED_NUM_BUFFERS",
+    "IPCWeightTransferEngine",
+    "IPCWeightTransferInitInfo",
     "ModuleLoader",
     "NCCLWeightTransferEngine",
     "NCCLWeightTransferInitInfo",
@@ -34,6 +37,7 @@ __all__ = [
     "TransferStats",
     "WeightTransferConfig",
     "WeightTransferEngine",
+    "create_engine",
     "create_side_group",
     "destroy_side_group",
     "iter_named_tensors",

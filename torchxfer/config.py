@@ -20,6 +20,7 @@ __all__ = [
     "WeightTransferConfig",
     "ParallelConfig",
     "NCCLWeightTransferInitInfo",
+    "IPCWeightTransferInitInfo",
     "NCCLWeightTransferUpdateInfo",
     "TransferStats",
     "worker_rank",
@@ -29,6 +30,8 @@ DEFAULT_PACKED_BUFFER_SIZE_BYTES = 1 << 30
 DEFAULT_PACKED_NUM_BUFFERS = 2
 DEFAULT_TIMEOUT_S = 300.0
 BACKENDS = ("nccl", "gloo")
+ENGINE_BACKENDS = BACKENDS + ("ipc",)
+"""What ``WeightTransferConfig.backend`` names: a side-group backend, or "ipc" (colocated)."""
 MAX_NUM_BUFFERS = 64
 
 
@@ -77,8 +80,10 @@ class WeightTransferConfig:
     """How an inference worker's engine talks to the trainer."""
 
     backend: str = "nccl"
-    """"nccl" (CUDA tensors, one GPU per rank) or "gloo" (CPU tensors, or CUDA
-    tensors staged through host memory). Must match the trainer's backend."""
+    """"nccl" (CUDA tensors, one GPU per rank), "gloo" (CPU tensors, or CUDA
+    tensors staged through host memory) or "ipc" (colocated: the trainer on the
+    same GPU or host shares its buffers; see ``IPCWeightTransferEngine``).
+    Must match the trainer's engine and backend."""
     timeout_s: float = 300.0
     """Bound on every wait: store rendezvous, each collective, and the wait for
     an update to begin once ``receive_weights`` is called."""
@@ -87,7 +92,8 @@ class WeightTransferConfig:
     the CPU for "gloo"."""
 
     def __post_init__(self) -> None:
-        check_backend("WeightTransferConfig", self.backend)
+        if self.backend not in ENGINE_BACKENDS:
+            raise ValueError(f"WeightTransferConfig.backend must be one of {ENGINE_BACKENDS}, got {self.backend!r}")
         self.timeout_s = check_timeout("WeightTransferConfig", self.timeout_s)
         if self.device is not None:
             try:
@@ -153,9 +159,9 @@ class NCCLWeightTransferInitInfo:
     def __post_init__(self) -> None:
         if not isinstance(self.master_address, str) or not self.master_address:
             raise ValueError(f"master_address must be a non-empty string, got {self.master_address!r}")
-        _check_int("NCCLWeightTransferInitInfo", "master_port", self.master_port, 1, 65535)
-        _check_int("NCCLWeightTransferInitInfo", "rank_offset", self.rank_offset, 1)
-        _check_int("NCCLWeightTransferInitInfo", "world_size", self.world_size, 1)
+        _check_int(type(self).__name__, "master_port", self.master_port, 1, 65535)
+        _check_int(type(self).__name__, "rank_offset", self.rank_offset, 1)
+        _check_int(type(self).__name__, "world_size", self.world_size, 1)
         if self.token is not None and (not isinstance(self.token, str) or not self.token):
             raise ValueError("token must be a non-empty string or None")
 
@@ -165,6 +171,19 @@ class NCCLWeightTransferInitInfo:
             f"NCCLWeightTransferInitInfo(master_address={self.master_address!r}, master_port={self.master_port}, "
             f"rank_offset={self.rank_offset}, world_size={self.world_size}, token={token})"
         )
+
+
+@dataclasses.dataclass(repr=False)
+class IPCWeightTransferInitInfo(NCCLWeightTransferInitInfo):
+    """Where a colocated side group's store listens and how large the group is.
+
+    The same fields and checks as :class:`NCCLWeightTransferInitInfo`: the
+    trainer (rank 0) binds ``master_address:master_port`` (a local address:
+    the ranks share a host) and only control rows travel through it.
+    """
+
+    def __repr__(self) -> str:  # never print the secret
+        return super().__repr__().replace("NCCLWeightTransferInitInfo", "IPCWeightTransferInitInfo", 1)
 
 
 @dataclasses.dataclass

@@ -50,7 +50,7 @@ try:  # public since torch 2.5
 except ImportError:  # pragma: no cover
     _DTensor = None
 
-__all__ = ["WeightTransferEngine", "NCCLWeightTransferEngine"]
+__all__ = ["WeightTransferEngine", "NCCLWeightTransferEngine", "IPCWeightTransferEngine", "create_engine"]
 
 log = logging.getLogger("torchxfer")
 
@@ -133,6 +133,9 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
 
     def __init__(self, config: WeightTransferConfig, parallel_config: ParallelConfig) -> None:
         super().__init__(config, parallel_config)
+        if config.backend not in ("nccl", "gloo"):
+            raise ValueError(f"NCCLWeightTransferEngine needs backend 'nccl' or 'gloo', got {config.backend!r} "
+                             "(use create_engine(config, parallel_config) to pick the engine from the config)")
         self.model_update_group: dist.ProcessGroup | None = None
         self._lock = threading.Lock()
         self._weights_version: int | None = None
@@ -407,6 +410,23 @@ def _refuse_dtensors(iterator: Iterable[Any], post_iter_func: Callable | None) -
             return _check_plain(item[0], f(item))
     return checked(), post
 
+
+def create_engine(config: WeightTransferConfig, parallel_config: ParallelConfig) -> WeightTransferEngine:
+    """The worker engine that ``config.backend`` names: NCCLWeightTransferEngine for "nccl" and "gloo",
+    IPCWeightTransferEngine for "ipc" (colocated). Local; ValueError for a bad config.
+
+    A server that reads its config from a file switches from a broadcast to colocated
+    transfers by changing ``backend`` alone.
+    """
+    if not isinstance(config, WeightTransferConfig):
+        raise ValueError(f"config must be a WeightTransferConfig, got {type(config).__name__}")
+    if config.backend == "ipc":
+        return IPCWeightTransferEngine(config, parallel_config)
+    return NCCLWeightTransferEngine(config, parallel_config)
+
+
+# The colocated engine lives in its own module, which builds on this one.
+from .ipc_engine import IPCWeightTransferEngine  # noqa: E402
 
 # TransferError is re-exported here for callers that import the engine module alone.
 __all__ += ["TransferError"]

@@ -73,7 +73,8 @@ from .config import (
     check_send,
     check_timeout,
 )
-from .engine import NCCLWeightTransferEngine
+from .colocated import is_colocated
+from .engine import IPCWeightTransferEngine, NCCLWeightTransferEngine
 from .errors import TransferError
 from .gather import GatherFailed, Gatherer, Posted, local_tensor
 from .group import side_group
@@ -174,7 +175,10 @@ def send_model(
     else:
         # Buckets decide which tensors are gathered together: the bucket rule's inputs are part of the plan.
         bucketing = f"packed={packed}|buffer={packed_buffer_size_bytes}"
-        sender = lock.begin(entries, bucketing, group is not None, local_error)
+        role = 0 if group is None else 2 if is_colocated(group) else 1
+        sender = lock.begin(entries, bucketing, role, local_error)
+    if group is not None and is_colocated(group):
+        return _send_colocated(entries, group, lock, packed_buffer_size_bytes, packed_num_buffers, version)
     stream_ordered = group is not None and side_group(group).backend_name == "nccl"
     schedule = _Schedule(entries, groups, sender, lock, timeout_s, stream_ordered)
 
@@ -342,9 +346,10 @@ class _Lockstep:
                 parts.append(f"[trainer rank {r}] {text}")
         return "; ".join(parts)
 
-    def begin(self, entries: list[Entry], bucketing: str, is_sender: bool, error: Exception | None) -> int:
-        """Check that every rank planned the same tensors and that one rank sends; returns
-        the sender's global rank."""
+    def begin(self, entries: list[Entry], bucketing: str, is_sender: int, error: Exception | None) -> int:
+        """Check that every rank planned the same tensors and that one rank sends (``is_sender`` 1),
+        or every rank through its own colocated group (2; 0 on a rank that does not send);
+        returns the sender's global rank (-1: every rank sends)."""
         digest = hashlib.sha256("\n".join([bucketing] + [e.describe() for e in entries]).encode()).digest()
         row = torch.tensor(
             [1 if error else 0, int(is_sender), len(entries), sum(e.collective for e in entries)]
@@ -370,11 +375,17 @@ class _Lockstep:
                 "include_buffers, packed and packed_buffer_size_bytes; otherwise their gathers would pair with the wrong tensors"
             )
         senders = [i for i, r in enumerate(table) if r[1]]
-        if len(senders) != 1:
-            problems.append(f"exactly one trainer rank must pass a side group; ranks {senders} did")
+        every_rank_colocated = all(r[1] == 2 for r in table)
+        if len(senders) != 1 and not every_rank_colocated:
+            problems.append(f"exactly one trainer rank must pass a side group, or every rank its own colocated "
+                            f"group; ranks {senders} passed one")  # fmt: skip
+        elif any(r[1] == 2 for r in table) and not every_rank_colocated:
+            problems.append("a colocated group on one trainer rank needs a colocated group on every rank")
         if problems:
             self.done = True
             raise ValueError("send_model: " + "; ".join(problems))
+        if every_rank_colocated:
+            return -1
         return senders[0] if self.pg is dist.group.WORLD else dist.get_global_rank(self.pg, senders[0])
 
     def step(self) -> None:
@@ -395,3 +406,37 @@ class _Lockstep:
         """After the update: every rank learns whether any rank failed."""
         if self._all_reduce_flag(0, "send_model status") != 0:
             raise TransferError(f"send_model failed on another trainer rank: {self._messages(None)}")
+
+
+def _send_colocated(entries: list[Entry], group: Any, lock: _Lockstep | None, buffer_size: int,
+                    num_buffers: int, version: int | None) -> Any:  # fmt: skip
+    """Colocated: every trainer rank serves the workers on its own GPU through its own group.
+
+    Every rank needs every full tensor, so each DTensor is materialized with
+    ``full_tensor()`` on every rank, one tensor at a time, in plan order;
+    a lockstep before each gather lets a rank whose send failed stop the
+    others before they wait in a gather it will not join.
+    """
+
+    def items() -> Iterator[tuple[str, torch.Tensor]]:
+        for entry in entries:
+            if entry.collective:
+                if lock is not None:
+                    lock.step()
+                with torch.no_grad():
+                    tensor = entry.tensor.full_tensor().detach().to(entry.dtype)
+            else:
+                tensor = local_tensor(entry)
+            yield entry.name, tensor
+
+    try:
+        stats = IPCWeightTransferEngine.trainer_send_weights(
+            items(), group, packed_buffer_size_bytes=buffer_size, packed_num_buffers=num_buffers, version=version,
+        )  # fmt: skip
+    except Exception as e:
+        if lock is not None and not lock.done:
+            lock.fail(e)
+        raise
+    if lock is not None:
+        lock.finish()
+    return stats

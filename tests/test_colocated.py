@@ -1,0 +1,538 @@
+"""Colocated mode on the CPU: shared-memory buffers, the same guarantees as a broadcast.
+
+Thread tier (ranks as threads of one process, which share a host by
+construction) for round trips and agreed failures; process tier (real
+processes, "processes" xdist group) for SIGKILL of either side, leftovers in
+/dev/shm, and memory over 50 updates.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import torchxfer
+from tests.harness import ADDR, bytes_equal, digest, free_port, run_processes, run_threads
+from torchxfer import (
+    IPCWeightTransferEngine,
+    IPCWeightTransferInitInfo,
+    ModuleLoader,
+    NCCLWeightTransferEngine,
+    NCCLWeightTransferUpdateInfo,
+    ParallelConfig,
+    TransferError,
+    WeightTransferConfig,
+    create_engine,
+    destroy_side_group,
+)
+from torchxfer.packing import _DTYPE_BY_NAME
+
+TIMEOUT = 5.0
+PROCESS_TIMEOUT = 30.0
+"""Process tier: spawned ranks import torch while the machine is busy; a dead peer is seen at once anyway."""
+SLACK = 6.0
+processes = pytest.mark.xdist_group("processes")
+
+
+def _random(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Random bytes viewed as ``dtype`` (every bit pattern, NaNs included: checked as bytes)."""
+    n = 1
+    for d in shape:
+        n *= d
+    raw = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=gen)
+    if dtype == torch.bool:
+        raw = raw % 2
+    return raw.view(dtype).reshape(shape)
+
+
+def _model(seed: int, big: int = 40_000) -> list[tuple[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = [(f"d.{name}", _random(dtype, (3, 5 + i), gen)) for i, (name, dtype) in enumerate(sorted(_DTYPE_BY_NAME.items()))]
+    out.append(("empty", torch.empty(0, 4)))
+    out.append(("big", _random(torch.float32, (big,), gen)))  # larger than a buffer: split
+    out.append(("noncontig", _random(torch.float64, (8, 6), gen).t()))
+    out += [(f"w{i}", _random(torch.bfloat16, (50 + 13 * i,), gen)) for i in range(20)]
+    return out
+
+
+def _trainer(port: int, world: int, timeout: float = TIMEOUT, token: str | None = None):
+    return IPCWeightTransferEngine.trainer_init(
+        dict(master_address=ADDR, master_port=port, world_size=world, token=token), timeout_s=timeout
+    )
+
+
+def _worker(rank: int, port: int, world: int, timeout: float = TIMEOUT, token: str | None = None):
+    engine = create_engine(WeightTransferConfig(backend="ipc", timeout_s=timeout),
+                           ParallelConfig(data_parallel_rank=rank - 1, data_parallel_size=world - 1))  # fmt: skip
+    engine.init_transfer_engine(IPCWeightTransferInitInfo(ADDR, port, 1, world, token=token))
+    return engine
+
+
+def _collect(store: dict):
+    def load(batch):
+        for name, tensor in batch:
+            store[name] = tensor.clone()
+
+    return load
+
+
+def _same(got: dict, model: list) -> bool:
+    return list(got) == [n for n, _ in model] and all(bytes_equal(got[n], t) for n, t in model)
+
+
+BUF = 64 << 10
+
+
+def test_round_trips_every_dtype_bit_exact_cached_and_changed_layouts():
+    port = free_port()
+    models = [_model(1), None, None, _model(2), _model(3, big=10)]  # None: the same tensors again, new values
+
+    def body(rank: int):
+        if rank == 0:
+            group = _trainer(port, 3)
+            model = models[0]
+            stats = []
+            for u, m in enumerate(models):
+                if m is None:
+                    for _, t in model:  # in place: the very objects of the last update
+                        if t.numel() and t.dtype != torch.bool:
+                            t.add_(1) if not t.is_contiguous() else t.view(-1).view(torch.uint8)[:1].add_(1)
+                else:
+                    model = m
+                stats.append(IPCWeightTransferEngine.trainer_send_weights(
+                    iter(model), group, packed_buffer_size_bytes=BUF, packed_num_buffers=2, version=10 + u))
+                sent.append([(n, t.clone()) for n, t in model])
+            destroy_side_group(group)
+            return [s.num_tensors for s in stats]
+        engine = _worker(rank, port, 3)
+        results = []
+        for u in range(len(models)):
+            got: dict = {}
+            engine.receive_weights(None, _collect(got), atomic=rank == 2)
+            results.append(got)
+            assert engine.weights_version == 10 + u and not engine.torn
+        engine.shutdown()
+        return results
+
+    sent: list = []
+    outcomes = run_threads(body, 3, deadline_s=120)
+    for rank in (1, 2):
+        for u, got in enumerate(outcomes[rank].value):
+            assert _same(got, sent[u]), (rank, u)
+
+
+def test_update_info_mismatch_is_agreed_before_any_wrong_tensor_loads_and_the_group_recovers():
+    port = free_port()
+    model = _model(4)
+    good = NCCLWeightTransferUpdateInfo.from_named_tensors(model, packed=True, packed_buffer_size_bytes=BUF,
+                                                          packed_num_buffers=2)  # fmt: skip
+    shapes = [list(s) for s in good.shapes]
+    shapes[-1] = [shapes[-1][0] + 1]
+    bad_shape = NCCLWeightTransferUpdateInfo(good.names, good.dtype_names, shapes, True, BUF, 2)
+    bad_size = NCCLWeightTransferUpdateInfo(good.names, good.dtype_names, good.shapes, True, 2 * BUF, 2)
+    infos = [bad_shape, bad_size, good]
+
+    def body(rank: int):
+        if rank == 0:
+            group = _trainer(port, 3)
+            errors = []
+            for _ in infos:
+                try:
+                    IPCWeightTransferEngine.trainer_send_weights(model, group, packed_buffer_size_bytes=BUF,
+                                                                 packed_num_buffers=2)  # fmt: skip
+                    errors.append(None)
+                except TransferError as e:
+                    errors.append(str(e))
+            destroy_side_group(group)
+            return errors
+        engine = _worker(rank, port, 3)
+        errors, loaded = [], []
+        for info in infos:
+            got: dict = {}
+            try:
+                engine.receive_weights(info if rank == 1 else None, _collect(got))
+                errors.append(None)
+            except TransferError as e:
+                assert not e.broken
+                errors.append(str(e))
+            loaded.append(got)
+        engine.shutdown()
+        return errors, loaded
+
+    outcomes = run_threads(body, 3, deadline_s=90)
+    trainer_errors = outcomes[0].value
+    assert "update_info expects" in trainer_errors[0] and "packed_buffer_size_bytes" in trainer_errors[1]
+    assert trainer_errors[2] is None
+    for rank in (1, 2):
+        errors, loaded = outcomes[rank].value
+        assert errors[:2] == trainer_errors[:2]
+        wrong = model[-1][0]
+        assert wrong not in loaded[0] and not loaded[1]  # the shape mismatch stops before its tensor loads
+        assert _same(loaded[2], model)
+
+
+def test_failures_agreed_atomic_never_torn_source_error_reaches_workers():
+    port = free_port()
+    model = _model(5)
+
+    def failing():
+        yield from model[:-3]
+        raise RuntimeError("source broke")
+
+    def body(rank: int):
+        if rank == 0:
+            group = _trainer(port, 3)
+            out = []
+            for source in (failing(), model, model, [], model):
+                try:
+                    IPCWeightTransferEngine.trainer_send_weights(source, group, packed_buffer_size_bytes=BUF,
+                                                                 packed_num_buffers=1)  # fmt: skip
+                    out.append(None)
+                except Exception as e:  # noqa: BLE001
+                    out.append(f"{type(e).__name__}: {e}")
+            destroy_side_group(group)
+            return out
+        engine = _worker(rank, port, 3)
+        out = []
+        calls = [0]
+
+        def load(batch):
+            calls[0] += 1
+            if rank == 1 and len(out) == 1 and calls[0] == 2:
+                raise KeyError("no such parameter")
+
+        for _ in range(5):
+            try:
+                engine.receive_weights(None, load, atomic=rank == 2)
+                out.append((None, engine.torn, engine.weights_version))
+            except TransferError as e:
+                out.append((str(e), engine.torn, engine.weights_version))
+        engine.shutdown()
+        return out
+
+    outcomes = run_threads(body, 3, deadline_s=90)
+    trainer = outcomes[0].value
+    assert trainer[0] == "RuntimeError: source broke"
+    assert "load_weights raised on rank 1" in trainer[1] and "KeyError" in trainer[1]
+    assert trainer[2:] == [None, None, None]
+    for rank in (1, 2):
+        res = outcomes[rank].value
+        assert "source broke" in res[0][0] and "load_weights raised on rank 1" in res[1][0]
+        assert res[0][1] is (rank == 1)  # streaming workers are torn, atomic ones never
+        assert res[2] == (None, False, 2) and res[3] == (None, False, 3) and res[4] == (None, False, 4)
+
+
+def test_token_and_host_checks_fail_at_init_on_every_rank(monkeypatch):
+    port = free_port()
+
+    def body(rank: int, tokens: tuple):
+        try:
+            if rank == 0:
+                destroy_side_group(_trainer(port, 3, token=tokens[0]))
+            else:
+                _worker(rank, port, 3, token=tokens[rank]).shutdown()
+        except TransferError as e:
+            return str(e)
+        return None
+
+    outcomes = run_threads(body, 3, ("secret", "secret", "wrong"), deadline_s=60)
+    assert all(o.value and "authentication failed" in o.value for o in outcomes)
+
+    # A trainer in another PID namespace or on another host: its /proc/<pid>/fd/<fd> is not its probe here.
+    from torchxfer import ipc_transport
+
+    real = ipc_transport.HostProbe.describe
+    monkeypatch.setattr(ipc_transport.HostProbe, "describe", lambda self: {**real(self), "pid": os.getppid()})
+    port = free_port()
+    errors = [o.value for o in run_threads(body, 3, ("s", "s", "s"), deadline_s=60)]
+    assert all(e and "colocated handshake failed" in e for e in errors), errors
+    assert "not on this host" in errors[0] or "cannot open the trainer's shared memory" in errors[0]
+
+
+def test_config_and_create_engine():
+    pc = ParallelConfig()
+    assert isinstance(create_engine(WeightTransferConfig(backend="ipc"), pc), IPCWeightTransferEngine)
+    assert isinstance(create_engine(WeightTransferConfig(backend="gloo"), pc), NCCLWeightTransferEngine)
+    with pytest.raises(ValueError, match="'shm'"):
+        WeightTransferConfig(backend="shm")
+    with pytest.raises(ValueError, match="backend 'nccl' or 'gloo'"):
+        NCCLWeightTransferEngine(WeightTransferConfig(backend="ipc"), pc)
+    with pytest.raises(ValueError, match="backend='ipc'"):
+        IPCWeightTransferEngine(WeightTransferConfig(backend="gloo"), pc)
+    with pytest.raises(ValueError, match="master_port"):
+        IPCWeightTransferInitInfo("127.0.0.1", 0, 1, 2)
+    assert "***" in repr(IPCWeightTransferInitInfo("127.0.0.1", 1, 1, 2, token="s"))
+    assert torchxfer.IPCWeightTransferEngine is IPCWeightTransferEngine
+    with pytest.raises(RuntimeError, match="init_transfer_engine"):
+        IPCWeightTransferEngine(WeightTransferConfig(backend="ipc"), pc).receive_weights(None, print)
+
+
+def test_module_loader_round_trip_many_buckets_one_buffer():
+    port = free_port()
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(12)])
+    dst = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(12)])
+
+    def body(rank: int):
+        if rank == 0:
+            group = _trainer(port, 2)
+            for _ in range(3):
+                with torch.no_grad():
+                    for p in src.parameters():
+                        p.add_(torch.randn_like(p))
+                IPCWeightTransferEngine.trainer_send_weights(src.named_parameters(), group,
+                                                             packed_buffer_size_bytes=20_000, packed_num_buffers=1)
+                expect.append({n: p.detach().clone() for n, p in src.named_parameters()})
+            destroy_side_group(group)
+            return None
+        engine = _worker(rank, port, 2)
+        loader = ModuleLoader(dst)
+        for _ in range(3):
+            with loader.update():
+                engine.receive_weights(None, loader)
+            got.append({n: p.detach().clone() for n, p in dst.named_parameters()})
+        engine.shutdown()
+
+    expect: list = []
+    got: list = []
+    run_threads(body, 2, deadline_s=90)
+    assert len(got) == 3 and all(all(bytes_equal(g[n], e[n]) for n in e) for g, e in zip(got, expect))
+
+
+# -- process tier -----------------------------------------------------------------------------
+
+
+def _shm() -> set[str]:
+    """Names in /dev/shm, less Python multiprocessing's semaphores (``sem.mp-*``): torchxfer never
+    makes those, and other test runs on a shared machine do."""
+    names = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    return {n for n in names if not n.startswith("sem.mp-")}
+
+
+def _shm_mappings() -> int:
+    """How many of this process's mappings are files in /dev/shm (colocated buffers are memfds: none)."""
+    with open("/proc/self/maps") as f:
+        return sum("/dev/shm/" in line for line in f)
+
+
+def _kill_body(rank: int, port: int, victim: int):
+    """Update 0 succeeds; in update 1 the victim SIGKILLs itself after the first bucket."""
+    model = _model(6)
+    if rank == 0:
+        group = _trainer(port, 3, PROCESS_TIMEOUT)
+        IPCWeightTransferEngine.trainer_send_weights(model, group, packed_buffer_size_bytes=BUF, packed_num_buffers=2)
+        assert _shm_mappings() == 0
+
+        def dying():
+            for i, item in enumerate(model):
+                if victim == 0 and i == len(model) - 3:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                yield item
+
+        start = time.monotonic()
+        try:
+            IPCWeightTransferEngine.trainer_send_weights(dying(), group, packed_buffer_size_bytes=BUF,
+                                                         packed_num_buffers=2)  # fmt: skip
+        except TransferError as e:
+            return ("error", e.broken, time.monotonic() - start)
+        return ("ok",)
+    engine = _worker(rank, port, 3, PROCESS_TIMEOUT)
+    engine.receive_weights(None, lambda batch: None)
+    assert _shm_mappings() == 0
+    calls = [0]
+
+    def load(batch):
+        calls[0] += 1
+        if rank == victim and calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    start = time.monotonic()
+    try:
+        engine.receive_weights(None, load)
+    except TransferError as e:
+        result = ("error", e.broken, time.monotonic() - start, engine.torn, engine.weights_version)
+    else:
+        result = ("ok",)
+    engine.shutdown()
+    return result
+
+
+@processes
+@pytest.mark.parametrize("victim", [0, 1], ids=["trainer", "worker"])
+def test_sigkill_of_either_side_raises_on_the_others_and_leaves_nothing_in_dev_shm(victim):
+    before = _shm()
+    outcomes = run_processes(_kill_body, 3, free_port(), victim, deadline_s=120, expect_ok=False)
+    assert not outcomes[victim].ok and "exited with code" in str(outcomes[victim].error)
+    for rank in range(3):
+        if rank == victim:
+            continue
+        assert outcomes[rank].ok, outcomes[rank].tb
+        value = outcomes[rank].value
+        assert value[0] == "error" and value[1] is True and value[2] < SLACK, value  # not a timeout: at once
+        if rank:  # a worker survives, knows its weights are torn, keeps its version
+            assert value[3] is True and value[4] == 0, value
+    assert _shm() - before == set()
+
+
+def _memory_body(rank: int, port: int):
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def maps() -> int:
+        with open("/proc/self/maps") as f:
+            return sum("torchxfer" in line or "/dev/shm/" in line for line in f)
+
+    gen = torch.Generator().manual_seed(7)
+    model = [(f"w{i}", torch.randn(40_000 + i, generator=gen)) for i in range(40)]  # ~6 MiB
+    samples = []
+    if rank == 0:
+        group = _trainer(port, 2, PROCESS_TIMEOUT)
+        for u in range(50):
+            IPCWeightTransferEngine.trainer_send_weights(model, group, packed_buffer_size_bytes=1 << 20,
+                                                         packed_num_buffers=2)  # fmt: skip
+            if u in (4, 49):
+                samples.append((rss(), maps(), len(os.listdir("/proc/self/fd"))))
+        destroy_side_group(group)
+        return samples
+    engine = _worker(rank, port, 2, PROCESS_TIMEOUT)
+    params = {n: torch.empty_like(t) for n, t in model}
+
+    def load(batch):
+        for n, t in batch:
+            params[n].copy_(t)
+
+    for u in range(50):
+        engine.receive_weights(None, load, atomic=u % 2 == 1)
+        if u in (4, 49):
+            samples.append((rss(), maps(), len(os.listdir("/proc/self/fd"))))
+    assert all(bytes_equal(params[n], t) for n, t in model)
+    engine.shutdown()
+    return samples
+
+
+@processes
+def test_memory_flat_over_50_updates_on_both_sides():
+    before = _shm()
+    outcomes = run_processes(_memory_body, 2, free_port(), deadline_s=150)
+    for out in outcomes:
+        (rss5, maps5, fds5), (rss50, maps50, fds50) = out.value
+        assert rss50 - rss5 < 4 << 20, (out.rank, rss5, rss50)
+        assert maps50 == maps5 and fds50 == fds5, out.value
+    assert _shm() - before == set()
+
+
+def _sharded_body(rank: int, trainer_port: int, ports: tuple, device_type: str):
+    """Ranks 0-1: a 2-rank trainer (DTensor / fully_shard), each serving its own colocated worker
+    (ranks 2-3) through send_model with its own group; every rank sends after the same gathers."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from torchxfer import send_model
+
+    cuda = device_type == "cuda"
+    me = rank % 2
+    if cuda:
+        torch.cuda.set_device(me)
+    if rank >= 2:
+        engine = create_engine(WeightTransferConfig(backend="ipc", timeout_s=PROCESS_TIMEOUT), ParallelConfig())
+        engine.init_transfer_engine(IPCWeightTransferInitInfo(ADDR, ports[me], 1, 2))
+        got = []
+        for _ in range(2):
+            store: dict = {}
+            engine.receive_weights(None, _collect(store))
+            got.append({n: digest(t) for n, t in store.items()})
+        engine.shutdown()
+        return got
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank,
+                            world_size=2, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    mesh = init_device_mesh(device_type, (2,))
+    group = IPCWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=ports[me], world_size=2),
+                                                 timeout_s=PROCESS_TIMEOUT)  # fmt: skip
+    torch.manual_seed(0)
+    dev = torch.device(device_type, me) if cuda else torch.device("cpu")
+    full = {f"w{i}": torch.randn(64 + 8 * i, 12, device=dev) for i in range(6)}
+    sd = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in full.items()}
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)).to(dev)
+    fully_shard(net, mesh=mesh)
+    refs, sent = [], []
+    for source in (sd, net):
+        stats = send_model(source, group, packed_buffer_size_bytes=4096, packed_num_buffers=2,
+                           timeout_s=PROCESS_TIMEOUT)  # fmt: skip
+        sent.append(stats.num_tensors)
+        items = source.items() if isinstance(source, dict) else source.state_dict().items()
+        refs.append({n: digest(t.full_tensor() if isinstance(t, DTensor) else t) for n, t in items})
+    destroy_side_group(group)
+    dist.destroy_process_group()
+    return refs, sent
+
+
+@processes
+def test_sharded_trainer_each_rank_serves_its_own_colocated_worker():
+    ports = (free_port(), free_port())
+    outcomes = run_processes(_sharded_body, 4, free_port(), ports, "cpu", deadline_s=150)
+    for trainer in (0, 1):
+        refs, sent = outcomes[trainer].value
+        assert sent == [len(refs[0]), len(refs[1])]
+        assert outcomes[trainer + 2].value == refs
+
+
+# -- CUDA (nvidia-h200: one GPU; nvidia-h200-x2: two) ----------------------------------------------
+
+
+def _cuda_body(rank: int, port: int):
+    """Trainer and two workers on GPU 0: three updates (in place, then a new layout), bit-exact."""
+    torch.cuda.set_device(0)
+    gen = torch.Generator().manual_seed(11)
+    model = [(n, t.cuda()) for n, t in _model(12, big=3_000_000)]
+    if rank == 0:
+        group = _trainer(port, 3, PROCESS_TIMEOUT)
+        sent = []
+        for u in range(3):
+            if u == 2:
+                model = [(n, t.cuda()) for n, t in _model(13)]
+            IPCWeightTransferEngine.trainer_send_weights(model, group, packed_buffer_size_bytes=1 << 22,
+                                                         packed_num_buffers=2)  # fmt: skip
+            sent.append({n: digest(t) for n, t in model})
+            with torch.no_grad():
+                for _, t in model:
+                    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and t.numel():
+                        t.add_(torch.randn(t.shape, generator=gen).to(t.device, t.dtype))
+        destroy_side_group(group)
+        return sent
+    engine = _worker(rank, port, 3, PROCESS_TIMEOUT)
+    assert engine.device == torch.device("cuda", 0)
+    got = []
+    for _ in range(3):
+        store: dict = {}
+        engine.receive_weights(None, _collect(store))
+        got.append({n: digest(t) for n, t in store.items()})
+    engine.shutdown()
+    return got
+
+
+@processes
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_trainer_and_workers_on_one_gpu_bit_exact():
+    outcomes = run_processes(_cuda_body, 3, free_port(), deadline_s=240)
+    assert outcomes[1].value == outcomes[0].value and outcomes[2].value == outcomes[0].value
+
+
+@processes
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_cuda_fsdp2_trainer_of_two_ranks_each_with_a_colocated_worker():
+    ports = (free_port(), free_port())
+    outcomes = run_processes(_sharded_body, 4, free_port(), ports, "cuda", deadline_s=240)
+    for trainer in (0, 1):
+        refs, sent = outcomes[trainer].value
+        assert sent == [len(refs[0]), len(refs[1])]
+        assert outcomes[trainer + 2].value == refs

@@ -1,0 +1,145 @@
+"""Colocated mode: what both sides share (the init handshake, frames, flags, per-group state).
+
+The trainer and its workers share one host (CPU) or one GPU (CUDA). The
+weights never travel through a socket: the trainer packs each bucket into a
+buffer that every worker has mapped (:mod:`torchxfer.ipc_transport`), and
+only control rows travel, on the side group's Gloo control group
+(:class:`torchxfer.control.ControlChannel`). One update, every rank in
+lockstep (:mod:`torchxfer.colocated_sender`, :mod:`torchxfer.colocated_receiver`)::
+
+    BEGIN step      blocking: config, cached layout's fingerprint, buffers id;
+                    workers: the layout they hold (and whether it matches their update_info)
+    (SHARE)         new buffers: a description frame, CUDA workers' event handles, a SYNC step
+    per bucket      the trainer waits until every worker released the buffer (their rows
+                    say how many buckets each released), packs it, then posts
+      BUCKET step   the next bucket of the cached layout (not waited for), or
+      TABLE step    a new layout: its table frame, then a SYNC step every rank waits for
+    END step        blocking: every worker loaded everything; (SYNC: atomic workers applied)
+
+A worker's row: ``[status, layout it holds, layout ok, atomic, buckets released, buffers id]``.
+Frames here are a 4-byte magic and UTF-8 JSON, capped and validated; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .control import ControlChannel, encode_message
+from .errors import TransferError
+from .group import SideGroup, side_group
+from .ipc_transport import HostProbe, check_host_probe, device_uuid
+from .wire import Kind, check_arg, make_row
+
+__all__ = ["FLAG_SHARE", "BACKEND", "is_colocated", "trainer_handshake", "worker_handshake", "encode_frame",
+           "decode_frame", "gather_blobs"]  # fmt: skip
+
+BACKEND = "ipc"
+"""Part of every colocated layout's fingerprint (a layout's buckets depend on nothing else)."""
+FLAG_SHARE = 16
+"""BEGIN: new buffers; their description frame follows the step."""
+_MAGIC = b"TXIP"
+MAX_IPC_FRAME = 64 << 10
+_CACHE_KEY = "colocated"
+
+
+def encode_frame(body: dict[str, Any]) -> bytes:
+    frame = _MAGIC + json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    assert len(frame) <= MAX_IPC_FRAME
+    return frame
+
+
+def decode_frame(frame: bytes, what: str) -> dict[str, Any]:
+    """A colocated frame's JSON object; TransferError for anything else."""
+    if not frame.startswith(_MAGIC):
+        raise TransferError(f"{what}: not a torchxfer colocated frame")
+    try:
+        body = json.loads(frame[len(_MAGIC) :].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise TransferError(f"{what}: frame is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise TransferError(f"{what}: frame is not a JSON object")
+    return body
+
+
+def is_colocated(pg: Any) -> bool:
+    """Whether ``pg`` is a side group that finished the colocated handshake."""
+    try:
+        return _CACHE_KEY in side_group(pg).cache
+    except ValueError:
+        return False
+
+
+def colocated_device(group: SideGroup) -> torch.device:
+    """The device of the trainer's buffers, as agreed at the handshake; ValueError if not colocated."""
+    device = group.cache.get(_CACHE_KEY)
+    if device is None:
+        raise ValueError("expected a colocated side group (IPCWeightTransferEngine.trainer_init / "
+                         "init_transfer_engine), got a side group of another engine")  # fmt: skip
+    return device
+
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def gather_blobs(group: SideGroup, blob: bytes, length: int, what: str) -> list[bytes]:
+    """Every rank's ``length``-byte blob (rank 0 sends zeros); all ranks call this together, bounded."""
+    mine = torch.zeros(length, dtype=torch.uint8)
+    if blob:
+        mine[: len(blob)] = torch.tensor(list(blob[:length]), dtype=torch.uint8)
+    out = torch.empty(group.size() * length, dtype=torch.uint8)
+    try:
+        work = _all_gather(out, mine, group=group.control, async_op=True)
+    except Exception as e:
+        group.mark_broken(f"{what}: {e}")
+        raise TransferError(f"{what} failed on rank {group.rank()}: {e}", broken=True) from e
+    group.wait(work, what)
+    flat = bytes(out.tolist())
+    return [flat[r * length : (r + 1) * length] for r in range(group.size())]
+
+
+def trainer_handshake(group: SideGroup, device: torch.device) -> None:
+    """Rank 0, with every worker's :func:`worker_handshake`: prove the workers share this host and
+    device. Blocks at most a few ``timeout_s``; TransferError on every rank if any worker does not."""
+    channel = ControlChannel(group)
+    probe = HostProbe()
+    try:
+        frame = encode_frame({"probe": probe.describe(), "device": device.type, "uuid": device_uuid(device)})
+        rows = channel.post(make_row(Kind.TABLE, 0, 0, 0, len(frame)), "colocated handshake").rows()
+        channel.settle(rows, b"", "colocated handshake")
+        channel.send_frame(frame, "colocated handshake")
+        rows = channel.post(make_row(Kind.SYNC), "colocated handshake (check)").rows()
+        channel.settle(rows, b"", "colocated handshake")
+    finally:
+        probe.close()
+    group.cache[_CACHE_KEY] = device
+
+
+def worker_handshake(group: SideGroup, device: torch.device) -> None:
+    """A worker's half of :func:`trainer_handshake`."""
+    channel = ControlChannel(group)
+    rows = channel.post(make_row(Kind.WORKER, 0, 0, 0, 0), "colocated handshake").rows()
+    if rows[0].kind != Kind.TABLE:
+        group.mark_broken("colocated handshake")
+        raise TransferError(f"the trainer is not a colocated trainer (it sent a {rows[0].kind.name} row); "
+                            "use the same engine on both sides", broken=True)  # fmt: skip
+    channel.settle(rows, b"", "colocated handshake")
+    length = check_arg(rows[0], 3, "frame_bytes", 1, MAX_IPC_FRAME)
+    error = b""
+    try:
+        body = decode_frame(channel.recv_frame(length, "colocated handshake"), "colocated handshake")
+        check_host_probe(body.get("probe"))
+        if body.get("device") != device.type:
+            raise TransferError(f"the trainer's buffers are on {str(body.get('device'))[:20]}, this worker (rank "
+                                f"{group.rank()}) receives on {device}: colocated workers use the trainer's device")
+        if body.get("uuid") != device_uuid(device):
+            raise TransferError(f"the trainer is on GPU {str(body.get('uuid'))[:80]}, worker rank {group.rank()} is on "
+                                f"{device} ({device_uuid(device)}): colocated mode needs the same GPU")  # fmt: skip
+    except TransferError as e:
+        error = encode_message(f"rank {group.rank()}: {e}")
+    rows = channel.post(make_row(Kind.WORKER, len(error), 0, 0, 0), "colocated handshake (check)").rows()
+    channel.settle(rows, error, "colocated handshake")
+    group.cache[_CACHE_KEY] = device

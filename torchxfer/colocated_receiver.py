@@ -1,0 +1,344 @@
+"""A worker's half of a colocated update: views of the trainer's buffers go straight to load_weights.
+
+Steps and rows: see :mod:`torchxfer.colocated`. A worker maps the trainer's
+buffers once per group (at the first update, or when their size changes),
+checks every new layout's table before any of it is loaded
+(:class:`torchxfer.plan.TableChecker`), and releases each bucket in its next
+row once ``load_weights`` returned (on CUDA: after recording its release
+event behind the loads). A worker that failed keeps posting every row the
+trainer's rows call for, and loads nothing more. Every wait is bounded by
+``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from .colocated import FLAG_SHARE, MAX_IPC_FRAME, decode_frame, gather_blobs
+from .config import MAX_NUM_BUFFERS, NCCLWeightTransferUpdateInfo, TransferStats
+from .control import ControlChannel, encode_message
+from .errors import TransferError
+from .group import SideGroup
+from .ipc_transport import new_events, open_buffers
+from .packing import ALIGNMENT, slot_view, typed_view
+from .plan import BucketPlan, Layout, TableChecker
+from .colocated import BACKEND
+from .receiver import LoadWeights, ReceiveProgress
+from .wire import FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind, Row, check_arg, decode, make_row
+
+__all__ = ["ColocatedReceiver"]
+
+log = logging.getLogger("torchxfer")
+
+
+class _State:
+    """What a worker keeps per colocated group: the mapped buffers, events, last layout."""
+
+    def __init__(self, group: SideGroup) -> None:
+        self.control = ControlChannel(group)
+        self.buffers: list[torch.Tensor] = []
+        self.buffers_id = 0
+        self.trainer_events: list[Any] = []
+        self.release_events: list[Any] = []
+        self.layout: Layout | None = None
+        self.validated: Any = None
+        self.assembly = torch.empty(0, dtype=torch.uint8)
+
+    @staticmethod
+    def of(group: SideGroup) -> _State:
+        state = group.cache.get("colocated_receiver")
+        if state is None:
+            state = group.cache["colocated_receiver"] = _State(group)
+        return state
+
+    def plan_ok(self, info: NCCLWeightTransferUpdateInfo | None) -> bool:
+        """Whether the cached layout is known to satisfy ``info`` (checked once per info)."""
+        if self.layout is None:
+            return False
+        if info is None or info is self.validated:
+            return True
+        _, size, count = self.layout.config
+        ok = (not info.packed or (info.packed_buffer_size_bytes, info.packed_num_buffers) == (size, count)) \
+            and list(info.specs) == self.layout.specs  # fmt: skip
+        if ok:
+            self.validated = info
+        return ok
+
+
+class ColocatedReceiver:
+    """Receives one update on a worker of a colocated group. One instance per update."""
+
+    def __init__(self, group: SideGroup, update_info: NCCLWeightTransferUpdateInfo | None,
+                 load_weights: LoadWeights, device: torch.device, *, atomic: bool,
+                 progress: ReceiveProgress) -> None:  # fmt: skip
+        self.group = group
+        self.state = _State.of(group)
+        self.control = self.state.control
+        self.info = update_info
+        self.load_weights = load_weights
+        self.device = device
+        self.atomic = atomic
+        self.progress = progress
+        self.error = b""
+        self.released = 0
+        self.staged: list[tuple[str, torch.Tensor]] = []
+        self.heads: list[tuple[Any, torch.Tensor]] = []
+        self.num_tensors = self.num_bytes = 0
+        self.what = "update"
+        self.in_table_mode = False
+        self.finished = False
+
+    def fail(self, message: str) -> None:
+        if not self.error:
+            self.error = encode_message(message) or b"?"
+
+    def row(self) -> list[int]:
+        return make_row(Kind.WORKER, len(self.error), self.holds, int(self.plan_ok), int(self.atomic),
+                        self.released, self.state.buffers_id)  # fmt: skip
+
+    def broken(self, message: str) -> TransferError:
+        self.group.mark_broken(message)
+        return TransferError(f"{self.what} on rank {self.group.rank()}: {message}", broken=True)
+
+    def trainer_row(self, rows: list[Row], kinds: tuple[Kind, ...]) -> Row:
+        if rows[0].kind not in kinds:
+            raise self.broken(f"the trainer sent a {rows[0].kind.name} row where "
+                              f"{'/'.join(k.name for k in kinds)} was due")  # fmt: skip
+        return rows[0]
+
+    # -- the update ------------------------------------------------------------------------------
+
+    def run(self) -> TransferStats:
+        self.plan_ok = self.state.plan_ok(self.info)
+        self.holds = self.state.layout.fingerprint if self.state.layout is not None else 0
+        rows = self.control.post(self.row(), "update (begin)").rows()
+        start = time.perf_counter()
+        self.begin(rows)
+        self.follow()
+        seconds = time.perf_counter() - start
+        log.debug("received %s (colocated): %d tensors, %d bytes in %.4f s", self.what, self.num_tensors,
+                  self.num_bytes, seconds)  # fmt: skip
+        return TransferStats(self.update_id, self.num_tensors, self.num_bytes, seconds)
+
+    def begin(self, rows: list[Row]) -> None:
+        row = self.trainer_row(rows, (Kind.BEGIN,))
+        self.update_id = check_arg(row, 0, "update_id", 0, MAX_COUNT)
+        self.what = f"update {self.update_id}"
+        self.progress.update_id, self.progress.loads_started, self.progress.applied = self.update_id, False, False
+        flags = check_arg(row, 1, "flags", FLAG_PACKED, FLAG_PACKED | FLAG_SHARE)
+        self.buffer_size = check_arg(row, 2, "buffer_size", ALIGNMENT, MAX_COUNT)
+        self.num_buffers = check_arg(row, 3, "num_buffers", 1, MAX_NUM_BUFFERS)
+        fingerprint, hint = row.args[4], check_arg(row, 5, "num_tensors", -1, MAX_COUNT)
+        frame_len = check_arg(row, 6, "frame_bytes", 1 if flags & FLAG_SHARE else 0,
+                              MAX_IPC_FRAME if flags & FLAG_SHARE else 0)  # fmt: skip
+        buffers_id = row.args[7]
+        self.any_atomic = any(r.args[3] for r in rows[1:])
+        self.control.settle(rows, b"", f"{self.what} (begin)")
+        if flags & FLAG_SHARE:
+            self.share(frame_len, buffers_id)
+        elif buffers_id != self.state.buffers_id or len(self.state.buffers) != self.num_buffers:
+            raise self.broken("the trainer uses buffers this worker has not mapped")
+        cached = self.state.layout
+        self.cached = cached if fingerprint and all(r.args[1] == fingerprint and r.args[2] for r in rows[1:]) else None
+        self.check_cached = self.cached is not None and not self.plan_ok
+        self.layout = Layout(True, self.buffer_size, self.num_buffers, BACKEND)
+        self.checker = TableChecker(self.info.specs if self.info is not None else None, self.buffer_size)
+        if self.info is not None and (self.cached is None or not self.plan_ok):
+            self.check_config(hint)
+
+    def share(self, frame_len: int, buffers_id: int) -> None:
+        """Map the trainer's new buffers (and, on CUDA, hand it this worker's release events)."""
+        self.state.buffers, self.state.trainer_events, self.state.buffers_id = [], [], 0
+        frame = self.control.recv_frame(frame_len, f"{self.what} (share buffers)")
+        buffers, events = [], []
+        try:
+            desc = decode_frame(frame, "buffer description")
+            if desc.get("id") != buffers_id:
+                raise TransferError("the trainer's buffer description disagrees with its row")
+            buffers, events = open_buffers(desc, self.device, self.num_buffers, self.buffer_size)
+        except TransferError as e:
+            self.fail(f"rank {self.group.rank()} could not map the trainer's buffers: {e}")
+        if self.device.type == "cuda":
+            if len(self.state.release_events) != self.num_buffers:
+                self.state.release_events, blob = new_events(self.device, self.num_buffers)
+            else:
+                blob = b"".join(bytes(e.ipc_handle()) for e in self.state.release_events)
+            gather_blobs(self.group, blob, 64 * self.num_buffers, f"{self.what} (release events)")
+        rows = self.control.post(self.row(), f"{self.what} (share buffers)").rows()
+        self.trainer_row(rows, (Kind.SYNC,))
+        self.control.settle(rows, self.error, f"{self.what} (share buffers)")
+        self.state.buffers, self.state.trainer_events, self.state.buffers_id = buffers, events, buffers_id
+
+    def check_config(self, hint: int) -> None:
+        info, problems = self.info, []
+        if info.packed and self.buffer_size != info.packed_buffer_size_bytes:
+            problems.append(f"packed_buffer_size_bytes: trainer uses {self.buffer_size}, "
+                            f"update_info says {info.packed_buffer_size_bytes}")  # fmt: skip
+        if info.packed and self.num_buffers != info.packed_num_buffers:
+            problems.append(f"packed_num_buffers: trainer uses {self.num_buffers}, "
+                            f"update_info says {info.packed_num_buffers}")  # fmt: skip
+        if hint >= 0 and hint != len(info.names):
+            problems.append(f"count: trainer sends {hint} tensors, update_info lists {len(info.names)}")
+        if problems:
+            self.fail("; ".join(problems))
+
+    def follow(self) -> None:
+        """Every step after BEGIN, as the trainer's rows say."""
+        bucket = 0
+        while True:
+            rows = self.control.post(self.row(), f"{self.what} bucket {bucket}").rows()
+            row = self.trainer_row(rows, (Kind.BUCKET, Kind.TABLE, Kind.ABORT, Kind.END, Kind.SYNC))
+            if row.kind == Kind.SYNC:
+                continue
+            if row.kind == Kind.END:
+                return self.end(row, rows)
+            check_arg(row, 0, "bucket", bucket, bucket)
+            if row.kind == Kind.ABORT:
+                self.control.settle(rows, self.error, self.what)
+                raise TransferError(f"{self.what}: the trainer aborted it")
+            last = bool(check_arg(row, 1, "last", 0, 1))
+            if self.finished:
+                raise self.broken(f"the trainer sent bucket {bucket} after the last one")
+            if row.kind == Kind.BUCKET:
+                if (self.cached is None or self.in_table_mode or bucket >= len(self.cached.buckets)):
+                    raise self.broken(f"the trainer announced bucket {bucket} of a layout this rank does not hold")
+                plan = self.cached.buckets[bucket]
+                if self.check_cached and not self.error:
+                    try:
+                        self.checker.check(BucketHeader(plan.index, plan.slots), bucket)
+                    except TransferError as e:
+                        self.fail(str(e))
+            else:
+                plan = self.table(bucket, row)
+            self.load(plan)
+            self.layout.append(plan)
+            bucket += 1
+            if last:
+                self.finish()
+
+    def table(self, bucket: int, row: Row) -> BucketPlan:
+        """A TABLE step: the frame, its checks, then the SYNC step every rank settles."""
+        length = check_arg(row, 3, "frame_bytes", PREFIX_BYTES + 2, MAX_FRAME_BYTES)
+        if not self.in_table_mode and self.layout.buckets:
+            self.checker.resume_after(self.layout.buckets[-1])  # after buckets of the cached layout
+        self.in_table_mode = True
+        frame = self.control.recv_frame(length, f"{self.what} table {bucket}")
+        plan = None
+        if not self.error:
+            try:
+                header = decode(frame)
+                self.checker.check(header, bucket)
+                plan = BucketPlan.make(bucket, header.slots, self.buffer_size, frame, BACKEND)
+            except TransferError as e:
+                self.fail(str(e))
+        rows = self.control.post(self.row(), f"{self.what} bucket {bucket} (check)").rows()
+        self.trainer_row(rows, (Kind.SYNC,))
+        self.control.settle(rows, self.error, f"{self.what} bucket {bucket}")
+        assert plan is not None  # a rank without a plan has failed, and settle raised on every rank
+        return plan
+
+    def finish(self) -> None:
+        self.finished = True
+        if not self.error:
+            try:
+                self.checker.finish()
+            except TransferError as e:
+                self.fail(str(e))
+        if not self.error:
+            self.holds = self.layout.fingerprint
+
+    def end(self, row: Row, rows: list[Row]) -> None:
+        """END: counts, the agreement that every rank loaded everything, then (atomic) apply."""
+        num_tensors = check_arg(row, 0, "num_tensors", 0, MAX_COUNT)
+        if not self.finished:  # an empty update
+            self.layout_empty_end(rows)
+            return
+        if not self.error and num_tensors != len(self.layout.specs):
+            raise self.broken(f"the trainer says it sent {num_tensors} tensors but {len(self.layout.specs)} arrived")
+        self.control.settle(rows, self.error, f"{self.what} (end)")
+        self.apply()
+
+    def layout_empty_end(self, rows: list[Row]) -> None:
+        """An update of no tensors: END rows were posted before the count was checked, so a SYNC step follows."""
+        self.finish()
+        rows = self.control.post(self.row(), f"{self.what} (end)").rows()
+        self.trainer_row(rows, (Kind.SYNC,))
+        self.control.settle(rows, self.error, f"{self.what} (end)")
+        self.apply()
+
+    def apply(self) -> None:
+        if self.any_atomic:
+            if self.atomic and not self.error:
+                staged, self.staged = self.staged, []
+                self.call_load(staged, f"while applying {self.what}")
+            rows = self.control.post(self.row(), f"{self.what} (apply)").rows()
+            self.trainer_row(rows, (Kind.SYNC,))
+            self.control.settle(rows, self.error, f"{self.what} (apply)")
+        self.progress.applied = True
+        self.state.layout = self.layout
+        self.state.validated = self.info
+
+    # -- payload ----------------------------------------------------------------------------------
+
+    def call_load(self, batch: list[tuple[str, torch.Tensor]], where: str) -> None:
+        if self.group.closed:
+            raise TransferError(f"{self.what}: the engine was shut down", broken=True)
+        self.progress.loads_started = True
+        try:
+            self.load_weights(batch)
+        except Exception as e:
+            self.fail(f"load_weights raised on rank {self.group.rank()} {where}: {type(e).__name__}: {e}")
+
+    def load(self, plan: BucketPlan) -> None:
+        """Hand the bucket's tensors (views of the shared buffer) to load_weights, then release it."""
+        b = plan.index % self.num_buffers
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.state.trainer_events[b])
+        if not self.error:
+            batch = self.tensors(plan, self.state.buffers[b])
+            if batch and self.atomic:
+                self.staged.extend((name, t.clone()) for name, t in batch)
+            elif batch:
+                self.call_load(batch, f"in bucket {plan.index}")
+            for slot, raw in self.heads:  # a split tensor's head, after the batch that may read the assembly
+                self.state.assembly[: slot.length].copy_(raw)
+            self.heads = []
+        if cuda:
+            self.state.release_events[b].record(torch.cuda.current_stream(self.device))
+        self.released += 1
+
+    def tensors(self, plan: BucketPlan, buf: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The bucket's complete tensors: views of the buffer (made once per layout), or of the
+        assembly tensor for a tensor split across buckets."""
+        memo = plan.cache.get("ipc_recv")
+        if memo is not None and memo[0] == buf.data_ptr():
+            self.num_tensors += memo[2]
+            self.num_bytes += memo[3]
+            return list(memo[1])
+        out, count, nbytes = [], 0, 0
+        for slot in plan.slots:
+            if slot.is_last:
+                count, nbytes = count + 1, nbytes + slot.spec.nbytes
+            raw = slot_view(buf, slot)
+            if slot.is_whole:
+                out.append((slot.spec.name, typed_view(raw, slot.spec)))
+            elif slot.start == 0:
+                if self.state.assembly.numel() < slot.spec.nbytes or self.state.assembly.device != self.device:
+                    self.state.assembly = torch.empty(0, dtype=torch.uint8)
+                    self.state.assembly = torch.empty(slot.spec.nbytes, dtype=torch.uint8, device=self.device)
+                self.heads.append((slot, raw))
+            else:
+                assembly = self.state.assembly
+                assembly[slot.start : slot.start + slot.length].copy_(raw)
+                if slot.is_last:
+                    out.append((slot.spec.name, typed_view(assembly[: slot.spec.nbytes], slot.spec)))
+        self.num_tensors += count
+        self.num_bytes += nbytes
+        if all(s.is_whole for s in plan.slots):
+            plan.cache["ipc_recv"] = (buf.data_ptr(), tuple(out), count, nbytes)
+        return out

@@ -1,0 +1,354 @@
+"""The trainer's half of a colocated update: pack each bucket into a shared buffer, post its row.
+
+Steps and rows: see :mod:`torchxfer.colocated`. Buffer ``b`` is packed again
+only once every worker's row says it released the bucket that last used it
+(the trainer reads the rows of the steps it posted, oldest first, and posts
+a SYNC step only when none is pending). On CUDA the pack then waits for each
+worker's release event on the current stream (no CPU wait) and records the
+buffer's event, which workers wait for before reading.
+
+Sources: each tensor is packed before the next one is pulled, so a generator
+may refill one staging tensor; a bucket whose tensors are all the very
+objects sent there last update (a module's parameters) is pulled and packed
+in one fused copy. Every wait is bounded by the group's ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import random
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+from .colocated import BACKEND, FLAG_SHARE, colocated_device, encode_frame, gather_blobs
+from .config import TransferStats
+from .control import ControlChannel, Step, encode_message
+from .errors import TransferError
+from .group import SideGroup
+from .ipc_transport import SharedBuffers, open_events
+from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view
+from .plan import BucketPlan, Layout
+from .wire import FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
+
+__all__ = ["ColocatedSender"]
+
+log = logging.getLogger("torchxfer")
+
+Item = tuple[str, torch.Tensor]
+
+
+class _SourceFailed(Exception):
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def _pairs(items: Iterable[Any], post_iter_func: Callable | None) -> Iterator[Item]:
+    try:
+        for item in items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise ValueError(f"expected (name, tensor) pairs, got {type(item).__name__}: {item!r:.100}")
+            yield (item[0], post_iter_func(item) if post_iter_func is not None else item[1])
+    except Exception as e:
+        raise _SourceFailed(e) from e
+
+
+class _State:
+    """What rank 0 keeps per colocated group: buffers, workers' events, last layout, next update id."""
+
+    def __init__(self, group: SideGroup) -> None:
+        self.control = ControlChannel(group)
+        self.device = colocated_device(group)
+        self.buffers: SharedBuffers | None = None
+        self.buffers_id = 0
+        self.worker_events: list[list[Any]] = []
+        self.layout: Layout | None = None
+        self.next_update_id = 0
+
+    @staticmethod
+    def of(group: SideGroup) -> _State:
+        state = group.cache.get("colocated_sender")
+        if state is None:
+            state = group.cache["colocated_sender"] = _State(group)
+        return state
+
+
+class ColocatedSender:
+    """Sends one update from rank 0 of a colocated group. One instance per update."""
+
+    def __init__(self, group: SideGroup, *, buffer_size: int, num_buffers: int, version: int | None,
+                 num_tensors: int | None) -> None:  # fmt: skip
+        self.group = group
+        self.state = _State.of(group)
+        self.control = self.state.control
+        self.device = self.state.device
+        self.buffer_size, self.num_buffers = buffer_size, num_buffers
+        self.hint = -1 if num_tensors is None else num_tensors
+        self.update_id = self.state.next_update_id if version is None else version
+        self.state.next_update_id = self.update_id + 1
+        self.what = f"update {self.update_id}"
+        self.layout = Layout(True, buffer_size, num_buffers, BACKEND)
+        self.steps: collections.deque[Step] = collections.deque()
+        self.released = 0  # buckets of this update every worker released
+        self.failed = False
+        self.num_tensors = 0
+        self.bucket = 0
+
+    # -- the update ------------------------------------------------------------------------------
+
+    def run(self, items: Iterable[Any], post_iter_func: Callable | None) -> TransferStats:
+        start = time.perf_counter()
+        cached = self.begin()
+        try:
+            self.send(_pairs(items, post_iter_func), cached)
+        except _SourceFailed as e:
+            self.abort(f"the trainer aborted {self.what}: {type(e.original).__name__}: {e.original}")
+            raise e.original from None
+        except TransferError:
+            raise
+        except Exception as e:
+            self.abort(f"the trainer failed during {self.what}: {type(e).__name__}: {e}")
+            raise
+        self.end()
+        seconds = time.perf_counter() - start
+        log.debug("sent %s (colocated): %d tensors, %d bytes in %.4f s", self.what, self.num_tensors,
+                  self.layout.num_bytes, seconds)  # fmt: skip
+        return TransferStats(self.update_id, self.num_tensors, self.layout.num_bytes, seconds)
+
+    def begin(self) -> Layout | None:
+        """BEGIN step (and SHARE when the buffers are new); returns the cached layout if every worker holds it."""
+        state = self.state
+        buffers = state.buffers
+        share = buffers is None or (buffers.nbytes, len(buffers.tensors)) != (self.buffer_size, self.num_buffers)
+        frame = b""
+        if share:
+            state.buffers = buffers = None  # the old ones go first
+            state.worker_events = []
+            buffers = SharedBuffers(self.device, self.buffer_size, self.num_buffers)
+            state.buffers_id = random.getrandbits(62) or 1
+            frame = encode_frame({**buffers.describe(), "id": state.buffers_id})
+        old = state.layout
+        fingerprint = old.fingerprint if old is not None and old.config == self.layout.config else 0
+        flags = FLAG_PACKED | (FLAG_SHARE if share else 0)
+        row = make_row(Kind.BEGIN, self.update_id, flags, self.buffer_size, self.num_buffers, fingerprint, self.hint,
+                       len(frame), state.buffers_id)  # fmt: skip
+        try:
+            rows = self.control.post(row, f"{self.what} (begin)").rows()
+            self.control.settle(rows, b"", f"{self.what} (begin)")
+            self.any_atomic = any(r.args[3] for r in rows[1:])
+            if share:
+                self.share(buffers, frame)
+        finally:
+            if buffers is not None:
+                buffers.seal()
+        if fingerprint and all(r.args[1] == fingerprint and r.args[2] for r in rows[1:]):
+            return old
+        return None
+
+    def share(self, buffers: SharedBuffers, frame: bytes) -> None:
+        """The buffers' description, the workers' release events (CUDA), then a SYNC step: all mapped them."""
+        self.control.send_frame(frame, f"{self.what} (share buffers)")
+        if self.device.type == "cuda":
+            blobs = gather_blobs(self.group, b"", 64 * self.num_buffers, f"{self.what} (release events)")
+            self.state.worker_events = [open_events(self.device, blob, self.num_buffers) for blob in blobs[1:]]
+        rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (share buffers)").rows()
+        self.control.settle(rows, b"", f"{self.what} (share buffers)")
+        self.state.buffers = buffers
+
+    def send(self, source: Iterator[Item], cached: Layout | None) -> None:
+        """Every bucket: the cached layout's while the tensors match it, then tables."""
+        self.cached = cached
+        self.diverged = cached is None
+        planner = Planner(self.buffer_size)
+        queue: collections.deque[Slot] = collections.deque()
+        slots: list[Slot] = []
+        refs: list[Any] = []
+        in_hand: torch.Tensor | None = None
+        raw: torch.Tensor | None = None
+        item = next(source, None)
+        index = 0
+        tried = -1  # the bucket whose bulk pull failed (its items are replayed one by one)
+        while True:
+            if (not queue and not slots and item is not None and not self.diverged
+                    and tried != self.bucket and self.bucket < len(cached.buckets)):  # fmt: skip
+                tried = self.bucket
+                done, item, source = self.bulk(cached.buckets[self.bucket], item, source)
+                if done:
+                    plan = cached.buckets[self.bucket]
+                    planner.resume(self.bucket, plan.slots[-1].end, len(plan.slots))
+                    index += len(plan.slots)
+                    self.close(list(plan.slots), item is None, None)
+                    continue
+            if not queue:
+                if item is None:
+                    if slots:
+                        self.close(slots, True, refs)
+                    return
+                try:
+                    spec = TensorSpec.of(*item)
+                except ValueError as e:
+                    raise _SourceFailed(e) from e
+                queue.extend(planner.add(index, spec))
+                in_hand, raw = item[1], None
+                index += 1
+                self.num_tensors += 1
+                item = None
+            slot = queue[0]
+            if slot.bucket != self.bucket:
+                self.close(slots, False, refs)
+                slots, refs = [], []
+            if not slots:
+                self.acquire(self.bucket)
+            queue.popleft()
+            slots.append(slot)
+            refs.append(weakref.ref(in_hand) if slot.is_whole else None)
+            if slot.length:
+                dst = slot_view(self.state.buffers.tensors[self.bucket % self.num_buffers], slot)
+                with torch.no_grad():
+                    if slot.is_whole:
+                        typed_view(dst, slot.spec).copy_(in_hand)
+                    else:
+                        raw = tensor_bytes(in_hand) if raw is None else raw
+                        dst.copy_(raw[slot.start : slot.start + slot.length])
+            if not queue:
+                in_hand = raw = None
+                item = next(source, None)
+
+    def bulk(self, plan: BucketPlan, item: Item, source: Iterator[Item]) -> tuple[bool, Item | None, Iterator[Item]]:
+        """A bucket of the cached layout whose tensors are the very objects sent there last time:
+        pulled at once and packed with one fused copy. Otherwise the pulled items are handed back."""
+        memo = plan.cache
+        refs = memo.get("refs")
+        if refs is None or len(refs) != len(plan.slots) or any(r is None for r in refs):
+            return False, item, source
+        batch = [item, *itertools.islice(source, len(plan.slots) - 1)]
+        tensors = [t for _, t in batch]
+        keys = memo.get("keys")
+        if keys is None:
+            keys = memo["keys"] = ([s.spec.name for s in plan.slots], [s.spec.dtype for s in plan.slots],
+                                   [s.spec.shape for s in plan.slots])  # fmt: skip
+        if (len(batch) != len(plan.slots) or not all(r() is t for r, t in zip(refs, tensors))
+                or [n for n, _ in batch] != keys[0] or [t.dtype for t in tensors] != keys[1]
+                or [t.shape for t in tensors] != keys[2] or any(t.device != self.device for t in tensors)):  # fmt: skip
+            replay = iter(batch[1:])
+            return False, batch[0], itertools.chain(replay, source)
+        self.acquire(plan.index)
+        buf = self.state.buffers.tensors[plan.index % self.num_buffers]
+        views = memo.get("views")
+        if views is None or views[0] != buf.data_ptr():
+            live = [p for p, s in enumerate(plan.slots) if s.length]
+            views = memo["views"] = (buf.data_ptr(), live, [typed_view(slot_view(buf, plan.slots[p]), plan.slots[p].spec) for p in live])
+        if views[1]:
+            with torch.no_grad():
+                torch._foreach_copy_(views[2], [tensors[p] for p in views[1]])
+        self.num_tensors += len(tensors)
+        return True, next(source, None), source
+
+    def close(self, slots: list[Slot], last: bool, refs: list[Any] | None) -> None:
+        """Announce the packed bucket: BUCKET (the cached layout's) or TABLE (a new one, agreed first)."""
+        k = self.bucket
+        cached = self.cached
+        plan = None
+        if not self.diverged and k < len(cached.buckets) and tuple(slots) == cached.buckets[k].slots:
+            plan = cached.buckets[k]
+        if plan is None:
+            self.diverged = True
+            plan = BucketPlan.make(k, tuple(slots), self.buffer_size, backend=BACKEND)
+            if len(plan.frame) > MAX_FRAME_BYTES:
+                raise _SourceFailed(ValueError(f"the table of bucket {k} has {len(plan.frame)} bytes, over the "
+                                               f"{MAX_FRAME_BYTES}-byte cap: tensor names are too long"))  # fmt: skip
+        if refs is not None:
+            plan.cache["refs"] = refs if all(s.is_whole for s in slots) else None
+        if self.device.type == "cuda":
+            self.state.buffers.events[k % self.num_buffers].record()
+        if plan is cached_bucket(cached, k):
+            self.post(make_row(Kind.BUCKET, k, int(last), 0), f"{self.what} bucket {k}")
+        else:
+            self.post(make_row(Kind.TABLE, k, int(last), 0, len(plan.frame)), f"{self.what} bucket {k}")
+            self.control.send_frame(plan.frame, f"{self.what} table {k}")
+            step = self.post(make_row(Kind.SYNC), f"{self.what} bucket {k} (check)")
+            self.read_until(step)
+            self.control.settle(step.rows(), b"", f"{self.what} bucket {k}")
+        self.layout.append(plan)
+        self.bucket = k + 1
+
+    def end(self) -> None:
+        """END step, then (atomic workers) the apply step."""
+        self.check_failures()
+        step = self.post(make_row(Kind.END, self.num_tensors, self.layout.num_bytes), f"{self.what} (end)")
+        self.read_until(step)
+        rows = step.rows()
+        if not self.layout.buckets:  # no bucket said "last": workers check the empty update now
+            rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (end)").rows()
+        self.control.settle(rows, b"", f"{self.what} (end)")
+        if self.any_atomic:
+            rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (apply)").rows()
+            self.control.settle(rows, b"", f"{self.what} (apply)")
+        self.state.layout = self.layout
+
+    # -- rows and buffers ------------------------------------------------------------------------
+
+    def post(self, words: list[int], what: str) -> Step:
+        step = self.control.post(words, what)
+        self.steps.append(step)
+        return step
+
+    def read(self, step: Step) -> list[Row]:
+        rows = step.rows()
+        self.released = min(r.args[4] for r in rows[1:]) if len(rows) > 1 else 1 << 62
+        self.failed = self.failed or any(r.args[0] for r in rows[1:])
+        return rows
+
+    def read_until(self, step: Step) -> None:
+        while self.steps:
+            oldest = self.steps.popleft()
+            self.read(oldest)
+            if oldest is step:
+                return
+
+    def check_failures(self) -> None:
+        """Read the completed steps; a worker's failure turns the next step into an ABORT."""
+        while self.steps and self.steps[0].done():
+            self.read(self.steps.popleft())
+        if self.failed:
+            self.abort_step(b"")
+
+    def acquire(self, k: int) -> None:
+        """Before packing bucket ``k``: every worker released the bucket that last used its buffer."""
+        need = k - self.num_buffers + 1
+        self.check_failures()
+        while self.released < need:
+            if not self.steps:
+                self.post(make_row(Kind.SYNC), f"{self.what} (buffer {k % self.num_buffers})")
+            self.read(self.steps.popleft())
+            if self.failed:
+                self.abort_step(b"")
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            for events in self.state.worker_events:
+                stream.wait_event(events[k % self.num_buffers])
+
+    def abort(self, reason: str) -> None:
+        """The source failed: an ABORT step tells every worker why; returns so the caller re-raises."""
+        log.warning("%s aborted by its source: %s", self.what, reason)
+        try:
+            self.abort_step(encode_message(reason) or b"?")
+        except TransferError as e:
+            if e.broken:
+                raise
+
+    def abort_step(self, reason: bytes) -> None:
+        step = self.post(make_row(Kind.ABORT, self.bucket, 0, len(reason)), f"{self.what} (abort)")
+        self.read_until(step)
+        self.control.settle(step.rows(), reason, self.what)
+        raise TransferError(f"{self.what} was aborted")
+
+
+def cached_bucket(cached: Layout | None, k: int) -> BucketPlan | None:
+    return cached.buckets[k] if cached is not None and k < len(cached.buckets) else None
