@@ -92,11 +92,11 @@ def test_stranger_in_the_backends_is_caught_before_any_weight_byte(monkeypatch, 
     real_build = group_mod._build_backend
     release = threading.Event()
 
-    def held_back(pg, name, store, timeout_s):
+    def held_back(pg, name, store, timeout_s, **kwargs):
         if pg.rank() == victim:
             release.wait(TIMEOUT + 1)
             raise TransferError("held back by the test")
-        return real_build(pg, name, store, timeout_s)
+        return real_build(pg, name, store, timeout_s, **kwargs)
 
     monkeypatch.setattr(group_mod, "_build_backend", held_back)
     loaded: list = []
