@@ -1,6 +1,8 @@
 """torchxfer: move model weights from a torchrun trainer to inference servers
 over a torch.distributed side group: packed, overlapped, self-checking."""
 
+import logging
+
 from .config import (
     DEFAULT_PACKED_BUFFER_SIZE_BYTES,
     DEFAULT_PACKED_NUM_BUFFERS,
@@ -21,6 +23,21 @@ from .trainer import send_model
 from .wire import PROTOCOL_VERSION
 
 __version__ = "0.1.0"
+
+
+class _Utf8Safe(logging.Filter):
+    """Escape what UTF-8 cannot carry (a lone surrogate in a tensor name, say) in our log
+    lines, so a handler writing UTF-8 never fails on a name that came from a peer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        if safe != message:
+            record.msg, record.args = safe, None
+        return True
+
+
+logging.getLogger("torchxfer").addFilter(_Utf8Safe())
 
 __all__ = [
     "DEFAULT_PACKED_BUFFER_SIZE_BYTES",
