@@ -250,7 +250,9 @@ def test_token_and_host_checks_fail_at_init_on_every_rank(monkeypatch):
     port = free_port()
     errors = [o.value for o in run_threads(body, 3, ("s", "s", "s"), deadline_s=60)]
     assert all(e and "colocated handshake failed" in e for e in errors), errors
-    assert "not on this host" in errors[0] or "cannot open the trainer's shared memory" in errors[0]
+    # Which of the checks catches it depends on what /proc/<that pid>/fd holds on this machine.
+    assert any(text in errors[0] for text in ("not on this host", "cannot open the trainer's shared memory",
+                                              "is not the trainer's buffer")), errors[0]  # fmt: skip
 
 
 def test_config_and_create_engine():

@@ -104,3 +104,17 @@ def test_fingerprints_tell_layouts_and_configurations_apart():
     assert layout((10, 20, 30), num_buffers=3).fingerprint != same.fingerprint
     assert layout((10, 20, 30), buffer_size=128).fingerprint != same.fingerprint
     assert same.num_bytes == 60 and [s.name for s in same.specs] == ["t0", "t1", "t2"]
+
+
+def test_checksum_is_positional_and_takes_any_offset():
+    from torchxfer.control import checksum
+
+    data = torch.randint(0, 256, (5000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    for start in (0, 1, 2, 3, 1102):  # a part of a split tensor may start at any byte of the assembly tensor
+        part = data[start : start + 1234]
+        assert checksum(part) == checksum(part.clone())
+    swapped = data.clone()
+    swapped[0:4], swapped[4:8] = data[4:8].clone(), data[0:4].clone()  # two words swapped
+    assert checksum(swapped) != checksum(data)
+    shorter = data[:-1]
+    assert checksum(shorter) != checksum(data)

@@ -169,6 +169,8 @@ def checksum(data: torch.Tensor) -> int:
     """
     prime = 2_147_483_647
     n = data.numel()
+    if data.storage_offset() % 4:  # a part of a split tensor may start at any byte: view words of a copy
+        data = data.clone()
     words = data[: n - n % 4].view(torch.int32)
     acc = torch.zeros((), dtype=torch.int64, device=data.device)
     for i in range(0, words.numel(), 1 << 20):

@@ -87,24 +87,36 @@ class ModuleLoader:
         return None
 
     def __call__(self, batch: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load one batch of ``(name, tensor)`` pairs, all or nothing (see the class docstring)."""
-        batch = list(batch)
-        problems, seen = [], set()
+        """Load one batch of ``(name, tensor)`` pairs, all or nothing (see the class docstring).
+
+        The batch is checked first, then copied with one fused multi-tensor copy.
+        """
+        targets, loaded = self.targets, self.loaded
+        problems: list[str] = []
+        seen: set[str] = set()
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
         for name, tensor in batch:
-            problem = self._problem(name, tensor.dtype, list(tensor.shape))
-            if problem is None and name in self.targets and (name in self.loaded or name in seen):
-                problem = f"{name!r} arrived twice in one update"
-            if problem is not None:
-                problems.append(problem)
+            target = targets.get(name)
+            if target is None:
+                if self.strict:
+                    problems.append(f"unexpected {name!r}")
+            elif target.shape != tensor.shape:
+                problems.append(f"{name!r}: shape {list(tensor.shape)}, the module has {list(target.shape)}")
+            elif target.dtype != tensor.dtype:
+                problems.append(f"{name!r}: dtype {dtype_name(tensor.dtype)}, the module has {dtype_name(target.dtype)}")
+            elif name in loaded or name in seen:
+                problems.append(f"{name!r} arrived twice in one update")
+            else:
+                dst.append(target)
+                src.append(tensor)
             seen.add(name)
         if problems:
             raise ValueError(f"cannot load {len(problems)} tensor(s) into the module: " + "; ".join(problems))
-        with torch.no_grad():
-            for name, tensor in batch:
-                target = self.targets.get(name)
-                if target is not None:
-                    target.copy_(tensor)
-                    self.loaded.add(name)
+        if dst:
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
+        loaded.update(name for name in seen if name in targets)
 
     def missing(self) -> list[str]:
         """Tensors of the module not loaded in the current update (the first name of tied ones)."""
