@@ -423,7 +423,9 @@ def test_memory_flat_over_50_updates_on_both_sides():
     outcomes = run_processes(_memory_body, 2, free_port(), deadline_s=150)
     for out in outcomes:
         (rss5, maps5, fds5), (rss50, maps50, fds50) = out.value
-        assert rss50 - rss5 < 4 << 20, (out.rank, rss5, rss50)
+        # A leak of one staged model (6 MiB) per atomic update would add over 100 MiB; malloc's own
+        # drift between the two samples has reached 4.8 MiB on this machine.
+        assert rss50 - rss5 < 16 << 20, (out.rank, rss5, rss50)
         assert maps50 == maps5 and fds50 == fds5, out.value
     assert _shm() - before == set()
 

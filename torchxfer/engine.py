@@ -115,42 +115,20 @@ class WeightTransferEngine(abc.ABC, Generic[InitInfoT, UpdateInfoT]):
     def shutdown(self) -> None: ...
 
 
-class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, NCCLWeightTransferUpdateInfo]):
-    """Receives weights from a trainer over a torch.distributed side group.
+class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
+    """What every worker engine of a side group shares: the group, the lock that
+    keeps one call at a time, ``weights_version`` and ``torn``, the rank formula
+    check, and the frame of ``receive_weights``. Subclasses say how to join the
+    group (:meth:`_join`) and which receiver runs an update (``_receiver``)."""
 
-    One engine per inference worker process. Its side-group rank is
-    ``data_parallel_rank x (TP x PP) + rank + rank_offset``. The backend is
-    NCCL on GPUs or Gloo (CPU tensors, or CUDA tensors through host memory).
-
-    Attributes:
-        model_update_group: the side group (a ``torch.distributed
-            .ProcessGroup``), or None before :meth:`init_transfer_engine` and
-            after :meth:`shutdown`.
-    """
-
-    init_info_cls = NCCLWeightTransferInitInfo
-    update_info_cls = NCCLWeightTransferUpdateInfo
+    _receiver: ClassVar[Callable[..., Any]]
 
     def __init__(self, config: WeightTransferConfig, parallel_config: ParallelConfig) -> None:
         super().__init__(config, parallel_config)
-        if config.backend not in ("nccl", "gloo"):
-            raise ValueError(f"NCCLWeightTransferEngine needs backend 'nccl' or 'gloo', got {config.backend!r} "
-                             "(use create_engine(config, parallel_config) to pick the engine from the config)")
         self.model_update_group: dist.ProcessGroup | None = None
         self._lock = threading.Lock()
         self._weights_version: int | None = None
         self._torn = False
-
-    # -- worker side ---------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        """Where received weights land."""
-        if self.config.device is not None:
-            return torch.device(self.config.device)
-        if self.config.backend == "nccl" and torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
 
     @property
     def weights_version(self) -> int | None:
@@ -168,15 +146,11 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
         """
         return self._torn
 
-    def init_transfer_engine(self, init_info: NCCLWeightTransferInitInfo | Mapping[str, Any]) -> None:
-        """Join the trainer's side group. Every worker and the trainer's
-        ``trainer_init`` call this together; blocks at most ``timeout_s``.
+    @abc.abstractmethod
+    def _join(self, info: Any, rank: int) -> dist.ProcessGroup:
+        """Form the group as ``rank`` (called under the lock); bounded by ``config.timeout_s``."""
 
-        Raises:
-            ValueError: bad init info, or a rank that cannot exist in the world.
-            RuntimeError: the engine is already initialized.
-            TransferError: the group could not be formed (see ``create_side_group``).
-        """
+    def init_transfer_engine(self, init_info: Any) -> None:
         info = self.parse_init_info(init_info)
         with self._lock:
             if self.model_update_group is not None:
@@ -189,11 +163,89 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
                     f"{pc.rank} + rank_offset {info.rank_offset}) is outside the side group's world_size "
                     f"{info.world_size}"
                 )
-            self.model_update_group = create_side_group(
-                info.master_address, info.master_port, rank, info.world_size,
-                backend=self.config.backend, device=self.device, timeout_s=self.config.timeout_s,
-                token=info.token,
-            )  # fmt: skip
+            self.model_update_group = self._join(info, rank)
+
+    def receive_weights(self, update_info: Any, load_weights: LoadWeights, *, atomic: bool = False) -> TransferStats:
+        group = self.model_update_group
+        if group is None:
+            raise RuntimeError("weight transfer is not initialized; call init_transfer_engine() first")
+        info = None if update_info is None else self.parse_update_info(update_info)
+        if not callable(load_weights):
+            raise ValueError(f"load_weights must be callable, got {load_weights!r}")
+        progress = ReceiveProgress()
+        with self._lock:
+            side = side_group(group)
+            side.check_usable()
+            try:
+                return type(self)._receiver(side, info, load_weights, self.device, atomic=atomic,
+                                            progress=progress).run()  # fmt: skip
+            except TransferError as e:
+                if not e.broken:  # a broken group was logged when it broke
+                    log.warning("update %s failed on rank %d: %s", progress.update_id, side.rank(), e)
+                raise
+            finally:
+                if progress.applied:
+                    self._weights_version, self._torn = progress.update_id, False
+                elif progress.loads_started:
+                    self._torn = True
+
+    def shutdown(self) -> None:
+        """Leave the group and free what it holds. Local, idempotent, never blocks on peers."""
+        group, self.model_update_group = self.model_update_group, None
+        if group is not None:
+            destroy_side_group(group)
+
+
+class NCCLWeightTransferEngine(_WorkerEngine[NCCLWeightTransferInitInfo, NCCLWeightTransferUpdateInfo]):
+    """Receives weights from a trainer over a torch.distributed side group.
+
+    One engine per inference worker process. Its side-group rank is
+    ``data_parallel_rank x (TP x PP) + rank + rank_offset``. The backend is
+    NCCL on GPUs or Gloo (CPU tensors, or CUDA tensors through host memory).
+
+    Attributes:
+        model_update_group: the side group (a ``torch.distributed
+            .ProcessGroup``), or None before :meth:`init_transfer_engine` and
+            after :meth:`shutdown`.
+    """
+
+    init_info_cls = NCCLWeightTransferInitInfo
+    update_info_cls = NCCLWeightTransferUpdateInfo
+    _receiver = Receiver
+
+    def __init__(self, config: WeightTransferConfig, parallel_config: ParallelConfig) -> None:
+        super().__init__(config, parallel_config)
+        if config.backend not in ("nccl", "gloo"):
+            raise ValueError(f"NCCLWeightTransferEngine needs backend 'nccl' or 'gloo', got {config.backend!r} "
+                             "(use create_engine(config, parallel_config) to pick the engine from the config)")
+
+    # -- worker side ---------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where received weights land."""
+        if self.config.device is not None:
+            return torch.device(self.config.device)
+        if self.config.backend == "nccl" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def init_transfer_engine(self, init_info: NCCLWeightTransferInitInfo | Mapping[str, Any]) -> None:
+        """Join the trainer's side group. Every worker and the trainer's
+        ``trainer_init`` call this together; blocks at most ``timeout_s``.
+
+        Raises:
+            ValueError: bad init info, or a rank that cannot exist in the world.
+            RuntimeError: the engine is already initialized.
+            TransferError: the group could not be formed (see ``create_side_group``).
+        """
+        super().init_transfer_engine(init_info)
+
+    def _join(self, info: NCCLWeightTransferInitInfo, rank: int) -> dist.ProcessGroup:
+        return create_side_group(
+            info.master_address, info.master_port, rank, info.world_size,
+            backend=self.config.backend, device=self.device, timeout_s=self.config.timeout_s, token=info.token,
+        )  # fmt: skip
 
     def receive_weights(
         self,
@@ -229,36 +281,7 @@ class NCCLWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, 
                 update, or a dead or silent peer. Check ``err.broken``: if
                 True, ``shutdown()`` and ``init_transfer_engine()`` again.
         """
-        group = self.model_update_group
-        if group is None:
-            raise RuntimeError("weight transfer is not initialized; call init_transfer_engine() first")
-        info = None if update_info is None else self.parse_update_info(update_info)
-        if not callable(load_weights):
-            raise ValueError(f"load_weights must be callable, got {load_weights!r}")
-        progress = ReceiveProgress()
-        with self._lock:
-            side = side_group(group)
-            side.check_usable()
-            try:
-                stats = Receiver(side, info, load_weights, self.device, atomic=atomic, progress=progress).run()
-            except TransferError as e:
-                if not e.broken:  # a broken group was logged when it broke
-                    log.warning("update %s failed on rank %d: %s", progress.update_id, side.rank(), e)
-                raise
-            finally:
-                if progress.applied:
-                    self._weights_version, self._torn = progress.update_id, False
-                elif progress.loads_started:
-                    self._torn = True
-        return stats
-
-    def shutdown(self) -> None:
-        """Leave the side group and free its buffers. Local, idempotent, never blocks on peers."""
-        group, self.model_update_group = self.model_update_group, None
-        if group is not None:
-            destroy_side_group(group)
-
-    # -- trainer side ----------------------------------------------------------------
+        return super().receive_weights(update_info, load_weights, atomic=atomic)
 
     @staticmethod
     def trainer_init(

@@ -17,8 +17,6 @@ only control rows travel between the processes (see :mod:`torchxfer.colocated`).
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -39,17 +37,13 @@ from .config import (
     WeightTransferConfig,
     check_buffers,
     check_timeout,
-    worker_rank,
 )
-from .engine import WeightTransferEngine, _parse
+from .engine import _parse, _WorkerEngine
 from .errors import TransferError
 from .group import create_side_group, destroy_side_group, side_group
-from .receiver import LoadWeights, ReceiveProgress
+from .receiver import LoadWeights
 
 __all__ = ["IPCWeightTransferEngine"]
-
-log = logging.getLogger("torchxfer")
-
 
 def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -67,7 +61,7 @@ def _form(info: IPCWeightTransferInitInfo, rank: int, device: torch.device, time
     return pg
 
 
-class IPCWeightTransferEngine(WeightTransferEngine[IPCWeightTransferInitInfo, NCCLWeightTransferUpdateInfo]):
+class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeightTransferUpdateInfo]):
     """Receives weights from a trainer on the same GPU (CUDA IPC) or host (shared memory).
 
     One engine per inference worker process, with ``WeightTransferConfig(backend="ipc")``.
@@ -83,30 +77,17 @@ class IPCWeightTransferEngine(WeightTransferEngine[IPCWeightTransferInitInfo, NC
 
     init_info_cls = IPCWeightTransferInitInfo
     update_info_cls = NCCLWeightTransferUpdateInfo
+    _receiver = ColocatedReceiver
 
     def __init__(self, config: WeightTransferConfig, parallel_config: ParallelConfig) -> None:
         super().__init__(config, parallel_config)
         if config.backend != "ipc":
             raise ValueError(f"IPCWeightTransferEngine needs WeightTransferConfig(backend='ipc'), got {config.backend!r}")
-        self.model_update_group: dist.ProcessGroup | None = None
-        self._lock = threading.Lock()
-        self._weights_version: int | None = None
-        self._torn = False
 
     @property
     def device(self) -> torch.device:
         """Where the trainer's buffers and the received weights are."""
         return torch.device(self.config.device) if self.config.device is not None else _default_device()
-
-    @property
-    def weights_version(self) -> int | None:
-        """Update id of the last update fully loaded into this worker, or None."""
-        return self._weights_version
-
-    @property
-    def torn(self) -> bool:
-        """True when an update failed after ``load_weights`` had started (see the NCCL engine)."""
-        return self._torn
 
     def init_transfer_engine(self, init_info: IPCWeightTransferInitInfo | Mapping[str, Any]) -> None:
         """Join the trainer's colocated group. Every worker and the trainer's ``trainer_init`` call this
@@ -118,17 +99,10 @@ class IPCWeightTransferEngine(WeightTransferEngine[IPCWeightTransferInitInfo, NC
             TransferError: the group could not be formed, or the trainer is not on this
                 worker's host (CPU) or GPU (CUDA), on every rank.
         """
-        info = self.parse_init_info(init_info)
-        with self._lock:
-            if self.model_update_group is not None:
-                raise RuntimeError("the transfer engine is already initialized; call shutdown() first")
-            pc = self.parallel_config
-            rank = worker_rank(pc, info.rank_offset)
-            if rank >= info.world_size:
-                raise ValueError(f"worker rank {rank} (data_parallel_rank {pc.data_parallel_rank} x {pc.world_size} "
-                                 f"+ rank {pc.rank} + rank_offset {info.rank_offset}) is outside the side group's "
-                                 f"world_size {info.world_size}")  # fmt: skip
-            self.model_update_group = _form(info, rank, self.device, self.config.timeout_s)
+        super().init_transfer_engine(init_info)
+
+    def _join(self, info: IPCWeightTransferInitInfo, rank: int) -> dist.ProcessGroup:
+        return _form(info, rank, self.device, self.config.timeout_s)
 
     def receive_weights(
         self,
@@ -154,33 +128,7 @@ class IPCWeightTransferEngine(WeightTransferEngine[IPCWeightTransferInitInfo, NC
             TransferError: on every rank, for any disagreement, a failing
                 ``load_weights``, an aborted update, or a dead or silent peer.
         """
-        group = self.model_update_group
-        if group is None:
-            raise RuntimeError("weight transfer is not initialized; call init_transfer_engine() first")
-        info = None if update_info is None else self.parse_update_info(update_info)
-        if not callable(load_weights):
-            raise ValueError(f"load_weights must be callable, got {load_weights!r}")
-        progress = ReceiveProgress()
-        with self._lock:
-            side = side_group(group)
-            side.check_usable()
-            try:
-                return ColocatedReceiver(side, info, load_weights, self.device, atomic=atomic, progress=progress).run()
-            except TransferError as e:
-                if not e.broken:
-                    log.warning("update %s failed on rank %d: %s", progress.update_id, side.rank(), e)
-                raise
-            finally:
-                if progress.applied:
-                    self._weights_version, self._torn = progress.update_id, False
-                elif progress.loads_started:
-                    self._torn = True
-
-    def shutdown(self) -> None:
-        """Leave the group and unmap the trainer's buffers. Local, idempotent, never blocks on peers."""
-        group, self.model_update_group = self.model_update_group, None
-        if group is not None:
-            destroy_side_group(group)
+        return super().receive_weights(update_info, load_weights, atomic=atomic)
 
     # -- trainer side ----------------------------------------------------------------
 
