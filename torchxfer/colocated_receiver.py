@@ -20,14 +20,14 @@ import torch
 
 from .colocated import FLAG_SHARE, MAX_IPC_FRAME, decode_frame, gather_blobs
 from .config import MAX_NUM_BUFFERS, NCCLWeightTransferUpdateInfo, TransferStats
-from .control import ControlChannel, encode_message
+from .control import ControlChannel
 from .errors import TransferError
 from .group import SideGroup
 from .ipc_transport import new_events, open_buffers
 from .packing import ALIGNMENT, slot_view, typed_view
 from .plan import BucketPlan, Layout, TableChecker
 from .colocated import BACKEND
-from .receiver import LoadWeights, ReceiveProgress
+from .receiver import LoadWeights, ReceiveProgress, WorkerSide
 from .wire import FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind, Row, check_arg, decode, make_row
 
 __all__ = ["ColocatedReceiver"]
@@ -69,7 +69,7 @@ class _State:
         return ok
 
 
-class ColocatedReceiver:
+class ColocatedReceiver(WorkerSide):
     """Receives one update on a worker of a colocated group. One instance per update."""
 
     def __init__(self, group: SideGroup, update_info: NCCLWeightTransferUpdateInfo | None,
@@ -92,23 +92,9 @@ class ColocatedReceiver:
         self.in_table_mode = False
         self.finished = False
 
-    def fail(self, message: str) -> None:
-        if not self.error:
-            self.error = encode_message(message) or b"?"
-
     def row(self) -> list[int]:
         return make_row(Kind.WORKER, len(self.error), self.holds, int(self.plan_ok), int(self.atomic),
                         self.released, self.state.buffers_id)  # fmt: skip
-
-    def broken(self, message: str) -> TransferError:
-        self.group.mark_broken(message)
-        return TransferError(f"{self.what} on rank {self.group.rank()}: {message}", broken=True)
-
-    def trainer_row(self, rows: list[Row], kinds: tuple[Kind, ...]) -> Row:
-        if rows[0].kind not in kinds:
-            raise self.broken(f"the trainer sent a {rows[0].kind.name} row where "
-                              f"{'/'.join(k.name for k in kinds)} was due")  # fmt: skip
-        return rows[0]
 
     # -- the update ------------------------------------------------------------------------------
 
@@ -283,15 +269,6 @@ class ColocatedReceiver:
         self.state.validated = self.info
 
     # -- payload ----------------------------------------------------------------------------------
-
-    def call_load(self, batch: list[tuple[str, torch.Tensor]], where: str) -> None:
-        if self.group.closed:
-            raise TransferError(f"{self.what}: the engine was shut down", broken=True)
-        self.progress.loads_started = True
-        try:
-            self.load_weights(batch)
-        except Exception as e:
-            self.fail(f"load_weights raised on rank {self.group.rank()} {where}: {type(e).__name__}: {e}")
 
     def load(self, plan: BucketPlan) -> None:
         """Hand the bucket's tensors (views of the shared buffer) to load_weights, then release it."""

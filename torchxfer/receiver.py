@@ -131,7 +131,49 @@ class _Posted:
     expected_checksum: int | None
 
 
-class Receiver:
+class WorkerSide:
+    """What both receivers (broadcast and colocated) do alike on a worker: remember the
+    first failure, check the trainer's row kind, hand batches to ``load_weights``.
+
+    Needs ``group``, ``what``, ``error``, ``load_weights`` and ``progress``.
+    """
+
+    group: SideGroup
+    what: str
+    error: bytes
+    load_weights: LoadWeights
+    progress: ReceiveProgress
+
+    def fail(self, message: str) -> None:
+        """Remember this rank's first failure; it goes out in this rank's next row."""
+        if not self.error:
+            self.error = encode_message(message) or b"?"
+
+    def broken(self, message: str) -> TransferError:
+        self.group.mark_broken(message)
+        return TransferError(f"{self.what} on rank {self.group.rank()}: {message}", broken=True)
+
+    def trainer_row(self, rows: list[Row], kinds: tuple[Kind, ...]) -> Row:
+        row = rows[0]
+        if row.kind not in kinds:
+            raise self.broken(f"the trainer sent a {row.kind.name} row where {'/'.join(k.name for k in kinds)} was due")
+        return row
+
+    def check_open(self) -> None:
+        if self.group.closed:
+            raise TransferError(f"{self.what}: the engine was shut down", broken=True)
+
+    def call_load(self, batch: list[tuple[str, torch.Tensor]], where: str) -> None:
+        """Hand ``batch`` to load_weights (unless the engine was shut down); its failure becomes this rank's."""
+        self.check_open()
+        self.progress.loads_started = True
+        try:
+            self.load_weights(batch)
+        except Exception as e:
+            self.fail(f"load_weights raised on rank {self.group.rank()} {where}: {type(e).__name__}: {e}")
+
+
+class Receiver(WorkerSide):
     """Receives one update on a worker (see the module docstring). One instance per update."""
 
     def __init__(self, group: SideGroup, update_info: NCCLWeightTransferUpdateInfo | None,
@@ -156,11 +198,6 @@ class Receiver:
         self.direct_split: tuple[int, bool] | None = None
         self.empty = torch.empty(0, dtype=torch.uint8, device=device)
         self.checked = 0  # buckets the table checker has followed
-
-    def fail(self, message: str) -> None:
-        """Remember this rank's first failure; it goes out in this rank's next row."""
-        if not self.error:
-            self.error = encode_message(message) or b"?"
 
     def row(self) -> list[int]:
         return make_row(Kind.WORKER, len(self.error), self.holds, int(self.plan_ok), int(self.atomic))
@@ -374,22 +411,7 @@ class Receiver:
         staged, self.staged = self.staged, []
         self.call_load(staged, f"while applying {self.what}")
 
-    def call_load(self, batch: list[tuple[str, torch.Tensor]], where: str) -> None:
-        """Hand ``batch`` to load_weights (unless the engine was shut down); its failure becomes this rank's."""
-        self.check_open()
-        self.progress.loads_started = True
-        try:
-            self.load_weights(batch)
-        except Exception as e:
-            self.fail(f"load_weights raised on rank {self.group.rank()} {where}: {type(e).__name__}: {e}")
-
     # -- rows -------------------------------------------------------------------------------------
-
-    def trainer_row(self, rows: list[Row], kinds: tuple[Kind, ...]) -> Row:
-        row = rows[0]
-        if row.kind not in kinds:
-            raise self.broken(f"the trainer sent a {row.kind.name} row where {'/'.join(k.name for k in kinds)} was due")
-        return row
 
     def arg(self, row: Row, position: int, what: str, lo: int, hi: int) -> int:
         """A word of the trainer's row, in ``[lo, hi]``; a value outside it breaks the group, since
@@ -398,10 +420,6 @@ class Receiver:
             return check_arg(row, position, what, lo, hi)
         except TransferError as e:
             raise self.broken(f"the trainer's {e}") from None
-
-    def broken(self, message: str) -> TransferError:
-        self.group.mark_broken(message)
-        return TransferError(f"{self.what} on rank {self.group.rank()}: {message}", broken=True)
 
     # -- payload ----------------------------------------------------------------------------------
 
@@ -529,10 +547,6 @@ class Receiver:
         elif tensors:
             self.call_load(tensors, f"in bucket {plan.index}")
         self.after_load()
-
-    def check_open(self) -> None:
-        if self.group.closed:
-            raise TransferError(f"{self.what}: the engine was shut down", broken=True)
 
     def tensors(self, plan: BucketPlan, buf: torch.Tensor | None, dests: dict) -> list[tuple[str, torch.Tensor]]:
         """The bucket's complete tensors, in order: views into the buffer (made once per layout
