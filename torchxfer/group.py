@@ -643,37 +643,13 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _gloo_in_order(store: dist.Store, rank: int, world: int, timeout: datetime.timedelta) -> Any:
-    """A Gloo backend that runs its collectives one at a time, in the order posted.
-
-    The control channel posts a step without waiting for the one before, and
-    every rank must see its steps complete in protocol order; Gloo's default
-    of two threads per device may run two posted steps at once. The options
-    mirror the 4-argument constructor (GLOO_SOCKET_IFNAME honoured) with one
-    thread (``_Options``, ``_devices``, ``_threads``: private, torch 2.6-2.13).
-    """
-    gloo = dist.ProcessGroupGloo
-    try:
-        opts = gloo._Options()
-        names = [n for n in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if n]
-        opts._devices = [gloo.create_device(interface=n) for n in names] or [gloo.create_default_device()]
-        opts._threads = 1
-        opts._timeout = timeout
-    except (AttributeError, TypeError):  # not this torch's private surface: the default backend
-        return gloo(store, rank, world, timeout)
-    return gloo(store, rank, world, opts)
-
-
-def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, timeout_s: float,
-                   in_order: bool = False) -> Any:  # fmt: skip
-    """Make a Gloo or NCCL backend from the store and install it as ``pg``'s
-    (``in_order``: a Gloo backend that runs one collective at a time)."""
+def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, timeout_s: float) -> Any:
+    """Make a Gloo or NCCL backend from the store and install it as ``pg``'s."""
     rank, world, timeout = pg.rank(), pg.size(), _timedelta(timeout_s)
     types = dist.ProcessGroup.BackendType
     if backend_name == "gloo":
         # The 4-argument constructor honours GLOO_SOCKET_IFNAME (torch 2.6-2.13).
-        backend = _gloo_in_order(store, rank, world, timeout) if in_order else \
-            dist.ProcessGroupGloo(store, rank, world, timeout)  # fmt: skip
+        backend = dist.ProcessGroupGloo(store, rank, world, timeout)
         backend_type, device_types = types.GLOO, ["cpu", "cuda"]
     else:
         opts = dist.ProcessGroupNCCL.Options()
@@ -767,7 +743,7 @@ def _form(address: str, port: int, rank: int, world_size: int, backend: str, dat
             phase[0] = f"connecting the {name} group ({kind})"
             try:
                 sub = dist.PrefixStore(f"{_PREFIX}{name}/", store)
-                group._backends.append(_build_backend(which, kind, sub, _left(deadline), in_order=name == "control"))
+                group._backends.append(_build_backend(which, kind, sub, _left(deadline)))
             except Exception as e:
                 raise TransferError(f"rank {rank}: the {name} group ({kind}) could not connect: {e}") from None
         return pg, group, nonce  # the caller must hold pg: the SideGroup refers to it weakly
