@@ -67,7 +67,6 @@ class Step:
             group.mark_broken(f"{what}: {e}")
             raise TransferError(f"{what} failed on rank {group.rank()}: {e}", broken=True) from e
         self._rows: list[Row] | None = None
-        self.mine = b""  # the error message this rank's row declares (set by its poster)
 
     def done(self) -> bool:
         """True once the step completed (never blocks)."""

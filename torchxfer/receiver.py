@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from .config import MAX_NUM_BUFFERS, NCCLWeightTransferUpdateInfo, TransferStats
 from . import control
-from .control import ControlChannel, Step, encode_message
+from .control import ControlChannel, encode_message
 from .errors import TransferError
 from .group import SideGroup
 from .packing import ALIGNMENT, Slot, slot_view, typed_view
@@ -283,15 +283,14 @@ class Receiver(WorkerSide):
             if self.first is not None:
                 row, self.first = self.first, None
             else:
-                step = self.post_row(f"{self.what} bucket {bucket}")
-                rows, mine = step.rows(), step.mine
+                rows = self.control.post(self.row(), f"{self.what} bucket {bucket}").rows()
                 row = self.trainer_row(rows, (Kind.BUCKET, Kind.TABLE, Kind.ABORT, Kind.END))
             if row.kind == Kind.END:
-                return self.end(row, rows, mine, last)
+                return self.end(row, rows, last)
             self.arg(row, 0, "bucket", bucket, bucket)
             if row.kind == Kind.ABORT:
                 self.drain()
-                self.control.settle(rows, mine, self.what)
+                self.control.settle(rows, self.error, self.what)
                 raise TransferError(f"{self.what}: the trainer aborted it")
             last = bool(self.arg(row, 1, "last", 0, 1))
             if row.kind == Kind.BUCKET:
@@ -311,12 +310,6 @@ class Receiver(WorkerSide):
             bucket += 1
             if last:
                 self.finish()
-
-    def post_row(self, what: str) -> Step:
-        """Post this rank's row of the next step; the step remembers the error message the row declares."""
-        step = self.control.post(self.row(), what)
-        step.mine = self.error
-        return step
 
     def table(self, bucket: int, row: Row) -> None:
         """A TABLE step: the frame, its checks, the SYNC step, then the bucket's payload."""
@@ -369,7 +362,7 @@ class Receiver(WorkerSide):
             self.checker.resume_after(self.layout.buckets[-1] if self.layout.buckets else None)
             self.checked = len(self.layout.buckets)
 
-    def end(self, row: Row, rows: list[Row], mine: bytes, last: bool) -> None:
+    def end(self, row: Row, rows: list[Row], last: bool) -> None:
         """END step: counts, then the agreement that every rank loaded everything, then apply."""
         num_tensors = self.arg(row, 0, "num_tensors", 0, MAX_COUNT)
         if not last:
@@ -377,10 +370,9 @@ class Receiver(WorkerSide):
         if not self.error and num_tensors != self.checker.next_index:
             raise self.broken(f"the trainer says it sent {num_tensors} tensors but {self.checker.next_index} arrived")
         if not last:
-            step = self.post_row(f"{self.what} (end)")
-            rows, mine = step.rows(), step.mine
+            rows = self.control.post(self.row(), f"{self.what} (end)").rows()
             self.trainer_row(rows, (Kind.SYNC,))
-        self.control.settle(rows, mine, f"{self.what} (end)")
+        self.control.settle(rows, self.error, f"{self.what} (end)")
         if self.any_atomic:
             if self.atomic:
                 self.apply()
