@@ -223,14 +223,19 @@ class SideGroup:
                 # queued behind a stuck one, whose own Gloo timeout would never
                 # start. On a timeout it raises "Operation timed out!" and leaves
                 # the work running (torch 2.6-2.13), so waiting in slices lets
-                # close() interrupt it; a failed work is completed, a slice's is not.
+                # close() interrupt it.
                 while True:
                     try:
                         if work.wait(_timedelta(min(_SLICE_S, _left(deadline)))):
                             break
                     except Exception:
                         if work.is_completed():
-                            raise
+                            # The slice may have expired just before the work
+                            # succeeded: only the work's own outcome counts.
+                            # On a completed work wait() returns at once, or
+                            # raises the work's own error.
+                            work.wait()
+                            break
                     self._check_wait(deadline, limit)
             else:
                 # NCCL's wait() only orders streams; poll completion from the CPU

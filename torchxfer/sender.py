@@ -311,13 +311,9 @@ class Sender:
         """Wait (bounded) for every step posted and not yet read, noting workers that failed.
 
         Called before a step that is followed by a broadcast on the control
-        group (a table's frame, END, ABORT) so that no earlier step is still
-        running beside it: Gloo may run two posted collectives of one group
-        at once on its two threads, and with a trainer step still running
-        beside a later one, the trainer was seen to wait forever in a step
-        every worker had completed (``scripts/stress_updates.py``: 4 of 22
-        runs of 40 updates before this wait, 0 of 14 with the control group
-        on one thread).
+        group (a table's frame, END, ABORT): every worker failure reported so
+        far is then known, and no row step is still running beside the
+        broadcast.
         """
         while self.steps:
             rows = self.steps.popleft().rows()
