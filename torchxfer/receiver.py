@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from .config import MAX_NUM_BUFFERS, NCCLWeightTransferUpdateInfo, TransferStats
 from . import control
-from .control import ControlChannel, encode_message
+from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
 from .packing import ALIGNMENT, Slot, slot_view, typed_view
@@ -273,17 +273,23 @@ class Receiver(WorkerSide):
     def follow(self) -> None:
         """Every step after BEGIN, as the trainer's rows say.
 
-        Each row is posted only once the previous bucket is posted and loaded.
-        (Posting the next row before waiting for a bucket's payload, tried in
-        protocol v3, let one worker fall a control step behind the others
-        under load on the CPU, in 2 of 5 stress runs; it was withdrawn.)
+        After a BUCKET row that is not the last, the trainer's next control
+        operation is always another row, so this rank posts its own row of
+        that step before it receives and loads the bucket: the step is under
+        way while this rank waits for payload, and its row is ready the moment
+        the bucket is loaded. The row declares this rank's status as of
+        posting; a failure while receiving or loading the bucket goes out in
+        the row after it (one bucket later). Before the last bucket no row is
+        posted early: the END row must carry every failure.
         """
         bucket, last = 0, True
+        ahead: Step | None = None
         while True:
             if self.first is not None:
                 row, self.first = self.first, None
             else:
-                rows = self.control.post(self.row(), f"{self.what} bucket {bucket}").rows()
+                step, ahead = ahead or self.control.post(self.row(), f"{self.what} bucket {bucket}"), None
+                rows = step.rows()
                 row = self.trainer_row(rows, (Kind.BUCKET, Kind.TABLE, Kind.ABORT, Kind.END))
             if row.kind == Kind.END:
                 return self.end(row, rows, last)
@@ -304,6 +310,8 @@ class Receiver(WorkerSide):
                     except TransferError as e:
                         self.fail(str(e))
                     self.checked = bucket + 1
+                if not last:
+                    ahead = self.control.post(self.row(), f"{self.what} bucket {bucket + 1}")
                 self.receive(plan, row.args[2])
             else:
                 self.table(bucket, row)
