@@ -28,12 +28,13 @@ import torch
 
 from .colocated import BACKEND, FLAG_SHARE, colocated_device, encode_frame, gather_blobs
 from .config import TransferStats
-from .control import ControlChannel, Step, encode_message
+from .control import ControlChannel, Step
 from .errors import TransferError
 from .group import SideGroup
 from .ipc_transport import SharedBuffers, open_events
 from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view
 from .plan import BucketPlan, Layout
+from .sender import SendSide, SourceFailed, pairs
 from .wire import FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
 
 __all__ = ["ColocatedSender"]
@@ -41,22 +42,6 @@ __all__ = ["ColocatedSender"]
 log = logging.getLogger("torchxfer")
 
 Item = tuple[str, torch.Tensor]
-
-
-class _SourceFailed(Exception):
-    def __init__(self, original: BaseException) -> None:
-        super().__init__(str(original))
-        self.original = original
-
-
-def _pairs(items: Iterable[Any], post_iter_func: Callable | None) -> Iterator[Item]:
-    try:
-        for item in items:
-            if not isinstance(item, tuple) or len(item) != 2:
-                raise ValueError(f"expected (name, tensor) pairs, got {type(item).__name__}: {item!r:.100}")
-            yield (item[0], post_iter_func(item) if post_iter_func is not None else item[1])
-    except Exception as e:
-        raise _SourceFailed(e) from e
 
 
 class _State:
@@ -79,7 +64,7 @@ class _State:
         return state
 
 
-class ColocatedSender:
+class ColocatedSender(SendSide):
     """Sends one update from rank 0 of a colocated group. One instance per update."""
 
     def __init__(self, group: SideGroup, *, buffer_size: int, num_buffers: int, version: int | None,
@@ -106,8 +91,8 @@ class ColocatedSender:
         start = time.perf_counter()
         cached = self.begin()
         try:
-            self.send(_pairs(items, post_iter_func), cached)
-        except _SourceFailed as e:
+            self.send(pairs(items, post_iter_func), cached)
+        except SourceFailed as e:
             self.abort(f"the trainer aborted {self.what}: {type(e.original).__name__}: {e.original}")
             raise e.original from None
         except TransferError:
@@ -193,7 +178,7 @@ class ColocatedSender:
                 try:
                     spec = TensorSpec.of(*item)
                 except ValueError as e:
-                    raise _SourceFailed(e) from e
+                    raise SourceFailed(e) from e
                 queue.extend(planner.add(index, spec))
                 in_hand, raw = item[1], None
                 index += 1
@@ -261,7 +246,7 @@ class ColocatedSender:
             self.diverged = True
             plan = BucketPlan.make(k, tuple(slots), self.buffer_size, backend=BACKEND)
             if len(plan.frame) > MAX_FRAME_BYTES:
-                raise _SourceFailed(ValueError(f"the table of bucket {k} has {len(plan.frame)} bytes, over the "
+                raise SourceFailed(ValueError(f"the table of bucket {k} has {len(plan.frame)} bytes, over the "
                                                f"{MAX_FRAME_BYTES}-byte cap: tensor names are too long"))  # fmt: skip
         if refs is not None:
             plan.cache["refs"] = refs if all(s.is_whole for s in slots) else None
@@ -333,15 +318,6 @@ class ColocatedSender:
             stream = torch.cuda.current_stream(self.device)
             for events in self.state.worker_events:
                 stream.wait_event(events[k % self.num_buffers])
-
-    def abort(self, reason: str) -> None:
-        """The source failed: an ABORT step tells every worker why; returns so the caller re-raises."""
-        log.warning("%s aborted by its source: %s", self.what, reason)
-        try:
-            self.abort_step(encode_message(reason) or b"?")
-        except TransferError as e:
-            if e.broken:
-                raise
 
     def abort_step(self, reason: bytes) -> None:
         step = self.post(make_row(Kind.ABORT, self.bucket, 0, len(reason)), f"{self.what} (abort)")

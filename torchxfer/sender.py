@@ -53,7 +53,7 @@ from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_v
 from .plan import BucketPlan, Layout
 from .wire import FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
 
-__all__ = ["SenderState", "Sender", "SourceFailed"]
+__all__ = ["SenderState", "Sender", "SendSide", "SourceFailed", "pairs"]
 
 log = logging.getLogger("torchxfer")
 
@@ -116,8 +116,9 @@ class SenderState:
         return buf
 
 
-def _pairs(items: Iterable[Any], post_iter_func: Callable | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The caller's pairs, transformed; anything raised by the caller's code is wrapped."""
+def pairs(items: Iterable[Any], post_iter_func: Callable | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The caller's pairs, transformed; anything raised by the caller's code (or a
+    malformed pair) is wrapped in SourceFailed."""
     try:
         for item in items:
             if not isinstance(item, tuple) or len(item) != 2:
@@ -141,7 +142,29 @@ def _matches(item: tuple[str, Any], spec: TensorSpec) -> bool:
             and tensor.shape == spec.shape and tensor.layout == torch.strided and not tensor.is_meta)  # fmt: skip
 
 
-class Sender:
+class SendSide:
+    """What both senders (broadcast and colocated) do alike on rank 0. Needs
+    ``what`` and ``abort_step(reason)``, which posts the ABORT step and raises
+    the agreed TransferError."""
+
+    what: str
+
+    def abort_step(self, reason: bytes) -> None:
+        raise NotImplementedError
+
+    def abort(self, reason: str) -> None:
+        """The source failed: an ABORT step tells every worker why (they raise it);
+        returns so the caller re-raises the source's own error. A group left
+        broken raises its TransferError instead."""
+        log.warning("%s aborted by its source: %s", self.what, reason)
+        try:
+            self.abort_step(encode_message(reason) or b"?")
+        except TransferError as e:
+            if e.broken:
+                raise
+
+
+class Sender(SendSide):
     """Sends one update from rank 0 (see the module docstring). One instance per update."""
 
     def __init__(self, group: SideGroup, *, packed: bool, buffer_size: int, num_buffers: int, checksum: bool,
@@ -181,7 +204,7 @@ class Sender:
 
     def run(self, items: Iterable[Any], post_iter_func: Callable | None) -> TransferStats:
         start = time.perf_counter()
-        source = _pairs(items, post_iter_func)
+        source = pairs(items, post_iter_func)
         cached = self.begin()
         try:
             self.send_buckets(source, cached)
@@ -287,15 +310,6 @@ class Sender:
         self.state.layout = self.layout
         self.state.device = self.device
         self.state.confirmed = self.layout.fingerprint if held else 0
-
-    def abort(self, reason: str) -> None:
-        """The source failed: an ABORT step tells every worker why (they raise it); returns so the caller re-raises."""
-        log.warning("%s aborted by its source: %s", self.what, reason)
-        try:
-            self.abort_step(encode_message(reason) or b"?")
-        except TransferError as e:
-            if e.broken:
-                raise
 
     def abort_step(self, reason: bytes) -> None:
         """ABORT step, then every rank raises the agreed TransferError."""
