@@ -24,7 +24,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["free_port", "run_threads", "run_processes", "RankFailure", "Outcome", "bytes_equal", "digest", "ADDR"]
+__all__ = ["free_port", "run_threads", "run_processes", "RankFailure", "Outcome", "bytes_equal", "digest", "ADDR",
+           "gloo_trainer", "gloo_worker", "run_world"]
 
 ADDR = "127.0.0.1"
 
@@ -194,3 +195,50 @@ def digest(t: Any) -> str:
 
     host = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
     return hashlib.sha256(ctypes.string_at(host.data_ptr(), host.numel())).hexdigest()
+
+
+# -- Gloo side groups of thread-ranks ---------------------------------------------------------
+
+
+def gloo_trainer(port: int, world: int, *, timeout: float, token: str | None = None) -> Any:
+    """Rank 0 of a Gloo side group on the loopback (blocks until every worker joins)."""
+    from torchxfer import NCCLWeightTransferEngine
+
+    return NCCLWeightTransferEngine.trainer_init(
+        dict(master_address=ADDR, master_port=port, world_size=world, token=token), backend="gloo", timeout_s=timeout
+    )
+
+
+def gloo_worker(rank: int, port: int, world: int, *, timeout: float, token: str | None = None,
+                device: str | None = None, dp: bool = False) -> Any:  # fmt: skip
+    """The worker at side rank ``rank``: one replica of TP=world-1, or (``dp``)
+    world-1 replicas of TP=1. Blocks until the group forms."""
+    from torchxfer import NCCLWeightTransferEngine, NCCLWeightTransferInitInfo, ParallelConfig, WeightTransferConfig
+
+    if dp:
+        pc = ParallelConfig(data_parallel_rank=rank - 1, data_parallel_size=world - 1)
+    else:
+        pc = ParallelConfig(rank=rank - 1, tensor_parallel_size=world - 1)
+    engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="gloo", timeout_s=timeout, device=device), pc)
+    engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, world, token=token))
+    return engine
+
+
+def run_world(body: Callable[[int, int], Any], world: int, *, deadline_s: float) -> list[Any]:
+    """``body(rank, port)`` on ``world`` thread-ranks; the values in rank order.
+
+    Retried on a fresh port (twice) if the trainer's port was taken meanwhile;
+    any other failure fails the test with every failing rank's traceback.
+    """
+    from torchxfer import TransferError
+
+    for attempt in range(3):
+        outcomes = run_threads(body, world, free_port(), deadline_s=deadline_s, expect_ok=False)
+        first = outcomes[0].error
+        if attempt < 2 and isinstance(first, TransferError) and "already in use" in str(first):
+            continue
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            raise AssertionError("\n".join(f"--- rank {o.rank} raised ---\n{o.tb}" for o in failed))
+        return [o.value for o in outcomes]
+    raise AssertionError("unreachable")

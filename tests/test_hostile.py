@@ -15,7 +15,6 @@ formed group's listeners grow no file descriptor.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import socket
@@ -29,14 +28,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.harness import ADDR, free_port, run_threads
+from tests import harness
+from tests.harness import ADDR, gloo_trainer, gloo_worker
 from torchxfer import (
     NCCLWeightTransferEngine,
-    NCCLWeightTransferInitInfo,
     NCCLWeightTransferUpdateInfo,
-    ParallelConfig,
     TransferError,
-    WeightTransferConfig,
     destroy_side_group,
     side_group,
 )
@@ -57,32 +54,16 @@ DEADLINE = 60.0
 
 
 def trainer(port: int, world: int, timeout: float = TIMEOUT) -> Any:
-    return NCCLWeightTransferEngine.trainer_init(
-        dict(master_address=ADDR, master_port=port, world_size=world), backend="gloo", timeout_s=timeout
-    )
+    return gloo_trainer(port, world, timeout=timeout)
 
 
 def worker(rank: int, port: int, world: int, device: str | None = None,
            timeout: float = TIMEOUT) -> NCCLWeightTransferEngine:  # fmt: skip
-    pc = ParallelConfig(data_parallel_rank=rank - 1, rank=0, tensor_parallel_size=1, pipeline_parallel_size=1,
-                        data_parallel_size=world - 1)  # fmt: skip
-    engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="gloo", timeout_s=timeout, device=device), pc)
-    engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, world))
-    return engine
+    return gloo_worker(rank, port, world, timeout=timeout, device=device, dp=True)
 
 
 def run_world(body: Callable[[int, int], Any], world: int) -> list[Any]:
-    """``body(rank, port)`` on ``world`` thread-ranks; a fresh port if the trainer's was taken."""
-    for attempt in range(3):
-        outcomes = run_threads(body, world, free_port(), deadline_s=DEADLINE, expect_ok=False)
-        first = outcomes[0].error
-        if attempt < 2 and isinstance(first, TransferError) and "already in use" in str(first):
-            continue
-        failed = [o for o in outcomes if not o.ok]
-        if failed:
-            raise AssertionError("\n".join(f"--- rank {o.rank} raised ---\n{o.tb}" for o in failed))
-        return [o.value for o in outcomes]
-    raise AssertionError("unreachable")
+    return harness.run_world(body, world, deadline_s=DEADLINE)
 
 
 def model(seed: int, n: int = 4, numel: int = 150) -> list[tuple[str, torch.Tensor]]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.harness import ADDR, digest, free_port, run_processes, run_threads
+from tests.harness import ADDR, digest, free_port, gloo_trainer, run_processes, run_threads
 from torchxfer import (
     NCCLWeightTransferEngine,
     NCCLWeightTransferInitInfo,
@@ -44,9 +44,7 @@ def _worker_engine(rank: int, world: int, timeout: float = TIMEOUT) -> NCCLWeigh
 
 
 def _trainer(port: int, world: int, timeout: float = TIMEOUT, token: str | None = None) -> dist.ProcessGroup:
-    return NCCLWeightTransferEngine.trainer_init(
-        dict(master_address=ADDR, master_port=port, world_size=world, token=token), backend="gloo", timeout_s=timeout
-    )
+    return gloo_trainer(port, world, timeout=timeout, token=token)
 
 
 def _collect(store: list) -> callable:

@@ -25,13 +25,10 @@ import torch
 import torch.distributed as dist
 
 import torchxfer.group as group_mod
-from tests.harness import ADDR, free_port, run_threads
+from tests.harness import ADDR, free_port, gloo_trainer, gloo_worker, run_threads
 from torchxfer import (
     NCCLWeightTransferEngine,
-    NCCLWeightTransferInitInfo,
-    ParallelConfig,
     TransferError,
-    WeightTransferConfig,
     destroy_side_group,
     side_group,
 )
@@ -43,19 +40,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _trainer(port: int, world: int, token: str | None = None, timeout: float = TIMEOUT) -> dist.ProcessGroup:
-    return NCCLWeightTransferEngine.trainer_init(
-        dict(master_address=ADDR, master_port=port, world_size=world, token=token), backend="gloo", timeout_s=timeout
-    )
+    return gloo_trainer(port, world, timeout=timeout, token=token)
 
 
 def _worker(rank: int, port: int, world: int, token: str | None = None,
             timeout: float = TIMEOUT) -> NCCLWeightTransferEngine:  # fmt: skip
-    engine = NCCLWeightTransferEngine(
-        WeightTransferConfig(backend="gloo", timeout_s=timeout),
-        ParallelConfig(rank=rank - 1, tensor_parallel_size=world - 1),
-    )
-    engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, world, token=token))
-    return engine
+    return gloo_worker(rank, port, world, timeout=timeout, token=token)
 
 
 def _timed(fn) -> tuple[BaseException | None, float]:

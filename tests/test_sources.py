@@ -7,15 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from tests.harness import ADDR, bytes_equal, digest, free_port, run_threads
+from tests.harness import bytes_equal, digest, free_port, gloo_trainer, gloo_worker, run_threads
 from torchxfer import (
     ModuleLoader,
     NCCLWeightTransferEngine,
-    NCCLWeightTransferInitInfo,
     NCCLWeightTransferUpdateInfo,
-    ParallelConfig,
     TransferError,
-    WeightTransferConfig,
     destroy_side_group,
     iter_named_tensors,
     send_model,
@@ -135,18 +132,11 @@ def test_plan_errors_name_every_problem_before_anything_moves():
 
 
 def _trainer(port: int, world: int) -> object:
-    return NCCLWeightTransferEngine.trainer_init(
-        dict(master_address=ADDR, master_port=port, world_size=world), backend="gloo", timeout_s=TIMEOUT
-    )
+    return gloo_trainer(port, world, timeout=TIMEOUT)
 
 
 def _worker(port: int, rank: int, world: int) -> NCCLWeightTransferEngine:
-    engine = NCCLWeightTransferEngine(
-        WeightTransferConfig(backend="gloo", timeout_s=TIMEOUT),
-        ParallelConfig(rank=rank - 1, tensor_parallel_size=world - 1),
-    )
-    engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, world))
-    return engine
+    return gloo_worker(rank, port, world, timeout=TIMEOUT)
 
 
 MODES = [({"packed_buffer_size_bytes": 1024}, {}), ({"packed": False}, {"checksum": True})]

@@ -30,14 +30,12 @@ from typing import Any
 import pytest
 import torch
 
-from tests.harness import ADDR, bytes_equal, free_port, run_threads
+from tests import harness
+from tests.harness import bytes_equal, gloo_trainer, gloo_worker
 from torchxfer import (
     NCCLWeightTransferEngine,
-    NCCLWeightTransferInitInfo,
     NCCLWeightTransferUpdateInfo,
-    ParallelConfig,
     TransferError,
-    WeightTransferConfig,
     destroy_side_group,
     side_group,
 )
@@ -102,21 +100,12 @@ def generate(pairs: list[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
 
 
 def trainer(port: int, world: int, timeout: float = TIMEOUT) -> Any:
-    return NCCLWeightTransferEngine.trainer_init(
-        dict(master_address=ADDR, master_port=port, world_size=world), backend="gloo", timeout_s=timeout
-    )
+    return gloo_trainer(port, world, timeout=timeout)
 
 
 def worker(rank: int, port: int, world: int, *, dp: bool = False, timeout: float = TIMEOUT) -> NCCLWeightTransferEngine:
     """A worker of side rank ``rank``: one replica of TP=world-1, or (dp) world-1 replicas of TP=1."""
-    if dp:
-        pc = ParallelConfig(data_parallel_rank=rank - 1, rank=0, tensor_parallel_size=1,
-                            pipeline_parallel_size=1, data_parallel_size=world - 1)  # fmt: skip
-    else:
-        pc = ParallelConfig(data_parallel_rank=0, rank=rank - 1, tensor_parallel_size=world - 1,
-                            pipeline_parallel_size=1, data_parallel_size=1)  # fmt: skip
-    engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="gloo", timeout_s=timeout, device=None), pc)
-    engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, world))
+    engine = gloo_worker(rank, port, world, timeout=timeout, dp=dp)
     assert engine.model_update_group.rank() == rank
     assert engine.model_update_group.size() == world
     return engine
@@ -132,18 +121,7 @@ def collector() -> tuple[list, Callable[[list], None]]:
 
 
 def run_world(body: Callable[[int, int], Any], world: int, *, deadline_s: float = DEADLINE) -> list[Any]:
-    """Run ``body(rank, port)`` on ``world`` thread-ranks; retry on a fresh port if the trainer's is taken."""
-    for attempt in range(3):
-        port = free_port()
-        outcomes = run_threads(body, world, port, deadline_s=deadline_s, expect_ok=False)
-        first = outcomes[0].error
-        if attempt < 2 and isinstance(first, TransferError) and "already in use" in str(first):
-            continue
-        failed = [o for o in outcomes if not o.ok]
-        if failed:
-            raise AssertionError("\n".join(f"--- rank {o.rank} raised ---\n{o.tb}" for o in failed))
-        return [o.value for o in outcomes]
-    raise AssertionError("unreachable")
+    return harness.run_world(body, world, deadline_s=deadline_s)
 
 
 def assert_same(got: list[tuple[str, torch.Tensor]], want: list[tuple[str, torch.Tensor]], what: str = "") -> None:
