@@ -309,3 +309,28 @@ def test_loader_tied_names_update_context_and_check():
     assert "steps" not in no_buffers.targets
     with pytest.raises(ValueError, match="nn.Module"):
         ModuleLoader(object())
+
+
+def test_loader_checks_a_batch_it_has_seen_before_as_strictly_as_a_new_one():
+    """The second update of a layout takes the cached path: the same errors, bit-exact loads."""
+    served = Served()
+    loader = ModuleLoader(served)
+    ones = torch.ones(16, dtype=torch.bfloat16)
+    batch = [("proj.bias", ones), ("norm.weight", ones * 3)]
+    for value in (1.0, 2.0):
+        with loader.update():
+            loader(iter([("proj.bias", ones * value), ("norm.weight", ones * 3)]))  # any iterable
+            loader([(n, t.detach().clone()) for n, t in served.state_dict().items()
+                    if n not in ("proj.bias", "norm.weight")])  # fmt: skip
+        assert served.proj.bias.float().tolist() == [value] * 16
+    loader(batch)
+    with pytest.raises(ValueError, match="'proj.bias' arrived twice in one update"):
+        loader(batch)
+    loader.reset()
+    with pytest.raises(ValueError, match=r"'proj.bias': shape \[4, 4\]"):
+        loader([("proj.bias", torch.zeros(4, 4, dtype=torch.bfloat16)), ("norm.weight", ones)])
+    with pytest.raises(ValueError, match="'norm.weight': dtype float32, the module has bfloat16"):
+        loader([("proj.bias", ones), ("norm.weight", torch.ones(16))])
+    assert loader.loaded == set() and served.proj.bias.float().tolist() == [1.0] * 16  # nothing loaded
+    loader([("proj.bias", ones * 5), ("norm.weight", ones)])
+    assert served.proj.bias.float().tolist() == [5.0] * 16

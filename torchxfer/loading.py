@@ -13,6 +13,10 @@ from .packing import dtype_name, parse_dtype
 
 __all__ = ["ModuleLoader"]
 
+_MAX_PLANS = 4096
+# (positions in the batch that load, their targets, their shapes, their dtypes, the names they fill)
+_BatchPlan = tuple[list[int], list[torch.Tensor], list[torch.Size], list[torch.dtype], frozenset[str]]
+
 
 class ModuleLoader:
     """Copy received tensors into a module's parameters and buffers, by name, in place.
@@ -75,6 +79,11 @@ class ModuleLoader:
         self._first: dict[str, str] = {name: names[0] for names in groups.values() for name in names}
         self.loaded: set[str] = set()
         """Names loaded in the current update."""
+        # Batches seen before, by their names in order: which of their positions
+        # load into which targets, and the shapes and dtypes they had. A steady
+        # layout then costs one comparison of those lists per batch, not the
+        # per-tensor checks. Bounded: cleared once it holds _MAX_PLANS batches.
+        self._plans: dict[tuple[str, ...], _BatchPlan] = {}
 
     def _problem(self, name: str, dtype: torch.dtype, shape: list[int]) -> str | None:
         target = self.targets.get(name)
@@ -90,13 +99,45 @@ class ModuleLoader:
         """Load one batch of ``(name, tensor)`` pairs, all or nothing (see the class docstring).
 
         The batch is checked first, then copied with one fused multi-tensor copy.
+        A batch with the same names in the same order as one loaded before is
+        checked by comparing its shapes and dtypes with that batch's (the same
+        rules, without redoing the per-name lookups).
         """
+        batch = batch if isinstance(batch, list) else list(batch)
+        try:
+            key = tuple([name for name, _ in batch])
+            plan = self._plans.get(key)
+        except (TypeError, ValueError):  # not pairs of a hashable name and a value: the full check says why
+            key, plan = None, None
+        if plan is not None and self._fast(batch, plan):
+            return
+        self._load_checked(batch, key)
+
+    def _fast(self, batch: list[tuple[str, torch.Tensor]], plan: _BatchPlan) -> bool:
+        """Load a batch laid out like ``plan``'s; False (nothing loaded) if anything differs."""
+        positions, dst, shapes, dtypes, names = plan
+        try:
+            src = [batch[i][1] for i in positions]
+            if [t.shape for t in src] != shapes or [t.dtype for t in src] != dtypes:
+                return False
+        except AttributeError:
+            return False
+        if not self.loaded.isdisjoint(names):
+            return False
+        if dst:
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
+        self.loaded |= names
+        return True
+
+    def _load_checked(self, batch: list[tuple[str, torch.Tensor]], key: tuple[str, ...] | None) -> None:
         targets, loaded = self.targets, self.loaded
         problems: list[str] = []
         seen: set[str] = set()
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
-        for name, tensor in batch:
+        positions: list[int] = []
+        for position, (name, tensor) in enumerate(batch):
             target = targets.get(name)
             if target is None:
                 if self.strict:
@@ -110,13 +151,19 @@ class ModuleLoader:
             else:
                 dst.append(target)
                 src.append(tensor)
+                positions.append(position)
             seen.add(name)
         if problems:
             raise ValueError(f"cannot load {len(problems)} tensor(s) into the module: " + "; ".join(problems))
         if dst:
             with torch.no_grad():
                 torch._foreach_copy_(dst, src)
-        loaded.update(name for name in seen if name in targets)
+        names = {name for name in seen if name in targets}
+        loaded |= names
+        if key is not None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = (positions, dst, [t.shape for t in src], [t.dtype for t in src], frozenset(names))
 
     def missing(self) -> list[str]:
         """Tensors of the module not loaded in the current update (the first name of tied ones)."""
