@@ -135,7 +135,8 @@ class WorkerSide:
     """What both receivers (broadcast and colocated) do alike on a worker: remember the
     first failure, check the trainer's row kind, hand batches to ``load_weights``.
 
-    Needs ``group``, ``what``, ``error``, ``load_weights`` and ``progress``.
+    Needs ``group``, ``what``, ``error``, ``load_weights`` and ``progress``
+    (and, for ``check_config``, ``info``, ``buffer_size`` and ``num_buffers``).
     """
 
     group: SideGroup
@@ -158,6 +159,26 @@ class WorkerSide:
         if row.kind not in kinds:
             raise self.broken(f"the trainer sent a {row.kind.name} row where {'/'.join(k.name for k in kinds)} was due")
         return row
+
+    def check_config(self, hint: int, packed: bool | None) -> None:
+        """Fail this rank if the trainer's configuration (``packed``: its packed
+        flag, None where it has no unpacked mode; ``buffer_size``,
+        ``num_buffers``; ``hint``: its tensor count, -1 if unknown) differs from
+        this worker's ``update_info``. Local; never blocks."""
+        info, problems = self.info, []
+        if packed is not None and packed != info.packed:
+            problems.append(f"packed: trainer sends packed={packed}, update_info says packed={info.packed}")
+        elif info.packed:
+            if self.buffer_size != info.packed_buffer_size_bytes:
+                problems.append(f"packed_buffer_size_bytes: trainer uses {self.buffer_size}, "
+                                f"update_info says {info.packed_buffer_size_bytes}")  # fmt: skip
+            if self.num_buffers != info.packed_num_buffers:
+                problems.append(f"packed_num_buffers: trainer uses {self.num_buffers}, "
+                                f"update_info says {info.packed_num_buffers}")  # fmt: skip
+        if hint >= 0 and hint != len(info.names):
+            problems.append(f"count: trainer sends {hint} tensors, update_info lists {len(info.names)}")
+        if problems:
+            self.fail("; ".join(problems))
 
     def check_open(self) -> None:
         if self.group.closed:
@@ -252,23 +273,7 @@ class Receiver(WorkerSide):
         self.checker = TableChecker(self.info.specs if self.info is not None else None, self.buffer_size)
         self.prepared = False
         if self.info is not None and (self.cached is None or not self.plan_ok):
-            self.check_config(hint)
-
-    def check_config(self, hint: int) -> None:
-        info, problems = self.info, []
-        if self.packed != info.packed:
-            problems.append(f"packed: trainer sends packed={self.packed}, update_info says packed={info.packed}")
-        elif info.packed:
-            if self.buffer_size != info.packed_buffer_size_bytes:
-                problems.append(f"packed_buffer_size_bytes: trainer uses {self.buffer_size}, "
-                                f"update_info says {info.packed_buffer_size_bytes}")  # fmt: skip
-            if self.num_buffers != info.packed_num_buffers:
-                problems.append(f"packed_num_buffers: trainer uses {self.num_buffers}, "
-                                f"update_info says {info.packed_num_buffers}")  # fmt: skip
-        if hint >= 0 and hint != len(info.names):
-            problems.append(f"count: trainer sends {hint} tensors, update_info lists {len(info.names)}")
-        if problems:
-            self.fail("; ".join(problems))
+            self.check_config(hint, self.packed)
 
     def follow(self) -> None:
         """Every step after BEGIN, as the trainer's rows say.
