@@ -63,3 +63,12 @@ def test_a_work_that_never_completes_times_out_within_the_timeout():
     with pytest.raises(TransferError, match="no completion after 0.3 s"):
         g.wait(FakeWork(None, completes=False), "step")
     assert 0.3 <= time.monotonic() - start < 1.0
+
+
+def test_a_sub_millisecond_timeout_still_bounds_a_wait():
+    """A timedelta under 1 ms truncates to 0 ms, which torch's Work.wait reads as
+    "no timeout": every bound handed to Work.wait is at least 1 ms."""
+    from torchxfer.config import wait_timeout
+
+    assert wait_timeout(1e-4) == datetime.timedelta(milliseconds=1)
+    assert wait_timeout(2.5) == datetime.timedelta(seconds=2.5)

@@ -6,6 +6,7 @@ The rank formula for inference workers lives here, in :func:`worker_rank`.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 from typing import Any
 
@@ -53,6 +54,13 @@ def check_timeout(owner: str, value: Any) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"{owner}.timeout_s must be a positive finite number of seconds, got {value!r:.40}")
     return seconds
+
+
+def wait_timeout(seconds: float) -> datetime.timedelta:
+    """``seconds`` as a bound for ``Work.wait``: at least 1 ms, since a wait
+    of 0 ms (a shorter timedelta truncates to it) means "no timeout" to
+    torch's ``Work.wait`` (torch 2.6-2.13) and would never return."""
+    return datetime.timedelta(seconds=max(float(seconds), 1e-3))
 
 
 def check_backend(owner: str, value: Any) -> str:

@@ -29,12 +29,12 @@ plus the packed part once more while it is cut out.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .config import wait_timeout
 from .errors import TransferError
 from .packing import align_up
 from .sources import Entry, is_dtensor, materialize, mesh_device
@@ -102,7 +102,7 @@ class Gatherer:
         self.groups = groups
         self.sender = sender
         self.is_sender = dist.get_rank() == sender
-        self.timeout = None if timeout_s is None else datetime.timedelta(seconds=float(timeout_s))
+        self.timeout = None if timeout_s is None else wait_timeout(timeout_s)
         self._members: dict[int, tuple[Any, int | None, int]] = {}
         self._tags: dict[int, int] = {}
         self.posted_groups = 0  # how many groups this rank posted (tests count them)

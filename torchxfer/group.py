@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from . import wire
+from .config import wait_timeout
 from .errors import TransferError
 
 __all__ = ["SideGroup", "create_side_group", "side_group", "destroy_side_group"]
@@ -79,7 +80,7 @@ _NONCE_BYTES = 32
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=seconds)
+    return wait_timeout(seconds)
 
 
 def _left(deadline: float) -> float:

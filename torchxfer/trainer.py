@@ -58,7 +58,6 @@ Why this cannot deadlock, and what happens on failure:
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 from collections.abc import Iterator
 from typing import Any
@@ -72,6 +71,7 @@ from .config import (
     TransferStats,
     check_send,
     check_timeout,
+    wait_timeout,
 )
 from .colocated import is_colocated
 from .engine import IPCWeightTransferEngine, NCCLWeightTransferEngine
@@ -308,7 +308,7 @@ class _Lockstep:
         backend = str(dist.get_backend(pg)).lower()
         on_cpu = "gloo" in backend or not torch.cuda.is_available()
         self.device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
-        self.timeout = None if timeout_s is None else datetime.timedelta(seconds=float(timeout_s))
+        self.timeout = None if timeout_s is None else wait_timeout(timeout_s)
         self.flag = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.done = False  # a failure was agreed, or the group failed: no more collectives
 
