@@ -324,8 +324,9 @@ def test_loader_checks_a_batch_it_has_seen_before_as_strictly_as_a_new_one():
                     if n not in ("proj.bias", "norm.weight")])  # fmt: skip
         assert served.proj.bias.float().tolist() == [value] * 16
     loader(batch)
-    with pytest.raises(ValueError, match="'proj.bias' arrived twice in one update"):
+    with pytest.raises(ValueError, match="'proj.bias' arrived twice in one update") as err:
         loader(batch)
+    assert "loader.finish()" in str(err.value)  # the likely cause: an update that was never ended
     loader.reset()
     with pytest.raises(ValueError, match=r"'proj.bias': shape \[4, 4\]"):
         loader([("proj.bias", torch.zeros(4, 4, dtype=torch.bfloat16)), ("norm.weight", ones)])

@@ -154,7 +154,11 @@ class ModuleLoader:
                 positions.append(position)
             seen.add(name)
         if problems:
-            raise ValueError(f"cannot load {len(problems)} tensor(s) into the module: " + "; ".join(problems))
+            hint = ""
+            if any(name in loaded for name, _ in batch):
+                hint = (" (names count per update: end each update with loader.finish(), or receive "
+                        "inside `with loader.update():`)")  # fmt: skip
+            raise ValueError(f"cannot load {len(problems)} tensor(s) into the module: " + "; ".join(problems) + hint)
         if dst:
             with torch.no_grad():
                 torch._foreach_copy_(dst, src)
