@@ -106,6 +106,14 @@ def _trainer_rank(rank: int, side_port: int, trainer_port: int, world: int, devi
             out["refused_later"] = "sent?!"
         except ValueError as e:
             out["refused_later"] = str(e)
+        # A transform hands over a DTensor, or is handed one: both refused as the pair is pulled.
+        for key, post in (("refused_post", lambda kv: sd["emb"]), ("refused_raw", lambda kv: getattr(kv[1], "to_local", lambda: kv[1])())):
+            source = [("plain", sd["plain"]), ("emb2", sd["emb"] if key == "refused_raw" else sd["plain"])]
+            try:
+                NCCLWeightTransferEngine.trainer_send_weights(iter(source), group, packed=True, post_iter_func=post)
+                out[key] = "sent?!"
+            except ValueError as e:
+                out[key] = str(e)
     # A fully_shard model on the 2-D mesh (HSDP) after a training step.
     from torch.distributed.fsdp import fully_shard
 
@@ -169,7 +177,9 @@ def _check(outcomes: list, world: int) -> None:
         assert t["net"] == t0["net"] and t["all_reduce"] == world
     assert "send_model" in t0["refused"] and "DTensor" in t0["refused"], t0["refused"]
     assert "'emb'" in t0["refused_later"] and "send_model" in t0["refused_later"], t0["refused_later"]
-    assert len(errors) == 1 and "send_model" in errors[0], errors
+    assert "'plain'" in t0["refused_post"] and "send_model" in t0["refused_post"], t0["refused_post"]
+    assert "'emb2'" in t0["refused_raw"] and "send_model" in t0["refused_raw"], t0["refused_raw"]
+    assert len(errors) == 3 and all("send_model" in e for e in errors), errors
 
 
 def test_every_placement_bit_exact_on_cpu_gloo():

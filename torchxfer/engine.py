@@ -379,13 +379,13 @@ class NCCLWeightTransferEngine(_WorkerEngine[NCCLWeightTransferInitInfo, NCCLWei
             raise ValueError(f"post_iter_func must be callable, got {post_iter_func!r}")
         side.check_usable()
         num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
-        iterator, post_iter_func = _refuse_dtensors(iterator, post_iter_func)
+        iterator, check = _refuse_dtensors(iterator, post_iter_func)
         sender = Sender(side, packed=packed, buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
                         checksum=checksum, zero_copy=zero_copy, version=version, num_tensors=num_tensors)  # fmt: skip
         if stream is not None:
             with torch.cuda.stream(stream):
-                return sender.run(iterator, post_iter_func)
-        return sender.run(iterator, post_iter_func)
+                return sender.run(iterator, post_iter_func, check)
+        return sender.run(iterator, post_iter_func, check)
 
 
 _DTENSOR_HINT = (
@@ -395,43 +395,34 @@ _DTENSOR_HINT = (
 )
 
 
-def _check_plain(name: Any, tensor: Any) -> Any:
-    if _DTensor is not None and isinstance(tensor, _DTensor):
+def _check_plain(name: Any, tensor: Any) -> None:
+    """ValueError naming ``send_model`` if ``tensor`` is a DTensor."""
+    if isinstance(tensor, _DTensor):
         raise ValueError(f"tensor {name!r} {_DTENSOR_HINT}")
-    return tensor
 
 
-def _refuse_dtensors(iterator: Iterable[Any], post_iter_func: Callable | None) -> tuple[Iterable[Any], Callable | None]:
-    """Check the first pair now (before any collective) and every later one as it is pulled."""
+def _refuse_dtensors(iterator: Iterable[Any], post_iter_func: Callable | None
+                     ) -> tuple[Iterable[Any], Callable[[Any, Any], None] | None]:  # fmt: skip
+    """Check the first pair now (before any collective); returns the pairs (that
+    one included) and the check for every later one, run as each is pulled."""
     if _DTensor is None:
-        return iterator, post_iter_func
+        return iterator, None
     it = iter(iterator)
     try:
         head = [next(it)]
     except StopIteration:
-        return (), post_iter_func
+        return (), None
     except Exception as e:  # the source's own failure: raised when pulled, so the workers hear of it
 
         def failing(error: Exception = e) -> Iterator[Any]:
             raise error
             yield  # noqa: unreachable - makes this a generator
 
-        return failing(), post_iter_func
+        return failing(), None
     first = head[0]
-
-    def checked() -> Iterator[Any]:
-        for item in itertools.chain(head, it):
-            if isinstance(item, tuple) and len(item) == 2:
-                _check_plain(item[0], item[1])
-            yield item
-
     if isinstance(first, tuple) and len(first) == 2:
         _check_plain(first[0], first[1])
-    post = post_iter_func
-    if post is not None:
-        def post(item: Any, f: Callable = post_iter_func) -> Any:  # noqa: E306
-            return _check_plain(item[0], f(item))
-    return checked(), post
+    return itertools.chain(head, it), _check_plain
 
 
 def create_engine(config: WeightTransferConfig, parallel_config: ParallelConfig) -> WeightTransferEngine:
