@@ -284,8 +284,9 @@ class Receiver(WorkerSide):
         way while this rank waits for payload, and its row is ready the moment
         the bucket is loaded. The row declares this rank's status as of
         posting; a failure while receiving or loading the bucket goes out in
-        the row after it (one bucket later). Before the last bucket no row is
-        posted early: the END row must carry every failure.
+        the row after it (one bucket later). After the bucket announced as
+        the last, no row is posted early: the END row must carry every
+        failure, including the last bucket's.
         """
         bucket, last = 0, True
         ahead: Step | None = None
