@@ -74,8 +74,10 @@ _SLICE_S = 0.05
 _MAX_VALUE_BYTES = 4096
 # How long the caller waits past the deadline for the init thread to report its own, precise error.
 _GRACE_S = 0.5
-# Rank 0 lingers at most this long after a failure for arrived ranks to read it.
+# Rank 0 lingers at most this long after a failure for arrived ranks to read it,
 _LINGER_S = 1.0
+# and at most this long (never past the deadline) for ranks that have not arrived yet.
+_NEWCOMER_S = 3.0
 _NONCE_BYTES = 32
 
 
@@ -466,17 +468,25 @@ class _Rendezvous:
     def _seen(self) -> None:
         """Count this worker among those that read the error; on rank 0, linger for them.
 
-        Rank 0 hosts the store, so before its store goes away it waits (at most
-        _LINGER_S) until every worker that has claimed a rank, before or during
-        that wait, has read the error; workers that never come are not waited for
-        beyond it.
+        Rank 0 hosts the store, so before its store goes away it waits until
+        every worker has read the error: at most _LINGER_S for those that have
+        claimed a rank (even past the deadline), and at most _NEWCOMER_S, never
+        past the deadline, for those that have not come yet (one that arrives
+        later can only report that the store is gone).
         """
         with contextlib.suppress(Exception):
             if self.rank != 0:
                 self.store.add("error_seen", 1)
                 return
-            linger = time.monotonic() + min(_LINGER_S, self.timeout_s)
-            while self.store.add("error_seen", 0) < self._claimants() and time.monotonic() < linger:
+            now = time.monotonic()
+            claimed_by = now + min(_LINGER_S, self.timeout_s)
+            newcomers_by = min(now + _NEWCOMER_S, self.deadline)
+            while True:
+                seen, t = self.store.add("error_seen", 0), time.monotonic()
+                if seen >= self.world_size - 1:
+                    break  # every worker read it
+                if t >= newcomers_by and (t >= claimed_by or seen >= self._claimants()):
+                    break  # no more waiting for newcomers, and the arrived ones read it (or their time is up)
                 time.sleep(_POLL_S[0])
 
     def _claimants(self) -> int:
@@ -735,7 +745,13 @@ def _form(address: str, port: int, rank: int, world_size: int, backend: str, dat
     try:
         phase[0] = "the rendezvous through the trainer's store"
         uuid = _gpu_uuid(data_device) if data_device is not None else None
-        nonce = _rendezvous(dist.PrefixStore(_PREFIX, store), rank, world_size, timeout_s, deadline, token, uuid)
+        try:
+            nonce = _rendezvous(dist.PrefixStore(_PREFIX, store), rank, world_size, timeout_s, deadline, token, uuid)
+        except TransferError:
+            raise
+        except Exception as e:  # the store's connection failed under a store call (rank 0 went away)
+            raise TransferError(f"rank {rank} lost the trainer's store at {address}:{port} during the rendezvous "
+                                f"({type(e).__name__}: {e}); the trainer stopped, failed, or gave up") from None
         pg = dist.ProcessGroup(store, rank, world_size)
         control = dist.ProcessGroup(store, rank, world_size)
         group = SideGroup(
