@@ -511,6 +511,60 @@ def test_load_weights_raising_on_one_worker_fails_every_rank_then_next_update_wo
             assert (version, torn) == (2 * step + 1, False)
 
 
+@pytest.mark.parametrize("bad_call", [1, 2, 4])
+def test_load_failure_in_a_cached_layout_fails_every_rank_and_loads_nothing_more(bad_call):
+    """Steady state (the layout cached, each worker's next row posted before it
+    waits for a bucket): a failure in load call ``bad_call`` of 4 reaches every
+    rank, the failing worker is handed nothing more, and the next update is whole."""
+    world, steps = 3, 4
+    model = simple(7, 7)
+    send = dict(packed=True, packed_buffer_size_bytes=256)  # 7 tensors: 4 load calls (some tensors split)
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            try:
+                for step in range(steps):
+                    if step == 2:
+                        with pytest.raises(TransferError) as err:
+                            NCCLWeightTransferEngine.trainer_send_weights(iter(model), group, **send)
+                        message = str(err.value)
+                    else:
+                        NCCLWeightTransferEngine.trainer_send_weights(iter(model), group, **send)
+            finally:
+                destroy_side_group(group)
+            return message
+        engine = worker(rank, port, world)
+        try:
+            for step in range(steps):
+                calls: list[int] = []
+
+                def load(batch: list, calls: list = calls) -> None:
+                    calls.append(len(batch))
+                    if step == 2 and rank == 1 and len(calls) == bad_call:
+                        raise DiskFull(f"disk full in call {bad_call}")
+
+                got, keep = collector()
+                if step == 2:
+                    with pytest.raises(TransferError) as err:
+                        engine.receive_weights(None, lambda b: (load(b), keep(b)))
+                    failed = (str(err.value), len(calls))
+                else:
+                    engine.receive_weights(None, lambda b: (load(b), keep(b)))
+                    assert len(calls) == 4, calls
+                    assert_same(got, model, f"rank {rank} step {step}")
+        finally:
+            engine.shutdown()
+        return failed
+
+    values = run_world(body, world)
+    message = values[0]
+    assert "load_weights raised on rank 1 in bucket" in message and f"disk full in call {bad_call}" in message, message
+    for rank in (1, 2):
+        assert values[rank][0] == message, (rank, values[rank][0])
+    assert values[1][1] == bad_call  # nothing handed to load_weights after the failure
+
+
 # -- lazy generator ------------------------------------------------------------------------------------
 
 
