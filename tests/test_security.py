@@ -359,3 +359,21 @@ def test_formed_group_closes_the_store_and_close_interrupts_a_wait(caplog):
     messages = [r.getMessage() for r in caplog.records if r.name == "torchxfer"]
     assert any("side group formed: rank 1 of 2, gloo" in m for m in messages), messages
     assert any("side group closed" in m for m in messages), messages
+
+
+def test_a_store_lost_mid_rendezvous_is_a_transfer_error(monkeypatch):
+    """A store call that fails inside the rendezvous (rank 0 went away between two
+    calls) reaches the worker as a TransferError naming the store, within the
+    timeout, never as torch's raw DistNetworkError."""
+    port = free_port()
+    host = dist.TCPStore(ADDR, port, None, True, datetime.timedelta(seconds=5), wait_for_workers=False)
+
+    def lost(*args, **kwargs):
+        raise dist.DistNetworkError("Failed to recv, got 0 bytes. Connection was likely closed.")
+
+    monkeypatch.setattr(group_mod, "_rendezvous", lost)
+    start = time.monotonic()
+    with pytest.raises(TransferError, match=rf"rank 1 lost the trainer's store at {ADDR}:{port} during the rendezvous"):
+        group_mod.create_side_group(ADDR, port, 1, 2, backend="gloo", timeout_s=TIMEOUT)
+    assert time.monotonic() - start < TIMEOUT
+    del host

@@ -81,10 +81,6 @@ _NEWCOMER_S = 3.0
 _NONCE_BYTES = 32
 
 
-def _timedelta(seconds: float) -> datetime.timedelta:
-    return wait_timeout(seconds)
-
-
 def _left(deadline: float) -> float:
     return max(0.01, deadline - time.monotonic())
 
@@ -229,7 +225,7 @@ class SideGroup:
                 # close() interrupt it.
                 while True:
                     try:
-                        if work.wait(_timedelta(min(_SLICE_S, _left(deadline)))):
+                        if work.wait(wait_timeout(min(_SLICE_S, _left(deadline)))):
                             break
                     except Exception:
                         if work.is_completed():
@@ -402,7 +398,7 @@ def _make_store(address: str, port: int, rank: int, deadline: float) -> tuple[_S
             # listens exactly where asked (the store alone would bind every
             # interface). The store owns the fd from here on (torch 2.6-2.13).
             store = _Store(dist.TCPStore(
-                address, real_port, None, True, _timedelta(_left(deadline)),
+                address, real_port, None, True, wait_timeout(_left(deadline)),
                 wait_for_workers=False, master_listen_fd=sock.fileno(),
             ))  # fmt: skip
         except Exception as e:
@@ -411,7 +407,7 @@ def _make_store(address: str, port: int, rank: int, deadline: float) -> tuple[_S
         sock.detach()
         return store, real_port
     try:
-        return _Store(dist.TCPStore(address, port, None, False, _timedelta(_left(deadline)))), port
+        return _Store(dist.TCPStore(address, port, None, False, wait_timeout(_left(deadline)))), port
     except Exception as e:
         raise TransferError(
             f"rank {rank} could not reach the trainer's store at {address}:{port}: {e}"
@@ -661,7 +657,7 @@ def _env(**values: str) -> Iterator[None]:
 
 def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, timeout_s: float) -> Any:
     """Make a Gloo or NCCL backend from the store and install it as ``pg``'s."""
-    rank, world, timeout = pg.rank(), pg.size(), _timedelta(timeout_s)
+    rank, world, timeout = pg.rank(), pg.size(), wait_timeout(timeout_s)
     types = dist.ProcessGroup.BackendType
     if backend_name == "gloo":
         # The 4-argument constructor honours GLOO_SOCKET_IFNAME (torch 2.6-2.13).
