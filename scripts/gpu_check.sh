@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call: environment, NCCL bench, FSDP2 bench, colocated bench, GPU tests.
+# Usage (on a machine with 2 GPUs): OUT=/some/dir bash scripts/gpu_check.sh [steps...]
+# Steps: env nccl moe fsdp ipc tests (default: env nccl fsdp ipc tests). Each step is
+# bounded by its own timeout so one hang cannot eat the call; logs go under $OUT.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-/tmp/gpu_check}"; mkdir -p "$OUT"
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(env nccl fsdp ipc tests)
+for s in "${steps[@]}"; do
+  echo "=== $s $(date +%T)"
+  case $s in
+    env) nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.cuda.nccl.version(), torch.cuda.device_count())" ;;
+    nccl) timeout 200 python3 scripts/bench.py --backend nccl --device cuda --workers 1 \
+            --layouts transformer,huge,tiny --modes flat,packed,seed,per-tensor \
+            --buffer-mib 1024,256 --num-buffers 2 --repeats 3 --out "$OUT/nccl.json" 2>&1 | tail -40 ;;
+    unpacked) timeout 150 python3 scripts/bench.py --backend nccl --device cuda --workers 1 \
+            --layouts transformer,huge --modes flat,per-tensor,unpacked --repeats 3 --out "$OUT/unpacked.json" 2>&1 | tail -20 ;;
+    moe) timeout 200 python3 scripts/bench.py --backend nccl --device cuda --workers 1 \
+            --layouts moe --modes flat,packed,seed --buffer-mib 1024 --num-buffers 2 --repeats 3 --out "$OUT/moe.json" 2>&1 | tail -20 ;;
+    fsdp) timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp.json" 2>&1 | tail -15 ;;
+    ipc) CUDA_VISIBLE_DEVICES=0 timeout 100 python3 scripts/bench.py --backend gloo --device cuda --workers 1 \
+            --layouts transformer,tiny --modes ipc,d2d --buffer-mib 1024,256 --num-buffers 2 --repeats 3 \
+            --out "$OUT/ipc.json" 2>&1 | tail -20 ;;
+    tests) timeout 180 python3 -m pytest -q -x -n 4 tests/test_nccl.py tests/test_cuda.py tests/test_colocated.py \
+            2>&1 | tail -25 ;;
+    *) echo "unknown step $s" ;;
+  esac
+  echo "=== $s done rc=${PIPESTATUS[0]} $(date +%T)"
+done 2>&1 | tee -a "$OUT/gpu_check.log"
