@@ -368,6 +368,26 @@ def _profile(fn: Any, folder: str, name: str, device: torch.device) -> None:
     prof.export_chrome_trace(os.path.join(folder, f"{name}.json"))
 
 
+def _cprofile(fn: Any, folder: str, name: str, rank: int) -> None:
+    """One more update under cProfile; its 30 most costly functions (own time) appended to
+    ``folder/cprofile_rank{rank}.txt``, one section per row."""
+    import cProfile
+    import io
+    import pstats
+
+    os.makedirs(folder, exist_ok=True)
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    fn()
+    prof.disable()
+    seconds = time.perf_counter() - start
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    with open(os.path.join(folder, f"cprofile_rank{rank}.txt"), "a") as f:
+        f.write(f"==== {name}: {seconds * 1e3:.2f} ms under cProfile\n{text.getvalue()}\n")
+
+
 def _module(specs: list, device: torch.device) -> torch.nn.Module:
     """A module whose buffers are the layout's tensors, by their dotted names (for ModuleLoader)."""
     root = torch.nn.Module()
@@ -503,10 +523,17 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
                         times.append(t_mode)
                         flat_all.append(t_flat)
                         ratios.append(t_flat / t_mode)
+            if args.cprofile and cfg["mode"] in ("packed", "ipc", "unpacked") \
+                    and lay in args.profile_layouts.split(","):  # fmt: skip
+                _cprofile(lambda: run_once(cfg), args.cprofile, f"{lay} {cfg['mode']} {cfg.get('buffer_mib')} MiB", rank)
             if args.profile and cfg["mode"] == "packed" and lay in args.profile_layouts.split(","):
                 _profile(lambda: run_once(cfg), args.profile, f"{lay}_{cfg['buffer_mib']}mib_rank{rank}", device)
             med = statistics.median(times)
+            if rank == 0:
+                print(f"[{lay} {n + 1}/{len(modes)}] rounds (ms): " + " ".join(f"{t * 1e3:.2f}" for t in times),
+                      file=sys.stderr, flush=True)  # fmt: skip
             results.append({**cfg, "rank": rank, "bytes": total, "tensors": len(specs), "seconds": med,
+                            "all_seconds": times,
                             "gb_per_s": total / med / 1e9, "ratio_to_flat": statistics.median(ratios),
                             "rounds": rounds, "peak_extra_bytes": mem.peak})  # fmt: skip
         if not flat_all:  # no other mode: time the floor alone
@@ -747,7 +774,10 @@ def main() -> None:
     p.add_argument("--num-buffers", default=None, type=_ints, help="buffer counts (default cpu 2,3; cuda 2)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after each packed row, profile one more update on every rank (Chrome traces in DIR)")
-    p.add_argument("--profile-layouts", default="transformer", help="layouts to profile with --profile")
+    p.add_argument("--cprofile", default=None, metavar="DIR",
+                   help="after each packed/ipc/unpacked row, one more update under cProfile on every rank "
+                        "(the costliest functions in DIR/cprofile_rank{r}.txt)")  # fmt: skip
+    p.add_argument("--profile-layouts", default="transformer", help="layouts to profile with --profile/--cprofile")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds after one warm-up (default cpu 3; cuda 5, 3 over 8 GiB)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--deadline", type=float, default=1800.0)

@@ -904,3 +904,36 @@ def test_shutdown_from_another_thread_stops_a_blocked_receive_and_changes_nothin
     assert v["elapsed"] < 2.0, v  # promptly, not after the group's timeout
     assert v["loads"] == [] and v["version"][0] == v["version"][1] == 0 and v["broken"] is True
     assert_same(v["first"], simple(1))
+
+
+# -- the second update of a layout runs from the cache ------------------------------------------------
+
+
+def test_the_second_update_of_the_same_parameters_packs_them_in_bulk(monkeypatch):
+    """A module's parameters sent again (the very objects, new values): from the second update
+    on, no tensor is packed one by one; every value arrives bit for bit."""
+    from torchxfer import sender
+
+    model = simple(3, n=40)
+    calls: list[int] = []
+    pack = sender.Sender.pack
+
+    def counting_pack(self, slot):
+        calls[-1] += 1
+        return pack(self, slot)
+
+    monkeypatch.setattr(sender.Sender, "pack", counting_pack)
+    sent = []
+
+    def source(step: int) -> Any:
+        for _, t in model:
+            t.add_(step)  # in place: the same objects, new values
+        sent.append([(n, t.clone()) for n, t in model])
+        calls.append(0)
+        return iter(model)
+
+    values = updates_over_three_ranks(4, source, packed=True, packed_buffer_size_bytes=1024)
+    assert calls[0] == len(model) and calls[1:] == [0, 0, 0], calls
+    for rank in (1, 2):
+        for step, got in enumerate(values[rank]):
+            assert_same(got, sent[step], f"rank {rank} update {step}")

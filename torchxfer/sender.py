@@ -431,15 +431,25 @@ class Sender(SendSide):
         Returns None when the bucket's tensors are not those of the last update;
         ``self.replay`` then holds the pulled items, for the slot-by-slot path.
         """
-        batch = [item, *itertools.islice(source, len(plan.slots) - 1)]
+        # Pulled ahead only while each tensor is the very object of the last update: a source
+        # that refills a staging tensor yields new objects, and must not be pulled past the
+        # first one (its earlier values would be overwritten before they are packed).
+        batch = [item]
+        refs = memo["refs"]
+        same = refs[0]() is item[1]
+        if same:
+            for ref, pulled in zip(itertools.islice(refs, 1, None), source):
+                batch.append(pulled)
+                if ref() is not pulled[1]:
+                    same = False
+                    break
         self.replay = (batch[0], itertools.chain(batch[1:], source))
         tensors = [t for _, t in batch]
         keys = memo.get("keys")
         if keys is None:
             keys = memo["keys"] = ([s.spec.name for s in plan.slots], [s.spec.dtype for s in plan.slots],
                                    [s.spec.shape for s in plan.slots])  # fmt: skip
-        if (len(batch) != len(plan.slots)
-                or not all(r() is t for r, t in zip(memo["refs"], tensors))
+        if (not same or len(batch) != len(plan.slots)
                 or [n for n, _ in batch] != keys[0] or [t.dtype for t in tensors] != keys[1]
                 or [t.shape for t in tensors] != keys[2]
                 or any(t.device != self.device for t in tensors)):  # fmt: skip
@@ -528,6 +538,10 @@ class Sender(SendSide):
         unpacked: dict[int, torch.Tensor] = {}
         queue: collections.deque[Slot] = collections.deque()
         index = self.num_tensors
+        # What the next update needs to take this bucket in bulk (see remember()): per slot,
+        # its tensor where the slot starts one, and the typed view its bytes were packed into.
+        refs: list[Any] = [None] * len(slots)
+        views: list[Any] = [None] * len(slots)
         while True:
             if not queue and item is not None:
                 queue.extend(planner.add(index, _spec(item)))
@@ -537,11 +551,13 @@ class Sender(SendSide):
             if queue and queue[0].bucket == bucket:
                 slot = queue.popleft()
                 slots.append(slot)
+                refs.append(self.in_hand if slot.start == 0 else None)
+                views.append(None)
                 if slot.length:
                     if self.buffer_size is None:
                         unpacked[len(slots) - 1] = self.bytes_in_hand()
                     else:
-                        self.pack(slot)
+                        views[-1] = self.pack(slot)
                 if not queue:
                     self.in_hand = self.in_hand_bytes = None
                     item = self.pull(source)
@@ -554,14 +570,36 @@ class Sender(SendSide):
                 raise SourceFailed(ValueError(f"the table of bucket {bucket} has {len(plan.frame)} bytes, over the "
                                               f"{MAX_FRAME_BYTES}-byte cap: tensor names are too long"))  # fmt: skip
             self.table_bucket(plan, kept, last, unpacked)
+            if not kept:
+                self.remember(plan, refs, views)
             if last:
                 return
-            slots, kept, bucket = [], 0, bucket + 1
+            slots, kept, bucket, refs, views = [], 0, bucket + 1, [], []
             self.bucket, self.kept = bucket, 0
             self.run_sums.clear()
             unpacked.clear()
             if self.buffer_size is not None:
                 self.free_buffer(bucket, 0)
+
+    def remember(self, plan: BucketPlan, tensors: list[Any], views: list[Any]) -> None:
+        """After a new bucket is sent: what the next update's cached_bucket would otherwise learn
+        in a slot-by-slot pass of its own, so that the second update of a layout already takes
+        a bucket of the very same objects in bulk: a weak reference to each slot's tensor
+        (where the slot starts it), whether they were distinct objects, and the typed views of
+        the buffer the whole tensors were packed into (made again for those packed before the
+        buffer last grew)."""
+        memo = plan.cache.setdefault("sender", {})
+        starts = [t for t in tensors if t is not None]
+        memo["refs"] = [weakref.ref(t) if t is not None else None for t in tensors]
+        memo["distinct"] = len({id(t) for t in starts}) == len(starts)
+        memo["all_stable"] = memo["distinct"] and all(s.is_whole for s in plan.slots)
+        if self.buffer_size is None:
+            return
+        buf = self.state.buffers[plan.index % self.num_buffers]
+        lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel()
+        memo["views"] = [None if not s.is_whole else v if v is not None and lo <= v.data_ptr() < hi
+                         else typed_view(slot_view(buf, s), s.spec) for v, s in zip(views, plan.slots)]  # fmt: skip
+        memo["views_of"] = buf.data_ptr()
 
     def table_bucket(self, plan: BucketPlan, kept: int, last: bool, unpacked: dict[int, torch.Tensor]) -> None:
         """TABLE step, the frame, a SYNC step every rank waits for, then the payload."""
@@ -609,8 +647,10 @@ class Sender(SendSide):
         self.buffer_works[b] = []
         return self.state.buffer(self.device, self.buffer_size, self.num_buffers, b, nbytes, keep=0)
 
-    def pack(self, slot: Slot) -> None:
-        """Copy one slot of the tensor in hand into its bucket's buffer (growing it if needed)."""
+    def pack(self, slot: Slot) -> torch.Tensor | None:
+        """Copy one slot of the tensor in hand into its bucket's buffer (growing it if needed);
+        returns the typed view of the buffer it copied into, for a whole tensor copied from
+        its own memory."""
         self.flush()
         b = slot.bucket % self.num_buffers
         have = self.state.buffers[b].numel() if self.state.buffer_key == (self.device, self.buffer_size) else 0
@@ -618,9 +658,11 @@ class Sender(SendSide):
         dst = slot_view(buf, slot)
         with torch.no_grad():
             if slot.is_whole and self.in_hand_bytes is None:
-                typed_view(dst, slot.spec).copy_(self.in_hand, non_blocking=True)
-            else:
-                dst.copy_(self.bytes_in_hand()[slot.start : slot.start + slot.length], non_blocking=True)
+                view = typed_view(dst, slot.spec)
+                view.copy_(self.in_hand, non_blocking=True)
+                return view
+            dst.copy_(self.bytes_in_hand()[slot.start : slot.start + slot.length], non_blocking=True)
+        return None
 
     def flush(self) -> None:
         """Issue the batched pack copies as one fused multi-tensor copy."""
