@@ -43,6 +43,18 @@ from torchxfer import (  # noqa: E402
     send_model,
 )
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import _cprofile  # noqa: E402
+
+
+def _maybe_profiled(args: argparse.Namespace, r: int, rank: int, fn):
+    """``fn()``; the last round's under cProfile when ``--cprofile`` names a folder."""
+    if args.cprofile and r == args.warmup + args.repeats - 1:
+        out = []
+        _cprofile(lambda: out.append(fn()), args.cprofile, f"fsdp send_model round {r}", rank)
+        return out[0]
+    return fn()
+
 
 def _port() -> int:
     with socket.socket() as s:
@@ -83,12 +95,12 @@ def _rank(rank: int, args: argparse.Namespace, ports: tuple[int, int], queue: mp
         engine.init_transfer_engine(NCCLWeightTransferInitInfo("127.0.0.1", side_port, 1, 2))
         pg = engine.model_update_group
         flat = torch.empty(args.total_bytes, dtype=torch.uint8, device=device)
-        for _ in range(rounds):
+        for r in range(rounds):
             _sync(pg, device)
             dist.broadcast(flat, group=pg, group_src=0)
             _sync(pg, device)
             _sync(pg, device)
-            engine.receive_weights(None, lambda batch: None)
+            _maybe_profiled(args, r, rank, lambda: engine.receive_weights(None, lambda batch: None))
             _sync(pg, device)
         engine.shutdown()
         queue.put((rank, None))
@@ -106,8 +118,8 @@ def _rank(rank: int, args: argparse.Namespace, ports: tuple[int, int], queue: mp
     fully_shard(net, mesh=mesh)
     total = sum(p.numel() * p.element_size() for p in net.state_dict().values())
     if rank == 1:
-        for _ in range(rounds):
-            send_model(net, None, trainer_group=lockstep, **kw)
+        for r in range(rounds):
+            _maybe_profiled(args, r, rank, lambda: send_model(net, None, trainer_group=lockstep, **kw))
         dist.destroy_process_group()
         queue.put((rank, None))
         return
@@ -123,7 +135,7 @@ def _rank(rank: int, args: argparse.Namespace, ports: tuple[int, int], queue: mp
         t_flat = time.perf_counter() - start
         _sync(group, device)
         start = time.perf_counter()
-        stats = send_model(net, group, trainer_group=lockstep, **kw)
+        stats = _maybe_profiled(args, r, rank, lambda: send_model(net, group, trainer_group=lockstep, **kw))
         _sync(group, device)
         t_send = time.perf_counter() - start
         print(f"round {r}{' (warm-up)' if r < args.warmup else ''}: flat {t_flat * 1e3:.2f} ms, send_model "
@@ -157,6 +169,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--timeout", type=float, default=60.0, help="bound on every wait on the side and trainer groups")
     p.add_argument("--deadline", type=float, default=300.0, help="kill everything after this many seconds")
+    p.add_argument("--cprofile", default=None, metavar="DIR",
+                   help="profile the last round on every rank (DIR/cprofile_rank{r}.txt)")
     p.add_argument("--out", required=True, help="write the result here (JSON)")
     args = p.parse_args()
     if args.device == "cuda" and torch.cuda.device_count() < 2:

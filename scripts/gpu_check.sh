@@ -13,17 +13,21 @@ for s in "${steps[@]}"; do
     env) nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.cuda.nccl.version(), torch.cuda.device_count())" ;;
     nccl) timeout 200 python3 scripts/bench.py --backend nccl --device cuda --workers 1 \
             --layouts transformer,huge,tiny --modes flat,packed,seed,per-tensor \
-            --buffer-mib 1024,256 --num-buffers 2 --repeats 3 --out "$OUT/nccl.json" 2>&1 | tail -40 ;;
+            --buffer-mib 1024,256 --num-buffers 2 --repeats 3 --out "$OUT/nccl.json" \
+            --cprofile /tmp/cp_nccl --profile-layouts tiny,transformer 2>&1 | grep -v "] {'layout'" | tail -60
+          cat /tmp/cp_nccl/cprofile_rank*.txt > "$OUT/cprofile_nccl.txt" ;;
     unpacked) timeout 150 python3 scripts/bench.py --backend nccl --device cuda --workers 1 \
             --layouts transformer,huge --modes flat,per-tensor,unpacked --repeats 3 --out "$OUT/unpacked.json" 2>&1 | tail -20 ;;
     moe) timeout 200 python3 scripts/bench.py --backend nccl --device cuda --workers 1 \
             --layouts moe --modes flat,packed,seed --buffer-mib 1024 --num-buffers 2 --repeats 3 --out "$OUT/moe.json" 2>&1 | tail -20 ;;
-    fsdp) timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp.json" 2>&1 | tail -15 ;;
+    fsdp) timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp.json" --cprofile /tmp/cp_fsdp 2>&1 | tail -15
+          cat /tmp/cp_fsdp/cprofile_rank*.txt > "$OUT/cprofile_fsdp.txt" ;;
     ipc) CUDA_VISIBLE_DEVICES=0 timeout 100 python3 scripts/bench.py --backend gloo --device cuda --workers 1 \
             --layouts transformer,tiny --modes ipc,d2d --buffer-mib 1024,256 --num-buffers 2 --repeats 3 \
-            --out "$OUT/ipc.json" 2>&1 | tail -20 ;;
-    tests) timeout 180 python3 -m pytest -q -x -n 4 tests/test_nccl.py tests/test_cuda.py tests/test_colocated.py \
-            2>&1 | tail -25 ;;
+            --out "$OUT/ipc.json" --cprofile /tmp/cp_ipc --profile-layouts tiny 2>&1 | grep -v "] {'layout'" | tail -24
+          cat /tmp/cp_ipc/cprofile_rank*.txt > "$OUT/cprofile_ipc.txt" ;;
+    tests) { timeout 120 python3 -m pytest -q -n 4 tests/test_colocated.py
+             timeout 150 python3 -m pytest -q -n 4 tests/test_nccl.py tests/test_cuda.py; } 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     *) echo "unknown step $s" ;;
   esac
   echo "=== $s done rc=${PIPESTATUS[0]} $(date +%T)"
