@@ -59,14 +59,17 @@ def _model(seed: int, big: int = 40_000) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _trainer(port: int, world: int, timeout: float = TIMEOUT, token: str | None = None):
+# The shared-memory path unless a test asks for CUDA: the default device is the current GPU
+# where there is one, and these tests must run the same path on every machine.
+def _trainer(port: int, world: int, timeout: float = TIMEOUT, token: str | None = None, device: str = "cpu"):
     return IPCWeightTransferEngine.trainer_init(
-        dict(master_address=ADDR, master_port=port, world_size=world, token=token), timeout_s=timeout
+        dict(master_address=ADDR, master_port=port, world_size=world, token=token), timeout_s=timeout, device=device
     )
 
 
-def _worker(rank: int, port: int, world: int, timeout: float = TIMEOUT, token: str | None = None):
-    engine = create_engine(WeightTransferConfig(backend="ipc", timeout_s=timeout),
+def _worker(rank: int, port: int, world: int, timeout: float = TIMEOUT, token: str | None = None,
+            device: str = "cpu"):  # fmt: skip
+    engine = create_engine(WeightTransferConfig(backend="ipc", timeout_s=timeout, device=device),
                            ParallelConfig(data_parallel_rank=rank - 1, data_parallel_size=world - 1))  # fmt: skip
     engine.init_transfer_engine(IPCWeightTransferInitInfo(ADDR, port, 1, world, token=token))
     return engine
@@ -444,7 +447,8 @@ def _sharded_body(rank: int, trainer_port: int, ports: tuple, device_type: str):
     if cuda:
         torch.cuda.set_device(me)
     if rank >= 2:
-        engine = create_engine(WeightTransferConfig(backend="ipc", timeout_s=PROCESS_TIMEOUT), ParallelConfig())
+        engine = create_engine(WeightTransferConfig(backend="ipc", timeout_s=PROCESS_TIMEOUT,
+                                                    device=f"cuda:{me}" if cuda else "cpu"), ParallelConfig())  # fmt: skip
         engine.init_transfer_engine(IPCWeightTransferInitInfo(ADDR, ports[me], 1, 2))
         got = []
         for _ in range(2):
@@ -461,7 +465,7 @@ def _sharded_body(rank: int, trainer_port: int, ports: tuple, device_type: str):
                             world_size=2, timeout=datetime.timedelta(seconds=60))  # fmt: skip
     mesh = init_device_mesh(device_type, (2,))
     group = IPCWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=ports[me], world_size=2),
-                                                 timeout_s=PROCESS_TIMEOUT)  # fmt: skip
+                                                 timeout_s=PROCESS_TIMEOUT, device=f"cuda:{me}" if cuda else "cpu")  # fmt: skip
     torch.manual_seed(0)
     dev = torch.device(device_type, me) if cuda else torch.device("cpu")
     full = {f"w{i}": torch.randn(64 + 8 * i, 12, device=dev) for i in range(6)}
@@ -499,7 +503,7 @@ def _cuda_body(rank: int, port: int):
     gen = torch.Generator().manual_seed(11)
     model = [(n, t.cuda()) for n, t in _model(12, big=3_000_000)]
     if rank == 0:
-        group = _trainer(port, 3, PROCESS_TIMEOUT)
+        group = _trainer(port, 3, PROCESS_TIMEOUT, device="cuda")
         sent = []
         for u in range(3):
             if u == 2:
@@ -513,7 +517,7 @@ def _cuda_body(rank: int, port: int):
                         t.add_(torch.randn(t.shape, generator=gen).to(t.device, t.dtype))
         destroy_side_group(group)
         return sent
-    engine = _worker(rank, port, 3, PROCESS_TIMEOUT)
+    engine = _worker(rank, port, 3, PROCESS_TIMEOUT, device="cuda:0")
     assert engine.device == torch.device("cuda", 0)
     got = []
     for _ in range(3):
@@ -540,3 +544,23 @@ def test_cuda_fsdp2_trainer_of_two_ranks_each_with_a_colocated_worker():
         refs, sent = outcomes[trainer].value
         assert sent == [len(refs[0]), len(refs[1])]
         assert outcomes[trainer + 2].value == refs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_trainer_and_worker_in_one_process_is_a_clear_error_at_init():
+    """CUDA IPC handles cannot be opened by the process that made them: say so at init, on every rank."""
+    port = free_port()
+
+    def body(rank: int):
+        try:
+            if rank == 0:
+                destroy_side_group(_trainer(port, 2, device="cuda"))
+            else:
+                _worker(rank, port, 2, device="cuda:0").shutdown()
+        except TransferError as e:
+            return str(e)
+        return None
+
+    outcomes = run_threads(body, 2, deadline_s=60)
+    for out in outcomes:
+        assert out.value is not None and "this very process" in out.value, out.value

@@ -41,7 +41,8 @@ from torchxfer import receiver as receiver_mod
 from torchxfer import wire
 from torchxfer.control import ControlChannel
 from torchxfer.packing import TensorSpec
-from torchxfer.plan import BucketPlan
+from torchxfer.plan import BucketPlan, first_bucket
+from torchxfer.sender import SenderState
 from torchxfer.wire import FLAG_PACKED, Kind, make_row
 
 TIMEOUT = 5.0
@@ -114,9 +115,20 @@ class FakeTrainer:
     def begin(self, *, packed: bool, buffer_size: int = 0, num_buffers: int = 2, update_id: int = 100,
               flags: int | None = None) -> None:  # fmt: skip
         flags = (FLAG_PACKED if packed else 0) if flags is None else flags
-        rows = self.channel.post(make_row(Kind.BEGIN, update_id, flags, buffer_size, num_buffers, 0, -1),
-                                 "fake begin").rows()  # fmt: skip
+        step = self.channel.post(make_row(Kind.BEGIN, update_id, flags, buffer_size, num_buffers, 0, -1), "fake begin")
+        self.void_bucket()
+        rows = step.rows()
         self.channel.settle(rows, b"", "fake begin")
+
+    def void_bucket(self) -> None:
+        """What every trainer sends right after a BEGIN row that does not carry bucket 0:
+        void broadcasts of the sizes of the bucket 0 the workers posted ahead, if any."""
+        state = SenderState.of(self.group)
+        plan = first_bucket(state.layout, state.confirmed != 0)
+        for start, end, _ in plan.runs if plan is not None else ():
+            work = dist.broadcast(torch.empty(end - start, dtype=torch.uint8), group=self.group.pg, group_src=0,
+                                  async_op=True)  # fmt: skip
+            self.group.wait(work, "fake void payload", data=True)
 
     def table(self, bucket: int, frame: bytes, *, last: int = 1, frame_bytes: int | None = None) -> None:
         """TABLE row, then exactly ``frame_bytes`` bytes (the frame cut or padded), then SYNC;

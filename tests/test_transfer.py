@@ -937,3 +937,129 @@ def test_the_second_update_of_the_same_parameters_packs_them_in_bulk(monkeypatch
     for rank in (1, 2):
         for step, got in enumerate(values[rank]):
             assert_same(got, sent[step], f"rank {rank} update {step}")
+
+
+# -- bucket 0 posted ahead ----------------------------------------------------------------------------
+
+
+def test_every_way_an_update_can_start_after_a_confirmed_layout_keeps_the_group_in_step(monkeypatch):
+    """After an update every worker completed, each worker posts that layout's bucket 0 before
+    the next update's first step. The trainer answers with the real bucket (same layout again)
+    or with void broadcasts of the same sizes (new buffer size, new first tensor, unpacked,
+    empty, a source that fails at once); either way every value arrives bit for bit and the
+    group stays usable."""
+    world = 3
+    a, b = simple(1, n=12), [(f"b.{n}", t) for n, t in simple(2, n=9)]
+    a2 = [(n, t * 3) for n, t in a]
+    steps: list[tuple[str, list, dict]] = [
+        ("a", a, dict(packed=True, packed_buffer_size_bytes=512)),
+        ("a cached", a2, dict(packed=True, packed_buffer_size_bytes=512)),
+        ("new buffer size", a, dict(packed=True, packed_buffer_size_bytes=1024)),
+        ("cached", a2, dict(packed=True, packed_buffer_size_bytes=1024)),
+        ("new first tensor", b, dict(packed=True, packed_buffer_size_bytes=1024)),
+        ("fails at once", [], dict(packed=True, packed_buffer_size_bytes=1024)),
+        ("cached after a failure", b, dict(packed=True, packed_buffer_size_bytes=1024)),
+        ("unpacked", a, dict(packed=False)),
+        ("unpacked cached", a2, dict(packed=False)),
+        ("empty", [], dict(packed=True, packed_buffer_size_bytes=1024)),
+        ("after empty", b, dict(packed=True, packed_buffer_size_bytes=1024)),
+        ("cached again", b, dict(packed=True, packed_buffer_size_bytes=1024)),
+        ("departs at its second tensor", b[:1] + [("other", b[1][1])] + b[2:], dict(packed=True, packed_buffer_size_bytes=1024)),
+    ]
+
+    def failing() -> Iterator[tuple[str, torch.Tensor]]:
+        raise RuntimeError("no weights today")
+        yield  # pragma: no cover
+
+    from torchxfer import sender
+
+    voids: list[str] = []
+    void_bucket = sender.Sender.void_bucket
+    monkeypatch.setattr(sender.Sender, "void_bucket", lambda self, plan: (voids.append(now[0]), void_bucket(self, plan)))
+    now = [""]
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            out = []
+            try:
+                for what, pairs, kw in steps:
+                    now[0] = what
+                    try:
+                        NCCLWeightTransferEngine.trainer_send_weights(failing() if what == "fails at once" else iter(pairs),
+                                                                      group, **kw)  # fmt: skip
+                        out.append(None)
+                    except RuntimeError as e:
+                        out.append(str(e))
+            finally:
+                destroy_side_group(group)
+            return out
+        engine = worker(rank, port, world)
+        runs = []
+        try:
+            for _ in steps:
+                got, load = collector()
+                try:
+                    engine.receive_weights(None, load)
+                    runs.append(got)
+                except TransferError as e:
+                    assert not e.broken, e
+                    runs.append(str(e))
+        finally:
+            engine.shutdown()
+        return runs
+
+    values = run_world(body, world)
+    assert values[0] == [None] * 5 + ["no weights today"] + [None] * 7
+    # Void where the update did not start with the confirmed layout's bucket 0; nothing is
+    # posted ahead after an update that sent nothing.
+    assert voids == ["new buffer size", "new first tensor", "fails at once", "unpacked", "empty",
+                     "departs at its second tensor"], voids
+    for rank in (1, 2):
+        for (what, pairs, _), got in zip(steps, values[rank]):
+            if what == "fails at once":
+                assert isinstance(got, str) and "no weights today" in got, got
+            else:
+                assert_same(got, pairs, f"rank {rank}: {what}")
+
+
+@pytest.mark.parametrize("where", ["renamed first", "renamed second", "inserted in bucket 1", "dropped last"])
+def test_a_steady_layout_that_changes_inside_a_bulk_bucket_sends_every_tensor(where):
+    """The same parameter objects sent until their buckets go in bulk, then a layout that departs
+    inside a bucket: the tensors pulled ahead for the bulk bucket are all sent, none lost."""
+    world = 2
+    model = simple(4, n=16)  # several buckets at 256-byte buffers
+    if where == "renamed first":
+        changed = [("renamed", model[0][1])] + model[1:]
+    elif where == "renamed second":
+        changed = model[:1] + [("renamed", model[1][1])] + model[2:]
+    elif where == "inserted in bucket 1":
+        changed = model[:5] + [("new", torch.arange(7.0))] + model[5:]
+    else:
+        changed = model[:-1]
+    sources = [model, model, model, changed, changed]
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            try:
+                return [NCCLWeightTransferEngine.trainer_send_weights(iter(s), group, packed=True,
+                                                                      packed_buffer_size_bytes=256).num_tensors
+                        for s in sources]  # fmt: skip
+            finally:
+                destroy_side_group(group)
+        engine = worker(rank, port, world)
+        runs = []
+        try:
+            for _ in sources:
+                got, load = collector()
+                engine.receive_weights(None, load)
+                runs.append(got)
+        finally:
+            engine.shutdown()
+        return runs
+
+    values = run_world(body, world)
+    assert values[0] == [len(s) for s in sources]
+    for step, (got, want) in enumerate(zip(values[1], sources)):
+        assert_same(got, want, f"update {step}")

@@ -23,6 +23,7 @@ Frames here are a 4-byte magic and UTF-8 JSON, capped and validated; nothing is 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import torch
@@ -132,6 +133,10 @@ def worker_handshake(group: SideGroup, device: torch.device) -> None:
     try:
         body = decode_frame(channel.recv_frame(length, "colocated handshake"), "colocated handshake")
         check_host_probe(body.get("probe"))
+        if device.type == "cuda" and body["probe"].get("pid") == os.getpid():
+            raise TransferError("the trainer runs in this very process: CUDA IPC handles cannot be opened by the "
+                                "process that made them; colocated mode on a GPU needs the trainer and each "
+                                "worker in processes of their own (in one process, use device='cpu')")  # fmt: skip
         if body.get("device") != device.type:
             raise TransferError(f"the trainer's buffers are on {str(body.get('device'))[:20]}, this worker (rank "
                                 f"{group.rank()}) receives on {device}: colocated workers use the trainer's device")

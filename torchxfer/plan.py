@@ -18,7 +18,7 @@ from .errors import TransferError
 from .packing import Slot, TensorSpec, check_bucket, dtype_name, payload_runs
 from .wire import BucketHeader, encode
 
-__all__ = ["BucketPlan", "Layout", "TableChecker", "describe"]
+__all__ = ["BucketPlan", "Layout", "TableChecker", "describe", "first_bucket"]
 
 
 def describe(slot: Slot) -> str:
@@ -81,6 +81,22 @@ class Layout:
     def fingerprint(self) -> int:
         """A positive 63-bit digest of the configuration and every table (0 means none)."""
         return int.from_bytes(self._hash.digest()[:8], "little") >> 1 or 1
+
+
+def first_bucket(layout: Layout | None, confirmed: bool) -> BucketPlan | None:
+    """The bucket every worker posts before an update's first step, on both sides the same.
+
+    After an update that ended with every worker holding its layout
+    (``confirmed``), each worker posts that layout's bucket 0 as soon as it
+    enters the next update, before it learns anything about it; the trainer
+    then always sends that bucket's broadcasts first: the real bucket when it
+    sends the same layout again (the steady state: no control step precedes
+    the first byte), or void ones of the same sizes when it does not. None
+    when there is nothing to post.
+    """
+    if not confirmed or layout is None or not layout.buckets or not layout.buckets[0].runs:
+        return None
+    return layout.buckets[0]
 
 
 class TableChecker:

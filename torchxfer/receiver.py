@@ -40,7 +40,7 @@ from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
 from .packing import ALIGNMENT, Slot, slot_view, typed_view
-from .plan import BucketPlan, Layout, TableChecker
+from .plan import BucketPlan, Layout, TableChecker, first_bucket
 from .wire import (FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind,
                    Row, check_arg, decode, make_row)  # fmt: skip
 
@@ -67,6 +67,7 @@ class ReceiverState:
         self.group = group
         self.control = ControlChannel(group)
         self.layout: Layout | None = None
+        self.confirmed = False  # every worker held ``layout`` at the end of the last update that completed
         self.validated: Any = None  # the update_info the layout was checked against
         self.buffers: list[torch.Tensor] = []
         self.streams: list[Any] = []
@@ -219,6 +220,8 @@ class Receiver(WorkerSide):
         self.direct_split: tuple[int, bool] | None = None
         self.empty = torch.empty(0, dtype=torch.uint8, device=device)
         self.checked = 0  # buckets the table checker has followed
+        self.speculated: _Posted | None = None  # bucket 0 of the confirmed layout, posted ahead
+        self.prepared = False
 
     def row(self) -> list[int]:
         return make_row(Kind.WORKER, len(self.error), self.holds, int(self.plan_ok), int(self.atomic))
@@ -228,10 +231,11 @@ class Receiver(WorkerSide):
     def run(self) -> TransferStats:
         self.plan_ok = self.state.plan_ok(self.info)
         self.holds = self.state.layout.fingerprint if self.state.layout is not None else 0
-        rows = self.control.post(self.row(), "update (begin)").rows()
         start = time.perf_counter()
-        self.begin(rows)
+        self.speculate()
         try:
+            rows = self.control.post(self.row(), "update (begin)").rows()
+            self.begin(rows)
             self.follow()
         except BaseException:
             self.drain()
@@ -240,6 +244,21 @@ class Receiver(WorkerSide):
         log.debug("received %s: %d tensors, %d bytes in %.4f s (%.2f GB/s)", self.what, self.num_tensors,
                   self.num_bytes, seconds, self.num_bytes / max(seconds, 1e-9) / 1e9)  # fmt: skip
         return TransferStats(self.update_id, self.num_tensors, self.num_bytes, seconds)
+
+    def speculate(self) -> None:
+        """Post bucket 0 of the confirmed layout before the BEGIN step (see ``first_bucket``):
+        in the steady state its payload moves as soon as the trainer posts it."""
+        plan = first_bucket(self.state.layout, self.state.confirmed)
+        if plan is None:
+            return
+        self.packed, self.buffer_size, self.num_buffers = self.state.layout.config
+        self.make_room(0)
+        direct = self.split_direct(plan)
+        head = next((plan.slots[pos] for pos in direct if plan.slots[pos].start == 0), None)
+        if head is not None:
+            self.state.assembly_for(head.spec.nbytes, self.device)
+        dests, works = self.post_runs(plan, plan.runs, direct)
+        self.speculated = _Posted(plan, works, dests, None)
 
     def begin(self, rows: list[Row]) -> None:
         """BEGIN step: take the trainer's configuration; use the cached layout if every worker holds it."""
@@ -256,6 +275,10 @@ class Receiver(WorkerSide):
         hint = self.arg(row, 5, "num_tensors", -1, MAX_COUNT)
         self.any_atomic = any(r.args[3] for r in rows[1:])
         cached = self.state.layout
+        if self.speculated is not None and not (flags & FLAG_CACHED and flags & FLAG_BUCKET0):
+            void, self.speculated = self.speculated, None
+            self.wait(void)  # the trainer's void broadcasts of the posted sizes: dropped
+            self.direct_split = None
         # With FLAG_BUCKET0 this row is also bucket 0's BUCKET row.
         self.first = Row(Kind.BUCKET, (0, *row.args[6:])) if flags & FLAG_BUCKET0 and flags & FLAG_CACHED else None
         if flags & FLAG_CACHED:
@@ -387,6 +410,8 @@ class Receiver(WorkerSide):
             rows = self.control.post(self.row(), f"{self.what} (end)").rows()
             self.trainer_row(rows, (Kind.SYNC,))
         self.control.settle(rows, self.error, f"{self.what} (end)")
+        # As the trainer reads the same rows: every worker now holds this layout, or not.
+        held = all(r.args[1] == self.layout.fingerprint for r in rows[1:])
         if self.any_atomic:
             if self.atomic:
                 self.apply()
@@ -395,6 +420,7 @@ class Receiver(WorkerSide):
             self.control.settle(rows, self.error, f"{self.what} (apply)")
         self.progress.applied = True
         self.state.layout = self.layout
+        self.state.confirmed = held
         self.state.validated = self.info
 
     def finish(self) -> None:
@@ -437,16 +463,22 @@ class Receiver(WorkerSide):
             self.load(self.pending.popleft())
 
     def receive(self, plan: BucketPlan, expected_checksum: int) -> None:
-        """Post the bucket's broadcasts, then load what is due."""
-        self.make_room(plan.index)
-        direct = self.split_direct(plan)
-        head = next((plan.slots[pos] for pos in direct if plan.slots[pos].start == 0), None)
-        if head is not None:
-            # The assembly tensor gets a new owner: the previous one must be loaded first.
-            self.load_all()
-            self.state.assembly_for(head.spec.nbytes, self.device)
-        dests, works = self.post_runs(plan, plan.runs, direct)
-        self.pending.append(_Posted(plan, works, dests, expected_checksum if self.checksum else None))
+        """Post the bucket's broadcasts (unless posted ahead), then load what is due."""
+        if self.speculated is not None:
+            posted, self.speculated = self.speculated, None
+            assert plan is posted.plan
+            posted.expected_checksum = expected_checksum if self.checksum else None
+            self.pending.append(posted)
+        else:
+            self.make_room(plan.index)
+            direct = self.split_direct(plan)
+            head = next((plan.slots[pos] for pos in direct if plan.slots[pos].start == 0), None)
+            if head is not None:
+                # The assembly tensor gets a new owner: the previous one must be loaded first.
+                self.load_all()
+                self.state.assembly_for(head.spec.nbytes, self.device)
+            dests, works = self.post_runs(plan, plan.runs, direct)
+            self.pending.append(_Posted(plan, works, dests, expected_checksum if self.checksum else None))
         self.layout.append(plan)
         while len(self.pending) > self.num_buffers - 1:
             self.load(self.pending.popleft())
@@ -519,6 +551,9 @@ class Receiver(WorkerSide):
 
     def drain(self) -> None:
         """Wait for every posted broadcast (failures included: the group may be gone)."""
+        if self.speculated is not None:
+            self.pending.appendleft(self.speculated)
+            self.speculated = None
         with contextlib.suppress(TransferError):
             while self.pending:
                 self.wait(self.pending.popleft())

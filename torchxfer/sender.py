@@ -50,7 +50,7 @@ from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
 from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view
-from .plan import BucketPlan, Layout
+from .plan import BucketPlan, Layout, first_bucket
 from .wire import FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
 
 __all__ = ["SenderState", "Sender", "SendSide", "SourceFailed", "pairs"]
@@ -279,6 +279,20 @@ class Sender(SendSide):
         self.begin_step = self.control.post(make_row(Kind.BEGIN, *args, *bucket0), f"{self.what} (begin)")
         if args[1] & FLAG_CACHED:
             self.steps.append(self.begin_step)  # its workers' status is read late, like a bucket's
+        posted = first_bucket(self.state.layout, self.state.confirmed != 0)
+        if posted is not None and not bucket0:
+            self.void_bucket(posted)
+
+    def void_bucket(self, plan: BucketPlan) -> None:
+        """Broadcasts of the sizes of ``plan``'s runs, of no meaning: every worker posted
+        the confirmed layout's bucket 0 ahead (see ``first_bucket``), and this update
+        does not start with it. Sent from one scratch tensor of the longest run
+        (at most a buffer, or one tensor unpacked); every worker waits for them
+        and drops what arrived."""
+        device = self.state.device
+        scratch = torch.empty(max(end - start for start, end, _ in plan.runs), dtype=torch.uint8, device=device)
+        for start, end, _ in plan.runs:
+            self.post(scratch[: end - start], plan.index, from_buffer=False)
 
     def send_buckets(self, source: Iterator[Item], cached: Layout | None) -> None:
         """Every bucket, the last one announced as last when the source ends with it."""
@@ -287,7 +301,7 @@ class Sender(SendSide):
             self.table_buckets(source, item, 0, 0, None)
             return
         for plan in cached.buckets:
-            item, kept = self.cached_bucket(plan, item, source)
+            item, kept, source = self.cached_bucket(plan, item, source)
             if kept is not None:
                 self.post_begin()
                 self.table_buckets(source, item, plan.index, kept, cached)
@@ -362,12 +376,15 @@ class Sender(SendSide):
 
     # -- a bucket of the cached layout ------------------------------------------------------------
 
-    def cached_bucket(self, plan: BucketPlan, item: Item | None, source: Iterator[Item]) -> tuple[Item | None, int | None]:
+    def cached_bucket(self, plan: BucketPlan, item: Item | None,
+                      source: Iterator[Item]) -> tuple[Item | None, int | None, Iterator[Item]]:  # fmt: skip
         """Pull and pack one bucket of the cached layout; nothing is posted before its row.
 
-        Returns the next item and None; or, when the source departs from the
-        layout at slot ``kept``, the item in hand and ``kept`` (the slots
-        before it are packed, or held for a zero-copy send).
+        Returns the next item, None and the source; or, when the source
+        departs from the layout at slot ``kept``, the item in hand, ``kept``
+        (the slots before it are packed, or held for a zero-copy send) and the
+        source. The source returned is the one to go on with: items pulled
+        ahead for a bulk bucket that did not hold are replayed from it.
         """
         self.bucket, self.kept = plan.index, 0
         self.run_sums.clear()
@@ -384,7 +401,7 @@ class Sender(SendSide):
         if memo.get("all_stable") and (views is not None or buf is None) and item is not None:
             done = self.bulk_bucket(plan, memo, own, views, item, source)
             if done is not None:
-                return done
+                return (*done, source)
             item, source = self.replay
         all_stable = True
         for pos, slot in enumerate(plan.slots):
@@ -392,7 +409,7 @@ class Sender(SendSide):
                 if item is None or not _matches(item, slot.spec):
                     self.flush()
                     memo["distinct"] = False
-                    return item, pos
+                    return item, pos, source
                 tensor = item[1]
                 ref = refs[pos]
                 self.stable = distinct and ref is not None and ref() is tensor
@@ -421,7 +438,7 @@ class Sender(SendSide):
             buf = self.state.buffers[plan.index % self.num_buffers]
             memo["views"] = [typed_view(slot_view(buf, s), s.spec) if s.is_whole else None for s in plan.slots]
             memo["views_of"] = buf.data_ptr()
-        return (self.pull(source) if plan.slots[-1].is_last else None), None
+        return (self.pull(source) if plan.slots[-1].is_last else None), None, source
 
     def bulk_bucket(self, plan: BucketPlan, memo: dict, own: set[int], views: list | None, item: Item,
                     source: Iterator[Item]) -> tuple[Item | None, None] | None:  # fmt: skip
