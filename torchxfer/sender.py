@@ -451,25 +451,26 @@ class Sender(SendSide):
         # Pulled ahead only while each tensor is the very object of the last update: a source
         # that refills a staging tensor yields new objects, and must not be pulled past the
         # first one (its earlier values would be overwritten before they are packed).
-        batch = [item]
-        refs = memo["refs"]
-        same = refs[0]() is item[1]
-        if same:
-            for ref, pulled in zip(itertools.islice(refs, 1, None), source):
-                batch.append(pulled)
-                if ref() is not pulled[1]:
-                    same = False
-                    break
-        self.replay = (batch[0], itertools.chain(batch[1:], source))
-        tensors = [t for _, t in batch]
+        # (The same object may still have new metadata: ``param.data = other`` changes
+        # its dtype, shape or device, so those are compared too.)
         keys = memo.get("keys")
         if keys is None:
             keys = memo["keys"] = ([s.spec.name for s in plan.slots], [s.spec.dtype for s in plan.slots],
                                    [s.spec.shape for s in plan.slots])  # fmt: skip
-        if (not same or len(batch) != len(plan.slots)
-                or [n for n, _ in batch] != keys[0] or [t.dtype for t in tensors] != keys[1]
-                or [t.shape for t in tensors] != keys[2]
-                or any(t.device != self.device for t in tensors)):  # fmt: skip
+        names, dtypes, shapes = keys
+        refs = memo["refs"]
+        batch = [item]
+        same = refs[0]() is item[1] and item[0] == names[0]
+        if same:
+            for ref, name, pulled in zip(itertools.islice(refs, 1, None), itertools.islice(names, 1, None), source):
+                batch.append(pulled)
+                if ref() is not pulled[1] or pulled[0] != name:
+                    same = False
+                    break
+        self.replay = (batch[0], itertools.chain(batch[1:], source))
+        tensors = [t for _, t in batch]
+        if (not same or len(batch) != len(plan.slots) or [t.dtype for t in tensors] != dtypes
+                or [t.shape for t in tensors] != shapes or [t.device for t in tensors] != [self.device] * len(tensors)):  # fmt: skip
             memo["all_stable"] = False
             return None
         self.stable = True
@@ -704,8 +705,13 @@ class Sender(SendSide):
         for i, (start, end, pos) in enumerate(r for r in plan.runs if r[2] is None):
             if groups is not None and groups[i]:
                 views, tensors = copies
+                group = groups[i]
+                if group[-1] - group[0] + 1 == len(group):  # consecutive slots: slices, not per-tensor lists
+                    dst, src = views[group[0] : group[-1] + 1], tensors[group[0] : group[-1] + 1]
+                else:
+                    dst, src = [views[p] for p in group], [tensors[p] for p in group]
                 with torch.no_grad():
-                    torch._foreach_copy_([views[p] for p in groups[i]], [tensors[p] for p in groups[i]])
+                    torch._foreach_copy_(dst, src)
             self.post(buf[start:end], plan.index, from_buffer=True)
 
     @staticmethod
