@@ -564,3 +564,53 @@ def test_cuda_trainer_and_worker_in_one_process_is_a_clear_error_at_init():
     outcomes = run_threads(body, 2, deadline_s=60)
     for out in outcomes:
         assert out.value is not None and "this very process" in out.value, out.value
+
+
+def _staged_views(pairs):
+    """One staging tensor per size, refilled for each tensor and yielded as a fresh view."""
+    staging: dict = {}
+    for name, t in pairs:
+        buf = staging.setdefault((t.dtype, t.numel()), torch.empty(t.numel(), dtype=t.dtype))
+        buf.copy_(t.reshape(-1))
+        yield name, buf.view(t.shape)
+
+
+def _staged_same(pairs):
+    """One staging tensor per shape, refilled for each tensor and yielded itself, every time."""
+    staging: dict = {}
+    for name, t in pairs:
+        buf = staging.setdefault((t.dtype, tuple(t.shape)), torch.empty_like(t))
+        buf.copy_(t)
+        yield name, buf
+
+
+@pytest.mark.parametrize("staging", [_staged_views, _staged_same], ids=["fresh-views", "same-object"])
+def test_a_source_refilling_one_staging_tensor_arrives_value_by_value(staging):
+    """Every value as it was yielded, in the first update and in the cached ones after it."""
+    port = free_port()
+
+    def model(step: int):
+        gen = torch.Generator().manual_seed(step)
+        return [(f"w{i}", torch.randn(8, generator=gen)) for i in range(6)]
+
+    def body(rank: int):
+        if rank == 0:
+            group = _trainer(port, 2)
+            for u in range(4):
+                IPCWeightTransferEngine.trainer_send_weights(staging(model(u)), group, packed_buffer_size_bytes=1 << 16,
+                                                             packed_num_buffers=2)  # fmt: skip
+            destroy_side_group(group)
+            return None
+        engine = _worker(rank, port, 2)
+        got = []
+        for _ in range(4):
+            store: dict = {}
+            engine.receive_weights(None, _collect(store))
+            got.append(store)
+        engine.shutdown()
+        return got
+
+    outcomes = run_threads(body, 2, deadline_s=60)
+    for u, store in enumerate(outcomes[1].value):
+        for name, t in model(u):
+            assert bytes_equal(store[name], t), (u, name)

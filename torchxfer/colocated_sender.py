@@ -210,19 +210,30 @@ class ColocatedSender(SendSide):
         pulled at once and packed with one fused copy. Otherwise the pulled items are handed back."""
         memo = plan.cache
         refs = memo.get("refs")
-        if refs is None or len(refs) != len(plan.slots) or any(r is None for r in refs):
+        if refs is None or len(refs) != len(plan.slots) or not memo.get("distinct"):
             return False, item, source
-        batch = [item, *itertools.islice(source, len(plan.slots) - 1)]
-        tensors = [t for _, t in batch]
         keys = memo.get("keys")
         if keys is None:
             keys = memo["keys"] = ([s.spec.name for s in plan.slots], [s.spec.dtype for s in plan.slots],
                                    [s.spec.shape for s in plan.slots])  # fmt: skip
-        if (len(batch) != len(plan.slots) or not all(r() is t for r, t in zip(refs, tensors))
-                or [n for n, _ in batch] != keys[0] or [t.dtype for t in tensors] != keys[1]
-                or [t.shape for t in tensors] != keys[2] or any(t.device != self.device for t in tensors)):  # fmt: skip
-            replay = iter(batch[1:])
-            return False, batch[0], itertools.chain(replay, source)
+        names, dtypes, shapes = keys
+        # Pulled ahead only while each pair is the very object (and name) of the last update: a
+        # source that refills a staging tensor yields new objects and is never pulled past one,
+        # so each of its values is packed before the next overwrites it. The same object may
+        # still carry new metadata (``param.data = other``): dtypes, shapes and devices are
+        # compared too.
+        batch = [item]
+        same = refs[0]() is item[1] and item[0] == names[0]
+        if same:
+            for ref, name, pulled in zip(itertools.islice(refs, 1, None), itertools.islice(names, 1, None), source):
+                batch.append(pulled)
+                if ref() is not pulled[1] or pulled[0] != name:
+                    same = False
+                    break
+        tensors = [t for _, t in batch]
+        if (not same or len(batch) != len(plan.slots) or [t.dtype for t in tensors] != dtypes
+                or [t.shape for t in tensors] != shapes or [t.device for t in tensors] != [self.device] * len(tensors)):  # fmt: skip
+            return False, batch[0], itertools.chain(batch[1:], source)
         self.acquire(plan.index)
         buf = self.state.buffers.tensors[plan.index % self.num_buffers]
         views = memo.get("views")
@@ -249,7 +260,11 @@ class ColocatedSender(SendSide):
                 raise SourceFailed(ValueError(f"the table of bucket {k} has {len(plan.frame)} bytes, over the "
                                                f"{MAX_FRAME_BYTES}-byte cap: tensor names are too long"))  # fmt: skip
         if refs is not None:
-            plan.cache["refs"] = refs if all(s.is_whole for s in slots) else None
+            whole = all(s.is_whole for s in slots)
+            plan.cache["refs"] = refs if whole else None
+            # Distinct live objects (a module's parameters), not one staging tensor yielded again.
+            alive = [r() for r in refs] if whole else []
+            plan.cache["distinct"] = whole and not any(t is None for t in alive) and len({id(t) for t in alive}) == len(alive)
         if self.device.type == "cuda":
             self.state.buffers.events[k % self.num_buffers].record()
         if plan is cached_bucket(cached, k):
