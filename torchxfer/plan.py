@@ -92,9 +92,13 @@ def first_bucket(layout: Layout | None, confirmed: bool) -> BucketPlan | None:
     then always sends that bucket's broadcasts first: the real bucket when it
     sends the same layout again (the steady state: no control step precedes
     the first byte), or void ones of the same sizes when it does not. None
-    when there is nothing to post.
+    when there is nothing to post, and for an unpacked layout: its bucket is
+    received into fresh tensors, up to 256 MiB of them, which a worker would
+    then allocate before it knows the update needs them.
     """
     if not confirmed or layout is None or not layout.buckets or not layout.buckets[0].runs:
+        return None
+    if layout.buffer_size is None:
         return None
     return layout.buckets[0]
 
