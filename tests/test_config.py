@@ -461,3 +461,12 @@ def test_public_api_exports():
                  "DEFAULT_PACKED_BUFFER_SIZE_BYTES", "DEFAULT_PACKED_NUM_BUFFERS", "PROTOCOL_VERSION"):  # fmt: skip
         assert name in torchxfer.__all__
         assert hasattr(torchxfer, name)
+
+
+def test_a_cuda_device_without_an_index_resolves_to_the_current_one():
+    from torchxfer.config import resolved_device
+
+    assert resolved_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert resolved_device("cuda") == torch.device("cuda", torch.cuda.current_device())
+        assert resolved_device("cuda:0") == torch.device("cuda", 0)

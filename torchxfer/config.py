@@ -63,6 +63,15 @@ def wait_timeout(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=max(float(seconds), 1e-3))
 
 
+def resolved_device(device: Any) -> torch.device:
+    """``device`` as a torch.device, a CUDA device without an index made the current one
+    ("cuda" -> "cuda:N"), so that tensors' devices compare equal to it."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def check_backend(owner: str, value: Any) -> str:
     if value not in BACKENDS:
         raise ValueError(f"{owner}.backend must be one of {BACKENDS}, got {value!r}")

@@ -36,6 +36,7 @@ from .config import (
     check_backend,
     check_send,
     check_timeout,
+    resolved_device,
     worker_rank,
 )
 from .errors import TransferError
@@ -225,7 +226,7 @@ class NCCLWeightTransferEngine(_WorkerEngine[NCCLWeightTransferInitInfo, NCCLWei
     def device(self) -> torch.device:
         """Where received weights land."""
         if self.config.device is not None:
-            return torch.device(self.config.device)
+            return resolved_device(self.config.device)
         if self.config.backend == "nccl" and torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")

@@ -37,6 +37,7 @@ from .config import (
     WeightTransferConfig,
     check_buffers,
     check_timeout,
+    resolved_device,
 )
 from .engine import _parse, _WorkerEngine
 from .errors import TransferError
@@ -87,7 +88,7 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
     @property
     def device(self) -> torch.device:
         """Where the trainer's buffers and the received weights are."""
-        return torch.device(self.config.device) if self.config.device is not None else _default_device()
+        return resolved_device(self.config.device) if self.config.device is not None else _default_device()
 
     def init_transfer_engine(self, init_info: IPCWeightTransferInitInfo | Mapping[str, Any]) -> None:
         """Join the trainer's colocated group. Every worker and the trainer's ``trainer_init`` call this
