@@ -207,6 +207,60 @@ def test_many_updates_bit_exact_across_two_gpus():
     assert worker["versions"] == [(step, False) for step in range(UPDATES)]
 
 
+# -- bucket 0 cut in three (payload_runs) ----------------------------------------------------------
+
+
+def _large(step: int, device: str) -> list[tuple[str, torch.Tensor]]:
+    """Eight 24 MiB tensors and small ones: at 256 MiB buffers bucket 0 is one packed range of about
+    200 MiB, which travels in three pieces."""
+    gen = torch.Generator().manual_seed(500 + step)
+    out = [(f"big{i}", torch.randn(6 << 20, generator=gen).to(device)) for i in range(8)]  # 24 MiB fp32 each
+    out.insert(3, ("norm", torch.randn(4096, generator=gen).bfloat16().to(device)))
+    return out
+
+
+def _large_round_trip(rank: int, port: int, barrier: Any) -> Any:
+    from torchxfer import NCCLWeightTransferEngine, destroy_side_group
+
+    torch.cuda.set_device(rank)
+    barrier.wait(BARRIER_S)
+    mode = dict(packed=True, packed_buffer_size_bytes=256 << 20, packed_num_buffers=2)
+    if rank == 0:
+        group = _trainer_group(port)
+        model = _large(0, "cuda:0")
+        for step in range(4):
+            if step:  # in place from the second update: the same objects (the bulk, pipelined path)
+                for (_, t), (_, new) in zip(model, _large(step, "cuda:0")):
+                    t.copy_(new)
+            NCCLWeightTransferEngine.trainer_send_weights(iter(model), group, **mode)
+        destroy_side_group(group)
+        return None
+    engine = _worker_engine(port)
+    receiver = _Receiver(_large(0, "cuda:1"))
+    bad = {}
+    for step in range(4):
+        want = _large(step, "cuda:1")
+        receiver.poison()
+        engine.receive_weights(None, receiver.load)
+        torch.cuda.synchronize()
+        problems = receiver.mismatches(want)
+        if problems:
+            bad[step] = problems
+    engine.shutdown()
+    return bad
+
+
+def test_a_first_bucket_sent_in_three_pieces_is_bit_exact():
+    from torchxfer.packing import TensorSpec, payload_runs, plan_slots
+
+    specs = [TensorSpec.of(n, t) for n, t in _large(0, "cpu")]
+    first = [s for s in plan_slots(specs, 256 << 20) if s.bucket == 0]
+    assert len([r for r in payload_runs(first, 256 << 20) if r[2] is None]) == 3  # the cut applies here
+    ctx = mp.get_context("spawn")
+    outcomes = run_processes(_large_round_trip, 2, free_port(), ctx.Barrier(2), deadline_s=DEADLINE_S)
+    assert outcomes[1].value == {}
+
+
 # -- a rejected update, then recovery --------------------------------------------------------------
 
 

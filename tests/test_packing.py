@@ -702,6 +702,24 @@ def test_payload_runs_own_first_then_merged_ranges(monkeypatch):
     assert payload_runs([part], size) == [(0, 30 * mib, 0)]
 
 
+def test_payload_runs_cut_the_first_range_of_bucket_0_on_nccl_only():
+    """Bucket 0's first packed range (64 MiB or more) travels in three pieces cut at the slot starts
+    nearest after 1/8 and 1/2 of it, on NCCL; any other bucket, a smaller range, or Gloo: one range."""
+    mib = 1 << 20
+    size = 1 << 30  # own runs from 512 MiB
+    specs = [u8(f"w{i}", 40 * mib) for i in range(20)]  # 800 MiB of 40 MiB slots
+    slots = [Slot(0, i, sp, 0, sp.nbytes, i * 40 * mib) for i, sp in enumerate(specs)]
+    assert payload_runs(slots, size) == [(0, 120 * mib, None), (120 * mib, 400 * mib, None), (400 * mib, 800 * mib, None)]
+    check_runs(slots, size, payload_runs(slots, size))
+    assert payload_runs(slots, size, "gloo") == [(0, 800 * mib, None)]
+    later = [Slot(1, s.index, s.spec, 0, s.length, s.offset) for s in slots]
+    assert payload_runs(later, size) == [(0, 800 * mib, None)]
+    small = slots[:1]  # 40 MiB: under the cut's minimum
+    assert payload_runs(small, size) == [(0, 40 * mib, None)]
+    one = [Slot(0, 0, u8("one", 100 * mib), 0, 100 * mib, 0)]  # no slot start inside: nothing to cut at
+    assert payload_runs(one, size) == [(0, 100 * mib, None)]
+
+
 def test_payload_runs_split_parts_travel_alone():
     size = 1 << 30  # threshold 512 MiB
     # A part of a split tensor travels alone, whatever its size; small whole slots after it merge.
@@ -735,9 +753,12 @@ def check_runs(slots: list[Slot], buffer_size: int | None, runs: list, backend: 
             assert any(start <= s.offset and s.end <= end for start, end, _ in packed)
     for start, end, _ in packed:
         assert not any(o < end and start < e for o, e, _ in own)
-    # Maximal: two packed ranges are separated by an own slot.
+    # Maximal: two packed ranges are separated by an own slot, except the cuts of bucket 0's
+    # first range on NCCL (adjacent, at slot starts).
+    starts = {s.offset for s in slots}
     for r1, r2 in zip(packed, packed[1:]):
-        assert any(r1[1] <= o and e <= r2[0] for o, e, _ in own)
+        cut = backend == "nccl" and slots[0].bucket == 0 and r1[1] == r2[0] and r2[0] in starts
+        assert cut or any(r1[1] <= o and e <= r2[0] for o, e, _ in own)
 
 
 def deliver(tensors: list[torch.Tensor], buffer_size: int | None) -> None:
