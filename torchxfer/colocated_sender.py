@@ -154,6 +154,7 @@ class ColocatedSender(SendSide):
         queue: collections.deque[Slot] = collections.deque()
         slots: list[Slot] = []
         refs: list[Any] = []
+        views: list[Any] = []  # per slot, the typed view of the buffer it was packed into (whole tensors)
         in_hand: torch.Tensor | None = None
         raw: torch.Tensor | None = None
         item = next(source, None)
@@ -168,12 +169,12 @@ class ColocatedSender(SendSide):
                     plan = cached.buckets[self.bucket]
                     planner.resume(self.bucket, plan.slots[-1].end, len(plan.slots))
                     index += len(plan.slots)
-                    self.close(list(plan.slots), item is None, None)
+                    self.close(list(plan.slots), item is None, None, None)
                     continue
             if not queue:
                 if item is None:
                     if slots:
-                        self.close(slots, True, refs)
+                        self.close(slots, True, refs, views)
                     return
                 try:
                     spec = TensorSpec.of(*item)
@@ -186,18 +187,20 @@ class ColocatedSender(SendSide):
                 item = None
             slot = queue[0]
             if slot.bucket != self.bucket:
-                self.close(slots, False, refs)
-                slots, refs = [], []
+                self.close(slots, False, refs, views)
+                slots, refs, views = [], [], []
             if not slots:
                 self.acquire(self.bucket)
             queue.popleft()
             slots.append(slot)
             refs.append(weakref.ref(in_hand) if slot.is_whole else None)
+            views.append(None)
             if slot.length:
                 dst = slot_view(self.state.buffers.tensors[self.bucket % self.num_buffers], slot)
                 with torch.no_grad():
                     if slot.is_whole:
-                        typed_view(dst, slot.spec).copy_(in_hand)
+                        views[-1] = typed_view(dst, slot.spec)
+                        views[-1].copy_(in_hand)
                     else:
                         raw = tensor_bytes(in_hand) if raw is None else raw
                         dst.copy_(raw[slot.start : slot.start + slot.length])
@@ -246,7 +249,7 @@ class ColocatedSender(SendSide):
         self.num_tensors += len(tensors)
         return True, next(source, None), source
 
-    def close(self, slots: list[Slot], last: bool, refs: list[Any] | None) -> None:
+    def close(self, slots: list[Slot], last: bool, refs: list[Any] | None, views: list[Any] | None) -> None:
         """Announce the packed bucket: BUCKET (the cached layout's) or TABLE (a new one, agreed first)."""
         k = self.bucket
         cached = self.cached
@@ -265,6 +268,10 @@ class ColocatedSender(SendSide):
             # Distinct live objects (a module's parameters), not one staging tensor yielded again.
             alive = [r() for r in refs] if whole else []
             plan.cache["distinct"] = whole and not any(t is None for t in alive) and len({id(t) for t in alive}) == len(alive)
+            if whole:  # the views the next update's bulk copy needs, as made while packing this one
+                buf = self.state.buffers.tensors[k % self.num_buffers]
+                live = [p for p, s in enumerate(slots) if s.length]
+                plan.cache["views"] = (buf.data_ptr(), live, [views[p] for p in live])
         if self.device.type == "cuda":
             self.state.buffers.events[k % self.num_buffers].record()
         if plan is cached_bucket(cached, k):
