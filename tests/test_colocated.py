@@ -614,3 +614,59 @@ def test_a_source_refilling_one_staging_tensor_arrives_value_by_value(staging):
     for u, store in enumerate(outcomes[1].value):
         for name, t in model(u):
             assert bytes_equal(store[name], t), (u, name)
+
+
+def test_the_second_update_of_the_same_parameters_copies_in_bulk(monkeypatch):
+    """The update that describes a layout leaves what the next needs: from the second update on,
+    every bucket of a module's parameters (the same objects, new values) goes in one fused copy."""
+    from torchxfer import colocated_sender
+
+    port = free_port()
+    model = [(f"w{i}", torch.randn(50 + i)) for i in range(40)]
+    outcomes_of_bulk: list[list[bool]] = []
+    bulk = colocated_sender.ColocatedSender.bulk
+
+    def recording_bulk(self, plan, item, source):
+        done, item, source = bulk(self, plan, item, source)
+        outcomes_of_bulk[-1].append(done)
+        return done, item, source
+
+    monkeypatch.setattr(colocated_sender.ColocatedSender, "bulk", recording_bulk)
+    views_made: list[int] = []
+    typed_view = colocated_sender.typed_view
+
+    def counting_typed_view(raw, spec):
+        views_made[-1] += 1
+        return typed_view(raw, spec)
+
+    monkeypatch.setattr(colocated_sender, "typed_view", counting_typed_view)
+    sent = []
+
+    def body(rank: int):
+        if rank == 0:
+            group = _trainer(port, 2)
+            for u in range(3):
+                for _, t in model:
+                    t.add_(1)
+                sent.append({n: t.clone() for n, t in model})
+                outcomes_of_bulk.append([])
+                views_made.append(0)
+                IPCWeightTransferEngine.trainer_send_weights(iter(model), group, packed_buffer_size_bytes=4096,
+                                                             packed_num_buffers=2)  # fmt: skip
+            destroy_side_group(group)
+            return None
+        engine = _worker(rank, port, 2)
+        got = []
+        for _ in range(3):
+            store: dict = {}
+            engine.receive_weights(None, _collect(store))
+            got.append(store)
+        engine.shutdown()
+        return got
+
+    outcomes = run_threads(body, 2, deadline_s=60)
+    assert outcomes_of_bulk[0] == [] and len(outcomes_of_bulk[1]) > 1, outcomes_of_bulk
+    assert all(outcomes_of_bulk[1]) and all(outcomes_of_bulk[2]), outcomes_of_bulk
+    assert views_made == [len(model), 0, 0], views_made  # the views made while describing are reused
+    for u, store in enumerate(outcomes[1].value):
+        assert all(bytes_equal(store[n], t) for n, t in sent[u].items()), u
