@@ -566,6 +566,31 @@ def test_cuda_trainer_and_worker_in_one_process_is_a_clear_error_at_init():
         assert out.value is not None and "this very process" in out.value, out.value
 
 
+def _send_and_collect(updates: int, source, buffer_size: int) -> list[dict]:
+    """A trainer sends ``source(u)`` for each update to one worker (threads, CPU); the worker's
+    copies of what each update loaded."""
+    port = free_port()
+
+    def body(rank: int):
+        if rank == 0:
+            group = _trainer(port, 2)
+            for u in range(updates):
+                IPCWeightTransferEngine.trainer_send_weights(source(u), group, packed_buffer_size_bytes=buffer_size,
+                                                             packed_num_buffers=2)  # fmt: skip
+            destroy_side_group(group)
+            return None
+        engine = _worker(rank, port, 2)
+        got = []
+        for _ in range(updates):
+            store: dict = {}
+            engine.receive_weights(None, _collect(store))
+            got.append(store)
+        engine.shutdown()
+        return got
+
+    return run_threads(body, 2, deadline_s=60)[1].value
+
+
 def _staged_views(pairs):
     """One staging tensor per size, refilled for each tensor and yielded as a fresh view."""
     staging: dict = {}
@@ -587,31 +612,12 @@ def _staged_same(pairs):
 @pytest.mark.parametrize("staging", [_staged_views, _staged_same], ids=["fresh-views", "same-object"])
 def test_a_source_refilling_one_staging_tensor_arrives_value_by_value(staging):
     """Every value as it was yielded, in the first update and in the cached ones after it."""
-    port = free_port()
 
     def model(step: int):
         gen = torch.Generator().manual_seed(step)
         return [(f"w{i}", torch.randn(8, generator=gen)) for i in range(6)]
 
-    def body(rank: int):
-        if rank == 0:
-            group = _trainer(port, 2)
-            for u in range(4):
-                IPCWeightTransferEngine.trainer_send_weights(staging(model(u)), group, packed_buffer_size_bytes=1 << 16,
-                                                             packed_num_buffers=2)  # fmt: skip
-            destroy_side_group(group)
-            return None
-        engine = _worker(rank, port, 2)
-        got = []
-        for _ in range(4):
-            store: dict = {}
-            engine.receive_weights(None, _collect(store))
-            got.append(store)
-        engine.shutdown()
-        return got
-
-    outcomes = run_threads(body, 2, deadline_s=60)
-    for u, store in enumerate(outcomes[1].value):
+    for u, store in enumerate(_send_and_collect(4, lambda u: staging(model(u)), 1 << 16)):
         for name, t in model(u):
             assert bytes_equal(store[name], t), (u, name)
 
@@ -621,7 +627,6 @@ def test_the_second_update_of_the_same_parameters_copies_in_bulk(monkeypatch):
     every bucket of a module's parameters (the same objects, new values) goes in one fused copy."""
     from torchxfer import colocated_sender
 
-    port = free_port()
     model = [(f"w{i}", torch.randn(50 + i)) for i in range(40)]
     outcomes_of_bulk: list[list[bool]] = []
     bulk = colocated_sender.ColocatedSender.bulk
@@ -642,31 +647,17 @@ def test_the_second_update_of_the_same_parameters_copies_in_bulk(monkeypatch):
     monkeypatch.setattr(colocated_sender, "typed_view", counting_typed_view)
     sent = []
 
-    def body(rank: int):
-        if rank == 0:
-            group = _trainer(port, 2)
-            for u in range(3):
-                for _, t in model:
-                    t.add_(1)
-                sent.append({n: t.clone() for n, t in model})
-                outcomes_of_bulk.append([])
-                views_made.append(0)
-                IPCWeightTransferEngine.trainer_send_weights(iter(model), group, packed_buffer_size_bytes=4096,
-                                                             packed_num_buffers=2)  # fmt: skip
-            destroy_side_group(group)
-            return None
-        engine = _worker(rank, port, 2)
-        got = []
-        for _ in range(3):
-            store: dict = {}
-            engine.receive_weights(None, _collect(store))
-            got.append(store)
-        engine.shutdown()
-        return got
+    def source(u: int):
+        for _, t in model:
+            t.add_(1)  # in place: the same objects, new values
+        sent.append({n: t.clone() for n, t in model})
+        outcomes_of_bulk.append([])
+        views_made.append(0)
+        return iter(model)
 
-    outcomes = run_threads(body, 2, deadline_s=60)
+    received = _send_and_collect(3, source, 4096)
     assert outcomes_of_bulk[0] == [] and len(outcomes_of_bulk[1]) > 1, outcomes_of_bulk
     assert all(outcomes_of_bulk[1]) and all(outcomes_of_bulk[2]), outcomes_of_bulk
     assert views_made == [len(model), 0, 0], views_made  # the views made while describing are reused
-    for u, store in enumerate(outcomes[1].value):
+    for u, store in enumerate(received):
         assert all(bytes_equal(store[n], t) for n, t in sent[u].items()), u

@@ -34,7 +34,7 @@ from .group import SideGroup
 from .ipc_transport import SharedBuffers, open_events
 from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view
 from .plan import BucketPlan, Layout
-from .sender import SendSide, SourceFailed, pairs
+from .sender import SendSide, SourceFailed, pairs, pull_same
 from .wire import FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
 
 __all__ = ["ColocatedSender"]
@@ -215,28 +215,10 @@ class ColocatedSender(SendSide):
         refs = memo.get("refs")
         if refs is None or len(refs) != len(plan.slots) or not memo.get("distinct"):
             return False, item, source
-        keys = memo.get("keys")
-        if keys is None:
-            keys = memo["keys"] = ([s.spec.name for s in plan.slots], [s.spec.dtype for s in plan.slots],
-                                   [s.spec.shape for s in plan.slots])  # fmt: skip
-        names, dtypes, shapes = keys
-        # Pulled ahead only while each pair is the very object (and name) of the last update: a
-        # source that refills a staging tensor yields new objects and is never pulled past one,
-        # so each of its values is packed before the next overwrites it. The same object may
-        # still carry new metadata (``param.data = other``): dtypes, shapes and devices are
-        # compared too.
-        batch = [item]
-        same = refs[0]() is item[1] and item[0] == names[0]
-        if same:
-            for ref, name, pulled in zip(itertools.islice(refs, 1, None), itertools.islice(names, 1, None), source):
-                batch.append(pulled)
-                if ref() is not pulled[1] or pulled[0] != name:
-                    same = False
-                    break
-        tensors = [t for _, t in batch]
-        if (not same or len(batch) != len(plan.slots) or [t.dtype for t in tensors] != dtypes
-                or [t.shape for t in tensors] != shapes or [t.device for t in tensors] != [self.device] * len(tensors)):  # fmt: skip
+        batch, same = pull_same(plan, memo, refs, item, source, self.device)
+        if not same:
             return False, batch[0], itertools.chain(batch[1:], source)
+        tensors = [t for _, t in batch]
         self.acquire(plan.index)
         buf = self.state.buffers.tensors[plan.index % self.num_buffers]
         views = memo.get("views")

@@ -53,7 +53,7 @@ from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_v
 from .plan import BucketPlan, Layout, first_bucket
 from .wire import FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
 
-__all__ = ["SenderState", "Sender", "SendSide", "SourceFailed", "pairs"]
+__all__ = ["SenderState", "Sender", "SendSide", "SourceFailed", "pairs", "pull_same"]
 
 log = logging.getLogger("torchxfer")
 
@@ -140,6 +140,36 @@ def pairs(items: Iterable[Any], post_iter_func: Callable | None,
             yield item
     except Exception as e:
         raise SourceFailed(e) from e
+
+
+def pull_same(plan: BucketPlan, memo: dict, refs: list, item: Item, source: Iterator[Item],
+              device: torch.device) -> tuple[list[Item], bool]:  # fmt: skip
+    """Pull a bucket of the cached layout at once, for one fused copy: returns the pairs
+    pulled (``item`` first) and whether they are exactly the bucket's tensors of the last
+    update on ``device``, ``refs`` holding weak references to those.
+
+    Pulled ahead only while each pair is the very object and name of the last update: a
+    source that refills a staging tensor yields new objects and is never pulled past one, so
+    each of its values is packed before the next overwrites it. The same object may still
+    carry new metadata (``param.data = other``), so dtypes, shapes and devices are compared
+    too. ``memo`` keeps the bucket's names, dtypes and shapes.
+    """
+    keys = memo.get("keys")
+    if keys is None:
+        keys = memo["keys"] = ([s.spec.name for s in plan.slots], [s.spec.dtype for s in plan.slots],
+                               [s.spec.shape for s in plan.slots])  # fmt: skip
+    names, dtypes, shapes = keys
+    batch = [item]
+    same = refs[0]() is item[1] and item[0] == names[0]
+    if same:
+        for ref, name, pulled in zip(itertools.islice(refs, 1, None), itertools.islice(names, 1, None), source):
+            batch.append(pulled)
+            if ref() is not pulled[1] or pulled[0] != name:
+                return batch, False
+    tensors = [t for _, t in batch]
+    same = (same and len(batch) == len(plan.slots) and [t.dtype for t in tensors] == dtypes
+            and [t.shape for t in tensors] == shapes and [t.device for t in tensors] == [device] * len(tensors))  # fmt: skip
+    return batch, same
 
 
 def _spec(item: tuple[str, torch.Tensor]) -> TensorSpec:
@@ -448,31 +478,12 @@ class Sender(SendSide):
         Returns None when the bucket's tensors are not those of the last update;
         ``self.replay`` then holds the pulled items, for the slot-by-slot path.
         """
-        # Pulled ahead only while each tensor is the very object of the last update: a source
-        # that refills a staging tensor yields new objects, and must not be pulled past the
-        # first one (its earlier values would be overwritten before they are packed).
-        # (The same object may still have new metadata: ``param.data = other`` changes
-        # its dtype, shape or device, so those are compared too.)
-        keys = memo.get("keys")
-        if keys is None:
-            keys = memo["keys"] = ([s.spec.name for s in plan.slots], [s.spec.dtype for s in plan.slots],
-                                   [s.spec.shape for s in plan.slots])  # fmt: skip
-        names, dtypes, shapes = keys
-        refs = memo["refs"]
-        batch = [item]
-        same = refs[0]() is item[1] and item[0] == names[0]
-        if same:
-            for ref, name, pulled in zip(itertools.islice(refs, 1, None), itertools.islice(names, 1, None), source):
-                batch.append(pulled)
-                if ref() is not pulled[1] or pulled[0] != name:
-                    same = False
-                    break
+        batch, same = pull_same(plan, memo, memo["refs"], item, source, self.device)
         self.replay = (batch[0], itertools.chain(batch[1:], source))
-        tensors = [t for _, t in batch]
-        if (not same or len(batch) != len(plan.slots) or [t.dtype for t in tensors] != dtypes
-                or [t.shape for t in tensors] != shapes or [t.device for t in tensors] != [self.device] * len(tensors)):  # fmt: skip
+        if not same:
             memo["all_stable"] = False
             return None
+        tensors = [t for _, t in batch]
         self.stable = True
         if views is not None:
             packed = memo.get("packed")
