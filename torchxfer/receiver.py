@@ -2,8 +2,11 @@
 
 Every worker runs :class:`Receiver` while rank 0 runs
 :class:`torchxfer.sender.Sender`; the module docstring there gives the steps.
-A worker posts its row in every step (its status: 0, or the byte length of
-its first error) and follows the trainer's row:
+Before the BEGIN step a worker posts bucket 0 of the layout every worker
+confirmed at the last END (``plan.first_bucket``); the BEGIN row says whether
+it is this update's bucket 0 or void broadcasts to drop. A worker posts its
+row in every step (its status: 0, or the byte length of its first error) and
+follows the trainer's row:
 
 * ``BUCKET``: the next bucket of the cached layout: post its broadcasts
   into buffer ``bucket % num_buffers`` (views of it are made once per

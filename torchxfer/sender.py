@@ -3,7 +3,12 @@
 One update, as rank 0 drives it (every worker runs :mod:`torchxfer.receiver`
 in lockstep; :mod:`torchxfer.wire` defines the rows)::
 
-    BEGIN step        blocking: config and the cached layout's fingerprint;
+    (bucket 0)        after a packed update every worker completed, every
+                      worker has already posted that layout's bucket 0
+                      (``plan.first_bucket``): the update sends it first,
+                      for real or as void broadcasts of the same sizes
+    BEGIN step        blocking unless every worker confirmed the cached
+                      layout at the last END: config and its fingerprint;
                       every worker says whether it holds that layout
     per bucket:       pull its tensors: large ones are posted at once from
                       their own memory, small ones packed (fused copies)
