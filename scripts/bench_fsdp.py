@@ -44,16 +44,21 @@ from torchxfer import (  # noqa: E402
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import _cprofile  # noqa: E402
+from bench import _cprofile, _profile  # noqa: E402
 
 
 def _maybe_profiled(args: argparse.Namespace, r: int, rank: int, fn):
-    """``fn()``; the last round's under cProfile when ``--cprofile`` names a folder."""
-    if args.cprofile and r == args.warmup + args.repeats - 1:
-        out = []
+    """``fn()``; the last round's under cProfile (``--cprofile``) or the torch profiler
+    (``--profile``: a Chrome trace per rank, GPU kernels included) when asked."""
+    if r != args.warmup + args.repeats - 1 or not (args.cprofile or args.profile):
+        return fn()
+    out = []
+    if args.cprofile:
         _cprofile(lambda: out.append(fn()), args.cprofile, f"fsdp send_model round {r}", rank)
-        return out[0]
-    return fn()
+    else:
+        device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+        _profile(lambda: out.append(fn()), args.profile, f"fsdp_rank{rank}", device)
+    return out[0]
 
 
 def _port() -> int:
@@ -169,6 +174,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--timeout", type=float, default=60.0, help="bound on every wait on the side and trainer groups")
     p.add_argument("--deadline", type=float, default=300.0, help="kill everything after this many seconds")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="the last round under the torch profiler on every rank (DIR/fsdp_rank{r}.json)")
     p.add_argument("--cprofile", default=None, metavar="DIR",
                    help="profile the last round on every rank (DIR/cprofile_rank{r}.txt)")
     p.add_argument("--out", required=True, help="write the result here (JSON)")
