@@ -625,7 +625,7 @@ def test_a_source_refilling_one_staging_tensor_arrives_value_by_value(staging):
 def test_the_second_update_of_the_same_parameters_copies_in_bulk(monkeypatch):
     """The update that describes a layout leaves what the next needs: from the second update on,
     every bucket of a module's parameters (the same objects, new values) goes in one fused copy."""
-    from torchxfer import colocated_sender
+    from torchxfer import colocated_sender, packing
 
     model = [(f"w{i}", torch.randn(50 + i)) for i in range(40)]
     outcomes_of_bulk: list[list[bool]] = []
@@ -645,6 +645,7 @@ def test_the_second_update_of_the_same_parameters_copies_in_bulk(monkeypatch):
         return typed_view(raw, spec)
 
     monkeypatch.setattr(colocated_sender, "typed_view", counting_typed_view)
+    monkeypatch.setattr(packing, "typed_view", counting_typed_view)  # where whole_views makes them
     sent = []
 
     def source(u: int):

@@ -774,18 +774,18 @@ def split_model(seed: int) -> list[tuple[str, torch.Tensor]]:
 
 
 def updates_over_three_ranks(updates: int, source: Callable[[int], Any], **send: Any) -> list[Any]:
-    """Send ``source(step)`` for each update from rank 0; ranks 1 and 2 collect what arrives."""
+    """Send ``source(step)`` for each update from rank 0 (its value: the TransferStats); ranks 1 and
+    2 collect what arrives."""
     world = 3
 
     def body(rank: int, port: int) -> Any:
         if rank == 0:
             group = trainer(port, world)
             try:
-                for step in range(updates):
-                    NCCLWeightTransferEngine.trainer_send_weights(source(step), group, **send)
+                return [NCCLWeightTransferEngine.trainer_send_weights(source(step), group, **send)
+                        for step in range(updates)]  # fmt: skip
             finally:
                 destroy_side_group(group)
-            return None
         engine = worker(rank, port, world)
         runs = []
         try:
@@ -1028,7 +1028,6 @@ def test_every_way_an_update_can_start_after_a_confirmed_layout_keeps_the_group_
 def test_a_steady_layout_that_changes_inside_a_bulk_bucket_sends_every_tensor(where):
     """The same parameter objects sent until their buckets go in bulk, then a layout that departs
     inside a bucket: the tensors pulled ahead for the bulk bucket are all sent, none lost."""
-    world = 2
     model = simple(4, n=16)  # several buckets at 256-byte buffers
     if where == "renamed first":
         changed = [("renamed", model[0][1])] + model[1:]
@@ -1039,28 +1038,9 @@ def test_a_steady_layout_that_changes_inside_a_bulk_bucket_sends_every_tensor(wh
     else:
         changed = model[:-1]
     sources = [model, model, model, changed, changed]
-
-    def body(rank: int, port: int) -> Any:
-        if rank == 0:
-            group = trainer(port, world)
-            try:
-                return [NCCLWeightTransferEngine.trainer_send_weights(iter(s), group, packed=True,
-                                                                      packed_buffer_size_bytes=256).num_tensors
-                        for s in sources]  # fmt: skip
-            finally:
-                destroy_side_group(group)
-        engine = worker(rank, port, world)
-        runs = []
-        try:
-            for _ in sources:
-                got, load = collector()
-                engine.receive_weights(None, load)
-                runs.append(got)
-        finally:
-            engine.shutdown()
-        return runs
-
-    values = run_world(body, world)
-    assert values[0] == [len(s) for s in sources]
-    for step, (got, want) in enumerate(zip(values[1], sources)):
-        assert_same(got, want, f"update {step}")
+    values = updates_over_three_ranks(len(sources), lambda step: iter(sources[step]), packed=True,
+                                      packed_buffer_size_bytes=256)  # fmt: skip
+    assert [stats.num_tensors for stats in values[0]] == [len(s) for s in sources]
+    for rank in (1, 2):
+        for step, (got, want) in enumerate(zip(values[rank], sources)):
+            assert_same(got, want, f"rank {rank} update {step}")

@@ -21,7 +21,7 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from .control import ControlChannel, Step
 from .errors import TransferError
 from .group import SideGroup
 from .ipc_transport import SharedBuffers, open_events
-from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view
+from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view, whole_views
 from .plan import BucketPlan, Layout
 from .sender import SendSide, SourceFailed, pairs, pull_same
 from .wire import FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
@@ -223,13 +223,21 @@ class ColocatedSender(SendSide):
         buf = self.state.buffers.tensors[plan.index % self.num_buffers]
         views = memo.get("views")
         if views is None or views[0] != buf.data_ptr():
-            live = [p for p, s in enumerate(plan.slots) if s.length]
-            views = memo["views"] = (buf.data_ptr(), live, [typed_view(slot_view(buf, plan.slots[p]), plan.slots[p].spec) for p in live])
+            views = memo["views"] = self.live_views(buf, plan.slots)
         if views[1]:
             with torch.no_grad():
                 torch._foreach_copy_(views[2], [tensors[p] for p in views[1]])
         self.num_tensors += len(tensors)
         return True, next(source, None), source
+
+    @staticmethod
+    def live_views(buf: torch.Tensor, slots: Sequence[Slot],
+                   made: list[Any] | None = None) -> tuple[int, list[int], list[Any]]:  # fmt: skip
+        """For a bucket of whole tensors: the buffer's address, the positions of the slots that
+        hold bytes, and their typed views (``made`` ones reused)."""
+        live = [p for p, s in enumerate(slots) if s.length]
+        views = whole_views(buf, slots, made)
+        return buf.data_ptr(), live, [views[p] for p in live]
 
     def close(self, slots: list[Slot], last: bool, refs: list[Any] | None, views: list[Any] | None) -> None:
         """Announce the packed bucket: BUCKET (the cached layout's) or TABLE (a new one, agreed first)."""
@@ -251,9 +259,7 @@ class ColocatedSender(SendSide):
             alive = [r() for r in refs] if whole else []
             plan.cache["distinct"] = whole and not any(t is None for t in alive) and len({id(t) for t in alive}) == len(alive)
             if whole:  # the views the next update's bulk copy needs, as made while packing this one
-                buf = self.state.buffers.tensors[k % self.num_buffers]
-                live = [p for p, s in enumerate(slots) if s.length]
-                plan.cache["views"] = (buf.data_ptr(), live, [views[p] for p in live])
+                plan.cache["views"] = self.live_views(self.state.buffers.tensors[k % self.num_buffers], slots, views)
         if self.device.type == "cuda":
             self.state.buffers.events[k % self.num_buffers].record()
         if plan is cached_bucket(cached, k):

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
 __all__ = [
+    "whole_views",
     "ALIGNMENT",
     "MAX_SLOTS_PER_BUCKET",
     "TensorSpec",
@@ -317,6 +319,22 @@ def slot_view(buffer: torch.Tensor, slot: Slot) -> torch.Tensor:
 def typed_view(raw: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     """View a flat uint8 run of exactly ``spec.nbytes`` bytes as the spec's tensor."""
     return raw.view(spec.dtype).view(spec.shape)
+
+
+def whole_views(buffer: torch.Tensor, slots: Sequence[Slot], made: Sequence[Any] | None = None) -> list[Any]:
+    """Per slot, the typed view of ``buffer`` that holds its whole tensor (None for a part of a
+    split tensor); ``made[i]``, a view made while packing, is kept when it still lies in
+    ``buffer`` (a buffer that grew since is new memory)."""
+    lo, hi = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+    out: list[Any] = []
+    for i, slot in enumerate(slots):
+        view = made[i] if made is not None else None
+        if not slot.is_whole:
+            view = None
+        elif view is None or not lo <= view.data_ptr() < hi:
+            view = typed_view(slot_view(buffer, slot), slot.spec)
+        out.append(view)
+    return out
 
 
 def payload_runs(slots: Sequence[Slot], buffer_size: int | None, backend: str = "nccl") -> list[tuple[int, int, int | None]]:

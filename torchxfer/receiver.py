@@ -255,13 +255,7 @@ class Receiver(WorkerSide):
         if plan is None:
             return
         self.packed, self.buffer_size, self.num_buffers = self.state.layout.config
-        self.make_room(0)
-        direct = self.split_direct(plan)
-        head = next((plan.slots[pos] for pos in direct if plan.slots[pos].start == 0), None)
-        if head is not None:
-            self.state.assembly_for(head.spec.nbytes, self.device)
-        dests, works = self.post_runs(plan, plan.runs, direct)
-        self.speculated = _Posted(plan, works, dests, None)
+        self.speculated = self.post_bucket(plan)
 
     def begin(self, rows: list[Row]) -> None:
         """BEGIN step: take the trainer's configuration; use the cached layout if every worker holds it."""
@@ -467,24 +461,25 @@ class Receiver(WorkerSide):
 
     def receive(self, plan: BucketPlan, expected_checksum: int) -> None:
         """Post the bucket's broadcasts (unless posted ahead), then load what is due."""
-        if self.speculated is not None:
-            posted, self.speculated = self.speculated, None
-            assert plan is posted.plan
-            posted.expected_checksum = expected_checksum if self.checksum else None
-            self.pending.append(posted)
-        else:
-            self.make_room(plan.index)
-            direct = self.split_direct(plan)
-            head = next((plan.slots[pos] for pos in direct if plan.slots[pos].start == 0), None)
-            if head is not None:
-                # The assembly tensor gets a new owner: the previous one must be loaded first.
-                self.load_all()
-                self.state.assembly_for(head.spec.nbytes, self.device)
-            dests, works = self.post_runs(plan, plan.runs, direct)
-            self.pending.append(_Posted(plan, works, dests, expected_checksum if self.checksum else None))
+        posted, self.speculated = self.speculated or self.post_bucket(plan), None
+        assert plan is posted.plan
+        posted.expected_checksum = expected_checksum if self.checksum else None
+        self.pending.append(posted)
         self.layout.append(plan)
         while len(self.pending) > self.num_buffers - 1:
             self.load(self.pending.popleft())
+
+    def post_bucket(self, plan: BucketPlan) -> _Posted:
+        """Post the bucket's broadcasts once its buffer is free (its checksum is set later)."""
+        self.make_room(plan.index)
+        direct = self.split_direct(plan)
+        head = next((plan.slots[pos] for pos in direct if plan.slots[pos].start == 0), None)
+        if head is not None:
+            # The assembly tensor gets a new owner: the previous one must be loaded first.
+            self.load_all()
+            self.state.assembly_for(head.spec.nbytes, self.device)
+        dests, works = self.post_runs(plan, plan.runs, direct)
+        return _Posted(plan, works, dests, None)
 
     def split_direct(self, plan: BucketPlan) -> set[int]:
         """Positions of the bucket's slots of split tensors that are received straight into

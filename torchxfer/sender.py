@@ -54,7 +54,7 @@ from . import control
 from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
-from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view
+from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view, whole_views
 from .plan import BucketPlan, Layout, first_bucket
 from .wire import FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
 
@@ -471,7 +471,7 @@ class Sender(SendSide):
         memo["all_stable"] = all_stable and all(s.is_whole for s in plan.slots)
         if buf is not None and views is None:
             buf = self.state.buffers[plan.index % self.num_buffers]
-            memo["views"] = [typed_view(slot_view(buf, s), s.spec) if s.is_whole else None for s in plan.slots]
+            memo["views"] = whole_views(buf, plan.slots)
             memo["views_of"] = buf.data_ptr()
         return (self.pull(source) if plan.slots[-1].is_last else None), None, source
 
@@ -630,9 +630,7 @@ class Sender(SendSide):
         if self.buffer_size is None:
             return
         buf = self.state.buffers[plan.index % self.num_buffers]
-        lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel()
-        memo["views"] = [None if not s.is_whole else v if v is not None and lo <= v.data_ptr() < hi
-                         else typed_view(slot_view(buf, s), s.spec) for v, s in zip(views, plan.slots)]  # fmt: skip
+        memo["views"] = whole_views(buf, plan.slots, views)
         memo["views_of"] = buf.data_ptr()
 
     def table_bucket(self, plan: BucketPlan, kept: int, last: bool, unpacked: dict[int, torch.Tensor]) -> None:
