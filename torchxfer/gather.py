@@ -9,21 +9,23 @@ the full tensors). :mod:`torchxfer.trainer` interleaves them with its
 lockstep so that a group is posted by every rank or by none.
 
 What moves, per group and per mesh-dimension group that holds a ``shard``
-entry (each a ``torch.distributed.gather`` to the sender on NCCL, or
-point-to-point sends to it on Gloo, whose gather copies its whole output
-through a temporary; on the trainer's own groups; ranks of other replicas of
-an HSDP mesh take no part):
+entry (on the trainer's own groups; ranks of other replicas of an HSDP mesh
+take no part):
 
-* a ``Shard(0)`` tensor that splits evenly and has at least
-  :data:`DIRECT_MIN_BYTES` bytes is gathered straight into its full tensor
-  (its rows are its shards, in order): no copy on the sender;
-* every other ``shard`` entry of the group (``Shard(d)``, uneven, small) is
-  packed with its peers into one flat buffer per rank, gathered in one
-  collective, and cut back into full tensors on the sender (one copy).
+* ``Shard(0)`` entries, even or uneven: every rank's shard is a run of rows
+  of the full tensor, so it is sent straight from the shard's memory into its
+  place in the full tensor on the sender (point-to-point, all of a group's in
+  one batch: one NCCL launch). No cut and no copy on the sender; each full
+  tensor is its own allocation, freed as soon as the sender has packed it.
+* ``Shard(d)`` entries with ``d > 0`` (TP columns): each rank packs its shards
+  of the group into one flat buffer, one collective (a ``gather`` on NCCL;
+  point-to-point on Gloo, whose gather copies its whole output through a
+  temporary) brings them to the sender, which cuts them back into full
+  tensors (one copy).
 
 ``full`` entries are gathered with ``full_tensor()`` on every rank when the
 group is posted. Memory on the sender per group: the group's full tensors,
-plus the packed part once more while it is cut out.
+plus the column-sharded part once more while it is cut out.
 """
 
 from __future__ import annotations
@@ -39,13 +41,9 @@ from .errors import TransferError
 from .packing import align_up
 from .sources import Entry, is_dtensor, materialize, mesh_device
 
-__all__ = ["DIRECT_MIN_BYTES", "GatherFailed", "Gatherer", "Posted", "local_tensor"]
+__all__ = ["GatherFailed", "Gatherer", "Posted", "local_tensor"]
 
-DIRECT_MIN_BYTES = 1 << 20
-"""An evenly split Shard(0) tensor of at least this many bytes is gathered by a
-collective of its own, straight into its full tensor; smaller ones share their
-group's packed gather (one collective costs about as much as a few hundred
-kilobytes of copying)."""
+_TAG_SPACE = 1 << 30
 
 
 class GatherFailed(TransferError):
@@ -57,27 +55,33 @@ class GatherFailed(TransferError):
 
 @dataclasses.dataclass
 class _Op:
-    """One gather to the sender: entries of one mesh-dimension group."""
+    """The gathers of one group's entries of one mesh-dimension group ``pg``, to the sender.
+
+    ``rows``: Shard(0) entries, point-to-point messages (``sends`` on this rank,
+    ``recvs`` on the sender, each ``(tensor, peer rank in pg, tag)``).
+    Otherwise: column shards packed per rank (``send``, ``recv``, ``layout``).
+    """
 
     pg: Any
     dst: int  # the sender's rank in pg
     world: int
     me: int
     entries: list[int]
-    direct: bool  # one tensor, gathered straight into its full tensor
-    p2p: bool = False  # Gloo: point-to-point sends to the sender (its gather copies through a flat temporary)
+    rows: bool
+    p2p: bool = False  # Gloo: point-to-point (its gather copies through a flat temporary)
     tag: int = 0
-    own: dict[int, torch.Tensor] | None = None  # p2p, on the sender: its own pieces, by entry
-    send: torch.Tensor | None = None  # this rank's bytes (the shard, or the packed shards)
-    recv: list[torch.Tensor] | None = None  # on the sender: one tensor per rank of pg
-    full: torch.Tensor | None = None  # direct, on the sender
+    sends: list[tuple[torch.Tensor, int, int]] = dataclasses.field(default_factory=list)
+    recvs: list[tuple[torch.Tensor, int, int]] = dataclasses.field(default_factory=list)
+    own: dict[int, torch.Tensor] | None = None  # packed p2p, on the sender: its own pieces, by entry
+    send: torch.Tensor | None = None  # packed: this rank's bytes
+    recv: list[torch.Tensor] | None = None  # packed, on the sender: one tensor per rank of pg
     layout: list[tuple[int, list[int]]] | None = None  # packed: (entry, offset per rank)
     section: int = 0  # packed: bytes per rank
 
 
 @dataclasses.dataclass
 class Posted:
-    """One group, prepared, then posted: its ops and works, and its ``full`` tensors."""
+    """One group, prepared, then posted: its ops and works, and its full tensors (on the sender)."""
 
     index: int
     ops: list[_Op]
@@ -85,6 +89,13 @@ class Posted:
     works: list[Any] = dataclasses.field(default_factory=list)
     fulls: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     posted: bool = False
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 class Gatherer:
@@ -119,9 +130,8 @@ class Gatherer:
         return self._members[key]
 
     def prepare(self, g: int) -> Posted:
-        """Local work of group ``g``: this rank's shards cast and copied, the sender's outputs allocated."""
-        ops: list[_Op] = []
-        packed: dict[int, _Op] = {}
+        """Local work of group ``g``: this rank's shards cast and placed, the sender's outputs allocated."""
+        ops: dict[tuple[int, bool], _Op] = {}
         full: list[int] = []
         for i in self.groups[g]:
             entry = self.entries[i]
@@ -132,79 +142,112 @@ class Gatherer:
             pg, dst, me = self._member(entry)
             if dst is None:  # another replica's shard group: the sender is not in it
                 continue
-            world = len(entry.shard.sizes)
-            nbytes = entry.spec.nbytes
-            if entry.shard.dim == 0 and entry.shard.even and nbytes >= DIRECT_MIN_BYTES:
-                ops.append(self._op(pg, dst, world, me, [i], direct=True))
-                continue
-            op = packed.get(id(pg))
+            rows = entry.shard.dim == 0
+            op = ops.get((id(pg), rows))
             if op is None:
-                op = packed[id(pg)] = self._op(pg, dst, world, me, [], direct=False)
-                ops.append(op)
+                op = ops[(id(pg), rows)] = _Op(pg, dst, len(entry.shard.sizes), me, [], rows,
+                                               p2p="gloo" in str(dist.get_backend(pg)).lower())  # fmt: skip
             op.entries.append(i)
+        posted = Posted(g, list(ops.values()), full)
         with torch.no_grad():
-            for op in ops:
-                self._prepare_op(op)
-        return Posted(g, ops, full)
+            for op in posted.ops:
+                op.tag = self._tag(op)
+                if op.rows:
+                    self._prepare_rows(op, posted.fulls)
+                else:
+                    self._prepare_packed(op)
+        return posted
 
-    def _op(self, pg: Any, dst: int, world: int, me: int, entries: list[int], direct: bool) -> _Op:
-        """A new op; every member of ``pg`` numbers its ops alike (the tags of point-to-point sends)."""
-        tag = self._tags.get(id(pg), 0)
-        self._tags[id(pg)] = tag + 1
-        p2p = "gloo" in str(dist.get_backend(pg)).lower()
-        return _Op(pg, dst, world, me, entries, direct, p2p=p2p, tag=tag % (1 << 30))
+    def _tag(self, op: _Op) -> int:
+        """The op's first tag; every member of its pg numbers its ops alike (one tag per message on Gloo)."""
+        tag = self._tags.get(id(op.pg), 0)
+        self._tags[id(op.pg)] = (tag + (len(op.entries) * op.world + 1 if op.rows else 1)) % _TAG_SPACE
+        return tag
 
-    def _local(self, entry: Entry, device: torch.device) -> torch.Tensor:
+    def _local(self, entry: Entry, device: torch.device, me: int) -> torch.Tensor:
+        """This rank's shard on ``device``, cast and contiguous; ValueError if its shape breaks the plan."""
         local = entry.tensor.to_local().detach()
-        return local.to(device=device, dtype=entry.dtype)
+        want = entry.shard.local_shape(entry.shape, me)
+        if tuple(local.shape) != want:
+            raise ValueError(f"{entry.source_name!r}: local shard of shape {list(local.shape)}, expected {list(want)} "
+                             "(it changed since the plan was made)")  # fmt: skip
+        return local.to(device=device, dtype=entry.dtype).contiguous()
 
-    def _prepare_op(self, op: _Op) -> None:
-        first = self.entries[op.entries[0]]
-        device = mesh_device(first.tensor.device_mesh)
+    def _prepare_rows(self, op: _Op, fulls: dict[int, torch.Tensor]) -> None:
+        """Shard(0): messages straight between the shards and their rows of the full tensors."""
+        device = mesh_device(self.entries[op.entries[0]].tensor.device_mesh)
         mine = op.me == op.dst
-        if op.direct:
+        sent, copies = [False] * op.world, ([], [])
+        for k, i in enumerate(op.entries):
+            entry = self.entries[i]
+            sizes = entry.shard.sizes
+            row = entry.spec.nbytes // max(1, entry.shape[0]) if entry.shape[0] else 0
+            local = self._local(entry, device, op.me)
             if mine:
-                op.full = torch.empty(first.shape, dtype=first.dtype, device=device)
-                op.recv = list(op.full.chunk(op.world, dim=0))
-            if mine and op.p2p:
-                op.recv[op.me].copy_(first.tensor.to_local().detach())
-            else:
-                op.send = self._local(first, device).contiguous()
-            return
+                fulls[i] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+                raw = fulls[i].reshape(-1).view(torch.uint8)
+                start = 0
+                for q, n in enumerate(sizes):
+                    piece = raw[start * row : (start + n) * row]
+                    start += n
+                    if not n:
+                        continue
+                    if q == op.me:
+                        copies[0].append(piece.view(entry.dtype).view(local.shape))
+                        copies[1].append(local)
+                    else:
+                        op.recvs.append((piece, q, (op.tag + k * op.world + q) % _TAG_SPACE))
+                        sent[q] = True
+            elif sizes[op.me]:
+                op.sends.append((local.reshape(-1).view(torch.uint8), op.dst, (op.tag + k * op.world + op.me) % _TAG_SPACE))
+                sent[op.me] = True
+        if copies[0]:
+            torch._foreach_copy_(*copies)
+        # Every member takes part in every batch, even with only empty shards in it (an NCCL batch
+        # that is a communicator's first use needs every rank): one byte, then.
+        last = (op.tag + len(op.entries) * op.world) % _TAG_SPACE
+        if mine:
+            for q in range(op.world):
+                if q != op.me and not sent[q]:
+                    op.recvs.append((torch.empty(1, dtype=torch.uint8, device=device), q, last))
+        elif not sent[op.me]:
+            op.sends.append((torch.zeros(1, dtype=torch.uint8, device=device), op.dst, last))
+
+    def _prepare_packed(self, op: _Op) -> None:
+        """Column shards: this rank's packed into one flat buffer, the sender's receive buffers."""
+        device = mesh_device(self.entries[op.entries[0]].tensor.device_mesh)
+        mine = op.me == op.dst
         op.layout, cursors = [], [0] * op.world
         for i in op.entries:
             entry = self.entries[i]
-            itemsize = entry.dtype.itemsize
             offsets = []
             for q in range(op.world):
                 offsets.append(cursors[q])
-                n = 1
-                for d in entry.shard.local_shape(entry.shape, q):
-                    n *= d
-                cursors[q] = align_up(cursors[q] + n * itemsize)
+                cursors[q] = align_up(cursors[q] + _numel(entry.shard.local_shape(entry.shape, q)) * entry.dtype.itemsize)
             op.layout.append((i, offsets))
         op.section = max(max(cursors), 16)
         if mine:
             op.recv = list(torch.empty(op.world * op.section, dtype=torch.uint8, device=device).split(op.section))
         if mine and op.p2p:  # its own pieces are read from its shards: nothing to stage
-            op.own = {i: self._local(self.entries[i], device) for i, _ in op.layout}
+            op.own = {i: self._local(self.entries[i], device, op.me) for i, _ in op.layout}
             return
         op.send = torch.empty(op.section, dtype=torch.uint8, device=device)
         for i, offsets in op.layout:
             entry = self.entries[i]
-            local = entry.tensor.to_local().detach()
+            local = self._local(entry, device, op.me)
             if local.numel():
                 nbytes = local.numel() * entry.dtype.itemsize
-                dst = op.send[offsets[op.me] : offsets[op.me] + nbytes].view(entry.dtype).view(local.shape)
-                dst.copy_(local, non_blocking=True)
+                op.send[offsets[op.me] : offsets[op.me] + nbytes].view(entry.dtype).view(local.shape).copy_(local)
 
     def post(self, posted: Posted) -> None:
-        """Post group's gathers (asynchronous), then its ``full`` entries' ``full_tensor()`` (blocking)."""
+        """Post the group's gathers (asynchronous), then its ``full`` entries' ``full_tensor()`` (blocking)."""
         posted.posted = True
         self.posted_groups += 1
         try:
             for op in posted.ops:
-                if not op.p2p:
+                if op.rows:
+                    posted.works += self._post_messages(op)
+                elif not op.p2p:
                     posted.works.append(dist.gather(op.send, op.recv, group=op.pg, group_dst=op.dst, async_op=True))
                 elif op.me != op.dst:
                     posted.works.append(dist.isend(op.send, group=op.pg, group_dst=op.dst, tag=op.tag))
@@ -220,6 +263,19 @@ class Gatherer:
         except Exception as e:
             raise GatherFailed(f"gathering group {posted.index} of send_model failed on trainer rank "
                                f"{dist.get_rank()}: {type(e).__name__}: {e}") from e  # fmt: skip
+
+    @staticmethod
+    def _post_messages(op: _Op) -> list[Any]:
+        """A rows op's messages: one batch (one NCCL launch), or tagged sends and receives on Gloo."""
+        p2p = [dist.P2POp(dist.isend, t, group=op.pg, group_peer=peer, tag=tag) for t, peer, tag in op.sends]
+        p2p += [dist.P2POp(dist.irecv, t, group=op.pg, group_peer=peer, tag=tag) for t, peer, tag in op.recvs]
+        if not p2p:
+            return []
+        if op.p2p:
+            return [w for w in (o.op(o.tensor, group=op.pg, tag=o.tag, **{("group_dst" if o.op is dist.isend else
+                                                                            "group_src"): o.group_peer})
+                                 for o in p2p) if w is not None]  # fmt: skip
+        return [w for w in dist.batch_isend_irecv(p2p) if w is not None]
 
     def collect(self, posted: Posted, stream_ordered: bool) -> dict[int, torch.Tensor]:
         """Wait for the group's gathers; on the sender, return its gathered tensors by entry index.
@@ -242,12 +298,12 @@ class Gatherer:
         if self.is_sender:
             with torch.no_grad():
                 for op in posted.ops:
-                    if op.direct:
-                        fulls[op.entries[0]] = op.full
-                    else:
+                    if not op.rows:
                         self._cut(op, fulls)
+        for op in posted.ops:
+            op.sends, op.recvs = [], []
         posted.ops, posted.fulls = [], {}
-        return fulls
+        return fulls if self.is_sender else {}
 
     def _cut(self, op: _Op, fulls: dict[int, torch.Tensor]) -> None:
         """The packed op's full tensors, out of every rank's section."""
@@ -256,13 +312,10 @@ class Gatherer:
             pieces = []
             for q in range(op.world):
                 shape = entry.shard.local_shape(entry.shape, q)
-                n = 1
-                for d in shape:
-                    n *= d
                 if op.own is not None and q == op.me:
                     pieces.append(op.own[i])
                     continue
-                raw = op.recv[q][offsets[q] : offsets[q] + n * entry.dtype.itemsize]
+                raw = op.recv[q][offsets[q] : offsets[q] + _numel(shape) * entry.dtype.itemsize]
                 pieces.append(raw.view(entry.dtype).view(shape))
             fulls[i] = torch.cat(pieces, dim=entry.shard.dim)
         op.recv = op.own = None
@@ -274,4 +327,3 @@ def local_tensor(entry: Entry) -> torch.Tensor:
         if is_dtensor(entry.tensor):
             return entry.tensor.to_local().detach().to(entry.dtype)
         return entry.tensor.detach().to(entry.dtype)
-
