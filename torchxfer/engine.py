@@ -372,21 +372,34 @@ class NCCLWeightTransferEngine(_WorkerEngine[NCCLWeightTransferInitInfo, NCCLWei
         trainer ranks never join. The first pair is checked before anything
         moves; a DTensor further on aborts the update for the workers.
         """
-        side = side_group(group)  # ValueError unless it is a side group
-        if isinstance(src, bool) or src != 0 or group.rank() != 0:
-            raise ValueError(f"the trainer sends as rank 0 of the side group; got src={src!r} on rank {group.rank()}")
-        check_send("trainer_send_weights", packed, packed_buffer_size_bytes, packed_num_buffers, version)
-        if post_iter_func is not None and not callable(post_iter_func):
-            raise ValueError(f"post_iter_func must be callable, got {post_iter_func!r}")
-        side.check_usable()
-        num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
-        iterator, check = _refuse_dtensors(iterator, post_iter_func)
-        sender = Sender(side, packed=packed, buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
-                        checksum=checksum, zero_copy=zero_copy, version=version, num_tensors=num_tensors)  # fmt: skip
-        if stream is not None:
-            with torch.cuda.stream(stream):
-                return sender.run(iterator, post_iter_func, check)
-        return sender.run(iterator, post_iter_func, check)
+        return send_pairs(iterator, group, src, post_iter_func, packed, stream, packed_buffer_size_bytes,
+                          packed_num_buffers, checksum=checksum, zero_copy=zero_copy, version=version)  # fmt: skip
+
+
+def send_pairs(iterator: Iterable[tuple[str, torch.Tensor]], group: dist.ProcessGroup, src: int = 0,
+               post_iter_func: Callable | None = None, packed: bool = False, stream: Any = None,
+               packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_SIZE_BYTES,
+               packed_num_buffers: int = DEFAULT_PACKED_NUM_BUFFERS, *, checksum: bool = False,
+               zero_copy: bool = True, version: int | None = None, owned: bool = False) -> TransferStats:  # fmt: skip
+    """``trainer_send_weights``; with ``owned``, the pairs are tensors the package made for this
+    update (send_model's gathers and casts) that nothing else writes: they may be pulled a
+    bucket ahead and packed in fused batches, whatever their identity."""
+    side = side_group(group)  # ValueError unless it is a side group
+    if isinstance(src, bool) or src != 0 or group.rank() != 0:
+        raise ValueError(f"the trainer sends as rank 0 of the side group; got src={src!r} on rank {group.rank()}")
+    check_send("trainer_send_weights", packed, packed_buffer_size_bytes, packed_num_buffers, version)
+    if post_iter_func is not None and not callable(post_iter_func):
+        raise ValueError(f"post_iter_func must be callable, got {post_iter_func!r}")
+    side.check_usable()
+    num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
+    iterator, check = _refuse_dtensors(iterator, post_iter_func)
+    sender = Sender(side, packed=packed, buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
+                    checksum=checksum, zero_copy=zero_copy, version=version, num_tensors=num_tensors,
+                    owned=owned)  # fmt: skip
+    if stream is not None:
+        with torch.cuda.stream(stream):
+            return sender.run(iterator, post_iter_func, check)
+    return sender.run(iterator, post_iter_func, check)
 
 
 _DTENSOR_HINT = (

@@ -69,6 +69,10 @@ PACK_BATCH = 1024
 _MIN_BUFFER_BYTES = 1 << 20
 
 Item = tuple[str, torch.Tensor]
+_LATER: Any = object()
+"""In place of the next item of a cached layout's bucket: not pulled yet. The sender pulls it
+once the bucket is posted, so a source that works when pulled (send_model's gathers) does
+not hold the bucket's broadcasts behind that work."""
 
 
 class SourceFailed(Exception):
@@ -157,7 +161,9 @@ def pull_same(plan: BucketPlan, memo: dict, refs: list, item: Item, source: Iter
     source that refills a staging tensor yields new objects and is never pulled past one, so
     each of its values is packed before the next overwrites it. The same object may still
     carry new metadata (``param.data = other``), so dtypes, shapes and devices are compared
-    too. ``memo`` keeps the bucket's names, dtypes and shapes.
+    too. ``memo`` keeps the bucket's names, dtypes and shapes. ``refs`` None: a source of
+    tensors made for this update that nothing else writes (``Sender.owned``), pulled while
+    the names match, whatever the objects.
     """
     keys = memo.get("keys")
     if keys is None:
@@ -165,12 +171,20 @@ def pull_same(plan: BucketPlan, memo: dict, refs: list, item: Item, source: Iter
                                [s.spec.shape for s in plan.slots])  # fmt: skip
     names, dtypes, shapes = keys
     batch = [item]
-    same = refs[0]() is item[1] and item[0] == names[0]
-    if same:
-        for ref, name, pulled in zip(itertools.islice(refs, 1, None), itertools.islice(names, 1, None), source):
-            batch.append(pulled)
-            if ref() is not pulled[1] or pulled[0] != name:
-                return batch, False
+    if refs is None:
+        same = item[0] == names[0]
+        if same:
+            for name, pulled in zip(itertools.islice(names, 1, None), source):
+                batch.append(pulled)
+                if pulled[0] != name:
+                    return batch, False
+    else:
+        same = refs[0]() is item[1] and item[0] == names[0]
+        if same:
+            for ref, name, pulled in zip(itertools.islice(refs, 1, None), itertools.islice(names, 1, None), source):
+                batch.append(pulled)
+                if ref() is not pulled[1] or pulled[0] != name:
+                    return batch, False
     tensors = [t for _, t in batch]
     same = (same and len(batch) == len(plan.slots) and [t.dtype for t in tensors] == dtypes
             and [t.shape for t in tensors] == shapes and [t.device for t in tensors] == [device] * len(tensors))  # fmt: skip
@@ -217,7 +231,7 @@ class Sender(SendSide):
     """Sends one update from rank 0 (see the module docstring). One instance per update."""
 
     def __init__(self, group: SideGroup, *, packed: bool, buffer_size: int, num_buffers: int, checksum: bool,
-                 zero_copy: bool, version: int | None, num_tensors: int | None) -> None:  # fmt: skip
+                 zero_copy: bool, version: int | None, num_tensors: int | None, owned: bool = False) -> None:  # fmt: skip
         self.group = group
         self.state = SenderState.of(group)
         self.control: ControlChannel = self.state.control
@@ -226,6 +240,7 @@ class Sender(SendSide):
         self.num_buffers = num_buffers
         self.checksum = checksum
         self.zero_copy = zero_copy and not checksum
+        self.owned = owned  # tensors made for this update that nothing else writes (send_model's gathers)
         self.num_tensors_hint = num_tensors
         self.update_id = self.state.next_update_id if version is None else version
         self.state.next_update_id = self.update_id + 1
@@ -336,12 +351,17 @@ class Sender(SendSide):
             self.table_buckets(source, item, 0, 0, None)
             return
         for plan in cached.buckets:
+            if item is _LATER:
+                item = self.pull(source)
             item, kept, source = self.cached_bucket(plan, item, source)
             if kept is not None:
                 self.post_begin()
                 self.table_buckets(source, item, plan.index, kept, cached)
                 return
-            last = item is None and plan.index == len(cached.buckets) - 1
+            final = plan.index == len(cached.buckets) - 1
+            if final and item is _LATER:  # whether the source ends here goes in this bucket's row
+                item = self.pull(source)
+            last = final and item is None
             if self.begin_step is None:
                 self.post_begin(int(last), self.bucket_checksum(plan, 0, {}))
             else:
@@ -350,6 +370,8 @@ class Sender(SendSide):
             self.post_packed(plan)
             self.layout.append(plan)
         self.post_begin()
+        if item is _LATER:
+            item = self.pull(source)
         if item is not None:
             self.table_buckets(source, item, len(cached.buckets), 0, cached)
 
@@ -415,7 +437,7 @@ class Sender(SendSide):
                       source: Iterator[Item]) -> tuple[Item | None, int | None, Iterator[Item]]:  # fmt: skip
         """Pull and pack one bucket of the cached layout; nothing is posted before its row.
 
-        Returns the next item, None and the source; or, when the source
+        Returns ``_LATER`` (or None within a split tensor), None and the source; or, when the source
         departs from the layout at slot ``kept``, the item in hand, ``kept``
         (the slots before it are packed, or held for a zero-copy send) and the
         source. The source returned is the one to go on with: items pulled
@@ -433,7 +455,11 @@ class Sender(SendSide):
         seen: set[int] = set()
         buf = self.packed_buffer(plan, memo)
         views = memo.get("views") if buf is not None and memo.get("views_of") == buf.data_ptr() else None
-        if memo.get("all_stable") and (views is not None or buf is None) and item is not None:
+        whole = memo.get("whole")
+        if whole is None:
+            whole = memo["whole"] = all(s.is_whole for s in plan.slots)
+        if (memo.get("all_stable") or (self.owned and whole)) and (views is not None or buf is None) \
+                and item is not None:  # fmt: skip
             done = self.bulk_bucket(plan, memo, own, views, item, source)
             if done is not None:
                 return (*done, source)
@@ -447,7 +473,7 @@ class Sender(SendSide):
                     return item, pos, source
                 tensor = item[1]
                 ref = refs[pos]
-                self.stable = distinct and ref is not None and ref() is tensor
+                self.stable = self.owned or (distinct and ref is not None and ref() is tensor)
                 all_stable = all_stable and self.stable
                 refs[pos] = weakref.ref(tensor)
                 seen.add(id(tensor))
@@ -473,7 +499,7 @@ class Sender(SendSide):
             buf = self.state.buffers[plan.index % self.num_buffers]
             memo["views"] = whole_views(buf, plan.slots)
             memo["views_of"] = buf.data_ptr()
-        return (self.pull(source) if plan.slots[-1].is_last else None), None, source
+        return (_LATER if plan.slots[-1].is_last else None), None, source
 
     def bulk_bucket(self, plan: BucketPlan, memo: dict, own: set[int], views: list | None, item: Item,
                     source: Iterator[Item]) -> tuple[Item | None, None] | None:  # fmt: skip
@@ -483,7 +509,7 @@ class Sender(SendSide):
         Returns None when the bucket's tensors are not those of the last update;
         ``self.replay`` then holds the pulled items, for the slot-by-slot path.
         """
-        batch, same = pull_same(plan, memo, memo["refs"], item, source, self.device)
+        batch, same = pull_same(plan, memo, None if self.owned else memo["refs"], item, source, self.device)
         self.replay = (batch[0], itertools.chain(batch[1:], source))
         if not same:
             memo["all_stable"] = False
@@ -506,7 +532,7 @@ class Sender(SendSide):
         self.num_tensors += len(tensors)
         self.in_hand = self.in_hand_bytes = None
         self.kept = len(plan.slots)
-        return self.pull(source), None
+        return _LATER, None
 
     def hold_own(self, pos: int, slot: Slot) -> None:
         """A slot that travels alone, posted after the bucket's row: straight from the tensor's

@@ -22,6 +22,7 @@ every trainer rank derives the same groups without talking.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -133,6 +134,33 @@ def _how(name: str, tensor: torch.Tensor) -> tuple[str, ShardInfo | None]:
     return "shard", info
 
 
+_classified: dict[int, tuple[Any, tuple, tuple[str, ShardInfo | None]]] = {}
+"""By ``id(tensor)``: (a weak reference to it, its metadata, how it is materialized). An RL
+trainer plans the same tensors every step; a tensor whose metadata (DTensor placements,
+mesh, local shape ...) is unchanged is not checked again."""
+
+
+def _classify(name: str, tensor: torch.Tensor) -> tuple[str, ShardInfo | None]:
+    """:func:`_how` of a tensor the wire can carry; ValueError naming what it cannot. Local (no collective)."""
+    local = tensor.to_local() if is_dtensor(tensor) else tensor
+    meta = (type(tensor), tensor.dtype, tuple(tensor.shape), type(local), local.dtype, tuple(local.shape),
+            local.layout, local.device, local.is_quantized)  # fmt: skip
+    if local is not tensor:
+        meta += (tuple(tensor.placements), id(tensor.device_mesh))
+    key = id(tensor)
+    known = _classified.get(key)
+    if known is not None and known[0]() is tensor and known[1] == meta:
+        return known[2]
+    TensorSpec.of(name, local)  # dense, not meta, a wire dtype
+    how = _how(name, tensor)
+    try:
+        ref = weakref.ref(tensor, lambda _, key=key: _classified.pop(key, None))
+    except TypeError:  # pragma: no cover - a tensor type without weak references
+        return how
+    _classified[key] = (ref, meta, how)
+    return how
+
+
 def _named(source: Source, include_buffers: bool) -> list[tuple[str, Any]]:
     if isinstance(source, nn.Module):
         params = {id(p) for p in source.parameters()}
@@ -173,6 +201,11 @@ def _check_dtype(dtype: Any) -> torch.dtype | None:
 
 def plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) -> list[Entry]:
     """The entries to send, in order; ValueError naming every bad tensor or name. Local: no collective."""
+    with torch.no_grad():  # to_local() outside autograd: no graph node per tensor
+        return _plan(source, dtype, name_map, include_buffers)
+
+
+def _plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) -> list[Entry]:
     dtype = _check_dtype(dtype)
     if name_map is not None and not isinstance(name_map, Mapping) and not callable(name_map):
         raise ValueError(f"name_map must be a dict, a callable or None, got {type(name_map).__name__}")
@@ -199,11 +232,9 @@ def plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) -
             problems.append(f"{name!r}: expected a tensor, got {type(tensor).__name__}")
             continue
         out_dtype = dtype if dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
-        local = tensor.to_local() if is_dtensor(tensor) else tensor
         try:
-            TensorSpec.of(name, local)  # dense, not meta, a wire dtype
+            how, shard = _classify(name, tensor)
             spec = TensorSpec(new, out_dtype, tuple(tensor.shape))
-            how, shard = _how(name, tensor)
         except ValueError as e:
             problems.append(str(e))
             continue

@@ -74,7 +74,7 @@ from .config import (
     wait_timeout,
 )
 from .colocated import is_colocated
-from .engine import IPCWeightTransferEngine, NCCLWeightTransferEngine
+from .engine import IPCWeightTransferEngine, send_pairs
 from .errors import TransferError
 from .gather import GatherFailed, Gatherer, Posted, local_tensor
 from .group import side_group
@@ -196,12 +196,14 @@ def send_model(
     items = _Pulled(entries, groups, schedule)
     fresh = any(e.collective or e.dtype != e.tensor.dtype or is_dtensor(e.tensor) for e in entries)
     try:
-        stats = NCCLWeightTransferEngine.trainer_send_weights(
+        stats = send_pairs(
             items, group, packed=packed, packed_buffer_size_bytes=packed_buffer_size_bytes,
             packed_num_buffers=packed_num_buffers, checksum=checksum, version=version,
             # A zero-copy send keeps its tensor until the broadcast completes:
             # fine for the model's own memory, not for fresh gathers and casts.
             zero_copy=not fresh,
+            # Gathers, casts and the model's own tensors, which nothing writes while this runs.
+            owned=True,
         )  # fmt: skip
     except Exception as e:
         if lock is not None and not lock.done and not isinstance(e, GatherFailed):
