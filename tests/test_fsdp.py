@@ -20,6 +20,7 @@ pytestmark = pytest.mark.process
 
 SIDE_TIMEOUT = 10.0
 BUF = 64 << 10  # several buckets: gathers overlap with sends
+STEADY_UPDATES = 3  # of the trained fully_shard net after its first update (the last one cast to bf16)
 
 
 def _layout(two_d: tuple[int, int]) -> dict:
@@ -76,7 +77,7 @@ def _trainer_rank(rank: int, side_port: int, trainer_port: int, world: int, devi
     group = None
     if rank == 0:
         group = NCCLWeightTransferEngine.trainer_init(
-            dict(master_address=ADDR, master_port=side_port, world_size=2), backend="gloo", timeout_s=SIDE_TIMEOUT
+            dict(master_address=ADDR, master_port=side_port, world_size=2), backend=backend, timeout_s=SIDE_TIMEOUT
         )
     out: dict = {"kinds": {}}
     for seed, dtype in ((0, torch.bfloat16), (1, torch.float32)):
@@ -118,14 +119,27 @@ def _trainer_rank(rank: int, side_port: int, trainer_port: int, world: int, devi
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(5)
-    net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 9)).to(device_type)
+    # Several buckets of BUF, every tensor whole in one.
+    net = torch.nn.Sequential(torch.nn.Linear(24, 300), torch.nn.ReLU(), torch.nn.Linear(300, 40), torch.nn.ReLU(),
+                              torch.nn.Linear(40, 9)).to(device_type)  # fmt: skip
     fully_shard(net[0], mesh=hsdp)
+    fully_shard(net[2], mesh=hsdp)
     fully_shard(net, mesh=hsdp)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     net(torch.randn(5, 24, device=device_type)).square().mean().backward()
     opt.step()
     send_model(net, group, packed_buffer_size_bytes=BUF, timeout_s=60)
     out["net"] = {n: digest(p.full_tensor()) for n, p in net.state_dict().items()}
+    # The same model, trained between updates: the steady state (a cached layout, bulk packing of
+    # gathered tensors, each bucket posted before the next group is gathered), value for value.
+    out["steps"] = []
+    for step in range(STEADY_UPDATES):
+        net(torch.randn(5, 24, device=device_type)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        send_model(net, group, dtype=torch.bfloat16 if step == 2 else None, packed_buffer_size_bytes=BUF, timeout_s=60)
+        out["steps"].append({n: digest(p.full_tensor().to(torch.bfloat16 if step == 2 else p.dtype))
+                             for n, p in net.state_dict().items()})  # fmt: skip
     t = torch.ones(1, device=device_type)
     dist.all_reduce(t)
     out["all_reduce"] = t.item()
@@ -135,13 +149,20 @@ def _trainer_rank(rank: int, side_port: int, trainer_port: int, world: int, devi
     return out
 
 
-def _worker(side_port: int) -> object:
+def _worker(side_port: int, device_type: str, gpu: int) -> object:
     from torchxfer import NCCLWeightTransferEngine, NCCLWeightTransferInitInfo, ParallelConfig, WeightTransferConfig
 
-    engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="gloo", timeout_s=SIDE_TIMEOUT), ParallelConfig())
+    if device_type == "cuda":  # an NCCL side group: the worker on the last trainer rank's GPU
+        torch.cuda.set_device(gpu)
+        config = WeightTransferConfig(backend="nccl", timeout_s=SIDE_TIMEOUT, device=f"cuda:{gpu}")
+    else:
+        config = WeightTransferConfig(backend="gloo", timeout_s=SIDE_TIMEOUT)
+    engine = NCCLWeightTransferEngine(config, ParallelConfig())
     engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, side_port, 1, 2))
     got = []
-    for _ in range(3):  # two state dicts, the fully_shard net (the refused updates never began, or were aborted)
+    # Two state dicts, the fully_shard net, then its steady updates (the refused updates never
+    # began, or were aborted).
+    for _ in range(3 + STEADY_UPDATES):
         batch: dict = {}
         while True:
             try:
@@ -157,7 +178,7 @@ def _worker(side_port: int) -> object:
 
 def _rank(rank: int, side_port: int, trainer_port: int, world: int, device_type: str, two_d: tuple) -> object:
     if rank == world:
-        return _worker(side_port)
+        return _worker(side_port, device_type, world - 1)
     return _trainer_rank(rank, side_port, trainer_port, world, device_type, two_d)
 
 
@@ -172,6 +193,9 @@ def _check(outcomes: list, world: int) -> None:
     errors = [b for b in worker if isinstance(b, str)]
     assert batches[0] == t0["want0"] and batches[1] == t0["want1"]
     assert batches[2] == t0["net"]
+    assert batches[3:] == t0["steps"] and len(t0["steps"]) == STEADY_UPDATES
+    assert len({str(sorted(b.items())) for b in batches[2:]}) == 1 + STEADY_UPDATES, \
+        [{n: d[:8] for n, d in b.items()} for b in batches[2:]]  # each update new values
     assert t0["sent0"] == len(t0["want0"]) and all(t["sent0"] is None for t in trainers[1:])
     for t in trainers:
         assert t["net"] == t0["net"] and t["all_reduce"] == world
