@@ -8,24 +8,20 @@ collectives, asynchronous) and :meth:`Gatherer.collect` (wait; on the sender,
 the full tensors). :mod:`torchxfer.trainer` interleaves them with its
 lockstep so that a group is posted by every rank or by none.
 
-What moves, per group and per mesh-dimension group that holds a ``shard``
-entry (on the trainer's own groups; ranks of other replicas of an HSDP mesh
-take no part):
-
-* ``Shard(0)`` entries, even or uneven: every rank's shard is a run of rows
-  of the full tensor, so it is sent straight from the shard's memory into its
-  place in the full tensor on the sender (point-to-point, all of a group's in
-  one batch: one NCCL launch). No cut and no copy on the sender; each full
-  tensor is its own allocation, freed as soon as the sender has packed it.
-* ``Shard(d)`` entries with ``d > 0`` (TP columns): each rank packs its shards
-  of the group into one flat buffer, one collective (a ``gather`` on NCCL;
-  point-to-point on Gloo, whose gather copies its whole output through a
-  temporary) brings them to the sender, which cuts them back into full
-  tensors (one copy).
+What moves, per group and per mesh-dimension group that holds ``shard``
+entries (on the trainer's own groups; ranks of other replicas of an HSDP mesh
+take no part): each rank packs its shards of the group into one flat section
+(one fused copy; a lone contiguous shard is sent from its own memory) and
+sends it to the sender in one message: one batch of point-to-point messages
+per group, one NCCL launch, whatever the number of tensors. The sender copies
+its own shards straight into the full tensors it allocates, receives every
+other rank's section, and copies the pieces into place (one fused copy:
+``Shard(0)`` pieces are runs of rows, other dims strided slices). Per-tensor
+work is a few views, never a collective.
 
 ``full`` entries are gathered with ``full_tensor()`` on every rank when the
 group is posted. Memory on the sender per group: the group's full tensors,
-plus the column-sharded part once more while it is cut out.
+plus the other ranks' sections while they are copied into place.
 """
 
 from __future__ import annotations
@@ -55,28 +51,21 @@ class GatherFailed(TransferError):
 
 @dataclasses.dataclass
 class _Op:
-    """The gathers of one group's entries of one mesh-dimension group ``pg``, to the sender.
-
-    ``rows``: Shard(0) entries, point-to-point messages (``sends`` on this rank,
-    ``recvs`` on the sender, each ``(tensor, peer rank in pg, tag)``).
-    Otherwise: column shards packed per rank (``send``, ``recv``, ``layout``).
-    """
+    """The gathers of one group's entries of one mesh-dimension group ``pg``, to the sender:
+    one section per rank, laid out alike on every rank (``offsets[k][q]``: where rank q's
+    piece of the k-th entry starts in its section)."""
 
     pg: Any
     dst: int  # the sender's rank in pg
     world: int
     me: int
     entries: list[int]
-    rows: bool
-    p2p: bool = False  # Gloo: point-to-point (its gather copies through a flat temporary)
+    p2p: bool = False  # Gloo: its sends and receives are posted one by one, tagged
     tag: int = 0
-    sends: list[tuple[torch.Tensor, int, int]] = dataclasses.field(default_factory=list)
-    recvs: list[tuple[torch.Tensor, int, int]] = dataclasses.field(default_factory=list)
-    own: dict[int, torch.Tensor] | None = None  # packed p2p, on the sender: its own pieces, by entry
-    send: torch.Tensor | None = None  # packed: this rank's bytes
-    recv: list[torch.Tensor] | None = None  # packed, on the sender: one tensor per rank of pg
-    layout: list[tuple[int, list[int]]] | None = None  # packed: (entry, offset per rank)
-    section: int = 0  # packed: bytes per rank
+    offsets: list[list[int]] = dataclasses.field(default_factory=list)
+    sections: list[int] = dataclasses.field(default_factory=list)  # bytes per rank (at least 16)
+    send: torch.Tensor | None = None  # this rank's section (not on the sender)
+    recv: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # on the sender, by rank
 
 
 @dataclasses.dataclass
@@ -130,8 +119,9 @@ class Gatherer:
         return self._members[key]
 
     def prepare(self, g: int) -> Posted:
-        """Local work of group ``g``: this rank's shards cast and placed, the sender's outputs allocated."""
-        ops: dict[tuple[int, bool], _Op] = {}
+        """Local work of group ``g``: this rank's shards cast and packed (or, on the sender, copied
+        into the full tensors it allocates), the sender's sections allocated."""
+        ops: dict[int, _Op] = {}
         full: list[int] = []
         for i in self.groups[g]:
             entry = self.entries[i]
@@ -142,102 +132,78 @@ class Gatherer:
             pg, dst, me = self._member(entry)
             if dst is None:  # another replica's shard group: the sender is not in it
                 continue
-            rows = entry.shard.dim == 0
-            op = ops.get((id(pg), rows))
+            op = ops.get(id(pg))
             if op is None:
-                op = ops[(id(pg), rows)] = _Op(pg, dst, len(entry.shard.sizes), me, [], rows,
-                                               p2p="gloo" in str(dist.get_backend(pg)).lower())  # fmt: skip
+                op = ops[id(pg)] = _Op(pg, dst, len(entry.shard.sizes), me, [],
+                                       p2p="gloo" in str(dist.get_backend(pg)).lower())  # fmt: skip
             op.entries.append(i)
         posted = Posted(g, list(ops.values()), full)
         with torch.no_grad():
             for op in posted.ops:
-                op.tag = self._tag(op)
-                if op.rows:
-                    self._prepare_rows(op, posted.fulls)
-                else:
-                    self._prepare_packed(op)
+                tag = self._tags.get(id(op.pg), 0)
+                op.tag, self._tags[id(op.pg)] = tag, (tag + 1) % _TAG_SPACE
+                self._prepare_op(op, posted.fulls)
         return posted
 
-    def _tag(self, op: _Op) -> int:
-        """The op's first tag; every member of its pg numbers its ops alike (one tag per message on Gloo)."""
-        tag = self._tags.get(id(op.pg), 0)
-        self._tags[id(op.pg)] = (tag + (len(op.entries) * op.world + 1 if op.rows else 1)) % _TAG_SPACE
-        return tag
-
     def _local(self, entry: Entry, device: torch.device, me: int) -> torch.Tensor:
-        """This rank's shard on ``device``, cast and contiguous; ValueError if its shape breaks the plan."""
+        """This rank's shard on ``device``, cast; ValueError if its shape no longer fits the plan."""
         local = entry.tensor.to_local().detach()
         want = entry.shard.local_shape(entry.shape, me)
         if tuple(local.shape) != want:
             raise ValueError(f"{entry.source_name!r}: local shard of shape {list(local.shape)}, expected {list(want)} "
                              "(it changed since the plan was made)")  # fmt: skip
-        return local.to(device=device, dtype=entry.dtype).contiguous()
+        return local.to(device=device, dtype=entry.dtype)
 
-    def _prepare_rows(self, op: _Op, fulls: dict[int, torch.Tensor]) -> None:
-        """Shard(0): messages straight between the shards and their rows of the full tensors."""
+    def _prepare_op(self, op: _Op, fulls: dict[int, torch.Tensor]) -> None:
         device = mesh_device(self.entries[op.entries[0]].tensor.device_mesh)
-        mine = op.me == op.dst
-        sent, copies = [False] * op.world, ([], [])
-        for k, i in enumerate(op.entries):
-            entry = self.entries[i]
-            sizes = entry.shard.sizes
-            row = entry.spec.nbytes // max(1, entry.shape[0]) if entry.shape[0] else 0
-            local = self._local(entry, device, op.me)
-            if mine:
-                fulls[i] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
-                raw = fulls[i].reshape(-1).view(torch.uint8)
-                start = 0
-                for q, n in enumerate(sizes):
-                    piece = raw[start * row : (start + n) * row]
-                    start += n
-                    if not n:
-                        continue
-                    if q == op.me:
-                        copies[0].append(piece.view(entry.dtype).view(local.shape))
-                        copies[1].append(local)
-                    else:
-                        op.recvs.append((piece, q, (op.tag + k * op.world + q) % _TAG_SPACE))
-                        sent[q] = True
-            elif sizes[op.me]:
-                op.sends.append((local.reshape(-1).view(torch.uint8), op.dst, (op.tag + k * op.world + op.me) % _TAG_SPACE))
-                sent[op.me] = True
-        if copies[0]:
-            torch._foreach_copy_(*copies)
-        # Every member takes part in every batch, even with only empty shards in it (an NCCL batch
-        # that is a communicator's first use needs every rank): one byte, then.
-        last = (op.tag + len(op.entries) * op.world) % _TAG_SPACE
-        if mine:
-            for q in range(op.world):
-                if q != op.me and not sent[q]:
-                    op.recvs.append((torch.empty(1, dtype=torch.uint8, device=device), q, last))
-        elif not sent[op.me]:
-            op.sends.append((torch.zeros(1, dtype=torch.uint8, device=device), op.dst, last))
-
-    def _prepare_packed(self, op: _Op) -> None:
-        """Column shards: this rank's packed into one flat buffer, the sender's receive buffers."""
-        device = mesh_device(self.entries[op.entries[0]].tensor.device_mesh)
-        mine = op.me == op.dst
-        op.layout, cursors = [], [0] * op.world
+        cursors = [0] * op.world
         for i in op.entries:
             entry = self.entries[i]
-            offsets = []
+            row = []
             for q in range(op.world):
-                offsets.append(cursors[q])
+                row.append(cursors[q])
                 cursors[q] = align_up(cursors[q] + _numel(entry.shard.local_shape(entry.shape, q)) * entry.dtype.itemsize)
-            op.layout.append((i, offsets))
-        op.section = max(max(cursors), 16)
-        if mine:
-            op.recv = list(torch.empty(op.world * op.section, dtype=torch.uint8, device=device).split(op.section))
-        if mine and op.p2p:  # its own pieces are read from its shards: nothing to stage
-            op.own = {i: self._local(self.entries[i], device, op.me) for i, _ in op.layout}
+            op.offsets.append(row)
+        # At least 16 bytes from every rank: each takes part in every batch (an NCCL batch that is a
+        # communicator's first use needs every rank), and a message is never empty.
+        op.sections = [max(c, 16) for c in cursors]
+        locals_ = [self._local(self.entries[i], device, op.me) for i in op.entries]
+        if op.me != op.dst:
+            only = locals_[0] if len(locals_) == 1 else None
+            if only is not None and only.is_contiguous() and only.numel() * only.element_size() == op.sections[op.me]:
+                op.send = only.reshape(-1).view(torch.uint8)  # a lone shard: from its own memory
+                return
+            op.send = torch.empty(op.sections[op.me], dtype=torch.uint8, device=device)
+            dst = [self._piece(op.send, op.offsets[k][op.me], self.entries[i], op.me) for k, i in enumerate(op.entries)]
+            self._copy(dst, locals_)
             return
-        op.send = torch.empty(op.section, dtype=torch.uint8, device=device)
-        for i, offsets in op.layout:
+        dst = []
+        for i, local in zip(op.entries, locals_):
             entry = self.entries[i]
-            local = self._local(entry, device, op.me)
-            if local.numel():
-                nbytes = local.numel() * entry.dtype.itemsize
-                op.send[offsets[op.me] : offsets[op.me] + nbytes].view(entry.dtype).view(local.shape).copy_(local)
+            fulls[i] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+            dst.append(self._place(fulls[i], entry, op.me))
+        self._copy(dst, locals_)
+        op.recv = {q: torch.empty(op.sections[q], dtype=torch.uint8, device=device)
+                   for q in range(op.world) if q != op.me}  # fmt: skip
+
+    @staticmethod
+    def _piece(section: torch.Tensor, offset: int, entry: Entry, q: int) -> torch.Tensor:
+        """Rank q's piece of ``entry`` in its section, typed and shaped."""
+        shape = entry.shard.local_shape(entry.shape, q)
+        return section[offset : offset + _numel(shape) * entry.dtype.itemsize].view(entry.dtype).view(shape)
+
+    @staticmethod
+    def _place(full: torch.Tensor, entry: Entry, q: int) -> torch.Tensor:
+        """Where rank q's shard lies in the full tensor (rows for Shard(0), a strided slice otherwise)."""
+        sizes = entry.shard.sizes
+        return full.narrow(entry.shard.dim, sum(sizes[:q]), sizes[q])
+
+    @staticmethod
+    def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        """One fused copy of the non-empty pairs."""
+        pairs = [(d, s) for d, s in zip(dst, src) if d.numel()]
+        if pairs:
+            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
     def post(self, posted: Posted) -> None:
         """Post the group's gathers (asynchronous), then its ``full`` entries' ``full_tensor()`` (blocking)."""
@@ -245,16 +211,7 @@ class Gatherer:
         self.posted_groups += 1
         try:
             for op in posted.ops:
-                if op.rows:
-                    posted.works += self._post_messages(op)
-                elif not op.p2p:
-                    posted.works.append(dist.gather(op.send, op.recv, group=op.pg, group_dst=op.dst, async_op=True))
-                elif op.me != op.dst:
-                    posted.works.append(dist.isend(op.send, group=op.pg, group_dst=op.dst, tag=op.tag))
-                else:
-                    for q in range(op.world):
-                        if q != op.me and op.recv[q].numel():
-                            posted.works.append(dist.irecv(op.recv[q], group=op.pg, group_src=q, tag=op.tag))
+                posted.works += self._post_messages(op)
             for i in posted.full:
                 full = materialize(self.entries[i])
                 if self.is_sender:
@@ -266,16 +223,18 @@ class Gatherer:
 
     @staticmethod
     def _post_messages(op: _Op) -> list[Any]:
-        """A rows op's messages: one batch (one NCCL launch), or tagged sends and receives on Gloo."""
-        p2p = [dist.P2POp(dist.isend, t, group=op.pg, group_peer=peer, tag=tag) for t, peer, tag in op.sends]
-        p2p += [dist.P2POp(dist.irecv, t, group=op.pg, group_peer=peer, tag=tag) for t, peer, tag in op.recvs]
-        if not p2p:
+        """One message from every other rank to the sender: one batch (one NCCL launch), or
+        tagged sends and receives posted one by one on Gloo."""
+        if op.me != op.dst:
+            ops = [dist.P2POp(dist.isend, op.send, group=op.pg, group_peer=op.dst, tag=op.tag)]
+        else:
+            ops = [dist.P2POp(dist.irecv, t, group=op.pg, group_peer=q, tag=op.tag) for q, t in op.recv.items()]
+        if not ops:
             return []
         if op.p2p:
-            return [w for w in (o.op(o.tensor, group=op.pg, tag=o.tag, **{("group_dst" if o.op is dist.isend else
-                                                                            "group_src"): o.group_peer})
-                                 for o in p2p) if w is not None]  # fmt: skip
-        return [w for w in dist.batch_isend_irecv(p2p) if w is not None]
+            return [o.op(o.tensor, group=op.pg, tag=o.tag,
+                         **{("group_dst" if o.op is dist.isend else "group_src"): o.group_peer}) for o in ops]  # fmt: skip
+        return [w for w in dist.batch_isend_irecv(ops) if w is not None]
 
     def collect(self, posted: Posted, stream_ordered: bool) -> dict[int, torch.Tensor]:
         """Wait for the group's gathers; on the sender, return its gathered tensors by entry index.
@@ -298,27 +257,17 @@ class Gatherer:
         if self.is_sender:
             with torch.no_grad():
                 for op in posted.ops:
-                    if not op.rows:
-                        self._cut(op, fulls)
+                    dst, src = [], []
+                    for k, i in enumerate(op.entries):
+                        entry = self.entries[i]
+                        for q, section in op.recv.items():
+                            dst.append(self._place(fulls[i], entry, q))
+                            src.append(self._piece(section, op.offsets[k][q], entry, q))
+                    self._copy(dst, src)
         for op in posted.ops:
-            op.sends, op.recvs = [], []
+            op.send, op.recv = None, {}
         posted.ops, posted.fulls = [], {}
         return fulls if self.is_sender else {}
-
-    def _cut(self, op: _Op, fulls: dict[int, torch.Tensor]) -> None:
-        """The packed op's full tensors, out of every rank's section."""
-        for i, offsets in op.layout:
-            entry = self.entries[i]
-            pieces = []
-            for q in range(op.world):
-                shape = entry.shard.local_shape(entry.shape, q)
-                if op.own is not None and q == op.me:
-                    pieces.append(op.own[i])
-                    continue
-                raw = op.recv[q][offsets[q] : offsets[q] + _numel(shape) * entry.dtype.itemsize]
-                pieces.append(raw.view(entry.dtype).view(shape))
-            fulls[i] = torch.cat(pieces, dim=entry.shard.dim)
-        op.recv = op.own = None
 
 
 def local_tensor(entry: Entry) -> torch.Tensor:

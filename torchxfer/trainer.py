@@ -221,8 +221,10 @@ class _Schedule:
 
     Groups without a collective need nothing. Of the others (``j`` counts
     them): ``advance(0)`` prepares groups 0 and 1, passes a lockstep point and
-    posts both; ``advance(j)`` waits for group ``j``'s gathers (on the
-    sender: returns its full tensors), then prepares group ``j + 1``, passes a
+    posts both; ``advance(j)`` waits for group ``j``'s gathers on the sender
+    (ordered on its stream on CUDA) and returns its full tensors, or, on the
+    other ranks, for group ``j - 1``'s (the sender's lockstep point need not
+    wait for group ``j`` to arrive); then it prepares group ``j + 1``, passes a
     lockstep point and posts it. So at most one lockstep exchange per group,
     and the sender's next group moves while it sends this one.
     """
@@ -248,7 +250,10 @@ class _Schedule:
             batch = [self.gatherer.prepare(self.cgroups[k]) for k in range(min(2, m))]
             self._post(batch)
             self.posted = dict(enumerate(batch))
-        fulls = self.gatherer.collect(self.posted.pop(j), self.stream_ordered)
+        if self.gatherer.is_sender:
+            fulls = self.gatherer.collect(self.posted.pop(j), self.stream_ordered)
+        else:  # a group behind: the sender's step j need not wait for group j to arrive
+            fulls = self.gatherer.collect(self.posted.pop(j - 1), False) if j else {}
         if j >= 1 and j + 1 < m:
             nxt = self.gatherer.prepare(self.cgroups[j + 1])
             self._post([nxt])
@@ -259,6 +264,8 @@ class _Schedule:
         """A trainer rank that does not send: every group's gathers, in the sender's order."""
         for j in range(len(self.cgroups)):
             self.advance(j)
+        if self.cgroups:
+            self.gatherer.collect(self.posted.pop(len(self.cgroups) - 1), False)
 
 
 class _Pulled:
