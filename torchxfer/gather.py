@@ -103,20 +103,20 @@ class Gatherer:
         self.sender = sender
         self.is_sender = dist.get_rank() == sender
         self.timeout = None if timeout_s is None else wait_timeout(timeout_s)
-        self._members: dict[int, tuple[Any, int | None, int]] = {}
+        self._members: dict[tuple[int, int], tuple[Any, ...]] = {}
         self._tags: dict[int, int] = {}
         self.posted_groups = 0  # how many groups this rank posted (tests count them)
 
     def _member(self, entry: Entry) -> tuple[Any, int | None, int]:
         """(pg, the sender's rank in it or None, this rank's) for a ``shard`` entry's mesh dimension."""
         mesh = entry.tensor.device_mesh
-        pg = mesh.get_group(entry.shard.mesh_dim)
-        key = id(pg)
+        key = (id(mesh), entry.shard.mesh_dim)  # get_group() costs tens of microseconds
         if key not in self._members:
+            pg = mesh.get_group(entry.shard.mesh_dim)
             ranks = dist.get_process_group_ranks(pg)
             dst = ranks.index(self.sender) if self.sender in ranks else None
-            self._members[key] = (pg, dst, ranks.index(dist.get_rank()))
-        return self._members[key]
+            self._members[key] = (pg, dst, ranks.index(dist.get_rank()), mesh)  # the mesh kept: ids stay unique
+        return self._members[key][:3]
 
     def prepare(self, g: int) -> Posted:
         """Local work of group ``g``: this rank's shards cast and packed (or, on the sender, copied
@@ -145,14 +145,16 @@ class Gatherer:
                 self._prepare_op(op, posted.fulls)
         return posted
 
-    def _local(self, entry: Entry, device: torch.device, me: int) -> torch.Tensor:
-        """This rank's shard on ``device``, cast; ValueError if its shape no longer fits the plan."""
-        local = entry.tensor.to_local().detach()
+    def _local(self, entry: Entry, me: int, device: torch.device) -> torch.Tensor:
+        """This rank's shard, cast; a shard off ``device`` (CPU-offloaded) is returned as it is:
+        the copy that places it moves and casts it, one tensor at a time, with no device
+        temporary per group. ValueError if its shape no longer fits the plan."""
+        local = entry.tensor.to_local()  # under no_grad (prepare): no graph to detach from
         want = entry.shard.local_shape(entry.shape, me)
         if tuple(local.shape) != want:
             raise ValueError(f"{entry.source_name!r}: local shard of shape {list(local.shape)}, expected {list(want)} "
                              "(it changed since the plan was made)")  # fmt: skip
-        return local.to(device=device, dtype=entry.dtype)
+        return local.to(dtype=entry.dtype) if local.device == device else local
 
     def _prepare_op(self, op: _Op, fulls: dict[int, torch.Tensor]) -> None:
         device = mesh_device(self.entries[op.entries[0]].tensor.device_mesh)
@@ -167,10 +169,12 @@ class Gatherer:
         # At least 16 bytes from every rank: each takes part in every batch (an NCCL batch that is a
         # communicator's first use needs every rank), and a message is never empty.
         op.sections = [max(c, 16) for c in cursors]
-        locals_ = [self._local(self.entries[i], device, op.me) for i in op.entries]
+        locals_ = [self._local(self.entries[i], op.me, device) for i in op.entries]
         if op.me != op.dst:
             only = locals_[0] if len(locals_) == 1 else None
-            if only is not None and only.is_contiguous() and only.numel() * only.element_size() == op.sections[op.me]:
+            if only is not None and only.device == device and only.dtype == self.entries[op.entries[0]].dtype \
+                    and only.is_contiguous() \
+                    and only.numel() * only.element_size() == op.sections[op.me]:  # fmt: skip
                 op.send = only.reshape(-1).view(torch.uint8)  # a lone shard: from its own memory
                 return
             op.send = torch.empty(op.sections[op.me], dtype=torch.uint8, device=device)
@@ -200,10 +204,18 @@ class Gatherer:
 
     @staticmethod
     def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-        """One fused copy of the non-empty pairs."""
-        pairs = [(d, s) for d, s in zip(dst, src) if d.numel()]
-        if pairs:
-            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+        """The non-empty pairs copied: one fused copy of those on one device, one by one across devices."""
+        fused: tuple[list, list] = ([], [])
+        for d, s in zip(dst, src):
+            if not d.numel():
+                continue
+            if d.device == s.device and d.dtype == s.dtype:
+                fused[0].append(d)
+                fused[1].append(s)
+            else:
+                d.copy_(s, non_blocking=s.device.type == "cpu" and s.is_pinned())
+        if fused[0]:
+            torch._foreach_copy_(*fused)
 
     def post(self, posted: Posted) -> None:
         """Post the group's gathers (asynchronous), then its ``full`` entries' ``full_tensor()`` (blocking)."""

@@ -89,6 +89,7 @@ class Entry:
     shape: tuple[int, ...]  # global shape
     how: str  # "local", "shard" or "full" (see the module docstring)
     shard: ShardInfo | None = None
+    placement: str = ""  # a DTensor's placements and mesh, for the plan digest
 
     @property
     def collective(self) -> bool:
@@ -101,11 +102,7 @@ class Entry:
 
     def describe(self) -> str:
         """One line per entry for the plan digest that every trainer rank compares."""
-        text = f"{self.name}|{self.source_name}|{dtype_name(self.dtype)}|{list(self.shape)}|{self.how}"
-        if not is_dtensor(self.tensor):
-            return text
-        mesh = self.tensor.device_mesh
-        return f"{text}|{list(self.tensor.placements)}|{mesh.device_type}{tuple(mesh.shape)}"
+        return f"{self.name}|{self.source_name}|{dtype_name(self.dtype)}|{list(self.shape)}|{self.how}{self.placement}"
 
 
 def _chunk_sizes(n: int, world: int) -> tuple[int, ...]:
@@ -134,14 +131,15 @@ def _how(name: str, tensor: torch.Tensor) -> tuple[str, ShardInfo | None]:
     return "shard", info
 
 
-_classified: dict[int, tuple[Any, tuple, tuple[str, ShardInfo | None]]] = {}
+_classified: dict[int, tuple[Any, tuple, tuple[str, ShardInfo | None, str]]] = {}
 """By ``id(tensor)``: (a weak reference to it, its metadata, how it is materialized). An RL
 trainer plans the same tensors every step; a tensor whose metadata (DTensor placements,
 mesh, local shape ...) is unchanged is not checked again."""
 
 
-def _classify(name: str, tensor: torch.Tensor) -> tuple[str, ShardInfo | None]:
-    """:func:`_how` of a tensor the wire can carry; ValueError naming what it cannot. Local (no collective)."""
+def _classify(name: str, tensor: torch.Tensor) -> tuple[str, ShardInfo | None, str]:
+    """:func:`_how` of a tensor the wire can carry, and its placement text (``Entry.placement``);
+    ValueError naming what it cannot. Local (no collective)."""
     local = tensor.to_local() if is_dtensor(tensor) else tensor
     meta = (type(tensor), tensor.dtype, tuple(tensor.shape), type(local), local.dtype, tuple(local.shape),
             local.layout, local.device, local.is_quantized)  # fmt: skip
@@ -153,6 +151,11 @@ def _classify(name: str, tensor: torch.Tensor) -> tuple[str, ShardInfo | None]:
         return known[2]
     TensorSpec.of(name, local)  # dense, not meta, a wire dtype
     how = _how(name, tensor)
+    if local is not tensor:
+        mesh = tensor.device_mesh
+        how += (f"|{list(tensor.placements)}|{mesh.device_type}{tuple(mesh.shape)}",)
+    else:
+        how += ("",)
     try:
         ref = weakref.ref(tensor, lambda _, key=key: _classified.pop(key, None))
     except TypeError:  # pragma: no cover - a tensor type without weak references
@@ -233,13 +236,13 @@ def _plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) 
             continue
         out_dtype = dtype if dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
         try:
-            how, shard = _classify(name, tensor)
+            how, shard, placement = _classify(name, tensor)
             spec = TensorSpec(new, out_dtype, tuple(tensor.shape))
         except ValueError as e:
             problems.append(str(e))
             continue
         sources_of.setdefault(new, []).append(name)
-        entries.append(Entry(name, new, tensor, out_dtype, spec.shape, how, shard))
+        entries.append(Entry(name, new, tensor, out_dtype, spec.shape, how, shard, placement))
     problems += [f"{sources} would all be sent as {new!r}" for new, sources in sources_of.items() if len(sources) > 1]
     if problems:
         raise ValueError(f"cannot send {len(problems)} tensor(s): " + "; ".join(problems))

@@ -220,8 +220,8 @@ class _Schedule:
     """When each group's gathers are posted, on every trainer rank alike.
 
     Groups without a collective need nothing. Of the others (``j`` counts
-    them): ``advance(0)`` prepares groups 0 and 1, passes a lockstep point and
-    posts both; ``advance(j)`` waits for group ``j``'s gathers on the sender
+    them): ``advance(0)`` prepares group 0, passes a lockstep point and posts
+    it, then does the same for group 1; ``advance(j)`` waits for group ``j``'s gathers on the sender
     (ordered on its stream on CUDA) and returns its full tensors, or, on the
     other ranks, for group ``j - 1``'s (the sender's lockstep point need not
     wait for group ``j`` to arrive); then it prepares group ``j + 1``, passes a
@@ -246,10 +246,10 @@ class _Schedule:
 
     def advance(self, j: int) -> dict[int, torch.Tensor]:
         m = len(self.cgroups)
-        if j == 0:
-            batch = [self.gatherer.prepare(self.cgroups[k]) for k in range(min(2, m))]
-            self._post(batch)
-            self.posted = dict(enumerate(batch))
+        if j == 0:  # group 0 moves while group 1 is prepared
+            for k in range(min(2, m)):
+                self.posted[k] = self.gatherer.prepare(self.cgroups[k])
+                self._post([self.posted[k]])
         if self.gatherer.is_sender:
             fulls = self.gatherer.collect(self.posted.pop(j), self.stream_ordered)
         else:  # a group behind: the sender's step j need not wait for group j to arrive
