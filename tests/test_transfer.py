@@ -1044,3 +1044,64 @@ def test_a_steady_layout_that_changes_inside_a_bulk_bucket_sends_every_tensor(wh
     for rank in (1, 2):
         for step, (got, want) in enumerate(zip(values[rank], sources)):
             assert_same(got, want, f"rank {rank} update {step}")
+
+
+@pytest.mark.parametrize("where", ["first of bucket 1", "first of the last bucket", "after the last tensor"])
+def test_a_source_failing_between_buckets_of_a_steady_layout_aborts_on_every_rank(where):
+    """In the steady state a bucket is posted before the next tensor is pulled, so a source that
+    fails there fails after a bucket every worker already has: every rank still raises, the
+    update loads nothing more, and the next update of the layout arrives bit for bit."""
+    from torchxfer.packing import plan_slots, TensorSpec
+
+    model = simple(4, n=16)  # several buckets at 256-byte buffers
+    starts = {}
+    for slot in plan_slots([TensorSpec.of(n, t) for n, t in model], 256):
+        starts.setdefault(slot.bucket, slot.index)
+    assert len(starts) >= 3
+    fail_at = {"first of bucket 1": starts[1], "first of the last bucket": starts[max(starts)],
+               "after the last tensor": len(model)}[where]  # fmt: skip
+
+    def failing() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from model[:fail_at]
+        raise RuntimeError(f"source failed at {fail_at}")
+
+    updates = 5  # three to reach the steady state, the failing one, then the layout again
+    world = 3
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            out = []
+            try:
+                for step in range(updates):
+                    try:
+                        NCCLWeightTransferEngine.trainer_send_weights(failing() if step == 3 else iter(model), group,
+                                                                      packed=True, packed_buffer_size_bytes=256)  # fmt: skip
+                        out.append(None)
+                    except RuntimeError as e:
+                        out.append(str(e))
+            finally:
+                destroy_side_group(group)
+            return out
+        engine = worker(rank, port, world)
+        runs = []
+        try:
+            for _ in range(updates):
+                got, load = collector()
+                try:
+                    engine.receive_weights(None, load)
+                    runs.append(got)
+                except TransferError as e:
+                    assert not e.broken, e
+                    runs.append(str(e))
+        finally:
+            engine.shutdown()
+        return runs
+
+    values = run_world(body, world)
+    assert values[0] == [None] * 3 + [f"source failed at {fail_at}", None]
+    for rank in (1, 2):
+        runs = values[rank]
+        assert isinstance(runs[3], str) and f"source failed at {fail_at}" in runs[3], runs[3]
+        for step in (0, 1, 2, 4):
+            assert_same(runs[step], model, f"rank {rank} update {step}")

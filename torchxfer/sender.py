@@ -351,7 +351,8 @@ class Sender(SendSide):
             self.table_buckets(source, item, 0, 0, None)
             return
         for plan in cached.buckets:
-            if item is _LATER:
+            if item is _LATER:  # pulled after the bucket before was posted: a failure now aborts this one
+                self.bucket, self.kept = plan.index, 0
                 item = self.pull(source)
             item, kept, source = self.cached_bucket(plan, item, source)
             if kept is not None:
@@ -371,6 +372,7 @@ class Sender(SendSide):
             self.layout.append(plan)
         self.post_begin()
         if item is _LATER:
+            self.bucket, self.kept = len(cached.buckets), 0
             item = self.pull(source)
         if item is not None:
             self.table_buckets(source, item, len(cached.buckets), 0, cached)
@@ -611,7 +613,8 @@ class Sender(SendSide):
             if queue and queue[0].bucket == bucket:
                 slot = queue.popleft()
                 slots.append(slot)
-                refs.append(self.in_hand if slot.start == 0 else None)
+                # Weak: a fresh tensor is freed as soon as it is packed, not when its bucket is sent.
+                refs.append(weakref.ref(self.in_hand) if slot.start == 0 else None)
                 views.append(None)
                 if slot.length:
                     if self.buffer_size is None:
@@ -641,17 +644,18 @@ class Sender(SendSide):
             if self.buffer_size is not None:
                 self.free_buffer(bucket, 0)
 
-    def remember(self, plan: BucketPlan, tensors: list[Any], views: list[Any]) -> None:
+    def remember(self, plan: BucketPlan, refs: list[Any], views: list[Any]) -> None:
         """After a new bucket is sent: what the next update's cached_bucket would otherwise learn
         in a slot-by-slot pass of its own, so that the second update of a layout already takes
         a bucket of the very same objects in bulk: a weak reference to each slot's tensor
         (where the slot starts it), whether they were distinct objects, and the typed views of
         the buffer the whole tensors were packed into (made again for those packed before the
-        buffer last grew)."""
+        buffer last grew). ``refs``: per slot, a weak reference to its tensor where the slot
+        starts one; a tensor already freed cannot be sent again, so its bucket is not distinct."""
         memo = plan.cache.setdefault("sender", {})
-        starts = [t for t in tensors if t is not None]
-        memo["refs"] = [weakref.ref(t) if t is not None else None for t in tensors]
-        memo["distinct"] = len({id(t) for t in starts}) == len(starts)
+        starts = [r() for r in refs if r is not None]
+        memo["refs"] = refs
+        memo["distinct"] = None not in starts and len({id(t) for t in starts}) == len(starts)
         memo["all_stable"] = memo["distinct"] and all(s.is_whole for s in plan.slots)
         if self.buffer_size is None:
             return

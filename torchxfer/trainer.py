@@ -220,13 +220,14 @@ class _Schedule:
     """When each group's gathers are posted, on every trainer rank alike.
 
     Groups without a collective need nothing. Of the others (``j`` counts
-    them): ``advance(0)`` prepares group 0, passes a lockstep point and posts
-    it, then does the same for group 1; ``advance(j)`` waits for group ``j``'s gathers on the sender
-    (ordered on its stream on CUDA) and returns its full tensors, or, on the
-    other ranks, for group ``j - 1``'s (the sender's lockstep point need not
-    wait for group ``j`` to arrive); then it prepares group ``j + 1``, passes a
-    lockstep point and posts it. So at most one lockstep exchange per group,
-    and the sender's next group moves while it sends this one.
+    them), ``advance(j)`` prepares group ``j``, passes a lockstep point, and
+    posts its gathers; on the sender it then returns the group's full tensors
+    (ordered behind the gathers on its stream on CUDA, waited for otherwise).
+    The sender calls it when its pipeline pulls the group's first tensor, which
+    on a cached layout is after the bucket before it was posted: group ``j``
+    moves while bucket ``j - 1`` is broadcast. The other ranks wait for a group
+    one step later, after posting the next, so the sender's lockstep point never
+    waits for a group to arrive. One lockstep exchange per group.
     """
 
     def __init__(self, entries: list[Entry], groups: list[list[int]], sender: int, lock: _Lockstep | None,
@@ -236,36 +237,27 @@ class _Schedule:
         self.gatherer = Gatherer(entries, groups, sender, timeout_s) if self.cgroups else None
         self.lock = lock
         self.stream_ordered = stream_ordered
-        self.posted: dict[int, Posted] = {}
-
-    def _post(self, batch: list[Posted]) -> None:
-        if self.lock is not None:
-            self.lock.step()
-        for posted in batch:
-            self.gatherer.post(posted)
+        self.behind: Posted | None = None  # not the sender: the group posted last, not yet waited for
 
     def advance(self, j: int) -> dict[int, torch.Tensor]:
-        m = len(self.cgroups)
-        if j == 0:  # group 0 moves while group 1 is prepared
-            for k in range(min(2, m)):
-                self.posted[k] = self.gatherer.prepare(self.cgroups[k])
-                self._post([self.posted[k]])
+        posted = self.gatherer.prepare(self.cgroups[j])
+        if self.lock is not None:
+            self.lock.step()
+        self.gatherer.post(posted)
         if self.gatherer.is_sender:
-            fulls = self.gatherer.collect(self.posted.pop(j), self.stream_ordered)
-        else:  # a group behind: the sender's step j need not wait for group j to arrive
-            fulls = self.gatherer.collect(self.posted.pop(j - 1), False) if j else {}
-        if j >= 1 and j + 1 < m:
-            nxt = self.gatherer.prepare(self.cgroups[j + 1])
-            self._post([nxt])
-            self.posted[j + 1] = nxt
-        return fulls
+            return self.gatherer.collect(posted, self.stream_ordered)
+        if self.behind is not None:
+            self.gatherer.collect(self.behind, False)
+        self.behind = posted
+        return {}
 
     def run_peer(self) -> None:
         """A trainer rank that does not send: every group's gathers, in the sender's order."""
         for j in range(len(self.cgroups)):
             self.advance(j)
-        if self.cgroups:
-            self.gatherer.collect(self.posted.pop(len(self.cgroups) - 1), False)
+        if self.behind is not None:
+            self.gatherer.collect(self.behind, False)
+            self.behind = None
 
 
 class _Pulled:
