@@ -335,3 +335,37 @@ def test_loader_checks_a_batch_it_has_seen_before_as_strictly_as_a_new_one():
     assert loader.loaded == set() and served.proj.bias.float().tolist() == [1.0] * 16  # nothing loaded
     loader([("proj.bias", ones * 5), ("norm.weight", ones)])
     assert served.proj.bias.float().tolist() == [5.0] * 16
+
+
+def test_a_module_planned_again_reuses_its_plan_until_anything_it_depends_on_changes():
+    """The steady state plans a module once; a new tensor object, new metadata behind the same
+    object, a changed name map or dtype makes a new plan that describes what is there now."""
+    from torchxfer.sources import plan
+
+    net = Tiny(1)
+    first = plan(net, None, None, True)
+    assert plan(net, None, None, True) is first  # cached
+    names = [e.name for e in first]
+    assert names == ["steps", "embed.weight", "proj.weight", "proj.bias", "norm.weight", "norm.bias"]
+
+    with torch.no_grad():  # new metadata behind the same parameter object
+        net.proj.weight.data = torch.zeros(16, 3)
+    again = plan(net, None, None, True)
+    assert again is not first and again[2].shape == (16, 3) and again[2].tensor is net.proj.weight
+
+    net.proj.bias = nn.Parameter(torch.ones(16, dtype=torch.float64))  # a new object
+    third = plan(net, None, None, True)
+    assert third is not again and third[3].tensor is net.proj.bias and third[3].dtype == torch.float64
+    assert plan(net, None, None, True) is third
+
+    mapping = {"steps": None}
+    renamed = plan(net, "bfloat16", mapping, True)
+    assert [e.name for e in renamed] == names[1:] and {e.dtype for e in renamed} == {torch.bfloat16}
+    assert plan(net, torch.bfloat16, mapping, True) is renamed  # a dtype's name or itself
+    mapping["proj.bias"] = "bias"  # the same dict, changed
+    changed = plan(net, torch.bfloat16, mapping, True)
+    assert changed is not renamed and changed[2].name == "bias"
+    with pytest.raises(ValueError, match="'steps'"):  # without buffers the map names a tensor not sent
+        plan(net, torch.bfloat16, mapping, False)
+    assert [e.name for e in plan(net, None, lambda n: n.upper(), True)] == [n.upper() for n in names]
+    assert plan(net, None, None, True) is not third  # the cache holds the last plan only

@@ -202,17 +202,72 @@ def _check_dtype(dtype: Any) -> torch.dtype | None:
     return dtype
 
 
+@dataclasses.dataclass
+class _Planned:
+    """A module's last plan: the arguments, its (name, tensor) pairs, their classifications."""
+
+    key: tuple
+    named: list[tuple[str, Any]]
+    classes: list[tuple[str, ShardInfo | None, str]]
+    entries: list[Entry]
+    groups: dict[int | None, list[list[int]]] = dataclasses.field(default_factory=dict)
+
+
+_plans: weakref.WeakKeyDictionary[nn.Module, _Planned] = weakref.WeakKeyDictionary()
+"""An RL trainer plans the same module every step: the plan is made again only when the
+module's tensors (the very objects, in order, and their metadata) or the arguments change."""
+
+
 def plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) -> list[Entry]:
-    """The entries to send, in order; ValueError naming every bad tensor or name. Local: no collective."""
+    """The entries to send, in order; ValueError naming every bad tensor or name. Local: no
+    collective. The list is shared with later calls that plan the same module alike: read it,
+    do not change it."""
     with torch.no_grad():  # to_local() outside autograd: no graph node per tensor
-        return _plan(source, dtype, name_map, include_buffers)
+        if not isinstance(source, nn.Module) or (name_map is not None and not isinstance(name_map, Mapping)):
+            return _plan(source, dtype, name_map, include_buffers)
+        key = (_check_dtype(dtype), include_buffers, None if name_map is None else dict(name_map))
+        named = _named(source, include_buffers)
+        last = _plans.get(source)
+        if last is not None and last.key == key and len(last.named) == len(named) and all(
+            n == m and t is u for (n, t), (m, u) in zip(named, last.named)
+        ) and all(_known(n, t, c) for (n, t), c in zip(named, last.classes)):  # fmt: skip
+            return last.entries
+        entries = _plan(source, dtype, name_map, include_buffers, named)
+        classes = [_classified_as(n, t) for n, t in named]  # memo hits: the objects _known compares
+        _plans[source] = _Planned(key, named, classes, entries)
+        return entries
 
 
-def _plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) -> list[Entry]:
+def _classified_as(name: str, tensor: Any) -> tuple | None:
+    """The memo's tuple for ``tensor``; None for one the wire cannot carry (dropped by the name map)."""
+    try:
+        return _classify(name, tensor) if isinstance(tensor, torch.Tensor) else None
+    except ValueError:
+        return None
+
+
+def _known(name: str, tensor: Any, classified: tuple | None) -> bool:
+    """Whether ``tensor`` still classifies as it did (the memo's very tuple: unchanged metadata)."""
+    return classified is not None and _classified_as(name, tensor) is classified
+
+
+def groups_of(entries: list[Entry], buffer_size: int | None) -> list[list[int]]:
+    """:func:`gather_groups`, kept with a cached plan."""
+    for planned in list(_plans.values()):
+        if planned.entries is entries:
+            if buffer_size not in planned.groups:
+                planned.groups[buffer_size] = gather_groups(entries, buffer_size)
+            return planned.groups[buffer_size]
+    return gather_groups(entries, buffer_size)
+
+
+def _plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool,
+          named: list[tuple[str, Any]] | None = None) -> list[Entry]:  # fmt: skip
     dtype = _check_dtype(dtype)
     if name_map is not None and not isinstance(name_map, Mapping) and not callable(name_map):
         raise ValueError(f"name_map must be a dict, a callable or None, got {type(name_map).__name__}")
-    named = _named(source, include_buffers)
+    if named is None:
+        named = _named(source, include_buffers)
     if isinstance(name_map, Mapping):
         unknown = sorted(set(name_map) - {name for name, _ in named}, key=str)
         if unknown:

@@ -78,7 +78,7 @@ from .engine import IPCWeightTransferEngine, send_pairs
 from .errors import TransferError
 from .gather import GatherFailed, Gatherer, Posted, local_tensor
 from .group import side_group
-from .sources import Entry, NameMap, Source, gather_groups, is_dtensor, plan
+from .sources import Entry, NameMap, Source, groups_of, is_dtensor, plan
 
 __all__ = ["send_model"]
 
@@ -165,7 +165,7 @@ def send_model(
         if group is not None:
             side_group(group)  # ValueError unless it is a side group
         entries = plan(source, dtype, name_map, include_buffers)
-        groups = gather_groups(entries, packed_buffer_size_bytes if packed else None)
+        groups = groups_of(entries, packed_buffer_size_bytes if packed else None)
     except Exception as e:  # bad input here: every other rank must hear of it before it could wait in a gather
         local_error = e
     if lock is None:
