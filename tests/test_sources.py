@@ -369,20 +369,3 @@ def test_a_module_planned_again_reuses_its_plan_until_anything_it_depends_on_cha
         plan(net, torch.bfloat16, mapping, False)
     assert [e.name for e in plan(net, None, lambda n: n.upper(), True)] == [n.upper() for n in names]
     assert plan(net, None, None, True) is not third  # the cache holds the last plan only
-
-
-def test_the_sender_serializes_gathers_only_when_another_trainer_rank_shares_a_workers_gpu():
-    from types import SimpleNamespace
-
-    from torchxfer.trainer import _shares_a_worker_gpu, gpu_key
-
-    assert gpu_key(None) == 0 and gpu_key("") == 0 and gpu_key("GPU-a") == gpu_key("GPU-a") != gpu_key("GPU-b")
-    side = SimpleNamespace(peer_gpus=frozenset({"GPU-w1", "GPU-w2"}))
-    lock = SimpleNamespace(rank=0, gpus=[gpu_key("GPU-t0"), gpu_key("GPU-w2")])  # trainer rank 1 on a worker's GPU
-    assert _shares_a_worker_gpu(lock, side)
-    lock = SimpleNamespace(rank=0, gpus=[gpu_key("GPU-t0"), gpu_key("GPU-t1")])
-    assert not _shares_a_worker_gpu(lock, side)
-    lock = SimpleNamespace(rank=1, gpus=[0, 0])  # CPU trainers
-    assert not _shares_a_worker_gpu(lock, SimpleNamespace(peer_gpus=frozenset()))
-    lock = SimpleNamespace(rank=1, gpus=[gpu_key("GPU-t0"), gpu_key("GPU-w1")])  # the sender itself: not counted
-    assert not _shares_a_worker_gpu(lock, side)

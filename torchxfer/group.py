@@ -108,8 +108,6 @@ class SideGroup:
         timeout_s: bound on every wait on this group.
         address, port: where rank 0's store listened while the group formed.
         cache: transfer state (buffers, streams, counters) owned by the pipeline.
-        peer_gpus: the other ranks' GPU UUIDs (NCCL), as they reported them at
-            formation; only a scheduling hint (see ``send_model``).
     """
 
     def __init__(
@@ -138,7 +136,6 @@ class SideGroup:
         self.address = address
         self.port = port
         self.cache: dict[str, Any] = {}
-        self.peer_gpus: frozenset[str] = frozenset()  # the other ranks' GPU UUIDs, as they reported them
         self._store = store
         self._backends: list[Any] = []
         self._broken: str | None = None
@@ -564,7 +561,7 @@ class _Rendezvous:
                       f"{wire.PROTOCOL_VERSION} (wire {wire.WIRE_SIGNATURE}); install the same torchxfer on both sides")
 
 
-def gpu_uuid(device: torch.device) -> str | None:
+def _gpu_uuid(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(device)
@@ -574,10 +571,8 @@ def gpu_uuid(device: torch.device) -> str | None:
 def _rendezvous(
     store: dist.Store, rank: int, world_size: int, timeout_s: float, deadline: float, token: str | None,
     uuid: str | None,
-) -> tuple[str, frozenset[str]]:
-    """The store phase of :func:`create_side_group`; returns rank 0's nonce and the GPUs
-    (UUIDs) the other ranks reported, as they reported them: a scheduling hint, never trusted
-    for anything else.
+) -> str:
+    """The store phase of :func:`create_side_group`; returns rank 0's nonce.
 
     Workers prove to rank 0 that they know the token with an HMAC over rank
     0's nonce (which rank 0 generated and never reads back) and their own;
@@ -640,9 +635,7 @@ def _rendezvous(
                          "NCCL needs one GPU per rank")  # fmt: skip
     store.set(f"ok/{rank}", "1")
     rdv._poll([f"ok/{r}" for r in range(world_size)], "every rank to pass the checks")
-    gpus = frozenset(str(info["uuid"])[:128] for r, info in peers.items()
-                     if r != rank and isinstance(info.get("uuid"), str))  # fmt: skip
-    return rdv.nonce, gpus
+    return rdv.nonce
 
 
 # -- backends ------------------------------------------------------------------------
@@ -747,10 +740,9 @@ def _form(address: str, port: int, rank: int, world_size: int, backend: str, dat
     group = None
     try:
         phase[0] = "the rendezvous through the trainer's store"
-        uuid = gpu_uuid(data_device) if data_device is not None else None
+        uuid = _gpu_uuid(data_device) if data_device is not None else None
         try:
-            nonce, peer_gpus = _rendezvous(dist.PrefixStore(_PREFIX, store), rank, world_size, timeout_s, deadline,
-                                           token, uuid)  # fmt: skip
+            nonce = _rendezvous(dist.PrefixStore(_PREFIX, store), rank, world_size, timeout_s, deadline, token, uuid)
         except TransferError:
             raise
         except Exception as e:  # the store's connection failed under a store call (rank 0 went away)
@@ -762,7 +754,6 @@ def _form(address: str, port: int, rank: int, world_size: int, backend: str, dat
             pg, control, backend_name=backend, data_device=data_device,
             timeout_s=timeout_s, address=address, port=real_port, store=store,
         )  # fmt: skip
-        group.peer_gpus = peer_gpus
         with contextlib.suppress(Exception):
             pg._set_group_name(f"torchxfer-{nonce[:12]}")  # private, torch 2.6-2.13
             control._set_group_name(f"torchxfer-{nonce[:12]}-control")

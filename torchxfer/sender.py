@@ -810,12 +810,6 @@ class Sender(SendSide):
         else:
             self.group.wait(work, f"payload broadcast of {self.what}", data=True)
 
-    def wait_sent(self) -> None:
-        """Wait (bounded by the group's timeout_s) until every payload broadcast posted so far completed."""
-        works = self.works[-1:] if self.stream_ordered else self.works
-        for work in works:
-            self.group.wait(work, f"payload broadcast of {self.what}", data=True)
-
     def drain(self, quiet: bool = False) -> None:
         """Wait (bounded) until every payload broadcast of this update completed."""
         works, self.works = self.works, []

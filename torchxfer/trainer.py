@@ -77,7 +77,7 @@ from .colocated import is_colocated
 from .engine import IPCWeightTransferEngine, send_pairs
 from .errors import TransferError
 from .gather import GatherFailed, Gatherer, Posted, local_tensor
-from .group import gpu_uuid, side_group
+from .group import side_group
 from .sources import Entry, NameMap, Source, groups_of, is_dtensor, plan
 
 __all__ = ["send_model"]
@@ -181,7 +181,6 @@ def send_model(
         return _send_colocated(entries, group, lock, packed_buffer_size_bytes, packed_num_buffers, version)
     stream_ordered = group is not None and side_group(group).backend_name == "nccl"
     schedule = _Schedule(entries, groups, sender, lock, timeout_s, stream_ordered)
-    serial = group is not None and lock is not None and _shares_a_worker_gpu(lock, side_group(group))
 
     if group is None:
         assert lock is not None
@@ -205,7 +204,6 @@ def send_model(
             zero_copy=not fresh,
             # Gathers, casts and the model's own tensors, which nothing writes while this runs.
             owned=True,
-            started=(lambda s: setattr(schedule, "wait_sent", s.wait_sent)) if serial else None,
         )  # fmt: skip
     except Exception as e:
         if lock is not None and not lock.done and not isinstance(e, GatherFailed):
@@ -216,25 +214,6 @@ def send_model(
     if lock is not None:
         lock.finish()
     return stats
-
-
-def gpu_key(uuid: str | None) -> int:
-    """A GPU's UUID as a nonzero 56-bit number for the lockstep's rows; 0 for none."""
-    if not uuid:
-        return 0
-    return int.from_bytes(hashlib.sha256(uuid.encode()).digest()[:7], "little") or 1
-
-
-def _shares_a_worker_gpu(lock: _Lockstep, side: Any) -> bool:
-    """Whether another trainer rank runs on the GPU of a worker of the sender's side group.
-
-    Two processes on one GPU take turns on it: a gather's kernels on that trainer
-    rank and the worker's broadcast kernels do not overlap, and measured on
-    2x H200 both at once took longer than one after the other (13.4 ms against
-    5.9 + 3.0 ms). So the sender then sends each bucket before the next gather.
-    """
-    workers = {gpu_key(u) for u in side.peer_gpus}
-    return any(g and g in workers for r, g in enumerate(lock.gpus) if r != lock.rank)
 
 
 class _Schedule:
@@ -259,14 +238,9 @@ class _Schedule:
         self.lock = lock
         self.stream_ordered = stream_ordered
         self.behind: Posted | None = None  # not the sender: the group posted last, not yet waited for
-        # The sender, when gathers must not run beside its broadcasts (_shares_a_worker_gpu):
-        # waits (bounded) until everything posted so far was received.
-        self.wait_sent: Any = None
 
     def advance(self, j: int) -> dict[int, torch.Tensor]:
         posted = self.gatherer.prepare(self.cgroups[j])
-        if self.wait_sent is not None and j:
-            self.wait_sent()
         if self.lock is not None:
             self.lock.step()
         self.gatherer.post(posted)
@@ -337,7 +311,6 @@ class _Lockstep:
         self.device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
         self.timeout = None if timeout_s is None else wait_timeout(timeout_s)
         self.flag = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self.gpus: list[int] = []  # after begin: each rank's gpu_key (0: none)
         self.done = False  # a failure was agreed, or the group failed: no more collectives
 
     def _wait(self, work: Any, what: str) -> None:
@@ -379,25 +352,21 @@ class _Lockstep:
         or every rank through its own colocated group (2; 0 on a rank that does not send);
         returns the sender's global rank (-1: every rank sends)."""
         digest = hashlib.sha256("\n".join([bucketing] + [e.describe() for e in entries]).encode()).digest()
-        local_gpu = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            local_gpu = gpu_uuid(torch.device("cuda", torch.cuda.current_device()))
         row = torch.tensor(
             [1 if error else 0, int(is_sender), len(entries), sum(e.collective for e in entries)]
-            + [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)] + [gpu_key(local_gpu)],
+            + [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)],
             dtype=torch.int64, device=self.device,
         )  # fmt: skip
         rows = [torch.empty_like(row) for _ in range(self.size)]
         self._wait(dist.all_gather(rows, row, group=self.pg, async_op=True), "send_model plan check")
         table = [r.cpu().tolist() for r in rows]
-        self.gpus = [r[8] for r in table]
         if any(r[0] for r in table):
             text = self._messages(None if error is None else f"{type(error).__name__}: {error}")
             if error is not None:
                 raise error
             raise ValueError(f"send_model failed on another trainer rank before anything moved: {text}")
         problems = []
-        plans = {tuple(r[2:8]) for r in table}
+        plans = {tuple(r[2:]) for r in table}
         if len(plans) > 1:
             ranks = "; ".join(f"rank {i}: {r[2]} tensors ({r[3]} sharded), plan {r[4]:014x}"
                               for i, r in enumerate(table))  # fmt: skip
