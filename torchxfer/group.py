@@ -561,7 +561,7 @@ class _Rendezvous:
                       f"{wire.PROTOCOL_VERSION} (wire {wire.WIRE_SIGNATURE}); install the same torchxfer on both sides")
 
 
-def _gpu_uuid(device: torch.device) -> str | None:
+def gpu_uuid(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(device)
@@ -740,7 +740,7 @@ def _form(address: str, port: int, rank: int, world_size: int, backend: str, dat
     group = None
     try:
         phase[0] = "the rendezvous through the trainer's store"
-        uuid = _gpu_uuid(data_device) if data_device is not None else None
+        uuid = gpu_uuid(data_device) if data_device is not None else None
         try:
             nonce = _rendezvous(dist.PrefixStore(_PREFIX, store), rank, world_size, timeout_s, deadline, token, uuid)
         except TransferError:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .errors import TransferError
+from .group import gpu_uuid
 
 __all__ = ["SharedBuffers", "HostProbe", "check_host_probe", "device_uuid", "open_buffers"]
 
@@ -41,9 +42,7 @@ _PROBE_BYTES = 32
 
 def device_uuid(device: torch.device) -> str:
     """The GPU's UUID (CUDA), or "cpu"."""
-    if device.type != "cuda":
-        return "cpu"
-    return str(torch.cuda.get_device_properties(device).uuid)
+    return gpu_uuid(device) or "cpu"
 
 
 # -- CPU: memfd -----------------------------------------------------------------------------
