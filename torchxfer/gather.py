@@ -62,10 +62,12 @@ class _Op:
     entries: list[int]
     p2p: bool = False  # Gloo: its sends and receives are posted one by one, tagged
     tag: int = 0
-    offsets: list[list[int]] = dataclasses.field(default_factory=list)
-    sections: list[int] = dataclasses.field(default_factory=list)  # bytes per rank (at least 16)
-    send: torch.Tensor | None = None  # this rank's section (not on the sender)
-    recv: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # on the sender, by rank
+    direct: list[bool] = dataclasses.field(default_factory=list)  # per entry: its own messages (Gloo, Shard(0))
+    offsets: list[list[int] | None] = dataclasses.field(default_factory=list)  # per entry: None if direct
+    sections: list[int] = dataclasses.field(default_factory=list)  # bytes per rank (0: no section)
+    sends: list[tuple[torch.Tensor, int]] = dataclasses.field(default_factory=list)  # (bytes, tag) to the sender
+    recvs: list[tuple[torch.Tensor, int, int]] = dataclasses.field(default_factory=list)  # (into, rank, tag)
+    recv: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # on the sender: sections, by rank
 
 
 @dataclasses.dataclass
@@ -140,8 +142,8 @@ class Gatherer:
         posted = Posted(g, list(ops.values()), full)
         with torch.no_grad():
             for op in posted.ops:
-                tag = self._tags.get(id(op.pg), 0)
-                op.tag, self._tags[id(op.pg)] = tag, (tag + 1) % _TAG_SPACE
+                tag = self._tags.get(id(op.pg), 0)  # every member of pg numbers its ops alike
+                op.tag, self._tags[id(op.pg)] = tag, (tag + 1 + len(op.entries) * op.world) % _TAG_SPACE
                 self._prepare_op(op, posted.fulls)
         return posted
 
@@ -157,38 +159,69 @@ class Gatherer:
         return local.to(dtype=entry.dtype) if local.device == device else local
 
     def _prepare_op(self, op: _Op, fulls: dict[int, torch.Tensor]) -> None:
+        """The op's messages. On NCCL one section per rank (one launch, whatever the number of
+        tensors); on Gloo, where every message is a transfer of its own and a copy costs the
+        same CPU the transfer needs, a Shard(0) shard goes from its own memory straight into
+        its rows of the full tensor, and only column shards share a section."""
         device = mesh_device(self.entries[op.entries[0]].tensor.device_mesh)
+        op.direct = [op.p2p and self.entries[i].shard.dim == 0 for i in op.entries]
         cursors = [0] * op.world
-        for i in op.entries:
+        for i, direct in zip(op.entries, op.direct):
             entry = self.entries[i]
-            row = []
+            if direct:
+                op.offsets.append(None)
+                continue
+            op.offsets.append(list(cursors))
             for q in range(op.world):
-                row.append(cursors[q])
                 cursors[q] = align_up(cursors[q] + _numel(entry.shard.local_shape(entry.shape, q)) * entry.dtype.itemsize)
-            op.offsets.append(row)
-        # At least 16 bytes from every rank: each takes part in every batch (an NCCL batch that is a
-        # communicator's first use needs every rank), and a message is never empty.
-        op.sections = [max(c, 16) for c in cursors]
+        # On NCCL at least 16 bytes from every rank: each takes part in every batch (an NCCL batch
+        # that is a communicator's first use needs every rank), and a message is never empty.
+        op.sections = [c for c in cursors] if op.p2p else [max(c, 16) for c in cursors]
         locals_ = [self._local(self.entries[i], op.me, device) for i in op.entries]
         if op.me != op.dst:
-            only = locals_[0] if len(locals_) == 1 else None
-            if only is not None and only.device == device and only.dtype == self.entries[op.entries[0]].dtype \
-                    and only.is_contiguous() \
-                    and only.numel() * only.element_size() == op.sections[op.me]:  # fmt: skip
-                op.send = only.reshape(-1).view(torch.uint8)  # a lone shard: from its own memory
-                return
-            op.send = torch.empty(op.sections[op.me], dtype=torch.uint8, device=device)
-            dst = [self._piece(op.send, op.offsets[k][op.me], self.entries[i], op.me) for k, i in enumerate(op.entries)]
-            self._copy(dst, locals_)
+            self._prepare_peer(op, locals_, device)
             return
         dst = []
-        for i, local in zip(op.entries, locals_):
+        for k, (i, local) in enumerate(zip(op.entries, locals_)):
             entry = self.entries[i]
             fulls[i] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
             dst.append(self._place(fulls[i], entry, op.me))
+            if op.direct[k]:
+                for q, n in enumerate(entry.shard.sizes):
+                    if q != op.me and n:
+                        into = self._place(fulls[i], entry, q).reshape(-1).view(torch.uint8)
+                        op.recvs.append((into, q, self._direct_tag(op, k, q)))
         self._copy(dst, locals_)
-        op.recv = {q: torch.empty(op.sections[q], dtype=torch.uint8, device=device)
-                   for q in range(op.world) if q != op.me}  # fmt: skip
+        for q in range(op.world):
+            if q != op.me and op.sections[q]:
+                op.recv[q] = torch.empty(op.sections[q], dtype=torch.uint8, device=device)
+                op.recvs.append((op.recv[q], q, op.tag))
+
+    def _prepare_peer(self, op: _Op, locals_: list[torch.Tensor], device: torch.device) -> None:
+        """A rank other than the sender: its section packed (a lone contiguous shard is sent
+        from its own memory), and on Gloo its Shard(0) shards as they are."""
+        packed = []
+        for k, (i, local) in enumerate(zip(op.entries, locals_)):
+            entry = self.entries[i]
+            mine = local.device == device and local.dtype == entry.dtype and local.is_contiguous()
+            if not op.direct[k]:
+                packed.append((k, i, local, mine))
+            elif entry.shard.sizes[op.me]:
+                raw = local if mine else local.to(device=device, dtype=entry.dtype).contiguous()
+                op.sends.append((raw.reshape(-1).view(torch.uint8), self._direct_tag(op, k, op.me)))
+        if not op.sections[op.me]:
+            return
+        if len(packed) == 1 and packed[0][3] and packed[0][2].numel() * packed[0][2].element_size() == op.sections[op.me]:
+            op.sends.append((packed[0][2].reshape(-1).view(torch.uint8), op.tag))  # a lone shard: its own memory
+            return
+        section = torch.empty(op.sections[op.me], dtype=torch.uint8, device=device)
+        self._copy([self._piece(section, op.offsets[k][op.me], self.entries[i], op.me) for k, i, _, _ in packed],
+                   [local for _, _, local, _ in packed])  # fmt: skip
+        op.sends.append((section, op.tag))
+
+    @staticmethod
+    def _direct_tag(op: _Op, k: int, q: int) -> int:
+        return (op.tag + 1 + k * op.world + q) % _TAG_SPACE
 
     @staticmethod
     def _piece(section: torch.Tensor, offset: int, entry: Entry, q: int) -> torch.Tensor:
@@ -235,12 +268,10 @@ class Gatherer:
 
     @staticmethod
     def _post_messages(op: _Op) -> list[Any]:
-        """One message from every other rank to the sender: one batch (one NCCL launch), or
-        tagged sends and receives posted one by one on Gloo."""
-        if op.me != op.dst:
-            ops = [dist.P2POp(dist.isend, op.send, group=op.pg, group_peer=op.dst, tag=op.tag)]
-        else:
-            ops = [dist.P2POp(dist.irecv, t, group=op.pg, group_peer=q, tag=op.tag) for q, t in op.recv.items()]
+        """The op's messages to the sender: one batch (one NCCL launch), or tagged sends and
+        receives posted one by one on Gloo."""
+        ops = [dist.P2POp(dist.isend, t, group=op.pg, group_peer=op.dst, tag=tag) for t, tag in op.sends]
+        ops += [dist.P2POp(dist.irecv, t, group=op.pg, group_peer=q, tag=tag) for t, q, tag in op.recvs]
         if not ops:
             return []
         if op.p2p:
@@ -271,13 +302,15 @@ class Gatherer:
                 for op in posted.ops:
                     dst, src = [], []
                     for k, i in enumerate(op.entries):
+                        if op.direct[k]:
+                            continue
                         entry = self.entries[i]
                         for q, section in op.recv.items():
                             dst.append(self._place(fulls[i], entry, q))
                             src.append(self._piece(section, op.offsets[k][q], entry, q))
                     self._copy(dst, src)
         for op in posted.ops:
-            op.send, op.recv = None, {}
+            op.sends, op.recvs, op.recv = [], [], {}
         posted.ops, posted.fulls = [], {}
         return fulls if self.is_sender else {}
 
