@@ -82,6 +82,12 @@ class Posted:
     posted: bool = False
 
 
+def one_by_one(pg: Any) -> bool:
+    """Whether ``pg``'s point-to-point messages are posted one by one, tagged (Gloo), rather
+    than as one batch (NCCL)."""
+    return "gloo" in str(dist.get_backend(pg)).lower()
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -136,8 +142,7 @@ class Gatherer:
                 continue
             op = ops.get(id(pg))
             if op is None:
-                op = ops[id(pg)] = _Op(pg, dst, len(entry.shard.sizes), me, [],
-                                       p2p="gloo" in str(dist.get_backend(pg)).lower())  # fmt: skip
+                op = ops[id(pg)] = _Op(pg, dst, len(entry.shard.sizes), me, [], p2p=one_by_one(pg))
             op.entries.append(i)
         posted = Posted(g, list(ops.values()), full)
         with torch.no_grad():
