@@ -3,6 +3,9 @@ trainer, and the module loader: thread tier (sharded trainers: test_sharded.py).
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -344,28 +347,35 @@ def test_a_module_planned_again_reuses_its_plan_until_anything_it_depends_on_cha
 
     net = Tiny(1)
     first = plan(net, None, None, True)
-    assert plan(net, None, None, True) is first  # cached
+    cached = plan(net, None, None, True)
+    assert cached is not first and cached == first and cached.planned is first.planned  # cached
     names = [e.name for e in first]
     assert names == ["steps", "embed.weight", "proj.weight", "proj.bias", "norm.weight", "norm.bias"]
 
     with torch.no_grad():  # new metadata behind the same parameter object
         net.proj.weight.data = torch.zeros(16, 3)
     again = plan(net, None, None, True)
-    assert again is not first and again[2].shape == (16, 3) and again[2].tensor is net.proj.weight
+    assert again.planned is not first.planned and again[2].shape == (16, 3) and again[2].tensor is net.proj.weight
 
     net.proj.bias = nn.Parameter(torch.ones(16, dtype=torch.float64))  # a new object
     third = plan(net, None, None, True)
-    assert third is not again and third[3].tensor is net.proj.bias and third[3].dtype == torch.float64
-    assert plan(net, None, None, True) is third
+    assert third.planned is not again.planned and third[3].tensor is net.proj.bias
+    assert third[3].dtype == torch.float64 and plan(net, None, None, True).planned is third.planned
 
     mapping = {"steps": None}
     renamed = plan(net, "bfloat16", mapping, True)
     assert [e.name for e in renamed] == names[1:] and {e.dtype for e in renamed} == {torch.bfloat16}
-    assert plan(net, torch.bfloat16, mapping, True) is renamed  # a dtype's name or itself
+    assert plan(net, torch.bfloat16, mapping, True).planned is renamed.planned  # a dtype's name or itself
     mapping["proj.bias"] = "bias"  # the same dict, changed
     changed = plan(net, torch.bfloat16, mapping, True)
-    assert changed is not renamed and changed[2].name == "bias"
+    assert changed.planned is not renamed.planned and changed[2].name == "bias"
     with pytest.raises(ValueError, match="'steps'"):  # without buffers the map names a tensor not sent
         plan(net, torch.bfloat16, mapping, False)
     assert [e.name for e in plan(net, None, lambda n: n.upper(), True)] == [n.upper() for n in names]
-    assert plan(net, None, None, True) is not third  # the cache holds the last plan only
+    assert plan(net, None, None, True).planned is not third.planned  # the cache holds the last plan only
+    # The cache holds no tensor: a replaced parameter is freed.
+    old = weakref.ref(net.norm.weight)
+    net.norm.weight = nn.Parameter(torch.ones(16))
+    del cached, first, again, third, renamed, changed
+    gc.collect()
+    assert old() is None

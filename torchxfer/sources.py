@@ -204,38 +204,61 @@ def _check_dtype(dtype: Any) -> torch.dtype | None:
 
 @dataclasses.dataclass
 class _Planned:
-    """A module's last plan: the arguments, its (name, tensor) pairs, their classifications."""
+    """A module's last plan, holding no tensor: the arguments, weak references to its (name,
+    tensor) pairs and their classifications, and each entry's fields but its tensor."""
 
     key: tuple
-    named: list[tuple[str, Any]]
-    classes: list[tuple[str, ShardInfo | None, str]]
-    entries: list[Entry]
+    names: list[str]
+    refs: list[Any]
+    classes: list[tuple | None]
+    fields: list[tuple[int, tuple]]  # per entry: its pair's index, the Entry's other fields
     groups: dict[int | None, list[list[int]]] = dataclasses.field(default_factory=dict)
+
+
+class _Entries(list):
+    """A plan's entries; ``planned`` keeps their gather groups (see :func:`groups_of`)."""
+
+    planned: _Planned | None = None
 
 
 _plans: weakref.WeakKeyDictionary[nn.Module, _Planned] = weakref.WeakKeyDictionary()
 """An RL trainer plans the same module every step: the plan is made again only when the
-module's tensors (the very objects, in order, and their metadata) or the arguments change."""
+module's tensors (the very objects, in order, and their metadata) or the arguments change.
+Weak throughout: a replaced parameter is freed as usual."""
 
 
 def plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) -> list[Entry]:
-    """The entries to send, in order; ValueError naming every bad tensor or name. Local: no
-    collective. The list is shared with later calls that plan the same module alike: read it,
-    do not change it."""
+    """The entries to send, in order; ValueError naming every bad tensor or name. Local: no collective."""
     with torch.no_grad():  # to_local() outside autograd: no graph node per tensor
         if not isinstance(source, nn.Module) or (name_map is not None and not isinstance(name_map, Mapping)):
             return _plan(source, dtype, name_map, include_buffers)
         key = (_check_dtype(dtype), include_buffers, None if name_map is None else dict(name_map))
         named = _named(source, include_buffers)
         last = _plans.get(source)
-        if last is not None and last.key == key and len(last.named) == len(named) and all(
-            n == m and t is u for (n, t), (m, u) in zip(named, last.named)
-        ) and all(_known(n, t, c) for (n, t), c in zip(named, last.classes)):  # fmt: skip
-            return last.entries
-        entries = _plan(source, dtype, name_map, include_buffers, named)
-        classes = [_classified_as(n, t) for n, t in named]  # memo hits: the objects _known compares
-        _plans[source] = _Planned(key, named, classes, entries)
+        if last is not None and last.key == key and last.names == [n for n, _ in named] and all(
+            ref() is t and _known(n, t, c) for (n, t), ref, c in zip(named, last.refs, last.classes)
+        ):  # fmt: skip
+            entries = _Entries(Entry(fields[0], fields[1], named[k][1], *fields[2:]) for k, fields in last.fields)
+            entries.planned = last
+            return entries
+        entries = _Entries(_plan(source, dtype, name_map, include_buffers, named))
+        where = {n: k for k, (n, _) in enumerate(named)}
+        refs = [_weak(t) for _, t in named]
+        if None not in refs:
+            entries.planned = _plans[source] = _Planned(
+                key, [n for n, _ in named], refs,
+                [_classified_as(n, t) for n, t in named],  # memo hits: the objects _known compares
+                [(where[e.source_name], (e.source_name, e.name, e.dtype, e.shape, e.how, e.shard, e.placement))
+                 for e in entries],
+            )  # fmt: skip
         return entries
+
+
+def _weak(tensor: Any) -> Any:
+    try:
+        return weakref.ref(tensor)
+    except TypeError:
+        return None
 
 
 def _classified_as(name: str, tensor: Any) -> tuple | None:
@@ -253,12 +276,12 @@ def _known(name: str, tensor: Any, classified: tuple | None) -> bool:
 
 def groups_of(entries: list[Entry], buffer_size: int | None) -> list[list[int]]:
     """:func:`gather_groups`, kept with a cached plan."""
-    for planned in list(_plans.values()):
-        if planned.entries is entries:
-            if buffer_size not in planned.groups:
-                planned.groups[buffer_size] = gather_groups(entries, buffer_size)
-            return planned.groups[buffer_size]
-    return gather_groups(entries, buffer_size)
+    planned = getattr(entries, "planned", None)
+    if planned is None:
+        return gather_groups(entries, buffer_size)
+    if buffer_size not in planned.groups:
+        planned.groups[buffer_size] = gather_groups(entries, buffer_size)
+    return planned.groups[buffer_size]
 
 
 def _plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool,
