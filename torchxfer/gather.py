@@ -10,14 +10,20 @@ lockstep so that a group is posted by every rank or by none.
 
 What moves, per group and per mesh-dimension group that holds ``shard``
 entries (on the trainer's own groups; ranks of other replicas of an HSDP mesh
-take no part): each rank packs its shards of the group into one flat section
-(one fused copy; a lone contiguous shard is sent from its own memory) and
-sends it to the sender in one message: one batch of point-to-point messages
-per group, one NCCL launch, whatever the number of tensors. The sender copies
-its own shards straight into the full tensors it allocates, receives every
-other rank's section, and copies the pieces into place (one fused copy:
-``Shard(0)`` pieces are runs of rows, other dims strided slices). Per-tensor
-work is a few views, never a collective.
+take no part), all as point-to-point messages to the sender:
+
+* NCCL: each rank packs its shards of the group into one flat section (one
+  fused copy; a lone contiguous shard is sent from its own memory) and sends
+  it in one message; one batch per group, one NCCL launch, whatever the
+  number of tensors. The sender copies its own shards straight into the full
+  tensors it allocates, receives every other rank's section, and copies the
+  pieces into place (one fused copy: ``Shard(0)`` pieces are runs of rows,
+  other dims strided slices).
+* Gloo (every message a transfer of its own, and a copy costs the CPU the
+  transfer needs): a ``Shard(0)`` shard is sent from its own memory straight
+  into its rows of the full tensor; only column shards share a section.
+
+Per-tensor work is a few views, never a collective of its own.
 
 ``full`` entries are gathered with ``full_tensor()`` on every rank when the
 group is posted. Memory on the sender per group: the group's full tensors,
@@ -52,8 +58,8 @@ class GatherFailed(TransferError):
 @dataclasses.dataclass
 class _Op:
     """The gathers of one group's entries of one mesh-dimension group ``pg``, to the sender:
-    one section per rank, laid out alike on every rank (``offsets[k][q]``: where rank q's
-    piece of the k-th entry starts in its section)."""
+    a section per rank, laid out alike on every rank (``offsets[k][q]``: where rank q's piece
+    of the k-th entry starts in its section), and on Gloo a message per Shard(0) shard."""
 
     pg: Any
     dst: int  # the sender's rank in pg
