@@ -31,7 +31,11 @@ generator may refill one staging tensor. The exception, which makes the
 steady state fast: a tensor that is the very object sent at the same place
 last update, in a bucket whose tensors were all distinct objects (a
 module's parameters), is packed in fused batches and its zero-copy send is
-not waited for. On CUDA, buffer reuse is ordered on the current stream
+not waited for; so is every tensor of a source the package made itself
+(``owned``: send_model's gathers and casts, which nothing else writes). In
+the steady state a bucket is posted before the first tensor of the next one
+is pulled, so work the source does when pulled (send_model's gathers) runs
+while the bucket before it travels. On CUDA, buffer reuse is ordered on the current stream
 behind the sends that read the buffer (no CPU wait); every CPU wait is
 bounded by ``timeout_s``.
 """
