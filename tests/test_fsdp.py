@@ -20,7 +20,7 @@ pytestmark = pytest.mark.process
 
 SIDE_TIMEOUT = 10.0
 BUF = 64 << 10  # several buckets: gathers overlap with sends
-STEADY_UPDATES = 3  # of the trained fully_shard net after its first update (the last one cast to bf16)
+STEADY_UPDATES = 4  # of the trained fully_shard net after its first update (the last one cast to bf16)
 
 
 def _layout(two_d: tuple[int, int]) -> dict:
@@ -132,14 +132,29 @@ def _trainer_rank(rank: int, side_port: int, trainer_port: int, world: int, devi
     out["net"] = {n: digest(p.full_tensor()) for n, p in net.state_dict().items()}
     # The same model, trained between updates: the steady state (a cached layout, bulk packing of
     # gathered tensors, each bucket posted before the next group is gathered), value for value.
-    out["steps"] = []
+    # From the second update of the layout on, rank 0 gathers straight into its send buffers.
+    import torchxfer.gather
+
+    gatherers, init = [], torchxfer.gather.Gatherer.__init__
+
+    def recording(self: object, *args: object) -> None:
+        init(self, *args)
+        gatherers.append(self)
+
+    torchxfer.gather.Gatherer.__init__ = recording
+    out["steps"], out["prefilled"] = [], []
+    cast = STEADY_UPDATES - 1  # the last steady update is cast to bf16: a new layout
     for step in range(STEADY_UPDATES):
         net(torch.randn(5, 24, device=device_type)).square().mean().backward()
         opt.step()
         opt.zero_grad()
-        send_model(net, group, dtype=torch.bfloat16 if step == 2 else None, packed_buffer_size_bytes=BUF, timeout_s=60)
-        out["steps"].append({n: digest(p.full_tensor().to(torch.bfloat16 if step == 2 else p.dtype))
+        gatherers.clear()
+        send_model(net, group, dtype=torch.bfloat16 if step == cast else None, packed_buffer_size_bytes=BUF,
+                   timeout_s=60)  # fmt: skip
+        out["prefilled"].append(sum(g.prefilled for g in gatherers))
+        out["steps"].append({n: digest(p.full_tensor().to(torch.bfloat16 if step == cast else p.dtype))
                              for n, p in net.state_dict().items()})  # fmt: skip
+    torchxfer.gather.Gatherer.__init__ = init
     t = torch.ones(1, device=device_type)
     dist.all_reduce(t)
     out["all_reduce"] = t.item()
@@ -199,6 +214,9 @@ def _check(outcomes: list, world: int) -> None:
     assert batches[0] == t0["want0"] and batches[1] == t0["want1"]
     assert batches[2] == t0["net"]
     assert batches[3:] == t0["steps"] and len(t0["steps"]) == STEADY_UPDATES
+    # Every sharded tensor of the net (all 6) gathered into the send buffer while the layout holds.
+    assert t0["prefilled"] == [6] * (STEADY_UPDATES - 1) + [0], t0["prefilled"]
+    assert all(t["prefilled"] == [0] * STEADY_UPDATES for t in trainers[1:])
     assert len({str(sorted(b.items())) for b in batches[2:]}) == 1 + STEADY_UPDATES, \
         [{n: d[:8] for n, d in b.items()} for b in batches[2:]]  # each update new values
     assert t0["sent0"] == len(t0["want0"]) and all(t["sent0"] is None for t in trainers[1:])

@@ -322,11 +322,11 @@ def _e2e(rank: int, side_port: int, trainer_port: int, info0: object) -> object:
     # next lockstep point and aborts the update for the workers.
     real_prepare, calls = gather_mod.Gatherer.prepare, [0]
 
-    def failing(self: object, g: int) -> object:
+    def failing(self: object, g: int, *rest: object) -> object:
         calls[0] += 1
         if rank == 1 and calls[0] == 3:
             raise RuntimeError("simulated out of memory on rank 1")
-        return real_prepare(self, g)
+        return real_prepare(self, g, *rest)
 
     gather_mod.Gatherer.prepare = failing
     try:

@@ -380,10 +380,12 @@ def send_pairs(iterator: Iterable[tuple[str, torch.Tensor]], group: dist.Process
                post_iter_func: Callable | None = None, packed: bool = False, stream: Any = None,
                packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_SIZE_BYTES,
                packed_num_buffers: int = DEFAULT_PACKED_NUM_BUFFERS, *, checksum: bool = False,
-               zero_copy: bool = True, version: int | None = None, owned: bool = False) -> TransferStats:  # fmt: skip
+               zero_copy: bool = True, version: int | None = None, owned: bool = False,
+               started: Callable[[Sender], None] | None = None) -> TransferStats:  # fmt: skip
     """``trainer_send_weights``; with ``owned``, the pairs are tensors the package made for this
     update (send_model's gathers and casts) that nothing else writes: they may be pulled a
-    bucket ahead and packed in fused batches, whatever their identity."""
+    bucket ahead and packed in fused batches, whatever their identity. ``started`` is handed
+    the Sender before the update begins."""
     side = side_group(group)  # ValueError unless it is a side group
     if isinstance(src, bool) or src != 0 or group.rank() != 0:
         raise ValueError(f"the trainer sends as rank 0 of the side group; got src={src!r} on rank {group.rank()}")
@@ -392,10 +394,14 @@ def send_pairs(iterator: Iterable[tuple[str, torch.Tensor]], group: dist.Process
         raise ValueError(f"post_iter_func must be callable, got {post_iter_func!r}")
     side.check_usable()
     num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
-    iterator, check = _refuse_dtensors(iterator, post_iter_func)
+    check = None
+    if not owned:  # the package's own pairs (send_model) are never DTensors, and are pulled only once the update began
+        iterator, check = _refuse_dtensors(iterator, post_iter_func)
     sender = Sender(side, packed=packed, buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
                     checksum=checksum, zero_copy=zero_copy, version=version, num_tensors=num_tensors,
                     owned=owned)  # fmt: skip
+    if started is not None:
+        started(sender)
     if stream is not None:
         with torch.cuda.stream(stream):
             return sender.run(iterator, post_iter_func, check)

@@ -120,6 +120,7 @@ class Gatherer:
         self._members: dict[tuple[int, int], tuple[Any, ...]] = {}
         self._tags: dict[int, int] = {}
         self.posted_groups = 0  # how many groups this rank posted (tests count them)
+        self.prefilled = 0  # entries the sender gathered straight into its send buffer
 
     def _member(self, entry: Entry) -> tuple[Any, int | None, int]:
         """(pg, the sender's rank in it or None, this rank's) for a ``shard`` entry's mesh dimension."""
@@ -132,9 +133,13 @@ class Gatherer:
             self._members[key] = (pg, dst, ranks.index(dist.get_rank()), mesh)  # the mesh kept: ids stay unique
         return self._members[key][:3]
 
-    def prepare(self, g: int) -> Posted:
+    def prepare(self, g: int, into: list[Any] | None = None) -> Posted:
         """Local work of group ``g``: this rank's shards cast and packed (or, on the sender, copied
-        into the full tensors it allocates), the sender's sections allocated."""
+        into the full tensors it allocates), the sender's sections allocated.
+
+        ``into`` (the sender only): per entry of the group, a tensor to gather that entry
+        into instead of a new one (the send buffer's own view of it), or None.
+        """
         ops: dict[int, _Op] = {}
         full: list[int] = []
         for i in self.groups[g]:
@@ -152,6 +157,12 @@ class Gatherer:
             op.entries.append(i)
         posted = Posted(g, list(ops.values()), full)
         with torch.no_grad():
+            if into is not None and self.is_sender:
+                for i, view in zip(self.groups[g], into):
+                    entry = self.entries[i]
+                    if entry.how == "shard" and view is not None and view.dtype == entry.dtype \
+                            and tuple(view.shape) == entry.shape:  # fmt: skip
+                        posted.fulls[i] = view
             for op in posted.ops:
                 tag = self._tags.get(id(op.pg), 0)  # every member of pg numbers its ops alike
                 op.tag, self._tags[id(op.pg)] = tag, (tag + 1 + len(op.entries) * op.world) % _TAG_SPACE
@@ -195,7 +206,10 @@ class Gatherer:
         dst = []
         for k, (i, local) in enumerate(zip(op.entries, locals_)):
             entry = self.entries[i]
-            fulls[i] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+            if i in fulls and fulls[i].device == device:  # the send buffer's own view
+                self.prefilled += 1
+            else:
+                fulls[i] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
             dst.append(self._place(fulls[i], entry, op.me))
             if op.direct[k]:
                 for q, n in enumerate(entry.shard.sizes):

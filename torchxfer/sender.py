@@ -245,6 +245,9 @@ class Sender(SendSide):
         self.checksum = checksum
         self.zero_copy = zero_copy and not checksum
         self.owned = owned  # tensors made for this update that nothing else writes (send_model's gathers)
+        # send_model, when its plan is exactly the cached layout: its gathers may land in the buffers
+        # themselves (bucket_views), and a pack copy of a tensor onto itself is skipped.
+        self.prefill = False
         self.num_tensors_hint = num_tensors
         self.update_id = self.state.next_update_id if version is None else version
         self.state.next_update_id = self.update_id + 1
@@ -527,8 +530,7 @@ class Sender(SendSide):
             if packed is None:
                 packed = memo["packed"] = [p for p, s in enumerate(plan.slots) if p not in own and s.length]
             if packed and self.checksum:  # the row carries the checksum: pack it all now
-                with torch.no_grad():
-                    torch._foreach_copy_([views[p] for p in packed], [tensors[p] for p in packed])
+                self.fused_copy([views[p] for p in packed], [tensors[p] for p in packed])
             elif packed:
                 self.bulk_copies = (views, tensors)  # packed run by run, each before its broadcast
         for pos in sorted(own):
@@ -705,6 +707,37 @@ class Sender(SendSide):
             self.in_hand_bytes = tensor_bytes(self.in_hand)
         return self.in_hand_bytes
 
+    def bucket_views(self, index: int) -> list[Any] | None:
+        """With ``prefill``: per slot of bucket ``index`` of the cached layout, the typed view of
+        its buffer that the slot's tensor is packed into, the buffer freed of older sends
+        first (ordered on CUDA, waited for otherwise): whatever is written there before the
+        bucket is packed goes out as it is. None when the buffer is not that bucket's yet."""
+        layout = self.state.layout
+        if not self.prefill or layout is None or not 0 <= index < len(layout.buckets) or self.device is None \
+                or self.state.buffer_key != (self.device, self.buffer_size):  # fmt: skip
+            return None
+        b = index % self.num_buffers
+        memo = layout.buckets[index].cache.get("sender", {})
+        if b >= len(self.state.buffers) or memo.get("views_of") != self.state.buffers[b].data_ptr():
+            return None
+        self.free_buffer(index, 0)
+        return memo.get("views")
+
+    @staticmethod
+    def aliased(dst: torch.Tensor, src: torch.Tensor) -> bool:
+        """Whether copying ``src`` into ``dst`` would copy a tensor onto itself."""
+        return (dst.data_ptr() == src.data_ptr() and dst.dtype == src.dtype and dst.shape == src.shape
+                and dst.stride() == src.stride())  # fmt: skip
+
+    def fused_copy(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        """One multi-tensor copy; with ``prefill``, without the pairs already in place."""
+        if self.prefill:
+            pairs = [(d, t) for d, t in zip(dst, src) if not self.aliased(d, t)]
+            dst, src = [d for d, _ in pairs], [t for _, t in pairs]
+        if dst:
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
+
     def free_buffer(self, bucket: int, nbytes: int) -> torch.Tensor:
         """Buffer ``bucket % num_buffers``, once the sends that read it are done (ordered, not waited on CUDA)."""
         b = bucket % self.num_buffers
@@ -725,7 +758,8 @@ class Sender(SendSide):
         with torch.no_grad():
             if slot.is_whole and self.in_hand_bytes is None:
                 view = typed_view(dst, slot.spec)
-                view.copy_(self.in_hand, non_blocking=True)
+                if not (self.prefill and self.aliased(view, self.in_hand)):
+                    view.copy_(self.in_hand, non_blocking=True)
                 return view
             dst.copy_(self.bytes_in_hand()[slot.start : slot.start + slot.length], non_blocking=True)
         return None
@@ -733,8 +767,7 @@ class Sender(SendSide):
     def flush(self) -> None:
         """Issue the batched pack copies as one fused multi-tensor copy."""
         if self.pending:
-            with torch.no_grad():
-                torch._foreach_copy_([d for d, _ in self.pending], [s for _, s in self.pending])
+            self.fused_copy([d for d, _ in self.pending], [s for _, s in self.pending])
             self.pending.clear()
 
     def post_packed(self, plan: BucketPlan) -> None:
@@ -758,8 +791,7 @@ class Sender(SendSide):
                     dst, src = views[group[0] : group[-1] + 1], tensors[group[0] : group[-1] + 1]
                 else:
                     dst, src = [views[p] for p in group], [tensors[p] for p in group]
-                with torch.no_grad():
-                    torch._foreach_copy_(dst, src)
+                self.fused_copy(dst, src)
             self.post(buf[start:end], plan.index, from_buffer=True)
 
     @staticmethod

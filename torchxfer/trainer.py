@@ -78,6 +78,7 @@ from .engine import IPCWeightTransferEngine, send_pairs
 from .errors import TransferError
 from .gather import GatherFailed, Gatherer, Posted, local_tensor
 from .group import side_group
+from .sender import SenderState
 from .sources import Entry, NameMap, Source, groups_of, is_dtensor, plan
 
 __all__ = ["send_model"]
@@ -195,6 +196,13 @@ def send_model(
 
     items = _Pulled(entries, groups, schedule)
     fresh = any(e.collective or e.dtype != e.tensor.dtype or is_dtensor(e.tensor) for e in entries)
+    prefill = packed and any(e.collective for e in entries) and _prefill(entries, groups, group, packed_buffer_size_bytes,
+                                                                          packed_num_buffers)  # fmt: skip
+
+    def started(sender: Any) -> None:
+        if prefill:
+            sender.prefill, schedule.sender = True, sender
+
     try:
         stats = send_pairs(
             items, group, packed=packed, packed_buffer_size_bytes=packed_buffer_size_bytes,
@@ -204,6 +212,7 @@ def send_model(
             zero_copy=not fresh,
             # Gathers, casts and the model's own tensors, which nothing writes while this runs.
             owned=True,
+            started=started,
         )  # fmt: skip
     except Exception as e:
         if lock is not None and not lock.done and not isinstance(e, GatherFailed):
@@ -214,6 +223,25 @@ def send_model(
     if lock is not None:
         lock.finish()
     return stats
+
+
+def _prefill(entries: list[Entry], groups: list[list[int]], group: Any, buffer_size: int, num_buffers: int) -> bool:
+    """Whether this update is exactly the layout the side group sent last, bucket for bucket,
+    every tensor whole in one bucket: then the sender packs each tensor where the gathers can
+    put it first (``Sender.bucket_views``), and no tensor can land where another one of the
+    same bucket is still to be read. Two buffers at least: with one, a first update of the
+    layout (workers that do not hold it yet) would gather a bucket into the buffer whose
+    bucket before it is not sent yet."""
+    if num_buffers < 2:
+        return False
+    layout = SenderState.of(side_group(group)).layout
+    if layout is None or layout.config != (True, buffer_size, num_buffers) or len(layout.buckets) != len(groups):
+        return False
+    if len(layout.specs) != len(entries) or any(
+        s.name != e.name or s.dtype != e.dtype or s.shape != e.shape for s, e in zip(layout.specs, entries)
+    ):  # fmt: skip
+        return False
+    return all(len(b.slots) == len(idx) and all(s.is_whole for s in b.slots) for b, idx in zip(layout.buckets, groups))
 
 
 class _Schedule:
@@ -238,9 +266,12 @@ class _Schedule:
         self.lock = lock
         self.stream_ordered = stream_ordered
         self.behind: Posted | None = None  # not the sender: the group posted last, not yet waited for
+        self.sender: Any = None  # the Sender, when this update is the cached layout (see _prefill)
 
     def advance(self, j: int) -> dict[int, torch.Tensor]:
-        posted = self.gatherer.prepare(self.cgroups[j])
+        g = self.cgroups[j]
+        into = self.sender.bucket_views(g) if self.sender is not None else None
+        posted = self.gatherer.prepare(g, into)
         if self.lock is not None:
             self.lock.step()
         self.gatherer.post(posted)
