@@ -800,6 +800,47 @@ def updates_over_three_ranks(updates: int, source: Callable[[int], Any], **send:
     return run_world(body, world)
 
 
+
+def updates_that_may_fail(sends: list[tuple[Callable[[], Any], dict]],
+                          before: Callable[[int], None] | None = None) -> list[Any]:  # fmt: skip
+    """Send each ``(source(), kwargs)`` from rank 0 (its value per update: None, or the message of
+    the RuntimeError it raised); ranks 1 and 2 collect what arrives, or the message of the
+    TransferError the update raised there, which must leave the group usable."""
+    world = 3
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            out = []
+            try:
+                for k, (source, kw) in enumerate(sends):
+                    if before is not None:
+                        before(k)
+                    try:
+                        NCCLWeightTransferEngine.trainer_send_weights(source(), group, **kw)
+                        out.append(None)
+                    except RuntimeError as e:
+                        out.append(str(e))
+            finally:
+                destroy_side_group(group)
+            return out
+        engine = worker(rank, port, world)
+        runs = []
+        try:
+            for _ in sends:
+                got, load = collector()
+                try:
+                    engine.receive_weights(None, load)
+                    runs.append(got)
+                except TransferError as e:
+                    assert not e.broken, e
+                    runs.append(str(e))
+        finally:
+            engine.shutdown()
+        return runs
+
+    return run_world(body, world)
+
 @pytest.mark.parametrize("packed_source", ["list", "gen"])
 def test_tensors_larger_than_a_buffer_round_trip_over_cached_updates(packed_source):
     updates = 4  # the first describes the layout, the rest run from the cache
@@ -948,7 +989,6 @@ def test_every_way_an_update_can_start_after_a_confirmed_layout_keeps_the_group_
     or with void broadcasts of the same sizes (new buffer size, new first tensor, unpacked,
     empty, a source that fails at once); either way every value arrives bit for bit and the
     group stays usable."""
-    world = 3
     a, b = simple(1, n=12), [(f"b.{n}", t) for n, t in simple(2, n=9)]
     a2 = [(n, t * 3) for n, t in a]
     steps: list[tuple[str, list, dict]] = [
@@ -978,38 +1018,11 @@ def test_every_way_an_update_can_start_after_a_confirmed_layout_keeps_the_group_
     monkeypatch.setattr(sender.Sender, "void_bucket", lambda self, plan: (voids.append(now[0]), void_bucket(self, plan)))
     now = [""]
 
-    def body(rank: int, port: int) -> Any:
-        if rank == 0:
-            group = trainer(port, world)
-            out = []
-            try:
-                for what, pairs, kw in steps:
-                    now[0] = what
-                    try:
-                        NCCLWeightTransferEngine.trainer_send_weights(failing() if what == "fails at once" else iter(pairs),
-                                                                      group, **kw)  # fmt: skip
-                        out.append(None)
-                    except RuntimeError as e:
-                        out.append(str(e))
-            finally:
-                destroy_side_group(group)
-            return out
-        engine = worker(rank, port, world)
-        runs = []
-        try:
-            for _ in steps:
-                got, load = collector()
-                try:
-                    engine.receive_weights(None, load)
-                    runs.append(got)
-                except TransferError as e:
-                    assert not e.broken, e
-                    runs.append(str(e))
-        finally:
-            engine.shutdown()
-        return runs
+    def source(what: str, pairs: list) -> Callable[[], Any]:
+        return failing if what == "fails at once" else lambda: iter(pairs)
 
-    values = run_world(body, world)
+    values = updates_that_may_fail([(source(what, pairs), kw) for what, pairs, kw in steps],
+                                   before=lambda k: now.__setitem__(0, steps[k][0]))  # fmt: skip
     assert values[0] == [None] * 5 + ["no weights today"] + [None] * 7
     # Void where the update did not start with the confirmed layout's bucket 0; nothing is
     # posted ahead after an update that sent nothing.
@@ -1065,40 +1078,9 @@ def test_a_source_failing_between_buckets_of_a_steady_layout_aborts_on_every_ran
         yield from model[:fail_at]
         raise RuntimeError(f"source failed at {fail_at}")
 
-    updates = 5  # three to reach the steady state, the failing one, then the layout again
-    world = 3
-
-    def body(rank: int, port: int) -> Any:
-        if rank == 0:
-            group = trainer(port, world)
-            out = []
-            try:
-                for step in range(updates):
-                    try:
-                        NCCLWeightTransferEngine.trainer_send_weights(failing() if step == 3 else iter(model), group,
-                                                                      packed=True, packed_buffer_size_bytes=256)  # fmt: skip
-                        out.append(None)
-                    except RuntimeError as e:
-                        out.append(str(e))
-            finally:
-                destroy_side_group(group)
-            return out
-        engine = worker(rank, port, world)
-        runs = []
-        try:
-            for _ in range(updates):
-                got, load = collector()
-                try:
-                    engine.receive_weights(None, load)
-                    runs.append(got)
-                except TransferError as e:
-                    assert not e.broken, e
-                    runs.append(str(e))
-        finally:
-            engine.shutdown()
-        return runs
-
-    values = run_world(body, world)
+    kw = dict(packed=True, packed_buffer_size_bytes=256)
+    # Three updates to reach the steady state, the failing one, then the layout again.
+    values = updates_that_may_fail([(lambda: iter(model), kw)] * 3 + [(failing, kw), (lambda: iter(model), kw)])
     assert values[0] == [None] * 3 + [f"source failed at {fail_at}", None]
     for rank in (1, 2):
         runs = values[rank]

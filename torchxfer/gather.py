@@ -85,7 +85,6 @@ class Posted:
     full: list[int]
     works: list[Any] = dataclasses.field(default_factory=list)
     fulls: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
-    posted: bool = False
 
 
 def one_by_one(pg: Any) -> bool:
@@ -277,7 +276,6 @@ class Gatherer:
 
     def post(self, posted: Posted) -> None:
         """Post the group's gathers (asynchronous), then its ``full`` entries' ``full_tensor()`` (blocking)."""
-        posted.posted = True
         self.posted_groups += 1
         try:
             for op in posted.ops:
