@@ -24,6 +24,7 @@ from torchxfer.packing import (
     TensorSpec,
     align_up,
     check_bucket,
+    concat_plan,
     dtype_name,
     own_run_threshold,
     parse_dtype,
@@ -592,6 +593,74 @@ def test_roundtrip_random_mixes(rows, buffer_size, seed):
     out = roundtrip(tensors, buffer_size)
     for o, t in zip(out, tensors):
         assert_bit_exact(o, t)
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(
+    rows=st.lists(
+        st.tuples(st.sampled_from(DTYPES[:9]), st.sampled_from(LAYOUTS + ["vector"] * 6 + ["cube"] * 3 + ["conj"] * 2),
+                  st.integers(1, 4), st.integers(1, 4)),
+        min_size=1,
+        max_size=12,
+    ),
+    buffer_size=st.integers(128, 4096),
+    drop=st.sets(st.integers(0, 11), max_size=2),
+    one_dtype=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_concat_plan_packs_every_whole_slot_bit_for_bit(rows, buffer_size, drop, one_dtype, seed):
+    """Packing a bucket's whole tensors as concat_plan says (one torch.cat per segment, one
+    multi-tensor copy for the rest) writes exactly the bytes of packing slot by slot; every
+    position is packed once, and segments only join alike slots that lie back to back."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = []
+    for dtype, layout, a, b in rows:
+        dtype = rows[0][0] if one_dtype else dtype
+        if layout == "vector":
+            tensors.append(random_tensor(dtype, (4 * a,), gen))
+        elif layout == "cube":
+            tensors.append(random_tensor(dtype, (a, 2, 2), gen))
+        elif layout == "conj":
+            tensors.append(random_tensor(torch.complex64, (a, 3), gen).conj())
+        else:
+            tensors.append(make_any_tensor(layout, dtype, gen, a, b))
+    specs = [TensorSpec.of(f"t{i}", t) for i, t in enumerate(tensors)]
+    slots = plan_slots(specs, buffer_size)
+    for _, group in groupby(slots, key=lambda s: s.bucket):
+        group = list(group)
+        extent = max(s.end for s in group)
+        positions = [p for p, s in enumerate(group) if s.is_whole and s.length and p not in drop]
+        expected = torch.full((extent,), POISON, dtype=torch.uint8)
+        for p in positions:
+            pack(expected, group[p], tensors[group[p].index])
+        buf = torch.full((extent,), POISON, dtype=torch.uint8)
+        segments, rest = concat_plan(buf, group, positions)
+        covered = [p for first, end, _ in segments for p in range(first, end)] + rest
+        assert sorted(covered) == positions
+        src = [tensors[s.index] for s in group]
+        for first, end, out in segments:
+            assert end - first >= 2
+            assert all(group[p + 1].offset == group[p].end for p in range(first, end - 1))
+            assert len({(group[p].spec.dtype, tuple(group[p].spec.shape[1:])) for p in range(first, end)}) == 1
+            torch.cat(src[first:end], out=out)
+        views = [typed_view(slot_view(buf, group[p]), group[p].spec) for p in rest]
+        if rest:
+            torch._foreach_copy_(views, [src[p] for p in rest])
+        assert torch.equal(buf, expected)
+
+
+def test_concat_plan_joins_alike_neighbours_only():
+    """Three alike vectors, a matrix, two alike matrices, a 0-d tensor: two segments."""
+    shapes = [((8,), torch.float32)] * 3 + [((2, 4), torch.float32)] + [((3, 4), torch.float32)] * 2 + [((), torch.float32)]
+    specs = [TensorSpec.of(f"t{i}", torch.zeros(shape, dtype=dtype)) for i, (shape, dtype) in enumerate(shapes)]
+    slots = list(plan_slots(specs, 1 << 16))
+    buf = torch.zeros(max(s.end for s in slots), dtype=torch.uint8)
+    segments, rest = concat_plan(buf, slots, list(range(len(slots))))
+    assert [(first, end, tuple(out.shape)) for first, end, out in segments] == [(0, 3, (24,)), (3, 6, (8, 4))]
+    assert rest == [6]
+    # A gap in the positions (a slot sent from its own memory) ends a segment.
+    segments, rest = concat_plan(buf, slots, [0, 2, 4, 5])
+    assert [(first, end) for first, end, _ in segments] == [(4, 6)] and rest == [0, 2]
 
 
 def test_split_tensor_reassembled_from_chunks_explicit():

@@ -34,7 +34,7 @@ from .group import SideGroup
 from .ipc_transport import SharedBuffers, open_events
 from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view, whole_views
 from .plan import BucketPlan, Layout
-from .sender import SendSide, SourceFailed, pairs, pull_same
+from .sender import SendSide, SourceFailed, gc_paused, pairs, pull_same
 from .wire import FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
 
 __all__ = ["ColocatedSender"]
@@ -88,6 +88,11 @@ class ColocatedSender(SendSide):
     # -- the update ------------------------------------------------------------------------------
 
     def run(self, items: Iterable[Any], post_iter_func: Callable | None) -> TransferStats:
+        """The update, with the cyclic garbage collector paused (``sender.gc_paused``)."""
+        with gc_paused():
+            return self._run(items, post_iter_func)
+
+    def _run(self, items: Iterable[Any], post_iter_func: Callable | None) -> TransferStats:
         start = time.perf_counter()
         cached = self.begin()
         try:

@@ -32,6 +32,7 @@ import torch
 __all__ = [
     "whole_views",
     "ALIGNMENT",
+    "concat_plan",
     "MAX_SLOTS_PER_BUCKET",
     "TensorSpec",
     "Slot",
@@ -335,6 +336,47 @@ def whole_views(buffer: torch.Tensor, slots: Sequence[Slot], made: Sequence[Any]
             view = typed_view(slot_view(buffer, slot), slot.spec)
         out.append(view)
     return out
+
+
+def concat_plan(buffer: torch.Tensor, slots: Sequence[Slot], positions: Sequence[int]
+                ) -> tuple[list[tuple[int, int, torch.Tensor]], list[int]]:  # fmt: skip
+    """How to pack the whole tensors of ``slots`` at ``positions`` into ``buffer`` with few copies.
+
+    Returns ``segments``, each ``(first, end, out)``: positions ``first..end-1``
+    are consecutive slots whose bytes lie back to back in ``buffer``, of one
+    dtype, one number of dimensions (1 to 3) and the same sizes after the first,
+    so ``torch.cat(tensors[first:end], out=out)`` packs them in one copy; and
+    the remaining positions, for one multi-tensor copy into their views. On
+    CUDA one ``cat`` moved 1.4x the bytes per second of ``torch._foreach_copy_``
+    on an H200 and costs less CPU per tensor on every device. (Four and five
+    dimensions are left to the multi-tensor copy: a memory format is inferred
+    for them.)
+    """
+    segments: list[tuple[int, int, torch.Tensor]] = []
+    rest: list[int] = []
+    i, n = 0, len(positions)
+    while i < n:
+        first = positions[i]
+        head = slots[first]
+        shape = head.spec.shape
+        j = i + 1
+        if head.is_whole and head.length and 1 <= len(shape) <= 3:
+            while j < n:
+                pos, prev = positions[j], slots[positions[j - 1]]
+                slot = slots[pos]
+                if (pos != positions[j - 1] + 1 or not slot.is_whole or not slot.length
+                        or slot.offset != prev.offset + prev.length or slot.spec.dtype != head.spec.dtype
+                        or len(slot.spec.shape) != len(shape) or slot.spec.shape[1:] != shape[1:]):  # fmt: skip
+                    break
+                j += 1
+        if j - i >= 2:
+            last = slots[positions[j - 1]]
+            raw = buffer[head.offset : last.offset + last.length]
+            segments.append((first, positions[j - 1] + 1, raw.view(head.spec.dtype).view(-1, *shape[1:])))
+        else:
+            rest.extend(positions[i:j])
+        i = j
+    return segments, rest
 
 
 def payload_runs(slots: Sequence[Slot], buffer_size: int | None, backend: str = "nccl") -> list[tuple[int, int, int | None]]:

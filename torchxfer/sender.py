@@ -43,8 +43,11 @@ bounded by ``timeout_s``.
 from __future__ import annotations
 
 import collections
+import contextlib
+import gc
 import itertools
 import logging
+import operator
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -58,11 +61,11 @@ from . import control
 from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
-from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view, whole_views
+from .packing import Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view, whole_views
 from .plan import BucketPlan, Layout, first_bucket
 from .wire import FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
 
-__all__ = ["SenderState", "Sender", "SendSide", "SourceFailed", "pairs", "pull_same"]
+__all__ = ["SenderState", "Sender", "SendSide", "SourceFailed", "all_on", "gc_paused", "pairs", "pull_same"]
 
 log = logging.getLogger("torchxfer")
 
@@ -132,27 +135,65 @@ class SenderState:
 def pairs(items: Iterable[Any], post_iter_func: Callable | None,
           check: Callable[[Any, Any], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     """The caller's pairs, transformed; anything raised by the caller's code, by
-    ``check(name, tensor)`` (run on the pair as given and on the transformed
-    one) or for a malformed pair is wrapped in SourceFailed.
+    ``check(name, tensor)`` or for a malformed pair is wrapped in SourceFailed.
 
-    One generator, whatever is checked: with thousands of tensors every layer
-    of generators costs a few ms per update.
+    ``check`` runs on the pair as given and on the transformed one, unless its
+    tensor is exactly a ``torch.Tensor`` or ``Parameter`` (the check is for
+    tensor subclasses: a function call per tensor costs milliseconds per update
+    with thousands of tensors). One generator, whatever is checked, for the
+    same reason.
     """
+    plain = _PLAIN_TYPES
     try:
         for item in items:
             if not isinstance(item, tuple) or len(item) != 2:
                 raise ValueError(f"expected (name, tensor) pairs, got {type(item).__name__}: {item!r:.100}")
-            if check is not None:
+            if check is not None and type(item[1]) not in plain:
                 check(*item)  # the caller's tensor, before any transform touches it
             if post_iter_func is not None:
                 item = (item[0], post_iter_func(item))
-                if check is not None:
+                if check is not None and type(item[1]) not in plain:
                     check(*item)
             # The pair itself when untransformed: no new tuple per tensor per update (fewer
             # objects for the cyclic GC to promote, and so fewer full collections).
             yield item
     except Exception as e:
         raise SourceFailed(e) from e
+
+
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+_IS_CPU = operator.attrgetter("is_cpu")
+_IS_CUDA = operator.attrgetter("is_cuda")
+
+
+def all_on(tensors: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether every tensor is on ``device``; without making a ``torch.device`` per tensor
+    (a few hundred nanoseconds each) for the CPU and indexed CUDA devices."""
+    if device.type == "cpu":
+        return all(map(_IS_CPU, tensors))
+    if device.type == "cuda" and device.index is not None:
+        return all(map(_IS_CUDA, tensors)) and list(map(torch.Tensor.get_device, tensors)) == [device.index] * len(tensors)
+    return all(t.device == device for t in tensors)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused for an update (restored after it, if it was on).
+
+    Pulling thousands of tensors allocates as many short-lived containers (the
+    source's pairs, each tensor's ``torch.Size``); with the collector on, they
+    trigger collections in the middle of the update, now and then a full one of
+    the whole process (tens of milliseconds in a trainer's heap). What the update
+    leaves for the collector is collected at its next run after the update.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def pull_same(plan: BucketPlan, memo: dict, refs: list, item: Item, source: Iterator[Item],
@@ -191,7 +232,7 @@ def pull_same(plan: BucketPlan, memo: dict, refs: list, item: Item, source: Iter
                     return batch, False
     tensors = [t for _, t in batch]
     same = (same and len(batch) == len(plan.slots) and [t.dtype for t in tensors] == dtypes
-            and [t.shape for t in tensors] == shapes and [t.device for t in tensors] == [device] * len(tensors))  # fmt: skip
+            and [t.shape for t in tensors] == shapes and all_on(tensors, device))  # fmt: skip
     return batch, same
 
 
@@ -276,7 +317,13 @@ class Sender(SendSide):
     def run(self, items: Iterable[Any], post_iter_func: Callable | None,
             check: Callable[[Any, Any], None] | None = None) -> TransferStats:  # fmt: skip
         """The update; ``check(name, tensor)`` runs on every pair as it is pulled
-        (its ValueError aborts the update for every rank, then is raised here)."""
+        (its ValueError aborts the update for every rank, then is raised here).
+        The cyclic garbage collector is paused meanwhile (``gc_paused``)."""
+        with gc_paused():
+            return self._run(items, post_iter_func, check)
+
+    def _run(self, items: Iterable[Any], post_iter_func: Callable | None,
+             check: Callable[[Any, Any], None] | None) -> TransferStats:  # fmt: skip
         start = time.perf_counter()
         source = pairs(items, post_iter_func, check)
         cached = self.begin()
@@ -508,6 +555,7 @@ class Sender(SendSide):
             buf = self.state.buffers[plan.index % self.num_buffers]
             memo["views"] = whole_views(buf, plan.slots)
             memo["views_of"] = buf.data_ptr()
+            memo.pop("concat", None)  # its views hold the old buffer
         return (_LATER if plan.slots[-1].is_last else None), None, source
 
     def bulk_bucket(self, plan: BucketPlan, memo: dict, own: set[int], views: list | None, item: Item,
@@ -530,7 +578,7 @@ class Sender(SendSide):
             if packed is None:
                 packed = memo["packed"] = [p for p, s in enumerate(plan.slots) if p not in own and s.length]
             if packed and self.checksum:  # the row carries the checksum: pack it all now
-                self.fused_copy([views[p] for p in packed], [tensors[p] for p in packed])
+                self.pack_bulk(plan, -1, packed, views, tensors)
             elif packed:
                 self.bulk_copies = (views, tensors)  # packed run by run, each before its broadcast
         for pos in sorted(own):
@@ -785,14 +833,31 @@ class Sender(SendSide):
         groups = self.run_groups(plan) if copies is not None else None
         for i, (start, end, pos) in enumerate(r for r in plan.runs if r[2] is None):
             if groups is not None and groups[i]:
-                views, tensors = copies
-                group = groups[i]
-                if group[-1] - group[0] + 1 == len(group):  # consecutive slots: slices, not per-tensor lists
-                    dst, src = views[group[0] : group[-1] + 1], tensors[group[0] : group[-1] + 1]
-                else:
-                    dst, src = [views[p] for p in group], [tensors[p] for p in group]
-                self.fused_copy(dst, src)
+                self.pack_bulk(plan, i, groups[i], *copies)
             self.post(buf[start:end], plan.index, from_buffer=True)
+
+    def pack_bulk(self, plan: BucketPlan, key: int, group: list[int], views: list[Any], tensors: list[torch.Tensor]) -> None:
+        """Pack the whole tensors at positions ``group`` of a bulk bucket into their views:
+        runs of alike tensors back to back in the buffer by one ``torch.cat`` each, the rest
+        by one multi-tensor copy (``packing.concat_plan``, made once per buffer and ``key``).
+        With ``prefill`` (some tensors may already be their views) by ``fused_copy`` alone."""
+        if self.prefill:
+            if group[-1] - group[0] + 1 == len(group):  # consecutive slots: slices, not per-tensor lists
+                self.fused_copy(views[group[0] : group[-1] + 1], tensors[group[0] : group[-1] + 1])
+            else:
+                self.fused_copy([views[p] for p in group], [tensors[p] for p in group])
+            return
+        memo = plan.cache["sender"].setdefault("concat", {})
+        buf = self.state.buffers[plan.index % self.num_buffers]
+        made = memo.get(key)
+        if made is None or made[0] != buf.data_ptr():
+            made = memo[key] = (buf.data_ptr(), *concat_plan(buf, plan.slots, group))
+        _, segments, rest = made
+        with torch.no_grad():
+            for first, end, out in segments:
+                torch.cat(tensors[first:end], out=out)
+            if rest:
+                torch._foreach_copy_([views[p] for p in rest], [tensors[p] for p in rest])
 
     @staticmethod
     def run_groups(plan: BucketPlan) -> list[list[int]]:
