@@ -32,7 +32,7 @@ from .control import ControlChannel, Step
 from .errors import TransferError
 from .group import SideGroup
 from .ipc_transport import SharedBuffers, open_events
-from .packing import Planner, Slot, TensorSpec, slot_view, tensor_bytes, typed_view, whole_views
+from .packing import Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view, whole_views
 from .plan import BucketPlan, Layout
 from .sender import SendSide, SourceFailed, gc_paused, pairs, pull_same
 from .wire import FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
@@ -229,9 +229,17 @@ class ColocatedSender(SendSide):
         views = memo.get("views")
         if views is None or views[0] != buf.data_ptr():
             views = memo["views"] = self.live_views(buf, plan.slots)
-        if views[1]:
-            with torch.no_grad():
-                torch._foreach_copy_(views[2], [tensors[p] for p in views[1]])
+        concat = memo.get("concat")
+        if concat is None or concat[0] != views[0]:  # alike neighbours by one torch.cat each
+            segments, rest = concat_plan(buf, plan.slots, views[1])
+            where = dict(zip(views[1], views[2]))
+            concat = memo["concat"] = (views[0], segments, rest, [where[p] for p in rest])
+        _, segments, rest, rest_views = concat
+        with torch.no_grad():
+            for first, end, out in segments:
+                torch.cat(tensors[first:end], out=out)
+            if rest:
+                torch._foreach_copy_(rest_views, [tensors[p] for p in rest])
         self.num_tensors += len(tensors)
         return True, next(source, None), source
 

@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from .group import create_side_group, destroy_side_group, side_group
 from .receiver import LoadWeights, ReceiveProgress, Receiver
-from .sender import Sender
+from .sender import Sender, gc_paused
 
 try:  # public since torch 2.5
     from torch.distributed.tensor import DTensor as _DTensor
@@ -178,8 +178,9 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
             side = side_group(group)
             side.check_usable()
             try:
-                return type(self)._receiver(side, info, load_weights, self.device, atomic=atomic,
-                                            progress=progress).run()  # fmt: skip
+                with gc_paused():  # thousands of views handed to load_weights: no collection meanwhile
+                    return type(self)._receiver(side, info, load_weights, self.device, atomic=atomic,
+                                                progress=progress).run()  # fmt: skip
             except TransferError as e:
                 if not e.broken:  # a broken group was logged when it broke
                     log.warning("update %s failed on rank %d: %s", progress.update_id, side.rank(), e)

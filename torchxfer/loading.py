@@ -171,6 +171,8 @@ class ModuleLoader:
 
     def missing(self) -> list[str]:
         """Tensors of the module not loaded in the current update (the first name of tied ones)."""
+        if len(self.loaded) == len(self._first) == len(self._aliases):  # no ties, every name: none missing
+            return []
         arrived = {self._first[name] for name in self.loaded}
         return [first for first in self._aliases if first not in arrived]
 
