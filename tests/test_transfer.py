@@ -980,6 +980,35 @@ def test_the_second_update_of_the_same_parameters_packs_them_in_bulk(monkeypatch
             assert_same(got, sent[step], f"rank {rank} update {step}")
 
 
+@pytest.mark.parametrize("num_buffers", [2, 3])
+@pytest.mark.parametrize("between", [False, True], ids=["back-to-back", "small-between"])
+def test_consecutive_tensors_larger_than_a_buffer_arrive_bit_for_bit_over_updates(num_buffers, between):
+    """Tensors of 2.5 and 1.3 buffers each, one after the other (each split over buckets of its
+    own), sent three times with new values: each split tensor's parts arrive straight into the
+    receiver's assembly tensor or, while an earlier split tensor is still in flight, through the
+    buffers; either way every value arrives bit for bit."""
+    buf = 4096
+    gen = torch.Generator().manual_seed(5)
+    model = []
+    for i, numel in enumerate([buf * 5 // 8, buf * 13 // 40, buf * 5 // 8, buf // 2 + 4, buf * 3 // 4]):
+        model.append((f"big{i}", rand_tensor((numel,), torch.float32, gen)))
+        if between and i % 2:
+            model.append((f"small{i}", rand_tensor((3, 5), torch.float16, gen)))
+    sent = []
+
+    def source(step: int) -> Any:
+        for _, t in model:
+            t.mul_(-1).add_(step)
+        sent.append([(n, t.clone()) for n, t in model])
+        return iter(model)
+
+    values = updates_over_three_ranks(3, source, packed=True, packed_buffer_size_bytes=buf,
+                                      packed_num_buffers=num_buffers)  # fmt: skip
+    for rank in (1, 2):
+        for step, got in enumerate(values[rank]):
+            assert_same(got, sent[step], f"rank {rank} update {step}")
+
+
 # -- bucket 0 posted ahead ----------------------------------------------------------------------------
 
 

@@ -475,8 +475,8 @@ class Receiver(WorkerSide):
         direct = self.split_direct(plan)
         head = next((plan.slots[pos] for pos in direct if plan.slots[pos].start == 0), None)
         if head is not None:
-            # The assembly tensor gets a new owner: the previous one must be loaded first.
-            self.load_all()
+            # The assembly tensor gets a new owner; no bucket in flight reads it (split_direct),
+            # and on CUDA the loads of the previous owner are ordered before this bucket's receives.
             self.state.assembly_for(head.spec.nbytes, self.device)
         dests, works = self.post_runs(plan, plan.runs, direct)
         return _Posted(plan, works, dests, None)
@@ -485,9 +485,12 @@ class Receiver(WorkerSide):
         """Positions of the bucket's slots of split tensors that are received straight into
         the assembly tensor rather than into the buffer and copied.
 
-        A split tensor's head goes straight there when it travels alone and no other
-        split tensor's tail shares its bucket (that tail is still to be loaded from
-        the assembly tensor); the rest of the tensor follows its head's way.
+        A split tensor's head goes straight there when it travels alone, no other
+        split tensor's tail shares its bucket, and no bucket posted and not yet
+        loaded holds a part of a split tensor (each would still be read from the
+        assembly tensor); the rest of the tensor follows its head's way. Otherwise
+        its parts arrive in the buffers and are copied into the assembly tensor as
+        they are loaded, so the receives never wait for the previous owner's load.
         """
         if "whole" not in plan.cache:
             plan.cache["whole"] = all(s.is_whole for s in plan.slots)
@@ -499,7 +502,8 @@ class Receiver(WorkerSide):
             if slot.is_whole or self.buffer_size is None:
                 continue
             if slot.start == 0:
-                direct = pos in own and not any(s.start > 0 for s in plan.slots)
+                direct = (pos in own and not any(s.start > 0 for s in plan.slots)
+                          and all(p.plan.cache.get("whole", True) for p in self.pending))  # fmt: skip
                 self.direct_split = (slot.index, direct)
             else:
                 direct = self.direct_split == (slot.index, True)
