@@ -202,9 +202,10 @@ def pull_same(plan: BucketPlan, memo: dict, refs: list, item: Item, source: Iter
     pulled (``item`` first) and whether they are exactly the bucket's tensors of the last
     update on ``device``, ``refs`` holding weak references to those.
 
-    Pulled ahead only while each pair is the very object and name of the last update: a
-    source that refills a staging tensor yields new objects and is never pulled past one, so
-    each of its values is packed before the next overwrites it. The same object may still
+    Pulled ahead only while each pair holds the very object of the last update: a source
+    that refills a staging tensor yields new objects and is never pulled past one, so each
+    of its values is packed before the next overwrites it (the names are compared once the
+    bucket is in hand). The same object may still
     carry new metadata (``param.data = other``), so dtypes, shapes and devices are compared
     too. ``memo`` keeps the bucket's names, dtypes and shapes. ``refs`` None: a source of
     tensors made for this update that nothing else writes (``Sender.owned``), pulled while
@@ -216,24 +217,31 @@ def pull_same(plan: BucketPlan, memo: dict, refs: list, item: Item, source: Iter
                                [s.spec.shape for s in plan.slots])  # fmt: skip
     names, dtypes, shapes = keys
     batch = [item]
+    append = batch.append
     if refs is None:
         same = item[0] == names[0]
         if same:
             for name, pulled in zip(itertools.islice(names, 1, None), source):
-                batch.append(pulled)
+                append(pulled)
                 if pulled[0] != name:
                     return batch, False
     else:
-        same = refs[0]() is item[1] and item[0] == names[0]
-        if same:
-            for ref, name, pulled in zip(itertools.islice(refs, 1, None), itertools.islice(names, 1, None), source):
-                batch.append(pulled)
-                if ref() is not pulled[1] or pulled[0] != name:
+        same = refs[0]() is item[1]
+        if same:  # the identity per pair, before the next is pulled; the names after, in one comparison
+            for ref, pulled in zip(itertools.islice(refs, 1, None), source):
+                append(pulled)
+                if ref() is not pulled[1]:
                     return batch, False
-    tensors = [t for _, t in batch]
-    same = (same and len(batch) == len(plan.slots) and [t.dtype for t in tensors] == dtypes
-            and [t.shape for t in tensors] == shapes and all_on(tensors, device))  # fmt: skip
+            same = list(map(_FIRST, batch)) == names
+    if not same or len(batch) != len(plan.slots):
+        return batch, False
+    tensors = list(map(_SECOND, batch))
+    same = list(map(_DTYPE, tensors)) == dtypes and list(map(_SHAPE, tensors)) == shapes and all_on(tensors, device)
     return batch, same
+
+
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
 
 
 def _spec(item: tuple[str, torch.Tensor]) -> TensorSpec:
