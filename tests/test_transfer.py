@@ -1009,6 +1009,45 @@ def test_consecutive_tensors_larger_than_a_buffer_arrive_bit_for_bit_over_update
             assert_same(got, sent[step], f"rank {rank} update {step}")
 
 
+def test_gc_paused_pauses_the_collector_and_restores_the_callers_setting():
+    """Paused inside, restored after (also when the body raises); left off if it was off."""
+    import gc
+
+    from torchxfer.sender import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="boom"):
+        with gc_paused():
+            raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_the_collector_is_paused_while_the_trainer_pulls_its_tensors():
+    """The update pulls the source with the cyclic GC paused, in the first and later updates."""
+    import gc
+
+    model = simple(4, n=6)
+    seen: list[bool] = []
+
+    def source(step: int) -> Any:
+        for name, t in model:
+            seen.append(gc.isenabled())
+            yield name, t
+
+    updates_over_three_ranks(2, source, packed=True, packed_buffer_size_bytes=1024)
+    assert seen == [False] * 12, seen
+
+
 # -- bucket 0 posted ahead ----------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ Inference worker (every rank of every server, all together)::
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import logging
 import itertools
@@ -395,18 +396,17 @@ def send_pairs(iterator: Iterable[tuple[str, torch.Tensor]], group: dist.Process
         raise ValueError(f"post_iter_func must be callable, got {post_iter_func!r}")
     side.check_usable()
     num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
-    check = None
-    if not owned:  # the package's own pairs (send_model) are never DTensors, and are pulled only once the update began
-        iterator, check = _refuse_dtensors(iterator, post_iter_func)
-    sender = Sender(side, packed=packed, buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
-                    checksum=checksum, zero_copy=zero_copy, version=version, num_tensors=num_tensors,
-                    owned=owned)  # fmt: skip
-    if started is not None:
-        started(sender)
-    if stream is not None:
-        with torch.cuda.stream(stream):
+    with gc_paused():  # from the first pull on (Sender.run pauses it too)
+        check = None
+        if not owned:  # the package's own pairs (send_model) are never DTensors, and are pulled only once the update began
+            iterator, check = _refuse_dtensors(iterator, post_iter_func)
+        sender = Sender(side, packed=packed, buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
+                        checksum=checksum, zero_copy=zero_copy, version=version, num_tensors=num_tensors,
+                        owned=owned)  # fmt: skip
+        if started is not None:
+            started(sender)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             return sender.run(iterator, post_iter_func, check)
-    return sender.run(iterator, post_iter_func, check)
 
 
 _DTENSOR_HINT = (
