@@ -724,6 +724,11 @@ class Sender(SendSide):
         buf = self.state.buffers[plan.index % self.num_buffers]
         memo["views"] = whole_views(buf, plan.slots, views)
         memo["views_of"] = buf.data_ptr()
+        memo.pop("concat", None)
+        if memo["all_stable"] and not self.checksum:  # the next update packs in bulk, run by run
+            for i, group in enumerate(self.run_groups(plan)):
+                if group:
+                    self.concat_for(plan, i, group)
 
     def table_bucket(self, plan: BucketPlan, kept: int, last: bool, unpacked: dict[int, torch.Tensor]) -> None:
         """TABLE step, the frame, a SYNC step every rank waits for, then the payload."""
@@ -855,17 +860,22 @@ class Sender(SendSide):
             else:
                 self.fused_copy([views[p] for p in group], [tensors[p] for p in group])
             return
-        memo = plan.cache["sender"].setdefault("concat", {})
-        buf = self.state.buffers[plan.index % self.num_buffers]
-        made = memo.get(key)
-        if made is None or made[0] != buf.data_ptr():
-            made = memo[key] = (buf.data_ptr(), *concat_plan(buf, plan.slots, group))
-        _, segments, rest = made
+        _, segments, rest = self.concat_for(plan, key, group)
         with torch.no_grad():
             for first, end, out in segments:
                 torch.cat(tensors[first:end], out=out)
             if rest:
                 torch._foreach_copy_([views[p] for p in rest], [tensors[p] for p in rest])
+
+    def concat_for(self, plan: BucketPlan, key: int, group: list[int]) -> tuple[int, list, list[int]]:
+        """``packing.concat_plan`` of the whole tensors at positions ``group`` of the bucket,
+        made once per buffer and ``key`` (a packed run's index, or -1 for the whole bucket)."""
+        memo = plan.cache["sender"].setdefault("concat", {})
+        buf = self.state.buffers[plan.index % self.num_buffers]
+        made = memo.get(key)
+        if made is None or made[0] != buf.data_ptr():
+            made = memo[key] = (buf.data_ptr(), *concat_plan(buf, plan.slots, group))
+        return made
 
     @staticmethod
     def run_groups(plan: BucketPlan) -> list[list[int]]:
