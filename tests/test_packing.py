@@ -634,18 +634,15 @@ def test_concat_plan_packs_every_whole_slot_bit_for_bit(rows, buffer_size, drop,
         for p in positions:
             pack(expected, group[p], tensors[group[p].index])
         buf = torch.full((extent,), POISON, dtype=torch.uint8)
-        segments, rest = concat_plan(buf, group, positions)
+        plan = concat_plan(buf, group, positions)
+        segments, rest = plan.segments, plan.rest
         covered = [p for first, end, _ in segments for p in range(first, end)] + rest
         assert sorted(covered) == positions
-        src = [tensors[s.index] for s in group]
         for first, end, out in segments:
             assert end - first >= 2
             assert all(group[p + 1].offset == group[p].end for p in range(first, end - 1))
             assert len({(group[p].spec.dtype, tuple(group[p].spec.shape[1:])) for p in range(first, end)}) == 1
-            torch.cat(src[first:end], out=out)
-        views = [typed_view(slot_view(buf, group[p]), group[p].spec) for p in rest]
-        if rest:
-            torch._foreach_copy_(views, [src[p] for p in rest])
+        plan.pack([tensors[s.index] for s in group])
         assert torch.equal(buf, expected)
 
 
@@ -655,11 +652,11 @@ def test_concat_plan_joins_alike_neighbours_only():
     specs = [TensorSpec.of(f"t{i}", torch.zeros(shape, dtype=dtype)) for i, (shape, dtype) in enumerate(shapes)]
     slots = list(plan_slots(specs, 1 << 16))
     buf = torch.zeros(max(s.end for s in slots), dtype=torch.uint8)
-    segments, rest = concat_plan(buf, slots, list(range(len(slots))))
+    segments, rest, _ = concat_plan(buf, slots, list(range(len(slots))))
     assert [(first, end, tuple(out.shape)) for first, end, out in segments] == [(0, 3, (24,)), (3, 6, (8, 4))]
     assert rest == [6]
     # A gap in the positions (a slot sent from its own memory) ends a segment.
-    segments, rest = concat_plan(buf, slots, [0, 2, 4, 5])
+    segments, rest, _ = concat_plan(buf, slots, [0, 2, 4, 5])
     assert [(first, end) for first, end, _ in segments] == [(4, 6)] and rest == [0, 2]
 
 

@@ -21,7 +21,7 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from .control import ControlChannel, Step
 from .errors import TransferError
 from .group import SideGroup
 from .ipc_transport import SharedBuffers, open_events
-from .packing import Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view, whole_views
+from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view
 from .plan import BucketPlan, Layout
 from .sender import SendSide, SourceFailed, gc_paused, pairs, pull_same
 from .wire import FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
@@ -215,42 +215,30 @@ class ColocatedSender(SendSide):
 
     def bulk(self, plan: BucketPlan, item: Item, source: Iterator[Item]) -> tuple[bool, Item | None, Iterator[Item]]:
         """A bucket of the cached layout whose tensors are the very objects sent there last time:
-        pulled at once and packed with one fused copy. Otherwise the pulled items are handed back."""
+        pulled at once and packed as its ``concat_for`` plan says. Otherwise the pulled items are handed back."""
         memo = plan.cache
         refs = memo.get("refs")
         if refs is None or len(refs) != len(plan.slots) or not memo.get("distinct"):
             return False, item, source
-        batch, same = pull_same(plan, memo, refs, item, source, self.device)
-        if not same:
+        batch, tensors = pull_same(plan, memo, refs, item, source, self.device)
+        if tensors is None:
             return False, batch[0], itertools.chain(batch[1:], source)
-        tensors = [t for _, t in batch]
         self.acquire(plan.index)
         buf = self.state.buffers.tensors[plan.index % self.num_buffers]
-        views = memo.get("views")
-        if views is None or views[0] != buf.data_ptr():
-            views = memo["views"] = self.live_views(buf, plan.slots)
-        concat = memo.get("concat")
-        if concat is None or concat[0] != views[0]:  # alike neighbours by one torch.cat each
-            segments, rest = concat_plan(buf, plan.slots, views[1])
-            where = dict(zip(views[1], views[2]))
-            concat = memo["concat"] = (views[0], segments, rest, [where[p] for p in rest])
-        _, segments, rest, rest_views = concat
-        with torch.no_grad():
-            for first, end, out in segments:
-                torch.cat(tensors[first:end], out=out)
-            if rest:
-                torch._foreach_copy_(rest_views, [tensors[p] for p in rest])
+        self.concat_for(plan, buf).pack(tensors)
         self.num_tensors += len(tensors)
         return True, next(source, None), source
 
     @staticmethod
-    def live_views(buf: torch.Tensor, slots: Sequence[Slot],
-                   made: list[Any] | None = None) -> tuple[int, list[int], list[Any]]:  # fmt: skip
-        """For a bucket of whole tensors: the buffer's address, the positions of the slots that
-        hold bytes, and their typed views (``made`` ones reused)."""
-        live = [p for p, s in enumerate(slots) if s.length]
-        views = whole_views(buf, slots, made)
-        return buf.data_ptr(), live, [views[p] for p in live]
+    def concat_for(plan: BucketPlan, buf: torch.Tensor, views: list[Any] | None = None) -> ConcatPlan:
+        """How a bucket of whole tensors is packed into ``buf`` (``packing.concat_plan``: alike
+        neighbours by one ``torch.cat`` each), made once per buffer; ``views``: those made while
+        packing it, reused."""
+        made = plan.cache.get("concat")
+        if made is None or made[0] != buf.data_ptr():
+            live = [p for p, s in enumerate(plan.slots) if s.length]
+            made = plan.cache["concat"] = (buf.data_ptr(), concat_plan(buf, plan.slots, live, views))
+        return made[1]
 
     def close(self, slots: list[Slot], last: bool, refs: list[Any] | None, views: list[Any] | None) -> None:
         """Announce the packed bucket: BUCKET (the cached layout's) or TABLE (a new one, agreed first)."""
@@ -271,8 +259,8 @@ class ColocatedSender(SendSide):
             # Distinct live objects (a module's parameters), not one staging tensor yielded again.
             alive = [r() for r in refs] if whole else []
             plan.cache["distinct"] = whole and not any(t is None for t in alive) and len({id(t) for t in alive}) == len(alive)
-            if whole:  # the views the next update's bulk copy needs, as made while packing this one
-                plan.cache["views"] = self.live_views(self.state.buffers.tensors[k % self.num_buffers], slots, views)
+            if whole:  # how the next update's bulk copy packs this bucket
+                self.concat_for(plan, self.state.buffers.tensors[k % self.num_buffers], views)
         if self.device.type == "cuda":
             self.state.buffers.events[k % self.num_buffers].record()
         if plan is cached_bucket(cached, k):

@@ -396,7 +396,7 @@ def send_pairs(iterator: Iterable[tuple[str, torch.Tensor]], group: dist.Process
         raise ValueError(f"post_iter_func must be callable, got {post_iter_func!r}")
     side.check_usable()
     num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
-    with gc_paused():  # from the first pull on (Sender.run pauses it too)
+    with gc_paused():  # from the first pull on: see sender.gc_paused
         check = None
         if not owned:  # the package's own pairs (send_model) are never DTensors, and are pulled only once the update began
             iterator, check = _refuse_dtensors(iterator, post_iter_func)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 __all__ = [
     "whole_views",
     "ALIGNMENT",
+    "ConcatPlan",
     "concat_plan",
     "MAX_SLOTS_PER_BUCKET",
     "TensorSpec",
@@ -338,19 +339,36 @@ def whole_views(buffer: torch.Tensor, slots: Sequence[Slot], made: Sequence[Any]
     return out
 
 
-def concat_plan(buffer: torch.Tensor, slots: Sequence[Slot], positions: Sequence[int]
-                ) -> tuple[list[tuple[int, int, torch.Tensor]], list[int]]:  # fmt: skip
-    """How to pack the whole tensors of ``slots`` at ``positions`` into ``buffer`` with few copies.
+class ConcatPlan(NamedTuple):
+    """How :func:`concat_plan` packs a bucket's whole tensors: ``segments`` of slot positions
+    ``first..end-1`` packed by one ``torch.cat(out=out)`` each, and the ``rest`` positions by
+    one multi-tensor copy into ``rest_views``."""
 
-    Returns ``segments``, each ``(first, end, out)``: positions ``first..end-1``
-    are consecutive slots whose bytes lie back to back in ``buffer``, of one
-    dtype, one number of dimensions (1 to 3) and the same sizes after the first,
-    so ``torch.cat(tensors[first:end], out=out)`` packs them in one copy; and
-    the remaining positions, for one multi-tensor copy into their views. On
-    CUDA one ``cat`` moved 1.4x the bytes per second of ``torch._foreach_copy_``
-    on an H200 and costs less CPU per tensor on every device. (Four and five
-    dimensions are left to the multi-tensor copy: a memory format is inferred
-    for them.)
+    segments: list[tuple[int, int, torch.Tensor]]
+    rest: list[int]
+    rest_views: list[torch.Tensor]
+
+    def pack(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy ``tensors`` (indexed by slot position) into the buffer as planned."""
+        with torch.no_grad():
+            for first, end, out in self.segments:
+                torch.cat(tensors[first:end], out=out)
+            if self.rest:
+                torch._foreach_copy_(self.rest_views, [tensors[p] for p in self.rest])
+
+
+def concat_plan(buffer: torch.Tensor, slots: Sequence[Slot], positions: Sequence[int],
+                made: Sequence[Any] | None = None) -> ConcatPlan:  # fmt: skip
+    """How to pack the whole tensors of ``slots`` at ``positions`` into ``buffer`` with few copies
+    (``made``: per slot, typed views already made, reused as in :func:`whole_views`).
+
+    A segment joins consecutive slots whose bytes lie back to back in ``buffer``,
+    of one dtype, one number of dimensions (1 to 3) and the same sizes after the
+    first, so ``torch.cat`` packs them in one copy; the other positions go
+    through one multi-tensor copy into their typed views. On CUDA one ``cat``
+    moved 1.4x the bytes per second of ``torch._foreach_copy_`` on an H200 and
+    costs less CPU per tensor on every device. (Four and five dimensions are
+    left to the multi-tensor copy: a memory format is inferred for them.)
     """
     segments: list[tuple[int, int, torch.Tensor]] = []
     rest: list[int] = []
@@ -376,7 +394,8 @@ def concat_plan(buffer: torch.Tensor, slots: Sequence[Slot], positions: Sequence
         else:
             rest.extend(positions[i:j])
         i = j
-    return segments, rest
+    views = whole_views(buffer, slots, made) if rest else []
+    return ConcatPlan(segments, rest, [views[p] for p in rest])
 
 
 def payload_runs(slots: Sequence[Slot], buffer_size: int | None, backend: str = "nccl") -> list[tuple[int, int, int | None]]:

@@ -61,7 +61,7 @@ from . import control
 from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
-from .packing import Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view, whole_views
+from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view, whole_views
 from .plan import BucketPlan, Layout, first_bucket
 from .wire import FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
 
@@ -197,10 +197,10 @@ def gc_paused() -> Iterator[None]:
 
 
 def pull_same(plan: BucketPlan, memo: dict, refs: list, item: Item, source: Iterator[Item],
-              device: torch.device) -> tuple[list[Item], bool]:  # fmt: skip
+              device: torch.device) -> tuple[list[Item], list[torch.Tensor] | None]:  # fmt: skip
     """Pull a bucket of the cached layout at once, for one fused copy: returns the pairs
-    pulled (``item`` first) and whether they are exactly the bucket's tensors of the last
-    update on ``device``, ``refs`` holding weak references to those.
+    pulled (``item`` first) and, if they are exactly the bucket's tensors of the last
+    update on ``device`` (``refs`` holding weak references to those), their tensors (else None).
 
     Pulled ahead only while each pair holds the very object of the last update: a source
     that refills a staging tensor yields new objects and is never pulled past one, so each
@@ -224,20 +224,20 @@ def pull_same(plan: BucketPlan, memo: dict, refs: list, item: Item, source: Iter
             for name, pulled in zip(itertools.islice(names, 1, None), source):
                 append(pulled)
                 if pulled[0] != name:
-                    return batch, False
+                    return batch, None
     else:
         same = refs[0]() is item[1]
         if same:  # the identity per pair, before the next is pulled; the names after, in one comparison
             for ref, pulled in zip(itertools.islice(refs, 1, None), source):
                 append(pulled)
                 if ref() is not pulled[1]:
-                    return batch, False
+                    return batch, None
             same = list(map(_FIRST, batch)) == names
     if not same or len(batch) != len(plan.slots):
-        return batch, False
+        return batch, None
     tensors = list(map(_SECOND, batch))
     same = list(map(_DTYPE, tensors)) == dtypes and list(map(_SHAPE, tensors)) == shapes and all_on(tensors, device)
-    return batch, same
+    return batch, tensors if same else None
 
 
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
@@ -326,12 +326,7 @@ class Sender(SendSide):
             check: Callable[[Any, Any], None] | None = None) -> TransferStats:  # fmt: skip
         """The update; ``check(name, tensor)`` runs on every pair as it is pulled
         (its ValueError aborts the update for every rank, then is raised here).
-        The cyclic garbage collector is paused meanwhile (``gc_paused``)."""
-        with gc_paused():
-            return self._run(items, post_iter_func, check)
-
-    def _run(self, items: Iterable[Any], post_iter_func: Callable | None,
-             check: Callable[[Any, Any], None] | None) -> TransferStats:  # fmt: skip
+        ``engine.send_pairs`` runs it with the cyclic garbage collector paused."""
         start = time.perf_counter()
         source = pairs(items, post_iter_func, check)
         cached = self.begin()
@@ -574,12 +569,11 @@ class Sender(SendSide):
         Returns None when the bucket's tensors are not those of the last update;
         ``self.replay`` then holds the pulled items, for the slot-by-slot path.
         """
-        batch, same = pull_same(plan, memo, None if self.owned else memo["refs"], item, source, self.device)
+        batch, tensors = pull_same(plan, memo, None if self.owned else memo["refs"], item, source, self.device)
         self.replay = (batch[0], itertools.chain(batch[1:], source))
-        if not same:
+        if tensors is None:
             memo["all_stable"] = False
             return None
-        tensors = [t for _, t in batch]
         self.stable = True
         if views is not None:
             packed = memo.get("packed")
@@ -860,22 +854,17 @@ class Sender(SendSide):
             else:
                 self.fused_copy([views[p] for p in group], [tensors[p] for p in group])
             return
-        _, segments, rest = self.concat_for(plan, key, group)
-        with torch.no_grad():
-            for first, end, out in segments:
-                torch.cat(tensors[first:end], out=out)
-            if rest:
-                torch._foreach_copy_([views[p] for p in rest], [tensors[p] for p in rest])
+        self.concat_for(plan, key, group).pack(tensors)
 
-    def concat_for(self, plan: BucketPlan, key: int, group: list[int]) -> tuple[int, list, list[int]]:
+    def concat_for(self, plan: BucketPlan, key: int, group: list[int]) -> ConcatPlan:
         """``packing.concat_plan`` of the whole tensors at positions ``group`` of the bucket,
         made once per buffer and ``key`` (a packed run's index, or -1 for the whole bucket)."""
         memo = plan.cache["sender"].setdefault("concat", {})
         buf = self.state.buffers[plan.index % self.num_buffers]
         made = memo.get(key)
         if made is None or made[0] != buf.data_ptr():
-            made = memo[key] = (buf.data_ptr(), *concat_plan(buf, plan.slots, group))
-        return made
+            made = memo[key] = (buf.data_ptr(), concat_plan(buf, plan.slots, group, plan.cache["sender"].get("views")))
+        return made[1]
 
     @staticmethod
     def run_groups(plan: BucketPlan) -> list[list[int]]:
