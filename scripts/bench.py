@@ -526,8 +526,11 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
             if args.cprofile and cfg["mode"] in ("packed", "ipc", "unpacked") \
                     and lay in args.profile_layouts.split(","):  # fmt: skip
                 _cprofile(lambda: run_once(cfg), args.cprofile, f"{lay} {cfg['mode']} {cfg.get('buffer_mib')} MiB", rank)
-            if args.profile and cfg["mode"] == "packed" and lay in args.profile_layouts.split(","):
-                _profile(lambda: run_once(cfg), args.profile, f"{lay}_{cfg['buffer_mib']}mib_rank{rank}", device)
+            if args.profile and cfg["mode"] in args.profile_modes.split(",") and lay in args.profile_layouts.split(","):
+                if n == 0:  # the floor, once per layout
+                    _profile(lambda: run_once({"mode": "flat"}), args.profile, f"{lay}_flat_rank{rank}", device)
+                _profile(lambda: run_once(cfg), args.profile,
+                         f"{lay}_{cfg['mode']}_{cfg.get('buffer_mib', 0)}mib_rank{rank}", device)
             med = statistics.median(times)
             if rank == 0:
                 print(f"[{lay} {n + 1}/{len(modes)}] rounds (ms): " + " ".join(f"{t * 1e3:.2f}" for t in times),
@@ -773,11 +776,12 @@ def main() -> None:
     p.add_argument("--buffer-mib", default=None, type=_ints, help="packed/seed buffer sizes (default cpu 4,16,64; cuda 1024,256)")
     p.add_argument("--num-buffers", default=None, type=_ints, help="buffer counts (default cpu 2,3; cuda 2)")
     p.add_argument("--profile", default=None, metavar="DIR",
-                   help="after each packed row, profile one more update on every rank (Chrome traces in DIR)")
+                   help="after each row of --profile-modes, profile one more update on every rank (Chrome traces in DIR)")
     p.add_argument("--cprofile", default=None, metavar="DIR",
                    help="after each packed/ipc/unpacked row, one more update under cProfile on every rank "
                         "(the costliest functions in DIR/cprofile_rank{r}.txt)")  # fmt: skip
     p.add_argument("--profile-layouts", default="transformer", help="layouts to profile with --profile/--cprofile")
+    p.add_argument("--profile-modes", default="packed", help="modes to profile with --profile (and the floor once)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds after one warm-up (default cpu 3; cuda 5, 3 over 8 GiB)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--deadline", type=float, default=1800.0)

@@ -306,13 +306,19 @@ class Receiver(WorkerSide):
         posting; a failure while receiving or loading the bucket goes out in
         the row after it (one bucket later). After the bucket announced as
         the last, no row is posted early: the END row must carry every
-        failure, including the last bucket's.
+        failure, including the last bucket's. That step (END, or an ABORT)
+        goes over the payload group, behind the last bucket's payload: on
+        NCCL the update then ends without a round trip on the slower
+        control group.
         """
         bucket, last = 0, True
         ahead: Step | None = None
         while True:
             if self.first is not None:
                 row, self.first = self.first, None
+            elif bucket and last:  # after the last bucket: END (or ABORT), queued behind the payload
+                rows = self.control.post(self.row(), f"{self.what} (end)", payload=True).rows()
+                row = self.trainer_row(rows, (Kind.ABORT, Kind.END))
             else:
                 step, ahead = ahead or self.control.post(self.row(), f"{self.what} bucket {bucket}"), None
                 rows = step.rows()

@@ -6,7 +6,8 @@ in lockstep; :mod:`torchxfer.wire` defines the rows)::
     (bucket 0)        after a packed update every worker completed, every
                       worker has already posted that layout's bucket 0
                       (``plan.first_bucket``): the update sends it first,
-                      for real or as void broadcasts of the same sizes
+                      for real (before the BEGIN row that announces it)
+                      or as void broadcasts of the same sizes
     BEGIN step        blocking unless every worker confirmed the cached
                       layout at the last END: config and its fingerprint;
                       every worker says whether it holds that layout
@@ -16,7 +17,10 @@ in lockstep; :mod:`torchxfer.wire` defines the rows)::
       or TABLE step   a new layout: the bucket's table frame follows, then a
                       blocking SYNC step where every worker accepts it or not
       payload         the packed runs, posted behind the pack copies
-    END step          blocking: every worker received and loaded everything
+    END step          blocking: every worker received and loaded everything;
+                      after a bucket announced as the last, on the payload
+                      group behind the payload (on NCCL a row there costs
+                      tens of microseconds, a Gloo round trip hundreds)
     (SYNC step)       atomic workers applied their staged update
 
 Workers' failures come back in their rows of the steps the trainer does not
@@ -312,6 +316,9 @@ class Sender(SendSide):
         # of its leading slots (of the cached layout) were already posted.
         self.bucket, self.kept = 0, 0
         self.last_flag = True
+        # A bucket went out announced as the last: the step after it (END, or an ABORT) is
+        # posted on the payload group, where every worker expects it.
+        self.last_announced = False
         self.run_sums: dict[int, int] = {}
         self.stable = False
         self.in_hand: torch.Tensor | None = None
@@ -382,13 +389,28 @@ class Sender(SendSide):
         args = list(self.begin_args)
         if bucket0:
             args[1] |= FLAG_BUCKET0
-            self.last_flag = bool(bucket0[0])
+            self.last_flag = self.last_announced = bool(bucket0[0])
         self.begin_step = self.control.post(make_row(Kind.BEGIN, *args, *bucket0), f"{self.what} (begin)")
         if args[1] & FLAG_CACHED:
             self.steps.append(self.begin_step)  # its workers' status is read late, like a bucket's
         posted = first_bucket(self.state.layout, self.state.confirmed != 0)
         if posted is not None and not bucket0:
             self.void_bucket(posted)
+
+    def post_ahead(self, plan: BucketPlan) -> None:
+        """Bucket 0 of the confirmed layout, before the BEGIN row that announces it: every
+        worker posted its broadcasts at the end of the last update, so its payload moves
+        without waiting for a control step. A failure once some of it is posted leaves
+        the group out of step (the row would no longer say what was sent): it breaks."""
+        try:
+            self.post_own(plan)
+            self.post_packed(plan)
+        except TransferError:
+            raise
+        except Exception as e:
+            reason = f"posting bucket 0 of {self.what} failed: {type(e).__name__}: {e}"
+            self.group.mark_broken(reason)
+            raise TransferError(reason, broken=True) from e
 
     def void_bucket(self, plan: BucketPlan) -> None:
         """Broadcasts of the sizes of ``plan``'s runs, of no meaning: every worker posted
@@ -420,12 +442,14 @@ class Sender(SendSide):
             if final and item is _LATER:  # whether the source ends here goes in this bucket's row
                 item = self.pull(source)
             last = final and item is None
+            checksum = self.bucket_checksum(plan, 0, {})
             if self.begin_step is None:
-                self.post_begin(int(last), self.bucket_checksum(plan, 0, {}))
+                self.post_ahead(plan)
+                self.post_begin(int(last), checksum)
             else:
-                self.tick(Kind.BUCKET, plan.index, int(last), self.bucket_checksum(plan, 0, {}))
-            self.post_own(plan)
-            self.post_packed(plan)
+                self.tick(Kind.BUCKET, plan.index, int(last), checksum)
+                self.post_own(plan)
+                self.post_packed(plan)
             self.layout.append(plan)
         self.post_begin()
         if item is _LATER:
@@ -438,7 +462,8 @@ class Sender(SendSide):
         """END step (and a SYNC when the end was not announced), then the apply step for atomic workers."""
         self.post_begin()
         self.catch_up()
-        rows = self.control.post(make_row(Kind.END, self.num_tensors, self.layout.num_bytes), f"{self.what} (end)").rows()
+        rows = self.control.post(make_row(Kind.END, self.num_tensors, self.layout.num_bytes), f"{self.what} (end)",
+                                 payload=self.last_announced).rows()  # fmt: skip
         try:
             if not last:
                 rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (end)").rows()
@@ -463,7 +488,8 @@ class Sender(SendSide):
         self.flush()
         self.post_begin()
         self.catch_up()
-        step = self.control.post(make_row(Kind.ABORT, self.bucket, 0, len(reason)), f"{self.what} (abort)")
+        step = self.control.post(make_row(Kind.ABORT, self.bucket, 0, len(reason)), f"{self.what} (abort)",
+                                 payload=self.last_announced)  # fmt: skip
         self.drain(quiet=True)
         self.control.settle(step.rows(), reason, self.what)
         raise TransferError(f"{self.what} was aborted")  # settle raised already unless the rows were clean
@@ -487,7 +513,7 @@ class Sender(SendSide):
             self.failed_ranks += [r for r, row in enumerate(rows) if r and row.args[0]]
         if self.failed_ranks:
             self.abort_step(b"")
-        self.last_flag = bool(args[1])
+        self.last_flag = self.last_announced = bool(args[1])
         self.steps.append(self.control.post(make_row(kind, *args), f"{self.what} bucket {args[0]}"))
 
     # -- a bucket of the cached layout ------------------------------------------------------------

@@ -64,7 +64,7 @@ __all__ = [
     "frame_length",
 ]
 
-PROTOCOL_VERSION = 4  # 4: workers post the confirmed layout's bucket 0 before BEGIN
+PROTOCOL_VERSION = 5  # 4: workers post the confirmed layout's bucket 0 before BEGIN; 5: END on the payload group
 MAGIC = b"TXFR"
 _PREFIX = struct.Struct("<4sHBBI")
 PREFIX_BYTES = _PREFIX.size
