@@ -34,10 +34,10 @@ import bench  # noqa: E402
 from torchxfer import control, group, receiver, sender  # noqa: E402
 
 EVENTS: list[tuple[float, float, str]] = []
-SENDER_STEPS = ("run", "begin", "post_begin", "cached_bucket", "bulk_bucket", "table_buckets", "tick", "post",
-                "post_packed", "end", "drain", "free_buffer")  # fmt: skip
-RECEIVER_STEPS = ("run", "begin", "follow", "receive", "post_runs", "load", "load_all", "wait", "call_load", "end",
-                  "finish")  # fmt: skip
+SENDER_STEPS = ("run", "begin", "post_begin", "post_ahead", "cached_bucket", "bulk_bucket", "table_buckets", "tick",
+                "post", "post_own", "post_packed", "pack_bulk", "end", "drain", "free_buffer", "catch_up")  # fmt: skip
+RECEIVER_STEPS = ("run", "speculate", "begin", "follow", "receive", "post_bucket", "post_runs", "load", "load_all",
+                  "wait", "tensors", "call_load", "after_load", "end", "finish")  # fmt: skip
 
 
 def _timed(fn: Any, label: str) -> Any:
@@ -62,6 +62,7 @@ def _instrument() -> None:
     control._all_gather = _timed(control._all_gather, "  all_gather call")
     group.SideGroup.wait = _timed(group.SideGroup.wait, "  SideGroup.wait")
     dist.broadcast = _timed(dist.broadcast, "  dist.broadcast call")
+    bench._sync = _timed(bench._sync, "bench sync (all_reduce + device sync)")
     started: list[float] = []
 
     def collections(phase: str, info: dict) -> None:
@@ -81,7 +82,7 @@ def _write(rank: int, folder: str) -> None:
     lines = [f"rank {rank}: last update, ms from its start (monotonic clock {t0:.6f} s)",
              f"{'start':>9} {'end':>9} {'took':>8}  step"]  # fmt: skip
     lines += [f"{(s - t0) * 1e3:9.3f} {(e - t0) * 1e3:9.3f} {(e - s) * 1e3:8.3f}  {label}"
-              for s, e, label in sorted(EVENTS) if s >= t0]  # fmt: skip
+              for s, e, label in sorted(EVENTS) if s >= t0 - 2e-3]  # fmt: skip
     with open(os.path.join(folder, f"timeline_rank{rank}.txt"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
 

@@ -69,7 +69,11 @@ class Step:
         group = channel.group
         device = (group.data_device or _CPU) if payload else _CPU
         self._out = torch.empty(group.size() * ROW_WORDS, dtype=torch.int64, device=device)
-        row = torch.tensor(words, dtype=torch.int64).to(device)
+        row = torch.tensor(words, dtype=torch.int64)
+        if device.type == "cuda":
+            # Pinned, so the copy is queued on the stream: a copy from pageable memory would
+            # block this thread until everything queued before it on the stream has run.
+            row = row.pin_memory().to(device, non_blocking=True)
         try:
             self._work = _all_gather(self._out, row, group=group.pg if payload else group.control, async_op=True)
         except Exception as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -14,8 +15,10 @@ from .packing import dtype_name, parse_dtype
 __all__ = ["ModuleLoader"]
 
 _MAX_PLANS = 4096
-# (positions in the batch that load, their targets, their shapes, their dtypes, the names they fill)
-_BatchPlan = tuple[list[int], list[torch.Tensor], list[torch.Size], list[torch.dtype], frozenset[str]]
+# (positions in the batch that load, None for all; their targets, shapes, dtypes; the names they fill)
+_BatchPlan = tuple[list[int] | None, list[torch.Tensor], list[torch.Size], list[torch.dtype], frozenset[str]]
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 
 class ModuleLoader:
@@ -105,9 +108,9 @@ class ModuleLoader:
         """
         batch = batch if isinstance(batch, list) else list(batch)
         try:
-            key = tuple([name for name, _ in batch])
+            key = tuple(map(_FIRST, batch))
             plan = self._plans.get(key)
-        except (TypeError, ValueError):  # not pairs of a hashable name and a value: the full check says why
+        except (TypeError, IndexError, KeyError):  # not pairs of a hashable name and a value: the full check says why
             key, plan = None, None
         if plan is not None and self._fast(batch, plan):
             return
@@ -116,18 +119,22 @@ class ModuleLoader:
     def _fast(self, batch: list[tuple[str, torch.Tensor]], plan: _BatchPlan) -> bool:
         """Load a batch laid out like ``plan``'s; False (nothing loaded) if anything differs."""
         positions, dst, shapes, dtypes, names = plan
+        # C-level maps, not a Python loop per tensor: a batch may hold thousands.
         try:
-            src = [batch[i][1] for i in positions]
-            if [t.shape for t in src] != shapes or [t.dtype for t in src] != dtypes:
+            src = list(map(_SECOND, batch)) if positions is None else [batch[i][1] for i in positions]
+            if list(map(_SHAPE, src)) != shapes or list(map(_DTYPE, src)) != dtypes:
                 return False
-        except AttributeError:
+        except (AttributeError, IndexError, TypeError):
             return False
         if not self.loaded.isdisjoint(names):
             return False
         if dst:
             with torch.no_grad():
                 torch._foreach_copy_(dst, src)
-        self.loaded |= names
+        if self.loaded:
+            self.loaded |= names
+        else:
+            self.loaded = set(names)
         return True
 
     def _load_checked(self, batch: list[tuple[str, torch.Tensor]], key: tuple[str, ...] | None) -> None:
@@ -167,7 +174,8 @@ class ModuleLoader:
         if key is not None:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
-            self._plans[key] = (positions, dst, [t.shape for t in src], [t.dtype for t in src], frozenset(names))
+            every = positions if len(positions) < len(batch) else None  # None: every position loads
+            self._plans[key] = (every, dst, [t.shape for t in src], [t.dtype for t in src], frozenset(names))
 
     def missing(self) -> list[str]:
         """Tensors of the module not loaded in the current update (the first name of tied ones)."""
