@@ -1155,3 +1155,56 @@ def test_a_source_failing_between_buckets_of_a_steady_layout_aborts_on_every_ran
         assert isinstance(runs[3], str) and f"source failed at {fail_at}" in runs[3], runs[3]
         for step in (0, 1, 2, 4):
             assert_same(runs[step], model, f"rank {rank} update {step}")
+
+
+def test_every_way_an_update_can_leave_a_steady_layout_after_a_bucket_keeps_the_group_in_step(monkeypatch):
+    """After each BUCKET row that is not the last, every worker posts the next bucket of the layout
+    before that bucket's row arrives (plan.next_bucket). The trainer sends it next: for real when the
+    layout goes on, or as void broadcasts of the same sizes before any other row when it does not (a
+    renamed, resized or dropped tensor there, a source that fails or ends there). Every value arrives
+    bit for bit, every failure reaches every rank, and the group stays usable."""
+    from torchxfer import sender
+    from torchxfer.packing import TensorSpec, plan_slots
+
+    model = simple(6, n=18)
+    kw = dict(packed=True, packed_buffer_size_bytes=256)
+    starts: dict[int, int] = {}
+    for slot in plan_slots([TensorSpec.of(n, t) for n, t in model], 256):
+        starts.setdefault(slot.bucket, slot.index)
+    assert len(starts) >= 4
+    at = starts[2]  # the first tensor of bucket 2
+    renamed = model[:at] + [("other", model[at][1])] + model[at + 1 :]
+    resized = model[:at + 1] + [(model[at + 1][0], model[at + 1][1][:1])] + model[at + 2 :]
+    ended = model[:at]
+    again = [(n, t * 2) for n, t in model]
+
+    def failing() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from model[:at]
+        raise RuntimeError("the source stopped in bucket 2")
+
+    steps = [("a", model), ("steady", again), ("steady again", model), ("renamed", renamed), ("a", model),
+             ("resized", resized), ("a", model), ("fails", None), ("a", model), ("ends", ended), ("a", model),
+             ("steady", again)]  # fmt: skip
+    voids: list[tuple[str, int]] = []
+    void_bucket = sender.Sender.void_bucket
+    now = [""]
+    monkeypatch.setattr(sender.Sender, "void_bucket",
+                        lambda self, plan: (voids.append((now[0], plan.index)), void_bucket(self, plan)))  # fmt: skip
+
+    def source(pairs: list | None) -> Callable[[], Any]:
+        return failing if pairs is None else lambda: iter(pairs)
+
+    values = updates_that_may_fail([(source(pairs), kw) for _, pairs in steps],
+                                   before=lambda k: now.__setitem__(0, steps[k][0]))  # fmt: skip
+    assert values[0] == [None] * 7 + ["the source stopped in bucket 2"] + [None] * 4
+    # Void where an update left the cached layout at a bucket posted ahead: the bucket of the first
+    # tensor that differs (the layout sent next is the changed one, so "a" after it leaves it there
+    # too); a failed update changes no layout, and past a cached layout's end nothing was posted ahead.
+    second = next(s.bucket for s in plan_slots([TensorSpec.of(n, t) for n, t in model], 256) if s.index == at + 1)
+    assert voids == [("renamed", 2), ("a", 2), ("resized", second), ("a", second), ("fails", 2), ("ends", 2)], voids
+    for rank in (1, 2):
+        for (what, pairs), got in zip(steps, values[rank]):
+            if pairs is None:
+                assert isinstance(got, str) and "the source stopped in bucket 2" in got, got
+            else:
+                assert_same(got, pairs, f"rank {rank}: {what}")

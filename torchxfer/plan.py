@@ -18,7 +18,7 @@ from .errors import TransferError
 from .packing import Slot, TensorSpec, check_bucket, dtype_name, payload_runs
 from .wire import BucketHeader, encode
 
-__all__ = ["BucketPlan", "Layout", "TableChecker", "describe", "first_bucket"]
+__all__ = ["next_bucket", "BucketPlan", "Layout", "TableChecker", "describe", "first_bucket"]
 
 
 def describe(slot: Slot) -> str:
@@ -101,6 +101,23 @@ def first_bucket(layout: Layout | None, confirmed: bool) -> BucketPlan | None:
     if layout.buffer_size is None:
         return None
     return layout.buckets[0]
+
+
+def next_bucket(layout: Layout | None, index: int) -> BucketPlan | None:
+    """The bucket every worker posts ahead once the trainer's BUCKET row announced bucket
+    ``index`` of the cached ``layout`` as not the last: the layout's bucket ``index + 1``
+    (None past its end, for an unpacked layout, or for a bucket with nothing to post).
+
+    Both sides apply the same rule to the same rows: the trainer then sends that
+    bucket's broadcasts next, for real (its BUCKET row) or, before any other row, as
+    void broadcasts of the same sizes. A worker so has its next bucket posted before
+    the control row announcing it arrives, and the payload never waits for a control
+    round trip in the steady state.
+    """
+    if layout is None or layout.buffer_size is None or not 0 <= index + 1 < len(layout.buckets):
+        return None
+    plan = layout.buckets[index + 1]
+    return plan if plan.runs else None
 
 
 class TableChecker:

@@ -10,7 +10,10 @@ follows the trainer's row:
 
 * ``BUCKET``: the next bucket of the cached layout: post its broadcasts
   into buffer ``bucket % num_buffers`` (views of it are made once per
-  layout and handed out again);
+  layout and handed out again), unless they were posted ahead; unless it
+  is the last, post the layout's next bucket ahead (``plan.next_bucket``):
+  the trainer sends it next, or, before any other row, void broadcasts of
+  its sizes, which are dropped;
 * ``TABLE``: a new layout from this bucket on: receive, decode and check the
   table; the SYNC step that follows tells every rank whether all accepted it
   before any of its payload moves;
@@ -43,7 +46,7 @@ from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
 from .packing import ALIGNMENT, Slot, slot_view, typed_view
-from .plan import BucketPlan, Layout, TableChecker, first_bucket
+from .plan import BucketPlan, Layout, TableChecker, first_bucket, next_bucket
 from .wire import (FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind,
                    Row, check_arg, decode, make_row)  # fmt: skip
 
@@ -257,6 +260,12 @@ class Receiver(WorkerSide):
         self.packed, self.buffer_size, self.num_buffers = self.state.layout.config
         self.speculated = self.post_bucket(plan)
 
+    def drop_speculated(self) -> None:
+        """The trainer did not send the bucket posted ahead: wait for its void broadcasts and drop them."""
+        void, self.speculated = self.speculated, None
+        self.wait(void)
+        self.direct_split = None
+
     def begin(self, rows: list[Row]) -> None:
         """BEGIN step: take the trainer's configuration; use the cached layout if every worker holds it."""
         row = self.trainer_row(rows, (Kind.BEGIN,))
@@ -273,9 +282,7 @@ class Receiver(WorkerSide):
         self.any_atomic = any(r.args[3] for r in rows[1:])
         cached = self.state.layout
         if self.speculated is not None and not (flags & FLAG_CACHED and flags & FLAG_BUCKET0):
-            void, self.speculated = self.speculated, None
-            self.wait(void)  # the trainer's void broadcasts of the posted sizes: dropped
-            self.direct_split = None
+            self.drop_speculated()
         # With FLAG_BUCKET0 this row is also bucket 0's BUCKET row.
         self.first = Row(Kind.BUCKET, (0, *row.args[6:])) if flags & FLAG_BUCKET0 and flags & FLAG_CACHED else None
         if flags & FLAG_CACHED:
@@ -323,6 +330,8 @@ class Receiver(WorkerSide):
                 step, ahead = ahead or self.control.post(self.row(), f"{self.what} bucket {bucket}"), None
                 rows = step.rows()
                 row = self.trainer_row(rows, (Kind.BUCKET, Kind.TABLE, Kind.ABORT, Kind.END))
+            if self.speculated is not None and row.kind in (Kind.TABLE, Kind.END):
+                self.drop_speculated()
             if row.kind == Kind.END:
                 return self.end(row, rows, last)
             self.arg(row, 0, "bucket", bucket, bucket)
@@ -345,6 +354,10 @@ class Receiver(WorkerSide):
                 if not last:
                     ahead = self.control.post(self.row(), f"{self.what} bucket {bucket + 1}")
                 self.receive(plan, row.args[2])
+                if not last:  # the next bucket of the layout, before its row arrives (plan.next_bucket)
+                    ahead_plan = next_bucket(self.cached, bucket)
+                    if ahead_plan is not None:
+                        self.speculated = self.post_bucket(ahead_plan)
             else:
                 self.table(bucket, row)
             bucket += 1

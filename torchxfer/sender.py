@@ -13,7 +13,10 @@ in lockstep; :mod:`torchxfer.wire` defines the rows)::
                       every worker says whether it holds that layout
     per bucket:       pull its tensors: large ones are posted at once from
                       their own memory, small ones packed (fused copies)
-      BUCKET step     not waited for: "the next bucket of the cached layout"
+      BUCKET step     not waited for: "the next bucket of the cached layout";
+                      unless it is the last, every worker then posts the
+                      layout's next bucket ahead (``plan.next_bucket``),
+                      which the trainer sends next, for real or void
       or TABLE step   a new layout: the bucket's table frame follows, then a
                       blocking SYNC step where every worker accepts it or not
       payload         the packed runs, posted behind the pack copies
@@ -66,7 +69,7 @@ from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
 from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view, whole_views
-from .plan import BucketPlan, Layout, first_bucket
+from .plan import BucketPlan, Layout, first_bucket, next_bucket
 from .wire import FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
 
 __all__ = ["SenderState", "Sender", "SendSide", "SourceFailed", "all_on", "gc_paused", "pairs", "pull_same"]
@@ -319,6 +322,10 @@ class Sender(SendSide):
         # A bucket went out announced as the last: the step after it (END, or an ABORT) is
         # posted on the payload group, where every worker expects it.
         self.last_announced = False
+        # The cached layout's bucket every worker posted ahead after the last BUCKET row
+        # (plan.next_bucket): sent next, for real or void, before anything else.
+        self.promised: BucketPlan | None = None
+        self.cached: Layout | None = None
         self.run_sums: dict[int, int] = {}
         self.stable = False
         self.in_hand: torch.Tensor | None = None
@@ -393,6 +400,8 @@ class Sender(SendSide):
         self.begin_step = self.control.post(make_row(Kind.BEGIN, *args, *bucket0), f"{self.what} (begin)")
         if args[1] & FLAG_CACHED:
             self.steps.append(self.begin_step)  # its workers' status is read late, like a bucket's
+        if bucket0 and not bucket0[0]:  # bucket 0 announced and not the last: bucket 1 is posted ahead
+            self.promised = next_bucket(self.state.layout, 0)
         posted = first_bucket(self.state.layout, self.state.confirmed != 0)
         if posted is not None and not bucket0:
             self.void_bucket(posted)
@@ -423,8 +432,15 @@ class Sender(SendSide):
         for start, end, _ in plan.runs:
             self.post(scratch[: end - start], plan.index, from_buffer=False)
 
+    def keep_promise(self) -> None:
+        """Before any row other than the promised bucket's: its broadcasts, void."""
+        if self.promised is not None:
+            plan, self.promised = self.promised, None
+            self.void_bucket(plan)
+
     def send_buckets(self, source: Iterator[Item], cached: Layout | None) -> None:
         """Every bucket, the last one announced as last when the source ends with it."""
+        self.cached = cached
         item = next(source, None)
         if cached is None:
             self.table_buckets(source, item, 0, 0, None)
@@ -461,6 +477,7 @@ class Sender(SendSide):
     def end(self, last: bool) -> None:
         """END step (and a SYNC when the end was not announced), then the apply step for atomic workers."""
         self.post_begin()
+        self.keep_promise()
         self.catch_up()
         rows = self.control.post(make_row(Kind.END, self.num_tensors, self.layout.num_bytes), f"{self.what} (end)",
                                  payload=self.last_announced).rows()  # fmt: skip
@@ -487,6 +504,7 @@ class Sender(SendSide):
         """ABORT step, then every rank raises the agreed TransferError."""
         self.flush()
         self.post_begin()
+        self.keep_promise()
         self.catch_up()
         step = self.control.post(make_row(Kind.ABORT, self.bucket, 0, len(reason)), f"{self.what} (abort)",
                                  payload=self.last_announced)  # fmt: skip
@@ -513,8 +531,13 @@ class Sender(SendSide):
             self.failed_ranks += [r for r, row in enumerate(rows) if r and row.args[0]]
         if self.failed_ranks:
             self.abort_step(b"")
+        if kind != Kind.BUCKET:
+            self.keep_promise()
         self.last_flag = self.last_announced = bool(args[1])
         self.steps.append(self.control.post(make_row(kind, *args), f"{self.what} bucket {args[0]}"))
+        if kind == Kind.BUCKET:
+            assert self.promised is None or self.promised.index == args[0]
+            self.promised = None if args[1] else next_bucket(self.cached, args[0])
 
     # -- a bucket of the cached layout ------------------------------------------------------------
 
