@@ -67,7 +67,7 @@ class ReceiveProgress:
 
 
 class ReceiverState:
-    """What a worker keeps per group: the last layout, buffers, streams, the assembly buffer."""
+    """What a worker keeps per group: the last layout, buffers, the assembly buffer."""
 
     def __init__(self, group: SideGroup) -> None:
         self.group = group
@@ -76,7 +76,6 @@ class ReceiverState:
         self.confirmed = False  # every worker held ``layout`` at the end of the last update that completed
         self.validated: Any = None  # the update_info the layout was checked against
         self.buffers: list[torch.Tensor] = []
-        self.streams: list[Any] = []
         self.device: torch.device | None = None
         self.assembly = torch.empty(0, dtype=torch.uint8)
 
@@ -89,13 +88,9 @@ class ReceiverState:
 
     def prepare(self, device: torch.device, num_buffers: int) -> None:
         if self.device != device:
-            self.buffers, self.streams, self.device = [], [], device
+            self.buffers, self.device = [], device
         while len(self.buffers) < num_buffers:
             self.buffers.append(torch.empty(0, dtype=torch.uint8, device=device))
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                while len(self.streams) < num_buffers:
-                    self.streams.append(torch.cuda.Stream())
 
     def buffer(self, b: int, nbytes: int, limit: int) -> torch.Tensor:
         """Buffer ``b`` with room for ``nbytes`` (its old bytes are not kept), growing
@@ -537,29 +532,22 @@ class Receiver(WorkerSide):
         works: list[Any] = []
         if not runs:
             return dests, works
-        stream = None
         if self.buffer_size is not None:
-            b = plan.index % self.num_buffers
-            buf = self.state.buffer(b, plan.extent, self.buffer_size)
-            if self.device.type == "cuda":
-                stream = self.state.streams[b]
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-        elif self.device.type == "cuda":
-            stream = self.state.streams[0]
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for start, end, pos in runs:
-                if pos in direct:
-                    slot = plan.slots[pos]
-                    dest = dests[pos] = self.state.assembly[slot.start : slot.start + slot.length]
-                elif self.buffer_size is not None:
-                    dest = buf[start:end]
-                else:
-                    dest = dests[pos] = torch.empty(end - start, dtype=torch.uint8, device=self.device)
-                try:
-                    works.append(dist.broadcast(dest, group=self.group.pg, group_src=0, async_op=True))
-                except Exception as e:
-                    raise self.broken(f"payload broadcast failed: {e}") from e
+            buf = self.state.buffer(plan.index % self.num_buffers, plan.extent, self.buffer_size)
+        # Posted on the current stream: on CUDA the receives then wait for every load already
+        # issued there, among them those of the bucket that last used this buffer.
+        for start, end, pos in runs:
+            if pos in direct:
+                slot = plan.slots[pos]
+                dest = dests[pos] = self.state.assembly[slot.start : slot.start + slot.length]
+            elif self.buffer_size is not None:
+                dest = buf[start:end]
+            else:
+                dest = dests[pos] = torch.empty(end - start, dtype=torch.uint8, device=self.device)
+            try:
+                works.append(dist.broadcast(dest, group=self.group.pg, group_src=0, async_op=True))
+            except Exception as e:
+                raise self.broken(f"payload broadcast failed: {e}") from e
         return dests, works
 
     def wait(self, posted: _Posted) -> None:
