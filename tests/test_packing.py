@@ -761,7 +761,7 @@ def test_payload_runs_own_first_then_merged_ranges(monkeypatch):
         (slots[5].offset, slots[6].end, None),  # the empty slot joins the next range
     ]
     # Just under the threshold a slot is packed like any other.
-    under = [Slot(0, 0, u8("u", 8 * mib - 1), 0, 8 * mib - 1, 0), Slot(0, 1, small, 0, 100, 8 * mib)]
+    under = [Slot(1, 0, u8("u", 8 * mib - 1), 0, 8 * mib - 1, 0), Slot(1, 1, small, 0, 100, 8 * mib)]
     assert payload_runs(under, size) == [(0, 8 * mib + 100, None)]
     # A split slot (part of a tensor) large enough travels alone too.
     part = Slot(3, 9, u8("w", 100 * mib), 64 * mib, 30 * mib, 0)
@@ -769,21 +769,25 @@ def test_payload_runs_own_first_then_merged_ranges(monkeypatch):
 
 
 def test_payload_runs_cut_the_first_range_of_bucket_0_on_nccl_only():
-    """Bucket 0's first packed range (64 MiB or more) travels in three pieces cut at the slot starts
-    nearest after 1/8 and 1/2 of it, on NCCL; any other bucket, a smaller range, or Gloo: one range."""
+    """On NCCL, bucket 0's first slot of 4 MiB or more travels alone (from its own memory), and the
+    first packed range (64 MiB or more) travels in three pieces cut at the slot starts nearest after
+    1/8 and 1/2 of it; any other bucket, a smaller slot or range, or Gloo: one range."""
     mib = 1 << 20
     size = 1 << 30  # own runs from 512 MiB
     specs = [u8(f"w{i}", 40 * mib) for i in range(20)]  # 800 MiB of 40 MiB slots
     slots = [Slot(0, i, sp, 0, sp.nbytes, i * 40 * mib) for i, sp in enumerate(specs)]
-    assert payload_runs(slots, size) == [(0, 120 * mib, None), (120 * mib, 400 * mib, None), (400 * mib, 800 * mib, None)]
+    assert payload_runs(slots, size) == [(0, 40 * mib, 0), (40 * mib, 160 * mib, None), (160 * mib, 440 * mib, None),
+                                         (440 * mib, 800 * mib, None)]  # fmt: skip
     check_runs(slots, size, payload_runs(slots, size))
     assert payload_runs(slots, size, "gloo") == [(0, 800 * mib, None)]
     later = [Slot(1, s.index, s.spec, 0, s.length, s.offset) for s in slots]
     assert payload_runs(later, size) == [(0, 800 * mib, None)]
-    small = slots[:1]  # 40 MiB: under the cut's minimum
-    assert payload_runs(small, size) == [(0, 40 * mib, None)]
-    one = [Slot(0, 0, u8("one", 100 * mib), 0, 100 * mib, 0)]  # no slot start inside: nothing to cut at
-    assert payload_runs(one, size) == [(0, 100 * mib, None)]
+    tiny_first = [Slot(0, 0, u8("t", 4 * mib - 1), 0, 4 * mib - 1, 0), Slot(0, 1, specs[0], 0, 40 * mib, 4 * mib)]
+    assert payload_runs(tiny_first, size) == [(0, 44 * mib, None)]  # packed with the rest; under the cut's minimum
+    small = slots[:1]  # 40 MiB alone in its bucket: travels alone
+    assert payload_runs(small, size) == [(0, 40 * mib, 0)]
+    one = [Slot(0, 0, u8("one", 100 * mib), 0, 100 * mib, 0), Slot(0, 1, u8("s", 16), 0, 16, 100 * mib)]
+    assert payload_runs(one, size) == [(0, 100 * mib, 0), (100 * mib, 100 * mib + 16, None)]
 
 
 def test_payload_runs_split_parts_travel_alone():
@@ -804,7 +808,12 @@ def test_payload_runs_unpacked_all_alone():
 
 def check_runs(slots: list[Slot], buffer_size: int | None, runs: list, backend: str = "nccl") -> None:
     thr = own_run_threshold(buffer_size, backend)
-    own = [(s.offset, s.end, p) for p, s in enumerate(slots) if s.length and (s.length >= thr or not s.is_whole)]
+    first = backend == "nccl" and buffer_size is not None  # bucket 0's first slot from 4 MiB travels alone
+
+    def alone(p: int, s: Slot) -> bool:
+        return s.length >= thr or not s.is_whole or (first and p == 0 and s.bucket == 0 and s.length >= DIRECT_MIN_BYTES)
+
+    own = [(s.offset, s.end, p) for p, s in enumerate(slots) if s.length and alone(p, s)]
     assert runs[: len(own)] == own
     packed = runs[len(own) :]
     assert all(p is None for _, _, p in packed)

@@ -68,12 +68,11 @@ class Step:
         self.channel, self.what, self.payload = channel, what, payload
         group = channel.group
         device = (group.data_device or _CPU) if payload else _CPU
-        self._out = torch.empty(group.size() * ROW_WORDS, dtype=torch.int64, device=device)
         row = torch.tensor(words, dtype=torch.int64)
         if device.type == "cuda":
-            # Pinned, so the copy is queued on the stream: a copy from pageable memory would
-            # block this thread until everything queued before it on the stream has run.
-            row = row.pin_memory().to(device, non_blocking=True)
+            row, self._out = channel.device_row(device, row)
+        else:
+            self._out = torch.empty(group.size() * ROW_WORDS, dtype=torch.int64)
         try:
             self._work = _all_gather(self._out, row, group=group.pg if payload else group.control, async_op=True)
         except Exception as e:
@@ -108,6 +107,21 @@ class ControlChannel:
 
     def __init__(self, group: SideGroup) -> None:
         self.group = group
+        self._device_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def device_row(self, device: torch.device, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``row`` copied to ``device`` for a step on the payload group, and that step's output:
+        tensors made once per channel (a payload step is read before the next is posted).
+        The copy goes through pinned memory, so it is queued on the stream: from pageable
+        memory it would block this thread until everything queued before it has run."""
+        if self._device_rows is None or self._device_rows[1].device != device:
+            self._device_rows = (torch.empty(ROW_WORDS, dtype=torch.int64, pin_memory=True),
+                                 torch.empty(ROW_WORDS, dtype=torch.int64, device=device),
+                                 torch.empty(self.group.size() * ROW_WORDS, dtype=torch.int64, device=device))  # fmt: skip
+        pinned, on_device, out = self._device_rows
+        pinned.copy_(row)
+        on_device.copy_(pinned, non_blocking=True)
+        return on_device, out
 
     def post(self, words: list[int], what: str, payload: bool = False) -> Step:
         """Post this rank's row of the next step (on the payload group with ``payload``);

@@ -403,7 +403,8 @@ def payload_runs(slots: Sequence[Slot], buffer_size: int | None, backend: str = 
 
     First, alone and in slot order (``position`` is the slot's index in
     ``slots``): every slot of at least :func:`own_run_threshold` bytes, and
-    every part of a tensor split across buckets. The sender may broadcast
+    every part of a tensor split across buckets, and on NCCL the first slot of
+    bucket 0 when it holds at least :data:`DIRECT_MIN_BYTES`. The sender may broadcast
     these straight from the tensor's memory and the receiver straight into
     the tensor it assembles. Then the remaining slots, consecutive ones merged
     into ranges of the buffer (``position`` None), posted once packed. (Ranges
@@ -417,8 +418,12 @@ def payload_runs(slots: Sequence[Slot], buffer_size: int | None, backend: str = 
     own: list[tuple[int, int, int | None]] = []
     packed: list[tuple[int, int, int | None]] = []
     start = end = None
+    # NCCL: bucket 0's first slot, when large, travels alone too, straight from its memory:
+    # nothing then waits for a pack copy before the update's first byte.
+    first_alone = backend == "nccl" and buffer_size is not None and bool(slots) and slots[0].bucket == 0
     for pos, slot in enumerate(slots):
-        if slot.length and (slot.length >= threshold or not slot.is_whole):
+        alone = first_alone and pos == 0 and slot.length >= DIRECT_MIN_BYTES
+        if slot.length and (alone or slot.length >= threshold or not slot.is_whole):
             own.append((slot.offset, slot.end, pos))
             if start is not None and end > start:
                 packed.append((start, end, None))
