@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.distributed as dist  # noqa: E402
 
 import bench  # noqa: E402
-from torchxfer import control, group, receiver, sender  # noqa: E402
+from torchxfer import colocated_receiver, colocated_sender, control, group, receiver, sender  # noqa: E402
 
 EVENTS: list[tuple[float, float, str]] = []
 SENDER_STEPS = ("run", "begin", "post_begin", "post_ahead", "cached_bucket", "bulk_bucket", "table_buckets", "tick",
@@ -52,8 +52,14 @@ def _timed(fn: Any, label: str) -> Any:
     return timed
 
 
+COLOCATED_SENDER_STEPS = ("_run", "begin", "send", "bulk", "close", "acquire", "end", "read", "check_failures")
+COLOCATED_RECEIVER_STEPS = ("run", "begin", "follow", "load", "tensors", "call_load", "end", "finish")
+
+
 def _instrument() -> None:
-    for cls, names in ((sender.Sender, SENDER_STEPS), (receiver.Receiver, RECEIVER_STEPS)):
+    for cls, names in ((sender.Sender, SENDER_STEPS), (receiver.Receiver, RECEIVER_STEPS),
+                       (colocated_sender.ColocatedSender, COLOCATED_SENDER_STEPS),
+                       (colocated_receiver.ColocatedReceiver, COLOCATED_RECEIVER_STEPS)):  # fmt: skip
         for name in names:
             if hasattr(cls, name):
                 setattr(cls, name, _timed(getattr(cls, name), f"{cls.__name__}.{name}"))
@@ -75,7 +81,8 @@ def _instrument() -> None:
 
 
 def _write(rank: int, folder: str) -> None:
-    starts = [s for s, _, label in EVENTS if label in ("Sender.run", "Receiver.run")]
+    starts = [s for s, _, label in EVENTS
+              if label in ("Sender.run", "Receiver.run", "ColocatedSender._run", "ColocatedReceiver.run")]
     if not starts:
         return
     t0 = starts[-1]
