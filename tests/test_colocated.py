@@ -662,3 +662,70 @@ def test_the_second_update_of_the_same_parameters_copies_in_bulk(monkeypatch):
     assert views_made == [len(model), 0, 0], views_made  # the views made while describing are reused
     for u, store in enumerate(received):
         assert all(bytes_equal(store[n], t) for n, t in sent[u].items()), u
+
+
+def test_a_cached_update_is_announced_without_waiting_and_its_failures_still_reach_every_rank(monkeypatch):
+    """Once every worker said at END that it holds the layout, the next BEGIN announces it by
+    fingerprint and the trainer packs bucket 0 at once (FLAG_CACHED); a worker's load failure in
+    such an update still reaches every rank, atomic workers stay whole, and the next update arrives."""
+    from torchxfer import colocated_sender, wire
+
+    flags: list[int] = []
+    post = colocated_sender.ColocatedSender.post
+
+    def spy(self, words, what):
+        if words[1] == int(wire.Kind.BEGIN):
+            flags.append(words[3])
+        return post(self, words, what)
+
+    monkeypatch.setattr(colocated_sender.ColocatedSender, "post", spy)
+    port = free_port()
+    model = _model(8)
+    fail_at = 2  # the third update: rank 1's load raises in its second bucket
+
+    def body(rank: int):
+        if rank == 0:
+            group = _trainer(port, 3)
+            out = []
+            for _ in range(5):
+                try:
+                    IPCWeightTransferEngine.trainer_send_weights(iter(model), group, packed_buffer_size_bytes=BUF,
+                                                                 packed_num_buffers=2)  # fmt: skip
+                    out.append(None)
+                except TransferError as e:
+                    out.append(str(e))
+            destroy_side_group(group)
+            return out
+        engine = _worker(rank, port, 3)
+        out = []
+        for u in range(5):
+            got: dict = {}
+            calls = [0]
+            keep = _collect(got)
+
+            def load(batch, u=u, calls=calls, keep=keep):
+                calls[0] += 1
+                if rank == 1 and u == fail_at and calls[0] == 2:
+                    raise KeyError("no such parameter")
+                keep(batch)
+
+            try:
+                engine.receive_weights(None, load, atomic=rank == 2)
+                out.append((_same(got, model), engine.torn))
+            except TransferError as e:
+                out.append((str(e), engine.torn))
+        engine.shutdown()
+        return out
+
+    outcomes = run_threads(body, 3, deadline_s=90)
+    trainer = outcomes[0].value
+    assert [t is None for t in trainer] == [True, True, False, True, True], trainer
+    assert "load_weights raised on rank 1" in trainer[fail_at]
+    # The first update describes the layout (its BEGIN step is waited for, not posted as a late-read
+    # step); every later one is announced as cached: the failed one changes no layout.
+    assert [bool(f & wire.FLAG_CACHED) for f in flags] == [True] * 4, flags
+    for rank in (1, 2):
+        res = outcomes[rank].value
+        assert res[0] == (True, False) and res[1] == (True, False) and res[3] == (True, False) and res[4] == (True, False)
+        assert "load_weights raised on rank 1" in res[fail_at][0]
+        assert res[fail_at][1] is (rank == 1)  # the streaming worker is torn, the atomic one never

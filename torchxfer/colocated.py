@@ -7,8 +7,10 @@ only control rows travel, on the side group's Gloo control group
 (:class:`torchxfer.control.ControlChannel`). One update, every rank in
 lockstep (:mod:`torchxfer.colocated_sender`, :mod:`torchxfer.colocated_receiver`)::
 
-    BEGIN step      blocking: config, cached layout's fingerprint, buffers id;
-                    workers: the layout they hold (and whether it matches their update_info)
+    BEGIN step      config, cached layout's fingerprint, buffers id; workers: the layout
+                    they hold (and whether it matches their update_info); blocking, unless
+                    every worker said at the last END that it holds the layout (FLAG_CACHED:
+                    the trainer packs bucket 0 at once and reads the rows late)
     (SHARE)         new buffers: a description frame, CUDA workers' event handles, a SYNC step
     per bucket      the trainer waits until every worker released the buffer (their rows
                     say how many buckets each released), packs it, then posts

@@ -28,7 +28,7 @@ from .packing import ALIGNMENT, slot_view, typed_view
 from .plan import BucketPlan, Layout, TableChecker
 from .colocated import BACKEND
 from .receiver import LoadWeights, ReceiveProgress, WorkerSide
-from .wire import FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind, Row, check_arg, decode, make_row
+from .wire import FLAG_CACHED, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind, Row, check_arg, decode, make_row
 
 __all__ = ["ColocatedReceiver"]
 
@@ -115,7 +115,9 @@ class ColocatedReceiver(WorkerSide):
         self.update_id = check_arg(row, 0, "update_id", 0, MAX_COUNT)
         self.what = f"update {self.update_id}"
         self.progress.update_id, self.progress.loads_started, self.progress.applied = self.update_id, False, False
-        flags = check_arg(row, 1, "flags", FLAG_PACKED, FLAG_PACKED | FLAG_SHARE)
+        flags = check_arg(row, 1, "flags", FLAG_PACKED, FLAG_PACKED | FLAG_SHARE | FLAG_CACHED)
+        if flags & FLAG_SHARE and flags & FLAG_CACHED:
+            raise self.broken("the trainer's BEGIN row both shares new buffers and announces a cached layout")
         self.buffer_size = check_arg(row, 2, "buffer_size", ALIGNMENT, MAX_COUNT)
         self.num_buffers = check_arg(row, 3, "num_buffers", 1, MAX_NUM_BUFFERS)
         fingerprint, hint = row.args[4], check_arg(row, 5, "num_tensors", -1, MAX_COUNT)
@@ -123,13 +125,22 @@ class ColocatedReceiver(WorkerSide):
                               MAX_IPC_FRAME if flags & FLAG_SHARE else 0)  # fmt: skip
         buffers_id = row.args[7]
         self.any_atomic = any(r.args[3] for r in rows[1:])
-        self.control.settle(rows, b"", f"{self.what} (begin)")
+        if flags & FLAG_CACHED:
+            # The trainer goes on without waiting: every worker said at the last END that it holds
+            # this layout (so no worker's BEGIN row carries an error: there is nothing to settle).
+            if not fingerprint or fingerprint != self.holds:
+                raise self.broken(f"the trainer sends a cached layout ({fingerprint:#x}) this rank does not hold")
+        else:
+            self.control.settle(rows, b"", f"{self.what} (begin)")
         if flags & FLAG_SHARE:
             self.share(frame_len, buffers_id)
         elif buffers_id != self.state.buffers_id or len(self.state.buffers) != self.num_buffers:
             raise self.broken("the trainer uses buffers this worker has not mapped")
         cached = self.state.layout
-        self.cached = cached if fingerprint and all(r.args[1] == fingerprint and r.args[2] for r in rows[1:]) else None
+        if flags & FLAG_CACHED:
+            self.cached = cached
+        else:
+            self.cached = cached if fingerprint and all(r.args[1] == fingerprint and r.args[2] for r in rows[1:]) else None
         self.check_cached = self.cached is not None and not self.plan_ok
         self.layout = Layout(True, self.buffer_size, self.num_buffers, BACKEND)
         self.checker = TableChecker(self.info.specs if self.info is not None else None, self.buffer_size)

@@ -35,7 +35,7 @@ from .ipc_transport import SharedBuffers, open_events
 from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view
 from .plan import BucketPlan, Layout
 from .sender import SendSide, SourceFailed, gc_paused, pairs, pull_same
-from .wire import FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
+from .wire import FLAG_CACHED, FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
 
 __all__ = ["ColocatedSender"]
 
@@ -54,6 +54,7 @@ class _State:
         self.buffers_id = 0
         self.worker_events: list[list[Any]] = []
         self.layout: Layout | None = None
+        self.confirmed = 0  # the fingerprint every worker said it holds at the last END
         self.next_update_id = 0
 
     @staticmethod
@@ -125,9 +126,16 @@ class ColocatedSender(SendSide):
             frame = encode_frame({**buffers.describe(), "id": state.buffers_id})
         old = state.layout
         fingerprint = old.fingerprint if old is not None and old.config == self.layout.config else 0
-        flags = FLAG_PACKED | (FLAG_SHARE if share else 0)
+        # Every worker said at the last END that it holds this layout, on these buffers: the
+        # trainer announces it and packs bucket 0 at once; the BEGIN rows are read late.
+        confirmed = not share and fingerprint != 0 and state.confirmed == fingerprint
+        flags = FLAG_PACKED | (FLAG_SHARE if share else 0) | (FLAG_CACHED if confirmed else 0)
         row = make_row(Kind.BEGIN, self.update_id, flags, self.buffer_size, self.num_buffers, fingerprint, self.hint,
                        len(frame), state.buffers_id)  # fmt: skip
+        if confirmed:
+            self.begin_step = self.post(row, f"{self.what} (begin)")
+            self.any_atomic = None  # from the BEGIN rows, at END
+            return old
         try:
             rows = self.control.post(row, f"{self.what} (begin)").rows()
             self.control.settle(rows, b"", f"{self.what} (begin)")
@@ -283,10 +291,14 @@ class ColocatedSender(SendSide):
         if not self.layout.buckets:  # no bucket said "last": workers check the empty update now
             rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (end)").rows()
         self.control.settle(rows, b"", f"{self.what} (end)")
+        held = all(r.args[1] == self.layout.fingerprint for r in rows[1:])
+        if self.any_atomic is None:
+            self.any_atomic = any(r.args[3] for r in self.begin_step.rows()[1:])
         if self.any_atomic:
             rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (apply)").rows()
             self.control.settle(rows, b"", f"{self.what} (apply)")
         self.state.layout = self.layout
+        self.state.confirmed = self.layout.fingerprint if held and self.layout.buckets else 0
 
     # -- rows and buffers ------------------------------------------------------------------------
 
