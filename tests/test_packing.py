@@ -607,11 +607,13 @@ def test_roundtrip_random_mixes(rows, buffer_size, seed):
     drop=st.sets(st.integers(0, 11), max_size=2),
     one_dtype=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
+    alone_bytes=st.one_of(st.none(), st.integers(1, 256)),
 )
-def test_concat_plan_packs_every_whole_slot_bit_for_bit(rows, buffer_size, drop, one_dtype, seed):
+def test_concat_plan_packs_every_whole_slot_bit_for_bit(rows, buffer_size, drop, one_dtype, seed, alone_bytes):
     """Packing a bucket's whole tensors as concat_plan says (one torch.cat per segment, one
-    multi-tensor copy for the rest) writes exactly the bytes of packing slot by slot; every
-    position is packed once, and segments only join alike slots that lie back to back."""
+    multi-tensor copy for the rest, a copy each for those of ``alone_bytes`` or more) writes
+    exactly the bytes of packing slot by slot; every position is packed once, and segments only
+    join alike slots that lie back to back."""
     gen = torch.Generator().manual_seed(seed)
     tensors = []
     for dtype, layout, a, b in rows:
@@ -634,10 +636,12 @@ def test_concat_plan_packs_every_whole_slot_bit_for_bit(rows, buffer_size, drop,
         for p in positions:
             pack(expected, group[p], tensors[group[p].index])
         buf = torch.full((extent,), POISON, dtype=torch.uint8)
-        plan = concat_plan(buf, group, positions)
+        plan = concat_plan(buf, group, positions, alone_bytes=alone_bytes)
         segments, rest = plan.segments, plan.rest
-        covered = [p for first, end, _ in segments for p in range(first, end)] + rest
+        covered = [p for first, end, _ in segments for p in range(first, end)] + rest + list(plan.alone)
         assert sorted(covered) == positions
+        expected_alone = [] if alone_bytes is None else [p for p in positions if group[p].length >= alone_bytes]
+        assert list(plan.alone) == expected_alone
         for first, end, out in segments:
             assert end - first >= 2
             assert all(group[p + 1].offset == group[p].end for p in range(first, end - 1))
@@ -652,12 +656,17 @@ def test_concat_plan_joins_alike_neighbours_only():
     specs = [TensorSpec.of(f"t{i}", torch.zeros(shape, dtype=dtype)) for i, (shape, dtype) in enumerate(shapes)]
     slots = list(plan_slots(specs, 1 << 16))
     buf = torch.zeros(max(s.end for s in slots), dtype=torch.uint8)
-    segments, rest, _ = concat_plan(buf, slots, list(range(len(slots))))
+    plan = concat_plan(buf, slots, list(range(len(slots))))
+    segments, rest = plan.segments, plan.rest
     assert [(first, end, tuple(out.shape)) for first, end, out in segments] == [(0, 3, (24,)), (3, 6, (8, 4))]
     assert rest == [6]
     # A gap in the positions (a slot sent from its own memory) ends a segment.
-    segments, rest, _ = concat_plan(buf, slots, [0, 2, 4, 5])
-    assert [(first, end) for first, end, _ in segments] == [(4, 6)] and rest == [0, 2]
+    plan = concat_plan(buf, slots, [0, 2, 4, 5])
+    assert [(first, end) for first, end, _ in plan.segments] == [(4, 6)] and plan.rest == [0, 2]
+    # Slots of at least alone_bytes are copied one by one, and split the segments around them.
+    plan = concat_plan(buf, slots, list(range(len(slots))), alone_bytes=48)
+    assert plan.alone == (4, 5) and [(first, end) for first, end, _ in plan.segments] == [(0, 3)]
+    assert plan.rest == [3, 6] and [v.data_ptr() for v in plan.alone_views] == [buf[slots[p].offset :].data_ptr() for p in (4, 5)]
 
 
 def test_split_tensor_reassembled_from_chunks_explicit():

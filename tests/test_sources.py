@@ -379,3 +379,26 @@ def test_a_module_planned_again_reuses_its_plan_until_anything_it_depends_on_cha
     del cached, first, again, third, renamed, changed
     gc.collect()
     assert old() is None
+
+
+def test_module_loader_copies_large_targets_one_by_one_and_the_rest_fused(monkeypatch):
+    """Large CUDA targets are copied one by one (a device memcpy beats the fused copy there), the rest
+    in one fused copy; every target gets its own source bit for bit, whatever the split."""
+    from torchxfer import loading
+
+    gen = torch.Generator().manual_seed(3)
+    dst = [torch.zeros(n) for n in (5, 700, 3, 1000, 1)]
+    src = [torch.randn(d.numel(), generator=gen) for d in dst]
+    fused: list[int] = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: (fused.append(len(d)), real(d, s)))
+    loading._copy(dst, src, [1, 3])
+    assert fused == [3]
+    assert all(torch.equal(d, s) for d, s in zip(dst, src))
+    loading._copy(dst, [s * 2 for s in src], [0, 1, 2, 3, 4])  # all alone: no fused copy
+    assert fused == [3] and all(torch.equal(d, s * 2) for d, s in zip(dst, src))
+    # Only CUDA targets of ALONE_BYTES or more are picked.
+    assert loading._alone([torch.zeros(loading.ALONE_BYTES // 4)]) == []
+    if torch.cuda.is_available():
+        big = torch.zeros(loading.ALONE_BYTES // 4, device="cuda")
+        assert loading._alone([torch.zeros(4, device="cuda"), big]) == [1]

@@ -32,6 +32,7 @@ from .control import ControlChannel, Step
 from .errors import TransferError
 from .group import SideGroup
 from .ipc_transport import SharedBuffers, open_events
+from .loading import ALONE_BYTES
 from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view
 from .plan import BucketPlan, Layout
 from .sender import SendSide, SourceFailed, gc_paused, pairs, pull_same
@@ -245,7 +246,9 @@ class ColocatedSender(SendSide):
         made = plan.cache.get("concat")
         if made is None or made[0] != buf.data_ptr():
             live = [p for p, s in enumerate(plan.slots) if s.length]
-            made = plan.cache["concat"] = (buf.data_ptr(), concat_plan(buf, plan.slots, live, views))
+            # On a GPU the copies are the update's cost here: large tensors by a device memcpy each.
+            alone = ALONE_BYTES if buf.is_cuda else None
+            made = plan.cache["concat"] = (buf.data_ptr(), concat_plan(buf, plan.slots, live, views, alone))
         return made[1]
 
     def close(self, slots: list[Slot], last: bool, refs: list[Any] | None, views: list[Any] | None) -> None:

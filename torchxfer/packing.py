@@ -341,16 +341,21 @@ def whole_views(buffer: torch.Tensor, slots: Sequence[Slot], made: Sequence[Any]
 
 class ConcatPlan(NamedTuple):
     """How :func:`concat_plan` packs a bucket's whole tensors: ``segments`` of slot positions
-    ``first..end-1`` packed by one ``torch.cat(out=out)`` each, and the ``rest`` positions by
-    one multi-tensor copy into ``rest_views``."""
+    ``first..end-1`` packed by one ``torch.cat(out=out)`` each, the ``rest`` positions by
+    one multi-tensor copy into ``rest_views``, and the ``alone`` positions by a copy each
+    into ``alone_views``."""
 
     segments: list[tuple[int, int, torch.Tensor]]
     rest: list[int]
     rest_views: list[torch.Tensor]
+    alone: tuple[int, ...] = ()
+    alone_views: tuple[torch.Tensor, ...] = ()
 
     def pack(self, tensors: Sequence[torch.Tensor]) -> None:
         """Copy ``tensors`` (indexed by slot position) into the buffer as planned."""
         with torch.no_grad():
+            for p, view in zip(self.alone, self.alone_views):
+                view.copy_(tensors[p])
             for first, end, out in self.segments:
                 torch.cat(tensors[first:end], out=out)
             if self.rest:
@@ -358,9 +363,13 @@ class ConcatPlan(NamedTuple):
 
 
 def concat_plan(buffer: torch.Tensor, slots: Sequence[Slot], positions: Sequence[int],
-                made: Sequence[Any] | None = None) -> ConcatPlan:  # fmt: skip
+                made: Sequence[Any] | None = None, alone_bytes: int | None = None) -> ConcatPlan:  # fmt: skip
     """How to pack the whole tensors of ``slots`` at ``positions`` into ``buffer`` with few copies
     (``made``: per slot, typed views already made, reused as in :func:`whole_views`).
+
+    With ``alone_bytes``, whole tensors of at least that many bytes are copied one by
+    one (a plain copy of a large tensor is a device memcpy on CUDA, faster than either
+    fused kernel when the copy itself is the cost, as in colocated mode).
 
     A segment joins consecutive slots whose bytes lie back to back in ``buffer``,
     of one dtype, one number of dimensions (1 to 3) and the same sizes after the
@@ -372,6 +381,12 @@ def concat_plan(buffer: torch.Tensor, slots: Sequence[Slot], positions: Sequence
     """
     segments: list[tuple[int, int, torch.Tensor]] = []
     rest: list[int] = []
+    alone: list[int] = []
+    if alone_bytes is not None:
+        alone = [p for p in positions if slots[p].is_whole and slots[p].length >= alone_bytes]
+        if alone:
+            skip = set(alone)
+            positions = [p for p in positions if p not in skip]
     i, n = 0, len(positions)
     while i < n:
         first = positions[i]
@@ -394,8 +409,8 @@ def concat_plan(buffer: torch.Tensor, slots: Sequence[Slot], positions: Sequence
         else:
             rest.extend(positions[i:j])
         i = j
-    views = whole_views(buffer, slots, made) if rest else []
-    return ConcatPlan(segments, rest, [views[p] for p in rest])
+    views = whole_views(buffer, slots, made) if rest or alone else []
+    return ConcatPlan(segments, rest, [views[p] for p in rest], tuple(alone), tuple(views[p] for p in alone))
 
 
 def payload_runs(slots: Sequence[Slot], buffer_size: int | None, backend: str = "nccl") -> list[tuple[int, int, int | None]]:
