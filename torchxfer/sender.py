@@ -423,12 +423,17 @@ class Sender(SendSide):
 
     def void_bucket(self, plan: BucketPlan) -> None:
         """Broadcasts of the sizes of ``plan``'s runs, of no meaning: every worker posted
-        the confirmed layout's bucket 0 ahead (see ``first_bucket``), and this update
-        does not start with it. Sent from one scratch tensor of the longest run
-        (at most a buffer, or one tensor unpacked); every worker waits for them
-        and drops what arrived."""
+        that bucket of the confirmed layout ahead (``plan.first_bucket``,
+        ``plan.next_bucket``), and this update does not send it. Sent from one of the
+        send buffers when one is large enough (what it holds does not matter, and no
+        memory is added), else from a scratch tensor of the longest run (at most a
+        buffer); every worker waits for them and drops what arrived."""
         device = self.state.device
-        scratch = torch.empty(max(end - start for start, end, _ in plan.runs), dtype=torch.uint8, device=device)
+        longest = max(end - start for start, end, _ in plan.runs)
+        held = self.state.buffers if self.state.buffer_key is not None and self.state.buffer_key[0] == device else []
+        scratch = next((b for b in held if b.numel() >= longest), None)
+        if scratch is None:
+            scratch = torch.empty(longest, dtype=torch.uint8, device=device)
         for start, end, _ in plan.runs:
             self.post(scratch[: end - start], plan.index, from_buffer=False)
 
