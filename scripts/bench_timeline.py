@@ -34,7 +34,7 @@ import bench  # noqa: E402
 from torchxfer import colocated_receiver, colocated_sender, control, group, receiver, sender  # noqa: E402
 
 EVENTS: list[tuple[float, float, str]] = []
-SENDER_STEPS = ("run", "begin", "post_begin", "post_ahead", "cached_bucket", "bulk_bucket", "table_buckets", "tick",
+SENDER_STEPS = ("run", "begin", "post_begin", "posting", "cached_bucket", "bulk_bucket", "table_buckets", "tick",
                 "post", "post_own", "post_packed", "pack_bulk", "end", "drain", "free_buffer", "catch_up")  # fmt: skip
 RECEIVER_STEPS = ("run", "speculate", "begin", "follow", "receive", "post_bucket", "post_runs", "load", "load_all",
                   "wait", "tensors", "call_load", "after_load", "end", "finish")  # fmt: skip

@@ -1208,3 +1208,71 @@ def test_every_way_an_update_can_leave_a_steady_layout_after_a_bucket_keeps_the_
                 assert isinstance(got, str) and "the source stopped in bucket 2" in got, got
             else:
                 assert_same(got, pairs, f"rank {rank}: {what}")
+
+
+@pytest.mark.parametrize("where", ["bucket 0 posted ahead", "a middle bucket", "the last bucket", "a new layout's bucket"])
+def test_a_trainer_failing_while_posting_a_bucket_breaks_the_group_on_every_rank_within_the_timeout(monkeypatch, where):
+    """Once a bucket is announced (or, bucket 0 of a confirmed layout, posted ahead by every
+    worker), its payload must follow in full: a failure part way breaks the group. The trainer
+    raises at once, every worker within its timeout, all with TransferError(broken=True) naming
+    the cause on the trainer, and no worker loads a tensor of that update."""
+    from torchxfer import sender
+    from torchxfer.packing import TensorSpec, plan_slots
+
+    model = simple(9, n=16)
+    buckets = 1 + max(s.bucket for s in plan_slots([TensorSpec.of(n, t) for n, t in model], 256))
+    assert buckets >= 4
+    target = {"bucket 0 posted ahead": 0, "a middle bucket": 2, "the last bucket": buckets - 1,
+              "a new layout's bucket": 1}[where]  # fmt: skip
+    armed = [False]
+    post_packed = sender.Sender.post_packed
+
+    def failing(self, plan):
+        if armed[0] and plan.index == target:
+            raise RuntimeError("the device went away")
+        return post_packed(self, plan)
+
+    monkeypatch.setattr(sender.Sender, "post_packed", failing)
+    kw = dict(packed=True, packed_buffer_size_bytes=256)
+    steady = 0 if where == "a new layout's bucket" else 2  # updates before the failing one
+    timeout, world = 2.0, 3
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world, timeout=timeout)
+            try:
+                for _ in range(steady):
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(model), group, **kw)
+                armed[0] = True
+                start = time.monotonic()
+                with pytest.raises(TransferError) as info:
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(model), group, **kw)
+                return info.value.broken, str(info.value), time.monotonic() - start
+            finally:
+                destroy_side_group(group)
+        engine = worker(rank, port, world, timeout=timeout)
+        try:
+            for _ in range(steady):
+                got, load = collector()
+                engine.receive_weights(None, load)
+                assert_same(got, model)
+            got, load = collector()
+            start = time.monotonic()
+            with pytest.raises(TransferError) as info:
+                engine.receive_weights(None, load)
+            loaded = {name for name, _ in got}
+            return info.value.broken, loaded, time.monotonic() - start
+        finally:
+            engine.shutdown()
+
+    values = run_world(body, world)
+    broken, message, seconds = values[0]
+    assert broken and f"posting bucket {target}" in message and "the device went away" in message, message
+    assert seconds < timeout, seconds
+    for rank in (1, 2):
+        broken, loaded, seconds = values[rank]
+        assert broken, values[rank]
+        # Nothing of the failed bucket or after it was handed to load_weights.
+        starts = {s.index: s.bucket for s in plan_slots([TensorSpec.of(n, t) for n, t in model], 256)}
+        assert all(starts[int(name[1:])] < target for name in loaded), (rank, loaded)
+        assert seconds < 3 * timeout + 2, (rank, seconds)

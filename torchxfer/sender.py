@@ -318,7 +318,6 @@ class Sender(SendSide):
         # Where the update stands, for an ABORT row: the bucket, and how many
         # of its leading slots (of the cached layout) were already posted.
         self.bucket, self.kept = 0, 0
-        self.last_flag = True
         # A bucket went out announced as the last: the step after it (END, or an ABORT) is
         # posted on the payload group, where every worker expects it.
         self.last_announced = False
@@ -355,7 +354,7 @@ class Sender(SendSide):
         except Exception as e:  # a fault of this rank's own: tell the workers, then raise it
             self.abort(f"the trainer failed during {self.what}: {type(e).__name__}: {e}")
             raise
-        self.end(self.last_flag)
+        self.end(self.last_announced or not self.layout.buckets)  # no bucket at all: nothing to announce
         seconds = time.perf_counter() - start
         log.debug("sent %s: %d tensors, %d bytes in %.4f s (%.2f GB/s)%s", self.what, self.num_tensors,
                   self.layout.num_bytes, seconds, self.layout.num_bytes / max(seconds, 1e-9) / 1e9,
@@ -396,7 +395,7 @@ class Sender(SendSide):
         args = list(self.begin_args)
         if bucket0:
             args[1] |= FLAG_BUCKET0
-            self.last_flag = self.last_announced = bool(bucket0[0])
+            self.last_announced = bool(bucket0[0])
         self.begin_step = self.control.post(make_row(Kind.BEGIN, *args, *bucket0), f"{self.what} (begin)")
         if args[1] & FLAG_CACHED:
             self.steps.append(self.begin_step)  # its workers' status is read late, like a bucket's
@@ -406,18 +405,20 @@ class Sender(SendSide):
         if posted is not None and not bucket0:
             self.void_bucket(posted)
 
-    def post_ahead(self, plan: BucketPlan) -> None:
-        """Bucket 0 of the confirmed layout, before the BEGIN row that announces it: every
-        worker posted its broadcasts at the end of the last update, so its payload moves
-        without waiting for a control step. A failure once some of it is posted leaves
-        the group out of step (the row would no longer say what was sent): it breaks."""
+    @contextlib.contextmanager
+    def posting(self, plan: BucketPlan) -> Iterator[None]:
+        """Around the posting of a bucket's payload (after its row, or for bucket 0 of a
+        confirmed layout before it): every worker has posted or will post all of that
+        bucket's broadcasts, so a failure part way (a pack copy raising, say) leaves the
+        ranks' collective sequences apart; no ABORT can follow it on the payload group. It
+        breaks the group instead: this rank raises TransferError at once, the workers when
+        their bounded wait for the missing payload ends."""
         try:
-            self.post_own(plan)
-            self.post_packed(plan)
+            yield
         except TransferError:
             raise
         except Exception as e:
-            reason = f"posting bucket 0 of {self.what} failed: {type(e).__name__}: {e}"
+            reason = f"posting bucket {plan.index} of {self.what} failed: {type(e).__name__}: {e}"
             self.group.mark_broken(reason)
             raise TransferError(reason, broken=True) from e
 
@@ -464,13 +465,14 @@ class Sender(SendSide):
                 item = self.pull(source)
             last = final and item is None
             checksum = self.bucket_checksum(plan, 0, {})
-            if self.begin_step is None:
-                self.post_ahead(plan)
-                self.post_begin(int(last), checksum)
-            else:
+            ahead = self.begin_step is None  # every worker posted bucket 0: its payload goes before its row
+            if not ahead:
                 self.tick(Kind.BUCKET, plan.index, int(last), checksum)
+            with self.posting(plan):
                 self.post_own(plan)
                 self.post_packed(plan)
+            if ahead:
+                self.post_begin(int(last), checksum)
             self.layout.append(plan)
         self.post_begin()
         if item is _LATER:
@@ -538,7 +540,7 @@ class Sender(SendSide):
             self.abort_step(b"")
         if kind != Kind.BUCKET:
             self.keep_promise()
-        self.last_flag = self.last_announced = bool(args[1])
+        self.last_announced = bool(args[1])
         self.steps.append(self.control.post(make_row(kind, *args), f"{self.what} bucket {args[0]}"))
         if kind == Kind.BUCKET:
             assert self.promised is None or self.promised.index == args[0]
@@ -788,12 +790,13 @@ class Sender(SendSide):
         self.control.send_frame(plan.frame, f"{self.what} table {plan.index}")
         rows = self.control.post(make_row(Kind.SYNC), f"{self.what} bucket {plan.index} (check)").rows()
         self.control.settle(rows, b"", f"{self.what} bucket {plan.index}")
-        if kept:
-            self.post_own(self.cached_plan, upto=kept)  # held while the source was still the cached layout
-        for start, end, pos in plan.runs:
-            if pos is not None and pos >= kept:
-                self.post(buf[start:end] if buf is not None else unpacked[pos], plan.index, from_buffer=buf is not None)
-        self.post_packed(plan)
+        with self.posting(plan):
+            if kept:
+                self.post_own(self.cached_plan, upto=kept)  # held while the source was still the cached layout
+            for start, end, pos in plan.runs:
+                if pos is not None and pos >= kept:
+                    self.post(buf[start:end] if buf is not None else unpacked[pos], plan.index, from_buffer=buf is not None)
+            self.post_packed(plan)
         self.layout.append(plan)
 
     # -- tensors and payload --------------------------------------------------------------------
