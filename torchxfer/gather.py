@@ -33,11 +33,13 @@ plus the other ranks' sections while they are copied into place.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from . import peer_reads
 from .config import wait_timeout
 from .errors import TransferError
 from .packing import align_up
@@ -46,6 +48,7 @@ from .sources import Entry, is_dtensor, materialize, mesh_device
 __all__ = ["GatherFailed", "Gatherer", "Posted", "local_tensor"]
 
 _TAG_SPACE = 1 << 30
+log = logging.getLogger("torchxfer")
 
 
 class GatherFailed(TransferError):
@@ -120,6 +123,11 @@ class Gatherer:
         self._tags: dict[int, int] = {}
         self.posted_groups = 0  # how many groups this rank posted (tests count them)
         self.prefilled = 0  # entries the sender gathered straight into its send buffer
+        self.shards = [i for i, e in enumerate(entries) if e.how == "shard"]
+        # Peer reads (the sender, once agreed): (entry, rank in its mesh group) -> device pointer.
+        self.peers: dict[tuple[int, int], int] | None = None
+        self.peer_reads = 0  # pieces the sender copied from other ranks' memory (tests count them)
+        self.peer_event: Any = None  # recorded after the sender's last peer copies
 
     def _member(self, entry: Entry) -> tuple[Any, int | None, int]:
         """(pg, the sender's rank in it or None, this rank's) for a ``shard`` entry's mesh dimension."""
@@ -129,8 +137,103 @@ class Gatherer:
             pg = mesh.get_group(entry.shard.mesh_dim)
             ranks = dist.get_process_group_ranks(pg)
             dst = ranks.index(self.sender) if self.sender in ranks else None
-            self._members[key] = (pg, dst, ranks.index(dist.get_rank()), mesh)  # the mesh kept: ids stay unique
+            self._members[key] = (pg, dst, ranks.index(dist.get_rank()), mesh, ranks)  # the mesh kept: ids stay unique
         return self._members[key][:3]
+
+    # -- peer reads (one host, CUDA): see torchxfer.peer_reads ----------------------------------------
+
+    def peer_row(self) -> torch.Tensor:
+        """This rank's row of the peer-read exchange (every trainer rank; local, never raises):
+        where its shards lie (:func:`torchxfer.peer_reads.export`), or a no vote."""
+        vote, pieces, segments = peer_reads.enabled(), {}, []
+        if vote and not self.is_sender:
+            try:
+                tensors = {}
+                for k, i in enumerate(self.shards):
+                    entry = self.entries[i]
+                    _, dst, me = self._member(entry)
+                    if dst is None:
+                        continue
+                    local = entry.tensor.to_local()
+                    if local.device != mesh_device(entry.tensor.device_mesh) or not local.is_contiguous() \
+                            or tuple(local.shape) != entry.shard.local_shape(entry.shape, me):  # fmt: skip
+                        raise peer_reads.PeerReadsUnavailable(f"{entry.source_name!r}: a shard off the GPU, "
+                                                              "not contiguous, or not of its planned shape")  # fmt: skip
+                    if local.numel():
+                        tensors[k] = local
+                pieces, segments = peer_reads.export(tensors)
+            except Exception as e:
+                log.debug("peer reads: trainer rank %d votes no: %s: %s", dist.get_rank(), type(e).__name__, e)
+                vote = False
+        return peer_reads.encode_row(vote, len(self.shards), pieces, segments)
+
+    def use_peers(self, rows: list[peer_reads.Row], trainer_ranks: list[int]) -> None:
+        """The sender: map every other rank's pieces (rows in ``trainer_ranks`` order, global
+        ranks). PeerReadsUnavailable (or TransferError from CUDA) if a piece is missing, out of
+        its allocation's bounds, or cannot be mapped; nothing is read then."""
+        where = {g: t for t, g in enumerate(trainer_ranks)}
+        used: set[bytes] = set()
+        peers: dict[tuple[int, int], int] = {}
+        for k, i in enumerate(self.shards):
+            entry = self.entries[i]
+            _, dst, me = self._member(entry)
+            ranks = self._members[(id(entry.tensor.device_mesh), entry.shard.mesh_dim)][4]
+            itemsize = entry.tensor.dtype.itemsize
+            for q, g in enumerate(ranks):
+                want = _numel(entry.shard.local_shape(entry.shape, q)) * itemsize
+                if q == me or not want:
+                    continue
+                row = rows[where[g]] if g in where else None
+                seg, offset, nbytes = row.pieces[k] if row is not None else (-1, 0, 0)
+                if nbytes != want or not 0 <= seg < len(row.segments):
+                    raise peer_reads.PeerReadsUnavailable(f"trainer rank {g} did not describe its shard of "
+                                                          f"{entry.source_name!r} ({want} bytes)")  # fmt: skip
+                handle, size = row.segments[seg]
+                if offset < 0 or offset + nbytes > size:
+                    raise peer_reads.PeerReadsUnavailable(f"trainer rank {g}'s shard of {entry.source_name!r} lies "
+                                                          f"outside its allocation ({offset}+{nbytes} > {size})")
+                peers[(i, q)] = peer_reads.Mappings.base(handle, size, mesh_device(entry.tensor.device_mesh)) + offset
+                used.add(handle)
+        peer_reads.Mappings.keep_only(used)
+        self.peers = peers
+
+    def _read_peers(self, op: _Op, fulls: dict[int, torch.Tensor]) -> None:
+        """The sender, with peer reads: its own shards and every other rank's pieces copied into
+        the full tensors (or the send buffer's views), on its stream; nothing to post."""
+        device = mesh_device(self.entries[op.entries[0]].tensor.device_mesh)
+        op.direct = [True] * len(op.entries)  # nothing for collect() to place
+        dst, src, casts = [], [], ([], [])
+        for i in op.entries:
+            entry = self.entries[i]
+            if i in fulls and fulls[i].device == device and fulls[i].is_contiguous():
+                self.prefilled += 1
+            else:
+                fulls[i] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+            dst.append(self._place(fulls[i], entry, op.me))
+            src.append(self._local(entry, op.me, device))
+            sizes = entry.shard.sizes
+            for q, n in enumerate(sizes):
+                ptr = self.peers.get((i, q)) if q != op.me and n else None
+                if ptr is None:
+                    continue
+                if entry.tensor.dtype == entry.dtype:
+                    peer_reads.copy_into(fulls[i], entry.shard.dim, sum(sizes[:q]), n, ptr)
+                else:  # pulled as it is, cast here
+                    stage = torch.empty(entry.shard.local_shape(entry.shape, q), dtype=entry.tensor.dtype, device=device)
+                    peer_reads.copy_into(stage, 0, 0, stage.shape[0], ptr)
+                    casts[0].append(self._place(fulls[i], entry, q))
+                    casts[1].append(stage)
+                self.peer_reads += 1
+        self._copy(dst, src)
+        self._copy(*casts)
+        if device.type == "cuda":
+            self.peer_event = torch.cuda.Event()
+            self.peer_event.record()
+
+    def settle(self, timeout_s: float) -> bool:
+        """The sender: wait (up to ``timeout_s``) until its peer copies are done, so the other
+        ranks may change their shards. True when done (or there were none)."""
+        return self.peer_event is None or peer_reads.wait_event(self.peer_event, timeout_s)
 
     def prepare(self, g: int, into: list[Any] | None = None) -> Posted:
         """Local work of group ``g``: this rank's shards cast and packed (or, on the sender, copied
@@ -185,6 +288,9 @@ class Gatherer:
         same CPU the transfer needs, a Shard(0) shard goes from its own memory straight into
         its rows of the full tensor, and only column shards share a section."""
         device = mesh_device(self.entries[op.entries[0]].tensor.device_mesh)
+        if self.peers is not None:
+            self._read_peers(op, fulls)
+            return
         op.direct = [op.p2p and self.entries[i].shard.dim == 0 for i in op.entries]
         cursors = [0] * op.world
         for i, direct in zip(op.entries, op.direct):

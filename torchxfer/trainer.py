@@ -59,6 +59,7 @@ Why this cannot deadlock, and what happens on failure:
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,12 +80,18 @@ from .errors import TransferError
 from .gather import GatherFailed, Gatherer, Posted, local_tensor
 from .group import side_group
 from .sender import SenderState
+from . import peer_reads
 from .sources import Entry, NameMap, Source, groups_of, is_dtensor, plan
 
 __all__ = ["send_model"]
 
+log = logging.getLogger("torchxfer")
+
 _MESSAGE_BYTES = 2048
 """Most bytes of one trainer rank's error message in a failed lockstep."""
+_DONE, _FAILED, _FALLBACK = 0, 1, 2
+"""Status codes of the lockstep all_reduce (MAX): under peer reads only the sender posts
+anything but 0, so the others read its code; ``_FALLBACK`` is never met by a step."""
 
 
 def send_model(
@@ -182,16 +189,24 @@ def send_model(
         return _send_colocated(entries, group, lock, packed_buffer_size_bytes, packed_num_buffers, version)
     stream_ordered = group is not None and side_group(group).backend_name == "nccl"
     schedule = _Schedule(entries, groups, sender, lock, timeout_s, stream_ordered)
+    if lock is not None and schedule.gatherer is not None and peer_reads.candidate(entries):
+        schedule.exchange_peers()
 
     if group is None:
         assert lock is not None
+        done = False
         try:
-            schedule.run_peer()
+            # Peer reads: nothing to do but wait for the sender's outcome (or its fallback).
+            done = schedule.peer and lock.await_sender() == _DONE
+            if not done:
+                schedule.peer = False
+                schedule.run_peer()
         except Exception as e:
             if not lock.done and not isinstance(e, GatherFailed):
                 lock.fail(e)
             raise
-        lock.finish()
+        if not done:
+            lock.finish()
         return None
 
     items = _Pulled(entries, groups, schedule)
@@ -215,11 +230,13 @@ def send_model(
             started=started,
         )  # fmt: skip
     except Exception as e:
+        schedule.settle()
         if lock is not None and not lock.done and not isinstance(e, GatherFailed):
             lock.fail(e)
         raise
     finally:
         items.close()
+    schedule.settle()
     if lock is not None:
         lock.finish()
     return stats
@@ -266,13 +283,46 @@ class _Schedule:
         self.lock = lock
         self.stream_ordered = stream_ordered
         self.behind: Posted | None = None  # not the sender: the group posted last, not yet waited for
+        self.peer = False  # the sender reads every other rank's shards itself: no steps, no messages
+        self.settle_s = 60.0 if timeout_s is None else timeout_s
         self.sender: Any = None  # the Sender, when this update is the cached layout (see _prefill)
+
+    def exchange_peers(self) -> None:
+        """Every trainer rank, together: agree whether the sender reads the other ranks' shards
+        itself (:mod:`torchxfer.peer_reads`); sets ``peer``. If the sender then cannot map
+        them, it tells the others (``_FALLBACK``, met by their :meth:`_Lockstep.await_sender`)
+        and every rank gathers as usual."""
+        assert self.lock is not None and self.gatherer is not None
+        g = self.gatherer
+        rows = self.lock.exchange(g.peer_row())
+        decoded = [peer_reads.decode_row(r, len(g.shards)) for r in rows]
+        if not peer_reads.agreed(decoded):
+            return
+        self.peer = True
+        if not g.is_sender:
+            return
+        try:
+            g.use_peers(decoded, self.lock.ranks)
+            return
+        except Exception as e:
+            log.warning("send_model: the sender cannot read the other trainer ranks' shards (%s: %s); "
+                        "gathering them with collectives instead", type(e).__name__, e)  # fmt: skip
+            g.peers = None
+        self.peer = False
+        self.lock.fallback()
+
+    def settle(self) -> None:
+        """The sender, before it tells the others the outcome: its peer copies are done, so
+        they may change their shards. Bounded; a copy still queued then is logged."""
+        if self.peer and self.gatherer is not None and not self.gatherer.settle(self.settle_s):
+            log.warning("send_model: peer copies still queued after %.0f s; the other trainer ranks "
+                        "are released anyway", self.settle_s)  # fmt: skip
 
     def advance(self, j: int) -> dict[int, torch.Tensor]:
         g = self.cgroups[j]
         into = self.sender.bucket_views(g) if self.sender is not None else None
         posted = self.gatherer.prepare(g, into)
-        if self.lock is not None:
+        if self.lock is not None and not self.peer:
             self.lock.step()
         self.gatherer.post(posted)
         if self.gatherer.is_sender:
@@ -342,7 +392,27 @@ class _Lockstep:
         self.device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
         self.timeout = None if timeout_s is None else wait_timeout(timeout_s)
         self.flag = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.ranks = dist.get_process_group_ranks(pg)  # global ranks, in group order
         self.done = False  # a failure was agreed, or the group failed: no more collectives
+
+    def exchange(self, row: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``row`` (one all_gather; every rank passes a row of one length), on the CPU."""
+        row = row.to(self.device)
+        rows = [torch.empty_like(row) for _ in range(self.size)]
+        self._wait(dist.all_gather(rows, row, group=self.pg, async_op=True), "send_model peer-read exchange")
+        return [r.cpu() for r in rows]
+
+    def await_sender(self) -> int:
+        """A rank that does not send, under peer reads: wait for the sender's outcome, met by its
+        ``finish`` (``_DONE``), ``fallback`` (``_FALLBACK``) or ``fail`` (TransferError here)."""
+        code = self._all_reduce_flag(0, "send_model status")
+        if code not in (_DONE, _FALLBACK):
+            raise TransferError(f"send_model failed on another trainer rank: {self._messages(None)}")
+        return code
+
+    def fallback(self) -> None:
+        """The sender, under agreed peer reads that it cannot serve: every rank gathers as usual."""
+        self._all_reduce_flag(_FALLBACK, "send_model status")
 
     def _wait(self, work: Any, what: str) -> None:
         try:

@@ -1,0 +1,373 @@
+"""Peer reads: the sender of send_model copies the other trainer ranks' shards itself.
+
+Pure tier: the row format, the vote, the plan test. Process tier on the CPU:
+two trainer ranks (Gloo) and one worker, with the CUDA parts replaced by a
+stand-in that "maps" rank 1's shards as the test knows them, so the
+protocol around peer reads (no lockstep steps, the other ranks waiting for
+the sender's outcome, a failure reaching every rank, the fallback to
+collective gathers when the sender cannot map, a rank voting no) runs on
+every CI machine, bit-exact. With 2 GPUs: the real thing (FSDP2, NCCL side
+group, the worker sharing GPU 1 with trainer rank 1).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import types
+
+import pytest
+import torch
+
+from tests.harness import ADDR, digest, free_port, run_processes
+from torchxfer import peer_reads
+
+SIDE_TIMEOUT = 10.0
+BUF = 4096  # several buckets
+
+LAYOUT = {  # name -> (shape, dtype, placement)
+    "emb": ((67, 32), torch.float32, "shard0"),  # uneven
+    "col": ((48, 33), torch.float32, "shard1"),  # uneven, along columns
+    "step": ((6,), torch.int64, "shard0"),  # never cast
+    "rep": ((8, 4), torch.float32, "replicate"),
+    "plain": ((5,), torch.float32, "plain"),
+    **{f"tail.{i}": ((40, 32), torch.float32, "shard0") for i in range(4)},
+}
+
+
+# -- pure -------------------------------------------------------------------------------------
+
+
+def test_a_row_round_trips_bit_for_bit_handles_with_nul_bytes_included():
+    handle = bytes([0, 1, 0, 255] * 16)
+    row = peer_reads.encode_row(True, 3, {0: (0, 4096, 128), 2: (1, 0, 8)}, [(handle, 1 << 21), (b"\xff" * 64, 512)])
+    assert row.dtype == torch.int64 and row.numel() == peer_reads.row_words(3)
+    got = peer_reads.decode_row(row, 3)
+    assert got.vote and got.host == peer_reads.host_id()
+    assert got.pieces == [(0, 4096, 128), (-1, 0, 0), (1, 0, 8)]
+    assert got.segments == [(handle, 1 << 21), (b"\xff" * 64, 512)]
+
+
+def test_a_no_vote_carries_nothing_and_a_malformed_row_is_a_no_vote():
+    no = peer_reads.decode_row(peer_reads.encode_row(False, 2, {0: (0, 0, 8)}, [(b"\0" * 64, 8)]), 2)
+    assert not no.vote and no.pieces == [(-1, 0, 0)] * 2 and no.segments == []
+    good = peer_reads.encode_row(True, 2, {0: (0, 0, 8)}, [(b"\1" * 64, 8)])
+    assert not peer_reads.decode_row(good[:-1], 2).vote  # short
+    assert not peer_reads.decode_row(good, 3).vote  # another plan's length
+    for word, value in ((0, 2), (5, 3), (5, -1)):  # a vote that is not 1; more segments than entries
+        bad = good.clone()
+        bad[word] = value
+        assert not peer_reads.decode_row(bad, 2).vote, (word, value)
+    # More segments than entries never leaves this rank.
+    assert not peer_reads.decode_row(peer_reads.encode_row(True, 1, {}, [(b"\1" * 64, 8)] * 2), 1).vote
+
+
+def test_every_rank_must_vote_yes_from_one_host():
+    yes = peer_reads.decode_row(peer_reads.encode_row(True, 1), 1)
+    no = peer_reads.decode_row(peer_reads.encode_row(False, 1), 1)
+    elsewhere = peer_reads.Row(True, [1, 2, 3, 4], yes.pieces, [])
+    assert peer_reads.agreed([yes, yes])
+    assert not peer_reads.agreed([yes, no])
+    assert not peer_reads.agreed([yes, elsewhere])
+    assert not peer_reads.agreed([])
+
+
+def test_the_plan_decides_whether_to_ask_and_the_switch_turns_it_off(monkeypatch):
+    def entry(how, device_type="cuda"):
+        return types.SimpleNamespace(how=how, collective=how != "local",
+                                     tensor=types.SimpleNamespace(device_mesh=types.SimpleNamespace(device_type=device_type)))  # fmt: skip
+
+    assert peer_reads.candidate([entry("local"), entry("shard")])
+    assert not peer_reads.candidate([entry("local")])  # nothing to gather
+    assert not peer_reads.candidate([entry("shard"), entry("full")])  # full_tensor() takes every rank
+    assert not peer_reads.candidate([entry("shard", "cpu")])
+    monkeypatch.setenv(peer_reads.ENV, "0")
+    assert not peer_reads.enabled()
+
+
+# -- process tier, CPU: the protocol around peer reads -------------------------------------------
+
+
+def _full(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: (torch.randint(0, 1 << 40, s, generator=gen) if d == torch.int64 else torch.randn(s, generator=gen))
+            for n, (s, d, _) in LAYOUT.items()}  # fmt: skip
+
+
+def _stand_in(rank: int, state: dict) -> None:
+    """Replace the CUDA parts: every rank may vote, rank 1 "exports" its shards at made-up
+    offsets, and the sender "maps" them by reading the test's own copy of rank 1's pieces."""
+    peer_reads.candidate = lambda entries: True
+    peer_reads.enabled = lambda: state["vote"]
+    peer_reads.export = lambda tensors: ({k: (0, k << 20, t.numel() * t.element_size()) for k, t in tensors.items()},
+                                         [(bytes(range(64)), 1 << 40)])  # fmt: skip
+
+    def base(handle: bytes, size: int, device: object) -> int:
+        if not state["map"]:
+            raise peer_reads.PeerReadsUnavailable("this test's sender cannot map")
+        return 0
+
+    def copy_into(full: torch.Tensor, dim: int, start: int, size: int, src: int) -> None:
+        state["copies"] += 1
+        full.narrow(dim, start, size).copy_(state["pieces"][src])
+
+    peer_reads.Mappings.base = staticmethod(base)
+    peer_reads.copy_into = copy_into
+
+
+def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import torchxfer.gather
+    from torchxfer import NCCLWeightTransferEngine, TransferError, destroy_side_group, send_model
+    from torchxfer.sources import plan
+
+    dist.init_process_group("gloo", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))  # fmt: skip
+    mesh = init_device_mesh("cpu", (2,))
+    state = {"vote": True, "map": True, "copies": 0, "pieces": {}}
+    _stand_in(rank, state)
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("torchxfer").addHandler(handler)
+    gatherers, init = [], torchxfer.gather.Gatherer.__init__
+
+    def recording(self: object, *args: object) -> None:
+        init(self, *args)
+        gatherers.append(self)
+
+    torchxfer.gather.Gatherer.__init__ = recording
+    group = None
+    if rank == 0:
+        group = NCCLWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=side_port, world_size=2),
+                                                      backend="gloo", timeout_s=SIDE_TIMEOUT)  # fmt: skip
+    out = []
+    # (seed, dtype, rank 1 votes, the sender maps): peer reads as is, cast, failing at the
+    # worker, falling back, a no vote, then peer reads again on the same group.
+    for seed, dtype, vote, can_map in ((0, None, True, True), (1, torch.bfloat16, True, True), (2, None, True, True),
+                                       (3, None, True, False), (4, torch.bfloat16, False, True), (5, None, True, True)):  # fmt: skip
+        full = _full(seed)
+        place = {"shard0": [Shard(0)], "shard1": [Shard(1)], "replicate": [Replicate()]}
+        sd = {n: t if LAYOUT[n][2] == "plain" else distribute_tensor(t, mesh, place[LAYOUT[n][2]])
+              for n, t in full.items()}  # fmt: skip
+        state.update(vote=vote or rank == 0, map=can_map, copies=0)
+        entries = plan(sd, dtype, None, True)
+        shards = [e for e in entries if e.how == "shard"]
+        # Rank 1's piece of each shard entry, where the stand-in "maps" it (as stored: not cast).
+        state["pieces"] = {k << 20: full[e.source_name].narrow(e.shard.dim, e.shard.sizes[0], e.shard.sizes[1])
+                           for k, e in enumerate(shards)}  # fmt: skip
+        gatherers.clear()
+        warnings.clear()
+        try:
+            stats = send_model(sd, group, dtype=dtype, packed_buffer_size_bytes=BUF, timeout_s=30)
+            result = None if stats is None else stats.num_tensors
+        except TransferError as e:
+            result = f"TransferError: {e}"
+        g = gatherers[0]
+        want = {n: digest(t.to(dtype) if dtype is not None and t.is_floating_point() else t) for n, t in full.items()}
+        out.append({"result": result, "copies": state["copies"], "peer_reads": g.peer_reads,
+                    "posted": g.posted_groups, "warnings": list(warnings), "want": want})  # fmt: skip
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    out.append(t.item())
+    if group is not None:
+        destroy_side_group(group)
+    dist.destroy_process_group()
+    return out
+
+
+def _worker(side_port: int) -> object:
+    from torchxfer import (
+        NCCLWeightTransferEngine,
+        NCCLWeightTransferInitInfo,
+        ParallelConfig,
+        TransferError,
+        WeightTransferConfig,
+    )
+
+    engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="gloo", timeout_s=SIDE_TIMEOUT), ParallelConfig())
+    engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, side_port, 1, 2))
+    got = []
+    for update in range(6):
+        batch: dict = {}
+
+        def load(pairs: list, batch: dict = batch, update: int = update) -> None:
+            if update == 2:
+                raise RuntimeError("the server refuses update 2")
+            batch.update((n, digest(t)) for n, t in pairs)
+
+        try:
+            engine.receive_weights(None, load)
+            got.append(batch)
+        except TransferError as e:
+            got.append(f"TransferError: {e}")
+    engine.shutdown()
+    return got
+
+
+def _rank(rank: int, side_port: int, trainer_port: int) -> object:
+    return _worker(side_port) if rank == 2 else _trainer(rank, side_port, trainer_port)
+
+
+@pytest.mark.process
+def test_the_protocol_around_peer_reads_on_cpu_bit_exact_with_failure_fallback_and_a_no_vote():
+    outcomes = run_processes(_rank, 3, free_port(), free_port(), deadline_s=150)
+    for o in outcomes:
+        assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
+    (t0, t1), worker = [o.value for o in outcomes[:2]], outcomes[2].value
+    assert t0[-1] == t1[-1] == 2.0  # the trainer's own group still works
+    shards = sum(1 for n in LAYOUT if LAYOUT[n][2].startswith("shard"))
+    for u in (0, 1, 5):  # peer reads: every piece of rank 1 read by the sender, rank 1 posted nothing
+        assert worker[u] == t0[u]["want"], u
+        assert t0[u]["result"] == len(LAYOUT) and t1[u]["result"] is None
+        assert t0[u]["copies"] == t0[u]["peer_reads"] == shards and t0[u]["posted"] > 0, t0[u]
+        assert t1[u]["copies"] == 0 and t1[u]["posted"] == 0, t1[u]
+        assert not t0[u]["warnings"]
+    # A worker's failure under peer reads: TransferError on every rank, rank 1 with the sender's message.
+    assert "refuses update 2" in worker[2], worker[2]
+    assert t0[2]["result"].startswith("TransferError") and "refuses update 2" in t0[2]["result"], t0[2]
+    assert t1[2]["result"].startswith("TransferError") and "trainer rank 0" in t1[2]["result"], t1[2]
+    assert "refuses update 2" in t1[2]["result"], t1[2]
+    # The sender cannot map: collective gathers, with a warning, bit-exact.
+    assert worker[3] == t0[3]["want"] and t0[3]["result"] == len(LAYOUT)
+    assert t0[3]["peer_reads"] == 0 and t1[3]["posted"] == t0[3]["posted"] > 0, (t0[3], t1[3])
+    assert any("cannot read the other trainer ranks' shards" in w for w in t0[3]["warnings"]), t0[3]["warnings"]
+    # Rank 1 votes no: collective gathers, no warning.
+    assert worker[4] == t0[4]["want"] and t0[4]["peer_reads"] == 0 and t1[4]["posted"] > 0
+    assert not t0[4]["warnings"]
+
+
+# -- process tier, 2 GPUs: the real peer reads ----------------------------------------------------
+
+
+def _cuda_trainer(rank: int, side_port: int, trainer_port: int, lockstep: str) -> object:
+    import os
+
+    if lockstep == "expandable" and rank == 1:  # rank 1's shards cannot be exported: the sender falls back
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import torchxfer.gather
+    from torchxfer import NCCLWeightTransferEngine, TransferError, destroy_side_group, send_model
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60), device_id=torch.device("cuda", rank))  # fmt: skip
+    trainer_group = dist.new_group(backend="gloo") if lockstep == "gloo" else None
+    mesh = init_device_mesh("cuda", (2,))
+    gatherers, init = [], torchxfer.gather.Gatherer.__init__
+
+    def recording(self: object, *args: object) -> None:
+        init(self, *args)
+        gatherers.append(self)
+
+    torchxfer.gather.Gatherer.__init__ = recording
+    group = None
+    if rank == 0:
+        group = NCCLWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=side_port, world_size=2),
+                                                      timeout_s=SIDE_TIMEOUT)  # fmt: skip
+    out: list = []
+
+    def send(source: object, dtype: torch.dtype | None, want: dict, off: bool = False) -> None:
+        os.environ[peer_reads.ENV] = "0" if off else "1"
+        gatherers.clear()
+        try:
+            stats = send_model(source, group, dtype=dtype, packed_buffer_size_bytes=BUF << 4, timeout_s=60,
+                               trainer_group=trainer_group)  # fmt: skip
+            result = None if stats is None else stats.num_tensors
+        except TransferError as e:
+            result = f"TransferError: {e}"
+        g = gatherers[0]
+        out.append({"result": result, "peer_reads": g.peer_reads, "posted": g.posted_groups, "want": want,
+                    "mapped": len(peer_reads.Mappings._open)})  # fmt: skip
+
+    place = {"shard0": [Shard(0)], "shard1": [Shard(1)], "replicate": [Replicate()]}
+    for seed, dtype, off in ((0, None, False), (1, torch.bfloat16, False), (2, None, True)):
+        full = _full(seed)
+        sd = {n: t.cuda() if LAYOUT[n][2] == "plain" else distribute_tensor(t.cuda(), mesh, place[LAYOUT[n][2]])
+              for n, t in full.items()}  # fmt: skip
+        send(sd, dtype, {n: digest(t.to(dtype) if dtype and t.is_floating_point() else t) for n, t in full.items()},
+             off)  # fmt: skip
+    # A fully_shard net trained between updates (uneven rows, fp32, the last update cast to bf16);
+    # the third update fails at the worker.
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 301), torch.nn.ReLU(), torch.nn.Linear(301, 9)).cuda()
+    fully_shard(net[0], mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range(5):
+        net(torch.randn(5, 24, device="cuda")).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        dtype = torch.bfloat16 if step == 4 else None
+        send(net, dtype, {n: digest(p.full_tensor().to(dtype or p.dtype)) for n, p in net.state_dict().items()})
+    t = torch.ones(1, device="cuda")
+    dist.all_reduce(t)
+    out.append(t.item())
+    if group is not None:
+        destroy_side_group(group)
+    dist.destroy_process_group()
+    return out
+
+
+def _cuda_worker(side_port: int) -> object:
+    from torchxfer import (
+        NCCLWeightTransferEngine,
+        NCCLWeightTransferInitInfo,
+        ParallelConfig,
+        TransferError,
+        WeightTransferConfig,
+    )
+
+    torch.cuda.set_device(1)
+    engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="nccl", timeout_s=SIDE_TIMEOUT, device="cuda:1"),
+                                      ParallelConfig())  # fmt: skip
+    engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, side_port, 1, 2))
+    got = []
+    for update in range(8):
+        batch: dict = {}
+
+        def load(pairs: list, batch: dict = batch, update: int = update) -> None:
+            if update == 5:
+                raise RuntimeError("the server refuses update 5")
+            batch.update((n, digest(t)) for n, t in pairs)
+
+        try:
+            engine.receive_weights(None, load)
+            got.append(batch)
+        except TransferError as e:
+            got.append(f"TransferError: {e}")
+    engine.shutdown()
+    return got
+
+
+def _cuda_rank(rank: int, side_port: int, trainer_port: int, lockstep: str) -> object:
+    return _cuda_worker(side_port) if rank == 2 else _cuda_trainer(rank, side_port, trainer_port, lockstep)
+
+
+@pytest.mark.process
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs >= 2 GPUs")
+@pytest.mark.parametrize("lockstep", ["gloo", "nccl", "expandable"])
+def test_peer_reads_between_two_gpus_bit_exact_with_a_failure_and_the_switch(lockstep):
+    outcomes = run_processes(_cuda_rank, 3, free_port(), free_port(), lockstep, deadline_s=240)
+    for o in outcomes:
+        assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
+    (t0, t1), worker = [o.value for o in outcomes[:2]], outcomes[2].value
+    assert t0[-1] == t1[-1] == 2.0
+    for u in range(8):
+        if u == 5:  # refused at the worker: every trainer rank raises
+            assert "refuses update 5" in worker[u] and "refuses update 5" in t0[u]["result"], (worker[u], t0[u])
+            assert t1[u]["result"].startswith("TransferError"), t1[u]
+        else:
+            assert worker[u] == t0[u]["want"], u
+        peer = lockstep != "expandable" and u != 2  # update 2: switched off on both ranks
+        assert (t0[u]["peer_reads"] > 0) == peer and (t1[u]["posted"] == 0) == peer, (u, t0[u], t1[u])
+    # Mappings stay bounded: only the allocations the last update named are mapped.
+    assert max(t["mapped"] for t in t0[:-1]) <= 40, [t["mapped"] for t in t0[:-1]]

@@ -1,0 +1,273 @@
+"""Reads of other trainer ranks' shards over CUDA IPC: send_model's gathers on one host.
+
+When every trainer rank of a ``send_model`` call runs on one host and holds
+its shards on its GPU, the sender need not ask the others to send anything.
+Each other rank describes where its shards lie (CUDA IPC handles of the
+allocations that hold them, offsets, sizes) in one row of fixed length; the
+sender maps those allocations (once each, cached for the life of the
+process) and copies every piece straight into place, on its own stream, with
+``cudaMemcpyAsync`` / ``cudaMemcpy2DAsync``: copy engines, pulling over
+NVLink. The other ranks run no kernel while the update is sent. A worker
+that shares a GPU with one of them has that GPU to itself (two processes'
+kernels on one GPU take turns), and the pulls use the link in the direction
+opposite to the broadcasts.
+
+This module holds the CUDA side only: rows, handles, mappings and copies.
+:mod:`torchxfer.gather` decides which pieces are read and
+:mod:`torchxfer.trainer` agrees on the mode with every trainer rank.
+
+Rows (int64 words; the same length on every rank, from the plan alone)::
+
+    [vote, host id x 4, segments, (segment, offset, bytes) per shard entry,
+     (handle x 8, size) per segment slot (one slot per shard entry)]
+
+The handles travel as raw bytes in our own row format: nothing is unpickled,
+and torch's own IPC machinery (its reference-count files in ``/dev/shm``)
+is not used. Every offset and size is checked against the mapped allocation
+before a byte is read. Set ``TORCHXFER_PEER_READS=0`` on every trainer rank
+to keep the collective gathers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import socket
+import struct
+import time
+from typing import Any
+
+import torch
+
+from .errors import TransferError
+from .ipc_transport import _check, _cudart, _handle, _IpcHandle
+
+__all__ = ["ENV", "PeerReadsUnavailable", "Row", "candidate", "encode_row", "decode_row", "agreed", "export",
+           "Mappings", "copy_into", "wait_event"]  # fmt: skip
+
+ENV = "TORCHXFER_PEER_READS"
+_HEAD = 6  # vote, host id (4 words), segment count
+_HANDLE_WORDS = 8
+
+
+class PeerReadsUnavailable(RuntimeError):
+    """Peer reads cannot serve this update here (the collective gathers are used instead)."""
+
+
+def candidate(entries: list[Any]) -> bool:
+    """Whether peer reads could serve this plan: every gathered entry a ``shard`` entry on a
+    CUDA mesh. From the plan alone, so every trainer rank answers alike."""
+    collective = [e for e in entries if e.collective]
+    return bool(collective) and all(e.how == "shard" and e.tensor.device_mesh.device_type == "cuda" for e in collective)
+
+
+def enabled() -> bool:
+    """This rank's own view: not switched off, and a CUDA runtime we can drive."""
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        _driver()
+        _cudart()
+    except Exception:
+        return False
+    return True
+
+
+def host_id() -> list[int]:
+    """Four 56-bit words naming this host and boot (equal on every process of one machine)."""
+    boot = ""
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as fh:
+        boot = fh.read().strip()
+    digest = hashlib.sha256(f"{socket.gethostname()}|{boot}".encode()).digest()
+    return [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)]
+
+
+class Row:
+    """One rank's decoded row."""
+
+    def __init__(self, vote: bool, host: list[int], pieces: list[tuple[int, int, int]],
+                 segments: list[tuple[bytes, int]]) -> None:  # fmt: skip
+        self.vote, self.host, self.pieces, self.segments = vote, host, pieces, segments
+
+
+def row_words(num_entries: int) -> int:
+    return _HEAD + 3 * num_entries + (_HANDLE_WORDS + 1) * num_entries
+
+
+def encode_row(vote: bool, num_entries: int, pieces: dict[int, tuple[int, int, int]] | None = None,
+               segments: list[tuple[bytes, int]] | None = None) -> torch.Tensor:  # fmt: skip
+    """A rank's row: ``pieces`` by shard-entry index (segment, offset, bytes), ``segments``
+    (handle, size). A rank that votes no sends only its vote."""
+    pieces, segments = pieces or {}, segments or []
+    if not vote or len(segments) > num_entries:
+        vote, pieces, segments = False, {}, []
+    words = [int(vote)] + host_id() + [len(segments)]
+    for k in range(num_entries):
+        words += list(pieces.get(k, (-1, 0, 0)))
+    blob = struct.pack(f"<{len(words)}q", *words)
+    for handle, size in segments:
+        blob += handle + struct.pack("<q", size)
+    blob += b"\0" * (8 * row_words(num_entries) - len(blob))
+    return torch.frombuffer(bytearray(blob), dtype=torch.int64)
+
+
+def decode_row(row: torch.Tensor, num_entries: int) -> Row:
+    """A row as :func:`encode_row` wrote it (CPU tensor). Malformed fields make a no vote."""
+    if row.dtype != torch.int64 or row.device.type != "cpu" or row.numel() != row_words(num_entries):
+        return Row(False, [], [], [])
+    row = row.contiguous()
+    raw = ctypes.string_at(row.data_ptr(), 8 * row.numel())
+    words = struct.unpack_from(f"<{_HEAD + 3 * num_entries}q", raw)
+    vote, host, nseg = words[0] == 1, list(words[1:5]), words[5]
+    if not 0 <= nseg <= num_entries:
+        return Row(False, host, [], [])
+    pieces = [tuple(words[_HEAD + 3 * k : _HEAD + 3 * k + 3]) for k in range(num_entries)]
+    at = 8 * (_HEAD + 3 * num_entries)
+    segments = []
+    for s in range(nseg):
+        start = at + s * 8 * (_HANDLE_WORDS + 1)
+        segments.append((raw[start : start + 64], struct.unpack_from("<q", raw, start + 64)[0]))
+    return Row(vote, host, pieces, segments)  # type: ignore[arg-type]
+
+
+def agreed(rows: list[Row]) -> bool:
+    """Whether every rank voted yes from one host: every rank computes this from the same rows."""
+    return bool(rows) and all(r.vote for r in rows) and all(r.host == rows[0].host for r in rows)
+
+
+# -- the exporting side (a trainer rank that does not send) -----------------------------------------
+
+
+_DRIVER: Any = None
+
+
+def _driver() -> Any:
+    """The CUDA driver library (for ``cuMemGetAddressRange``: the allocation a pointer lies in)."""
+    global _DRIVER
+    if _DRIVER is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuMemGetAddressRange_v2
+        fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
+        fn.restype = ctypes.c_int
+        _DRIVER = lib
+    return _DRIVER
+
+
+def _runtime() -> Any:
+    lib = _cudart()
+    if not getattr(lib, "_torchxfer_copies", False):
+        lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                        ctypes.c_void_p]  # fmt: skip
+        lib.cudaMemcpy2DAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                                          ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]  # fmt: skip
+        lib._torchxfer_copies = True
+    return lib
+
+
+def export(tensors: dict[int, torch.Tensor]) -> tuple[dict[int, tuple[int, int, int]], list[tuple[bytes, int]]]:
+    """Where each tensor (by shard-entry index; CUDA, contiguous, non-empty) lies: (segment,
+    offset, bytes), and the segments' IPC handles and sizes; then waits for the tensors'
+    current streams, so what the sender reads is what the trainer last wrote there.
+    PeerReadsUnavailable when an allocation cannot be exported (e.g. torch's expandable
+    segments)."""
+    drv, lib = _driver(), _cudart()
+    pieces: dict[int, tuple[int, int, int]] = {}
+    segments: list[tuple[bytes, int]] = []
+    seen: dict[int, int] = {}
+    for k, t in tensors.items():
+        ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+        base, size = ctypes.c_uint64(), ctypes.c_size_t()
+        with torch.cuda.device(t.device):
+            if drv.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)) != 0:
+                raise PeerReadsUnavailable(f"no allocation found for a shard at {ptr:#x}")
+            if base.value not in seen:
+                handle = _IpcHandle()
+                if lib.cudaIpcGetMemHandle(ctypes.byref(handle), ctypes.c_void_p(base.value)) != 0:
+                    raise PeerReadsUnavailable("cudaIpcGetMemHandle refused a shard's allocation "
+                                               "(expandable segments?)")  # fmt: skip
+                seen[base.value] = len(segments)
+                segments.append((ctypes.string_at(ctypes.addressof(handle), 64), int(size.value)))
+        pieces[k] = (seen[base.value], ptr - base.value, nbytes)
+    for device in {t.device for t in tensors.values()}:
+        torch.cuda.current_stream(device).synchronize()  # the shards as the trainer last wrote them
+    return pieces, segments
+
+
+# -- the reading side (the sender) -------------------------------------------------------------------
+
+
+class Mappings:
+    """The sender's mapped allocations of other ranks, by IPC handle, for the life of the process.
+
+    An allocation is mapped once (``cudaIpcOpenMemHandle``); one that no row
+    names any more is unmapped at the next update (:meth:`keep_only`), so a
+    rank that frees memory gets it back.
+    """
+
+    _open: dict[bytes, tuple[int, int]] = {}  # handle -> (mapped base pointer, size)
+
+    @classmethod
+    def base(cls, handle: bytes, size: int, device: torch.device) -> int:
+        known = cls._open.get(handle)
+        if known is not None and known[1] == size:
+            return known[0]
+        if known is not None:
+            cls._close(handle)
+        lib, ptr = _cudart(), ctypes.c_void_p()
+        with torch.cuda.device(device):
+            code = lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), _handle(handle), 1)  # lazy peer access
+        if code != 0 or not ptr.value:
+            raise PeerReadsUnavailable(f"cudaIpcOpenMemHandle failed with CUDA error {code} (another host, "
+                                       "container or GPU without peer access?)")  # fmt: skip
+        cls._open[handle] = (ptr.value, size)
+        return ptr.value
+
+    @classmethod
+    def keep_only(cls, handles: set[bytes]) -> None:
+        for handle in [h for h in cls._open if h not in handles]:
+            cls._close(handle)
+
+    @classmethod
+    def _close(cls, handle: bytes) -> None:
+        ptr, _ = cls._open.pop(handle)
+        with contextlib.suppress(Exception):
+            _check(_cudart().cudaIpcCloseMemHandle(ctypes.c_void_p(ptr)), "cudaIpcCloseMemHandle")
+
+
+def copy_into(full: torch.Tensor, dim: int, start: int, size: int, src: int) -> None:
+    """Copy a contiguous piece at device pointer ``src`` into ``full.narrow(dim, start, size)``
+    (``full`` contiguous, of the piece's dtype), on the current stream of ``full``'s device.
+    Asynchronous: one ``cudaMemcpyAsync``, or one ``cudaMemcpy2DAsync`` for a piece that is
+    a slice of every row (``dim`` > 0)."""
+    if not full.is_contiguous():
+        raise PeerReadsUnavailable(f"cannot copy into a tensor of strides {full.stride()}")
+    item = full.element_size()
+    inner = 1
+    for s in full.shape[dim + 1 :]:
+        inner *= s
+    rows = 1
+    for s in full.shape[:dim]:
+        rows *= s
+    width, pitch = size * inner * item, full.shape[dim] * inner * item
+    if not width or not rows:
+        return
+    lib, stream = _runtime(), ctypes.c_void_p(torch.cuda.current_stream(full.device).cuda_stream)
+    dst = ctypes.c_void_p(full.data_ptr() + start * inner * item)
+    if rows == 1 or width == pitch:
+        _check(lib.cudaMemcpyAsync(dst, ctypes.c_void_p(src), rows * width, 4, stream),
+               "cudaMemcpyAsync from another trainer rank")  # fmt: skip
+    else:
+        _check(lib.cudaMemcpy2DAsync(dst, pitch, ctypes.c_void_p(src), width, width, rows, 4, stream),
+               "cudaMemcpy2DAsync from another trainer rank")  # fmt: skip
+
+
+def wait_event(event: Any, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for ``event`` (polling the CPU, never blocking on the GPU)."""
+    end = time.monotonic() + timeout_s
+    while not event.query():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.0002)
+    return True
