@@ -25,6 +25,14 @@ take no part), all as point-to-point messages to the sender:
 
 Per-tensor work is a few views, never a collective of its own.
 
+**Peer reads** (every trainer rank on one host, every gathered entry a CUDA
+``shard``; agreed once per update, :mod:`torchxfer.peer_reads`): the other
+ranks post nothing. Each describes where its shards lie (:meth:`Gatherer.peer_row`);
+the sender maps them (:meth:`Gatherer.use_peers`) and, in ``prepare``, copies
+its own shards and every other rank's pieces into place on its stream (a
+piece of another dtype is pulled as it is and cast here); ``post`` and
+``collect`` then have nothing to wait for.
+
 ``full`` entries are gathered with ``full_tensor()`` on every rank when the
 group is posted. Memory on the sender per group: the group's full tensors,
 plus the other ranks' sections while they are copied into place.

@@ -14,6 +14,16 @@ of bucket i, bucket i's gathers (posted one bucket earlier) are waited for and
 bucket i+1's are posted, so bucket i+1 moves between trainer ranks while
 bucket i is packed and broadcast to the workers.
 
+**Peer reads.** When every trainer rank runs on one host and every gathered
+tensor is a CUDA shard (FSDP2 on one node), the ranks agree once per update,
+in one all_gather after the plan check, that rank 0 reads the others' shards
+itself (:mod:`torchxfer.peer_reads`): it maps their memory and copies each
+piece into place with copy engines on its own stream, so the other ranks run
+no kernel during the send (a worker sharing a GPU with one of them has it to
+itself) and take no lockstep step; they wait in one status all_reduce for
+rank 0's outcome. If rank 0 cannot map their memory, it says so in that
+all_reduce and every rank gathers with collectives as below.
+
 **Memory.** Rank 0's extra memory is the transfer buffers
 (``packed_num_buffers x packed_buffer_size_bytes``) plus about two buckets of
 gathered tensors: the bucket being sent, and the next one in flight (its
@@ -33,7 +43,7 @@ Why this cannot deadlock, and what happens on failure:
   that iterates another model, order, ``dtype`` or ``name_map`` gets a
   ValueError on every rank at once. Unchecked, its gathers would pair with the
   wrong tensors.
-* **One lockstep per bucket.** Each post of a bucket's gathers is preceded by
+* **One lockstep per bucket** (collective gathers). Each post of a bucket's gathers is preceded by
   a one-int all_reduce of a status code on the trainer group (the first one
   posts two buckets). The sender runs it when its pipeline pulls the bucket
   before; the others run it as they reach it, so they wait there, never
