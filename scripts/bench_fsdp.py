@@ -115,7 +115,8 @@ def _rank(rank: int, args: argparse.Namespace, ports: tuple[int, int], queue: mp
 
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{trainer_port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=args.timeout))  # fmt: skip
-    lockstep = dist.new_group(backend="gloo")  # status traffic off NCCL
+    # Status traffic off NCCL (the default), or on the trainer's own NCCL group (--lockstep nccl).
+    lockstep = dist.new_group(backend="gloo") if args.lockstep == "gloo" or not cuda else None
     mesh = init_device_mesh(device.type, (2,))
     net = _model(args, device)
     for block in net:
@@ -154,6 +155,7 @@ def _rank(rank: int, args: argparse.Namespace, ports: tuple[int, int], queue: mp
     queue.put((rank, {
         "setup": f"FSDP2 trainer of 2 ranks ({args.device}), {args.layers} x [LayerNorm({args.hidden}), "
                  f"Linear({args.hidden}->{args.ffn})] bf16, 1 worker, {backend} side group, "
+                 f"{args.lockstep if cuda else 'gloo'} lockstep, "
                  f"{args.buffer_mib} MiB x {args.num_buffers} buffers",
         "bytes": total, "tensors": stats.num_tensors, "rounds": args.repeats,
         "flat_ms": statistics.median(flats) * 1e3, "send_model_ms": statistics.median(sends) * 1e3,
@@ -172,6 +174,8 @@ def main() -> None:
     p.add_argument("--num-buffers", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--lockstep", default="gloo", choices=["gloo", "nccl"],
+                   help="the trainer group send_model's status traffic uses: a Gloo group, or the default (NCCL) one")
     p.add_argument("--timeout", type=float, default=60.0, help="bound on every wait on the side and trainer groups")
     p.add_argument("--deadline", type=float, default=300.0, help="kill everything after this many seconds")
     p.add_argument("--profile", default=None, metavar="DIR",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, NCCL bench, FSDP2 bench, colocated bench, GPU tests.
 # Usage (on a machine with 2 GPUs): OUT=/some/dir bash scripts/gpu_check.sh [steps...]
-# Steps: env nccl moe unpacked fsdp fsdpplain fsdpoff fsdpprof fsdptests peer ipc tests (default: env nccl fsdp ipc tests). Each step is
+# Steps: env nccl moe unpacked fsdp fsdpplain fsdpnccl fsdpoff fsdpprof fsdptests peer ipc tests (default: env nccl fsdp ipc tests). Each step is
 # bounded by its own timeout so one hang cannot eat the call; logs go under $OUT.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,6 +24,7 @@ for s in "${steps[@]}"; do
           for f in /tmp/pf_fsdp/*.json; do python3 .diag/trace_summary.py "$f"; done > "$OUT/fsdp_trace.txt" 2>&1; tail -5 "$OUT/fsdp_trace.txt" ;;
     fsdptests) timeout 200 python3 -m pytest -q tests/test_fsdp.py tests/test_sharded.py tests/test_colocated.py -k "nccl or cuda" 2>&1 | tee "$OUT/fsdp_tests.log" | tail -15 ;;
     peer) timeout 300 python3 -m pytest -q tests/test_peer_reads.py tests/test_fsdp.py -k "gpus or nccl" 2>&1 | tee "$OUT/peer_tests.log" | tail -15 ;;
+    fsdpnccl) timeout 100 python3 scripts/bench_fsdp.py --lockstep nccl --out "$OUT/fsdp_nccl.json" 2>&1 | tail -4 ;;
     fsdpoff) TORCHXFER_PEER_READS=0 timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp_off.json" 2>&1 | tail -4 ;;
     fsdpplain) timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp.json" 2>&1 | tail -9 ;;
     fsdp) timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp.json" --cprofile /tmp/cp_fsdp 2>&1 | tail -15
