@@ -185,6 +185,7 @@ def export(tensors: dict[int, torch.Tensor]) -> tuple[dict[int, tuple[int, int, 
             if base.value not in seen:
                 handle = _IpcHandle()
                 if lib.cudaIpcGetMemHandle(ctypes.byref(handle), ctypes.c_void_p(base.value)) != 0:
+                    lib.cudaGetLastError()  # the runtime keeps the error for torch's next check otherwise
                     raise PeerReadsUnavailable("cudaIpcGetMemHandle refused a shard's allocation "
                                                "(expandable segments?)")  # fmt: skip
                 seen[base.value] = len(segments)
@@ -219,6 +220,7 @@ class Mappings:
         with torch.cuda.device(device):
             code = lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), _handle(handle), 1)  # lazy peer access
         if code != 0 or not ptr.value:
+            lib.cudaGetLastError()  # the runtime keeps the error for torch's next check otherwise
             raise PeerReadsUnavailable(f"cudaIpcOpenMemHandle failed with CUDA error {code} (another host, "
                                        "container or GPU without peer access?)")  # fmt: skip
         cls._open[handle] = (ptr.value, size)
