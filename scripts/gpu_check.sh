@@ -25,6 +25,9 @@ for s in "${steps[@]}"; do
     fsdptests) timeout 200 python3 -m pytest -q tests/test_fsdp.py tests/test_sharded.py tests/test_colocated.py -k "nccl or cuda" 2>&1 | tee "$OUT/fsdp_tests.log" | tail -15 ;;
     peer) timeout 300 python3 -m pytest -q tests/test_peer_reads.py tests/test_fsdp.py -k "gpus or nccl" 2>&1 | tee "$OUT/peer_tests.log" | tail -15 ;;
     fsdpnccl) timeout 100 python3 scripts/bench_fsdp.py --lockstep nccl --out "$OUT/fsdp_nccl.json" 2>&1 | tail -4 ;;
+    peerx) timeout 150 python3 -m pytest -q tests/test_peer_reads.py -k expandable 2>&1 | tee "$OUT/peerx_tests.log" | tail -5 ;;
+    peerbw) timeout 60 python3 .diag/peerbw.py 2>&1 | tail -8 ;;
+    fsdptl) timeout 130 python3 .diag/fsdp_timeline.py 2>&1 | grep "^rank" | tail -6 ;;
     fsdpoff) TORCHXFER_PEER_READS=0 timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp_off.json" 2>&1 | tail -4 ;;
     fsdpplain) timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp.json" 2>&1 | tail -9 ;;
     fsdp) timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp.json" --cprofile /tmp/cp_fsdp 2>&1 | tail -15
