@@ -40,18 +40,18 @@ LAYOUT = {  # name -> (shape, dtype, placement)
 
 def test_a_row_round_trips_bit_for_bit_handles_with_nul_bytes_included():
     handle = bytes([0, 1, 0, 255] * 16)
-    row = peer_reads.encode_row(True, 3, {0: (0, 4096, 128), 2: (1, 0, 8)}, [(handle, 1 << 21), (b"\xff" * 64, 512)])
+    row = peer_reads.encode_row(True, 3, {0: (0, 4096, 128), 2: (1, 0, 8)}, [(handle, 1 << 21, 7), (b"\xff" * 64, 512, 9)])
     assert row.dtype == torch.int64 and row.numel() == peer_reads.row_words(3)
     got = peer_reads.decode_row(row, 3)
     assert got.vote and got.host == peer_reads.host_id()
     assert got.pieces == [(0, 4096, 128), (-1, 0, 0), (1, 0, 8)]
-    assert got.segments == [(handle, 1 << 21), (b"\xff" * 64, 512)]
+    assert got.segments == [(handle, 1 << 21, 7), (b"\xff" * 64, 512, 9)]
 
 
 def test_a_no_vote_carries_nothing_and_a_malformed_row_is_a_no_vote():
-    no = peer_reads.decode_row(peer_reads.encode_row(False, 2, {0: (0, 0, 8)}, [(b"\0" * 64, 8)]), 2)
+    no = peer_reads.decode_row(peer_reads.encode_row(False, 2, {0: (0, 0, 8)}, [(b"\0" * 64, 8, 1)]), 2)
     assert not no.vote and no.pieces == [(-1, 0, 0)] * 2 and no.segments == []
-    good = peer_reads.encode_row(True, 2, {0: (0, 0, 8)}, [(b"\1" * 64, 8)])
+    good = peer_reads.encode_row(True, 2, {0: (0, 0, 8)}, [(b"\1" * 64, 8, 1)])
     assert not peer_reads.decode_row(good[:-1], 2).vote  # short
     assert not peer_reads.decode_row(good, 3).vote  # another plan's length
     for word, value in ((0, 2), (5, 3), (5, -1)):  # a vote that is not 1; more segments than entries
@@ -59,7 +59,7 @@ def test_a_no_vote_carries_nothing_and_a_malformed_row_is_a_no_vote():
         bad[word] = value
         assert not peer_reads.decode_row(bad, 2).vote, (word, value)
     # More segments than entries never leaves this rank.
-    assert not peer_reads.decode_row(peer_reads.encode_row(True, 1, {}, [(b"\1" * 64, 8)] * 2), 1).vote
+    assert not peer_reads.decode_row(peer_reads.encode_row(True, 1, {}, [(b"\1" * 64, 8, 1)] * 2), 1).vote
 
 
 def test_every_rank_must_vote_yes_from_one_host():
@@ -100,14 +100,14 @@ def _stand_in(rank: int, state: dict) -> None:
     peer_reads.candidate = lambda entries: True
     peer_reads.enabled = lambda: state["vote"]
     peer_reads.export = lambda tensors: ({k: (0, k << 20, t.numel() * t.element_size()) for k, t in tensors.items()},
-                                         [(bytes(range(64)), 1 << 40)])  # fmt: skip
+                                         [(bytes(range(64)), 1 << 40, 1)])  # fmt: skip
 
-    def base(handle: bytes, size: int, device: object) -> int:
+    def base(handle: bytes, size: int, buffer_id: int, device: object) -> int:
         if not state["map"]:
             raise peer_reads.PeerReadsUnavailable("this test's sender cannot map")
         return 0
 
-    def copy_into(full: torch.Tensor, dim: int, start: int, size: int, src: int) -> None:
+    def copy_into(full: torch.Tensor, dim: int, start: int, size: int, src: int, stream: object = None) -> None:
         state["copies"] += 1
         full.narrow(dim, start, size).copy_(state["pieces"][src])
 

@@ -19,7 +19,12 @@ This module holds the CUDA side only: rows, handles, mappings and copies.
 Rows (int64 words; the same length on every rank, from the plan alone)::
 
     [vote, host id x 4, segments, (segment, offset, bytes) per shard entry,
-     (handle x 8, size) per segment slot (one slot per shard entry)]
+     (handle x 8, size, allocation id) per segment slot (one slot per shard entry)]
+
+The allocation id (the driver's buffer id, unique for the life of the
+exporting process) tells the sender when an allocation behind a handle is a
+new one, so a mapping is never reused for memory it no longer shows; the
+exporting rank reuses a handle only for the same allocation id.
 
 The handles travel as raw bytes in our own row format: nothing is unpickled,
 and torch's own IPC machinery (its reference-count files in ``/dev/shm``)
@@ -50,6 +55,8 @@ __all__ = ["ENV", "PeerReadsUnavailable", "Row", "candidate", "encode_row", "dec
 ENV = "TORCHXFER_PEER_READS"
 _HEAD = 6  # vote, host id (4 words), segment count
 _HANDLE_WORDS = 8
+_SEGMENT_WORDS = _HANDLE_WORDS + 2  # handle, size, allocation id
+_BUFFER_ID = 7  # CU_POINTER_ATTRIBUTE_BUFFER_ID
 
 
 class PeerReadsUnavailable(RuntimeError):
@@ -88,18 +95,18 @@ class Row:
     """One rank's decoded row."""
 
     def __init__(self, vote: bool, host: list[int], pieces: list[tuple[int, int, int]],
-                 segments: list[tuple[bytes, int]]) -> None:  # fmt: skip
-        self.vote, self.host, self.pieces, self.segments = vote, host, pieces, segments
+                 segments: list[tuple[bytes, int, int]], raw: bytes = b"") -> None:  # fmt: skip
+        self.vote, self.host, self.pieces, self.segments, self.raw = vote, host, pieces, segments, raw
 
 
 def row_words(num_entries: int) -> int:
-    return _HEAD + 3 * num_entries + (_HANDLE_WORDS + 1) * num_entries
+    return _HEAD + 3 * num_entries + _SEGMENT_WORDS * num_entries
 
 
 def encode_row(vote: bool, num_entries: int, pieces: dict[int, tuple[int, int, int]] | None = None,
-               segments: list[tuple[bytes, int]] | None = None) -> torch.Tensor:  # fmt: skip
+               segments: list[tuple[bytes, int, int]] | None = None) -> torch.Tensor:  # fmt: skip
     """A rank's row: ``pieces`` by shard-entry index (segment, offset, bytes), ``segments``
-    (handle, size). A rank that votes no sends only its vote."""
+    (handle, size, allocation id). A rank that votes no sends only its vote."""
     pieces, segments = pieces or {}, segments or []
     if not vote or len(segments) > num_entries:
         vote, pieces, segments = False, {}, []
@@ -107,8 +114,8 @@ def encode_row(vote: bool, num_entries: int, pieces: dict[int, tuple[int, int, i
     for k in range(num_entries):
         words += list(pieces.get(k, (-1, 0, 0)))
     blob = struct.pack(f"<{len(words)}q", *words)
-    for handle, size in segments:
-        blob += handle + struct.pack("<q", size)
+    for handle, size, buffer_id in segments:
+        blob += handle + struct.pack("<qq", size, buffer_id)
     blob += b"\0" * (8 * row_words(num_entries) - len(blob))
     return torch.frombuffer(bytearray(blob), dtype=torch.int64)
 
@@ -127,9 +134,9 @@ def decode_row(row: torch.Tensor, num_entries: int) -> Row:
     at = 8 * (_HEAD + 3 * num_entries)
     segments = []
     for s in range(nseg):
-        start = at + s * 8 * (_HANDLE_WORDS + 1)
-        segments.append((raw[start : start + 64], struct.unpack_from("<q", raw, start + 64)[0]))
-    return Row(vote, host, pieces, segments)  # type: ignore[arg-type]
+        start = at + s * 8 * _SEGMENT_WORDS
+        segments.append((raw[start : start + 64], *struct.unpack_from("<qq", raw, start + 64)))
+    return Row(vote, host, pieces, segments, raw)  # type: ignore[arg-type]
 
 
 def agreed(rows: list[Row]) -> bool:
@@ -144,12 +151,16 @@ _DRIVER: Any = None
 
 
 def _driver() -> Any:
-    """The CUDA driver library (for ``cuMemGetAddressRange``: the allocation a pointer lies in)."""
+    """The CUDA driver library: the allocation a pointer lies in (``cuMemGetAddressRange``) and
+    its id (``cuPointerGetAttribute``)."""
     global _DRIVER
     if _DRIVER is None:
         lib = ctypes.CDLL("libcuda.so.1")
         fn = lib.cuMemGetAddressRange_v2
         fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
+        fn.restype = ctypes.c_int
+        fn = lib.cuPointerGetAttribute
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
         fn.restype = ctypes.c_int
         _DRIVER = lib
     return _DRIVER
@@ -166,31 +177,45 @@ def _runtime() -> Any:
     return lib
 
 
-def export(tensors: dict[int, torch.Tensor]) -> tuple[dict[int, tuple[int, int, int]], list[tuple[bytes, int]]]:
+_exported: dict[tuple[int, int], tuple[bytes, int]] = {}
+"""This rank's handles, by (allocation base, allocation id): an allocation is exported once
+(``cudaIpcGetMemHandle`` costs tens of microseconds). Only the last export's are kept."""
+
+
+def export(tensors: dict[int, torch.Tensor]) -> tuple[dict[int, tuple[int, int, int]], list[tuple[bytes, int, int]]]:
     """Where each tensor (by shard-entry index; CUDA, contiguous, non-empty) lies: (segment,
     offset, bytes), and the segments' IPC handles and sizes; then waits for the tensors'
     current streams, so what the sender reads is what the trainer last wrote there.
     PeerReadsUnavailable when an allocation cannot be exported (e.g. torch's expandable
     segments)."""
+    global _exported
     drv, lib = _driver(), _cudart()
     pieces: dict[int, tuple[int, int, int]] = {}
-    segments: list[tuple[bytes, int]] = []
+    segments: list[tuple[bytes, int, int]] = []
     seen: dict[int, int] = {}
-    for k, t in tensors.items():
-        ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
-        base, size = ctypes.c_uint64(), ctypes.c_size_t()
-        with torch.cuda.device(t.device):
-            if drv.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)) != 0:
+    kept: dict[tuple[int, int], tuple[bytes, int]] = {}
+    base, size, buffer_id = ctypes.c_uint64(), ctypes.c_size_t(), ctypes.c_uint64()
+    with torch.cuda.device(next(iter(tensors.values())).device) if tensors else contextlib.nullcontext():
+        for k, t in tensors.items():
+            ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+            if drv.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)) != 0 \
+                    or drv.cuPointerGetAttribute(ctypes.byref(buffer_id), _BUFFER_ID, ctypes.c_uint64(ptr)) != 0:  # fmt: skip
                 raise PeerReadsUnavailable(f"no allocation found for a shard at {ptr:#x}")
-            if base.value not in seen:
-                handle = _IpcHandle()
-                if lib.cudaIpcGetMemHandle(ctypes.byref(handle), ctypes.c_void_p(base.value)) != 0:
-                    lib.cudaGetLastError()  # the runtime keeps the error for torch's next check otherwise
-                    raise PeerReadsUnavailable("cudaIpcGetMemHandle refused a shard's allocation "
-                                               "(expandable segments?)")  # fmt: skip
-                seen[base.value] = len(segments)
-                segments.append((ctypes.string_at(ctypes.addressof(handle), 64), int(size.value)))
-        pieces[k] = (seen[base.value], ptr - base.value, nbytes)
+            key = (base.value, buffer_id.value)
+            if key not in seen:
+                known = kept.get(key) or _exported.get(key)
+                if known is None or known[1] != size.value:
+                    handle = _IpcHandle()
+                    if lib.cudaIpcGetMemHandle(ctypes.byref(handle), ctypes.c_void_p(base.value)) != 0:
+                        lib.cudaGetLastError()  # the runtime keeps the error for torch's next check otherwise
+                        raise PeerReadsUnavailable("cudaIpcGetMemHandle refused a shard's allocation "
+                                                   "(expandable segments?)")  # fmt: skip
+                    known = (ctypes.string_at(ctypes.addressof(handle), 64), int(size.value))
+                kept[key] = known
+                seen[key] = len(segments)
+                segments.append((known[0], known[1], buffer_id.value))
+            pieces[k] = (seen[key], ptr - base.value, nbytes)
+    _exported = kept
     for device in {t.device for t in tensors.values()}:
         torch.cuda.current_stream(device).synchronize()  # the shards as the trainer last wrote them
     return pieces, segments
@@ -207,14 +232,14 @@ class Mappings:
     rank that frees memory gets it back.
     """
 
-    _open: dict[bytes, tuple[int, int]] = {}  # handle -> (mapped base pointer, size)
+    _open: dict[bytes, tuple[int, int, int]] = {}  # handle -> (mapped base pointer, size, allocation id)
 
     @classmethod
-    def base(cls, handle: bytes, size: int, device: torch.device) -> int:
+    def base(cls, handle: bytes, size: int, buffer_id: int, device: torch.device) -> int:
         known = cls._open.get(handle)
-        if known is not None and known[1] == size:
+        if known is not None and known[1:] == (size, buffer_id):
             return known[0]
-        if known is not None:
+        if known is not None:  # another allocation behind the same handle bytes: map it afresh
             cls._close(handle)
         lib, ptr = _cudart(), ctypes.c_void_p()
         with torch.cuda.device(device):
@@ -223,7 +248,7 @@ class Mappings:
             lib.cudaGetLastError()  # the runtime keeps the error for torch's next check otherwise
             raise PeerReadsUnavailable(f"cudaIpcOpenMemHandle failed with CUDA error {code} (another host, "
                                        "container or GPU without peer access?)")  # fmt: skip
-        cls._open[handle] = (ptr.value, size)
+        cls._open[handle] = (ptr.value, size, buffer_id)
         return ptr.value
 
     @classmethod
@@ -233,14 +258,15 @@ class Mappings:
 
     @classmethod
     def _close(cls, handle: bytes) -> None:
-        ptr, _ = cls._open.pop(handle)
+        ptr = cls._open.pop(handle)[0]
         with contextlib.suppress(Exception):
             _check(_cudart().cudaIpcCloseMemHandle(ctypes.c_void_p(ptr)), "cudaIpcCloseMemHandle")
 
 
-def copy_into(full: torch.Tensor, dim: int, start: int, size: int, src: int) -> None:
+def copy_into(full: torch.Tensor, dim: int, start: int, size: int, src: int, stream: int | None = None) -> None:
     """Copy a contiguous piece at device pointer ``src`` into ``full.narrow(dim, start, size)``
-    (``full`` contiguous, of the piece's dtype), on the current stream of ``full``'s device.
+    (``full`` contiguous, of the piece's dtype), on ``stream`` (a ``cudaStream_t``; default:
+    the current stream of ``full``'s device).
     Asynchronous: one ``cudaMemcpyAsync``, or one ``cudaMemcpy2DAsync`` for a piece that is
     a slice of every row (``dim`` > 0)."""
     if not full.is_contiguous():
@@ -255,13 +281,14 @@ def copy_into(full: torch.Tensor, dim: int, start: int, size: int, src: int) -> 
     width, pitch = size * inner * item, full.shape[dim] * inner * item
     if not width or not rows:
         return
-    lib, stream = _runtime(), ctypes.c_void_p(torch.cuda.current_stream(full.device).cuda_stream)
-    dst = ctypes.c_void_p(full.data_ptr() + start * inner * item)
+    lib = _runtime()
+    if stream is None:
+        stream = torch.cuda.current_stream(full.device).cuda_stream
+    dst = full.data_ptr() + start * inner * item
     if rows == 1 or width == pitch:
-        _check(lib.cudaMemcpyAsync(dst, ctypes.c_void_p(src), rows * width, 4, stream),
-               "cudaMemcpyAsync from another trainer rank")  # fmt: skip
+        _check(lib.cudaMemcpyAsync(dst, src, rows * width, 4, stream), "cudaMemcpyAsync from another trainer rank")
     else:
-        _check(lib.cudaMemcpy2DAsync(dst, pitch, ctypes.c_void_p(src), width, width, rows, 4, stream),
+        _check(lib.cudaMemcpy2DAsync(dst, pitch, src, width, width, rows, 4, stream),
                "cudaMemcpy2DAsync from another trainer rank")  # fmt: skip
 
 

@@ -213,6 +213,7 @@ class _Planned:
     classes: list[tuple | None]
     fields: list[tuple[int, tuple]]  # per entry: its pair's index, the Entry's other fields
     groups: dict[int | None, list[list[int]]] = dataclasses.field(default_factory=dict)
+    peer_reads: Any = None  # the sender's last peer-read mapping of this plan (torchxfer.gather)
 
 
 class _Entries(list):
