@@ -166,7 +166,7 @@ def _classify(name: str, tensor: torch.Tensor) -> tuple[str, ShardInfo | None, s
 
 def _named(source: Source, include_buffers: bool) -> list[tuple[str, Any]]:
     if isinstance(source, nn.Module):
-        params = {id(p) for p in source.parameters()}
+        params = set() if include_buffers else {id(p) for p in source.parameters()}
         seen: set[int] = set()
         out = []
         for name, tensor in source.state_dict(keep_vars=True).items():
