@@ -138,8 +138,13 @@ def send_model(
             the default group, when torch.distributed is initialized). It
             carries the plan check and the status lockstep (one small tensor
             per bucket, on the CPU for Gloo, on the current CUDA device
-            otherwise). Pass a Gloo group of the same ranks to keep status
-            traffic off NCCL. Gathers run on the DTensors' own mesh groups.
+            otherwise). When it is the default group and that group is not
+            Gloo, the first call makes a Gloo group of the same ranks (every
+            rank of the default group calls this, so every rank makes it
+            together) and the status traffic goes there: a status wait on NCCL
+            is a kernel on the rank's GPU, which a worker on that GPU would
+            have to take turns with. Pass a Gloo group of the same ranks for
+            any other group. Gathers run on the DTensors' own mesh groups.
             With no trainer group (a single-process trainer), the caller must
             be the sender.
         timeout_s: bound on each wait on the trainer group; None: the group's
@@ -171,7 +176,9 @@ def send_model(
         check_timeout("send_model", timeout_s)
     if trainer_group is None and dist.is_initialized():
         trainer_group = dist.group.WORLD
-    lock = _Lockstep(trainer_group, timeout_s) if trainer_group is not None and trainer_group.size() > 1 else None
+    lock = None
+    if trainer_group is not None and trainer_group.size() > 1:
+        lock = _Lockstep(_status_group(trainer_group), timeout_s)
     entries: list[Entry] = []
     groups: list[list[int]] = []
     local_error: Exception | None = None
@@ -250,6 +257,24 @@ def send_model(
     if lock is not None:
         lock.finish()
     return stats
+
+
+_twins: dict[int, tuple[Any, Any]] = {}
+"""id(default group) -> (the default group, its Gloo twin), made once per default group."""
+
+
+def _status_group(trainer_group: Any) -> Any:
+    """The group that carries send_model's lockstep (see ``trainer_group``): every rank of the
+    default group calls this together, so a Gloo twin of the default group is made together."""
+    if trainer_group is not dist.group.WORLD or "gloo" in str(dist.get_backend(trainer_group)).lower():
+        return trainer_group
+    known = _twins.get(id(trainer_group))
+    if known is None or known[0] is not trainer_group:
+        _twins.clear()
+        twin = dist.new_group(backend="gloo")
+        log.info("send_model: status traffic on a Gloo group of the default group's %d ranks", twin.size())
+        known = _twins[id(trainer_group)] = (trainer_group, twin)
+    return known[1]
 
 
 def _prefill(entries: list[Entry], groups: list[list[int]], group: Any, buffer_size: int, num_buffers: int) -> bool:
