@@ -96,7 +96,8 @@ def _full(seed: int) -> dict[str, torch.Tensor]:
 
 def _stand_in(rank: int, state: dict) -> None:
     """Replace the CUDA parts: every rank may vote, rank 1 "exports" its shards at made-up
-    offsets, and the sender "maps" them by reading the test's own copy of rank 1's pieces."""
+    offsets, and the sender "maps" them by copying the test's own copy of rank 1's pieces
+    into place byte for byte, rows and pitch as given (the geometry is the code's)."""
     peer_reads.candidate = lambda entries: True
     peer_reads.enabled = lambda: state["vote"]
     peer_reads.export = lambda tensors: ({k: (0, k << 20, t.numel() * t.element_size()) for k, t in tensors.items()},
@@ -107,12 +108,19 @@ def _stand_in(rank: int, state: dict) -> None:
             raise peer_reads.PeerReadsUnavailable("this test's sender cannot map")
         return 0
 
-    def copy_into(full: torch.Tensor, dim: int, start: int, size: int, src: int, stream: object = None) -> None:
+    def copy_bytes(dst: int, src: int, width: int, rows: int, pitch: int, stream: object) -> None:
+        # src is the made-up address of a piece the test holds: copy its bytes the way the
+        # copy engines would (rows of width bytes, pitch apart at dst), on the CPU.
+        import ctypes
+
         state["copies"] += 1
-        full.narrow(dim, start, size).copy_(state["pieces"][src])
+        piece = state["pieces"][src].contiguous()
+        assert piece.numel() * piece.element_size() == width * rows, (src, width, rows)
+        for r in range(rows):
+            ctypes.memmove(dst + r * (pitch if rows > 1 else 0), piece.data_ptr() + r * width, width)
 
     peer_reads.Mappings.base = staticmethod(base)
-    peer_reads.copy_into = copy_into
+    peer_reads.copy_bytes = copy_bytes
 
 
 def _trainer(rank: int, side_port: int, trainer_port: int) -> object:

@@ -53,7 +53,7 @@ from .errors import TransferError
 from .packing import align_up
 from .sources import Entry, is_dtensor, materialize, mesh_device
 
-__all__ = ["GatherFailed", "Gatherer", "Posted", "local_tensor"]
+__all__ = ["GatherFailed", "Gatherer", "Posted", "local_tensor", "peer_row"]
 
 _TAG_SPACE = 1 << 30
 log = logging.getLogger("torchxfer")
@@ -150,31 +150,6 @@ class Gatherer:
 
     # -- peer reads (one host, CUDA): see torchxfer.peer_reads ----------------------------------------
 
-    def peer_row(self) -> torch.Tensor:
-        """This rank's row of the peer-read exchange (every trainer rank; local, never raises):
-        where its shards lie (:func:`torchxfer.peer_reads.export`), or a no vote."""
-        vote, pieces, segments = peer_reads.enabled(), {}, []
-        if vote and not self.is_sender:
-            try:
-                tensors = {}
-                for k, i in enumerate(self.shards):
-                    entry = self.entries[i]
-                    _, dst, me = self._member(entry)
-                    if dst is None:
-                        continue
-                    local = entry.tensor.to_local()
-                    if local.device != mesh_device(entry.tensor.device_mesh) or not local.is_contiguous() \
-                            or tuple(local.shape) != entry.shard.local_shape(entry.shape, me):  # fmt: skip
-                        raise peer_reads.PeerReadsUnavailable(f"{entry.source_name!r}: a shard off the GPU, "
-                                                              "not contiguous, or not of its planned shape")  # fmt: skip
-                    if local.numel():
-                        tensors[k] = local
-                pieces, segments = peer_reads.export(tensors)
-            except Exception as e:
-                log.debug("peer reads: trainer rank %d votes no: %s: %s", dist.get_rank(), type(e).__name__, e)
-                vote = False
-        return peer_reads.encode_row(vote, len(self.shards), pieces, segments)
-
     def use_peers(self, rows: list[peer_reads.Row], trainer_ranks: list[int]) -> None:
         """The sender: map every other rank's pieces (rows in ``trainer_ranks`` order, global
         ranks). PeerReadsUnavailable (or TransferError from CUDA) if a piece is missing, out of
@@ -216,35 +191,47 @@ class Gatherer:
 
     def _read_peers(self, op: _Op, fulls: dict[int, torch.Tensor]) -> None:
         """The sender, with peer reads: its own shards and every other rank's pieces copied into
-        the full tensors (or the send buffer's views), on its stream; nothing to post."""
+        the full tensors (or the send buffer's views) by the copy engines, on its stream;
+        nothing to post. A shard of its own that is not a plain contiguous tensor of the sent
+        dtype goes through the fused copy; another rank's piece of another dtype is pulled as
+        it is and cast here."""
         device = mesh_device(self.entries[op.entries[0]].tensor.device_mesh)
         op.direct = [True] * len(op.entries)  # nothing for collect() to place
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+        cuda = device.type == "cuda"
+        stream = torch.cuda.current_stream(device).cuda_stream if cuda else None
+        copy = peer_reads.copy_bytes
         dst, src, casts = [], [], ([], [])
         for i in op.entries:
             entry = self.entries[i]
-            if i in fulls and fulls[i].device == device and fulls[i].is_contiguous():
+            full = fulls.get(i)
+            if full is not None and full.device == device and full.is_contiguous():
                 self.prefilled += 1
             else:
-                fulls[i] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
-            dst.append(self._place(fulls[i], entry, op.me))
-            src.append(self._local(entry, op.me, device))
-            sizes = entry.shard.sizes
-            for q, n in enumerate(sizes):
-                ptr = self.peers.get((i, q)) if q != op.me and n else None
+                full = fulls[i] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+            starts, widths, rows, pitch = _geometry(entry)
+            at = full.data_ptr()
+            local = entry.tensor.to_local()
+            if cuda and local.dtype == entry.dtype and local.device == device and local.is_contiguous() \
+                    and local.numel() * local.element_size() == widths[op.me] * rows:  # fmt: skip
+                copy(at + starts[op.me], local.data_ptr(), widths[op.me], rows, pitch, stream)
+            else:
+                dst.append(self._place(full, entry, op.me))
+                src.append(self._local(entry, op.me, device))  # ValueError for a shard of another shape
+            for q, width in enumerate(widths):
+                ptr = self.peers.get((i, q)) if q != op.me and width else None
                 if ptr is None:
                     continue
                 if entry.tensor.dtype == entry.dtype:
-                    peer_reads.copy_into(fulls[i], entry.shard.dim, sum(sizes[:q]), n, ptr, stream)
+                    copy(at + starts[q], ptr, width, rows, pitch, stream)
                 else:  # pulled as it is, cast here
                     stage = torch.empty(entry.shard.local_shape(entry.shape, q), dtype=entry.tensor.dtype, device=device)
-                    peer_reads.copy_into(stage, 0, 0, stage.shape[0], ptr, stream)
-                    casts[0].append(self._place(fulls[i], entry, q))
+                    copy(stage.data_ptr(), ptr, stage.numel() * stage.element_size(), 1, 0, stream)
+                    casts[0].append(self._place(full, entry, q))
                     casts[1].append(stage)
                 self.peer_reads += 1
         self._copy(dst, src)
         self._copy(*casts)
-        if device.type == "cuda":
+        if cuda:
             self.peer_event = torch.cuda.Event()
             self.peer_event.record()
 
@@ -460,6 +447,54 @@ class Gatherer:
             op.sends, op.recvs, op.recv = [], [], {}
         posted.ops, posted.fulls = [], {}
         return fulls if self.is_sender else {}
+
+
+def peer_row(entries: list[Entry], is_sender: bool) -> torch.Tensor:
+    """This rank's row of the peer-read exchange (local, never raises): where each of its
+    ``shard`` entries' local tensors lies (:func:`torchxfer.peer_reads.export`), or a no vote.
+    The sender sends only its vote. Made before the plan check, so a rank's export overlaps
+    the others' planning; the plan check still decides whether the rows are exchanged."""
+    shards = [i for i, e in enumerate(entries) if e.how == "shard"]
+    vote, pieces, segments = peer_reads.enabled(), {}, []
+    if vote and not is_sender:
+        try:
+            tensors, devices = {}, {}
+            for k, i in enumerate(shards):
+                dtensor = entries[i].tensor
+                local, mesh = dtensor.to_local(), dtensor.device_mesh
+                device = devices.get(id(mesh))
+                if device is None:
+                    device = devices[id(mesh)] = mesh_device(mesh)
+                if local.device != device or not local.is_contiguous():
+                    raise peer_reads.PeerReadsUnavailable(f"{entries[i].source_name!r}: a shard off its GPU, "
+                                                          "or not contiguous")  # fmt: skip
+                if local.numel():
+                    tensors[k] = local
+            pieces, segments = peer_reads.export(tensors)
+        except Exception as e:
+            log.debug("peer reads: trainer rank %d votes no: %s: %s", dist.get_rank(), type(e).__name__, e)
+            vote = False
+    return peer_reads.encode_row(vote, len(shards), pieces, segments)
+
+
+_geometries: dict[tuple, tuple[list[int], list[int], int, int]] = {}
+
+
+def _geometry(entry: Entry) -> tuple[list[int], list[int], int, int]:
+    """Where each rank's piece of a ``shard`` entry lies in the full contiguous tensor, in bytes:
+    (start per rank, row width per rank, rows, row pitch). A ``Shard(d)`` piece is ``rows`` runs
+    (the product of the dims before ``d``) of its width, ``pitch`` apart. Cached by layout."""
+    key = (entry.shape, entry.dtype, entry.shard)
+    known = _geometries.get(key)
+    if known is None:
+        dim, sizes = entry.shard.dim, entry.shard.sizes
+        inner = _numel(entry.shape[dim + 1 :]) * entry.dtype.itemsize
+        rows = _numel(entry.shape[:dim])
+        starts = [sum(sizes[:q]) * inner for q in range(len(sizes))]
+        known = _geometries[key] = (starts, [n * inner for n in sizes], rows, entry.shape[dim] * inner)
+        if len(_geometries) > 4096:
+            _geometries.clear()
+    return known
 
 
 def local_tensor(entry: Entry) -> torch.Tensor:

@@ -50,7 +50,7 @@ from .errors import TransferError
 from .ipc_transport import _check, _cudart, _handle, _IpcHandle
 
 __all__ = ["ENV", "PeerReadsUnavailable", "Row", "candidate", "encode_row", "decode_row", "agreed", "export",
-           "Mappings", "copy_into", "wait_event"]  # fmt: skip
+           "Mappings", "copy_bytes", "wait_event"]  # fmt: skip
 
 ENV = "TORCHXFER_PEER_READS"
 _HEAD = 6  # vote, host id (4 words), segment count
@@ -82,13 +82,19 @@ def enabled() -> bool:
     return True
 
 
+_HOST: list[int] = []
+
+
 def host_id() -> list[int]:
     """Four 56-bit words naming this host and boot (equal on every process of one machine)."""
+    if _HOST:
+        return list(_HOST)
     boot = ""
     with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as fh:
         boot = fh.read().strip()
     digest = hashlib.sha256(f"{socket.gethostname()}|{boot}".encode()).digest()
-    return [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)]
+    _HOST[:] = [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)]
+    return list(_HOST)
 
 
 class Row:
@@ -263,33 +269,18 @@ class Mappings:
             _check(_cudart().cudaIpcCloseMemHandle(ctypes.c_void_p(ptr)), "cudaIpcCloseMemHandle")
 
 
-def copy_into(full: torch.Tensor, dim: int, start: int, size: int, src: int, stream: int | None = None) -> None:
-    """Copy a contiguous piece at device pointer ``src`` into ``full.narrow(dim, start, size)``
-    (``full`` contiguous, of the piece's dtype), on ``stream`` (a ``cudaStream_t``; default:
-    the current stream of ``full``'s device).
-    Asynchronous: one ``cudaMemcpyAsync``, or one ``cudaMemcpy2DAsync`` for a piece that is
-    a slice of every row (``dim`` > 0)."""
-    if not full.is_contiguous():
-        raise PeerReadsUnavailable(f"cannot copy into a tensor of strides {full.stride()}")
-    item = full.element_size()
-    inner = 1
-    for s in full.shape[dim + 1 :]:
-        inner *= s
-    rows = 1
-    for s in full.shape[:dim]:
-        rows *= s
-    width, pitch = size * inner * item, full.shape[dim] * inner * item
+def copy_bytes(dst: int, src: int, width: int, rows: int, pitch: int, stream: int) -> None:
+    """Copy ``rows`` runs of ``width`` bytes, contiguous at device pointer ``src``, to ``dst``,
+    ``pitch`` bytes apart there (one run, or ``pitch == width``: one contiguous block), on
+    ``stream`` (a ``cudaStream_t``). Asynchronous: one ``cudaMemcpyAsync`` or one
+    ``cudaMemcpy2DAsync``, both done by the copy engines."""
     if not width or not rows:
         return
     lib = _runtime()
-    if stream is None:
-        stream = torch.cuda.current_stream(full.device).cuda_stream
-    dst = full.data_ptr() + start * inner * item
     if rows == 1 or width == pitch:
-        _check(lib.cudaMemcpyAsync(dst, src, rows * width, 4, stream), "cudaMemcpyAsync from another trainer rank")
+        _check(lib.cudaMemcpyAsync(dst, src, rows * width, 4, stream), "cudaMemcpyAsync of a shard")
     else:
-        _check(lib.cudaMemcpy2DAsync(dst, pitch, src, width, width, rows, 4, stream),
-               "cudaMemcpy2DAsync from another trainer rank")  # fmt: skip
+        _check(lib.cudaMemcpy2DAsync(dst, pitch, src, width, width, rows, 4, stream), "cudaMemcpy2DAsync of a shard")
 
 
 def wait_event(event: Any, timeout_s: float) -> bool:

@@ -87,7 +87,7 @@ from .config import (
 from .colocated import is_colocated
 from .engine import IPCWeightTransferEngine, send_pairs
 from .errors import TransferError
-from .gather import GatherFailed, Gatherer, Posted, local_tensor
+from .gather import GatherFailed, Gatherer, Posted, local_tensor, peer_row
 from .group import side_group
 from .sender import SenderState
 from . import peer_reads
@@ -182,6 +182,7 @@ def send_model(
     entries: list[Entry] = []
     groups: list[list[int]] = []
     local_error: Exception | None = None
+    row: torch.Tensor | None = None  # this rank's peer-read row, made before the plan check
     try:
         check_send("send_model", packed, packed_buffer_size_bytes, packed_num_buffers, version)
         if group is None and lock is None:
@@ -201,13 +202,15 @@ def send_model(
         # Buckets decide which tensors are gathered together: the bucket rule's inputs are part of the plan.
         bucketing = f"packed={packed}|buffer={packed_buffer_size_bytes}"
         role = 0 if group is None else 2 if is_colocated(group) else 1
+        if local_error is None and role != 2 and peer_reads.candidate(entries):
+            row = peer_row(entries, role == 1)  # before the plan check: overlaps the others' planning
         sender = lock.begin(entries, bucketing, role, local_error)
     if group is not None and is_colocated(group):
         return _send_colocated(entries, group, lock, packed_buffer_size_bytes, packed_num_buffers, version)
     stream_ordered = group is not None and side_group(group).backend_name == "nccl"
     schedule = _Schedule(entries, groups, sender, lock, timeout_s, stream_ordered)
     if lock is not None and schedule.gatherer is not None and peer_reads.candidate(entries):
-        schedule.exchange_peers()
+        schedule.exchange_peers(row if row is not None else peer_row(entries, group is not None))
 
     if group is None:
         assert lock is not None
@@ -322,14 +325,14 @@ class _Schedule:
         self.settle_s = 60.0 if timeout_s is None else timeout_s
         self.sender: Any = None  # the Sender, when this update is the cached layout (see _prefill)
 
-    def exchange_peers(self) -> None:
+    def exchange_peers(self, row: torch.Tensor) -> None:
         """Every trainer rank, together: agree whether the sender reads the other ranks' shards
         itself (:mod:`torchxfer.peer_reads`); sets ``peer``. If the sender then cannot map
         them, it tells the others (``_FALLBACK``, met by their :meth:`_Lockstep.await_sender`)
         and every rank gathers as usual."""
         assert self.lock is not None and self.gatherer is not None
         g = self.gatherer
-        rows = self.lock.exchange(g.peer_row())
+        rows = self.lock.exchange(row)
         decoded = [peer_reads.decode_row(r, len(g.shards)) for r in rows]
         if not peer_reads.agreed(decoded):
             return
