@@ -135,6 +135,12 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
     dist.init_process_group("gloo", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=30))  # fmt: skip
     mesh = init_device_mesh("cpu", (2,))
+    # Status traffic on a group of its own until the gathers' mode is agreed, as with an NCCL
+    # default group (its Gloo twin), so every switch between the two groups runs here too.
+    import torchxfer.trainer
+
+    twin = dist.new_group(backend="gloo")
+    torchxfer.trainer._status_group = lambda trainer_group: twin
     state = {"vote": True, "map": True, "copies": 0, "pieces": {}}
     _stand_in(rank, state)
     warnings: list[str] = []

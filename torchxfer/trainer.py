@@ -141,8 +141,9 @@ def send_model(
             otherwise). When it is the default group and that group is not
             Gloo, the first call makes a Gloo group of the same ranks (every
             rank of the default group calls this, so every rank makes it
-            together) and the status traffic goes there: a status wait on NCCL
-            is a kernel on the rank's GPU, which a worker on that GPU would
+            together) for the plan check and, under peer reads, the wait for
+            rank 0's outcome: a status wait on NCCL is a kernel on the rank's
+            GPU for the length of the send, which a worker on that GPU would
             have to take turns with. Pass a Gloo group of the same ranks for
             any other group. Gathers run on the DTensors' own mesh groups.
             With no trainer group (a single-process trainer), the caller must
@@ -178,7 +179,8 @@ def send_model(
         trainer_group = dist.group.WORLD
     lock = None
     if trainer_group is not None and trainer_group.size() > 1:
-        lock = _Lockstep(_status_group(trainer_group), timeout_s)
+        status = _status_group(trainer_group)
+        lock = _Lockstep(status, timeout_s, None if status is trainer_group else trainer_group)
     entries: list[Entry] = []
     groups: list[list[int]] = []
     local_error: Exception | None = None
@@ -206,11 +208,15 @@ def send_model(
             row = peer_row(entries, role == 1)  # before the plan check: overlaps the others' planning
         sender = lock.begin(entries, bucketing, role, local_error)
     if group is not None and is_colocated(group):
+        if lock is not None:
+            lock.collective_gathers()
         return _send_colocated(entries, group, lock, packed_buffer_size_bytes, packed_num_buffers, version)
     stream_ordered = group is not None and side_group(group).backend_name == "nccl"
     schedule = _Schedule(entries, groups, sender, lock, timeout_s, stream_ordered)
     if lock is not None and schedule.gatherer is not None and peer_reads.candidate(entries):
         schedule.exchange_peers(row if row is not None else peer_row(entries, group is not None))
+    if lock is not None and not schedule.peer:
+        lock.collective_gathers()
 
     if group is None:
         assert lock is not None
@@ -219,7 +225,9 @@ def send_model(
             # Peer reads: nothing to do but wait for the sender's outcome (or its fallback).
             done = schedule.peer and lock.await_sender() == _DONE
             if not done:
-                schedule.peer = False
+                if schedule.peer:  # the sender fell back
+                    schedule.peer = False
+                    lock.collective_gathers()
                 schedule.run_peer()
         except Exception as e:
             if not lock.done and not isinstance(e, GatherFailed):
@@ -348,6 +356,7 @@ class _Schedule:
             g.peers = None
         self.peer = False
         self.lock.fallback()
+        self.lock.collective_gathers()
 
     def settle(self) -> None:
         """The sender, before it tells the others the outcome: its peer copies are done, so
@@ -421,17 +430,30 @@ class _Lockstep:
     learn it there. Then each rank's message is exchanged, and ``done`` is set.
     """
 
-    def __init__(self, pg: dist.ProcessGroup, timeout_s: float | None) -> None:
-        self.pg = pg
+    def __init__(self, pg: dist.ProcessGroup, timeout_s: float | None, steps: dist.ProcessGroup | None = None) -> None:
+        self.timeout = None if timeout_s is None else wait_timeout(timeout_s)
+        self.steps = steps  # the group of the per-bucket steps of collective gathers, if not pg
+        self._use(pg)
         self.rank = pg.rank()
         self.size = pg.size()
+        self.ranks = dist.get_process_group_ranks(pg)  # global ranks, in group order
+        self.done = False  # a failure was agreed, or the group failed: no more collectives
+
+    def _use(self, pg: dist.ProcessGroup) -> None:
+        self.pg = pg
         backend = str(dist.get_backend(pg)).lower()
         on_cpu = "gloo" in backend or not torch.cuda.is_available()
         self.device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
-        self.timeout = None if timeout_s is None else wait_timeout(timeout_s)
         self.flag = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self.ranks = dist.get_process_group_ranks(pg)  # global ranks, in group order
-        self.done = False  # a failure was agreed, or the group failed: no more collectives
+
+    def collective_gathers(self) -> None:
+        """Every rank, at the same point (after the plan check, and after the peer-read exchange
+        when there is one): the update gathers with collectives, so its status traffic moves to
+        the trainer group the caller named. Its per-bucket status reads on a CUDA group also
+        pace rank 0's gathers, which the memory bound of collective gathers relies on."""
+        if self.steps is not None:
+            self._use(self.steps)
+            self.steps = None
 
     def exchange(self, row: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``row`` (one all_gather; every rank passes a row of one length), on the CPU."""
