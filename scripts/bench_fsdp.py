@@ -155,7 +155,7 @@ def _rank(rank: int, args: argparse.Namespace, ports: tuple[int, int], queue: mp
     queue.put((rank, {
         "setup": f"FSDP2 trainer of 2 ranks ({args.device}), {args.layers} x [LayerNorm({args.hidden}), "
                  f"Linear({args.hidden}->{args.ffn})] bf16, 1 worker, {backend} side group, "
-                 f"{args.lockstep if cuda else 'gloo'} lockstep, "
+                 f"trainer_group {'the default (NCCL) group' if cuda and args.lockstep == 'nccl' else 'a Gloo group'}, "
                  f"{args.buffer_mib} MiB x {args.num_buffers} buffers",
         "bytes": total, "tensors": stats.num_tensors, "rounds": args.repeats,
         "flat_ms": statistics.median(flats) * 1e3, "send_model_ms": statistics.median(sends) * 1e3,
@@ -175,7 +175,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--lockstep", default="gloo", choices=["gloo", "nccl"],
-                   help="the trainer group send_model's status traffic uses: a Gloo group, or the default (NCCL) one")
+                   help="send_model's trainer_group: a Gloo group of the trainer ranks, or None (the default "
+                        "NCCL group, whose status traffic send_model moves to a Gloo twin where it can)")
     p.add_argument("--timeout", type=float, default=60.0, help="bound on every wait on the side and trainer groups")
     p.add_argument("--deadline", type=float, default=300.0, help="kill everything after this many seconds")
     p.add_argument("--profile", default=None, metavar="DIR",
