@@ -160,8 +160,8 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
         group = NCCLWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=side_port, world_size=2),
                                                       backend="gloo", timeout_s=SIDE_TIMEOUT)  # fmt: skip
     out = []
-    # (seed, dtype, rank 1 votes, the sender maps): peer reads as is, cast, failing at the
-    # worker, falling back, a no vote, then peer reads again on the same group.
+    # (seed, dtype, rank 1 votes, the sender maps): peer reads, a cast (collective gathers),
+    # failing at the worker, falling back, a no vote, then peer reads again on the same group.
     for seed, dtype, vote, can_map in ((0, None, True, True), (1, torch.bfloat16, True, True), (2, None, True, True),
                                        (3, None, True, False), (4, torch.bfloat16, False, True), (5, None, True, True)):  # fmt: skip
         full = _full(seed)
@@ -235,7 +235,7 @@ def test_the_protocol_around_peer_reads_on_cpu_bit_exact_with_failure_fallback_a
     (t0, t1), worker = [o.value for o in outcomes[:2]], outcomes[2].value
     assert t0[-1] == t1[-1] == 2.0  # the trainer's own group still works
     shards = sum(1 for n in LAYOUT if LAYOUT[n][2].startswith("shard"))
-    for u in (0, 1, 5):  # peer reads: every piece of rank 1 read by the sender, rank 1 posted nothing
+    for u in (0, 5):  # peer reads: every piece of rank 1 read by the sender, rank 1 posted nothing
         assert worker[u] == t0[u]["want"], u
         assert t0[u]["result"] == len(LAYOUT) and t1[u]["result"] is None
         assert t0[u]["copies"] == t0[u]["peer_reads"] == shards and t0[u]["posted"] > 0, t0[u]
@@ -250,9 +250,11 @@ def test_the_protocol_around_peer_reads_on_cpu_bit_exact_with_failure_fallback_a
     assert worker[3] == t0[3]["want"] and t0[3]["result"] == len(LAYOUT)
     assert t0[3]["peer_reads"] == 0 and t1[3]["posted"] == t0[3]["posted"] > 0, (t0[3], t1[3])
     assert any("cannot read the other trainer ranks' shards" in w for w in t0[3]["warnings"]), t0[3]["warnings"]
-    # Rank 1 votes no: collective gathers, no warning.
-    assert worker[4] == t0[4]["want"] and t0[4]["peer_reads"] == 0 and t1[4]["posted"] > 0
-    assert not t0[4]["warnings"]
+    # Rank 1 votes no, or a cast (kept within the memory bound by the collective gathers):
+    # collective gathers, no warning, bit-exact.
+    for u in (1, 4):
+        assert worker[u] == t0[u]["want"] and t0[u]["result"] == len(LAYOUT), u
+        assert t0[u]["peer_reads"] == 0 and t1[u]["posted"] > 0 and not t0[u]["warnings"], (t0[u], t1[u])
 
 
 # -- process tier, 2 GPUs: the real peer reads ----------------------------------------------------
@@ -384,7 +386,8 @@ def test_peer_reads_between_two_gpus_bit_exact_with_a_failure_and_the_switch(loc
             assert t1[u]["result"].startswith("TransferError"), t1[u]
         else:
             assert worker[u] == t0[u]["want"], u
-        peer = lockstep != "expandable" and u != 2  # update 2: switched off on both ranks
+        # Update 2: switched off on both ranks; updates 1 and 7 cast, which peer reads leave to collectives.
+        peer = lockstep != "expandable" and u not in (1, 2, 7)
         assert (t0[u]["peer_reads"] > 0) == peer and (t1[u]["posted"] == 0) == peer, (u, t0[u], t1[u])
     # Mappings stay bounded: only the allocations the last update named are mapped.
     assert max(t["mapped"] for t in t0[:-1]) <= 40, [t["mapped"] for t in t0[:-1]]

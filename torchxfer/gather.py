@@ -29,8 +29,8 @@ Per-tensor work is a few views, never a collective of its own.
 ``shard``; agreed once per update, :mod:`torchxfer.peer_reads`): the other
 ranks post nothing. Each describes where its shards lie (:meth:`Gatherer.peer_row`);
 the sender maps them (:meth:`Gatherer.use_peers`) and, in ``prepare``, copies
-its own shards and every other rank's pieces into place on its stream (a
-piece of another dtype is pulled as it is and cast here); ``post`` and
+its own shards and every other rank's pieces into place on its stream (an
+update that casts a shard gathers with collectives); ``post`` and
 ``collect`` then have nothing to wait for.
 
 ``full`` entries are gathered with ``full_tensor()`` on every rank when the
@@ -167,6 +167,8 @@ class Gatherer:
             entry = self.entries[i]
             _, dst, me = self._member(entry)
             ranks = self._members[(id(entry.tensor.device_mesh), entry.shard.mesh_dim)][4]
+            if entry.tensor.dtype != entry.dtype:
+                raise peer_reads.PeerReadsUnavailable(f"{entry.source_name!r} is cast on the way")
             itemsize = entry.tensor.dtype.itemsize
             for q, g in enumerate(ranks):
                 want = _numel(entry.shard.local_shape(entry.shape, q)) * itemsize
@@ -193,14 +195,13 @@ class Gatherer:
         """The sender, with peer reads: its own shards and every other rank's pieces copied into
         the full tensors (or the send buffer's views) by the copy engines, on its stream;
         nothing to post. A shard of its own that is not a plain contiguous tensor of the sent
-        dtype goes through the fused copy; another rank's piece of another dtype is pulled as
-        it is and cast here."""
+        dtype goes through the fused copy (other ranks vote no to a cast: see :func:`peer_row`)."""
         device = mesh_device(self.entries[op.entries[0]].tensor.device_mesh)
         op.direct = [True] * len(op.entries)  # nothing for collect() to place
         cuda = device.type == "cuda"
         stream = torch.cuda.current_stream(device).cuda_stream if cuda else None
         copy = peer_reads.copy_bytes
-        dst, src, casts = [], [], ([], [])
+        dst, src = [], []
         for i in op.entries:
             entry = self.entries[i]
             full = fulls.get(i)
@@ -219,18 +220,10 @@ class Gatherer:
                 src.append(self._local(entry, op.me, device))  # ValueError for a shard of another shape
             for q, width in enumerate(widths):
                 ptr = self.peers.get((i, q)) if q != op.me and width else None
-                if ptr is None:
-                    continue
-                if entry.tensor.dtype == entry.dtype:
+                if ptr is not None:
                     copy(at + starts[q], ptr, width, rows, pitch, stream)
-                else:  # pulled as it is, cast here
-                    stage = torch.empty(entry.shard.local_shape(entry.shape, q), dtype=entry.tensor.dtype, device=device)
-                    copy(stage.data_ptr(), ptr, stage.numel() * stage.element_size(), 1, 0, stream)
-                    casts[0].append(self._place(full, entry, q))
-                    casts[1].append(stage)
-                self.peer_reads += 1
+                    self.peer_reads += 1
         self._copy(dst, src)
-        self._copy(*casts)
         if cuda:
             self.peer_event = torch.cuda.Event()
             self.peer_event.record()
@@ -465,9 +458,11 @@ def peer_row(entries: list[Entry], is_sender: bool) -> torch.Tensor:
                 device = devices.get(id(mesh))
                 if device is None:
                     device = devices[id(mesh)] = mesh_device(mesh)
-                if local.device != device or not local.is_contiguous():
+                # A cast would have to be staged on rank 0 in the stored dtype, beyond the memory
+                # bound of two buckets; casting here would run kernels on this GPU.
+                if local.device != device or not local.is_contiguous() or local.dtype != entries[i].dtype:
                     raise peer_reads.PeerReadsUnavailable(f"{entries[i].source_name!r}: a shard off its GPU, "
-                                                          "or not contiguous")  # fmt: skip
+                                                          "not contiguous, or cast on the way")  # fmt: skip
                 if local.numel():
                     tensors[k] = local
             pieces, segments = peer_reads.export(tensors)
