@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 
-from .errors import TransferError
 from .ipc_transport import _check, _cudart, _handle, _IpcHandle
 
 __all__ = ["ENV", "PeerReadsUnavailable", "Row", "candidate", "encode_row", "decode_row", "agreed", "export",
