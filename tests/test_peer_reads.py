@@ -141,6 +141,13 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
 
     twin = dist.new_group(backend="gloo")
     torchxfer.trainer._status_group = lambda trainer_group: twin
+    exchanges, exchange = [], torchxfer.trainer._Lockstep.exchange
+
+    def counting(self: object, row: torch.Tensor) -> list:
+        exchanges.append(1)
+        return exchange(self, row)
+
+    torchxfer.trainer._Lockstep.exchange = counting
     state = {"vote": True, "map": True, "copies": 0, "pieces": {}}
     _stand_in(rank, state)
     warnings: list[str] = []
@@ -176,6 +183,7 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
                            for k, e in enumerate(shards)}  # fmt: skip
         gatherers.clear()
         warnings.clear()
+        exchanges.clear()
         try:
             stats = send_model(sd, group, dtype=dtype, packed_buffer_size_bytes=BUF, timeout_s=30)
             result = None if stats is None else stats.num_tensors
@@ -183,7 +191,7 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
             result = f"TransferError: {e}"
         g = gatherers[0]
         want = {n: digest(t.to(dtype) if dtype is not None and t.is_floating_point() else t) for n, t in full.items()}
-        out.append({"result": result, "copies": state["copies"], "peer_reads": g.peer_reads,
+        out.append({"result": result, "copies": state["copies"], "peer_reads": g.peer_reads, "exchanges": len(exchanges),
                     "posted": g.posted_groups, "warnings": list(warnings), "want": want})  # fmt: skip
     t = torch.ones(1)
     dist.all_reduce(t)
@@ -250,6 +258,11 @@ def test_the_protocol_around_peer_reads_on_cpu_bit_exact_with_failure_fallback_a
     assert worker[3] == t0[3]["want"] and t0[3]["result"] == len(LAYOUT)
     assert t0[3]["peer_reads"] == 0 and t1[3]["posted"] == t0[3]["posted"] > 0, (t0[3], t1[3])
     assert any("cannot read the other trainer ranks' shards" in w for w in t0[3]["warnings"]), t0[3]["warnings"]
+    # Rows travel unless they are exactly those the sender last agreed on and mapped (update 3
+    # repeats update 2's rows: the plan check alone carries them, and the sender, now unable to
+    # map, still falls back).
+    assert [t["exchanges"] for t in t0[:-1]] == [1, 1, 1, 0, 1, 1], [t["exchanges"] for t in t0[:-1]]
+    assert [t["exchanges"] for t in t1[:-1]] == [1, 1, 1, 0, 1, 1], [t["exchanges"] for t in t1[:-1]]
     # Rank 1 votes no, or a cast (kept within the memory bound by the collective gathers):
     # collective gathers, no warning, bit-exact.
     for u in (1, 4):

@@ -68,8 +68,10 @@ Why this cannot deadlock, and what happens on failure:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -206,7 +208,7 @@ def send_model(
         role = 0 if group is None else 2 if is_colocated(group) else 1
         if local_error is None and role != 2 and peer_reads.candidate(entries):
             row = peer_row(entries, role == 1)  # before the plan check: overlaps the others' planning
-        sender = lock.begin(entries, bucketing, role, local_error)
+        sender = lock.begin(entries, bucketing, role, local_error, row)
     if group is not None and is_colocated(group):
         if lock is not None:
             lock.collective_gathers()
@@ -268,6 +270,22 @@ def send_model(
     if lock is not None:
         lock.finish()
     return stats
+
+
+_mapped: dict[int, tuple[list[int], Any]] = {}
+"""The sender, by id(status group): the digest of the peer-read rows it last agreed on and
+mapped (:meth:`_Lockstep.table_digest`), and those rows decoded."""
+
+
+def _digest_words(data: bytes) -> list[int]:
+    """Four 56-bit words of sha256(data) (fit an int64 row)."""
+    digest = hashlib.sha256(data).digest()
+    return [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)]
+
+
+def _raw(row: torch.Tensor) -> bytes:
+    row = row.contiguous()
+    return ctypes.string_at(row.data_ptr(), row.numel() * row.element_size())
 
 
 _twins: dict[int, tuple[Any, Any]] = {}
@@ -339,21 +357,26 @@ class _Schedule:
         them, it tells the others (``_FALLBACK``, met by their :meth:`_Lockstep.await_sender`)
         and every rank gathers as usual."""
         assert self.lock is not None and self.gatherer is not None
-        g = self.gatherer
-        rows = self.lock.exchange(row)
-        decoded = [peer_reads.decode_row(r, len(g.shards)) for r in rows]
-        if not peer_reads.agreed(decoded):
-            return
+        g, key = self.gatherer, id(self.lock.pg)
+        if self.lock.same_rows() is not None:  # the rows of the last agreed exchange: not sent again
+            decoded = _mapped[key][1] if g.is_sender else []
+        else:
+            _mapped.pop(key, None)
+            decoded = [peer_reads.decode_row(r, len(g.shards)) for r in self.lock.exchange(row)]
+            if not peer_reads.agreed(decoded):
+                return
         self.peer = True
         if not g.is_sender:
             return
         try:
             g.use_peers(decoded, self.lock.ranks)
+            _mapped[key] = (self.lock.table_digest(), decoded)
             return
         except Exception as e:
             log.warning("send_model: the sender cannot read the other trainer ranks' shards (%s: %s); "
                         "gathering them with collectives instead", type(e).__name__, e)  # fmt: skip
             g.peers = None
+            _mapped.pop(key, None)
         self.peer = False
         self.lock.fallback()
         self.lock.collective_gathers()
@@ -508,26 +531,35 @@ class _Lockstep:
                 parts.append(f"[trainer rank {r}] {text}")
         return "; ".join(parts)
 
-    def begin(self, entries: list[Entry], bucketing: str, is_sender: int, error: Exception | None) -> int:
+    def begin(self, entries: list[Entry], bucketing: str, is_sender: int, error: Exception | None,
+              peer_row: torch.Tensor | None = None) -> int:  # fmt: skip
         """Check that every rank planned the same tensors and that one rank sends (``is_sender`` 1),
         or every rank through its own colocated group (2; 0 on a rank that does not send);
-        returns the sender's global rank (-1: every rank sends)."""
+        returns the sender's global rank (-1: every rank sends).
+
+        The same all_gather carries a digest of each rank's peer-read row (``peer_row``) and,
+        from the sender, the digest of the rows it last agreed on and mapped (``_mapped``):
+        when they match (:meth:`same_rows`), nobody exchanges rows again."""
         digest = hashlib.sha256("\n".join([bucketing] + [e.describe() for e in entries]).encode()).digest()
+        mine = _digest_words(_raw(peer_row)) if peer_row is not None else [0] * 4
+        cached = _mapped.get(id(self.pg), ([0] * 4, None))[0] if is_sender == 1 else [0] * 4
         row = torch.tensor(
             [1 if error else 0, int(is_sender), len(entries), sum(e.collective for e in entries)]
-            + [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)],
+            + _digest_words(digest) + mine + list(cached),
             dtype=torch.int64, device=self.device,
         )  # fmt: skip
         rows = [torch.empty_like(row) for _ in range(self.size)]
         self._wait(dist.all_gather(rows, row, group=self.pg, async_op=True), "send_model plan check")
         table = [r.cpu().tolist() for r in rows]
+        self.row_digests = [r[8:12] for r in table]
+        self.sender_cached = next((r[12:16] for r in table if r[1] == 1), [0] * 4)
         if any(r[0] for r in table):
             text = self._messages(None if error is None else f"{type(error).__name__}: {error}")
             if error is not None:
                 raise error
             raise ValueError(f"send_model failed on another trainer rank before anything moved: {text}")
         problems = []
-        plans = {tuple(r[2:]) for r in table}
+        plans = {tuple(r[2:8]) for r in table}
         if len(plans) > 1:
             ranks = "; ".join(f"rank {i}: {r[2]} tensors ({r[3]} sharded), plan {r[4]:014x}"
                               for i, r in enumerate(table))  # fmt: skip
@@ -549,6 +581,19 @@ class _Lockstep:
         if every_rank_colocated:
             return -1
         return senders[0] if self.pg is dist.group.WORLD else dist.get_global_rank(self.pg, senders[0])
+
+    def same_rows(self) -> list[int] | None:
+        """After ``begin``: the digest of every rank's peer-read row, in rank order, when it is
+        the one the sender last agreed on and mapped (the rows need not travel again); else None.
+        Every rank computes the same answer from the same table."""
+        if any(not any(d) for d in self.row_digests):
+            return None
+        now = _digest_words(b"".join(struct.pack("<4q", *d) for d in self.row_digests))
+        return now if now == list(self.sender_cached) else None
+
+    def table_digest(self) -> list[int]:
+        """The digest of every rank's peer-read row, in rank order (what ``_mapped`` keeps)."""
+        return _digest_words(b"".join(struct.pack("<4q", *d) for d in self.row_digests))
 
     def step(self) -> None:
         """Before posting gathers: continue together, or raise TransferError if another rank failed."""
