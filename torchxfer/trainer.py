@@ -16,8 +16,9 @@ bucket i is packed and broadcast to the workers.
 
 **Peer reads.** When every trainer rank runs on one host and every gathered
 tensor is a CUDA shard (FSDP2 on one node), the ranks agree once per update,
-in one all_gather after the plan check, that rank 0 reads the others' shards
-itself (:mod:`torchxfer.peer_reads`): it maps their memory and copies each
+in one all_gather after the plan check (skipped when every rank's row is the
+one rank 0 last agreed on and mapped: the plan check carries their digests),
+that rank 0 reads the others' shards itself (:mod:`torchxfer.peer_reads`): it maps their memory and copies each
 piece into place with copy engines on its own stream, so the other ranks run
 no kernel during the send (a worker sharing a GPU with one of them has it to
 itself) and take no lockstep step; they wait in one status all_reduce for
