@@ -137,17 +137,17 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
     mesh = init_device_mesh("cpu", (2,))
     # Status traffic on a group of its own until the gathers' mode is agreed, as with an NCCL
     # default group (its Gloo twin), so every switch between the two groups runs here too.
-    import torchxfer.trainer
+    import torchxfer.lockstep
 
     twin = dist.new_group(backend="gloo")
-    torchxfer.trainer._status_group = lambda trainer_group: twin
-    exchanges, exchange = [], torchxfer.trainer._Lockstep.exchange
+    torchxfer.lockstep.status_group = lambda trainer_group: twin
+    exchanges, exchange = [], torchxfer.lockstep.Lockstep.exchange
 
     def counting(self: object, row: torch.Tensor) -> list:
         exchanges.append(1)
         return exchange(self, row)
 
-    torchxfer.trainer._Lockstep.exchange = counting
+    torchxfer.lockstep.Lockstep.exchange = counting
     state = {"vote": True, "map": True, "copies": 0, "pieces": {}}
     _stand_in(rank, state)
     warnings: list[str] = []

@@ -69,10 +69,7 @@ Why this cannot deadlock, and what happens on failure:
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import logging
-import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,27 +82,18 @@ from .config import (
     TransferStats,
     check_send,
     check_timeout,
-    wait_timeout,
 )
 from .colocated import is_colocated
 from .engine import IPCWeightTransferEngine, send_pairs
-from .errors import TransferError
 from .gather import GatherFailed, Gatherer, Posted, local_tensor, peer_row
+from . import lockstep, peer_reads
 from .group import side_group
 from .sender import SenderState
-from . import peer_reads
 from .sources import Entry, NameMap, Source, groups_of, is_dtensor, plan
 
 __all__ = ["send_model"]
 
 log = logging.getLogger("torchxfer")
-
-_MESSAGE_BYTES = 2048
-"""Most bytes of one trainer rank's error message in a failed lockstep."""
-_DONE, _FAILED, _FALLBACK = 0, 1, 2
-"""Status codes of the lockstep all_reduce (MAX): under peer reads only the sender posts
-anything but 0, so the others read its code; ``_FALLBACK`` is never met by a step."""
-
 
 def send_model(
     source: Source,
@@ -182,8 +170,8 @@ def send_model(
         trainer_group = dist.group.WORLD
     lock = None
     if trainer_group is not None and trainer_group.size() > 1:
-        status = _status_group(trainer_group)
-        lock = _Lockstep(status, timeout_s, None if status is trainer_group else trainer_group)
+        status = lockstep.status_group(trainer_group)
+        lock = lockstep.Lockstep(status, timeout_s, None if status is trainer_group else trainer_group)
     entries: list[Entry] = []
     groups: list[list[int]] = []
     local_error: Exception | None = None
@@ -226,7 +214,7 @@ def send_model(
         done = False
         try:
             # Peer reads: nothing to do but wait for the sender's outcome (or its fallback).
-            done = schedule.peer and lock.await_sender() == _DONE
+            done = schedule.peer and lock.await_sender() == lockstep.DONE
             if not done:
                 if schedule.peer:  # the sender fell back
                     schedule.peer = False
@@ -273,40 +261,6 @@ def send_model(
     return stats
 
 
-_mapped: dict[int, tuple[list[int], Any]] = {}
-"""The sender, by id(status group): the digest of the peer-read rows it last agreed on and
-mapped (:meth:`_Lockstep.table_digest`), and those rows decoded."""
-
-
-def _digest_words(data: bytes) -> list[int]:
-    """Four 56-bit words of sha256(data) (fit an int64 row)."""
-    digest = hashlib.sha256(data).digest()
-    return [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)]
-
-
-def _raw(row: torch.Tensor) -> bytes:
-    row = row.contiguous()
-    return ctypes.string_at(row.data_ptr(), row.numel() * row.element_size())
-
-
-_twins: dict[int, tuple[Any, Any]] = {}
-"""id(default group) -> (the default group, its Gloo twin), made once per default group."""
-
-
-def _status_group(trainer_group: Any) -> Any:
-    """The group that carries send_model's lockstep (see ``trainer_group``): every rank of the
-    default group calls this together, so a Gloo twin of the default group is made together."""
-    if trainer_group is not dist.group.WORLD or "gloo" in str(dist.get_backend(trainer_group)).lower():
-        return trainer_group
-    known = _twins.get(id(trainer_group))
-    if known is None or known[0] is not trainer_group:
-        _twins.clear()
-        twin = dist.new_group(backend="gloo")
-        log.info("send_model: status traffic on a Gloo group of the default group's %d ranks", twin.size())
-        known = _twins[id(trainer_group)] = (trainer_group, twin)
-    return known[1]
-
-
 def _prefill(entries: list[Entry], groups: list[list[int]], group: Any, buffer_size: int, num_buffers: int) -> bool:
     """Whether this update is exactly the layout the side group sent last, bucket for bucket,
     every tensor whole in one bucket: then the sender packs each tensor where the gathers can
@@ -340,7 +294,7 @@ class _Schedule:
     waits for a group to arrive. One lockstep exchange per group.
     """
 
-    def __init__(self, entries: list[Entry], groups: list[list[int]], sender: int, lock: _Lockstep | None,
+    def __init__(self, entries: list[Entry], groups: list[list[int]], sender: int, lock: lockstep.Lockstep | None,
                  timeout_s: float | None, stream_ordered: bool) -> None:  # fmt: skip
         self.cgroups = [g for g, idx in enumerate(groups) if any(entries[i].collective for i in idx)]
         self.slot = {g: j for j, g in enumerate(self.cgroups)}
@@ -355,14 +309,14 @@ class _Schedule:
     def exchange_peers(self, row: torch.Tensor) -> None:
         """Every trainer rank, together: agree whether the sender reads the other ranks' shards
         itself (:mod:`torchxfer.peer_reads`); sets ``peer``. If the sender then cannot map
-        them, it tells the others (``_FALLBACK``, met by their :meth:`_Lockstep.await_sender`)
+        them, it tells the others (``FALLBACK``, met by their :meth:`torchxfer.lockstep.Lockstep.await_sender`)
         and every rank gathers as usual."""
         assert self.lock is not None and self.gatherer is not None
         g, key = self.gatherer, id(self.lock.pg)
         if self.lock.same_rows() is not None:  # the rows of the last agreed exchange: not sent again
-            decoded = _mapped[key][1] if g.is_sender else []
+            decoded = lockstep.mapped[key][1] if g.is_sender else []
         else:
-            _mapped.pop(key, None)
+            lockstep.mapped.pop(key, None)
             decoded = [peer_reads.decode_row(r, len(g.shards)) for r in self.lock.exchange(row)]
             if not peer_reads.agreed(decoded):
                 return
@@ -371,13 +325,13 @@ class _Schedule:
             return
         try:
             g.use_peers(decoded, self.lock.ranks)
-            _mapped[key] = (self.lock.table_digest(), decoded)
+            lockstep.mapped[key] = (self.lock.table_digest(), decoded)
             return
         except Exception as e:
             log.warning("send_model: the sender cannot read the other trainer ranks' shards (%s: %s); "
                         "gathering them with collectives instead", type(e).__name__, e)  # fmt: skip
             g.peers = None
-            _mapped.pop(key, None)
+            lockstep.mapped.pop(key, None)
         self.peer = False
         self.lock.fallback()
         self.lock.collective_gathers()
@@ -444,179 +398,7 @@ class _Pulled:
         self._gen.close()
 
 
-class _Lockstep:
-    """Plan check and status agreement among the trainer ranks of one send_model call.
-
-    Every rank makes the same sequence of calls: ``begin``, then ``step`` before
-    each gather, then ``finish``, except that a rank stops at the first
-    failure. A failure is a nonzero status in the same all_reduce the others
-    use for ``step`` or ``finish``, so whichever call of theirs it meets, they
-    learn it there. Then each rank's message is exchanged, and ``done`` is set.
-    """
-
-    def __init__(self, pg: dist.ProcessGroup, timeout_s: float | None, steps: dist.ProcessGroup | None = None) -> None:
-        self.timeout = None if timeout_s is None else wait_timeout(timeout_s)
-        self.steps = steps  # the group of the per-bucket steps of collective gathers, if not pg
-        self._use(pg)
-        self.rank = pg.rank()
-        self.size = pg.size()
-        self.ranks = dist.get_process_group_ranks(pg)  # global ranks, in group order
-        self.done = False  # a failure was agreed, or the group failed: no more collectives
-
-    def _use(self, pg: dist.ProcessGroup) -> None:
-        self.pg = pg
-        backend = str(dist.get_backend(pg)).lower()
-        on_cpu = "gloo" in backend or not torch.cuda.is_available()
-        self.device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
-        self.flag = torch.zeros(1, dtype=torch.int64, device=self.device)
-
-    def collective_gathers(self) -> None:
-        """Every rank, at the same point (after the plan check, and after the peer-read exchange
-        when there is one): the update gathers with collectives, so its status traffic moves to
-        the trainer group the caller named. Its per-bucket status reads on a CUDA group also
-        pace rank 0's gathers, which the memory bound of collective gathers relies on."""
-        if self.steps is not None:
-            self._use(self.steps)
-            self.steps = None
-
-    def exchange(self, row: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's ``row`` (one all_gather; every rank passes a row of one length), on the CPU."""
-        row = row.to(self.device)
-        rows = [torch.empty_like(row) for _ in range(self.size)]
-        self._wait(dist.all_gather(rows, row, group=self.pg, async_op=True), "send_model peer-read exchange")
-        return [r.cpu() for r in rows]
-
-    def await_sender(self) -> int:
-        """A rank that does not send, under peer reads: wait for the sender's outcome, met by its
-        ``finish`` (``_DONE``), ``fallback`` (``_FALLBACK``) or ``fail`` (TransferError here)."""
-        code = self._all_reduce_flag(0, "send_model status")
-        if code not in (_DONE, _FALLBACK):
-            raise TransferError(f"send_model failed on another trainer rank: {self._messages(None)}")
-        return code
-
-    def fallback(self) -> None:
-        """The sender, under agreed peer reads that it cannot serve: every rank gathers as usual."""
-        self._all_reduce_flag(_FALLBACK, "send_model status")
-
-    def _wait(self, work: Any, what: str) -> None:
-        try:
-            ok = work.wait() if self.timeout is None else work.wait(self.timeout)
-            if ok is False:
-                raise TimeoutError(f"no completion after {self.timeout}")
-        except Exception as e:
-            self.done = True
-            raise TransferError(
-                f"{what} on the trainer group failed on trainer rank {self.rank}: {type(e).__name__}: {e}. "
-                "Another trainer rank died, stopped calling send_model, or is stuck; the trainer group "
-                "is no longer usable."
-            ) from e
-
-    def _all_reduce_flag(self, code: int, what: str) -> int:
-        self.flag.fill_(code)
-        self._wait(dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.pg, async_op=True), what)
-        return int(self.flag.item())
-
-    def _messages(self, error: str | None) -> str:
-        """Every rank's message (after a nonzero status), as one string."""
-        rows = torch.zeros(self.size, _MESSAGE_BYTES, dtype=torch.uint8, device=self.device)
-        if error:
-            raw = error.encode()[:_MESSAGE_BYTES]
-            rows[self.rank, : len(raw)] = torch.tensor(list(raw), dtype=torch.uint8).to(self.device)
-        self._wait(dist.all_reduce(rows, group=self.pg, async_op=True), "send_model error exchange")
-        self.done = True
-        host = rows.cpu()
-        parts = []
-        for r in range(self.size):
-            text = bytes(host[r].tolist()).rstrip(b"\0").decode(errors="replace")
-            if text:
-                parts.append(f"[trainer rank {r}] {text}")
-        return "; ".join(parts)
-
-    def begin(self, entries: list[Entry], bucketing: str, is_sender: int, error: Exception | None,
-              peer_row: torch.Tensor | None = None) -> int:  # fmt: skip
-        """Check that every rank planned the same tensors and that one rank sends (``is_sender`` 1),
-        or every rank through its own colocated group (2; 0 on a rank that does not send);
-        returns the sender's global rank (-1: every rank sends).
-
-        The same all_gather carries a digest of each rank's peer-read row (``peer_row``) and,
-        from the sender, the digest of the rows it last agreed on and mapped (``_mapped``):
-        when they match (:meth:`same_rows`), nobody exchanges rows again."""
-        digest = hashlib.sha256("\n".join([bucketing] + [e.describe() for e in entries]).encode()).digest()
-        mine = _digest_words(_raw(peer_row)) if peer_row is not None else [0] * 4
-        cached = _mapped.get(id(self.pg), ([0] * 4, None))[0] if is_sender == 1 else [0] * 4
-        row = torch.tensor(
-            [1 if error else 0, int(is_sender), len(entries), sum(e.collective for e in entries)]
-            + _digest_words(digest) + mine + list(cached),
-            dtype=torch.int64, device=self.device,
-        )  # fmt: skip
-        rows = [torch.empty_like(row) for _ in range(self.size)]
-        self._wait(dist.all_gather(rows, row, group=self.pg, async_op=True), "send_model plan check")
-        table = [r.cpu().tolist() for r in rows]
-        self.row_digests = [r[8:12] for r in table]
-        self.sender_cached = next((r[12:16] for r in table if r[1] == 1), [0] * 4)
-        if any(r[0] for r in table):
-            text = self._messages(None if error is None else f"{type(error).__name__}: {error}")
-            if error is not None:
-                raise error
-            raise ValueError(f"send_model failed on another trainer rank before anything moved: {text}")
-        problems = []
-        plans = {tuple(r[2:8]) for r in table}
-        if len(plans) > 1:
-            ranks = "; ".join(f"rank {i}: {r[2]} tensors ({r[3]} sharded), plan {r[4]:014x}"
-                              for i, r in enumerate(table))  # fmt: skip
-            problems.append(
-                f"trainer ranks planned different updates ({ranks}). Every trainer rank must call send_model "
-                "with the same model or state dict, in the same order, with the same dtype, name_map, "
-                "include_buffers, packed and packed_buffer_size_bytes; otherwise their gathers would pair with the wrong tensors"
-            )
-        senders = [i for i, r in enumerate(table) if r[1]]
-        every_rank_colocated = all(r[1] == 2 for r in table)
-        if len(senders) != 1 and not every_rank_colocated:
-            problems.append(f"exactly one trainer rank must pass a side group, or every rank its own colocated "
-                            f"group; ranks {senders} passed one")  # fmt: skip
-        elif any(r[1] == 2 for r in table) and not every_rank_colocated:
-            problems.append("a colocated group on one trainer rank needs a colocated group on every rank")
-        if problems:
-            self.done = True
-            raise ValueError("send_model: " + "; ".join(problems))
-        if every_rank_colocated:
-            return -1
-        return senders[0] if self.pg is dist.group.WORLD else dist.get_global_rank(self.pg, senders[0])
-
-    def same_rows(self) -> list[int] | None:
-        """After ``begin``: the digest of every rank's peer-read row, in rank order, when it is
-        the one the sender last agreed on and mapped (the rows need not travel again); else None.
-        Every rank computes the same answer from the same table."""
-        if any(not any(d) for d in self.row_digests):
-            return None
-        now = _digest_words(b"".join(struct.pack("<4q", *d) for d in self.row_digests))
-        return now if now == list(self.sender_cached) else None
-
-    def table_digest(self) -> list[int]:
-        """The digest of every rank's peer-read row, in rank order (what ``_mapped`` keeps)."""
-        return _digest_words(b"".join(struct.pack("<4q", *d) for d in self.row_digests))
-
-    def step(self) -> None:
-        """Before posting gathers: continue together, or raise TransferError if another rank failed."""
-        if self._all_reduce_flag(0, "send_model status") != 0:
-            raise TransferError(f"send_model failed on another trainer rank: {self._messages(None)}")
-
-    def fail(self, error: BaseException) -> None:
-        """Tell the other ranks this rank failed (they are at a step or at finish). Best effort."""
-        try:
-            self._all_reduce_flag(1, "send_model status")
-            self._messages(f"{type(error).__name__}: {error}")
-        except TransferError:
-            pass
-        self.done = True
-
-    def finish(self) -> None:
-        """After the update: every rank learns whether any rank failed."""
-        if self._all_reduce_flag(0, "send_model status") != 0:
-            raise TransferError(f"send_model failed on another trainer rank: {self._messages(None)}")
-
-
-def _send_colocated(entries: list[Entry], group: Any, lock: _Lockstep | None, buffer_size: int,
+def _send_colocated(entries: list[Entry], group: Any, lock: lockstep.Lockstep | None, buffer_size: int,
                     num_buffers: int, version: int | None) -> Any:  # fmt: skip
     """Colocated: every trainer rank serves the workers on its own GPU through its own group.
 
