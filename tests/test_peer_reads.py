@@ -123,12 +123,25 @@ def _stand_in(rank: int, state: dict) -> None:
     peer_reads.copy_bytes = copy_bytes
 
 
+def _record_gatherers() -> list:
+    """Every Gatherer this process makes from now on (one per send_model), for its counters."""
+    import torchxfer.gather
+
+    gatherers, init = [], torchxfer.gather.Gatherer.__init__
+
+    def recording(self: object, *args: object) -> None:
+        init(self, *args)
+        gatherers.append(self)
+
+    torchxfer.gather.Gatherer.__init__ = recording
+    return gatherers
+
+
 def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    import torchxfer.gather
     from torchxfer import NCCLWeightTransferEngine, TransferError, destroy_side_group, send_model
     from torchxfer.sources import plan
 
@@ -155,13 +168,7 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
     handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
     handler.setLevel(logging.WARNING)
     logging.getLogger("torchxfer").addHandler(handler)
-    gatherers, init = [], torchxfer.gather.Gatherer.__init__
-
-    def recording(self: object, *args: object) -> None:
-        init(self, *args)
-        gatherers.append(self)
-
-    torchxfer.gather.Gatherer.__init__ = recording
+    gatherers = _record_gatherers()
     group = None
     if rank == 0:
         group = NCCLWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=side_port, world_size=2),
@@ -202,7 +209,8 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
     return out
 
 
-def _worker(side_port: int) -> object:
+def _worker(side_port: int, updates: int, refused: int, device: str = "cpu") -> object:
+    """One worker: ``updates`` updates, digests of what it loads; it refuses update ``refused``."""
     from torchxfer import (
         NCCLWeightTransferEngine,
         NCCLWeightTransferInitInfo,
@@ -211,15 +219,20 @@ def _worker(side_port: int) -> object:
         WeightTransferConfig,
     )
 
-    engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="gloo", timeout_s=SIDE_TIMEOUT), ParallelConfig())
+    if device == "cpu":
+        config = WeightTransferConfig(backend="gloo", timeout_s=SIDE_TIMEOUT)
+    else:
+        torch.cuda.set_device(device)
+        config = WeightTransferConfig(backend="nccl", timeout_s=SIDE_TIMEOUT, device=device)
+    engine = NCCLWeightTransferEngine(config, ParallelConfig())
     engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, side_port, 1, 2))
     got = []
-    for update in range(6):
+    for update in range(updates):
         batch: dict = {}
 
         def load(pairs: list, batch: dict = batch, update: int = update) -> None:
-            if update == 2:
-                raise RuntimeError("the server refuses update 2")
+            if update == refused:
+                raise RuntimeError(f"the server refuses update {refused}")
             batch.update((n, digest(t)) for n, t in pairs)
 
         try:
@@ -232,7 +245,7 @@ def _worker(side_port: int) -> object:
 
 
 def _rank(rank: int, side_port: int, trainer_port: int) -> object:
-    return _worker(side_port) if rank == 2 else _trainer(rank, side_port, trainer_port)
+    return _worker(side_port, 6, 2) if rank == 2 else _trainer(rank, side_port, trainer_port)
 
 
 @pytest.mark.process
@@ -283,7 +296,6 @@ def _cuda_trainer(rank: int, side_port: int, trainer_port: int, lockstep: str) -
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    import torchxfer.gather
     from torchxfer import NCCLWeightTransferEngine, TransferError, destroy_side_group, send_model
 
     torch.cuda.set_device(rank)
@@ -294,13 +306,7 @@ def _cuda_trainer(rank: int, side_port: int, trainer_port: int, lockstep: str) -
     warm = torch.ones(1, device="cuda")  # NCCL set up before the worker's first wait starts
     dist.all_reduce(warm)
     distribute_tensor(warm, mesh, [Replicate()])
-    gatherers, init = [], torchxfer.gather.Gatherer.__init__
-
-    def recording(self: object, *args: object) -> None:
-        init(self, *args)
-        gatherers.append(self)
-
-    torchxfer.gather.Gatherer.__init__ = recording
+    gatherers = _record_gatherers()
     group = None
     if rank == 0:
         group = NCCLWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=side_port, world_size=2),
@@ -349,39 +355,8 @@ def _cuda_trainer(rank: int, side_port: int, trainer_port: int, lockstep: str) -
     return out
 
 
-def _cuda_worker(side_port: int) -> object:
-    from torchxfer import (
-        NCCLWeightTransferEngine,
-        NCCLWeightTransferInitInfo,
-        ParallelConfig,
-        TransferError,
-        WeightTransferConfig,
-    )
-
-    torch.cuda.set_device(1)
-    engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="nccl", timeout_s=SIDE_TIMEOUT, device="cuda:1"),
-                                      ParallelConfig())  # fmt: skip
-    engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, side_port, 1, 2))
-    got = []
-    for update in range(8):
-        batch: dict = {}
-
-        def load(pairs: list, batch: dict = batch, update: int = update) -> None:
-            if update == 5:
-                raise RuntimeError("the server refuses update 5")
-            batch.update((n, digest(t)) for n, t in pairs)
-
-        try:
-            engine.receive_weights(None, load)
-            got.append(batch)
-        except TransferError as e:
-            got.append(f"TransferError: {e}")
-    engine.shutdown()
-    return got
-
-
 def _cuda_rank(rank: int, side_port: int, trainer_port: int, lockstep: str) -> object:
-    return _cuda_worker(side_port) if rank == 2 else _cuda_trainer(rank, side_port, trainer_port, lockstep)
+    return _worker(side_port, 8, 5, "cuda:1") if rank == 2 else _cuda_trainer(rank, side_port, trainer_port, lockstep)
 
 
 @pytest.mark.process

@@ -157,7 +157,7 @@ class Gatherer:
         key = (tuple(trainer_ranks), tuple(r.raw for r in rows))
         planned = getattr(self.entries, "planned", None)  # a module's plan, reused while it holds
         last = getattr(planned, "peer_reads", None)
-        if last is not None and last[0] == key and all(h in peer_reads.Mappings._open for h in last[2]):
+        if last is not None and last[0] == key and peer_reads.Mappings.holds(last[2]):
             self.peers = last[1]
             return
         where = {g: t for t, g in enumerate(trainer_ranks)}

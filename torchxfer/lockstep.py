@@ -17,8 +17,6 @@ default group, a Gloo twin of it made once by every rank together
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import logging
 import struct
 from typing import Any
@@ -28,6 +26,7 @@ import torch.distributed as dist
 
 from .config import wait_timeout
 from .errors import TransferError
+from .peer_reads import digest_words, raw_bytes
 from .sources import Entry
 
 __all__ = ["DONE", "FAILED", "FALLBACK", "Lockstep", "mapped", "status_group"]
@@ -44,17 +43,6 @@ anything but 0, so the others read its code; ``FALLBACK`` is never met by a step
 mapped: dict[int, tuple[list[int], Any]] = {}
 """The sender, by id(status group): the digest of the peer-read rows it last agreed on and
 mapped (:meth:`Lockstep.table_digest`), and those rows decoded."""
-
-
-def _digest_words(data: bytes) -> list[int]:
-    """Four 56-bit words of sha256(data) (fit an int64 row)."""
-    digest = hashlib.sha256(data).digest()
-    return [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)]
-
-
-def _raw(row: torch.Tensor) -> bytes:
-    row = row.contiguous()
-    return ctypes.string_at(row.data_ptr(), row.numel() * row.element_size())
 
 
 _twins: dict[int, tuple[Any, Any]] = {}
@@ -172,12 +160,12 @@ class Lockstep:
         The same all_gather carries a digest of each rank's peer-read row (``peer_row``) and,
         from the sender, the digest of the rows it last agreed on and mapped (``mapped``):
         when they match (:meth:`same_rows`), nobody exchanges rows again."""
-        digest = hashlib.sha256("\n".join([bucketing] + [e.describe() for e in entries]).encode()).digest()
-        mine = _digest_words(_raw(peer_row)) if peer_row is not None else [0] * 4
+        digest = digest_words("\n".join([bucketing] + [e.describe() for e in entries]).encode())
+        mine = digest_words(raw_bytes(peer_row)) if peer_row is not None else [0] * 4
         cached = mapped.get(id(self.pg), ([0] * 4, None))[0] if is_sender == 1 else [0] * 4
         row = torch.tensor(
             [1 if error else 0, int(is_sender), len(entries), sum(e.collective for e in entries)]
-            + _digest_words(digest) + mine + list(cached),
+            + digest + mine + list(cached),
             dtype=torch.int64, device=self.device,
         )  # fmt: skip
         rows = [torch.empty_like(row) for _ in range(self.size)]
@@ -220,12 +208,12 @@ class Lockstep:
         Every rank computes the same answer from the same table."""
         if any(not any(d) for d in self.row_digests):
             return None
-        now = _digest_words(b"".join(struct.pack("<4q", *d) for d in self.row_digests))
+        now = self.table_digest()
         return now if now == list(self.sender_cached) else None
 
     def table_digest(self) -> list[int]:
         """The digest of every rank's peer-read row, in rank order (what ``mapped`` keeps)."""
-        return _digest_words(b"".join(struct.pack("<4q", *d) for d in self.row_digests))
+        return digest_words(b"".join(struct.pack("<4q", *d) for d in self.row_digests))
 
     def step(self) -> None:
         """Before posting gathers: continue together, or raise TransferError if another rank failed."""

@@ -48,7 +48,8 @@ import torch
 
 from .ipc_transport import _check, _cudart, _handle, _IpcHandle
 
-__all__ = ["ENV", "PeerReadsUnavailable", "Row", "candidate", "encode_row", "decode_row", "agreed", "export",
+__all__ = ["ENV", "PeerReadsUnavailable", "Row", "candidate", "digest_words", "raw_bytes", "encode_row", "decode_row",
+           "agreed", "export",
            "Mappings", "copy_bytes", "wait_event"]  # fmt: skip
 
 ENV = "TORCHXFER_PEER_READS"
@@ -91,9 +92,20 @@ def host_id() -> list[int]:
     boot = ""
     with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as fh:
         boot = fh.read().strip()
-    digest = hashlib.sha256(f"{socket.gethostname()}|{boot}".encode()).digest()
-    _HOST[:] = [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)]
+    _HOST[:] = digest_words(f"{socket.gethostname()}|{boot}".encode())
     return list(_HOST)
+
+
+def digest_words(data: bytes) -> list[int]:
+    """Four 56-bit words of sha256(data): a digest that fits a row of int64."""
+    digest = hashlib.sha256(data).digest()
+    return [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)]
+
+
+def raw_bytes(row: torch.Tensor) -> bytes:
+    """A CPU tensor's bytes, as stored (row-major)."""
+    row = row.contiguous()
+    return ctypes.string_at(row.data_ptr(), row.numel() * row.element_size())
 
 
 class Row:
@@ -129,8 +141,7 @@ def decode_row(row: torch.Tensor, num_entries: int) -> Row:
     """A row as :func:`encode_row` wrote it (CPU tensor). Malformed fields make a no vote."""
     if row.dtype != torch.int64 or row.device.type != "cpu" or row.numel() != row_words(num_entries):
         return Row(False, [], [], [])
-    row = row.contiguous()
-    raw = ctypes.string_at(row.data_ptr(), 8 * row.numel())
+    raw = raw_bytes(row)
     words = struct.unpack_from(f"<{_HEAD + 3 * num_entries}q", raw)
     vote, host, nseg = words[0] == 1, list(words[1:5]), words[5]
     if not 0 <= nseg <= num_entries:
@@ -255,6 +266,11 @@ class Mappings:
                                        "container or GPU without peer access?)")  # fmt: skip
         cls._open[handle] = (ptr.value, size, buffer_id)
         return ptr.value
+
+    @classmethod
+    def holds(cls, handles: set[bytes]) -> bool:
+        """Whether every one of ``handles`` is mapped."""
+        return all(h in cls._open for h in handles)
 
     @classmethod
     def keep_only(cls, handles: set[bytes]) -> None:

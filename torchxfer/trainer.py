@@ -204,8 +204,8 @@ def send_model(
         return _send_colocated(entries, group, lock, packed_buffer_size_bytes, packed_num_buffers, version)
     stream_ordered = group is not None and side_group(group).backend_name == "nccl"
     schedule = _Schedule(entries, groups, sender, lock, timeout_s, stream_ordered)
-    if lock is not None and schedule.gatherer is not None and peer_reads.candidate(entries):
-        schedule.exchange_peers(row if row is not None else peer_row(entries, group is not None))
+    if row is not None:  # a peer-read candidate (the plan decides it, so on every rank alike)
+        schedule.exchange_peers(row)
     if lock is not None and not schedule.peer:
         lock.collective_gathers()
 
