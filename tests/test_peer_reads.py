@@ -175,9 +175,11 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
                                                       backend="gloo", timeout_s=SIDE_TIMEOUT)  # fmt: skip
     out = []
     # (seed, dtype, rank 1 votes, the sender maps): peer reads, a cast (collective gathers),
-    # failing at the worker, falling back, a no vote, then peer reads again on the same group.
+    # failing at the worker, falling back, a no vote, then peer reads again on the same group,
+    # twice: the second time the layout is the cached one (copies issued run by run).
     for seed, dtype, vote, can_map in ((0, None, True, True), (1, torch.bfloat16, True, True), (2, None, True, True),
-                                       (3, None, True, False), (4, torch.bfloat16, False, True), (5, None, True, True)):  # fmt: skip
+                                       (3, None, True, False), (4, torch.bfloat16, False, True), (5, None, True, True),
+                                       (6, None, True, True)):  # fmt: skip
         full = _full(seed)
         place = {"shard0": [Shard(0)], "shard1": [Shard(1)], "replicate": [Replicate()]}
         sd = {n: t if LAYOUT[n][2] == "plain" else distribute_tensor(t, mesh, place[LAYOUT[n][2]])
@@ -192,14 +194,17 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
         warnings.clear()
         exchanges.clear()
         try:
-            stats = send_model(sd, group, dtype=dtype, packed_buffer_size_bytes=BUF, timeout_s=30)
+            # The last two with buffers that hold every tensor whole (as the cached layout must).
+            buf = BUF if seed < 5 else 4 * BUF
+            stats = send_model(sd, group, dtype=dtype, packed_buffer_size_bytes=buf, timeout_s=30)
             result = None if stats is None else stats.num_tensors
         except TransferError as e:
             result = f"TransferError: {e}"
         g = gatherers[0]
         want = {n: digest(t.to(dtype) if dtype is not None and t.is_floating_point() else t) for n, t in full.items()}
         out.append({"result": result, "copies": state["copies"], "peer_reads": g.peer_reads, "exchanges": len(exchanges),
-                    "posted": g.posted_groups, "warnings": list(warnings), "want": want})  # fmt: skip
+                    "posted": g.posted_groups, "warnings": list(warnings), "want": want,
+                    "prefilled": g.prefilled, "late": g.issued_late})  # fmt: skip
     t = torch.ones(1)
     dist.all_reduce(t)
     out.append(t.item())
@@ -245,7 +250,7 @@ def _worker(side_port: int, updates: int, refused: int, device: str = "cpu") -> 
 
 
 def _rank(rank: int, side_port: int, trainer_port: int) -> object:
-    return _worker(side_port, 6, 2) if rank == 2 else _trainer(rank, side_port, trainer_port)
+    return _worker(side_port, 7, 2) if rank == 2 else _trainer(rank, side_port, trainer_port)
 
 
 @pytest.mark.process
@@ -256,12 +261,14 @@ def test_the_protocol_around_peer_reads_on_cpu_bit_exact_with_failure_fallback_a
     (t0, t1), worker = [o.value for o in outcomes[:2]], outcomes[2].value
     assert t0[-1] == t1[-1] == 2.0  # the trainer's own group still works
     shards = sum(1 for n in LAYOUT if LAYOUT[n][2].startswith("shard"))
-    for u in (0, 5):  # peer reads: every piece of rank 1 read by the sender, rank 1 posted nothing
+    for u in (0, 5, 6):  # peer reads: every piece of rank 1 read by the sender, rank 1 posted nothing
         assert worker[u] == t0[u]["want"], u
         assert t0[u]["result"] == len(LAYOUT) and t1[u]["result"] is None
         assert t0[u]["copies"] == t0[u]["peer_reads"] == shards and t0[u]["posted"] > 0, t0[u]
         assert t1[u]["copies"] == 0 and t1[u]["posted"] == 0, t1[u]
         assert not t0[u]["warnings"]
+    # The cached layout: every shard gathered into the send buffer, its copies issued run by run.
+    assert t0[6]["prefilled"] == t0[6]["late"] == shards and t0[5]["late"] == 0, (t0[5], t0[6])
     # A worker's failure under peer reads: TransferError on every rank, rank 1 with the sender's message.
     assert "refuses update 2" in worker[2], worker[2]
     assert t0[2]["result"].startswith("TransferError") and "refuses update 2" in t0[2]["result"], t0[2]
@@ -274,8 +281,8 @@ def test_the_protocol_around_peer_reads_on_cpu_bit_exact_with_failure_fallback_a
     # Rows travel unless they are exactly those the sender last agreed on and mapped (update 3
     # repeats update 2's rows: the plan check alone carries them, and the sender, now unable to
     # map, still falls back).
-    assert [t["exchanges"] for t in t0[:-1]] == [1, 1, 1, 0, 1, 1], [t["exchanges"] for t in t0[:-1]]
-    assert [t["exchanges"] for t in t1[:-1]] == [1, 1, 1, 0, 1, 1], [t["exchanges"] for t in t1[:-1]]
+    assert [t["exchanges"] for t in t0[:-1]] == [1, 1, 1, 0, 1, 1, 0], [t["exchanges"] for t in t0[:-1]]
+    assert [t["exchanges"] for t in t1[:-1]] == [1, 1, 1, 0, 1, 1, 0], [t["exchanges"] for t in t1[:-1]]
     # Rank 1 votes no, or a cast (kept within the memory bound by the collective gathers):
     # collective gathers, no warning, bit-exact.
     for u in (1, 4):

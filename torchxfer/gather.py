@@ -136,6 +136,11 @@ class Gatherer:
         self.peers: dict[tuple[int, int], int] | None = None
         self.peer_reads = 0  # pieces the sender copied from other ranks' memory (tests count them)
         self.peer_event: Any = None  # recorded after the sender's last peer copies
+        # The sender, when its send buffer's views are filled run by run (``issue``): the copies
+        # of each prefilled entry, deferred until the broadcast that reads them is posted.
+        self.defer = False
+        self.deferred: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        self.issued_late = 0  # entries whose deferred copies were issued (tests count them)
 
     def _member(self, entry: Entry) -> tuple[Any, int | None, int]:
         """(pg, the sender's rank in it or None, this rank's) for a ``shard`` entry's mesh dimension."""
@@ -200,37 +205,70 @@ class Gatherer:
         op.direct = [True] * len(op.entries)  # nothing for collect() to place
         cuda = device.type == "cuda"
         stream = torch.cuda.current_stream(device).cuda_stream if cuda else None
-        copy = peer_reads.copy_bytes
         dst, src = [], []
+        issued = False
         for i in op.entries:
             entry = self.entries[i]
             full = fulls.get(i)
-            if full is not None and full.device == device and full.is_contiguous():
+            prefilled = full is not None and full.device == device and full.is_contiguous()
+            if prefilled:
                 self.prefilled += 1
             else:
                 full = fulls[i] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
             starts, widths, rows, pitch = _geometry(entry)
             at = full.data_ptr()
             local = entry.tensor.to_local()
+            copies = []
             if cuda and local.dtype == entry.dtype and local.device == device and local.is_contiguous() \
                     and local.numel() * local.element_size() == widths[op.me] * rows:  # fmt: skip
-                copy(at + starts[op.me], local.data_ptr(), widths[op.me], rows, pitch, stream)
+                copies.append((at + starts[op.me], local.data_ptr(), widths[op.me], rows, pitch))
             else:
                 dst.append(self._place(full, entry, op.me))
                 src.append(self._local(entry, op.me, device))  # ValueError for a shard of another shape
             for q, width in enumerate(widths):
                 ptr = self.peers.get((i, q)) if q != op.me and width else None
                 if ptr is not None:
-                    copy(at + starts[q], ptr, width, rows, pitch, stream)
+                    copies.append((at + starts[q], ptr, width, rows, pitch))
                     self.peer_reads += 1
+            if prefilled and self.defer:  # a view of the send buffer: filled just before its broadcast
+                self.deferred[i] = copies
+            else:
+                for args in copies:
+                    peer_reads.copy_bytes(*args, stream)
+                issued = issued or bool(copies)
         self._copy(dst, src)
-        if cuda:
+        if cuda and (issued or dst):
+            self._record(device)
+
+    def _record(self, device: torch.device) -> None:
+        if self.peer_event is None:
             self.peer_event = torch.cuda.Event()
-            self.peer_event.record()
+        self.peer_event.record(torch.cuda.current_stream(device))
+
+    def issue(self, indices: list[int] | None) -> None:
+        """The sender: the deferred copies of entries ``indices`` (None: all of them, and none
+        deferred from here on), on the current stream: a broadcast posted next waits for them."""
+        if indices is None:
+            self.defer = False
+            indices = list(self.deferred)
+        device = None
+        for i in indices:
+            copies = self.deferred.pop(i, None)
+            if not copies:
+                continue
+            if device is None:
+                device = mesh_device(self.entries[i].tensor.device_mesh)
+                stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+            for args in copies:
+                peer_reads.copy_bytes(*args, stream)
+            self.issued_late += 1
+        if device is not None and device.type == "cuda":
+            self._record(device)
 
     def settle(self, timeout_s: float) -> bool:
         """The sender: wait (up to ``timeout_s``) until its peer copies are done, so the other
         ranks may change their shards. True when done (or there were none)."""
+        self.deferred.clear()  # never issued (a failure part way): nothing of theirs to wait for
         return self.peer_event is None or peer_reads.wait_event(self.peer_event, timeout_s)
 
     def prepare(self, g: int, into: list[Any] | None = None) -> Posted:

@@ -304,6 +304,10 @@ class Sender(SendSide):
         # send_model, when its plan is exactly the cached layout: its gathers may land in the buffers
         # themselves (bucket_views), and a pack copy of a tensor onto itself is skipped.
         self.prefill = False
+        # send_model under peer reads: ``ready(bucket, positions)`` issues the copies that fill those
+        # slots of the bucket's buffer, called just before the broadcast that reads them, so each
+        # broadcast waits only for its own copies; ``ready(None, None)``: every copy now, none deferred.
+        self.ready: Callable[[int | None, list[int] | None], None] | None = None
         self.num_tensors_hint = num_tensors
         self.update_id = self.state.next_update_id if version is None else version
         self.state.next_update_id = self.update_id + 1
@@ -457,6 +461,7 @@ class Sender(SendSide):
                 item = self.pull(source)
             item, kept, source = self.cached_bucket(plan, item, source)
             if kept is not None:
+                self.unready()
                 self.post_begin()
                 self.table_buckets(source, item, plan.index, kept, cached)
                 return
@@ -479,6 +484,7 @@ class Sender(SendSide):
             self.bucket, self.kept = len(cached.buckets), 0
             item = self.pull(source)
         if item is not None:
+            self.unready()
             self.table_buckets(source, item, len(cached.buckets), 0, cached)
 
     def end(self, last: bool) -> None:
@@ -579,6 +585,7 @@ class Sender(SendSide):
             if done is not None:
                 return (*done, source)
             item, source = self.replay
+        self.unready()  # the slot-by-slot pass may read the slots' tensors: they must be filled first
         all_stable = True
         for pos, slot in enumerate(plan.slots):
             if slot.start == 0:
@@ -671,6 +678,8 @@ class Sender(SendSide):
             if pos is None or (upto is not None and pos >= upto) or pos not in self.deferred:
                 continue
             src = self.deferred[pos]
+            if self.ready is not None:
+                self.ready(plan.index, [pos])
             self.post(buf[start:end] if src is None else src, plan.index, from_buffer=src is None)
         self.deferred = {}
 
@@ -894,11 +903,19 @@ class Sender(SendSide):
             return
         buf = self.state.buffers[plan.index % self.num_buffers]
         copies, self.bulk_copies = self.bulk_copies, None
-        groups = self.run_groups(plan) if copies is not None else None
+        groups = self.run_groups(plan) if copies is not None or self.ready is not None else None
         for i, (start, end, pos) in enumerate(r for r in plan.runs if r[2] is None):
-            if groups is not None and groups[i]:
+            if copies is not None and groups[i]:
                 self.pack_bulk(plan, i, groups[i], *copies)
+            if self.ready is not None:
+                self.ready(plan.index, groups[i])
             self.post(buf[start:end], plan.index, from_buffer=True)
+
+    def unready(self) -> None:
+        """Every copy that ``ready`` would issue, now, and none deferred from here on."""
+        if self.ready is not None:
+            ready, self.ready = self.ready, None
+            ready(None, None)
 
     def pack_bulk(self, plan: BucketPlan, key: int, group: list[int], views: list[Any], tensors: list[torch.Tensor]) -> None:
         """Pack the whole tensors at positions ``group`` of a bulk bucket into their views:
@@ -940,6 +957,7 @@ class Sender(SendSide):
         """The bucket's checksum (0 when off): each run's, weighted by its place among the runs."""
         if not self.checksum:
             return 0
+        self.unready()
         self.flush()
         buf = self.state.buffers[plan.index % self.num_buffers] if self.buffer_size is not None else None
         total = 0

@@ -236,6 +236,8 @@ def send_model(
     def started(sender: Any) -> None:
         if prefill:
             sender.prefill, schedule.sender = True, sender
+            if schedule.peer:  # the copies into each run's slots are issued just before its broadcast
+                schedule.gatherer.defer, sender.ready = True, schedule.ready
 
     try:
         stats = send_pairs(
@@ -296,6 +298,7 @@ class _Schedule:
 
     def __init__(self, entries: list[Entry], groups: list[list[int]], sender: int, lock: lockstep.Lockstep | None,
                  timeout_s: float | None, stream_ordered: bool) -> None:  # fmt: skip
+        self.groups = groups
         self.cgroups = [g for g, idx in enumerate(groups) if any(entries[i].collective for i in idx)]
         self.slot = {g: j for j, g in enumerate(self.cgroups)}
         self.gatherer = Gatherer(entries, groups, sender, timeout_s) if self.cgroups else None
@@ -343,8 +346,20 @@ class _Schedule:
             log.warning("send_model: peer copies still queued after %.0f s; the other trainer ranks "
                         "are released anyway", self.settle_s)  # fmt: skip
 
+    def ready(self, bucket: int | None, positions: list[int] | None) -> None:
+        """The sender's pipeline, under peer reads with its buffers prefilled (one group per
+        bucket, one entry per slot): the slots at ``positions`` of ``bucket`` are about to be
+        broadcast, so their copies are issued now (``Sender.ready``)."""
+        if bucket is None or positions is None:
+            self.gatherer.issue(None)
+        else:
+            group = self.groups[bucket]
+            self.gatherer.issue([group[p] for p in positions])
+
     def advance(self, j: int) -> dict[int, torch.Tensor]:
         g = self.cgroups[j]
+        if self.gatherer.deferred:  # a group before it left copies unissued: they go first
+            self.gatherer.issue(list(self.gatherer.deferred))
         into = self.sender.bucket_views(g) if self.sender is not None else None
         posted = self.gatherer.prepare(g, into)
         if self.lock is not None and not self.peer:
