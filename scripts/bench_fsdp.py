@@ -10,7 +10,11 @@ per block and at the root; one inference worker on GPU 1; an NCCL side group
 (trainer rank 0 and the worker); 1 GiB x 2 buffers. Each round times one flat
 ``dist.broadcast`` of a uint8 tensor of the same total bytes on the side group,
 then one ``send_model`` (rank 1 calls it with group None), each ended by a
-tiny all_reduce and a device synchronize. Warm-up rounds first; the ratio is
+tiny all_reduce and a device synchronize. Both trainer ranks enter each timed
+``send_model`` together (a barrier on a Gloo group of the two, before rank 0
+starts its clock), as after a training step, so rank 1's own preparation counts;
+``--free-running`` drops that barrier (rank 1 then calls again as soon as its
+last call returned, as before 2026-11-30's sixth session). Warm-up rounds first; the ratio is
 the median of the per-round ratios flat / send_model. Every wait is bounded:
 the side group's ``--timeout``, and ``--deadline`` for the whole run, after
 which every process is killed and the script exits 1.
@@ -118,6 +122,11 @@ def _rank(rank: int, args: argparse.Namespace, ports: tuple[int, int], queue: mp
     # Status traffic off NCCL (the default), or on the trainer's own NCCL group (--lockstep nccl).
     lockstep = dist.new_group(backend="gloo") if args.lockstep == "gloo" or not cuda else None
     mesh = init_device_mesh(device.type, (2,))
+    together = None if args.free_running else dist.new_group(backend="gloo")
+
+    def enter() -> None:  # both trainer ranks start each send_model together, as after a training step
+        if together is not None:
+            dist.barrier(group=together)
     net = _model(args, device)
     for block in net:
         fully_shard(block, mesh=mesh)
@@ -125,6 +134,7 @@ def _rank(rank: int, args: argparse.Namespace, ports: tuple[int, int], queue: mp
     total = sum(p.numel() * p.element_size() for p in net.state_dict().values())
     if rank == 1:
         for r in range(rounds):
+            enter()
             _maybe_profiled(args, r, rank, lambda: send_model(net, None, trainer_group=lockstep, **kw))
         dist.destroy_process_group()
         queue.put((rank, None))
@@ -140,6 +150,7 @@ def _rank(rank: int, args: argparse.Namespace, ports: tuple[int, int], queue: mp
         _sync(group, device)
         t_flat = time.perf_counter() - start
         _sync(group, device)
+        enter()
         start = time.perf_counter()
         stats = _maybe_profiled(args, r, rank, lambda: send_model(net, group, trainer_group=lockstep, **kw))
         _sync(group, device)
@@ -156,6 +167,7 @@ def _rank(rank: int, args: argparse.Namespace, ports: tuple[int, int], queue: mp
         "setup": f"FSDP2 trainer of 2 ranks ({args.device}), {args.layers} x [LayerNorm({args.hidden}), "
                  f"Linear({args.hidden}->{args.ffn})] bf16, 1 worker, {backend} side group, "
                  f"trainer_group {'the default (NCCL) group' if cuda and args.lockstep == 'nccl' else 'a Gloo group'}, "
+                 f"{'rank 1 free-running' if args.free_running else 'trainer ranks enter together'}, "
                  f"{args.buffer_mib} MiB x {args.num_buffers} buffers",
         "bytes": total, "tensors": stats.num_tensors, "rounds": args.repeats,
         "flat_ms": statistics.median(flats) * 1e3, "send_model_ms": statistics.median(sends) * 1e3,
@@ -177,6 +189,8 @@ def main() -> None:
     p.add_argument("--lockstep", default="gloo", choices=["gloo", "nccl"],
                    help="send_model's trainer_group: a Gloo group of the trainer ranks, or None (the default "
                         "NCCL group, whose status traffic send_model moves to a Gloo twin where it can)")
+    p.add_argument("--free-running", action="store_true",
+                   help="no barrier of the trainer ranks before each send_model (rank 1 runs ahead)")
     p.add_argument("--timeout", type=float, default=60.0, help="bound on every wait on the side and trainer groups")
     p.add_argument("--deadline", type=float, default=300.0, help="kill everything after this many seconds")
     p.add_argument("--profile", default=None, metavar="DIR",

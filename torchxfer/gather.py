@@ -492,7 +492,9 @@ def peer_row(entries: list[Entry], is_sender: bool) -> torch.Tensor:
             tensors, devices = {}, {}
             for k, i in enumerate(shards):
                 dtensor = entries[i].tensor
-                local, mesh = dtensor.to_local(), dtensor.device_mesh
+                with torch.no_grad():  # to_local() with autograd on makes a graph node per tensor
+                    local = dtensor.to_local()
+                mesh = dtensor.device_mesh
                 device = devices.get(id(mesh))
                 if device is None:
                     device = devices[id(mesh)] = mesh_device(mesh)
@@ -507,7 +509,14 @@ def peer_row(entries: list[Entry], is_sender: bool) -> torch.Tensor:
         except Exception as e:
             log.debug("peer reads: trainer rank %d votes no: %s: %s", dist.get_rank(), type(e).__name__, e)
             vote = False
-    return peer_reads.encode_row(vote, len(shards), pieces, segments)
+    global _last_row
+    made = (vote, len(shards), pieces, segments)
+    if _last_row is None or _last_row[0] != made:  # an unchanged export: the same row, not encoded again
+        _last_row = (made, peer_reads.encode_row(vote, len(shards), pieces, segments))
+    return _last_row[1]
+
+
+_last_row: tuple[tuple, torch.Tensor] | None = None
 
 
 _geometries: dict[tuple, tuple[list[int], list[int], int, int]] = {}
