@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, NCCL bench, FSDP2 bench, colocated bench, GPU tests.
 # Usage (on a machine with 2 GPUs): OUT=/some/dir bash scripts/gpu_check.sh [steps...]
-# Steps: env nccl moe unpacked fsdp fsdpplain fsdpnccl fsdpoff fsdpprof fsdptests peer ipc tests (default: env nccl fsdp ipc tests). Each step is
+# Steps: env nccl moe unpacked fsdp fsdpplain fsdpfree fsdpnccl fsdpoff fsdpprof fsdptests peer ipc tests (default: env nccl fsdp ipc tests). Each step is
 # bounded by its own timeout so one hang cannot eat the call; logs go under $OUT.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -30,6 +30,7 @@ for s in "${steps[@]}"; do
     fsdptl) timeout 130 python3 .diag/fsdp_timeline.py 2>&1 | grep "^rank" | tail -6 ;;
     fsdpoff) TORCHXFER_PEER_READS=0 timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp_off.json" 2>&1 | tail -4 ;;
     fsdpplain) timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp.json" 2>&1 | tail -9 ;;
+    fsdpfree) timeout 100 python3 scripts/bench_fsdp.py --free-running --out "$OUT/fsdp_free.json" 2>&1 | tail -9 ;;
     fsdp) timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp.json" --cprofile /tmp/cp_fsdp 2>&1 | tail -15
           cat /tmp/cp_fsdp/cprofile_rank*.txt > "$OUT/cprofile_fsdp.txt" ;;
     ipc) CUDA_VISIBLE_DEVICES=0 timeout 100 python3 scripts/bench.py --backend gloo --device cuda --workers 1 \
