@@ -386,3 +386,60 @@ def test_peer_reads_between_two_gpus_bit_exact_with_a_failure_and_the_switch(loc
         assert (t0[u]["peer_reads"] > 0) == peer and (t1[u]["posted"] == 0) == peer, (u, t0[u], t1[u])
     # Mappings stay bounded: only the allocations the last update named are mapped.
     assert max(t["mapped"] for t in t0[:-1]) <= 40, [t["mapped"] for t in t0[:-1]]
+
+
+def _dying_rank(rank: int, side_port: int, trainer_port: int) -> object:
+    """Rank 1 leaves after one update under peer reads (the sender did not wait for the final
+    status exchange); the sender's next call must end in TransferError, within its timeout."""
+    import os
+    import time
+
+    if rank == 2:
+        return _worker(side_port, 1, -1)
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from torchxfer import NCCLWeightTransferEngine, TransferError, destroy_side_group, send_model
+    from torchxfer.sources import plan
+
+    dist.init_process_group("gloo", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))  # fmt: skip
+    mesh = init_device_mesh("cpu", (2,))
+    state = {"vote": True, "map": True, "copies": 0, "pieces": {}}
+    _stand_in(rank, state)
+    full = {n: t for n, t in _full(7).items() if LAYOUT[n][2] == "shard0"}
+    sd = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in full.items()}
+    shards = [e for e in plan(sd, None, None, True) if e.how == "shard"]
+    state["pieces"] = {k << 20: full[e.source_name].narrow(0, e.shard.sizes[0], e.shard.sizes[1])
+                       for k, e in enumerate(shards)}  # fmt: skip
+    group = None
+    if rank == 0:
+        group = NCCLWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=side_port, world_size=2),
+                                                      backend="gloo", timeout_s=SIDE_TIMEOUT)  # fmt: skip
+    first = send_model(sd, group, packed_buffer_size_bytes=4 * BUF, timeout_s=5)
+    if rank == 1:
+        os._exit(0)  # gone, as a crashed trainer rank would be
+    start = time.monotonic()
+    try:
+        send_model(sd, group, packed_buffer_size_bytes=4 * BUF, timeout_s=5)
+        second = "returned"
+    except TransferError as e:
+        second = f"TransferError: {e}"
+    elapsed = time.monotonic() - start
+    destroy_side_group(group)
+    return first.num_tensors, second, elapsed, state["copies"]
+
+
+@pytest.mark.process
+def test_a_trainer_rank_that_dies_after_a_peer_read_update_fails_the_senders_next_call():
+    outcomes = run_processes(_dying_rank, 3, free_port(), free_port(), deadline_s=90, expect_ok=False)
+    assert outcomes[0].error is None, f"rank 0: {outcomes[0].error}\n{outcomes[0].tb}"
+    assert outcomes[2].error is None, f"worker: {outcomes[2].error}\n{outcomes[2].tb}"
+    num_tensors, second, elapsed, copies = outcomes[0].value
+    shards = sum(1 for n in LAYOUT if LAYOUT[n][2] == "shard0")
+    assert num_tensors == shards and copies == shards  # the first update was read from rank 1's memory
+    want = {n: digest(t) for n, t in _full(7).items() if LAYOUT[n][2] == "shard0"}
+    assert outcomes[2].value == [want]
+    assert second.startswith("TransferError") and "trainer group" in second, second
+    assert elapsed < 15, elapsed

@@ -45,6 +45,9 @@ mapped: dict[int, tuple[list[int], Any]] = {}
 mapped (:meth:`Lockstep.table_digest`), and those rows decoded."""
 
 
+_told: dict[int, tuple[Any, Any, torch.Tensor]] = {}
+"""id(status group) -> (the group, the sender's last ``tell`` all_reduce, its tensor)."""
+
 _twins: dict[int, tuple[Any, Any]] = {}
 """id(default group) -> (the default group, its Gloo twin), made once per default group."""
 
@@ -61,6 +64,17 @@ def status_group(trainer_group: Any) -> Any:
         log.info("send_model: status traffic on a Gloo group of the default group's %d ranks", twin.size())
         known = _twins[id(trainer_group)] = (trainer_group, twin)
     return known[1]
+
+
+def plan_digest(entries: list[Entry], bucketing: str) -> list[int]:
+    """The digest of a plan that every trainer rank compares; kept with a module's cached plan."""
+    planned = getattr(entries, "planned", None)
+    known = None if planned is None else planned.digests.get(bucketing)
+    if known is None:
+        known = digest_words("\n".join([bucketing] + [e.describe() for e in entries]).encode())
+        if planned is not None:
+            planned.digests[bucketing] = known
+    return known
 
 
 class Lockstep:
@@ -160,7 +174,8 @@ class Lockstep:
         The same all_gather carries a digest of each rank's peer-read row (``peer_row``) and,
         from the sender, the digest of the rows it last agreed on and mapped (``mapped``):
         when they match (:meth:`same_rows`), nobody exchanges rows again."""
-        digest = digest_words("\n".join([bucketing] + [e.describe() for e in entries]).encode())
+        self.settle_last()
+        digest = plan_digest(entries, bucketing)
         mine = digest_words(raw_bytes(peer_row)) if peer_row is not None else [0] * 4
         cached = mapped.get(id(self.pg), ([0] * 4, None))[0] if is_sender == 1 else [0] * 4
         row = torch.tensor(
@@ -233,3 +248,18 @@ class Lockstep:
         """After the update: every rank learns whether any rank failed."""
         if self._all_reduce_flag(0, "send_model status") != 0:
             raise TransferError(f"send_model failed on another trainer rank: {self._messages(None)}")
+
+    def tell(self) -> None:
+        """The sender under peer reads, after a successful update: post ``DONE`` for the others'
+        :meth:`await_sender` without waiting for the exchange to complete (they post nothing
+        the sender needs). The next Lockstep on this group waits for it first (:meth:`settle_last`)."""
+        self.flag.fill_(DONE)
+        work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.pg, async_op=True)
+        _told[id(self.pg)] = (self.pg, work, self.flag)
+
+    def settle_last(self) -> None:
+        """Every rank, at the start of a send_model call: the sender's last :meth:`tell` on this
+        group, complete (bounded by ``timeout_s``); TransferError if it failed."""
+        told = _told.pop(id(self.pg), None)
+        if told is not None and told[0] is self.pg:
+            self._wait(told[1], "send_model status of the last update")

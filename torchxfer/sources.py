@@ -214,6 +214,7 @@ class _Planned:
     fields: list[tuple[int, tuple]]  # per entry: its pair's index, the Entry's other fields
     groups: dict[int | None, list[list[int]]] = dataclasses.field(default_factory=dict)
     peer_reads: Any = None  # the sender's last peer-read mapping of this plan (torchxfer.gather)
+    digests: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # by bucketing (torchxfer.lockstep)
 
 
 class _Entries(list):

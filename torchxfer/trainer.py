@@ -59,7 +59,8 @@ Why this cannot deadlock, and what happens on failure:
   non-sender that fails on its own (not inside a collective) posts its failure
   the same way; rank 0 then raises TransferError inside the pipeline's source,
   which aborts the update for every worker. One final status all_reduce tells
-  every trainer rank the outcome of a successful update too. Every wait on
+  every trainer rank the outcome of a successful update too (under peer reads
+  the sender posts it and returns; its next call waits for it first). Every wait on
   the trainer group is bounded by ``timeout_s`` (default: the trainer group's
   own timeout); the sender on CUDA orders its gathers on the stream (the side
   group's own timeout then bounds the send). A gather that fails as a
@@ -113,7 +114,8 @@ def send_model(
     """Send one update of ``source``; every trainer rank calls this together.
 
     Blocks until every worker has loaded the update and every trainer rank
-    knows the outcome. See the module docstring for the memory bound and why
+    knows the outcome (under peer reads the sender returns once it has posted
+    the outcome to the others, who wait for it). See the module docstring for the memory bound and why
     it cannot deadlock.
 
     Args:
@@ -258,7 +260,9 @@ def send_model(
     finally:
         items.close()
     schedule.settle()
-    if lock is not None:
+    if lock is not None and schedule.peer:
+        lock.tell()  # the others only wait for this; nothing of theirs can fail the update now
+    elif lock is not None:
         lock.finish()
     return stats
 
