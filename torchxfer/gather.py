@@ -204,9 +204,7 @@ class Gatherer:
         device = mesh_device(self.entries[op.entries[0]].tensor.device_mesh)
         op.direct = [True] * len(op.entries)  # nothing for collect() to place
         cuda = device.type == "cuda"
-        stream = torch.cuda.current_stream(device).cuda_stream if cuda else None
-        dst, src = [], []
-        issued = False
+        dst, src, now = [], [], []
         for i in op.entries:
             entry = self.entries[i]
             full = fulls.get(i)
@@ -233,11 +231,10 @@ class Gatherer:
             if prefilled and self.defer:  # a view of the send buffer: filled just before its broadcast
                 self.deferred[i] = copies
             else:
-                for args in copies:
-                    peer_reads.copy_bytes(*args, stream)
-                issued = issued or bool(copies)
+                now += copies
+        peer_reads.copy_batch(now, device)
         self._copy(dst, src)
-        if cuda and (issued or dst):
+        if cuda and (now or dst):
             self._record(device)
 
     def _record(self, device: torch.device) -> None:
@@ -251,19 +248,19 @@ class Gatherer:
         if indices is None:
             self.defer = False
             indices = list(self.deferred)
-        device = None
+        device, batch = None, []
         for i in indices:
             copies = self.deferred.pop(i, None)
             if not copies:
                 continue
             if device is None:
                 device = mesh_device(self.entries[i].tensor.device_mesh)
-                stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-            for args in copies:
-                peer_reads.copy_bytes(*args, stream)
+            batch += copies
             self.issued_late += 1
-        if device is not None and device.type == "cuda":
-            self._record(device)
+        if device is not None:
+            peer_reads.copy_batch(batch, device)
+            if device.type == "cuda":
+                self._record(device)
 
     def settle(self, timeout_s: float) -> bool:
         """The sender: wait (up to ``timeout_s``) until its peer copies are done, so the other
