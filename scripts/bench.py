@@ -383,7 +383,7 @@ def _cprofile(fn: Any, folder: str, name: str, rank: int) -> None:
     prof.disable()
     seconds = time.perf_counter() - start
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    pstats.Stats(prof, stream=text).sort_stats(os.environ.get("BENCH_CPROFILE_SORT", "tottime")).print_stats(30)
     with open(os.path.join(folder, f"cprofile_rank{rank}.txt"), "a") as f:
         f.write(f"==== {name}: {seconds * 1e3:.2f} ms under cProfile\n{text.getvalue()}\n")
 

@@ -29,6 +29,8 @@ for s in "${steps[@]}"; do
     peerbw) timeout 60 python3 .diag/peerbw.py 2>&1 | tail -8 ;;
     overlap) for v in unset 0 1; do if [ $v = unset ]; then timeout 100 python3 .diag/overlap.py 2>&1 | tail -3
              else NCCL_P2P_READ_ENABLE=$v timeout 100 python3 .diag/overlap.py 2>&1 | tail -3; fi; done ;;
+    fsdpgpu) for m in 1024 256; do MIB=$m timeout 100 python3 .diag/fsdp_gpu.py 2>&1 | grep "^rank" | tail -6; done ;;
+    fsdp256) timeout 100 python3 scripts/bench_fsdp.py --buffer-mib 256 --out "$OUT/fsdp_256.json" 2>&1 | tail -3 ;;
     fsdptl) timeout 130 python3 .diag/fsdp_timeline.py 2>&1 | grep "^rank" | tail -6 ;;
     fsdpoff) TORCHXFER_PEER_READS=0 timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp_off.json" 2>&1 | tail -4 ;;
     fsdpplain) timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp.json" 2>&1 | tail -9 ;;
