@@ -141,6 +141,10 @@ class Gatherer:
         self.defer = False
         self.deferred: dict[int, list[tuple[int, int, int, int, int]]] = {}
         self.issued_late = 0  # entries whose deferred copies were issued (tests count them)
+        # CUDA, deferred copies launched ahead (``launch``): their stream, and per entry the event
+        # recorded after its run's copies, which the broadcast of that run waits for (``issue``).
+        self.copy_stream: Any = None
+        self.run_events: dict[int, Any] = {}
 
     def _member(self, entry: Entry) -> tuple[Any, int | None, int]:
         """(pg, the sender's rank in it or None, this rank's) for a ``shard`` entry's mesh dimension."""
@@ -242,12 +246,57 @@ class Gatherer:
             self.peer_event = torch.cuda.Event()
         self.peer_event.record(torch.cuda.current_stream(device))
 
+    def stream_for(self, device: torch.device) -> Any:
+        """The stream the sender's launched copies run on (CUDA; None on the CPU)."""
+        if device.type != "cuda":
+            return None
+        if self.copy_stream is None:
+            self.copy_stream = copy_stream(device)
+        return self.copy_stream
+
+    def launch(self, runs: list[list[int]]) -> None:
+        """The sender: the deferred copies of the entries of ``runs`` (entry indices, in the order
+        their broadcasts will be posted), all now, run by run: on CUDA on the copy stream (an
+        event after each run), so the copy engines fill the next runs while earlier ones are
+        broadcast; on the CPU here and now. :meth:`issue` then orders each broadcast after its run."""
+        for run in runs:
+            batch, done = [], []
+            for i in run:
+                copies = self.deferred.pop(i, None)
+                if copies is not None:
+                    batch += copies
+                    done.append(i)
+            if not done:
+                continue
+            device = mesh_device(self.entries[done[0]].tensor.device_mesh)
+            stream = self.stream_for(device)
+            if stream is None:
+                peer_reads.copy_batch(batch, device)
+            else:
+                with torch.cuda.stream(stream):
+                    peer_reads.copy_batch(batch, device)
+                event = torch.cuda.Event()
+                event.record(stream)
+                for i in done:
+                    self.run_events[i] = event
+            self.issued_late += len(done)
+
     def issue(self, indices: list[int] | None) -> None:
-        """The sender: the deferred copies of entries ``indices`` (None: all of them, and none
-        deferred from here on), on the current stream: a broadcast posted next waits for them."""
+        """The sender: entries ``indices`` (None: all of them, and none deferred from here on) are
+        about to be read on the current stream: it waits for their launched copies, and their
+        deferred copies are issued on it."""
         if indices is None:
             self.defer = False
             indices = list(self.deferred)
+            self.run_events.clear()
+            if self.copy_stream is not None:  # everything launched so far, whatever reads it next
+                torch.cuda.current_stream(self.copy_stream.device).wait_stream(self.copy_stream)
+        waited = set()
+        for i in indices:
+            event = self.run_events.pop(i, None)
+            if event is not None and id(event) not in waited:
+                waited.add(id(event))
+                torch.cuda.current_stream(self.copy_stream.device).wait_event(event)
         device, batch = None, []
         for i in indices:
             copies = self.deferred.pop(i, None)
@@ -266,6 +315,12 @@ class Gatherer:
         """The sender: wait (up to ``timeout_s``) until its peer copies are done, so the other
         ranks may change their shards. True when done (or there were none)."""
         self.deferred.clear()  # never issued (a failure part way): nothing of theirs to wait for
+        self.run_events.clear()
+        if self.copy_stream is not None:
+            launched = torch.cuda.Event()
+            launched.record(self.copy_stream)
+            if not peer_reads.wait_event(launched, timeout_s):
+                return False
         return self.peer_event is None or peer_reads.wait_event(self.peer_event, timeout_s)
 
     def prepare(self, g: int, into: list[Any] | None = None) -> Posted:
@@ -514,6 +569,18 @@ def peer_row(entries: list[Entry], is_sender: bool) -> torch.Tensor:
 
 
 _last_row: tuple[tuple, torch.Tensor] | None = None
+
+
+_copy_streams: dict[torch.device, Any] = {}
+
+
+def copy_stream(device: torch.device) -> Any:
+    """One stream per device for the sender's launched peer copies, made once: a stream per
+    update would be a new CUDA stream each time, never given back."""
+    stream = _copy_streams.get(device)
+    if stream is None:
+        stream = _copy_streams[device] = torch.cuda.Stream(device)
+    return stream
 
 
 _geometries: dict[tuple, tuple[list[int], list[int], int, int]] = {}

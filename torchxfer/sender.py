@@ -844,6 +844,15 @@ class Sender(SendSide):
         self.free_buffer(index, 0)
         return memo.get("views")
 
+    def posting_runs(self, index: int) -> list[list[int]] | None:
+        """With ``prefill``: the slot positions of each broadcast of bucket ``index`` of the cached
+        layout, in the order they are posted (``post_own``, then ``post_packed``); None otherwise."""
+        layout = self.state.layout
+        if not self.prefill or layout is None or not 0 <= index < len(layout.buckets):
+            return None
+        plan = layout.buckets[index]
+        return [[pos] for _, _, pos in plan.runs if pos is not None] + self.run_groups(plan)
+
     @staticmethod
     def aliased(dst: torch.Tensor, src: torch.Tensor) -> bool:
         """Whether copying ``src`` into ``dst`` would copy a tensor onto itself."""

@@ -90,7 +90,7 @@ from .gather import GatherFailed, Gatherer, Posted, local_tensor, peer_row
 from . import lockstep, peer_reads
 from .group import side_group
 from .sender import SenderState
-from .sources import Entry, NameMap, Source, groups_of, is_dtensor, plan
+from .sources import Entry, NameMap, Source, groups_of, is_dtensor, mesh_device, plan
 
 __all__ = ["send_model"]
 
@@ -238,8 +238,9 @@ def send_model(
     def started(sender: Any) -> None:
         if prefill:
             sender.prefill, schedule.sender = True, sender
-            if schedule.peer:  # the copies into each run's slots are issued just before its broadcast
+            if schedule.peer:  # each run's broadcast waits for its own slots' copies only
                 schedule.gatherer.defer, sender.ready = True, schedule.ready
+                schedule.launching = stream_ordered  # on CUDA, launched a group ahead on a copy stream
 
     try:
         stats = send_pairs(
@@ -312,6 +313,12 @@ class _Schedule:
         self.peer = False  # the sender reads every other rank's shards itself: no steps, no messages
         self.settle_s = 60.0 if timeout_s is None else timeout_s
         self.sender: Any = None  # the Sender, when this update is the cached layout (see _prefill)
+        # Peer reads on the cached layout, on CUDA: each group's copies are launched on the
+        # gatherer's copy stream as soon as the group is prepared, and the next group is
+        # prepared and launched right after (its buffer's waits on that stream too), so the
+        # copy engines run a bucket ahead of the broadcasts. ``ahead``: that next group.
+        self.launching = False
+        self.ahead: dict[int, Posted] = {}
 
     def exchange_peers(self, row: torch.Tensor) -> None:
         """Every trainer rank, together: agree whether the sender reads the other ranks' shards
@@ -361,20 +368,56 @@ class _Schedule:
             self.gatherer.issue([group[p] for p in positions])
 
     def advance(self, j: int) -> dict[int, torch.Tensor]:
-        g = self.cgroups[j]
         if self.gatherer.deferred:  # a group before it left copies unissued: they go first
             self.gatherer.issue(list(self.gatherer.deferred))
-        into = self.sender.bucket_views(g) if self.sender is not None else None
-        posted = self.gatherer.prepare(g, into)
+        posted = self.ahead.pop(j, None)
+        if posted is not None and not self.gatherer.defer:  # the pipeline stopped deferring meanwhile
+            self.gatherer.issue(None)
+        if posted is None:
+            posted = self._prepare(j)
         if self.lock is not None and not self.peer:
             self.lock.step()
         self.gatherer.post(posted)
         if self.gatherer.is_sender:
-            return self.gatherer.collect(posted, self.stream_ordered)
+            fulls = self.gatherer.collect(posted, self.stream_ordered)
+            if self.launching and self.gatherer.defer and j + 1 < len(self.cgroups):
+                ahead = self._prepare(j + 1, ahead=True)
+                if ahead is not None:
+                    self.ahead[j + 1] = ahead
+            return fulls
         if self.behind is not None:
             self.gatherer.collect(self.behind, False)
         self.behind = posted
         return {}
+
+    def _prepare(self, j: int, ahead: bool = False) -> Posted | None:
+        """Group ``j``'s local work (:meth:`torchxfer.gather.Gatherer.prepare`); launching, with every
+        tensor gathered into the send buffer, all of it on the copy stream, run by run in the
+        sender's posting order. ``ahead``: only then (else None)."""
+        g = self.cgroups[j]
+        if self.sender is None:
+            return self.gatherer.prepare(g, None)
+        stream = None
+        if self.launching and self.gatherer.defer:
+            shard = self.gatherer.entries[self.gatherer.shards[0]]
+            stream = self.gatherer.stream_for(mesh_device(shard.tensor.device_mesh))
+        if stream is None:
+            return self.gatherer.prepare(g, self.sender.bucket_views(g))
+        with torch.cuda.stream(stream):
+            into = self.sender.bucket_views(g)  # the buffer's earlier broadcasts: waited for on that stream
+            free = torch.cuda.Event()
+            free.record(stream)
+        # The current stream too (the sender packs the group's plain tensors there), from this point
+        # on only: the broadcasts of the bucket before, posted later, need not wait for this one.
+        torch.cuda.current_stream(stream.device).wait_event(free)
+        runs = self.sender.posting_runs(g) if into is not None else None
+        if runs is None or any(v is None for v in into):  # tensors of its own to allocate: as usual
+            return None if ahead else self.gatherer.prepare(g, into)
+        with torch.cuda.stream(stream):
+            posted = self.gatherer.prepare(g, into)
+            group = self.groups[g]
+            self.gatherer.launch([[group[p] for p in run] for run in runs])
+        return posted
 
     def run_peer(self) -> None:
         """A trainer rank that does not send: every group's gathers, in the sender's order."""
