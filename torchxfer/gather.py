@@ -542,21 +542,22 @@ def peer_row(entries: list[Entry], is_sender: bool) -> torch.Tensor:
     if vote and not is_sender:
         try:
             tensors, devices = {}, {}
-            for k, i in enumerate(shards):
-                dtensor = entries[i].tensor
-                with torch.no_grad():  # to_local() with autograd on makes a graph node per tensor
+            with torch.no_grad():  # to_local() with autograd on makes a graph node per tensor
+                for k, i in enumerate(shards):
+                    entry = entries[i]
+                    dtensor = entry.tensor
                     local = dtensor.to_local()
-                mesh = dtensor.device_mesh
-                device = devices.get(id(mesh))
-                if device is None:
-                    device = devices[id(mesh)] = mesh_device(mesh)
-                # A cast would have to be staged on rank 0 in the stored dtype, beyond the memory
-                # bound of two buckets; casting here would run kernels on this GPU.
-                if local.device != device or not local.is_contiguous() or local.dtype != entries[i].dtype:
-                    raise peer_reads.PeerReadsUnavailable(f"{entries[i].source_name!r}: a shard off its GPU, "
-                                                          "not contiguous, or cast on the way")  # fmt: skip
-                if local.numel():
-                    tensors[k] = local
+                    mesh = dtensor.device_mesh
+                    device = devices.get(id(mesh))
+                    if device is None:
+                        device = devices[id(mesh)] = mesh_device(mesh)
+                    # A cast would have to be staged on rank 0 in the stored dtype, beyond the memory
+                    # bound of two buckets; casting here would run kernels on this GPU.
+                    if local.device != device or not local.is_contiguous() or local.dtype != entry.dtype:
+                        raise peer_reads.PeerReadsUnavailable(f"{entry.source_name!r}: a shard off its GPU, "
+                                                              "not contiguous, or cast on the way")  # fmt: skip
+                    if local.numel():
+                        tensors[k] = local
             pieces, segments = peer_reads.export(tensors)
         except Exception as e:
             log.debug("peer reads: trainer rank %d votes no: %s: %s", dist.get_rank(), type(e).__name__, e)

@@ -141,10 +141,11 @@ def _classify(name: str, tensor: torch.Tensor) -> tuple[str, ShardInfo | None, s
     """:func:`_how` of a tensor the wire can carry, and its placement text (``Entry.placement``);
     ValueError naming what it cannot. Local (no collective)."""
     local = tensor.to_local() if is_dtensor(tensor) else tensor
-    meta = (type(tensor), tensor.dtype, tuple(tensor.shape), type(local), local.dtype, tuple(local.shape),
+    # torch.Size and the placements tuple as they are: both compare as tuples
+    meta = (type(tensor), tensor.dtype, tensor.shape, type(local), local.dtype, local.shape,
             local.layout, local.device, local.is_quantized)  # fmt: skip
     if local is not tensor:
-        meta += (tuple(tensor.placements), id(tensor.device_mesh))
+        meta += (tensor.placements, id(tensor.device_mesh))
     key = id(tensor)
     known = _classified.get(key)
     if known is not None and known[0]() is tensor and known[1] == meta:
