@@ -308,6 +308,7 @@ class Sender(SendSide):
         # slots of the bucket's buffer, called just before the broadcast that reads them, so each
         # broadcast waits only for its own copies; ``ready(None, None)``: every copy now, none deferred.
         self.ready: Callable[[int | None, list[int] | None], None] | None = None
+        self.posted: Callable[[], None] | None = None  # ... and told after each of those broadcasts is posted
         self.num_tensors_hint = num_tensors
         self.update_id = self.state.next_update_id if version is None else version
         self.state.next_update_id = self.update_id + 1
@@ -681,6 +682,8 @@ class Sender(SendSide):
             if self.ready is not None:
                 self.ready(plan.index, [pos])
             self.post(buf[start:end] if src is None else src, plan.index, from_buffer=src is None)
+            if self.posted is not None and self.ready is not None:
+                self.posted()
         self.deferred = {}
 
     def packed_buffer(self, plan: BucketPlan, memo: dict) -> torch.Tensor | None:
@@ -828,11 +831,12 @@ class Sender(SendSide):
             self.in_hand_bytes = tensor_bytes(self.in_hand)
         return self.in_hand_bytes
 
-    def bucket_views(self, index: int) -> list[Any] | None:
+    def bucket_views(self, index: int, also: Any = None) -> list[Any] | None:
         """With ``prefill``: per slot of bucket ``index`` of the cached layout, the typed view of
         its buffer that the slot's tensor is packed into, the buffer freed of older sends
-        first (ordered on CUDA, waited for otherwise): whatever is written there before the
-        bucket is packed goes out as it is. None when the buffer is not that bucket's yet."""
+        first (ordered on CUDA, on the current stream and on stream ``also`` if given; waited
+        for otherwise): whatever is written there before the bucket is packed goes out as it
+        is. None when the buffer is not that bucket's yet."""
         layout = self.state.layout
         if not self.prefill or layout is None or not 0 <= index < len(layout.buckets) or self.device is None \
                 or self.state.buffer_key != (self.device, self.buffer_size):  # fmt: skip
@@ -841,7 +845,7 @@ class Sender(SendSide):
         memo = layout.buckets[index].cache.get("sender", {})
         if b >= len(self.state.buffers) or memo.get("views_of") != self.state.buffers[b].data_ptr():
             return None
-        self.free_buffer(index, 0)
+        self.free_buffer(index, 0, also)
         return memo.get("views")
 
     def posting_runs(self, index: int) -> list[list[int]] | None:
@@ -868,11 +872,15 @@ class Sender(SendSide):
             with torch.no_grad():
                 torch._foreach_copy_(dst, src)
 
-    def free_buffer(self, bucket: int, nbytes: int) -> torch.Tensor:
-        """Buffer ``bucket % num_buffers``, once the sends that read it are done (ordered, not waited on CUDA)."""
+    def free_buffer(self, bucket: int, nbytes: int, also: Any = None) -> torch.Tensor:
+        """Buffer ``bucket % num_buffers``, once the sends that read it are done (ordered, not waited
+        on CUDA: on the current stream, and on stream ``also`` if given)."""
         b = bucket % self.num_buffers
         for work in self.buffer_works[b]:
             self.after(work)
+            if also is not None and self.stream_ordered:
+                with torch.cuda.stream(also):
+                    work.wait()
         self.buffer_works[b] = []
         return self.state.buffer(self.device, self.buffer_size, self.num_buffers, b, nbytes, keep=0)
 
@@ -919,6 +927,8 @@ class Sender(SendSide):
             if self.ready is not None:
                 self.ready(plan.index, groups[i])
             self.post(buf[start:end], plan.index, from_buffer=True)
+            if self.posted is not None and self.ready is not None:
+                self.posted()
 
     def unready(self) -> None:
         """Every copy that ``ready`` would issue, now, and none deferred from here on."""

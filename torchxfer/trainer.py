@@ -70,6 +70,7 @@ Why this cannot deadlock, and what happens on failure:
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -240,7 +241,8 @@ def send_model(
             sender.prefill, schedule.sender = True, sender
             if schedule.peer:  # each run's broadcast waits for its own slots' copies only
                 schedule.gatherer.defer, sender.ready = True, schedule.ready
-                schedule.launching = stream_ordered  # on CUDA, launched a group ahead on a copy stream
+                if stream_ordered:  # CUDA: launched a run ahead on a copy stream
+                    schedule.launching, sender.posted = True, schedule.posted
 
     try:
         stats = send_pairs(
@@ -313,12 +315,16 @@ class _Schedule:
         self.peer = False  # the sender reads every other rank's shards itself: no steps, no messages
         self.settle_s = 60.0 if timeout_s is None else timeout_s
         self.sender: Any = None  # the Sender, when this update is the cached layout (see _prefill)
-        # Peer reads on the cached layout, on CUDA: each group's copies are launched on the
-        # gatherer's copy stream as soon as the group is prepared, and the next group is
-        # prepared and launched right after (its buffer's waits on that stream too), so the
-        # copy engines run a bucket ahead of the broadcasts. ``ahead``: that next group.
+        # Peer reads on the cached layout, on CUDA: the copies run on the gatherer's copy stream,
+        # a run ahead of the broadcasts. ``queue``: the runs (entry indices, in posting order) of
+        # the groups prepared, not yet launched; the one in hand is launched before its broadcast
+        # (``ready``), the next one right after that broadcast is posted (``posted``), and when a
+        # bucket is all posted the next group is prepared ahead (``ahead``) and its first run
+        # launched, so the copy engines fill the next bucket while this one is broadcast.
         self.launching = False
+        self.queue: collections.deque[list[int]] = collections.deque()
         self.ahead: dict[int, Posted] = {}
+        self.current = -1  # the collective group the sender's pipeline pulled last
 
     def exchange_peers(self, row: torch.Tensor) -> None:
         """Every trainer rank, together: agree whether the sender reads the other ranks' shards
@@ -360,40 +366,53 @@ class _Schedule:
     def ready(self, bucket: int | None, positions: list[int] | None) -> None:
         """The sender's pipeline, under peer reads with its buffers prefilled (one group per
         bucket, one entry per slot): the slots at ``positions`` of ``bucket`` are about to be
-        broadcast, so their copies are issued now (``Sender.ready``)."""
+        broadcast, so the current stream waits for their copies (launched now if not yet;
+        issued on it if they belong to no run). ``bucket`` None: every copy, now."""
         if bucket is None or positions is None:
+            while self.queue:
+                self.gatherer.launch([self.queue.popleft()])
             self.gatherer.issue(None)
-        else:
-            group = self.groups[bucket]
-            self.gatherer.issue([group[p] for p in positions])
+            return
+        group = self.groups[bucket]
+        indices = [group[p] for p in positions]
+        while self.queue and any(i in self.gatherer.deferred for i in indices):
+            self.gatherer.launch([self.queue.popleft()])
+        self.gatherer.issue(indices)
+
+    def posted(self) -> None:
+        """The sender's pipeline just posted a broadcast: launch the next run's copies, or, when
+        the bucket's runs are all launched, prepare the next group and launch its first run."""
+        if not self.queue and self.launching and self.gatherer.defer:
+            j = self.current + 1
+            if j < len(self.cgroups) and j not in self.ahead:
+                ahead = self._prepare(j, ahead=True)
+                if ahead is not None:
+                    self.ahead[j] = ahead
+        if self.queue:
+            self.gatherer.launch([self.queue.popleft()])
 
     def advance(self, j: int) -> dict[int, torch.Tensor]:
-        if self.gatherer.deferred:  # a group before it left copies unissued: they go first
-            self.gatherer.issue(list(self.gatherer.deferred))
+        self.current = j
         posted = self.ahead.pop(j, None)
-        if posted is not None and not self.gatherer.defer:  # the pipeline stopped deferring meanwhile
-            self.gatherer.issue(None)
+        left = posted is None and (self.gatherer.deferred or self.queue)  # copies of a group before
+        if left or (posted is not None and not self.gatherer.defer):  # or the pipeline stopped deferring
+            self.ready(None, None)
         if posted is None:
             posted = self._prepare(j)
         if self.lock is not None and not self.peer:
             self.lock.step()
         self.gatherer.post(posted)
         if self.gatherer.is_sender:
-            fulls = self.gatherer.collect(posted, self.stream_ordered)
-            if self.launching and self.gatherer.defer and j + 1 < len(self.cgroups):
-                ahead = self._prepare(j + 1, ahead=True)
-                if ahead is not None:
-                    self.ahead[j + 1] = ahead
-            return fulls
+            return self.gatherer.collect(posted, self.stream_ordered)
         if self.behind is not None:
             self.gatherer.collect(self.behind, False)
         self.behind = posted
         return {}
 
     def _prepare(self, j: int, ahead: bool = False) -> Posted | None:
-        """Group ``j``'s local work (:meth:`torchxfer.gather.Gatherer.prepare`); launching, with every
-        tensor gathered into the send buffer, all of it on the copy stream, run by run in the
-        sender's posting order. ``ahead``: only then (else None)."""
+        """Group ``j``'s local work (:meth:`torchxfer.gather.Gatherer.prepare`). Launching, with every
+        tensor gathered into the send buffer: on the copy stream, and its runs queued (see
+        ``queue``). ``ahead``: only then (else None)."""
         g = self.cgroups[j]
         if self.sender is None:
             return self.gatherer.prepare(g, None)
@@ -403,20 +422,17 @@ class _Schedule:
             stream = self.gatherer.stream_for(mesh_device(shard.tensor.device_mesh))
         if stream is None:
             return self.gatherer.prepare(g, self.sender.bucket_views(g))
-        with torch.cuda.stream(stream):
-            into = self.sender.bucket_views(g)  # the buffer's earlier broadcasts: waited for on that stream
-            free = torch.cuda.Event()
-            free.record(stream)
-        # The current stream too (the sender packs the group's plain tensors there), from this point
-        # on only: the broadcasts of the bucket before, posted later, need not wait for this one.
-        torch.cuda.current_stream(stream.device).wait_event(free)
+        # The buffer's earlier broadcasts are waited for on both streams: the copy stream fills it,
+        # the current one packs the group's plain tensors into it. (An event of the copy stream
+        # would make the current one wait for the copies launched before it, too.)
+        into = self.sender.bucket_views(g, also=stream)
         runs = self.sender.posting_runs(g) if into is not None else None
         if runs is None or any(v is None for v in into):  # tensors of its own to allocate: as usual
             return None if ahead else self.gatherer.prepare(g, into)
         with torch.cuda.stream(stream):
             posted = self.gatherer.prepare(g, into)
-            group = self.groups[g]
-            self.gatherer.launch([[group[p] for p in run] for run in runs])
+        group = self.groups[g]
+        self.queue.extend([group[p] for p in run] for run in runs)
         return posted
 
     def run_peer(self) -> None:
