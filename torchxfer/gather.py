@@ -31,7 +31,10 @@ ranks post nothing. Each describes where its shards lie (:meth:`Gatherer.peer_ro
 the sender maps them (:meth:`Gatherer.use_peers`) and, in ``prepare``, copies
 its own shards and every other rank's pieces into place on its stream (an
 update that casts a shard gathers with collectives); ``post`` and
-``collect`` then have nothing to wait for.
+``collect`` then have nothing to wait for. A tensor gathered straight into
+the send buffer (``prepare``'s ``into``) may have its copies deferred
+(``defer``): :meth:`Gatherer.launch` runs them, on the copy stream on CUDA,
+and :meth:`Gatherer.issue` orders a broadcast of them after them.
 
 ``full`` entries are gathered with ``full_tensor()`` on every rank when the
 group is posted. Memory on the sender per group: the group's full tensors,

@@ -19,11 +19,16 @@ tensor is a CUDA shard (FSDP2 on one node), the ranks agree once per update,
 in one all_gather after the plan check (skipped when every rank's row is the
 one rank 0 last agreed on and mapped: the plan check carries their digests),
 that rank 0 reads the others' shards itself (:mod:`torchxfer.peer_reads`): it maps their memory and copies each
-piece into place with copy engines on its own stream, so the other ranks run
-no kernel during the send (a worker sharing a GPU with one of them has it to
-itself) and take no lockstep step; they wait in one status all_reduce for
-rank 0's outcome. If rank 0 cannot map their memory, it says so in that
-all_reduce and every rank gathers with collectives as below.
+piece into place with copy engines, so the other ranks run no kernel during
+the send (a worker sharing a GPU with one of them has it to itself) and take
+no lockstep step; they wait in one status all_reduce for rank 0's outcome,
+which rank 0 posts without waiting for it to complete (its next call waits
+for it first). If rank 0 cannot map their memory, it says so in that
+all_reduce and every rank gathers with collectives as below. On the cached
+layout (the steady state) rank 0 copies straight into its send buffers, on
+a copy stream, one broadcast's worth (a run) ahead: each broadcast waits for
+the copies of its own run only, and while a bucket is broadcast the next
+one is filled. A batch of copies seen before is one CUDA graph launch.
 
 **Memory.** Rank 0's extra memory is the transfer buffers
 (``packed_num_buffers x packed_buffer_size_bytes``) plus about two buckets of
