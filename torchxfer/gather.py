@@ -101,6 +101,10 @@ class Posted:
     fulls: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
+_Copy = tuple[int, int, int, int, int]
+"""(dst, src, width, rows, pitch): see :func:`torchxfer.peer_reads.copy_bytes`."""
+
+
 def one_by_one(pg: Any) -> bool:
     """Whether ``pg``'s point-to-point messages are posted one by one, tagged (Gloo), rather
     than as one batch (NCCL)."""
@@ -139,15 +143,18 @@ class Gatherer:
         self.peers: dict[tuple[int, int], int] | None = None
         self.peer_reads = 0  # pieces the sender copied from other ranks' memory (tests count them)
         self.peer_event: Any = None  # recorded after the sender's last peer copies
-        # The sender, when its send buffer's views are filled run by run (``issue``): the copies
-        # of each prefilled entry, deferred until the broadcast that reads them is posted.
+        # The sender, when its send buffer's views are filled run by run (``launch``, ``issue``):
+        # the copies of each prefilled entry (its own shard's, the other ranks' pieces), deferred.
         self.defer = False
-        self.deferred: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        self.deferred: dict[int, tuple[list[_Copy], list[_Copy]]] = {}
         self.issued_late = 0  # entries whose deferred copies were issued (tests count them)
-        # CUDA, deferred copies launched ahead (``launch``): their stream, and per entry the event
-        # recorded after its run's copies, which the broadcast of that run waits for (``issue``).
+        # CUDA, deferred copies launched ahead (``launch``): on two streams, the pulls from other
+        # GPUs and the copies of this rank's own shards (then on another copy engine, beside the
+        # pulls rather than after them); per entry the events recorded after its run's copies,
+        # which the broadcast of that run waits for (``issue``).
         self.copy_stream: Any = None
-        self.run_events: dict[int, Any] = {}
+        self.local_stream: Any = None
+        self.run_events: dict[int, tuple[Any, Any]] = {}
 
     def _member(self, entry: Entry) -> tuple[Any, int | None, int]:
         """(pg, the sender's rank in it or None, this rank's) for a ``shard`` entry's mesh dimension."""
@@ -223,10 +230,10 @@ class Gatherer:
             starts, widths, rows, pitch = _geometry(entry)
             at = full.data_ptr()
             local = entry.tensor.to_local()
-            copies = []
+            own, copies = [], []
             if cuda and local.dtype == entry.dtype and local.device == device and local.is_contiguous() \
                     and local.numel() * local.element_size() == widths[op.me] * rows:  # fmt: skip
-                copies.append((at + starts[op.me], local.data_ptr(), widths[op.me], rows, pitch))
+                own.append((at + starts[op.me], local.data_ptr(), widths[op.me], rows, pitch))
             else:
                 dst.append(self._place(full, entry, op.me))
                 src.append(self._local(entry, op.me, device))  # ValueError for a shard of another shape
@@ -236,9 +243,9 @@ class Gatherer:
                     copies.append((at + starts[q], ptr, width, rows, pitch))
                     self.peer_reads += 1
             if prefilled and self.defer:  # a view of the send buffer: filled just before its broadcast
-                self.deferred[i] = copies
+                self.deferred[i] = (own, copies)
             else:
-                now += copies
+                now += own + copies
         peer_reads.copy_batch(now, device)
         self._copy(dst, src)
         if cuda and (now or dst):
@@ -254,7 +261,7 @@ class Gatherer:
         if device.type != "cuda":
             return None
         if self.copy_stream is None:
-            self.copy_stream = copy_stream(device)
+            self.copy_stream, self.local_stream = copy_stream(device, 0), copy_stream(device, 1)
         return self.copy_stream
 
     def launch(self, runs: list[list[int]]) -> None:
@@ -263,25 +270,34 @@ class Gatherer:
         event after each run), so the copy engines fill the next runs while earlier ones are
         broadcast; on the CPU here and now. :meth:`issue` then orders each broadcast after its run."""
         for run in runs:
-            batch, done = [], []
+            own, pulls, done = [], [], []
             for i in run:
                 copies = self.deferred.pop(i, None)
                 if copies is not None:
-                    batch += copies
+                    own += copies[0]
+                    pulls += copies[1]
                     done.append(i)
             if not done:
                 continue
             device = mesh_device(self.entries[done[0]].tensor.device_mesh)
             stream = self.stream_for(device)
             if stream is None:
-                peer_reads.copy_batch(batch, device)
+                peer_reads.copy_batch(own + pulls, device)
             else:
+                # The local stream starts where the copy stream stands (the buffer's waits, the
+                # runs before), then both run this run's copies side by side.
+                start = torch.cuda.Event()
+                start.record(stream)
+                self.local_stream.wait_event(start)
                 with torch.cuda.stream(stream):
-                    peer_reads.copy_batch(batch, device)
-                event = torch.cuda.Event()
-                event.record(stream)
+                    peer_reads.copy_batch(pulls, device)
+                with torch.cuda.stream(self.local_stream):
+                    peer_reads.copy_batch(own, device)
+                events = (torch.cuda.Event(), torch.cuda.Event())
+                events[0].record(stream)
+                events[1].record(self.local_stream)
                 for i in done:
-                    self.run_events[i] = event
+                    self.run_events[i] = events
             self.issued_late += len(done)
 
     def issue(self, indices: list[int] | None) -> None:
@@ -293,21 +309,25 @@ class Gatherer:
             indices = list(self.deferred)
             self.run_events.clear()
             if self.copy_stream is not None:  # everything launched so far, whatever reads it next
-                torch.cuda.current_stream(self.copy_stream.device).wait_stream(self.copy_stream)
+                current = torch.cuda.current_stream(self.copy_stream.device)
+                current.wait_stream(self.copy_stream)
+                current.wait_stream(self.local_stream)
         waited = set()
         for i in indices:
-            event = self.run_events.pop(i, None)
-            if event is not None and id(event) not in waited:
-                waited.add(id(event))
-                torch.cuda.current_stream(self.copy_stream.device).wait_event(event)
+            events = self.run_events.pop(i, None)
+            if events is not None and id(events) not in waited:
+                waited.add(id(events))
+                current = torch.cuda.current_stream(self.copy_stream.device)
+                current.wait_event(events[0])
+                current.wait_event(events[1])
         device, batch = None, []
         for i in indices:
             copies = self.deferred.pop(i, None)
-            if not copies:
+            if copies is None:
                 continue
             if device is None:
                 device = mesh_device(self.entries[i].tensor.device_mesh)
-            batch += copies
+            batch += copies[0] + copies[1]
             self.issued_late += 1
         if device is not None:
             peer_reads.copy_batch(batch, device)
@@ -319,11 +339,12 @@ class Gatherer:
         ranks may change their shards. True when done (or there were none)."""
         self.deferred.clear()  # never issued (a failure part way): nothing of theirs to wait for
         self.run_events.clear()
-        if self.copy_stream is not None:
-            launched = torch.cuda.Event()
-            launched.record(self.copy_stream)
-            if not peer_reads.wait_event(launched, timeout_s):
-                return False
+        for stream in (self.copy_stream, self.local_stream):
+            if stream is not None:
+                launched = torch.cuda.Event()
+                launched.record(stream)
+                if not peer_reads.wait_event(launched, timeout_s):
+                    return False
         return self.peer_event is None or peer_reads.wait_event(self.peer_event, timeout_s)
 
     def prepare(self, g: int, into: list[Any] | None = None) -> Posted:
@@ -575,15 +596,15 @@ def peer_row(entries: list[Entry], is_sender: bool) -> torch.Tensor:
 _last_row: tuple[tuple, torch.Tensor] | None = None
 
 
-_copy_streams: dict[torch.device, Any] = {}
+_copy_streams: dict[tuple[torch.device, int], Any] = {}
 
 
-def copy_stream(device: torch.device) -> Any:
-    """One stream per device for the sender's launched peer copies, made once: a stream per
+def copy_stream(device: torch.device, k: int) -> Any:
+    """Stream ``k`` of a device for the sender's launched copies, made once: a stream per
     update would be a new CUDA stream each time, never given back."""
-    stream = _copy_streams.get(device)
+    stream = _copy_streams.get((device, k))
     if stream is None:
-        stream = _copy_streams[device] = torch.cuda.Stream(device)
+        stream = _copy_streams[(device, k)] = torch.cuda.Stream(device)
     return stream
 
 
