@@ -53,6 +53,7 @@ import torch.distributed as dist
 from . import peer_reads
 from .config import wait_timeout
 from .errors import TransferError
+from .group import local_shard
 from .packing import align_up
 from .sources import Entry, is_dtensor, materialize, mesh_device
 
@@ -229,7 +230,7 @@ class Gatherer:
                 full = fulls[i] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
             starts, widths, rows, pitch = _geometry(entry)
             at = full.data_ptr()
-            local = entry.tensor.to_local()
+            local = local_shard(entry.tensor)
             own, copies = [], []
             if cuda and local.dtype == entry.dtype and local.device == device and local.is_contiguous() \
                     and local.numel() * local.element_size() == widths[op.me] * rows:  # fmt: skip
@@ -566,11 +567,11 @@ def peer_row(entries: list[Entry], is_sender: bool) -> torch.Tensor:
     if vote and not is_sender:
         try:
             tensors, devices = {}, {}
-            with torch.no_grad():  # to_local() with autograd on makes a graph node per tensor
+            with torch.no_grad():
                 for k, i in enumerate(shards):
                     entry = entries[i]
                     dtensor = entry.tensor
-                    local = dtensor.to_local()
+                    local = local_shard(dtensor)
                     mesh = dtensor.device_mesh
                     device = devices.get(id(mesh))
                     if device is None:

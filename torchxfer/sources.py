@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_PACKED_BUFFER_SIZE_BYTES, DEFAULT_PACKED_NUM_BUFFERS, NCCLWeightTransferUpdateInfo
+from .group import local_shard
 from .packing import Planner, TensorSpec, dtype_name, parse_dtype
 
 __all__ = ["NameMap", "Source", "Entry", "ShardInfo", "plan", "gather_groups", "iter_named_tensors",
@@ -140,7 +141,7 @@ mesh, local shape ...) is unchanged is not checked again."""
 def _classify(name: str, tensor: torch.Tensor) -> tuple[str, ShardInfo | None, str]:
     """:func:`_how` of a tensor the wire can carry, and its placement text (``Entry.placement``);
     ValueError naming what it cannot. Local (no collective)."""
-    local = tensor.to_local() if is_dtensor(tensor) else tensor
+    local = local_shard(tensor) if is_dtensor(tensor) else tensor
     # torch.Size and the placements tuple as they are: both compare as tuples
     meta = (type(tensor), tensor.dtype, tensor.shape, type(local), local.dtype, local.shape,
             local.layout, local.device, local.is_quantized)  # fmt: skip
