@@ -204,7 +204,7 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
         want = {n: digest(t.to(dtype) if dtype is not None and t.is_floating_point() else t) for n, t in full.items()}
         out.append({"result": result, "copies": state["copies"], "peer_reads": g.peer_reads, "exchanges": len(exchanges),
                     "posted": g.posted_groups, "warnings": list(warnings), "want": want,
-                    "prefilled": g.prefilled, "late": g.issued_late})  # fmt: skip
+                    "prefilled": g.prefilled, "late": g.issued_late, "launched": g.launched})  # fmt: skip
     t = torch.ones(1)
     dist.all_reduce(t)
     out.append(t.item())
@@ -267,8 +267,8 @@ def test_the_protocol_around_peer_reads_on_cpu_bit_exact_with_failure_fallback_a
         assert t0[u]["copies"] == t0[u]["peer_reads"] == shards and t0[u]["posted"] > 0, t0[u]
         assert t1[u]["copies"] == 0 and t1[u]["posted"] == 0, t1[u]
         assert not t0[u]["warnings"]
-    # The cached layout: every shard gathered into the send buffer, its copies issued run by run.
-    assert t0[6]["prefilled"] == t0[6]["late"] == shards and t0[5]["late"] == 0, (t0[5], t0[6])
+    # The cached layout: every shard gathered into the send buffer, its copies launched run by run.
+    assert t0[6]["prefilled"] == t0[6]["late"] == t0[6]["launched"] == shards and t0[5]["late"] == 0, (t0[5], t0[6])
     # A worker's failure under peer reads: TransferError on every rank, rank 1 with the sender's message.
     assert "refuses update 2" in worker[2], worker[2]
     assert t0[2]["result"].startswith("TransferError") and "refuses update 2" in t0[2]["result"], t0[2]

@@ -149,6 +149,7 @@ class Gatherer:
         self.defer = False
         self.deferred: dict[int, tuple[list[_Copy], list[_Copy]]] = {}
         self.issued_late = 0  # entries whose deferred copies were issued (tests count them)
+        self.launched = 0  # ... of them, by launch (tests count them)
         # CUDA, deferred copies launched ahead (``launch``): on two streams, the pulls from other
         # GPUs and the copies of this rank's own shards (then on another copy engine, beside the
         # pulls rather than after them); per entry the events recorded after its run's copies,
@@ -300,6 +301,7 @@ class Gatherer:
                 for i in done:
                     self.run_events[i] = events
             self.issued_late += len(done)
+            self.launched += len(done)
 
     def issue(self, indices: list[int] | None) -> None:
         """The sender: entries ``indices`` (None: all of them, and none deferred from here on) are

@@ -308,7 +308,9 @@ class Sender(SendSide):
         # slots of the bucket's buffer, called just before the broadcast that reads them, so each
         # broadcast waits only for its own copies; ``ready(None, None)``: every copy now, none deferred.
         self.ready: Callable[[int | None, list[int] | None], None] | None = None
-        self.posted: Callable[[], None] | None = None  # ... and told after each of those broadcasts is posted
+        # ... and told after each of those broadcasts is posted (False), and once more when the
+        # bucket is all posted and announced (True).
+        self.posted: Callable[[bool], None] | None = None
         self.num_tensors_hint = num_tensors
         self.update_id = self.state.next_update_id if version is None else version
         self.state.next_update_id = self.update_id + 1
@@ -479,6 +481,8 @@ class Sender(SendSide):
                 self.post_packed(plan)
             if ahead:
                 self.post_begin(int(last), checksum)
+            if self.posted is not None and self.ready is not None:
+                self.posted(True)
             self.layout.append(plan)
         self.post_begin()
         if item is _LATER:
@@ -683,7 +687,7 @@ class Sender(SendSide):
                 self.ready(plan.index, [pos])
             self.post(buf[start:end] if src is None else src, plan.index, from_buffer=src is None)
             if self.posted is not None and self.ready is not None:
-                self.posted()
+                self.posted(False)
         self.deferred = {}
 
     def packed_buffer(self, plan: BucketPlan, memo: dict) -> torch.Tensor | None:
@@ -928,7 +932,7 @@ class Sender(SendSide):
                 self.ready(plan.index, groups[i])
             self.post(buf[start:end], plan.index, from_buffer=True)
             if self.posted is not None and self.ready is not None:
-                self.posted()
+                self.posted(False)
 
     def unready(self) -> None:
         """Every copy that ``ready`` would issue, now, and none deferred from here on."""

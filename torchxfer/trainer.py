@@ -76,6 +76,7 @@ Why this cannot deadlock, and what happens on failure:
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -246,8 +247,7 @@ def send_model(
             sender.prefill, schedule.sender = True, sender
             if schedule.peer:  # each run's broadcast waits for its own slots' copies only
                 schedule.gatherer.defer, sender.ready = True, schedule.ready
-                if stream_ordered:  # CUDA: launched a run ahead on a copy stream
-                    schedule.launching, sender.posted = True, schedule.posted
+                schedule.launching, sender.posted = True, schedule.posted  # a run ahead
 
     try:
         stats = send_pairs(
@@ -384,10 +384,12 @@ class _Schedule:
             self.gatherer.launch([self.queue.popleft()])
         self.gatherer.issue(indices)
 
-    def posted(self) -> None:
-        """The sender's pipeline just posted a broadcast: launch the next run's copies, or, when
-        the bucket's runs are all launched, prepare the next group and launch its first run."""
-        if not self.queue and self.launching and self.gatherer.defer:
+    def posted(self, bucket_done: bool) -> None:
+        """The sender's pipeline just posted a broadcast: launch the next run's copies. When the
+        bucket is all posted (``bucket_done``, after the row that tells the workers what
+        follows: the next group's preparation would delay it), prepare the next group ahead
+        and launch its first run."""
+        if bucket_done and not self.queue and self.launching and self.gatherer.defer:
             j = self.current + 1
             if j < len(self.cgroups) and j not in self.ahead:
                 ahead = self._prepare(j, ahead=True)
@@ -421,20 +423,19 @@ class _Schedule:
         g = self.cgroups[j]
         if self.sender is None:
             return self.gatherer.prepare(g, None)
-        stream = None
-        if self.launching and self.gatherer.defer:
+        launching = self.launching and self.gatherer.defer
+        stream = None  # on the CPU copies are done when launched, and waits are waits
+        if launching:
             shard = self.gatherer.entries[self.gatherer.shards[0]]
             stream = self.gatherer.stream_for(mesh_device(shard.tensor.device_mesh))
-        if stream is None:
-            return self.gatherer.prepare(g, self.sender.bucket_views(g))
         # The buffer's earlier broadcasts are waited for on both streams: the copy stream fills it,
         # the current one packs the group's plain tensors into it. (An event of the copy stream
         # would make the current one wait for the copies launched before it, too.)
         into = self.sender.bucket_views(g, also=stream)
-        runs = self.sender.posting_runs(g) if into is not None else None
+        runs = self.sender.posting_runs(g) if into is not None and launching else None
         if runs is None or any(v is None for v in into):  # tensors of its own to allocate: as usual
             return None if ahead else self.gatherer.prepare(g, into)
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             posted = self.gatherer.prepare(g, into)
         group = self.groups[g]
         self.queue.extend([group[p] for p in run] for run in runs)
