@@ -320,8 +320,9 @@ class _Schedule:
         self.peer = False  # the sender reads every other rank's shards itself: no steps, no messages
         self.settle_s = 60.0 if timeout_s is None else timeout_s
         self.sender: Any = None  # the Sender, when this update is the cached layout (see _prefill)
-        # Peer reads on the cached layout, on CUDA: the copies run on the gatherer's copy stream,
-        # a run ahead of the broadcasts. ``queue``: the runs (entry indices, in posting order) of
+        # Peer reads on the cached layout: the copies run a run ahead of the broadcasts (on CUDA on
+        # the gatherer's copy streams; on the CPU they are done when launched). ``queue``: the
+        # runs (entry indices, in posting order) of
         # the groups prepared, not yet launched; the one in hand is launched before its broadcast
         # (``ready``), the next one right after that broadcast is posted (``posted``), and when a
         # bucket is all posted the next group is prepared ahead (``ahead``) and its first run
