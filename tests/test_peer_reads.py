@@ -142,7 +142,7 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from torchxfer import NCCLWeightTransferEngine, TransferError, destroy_side_group, send_model
+    from torchxfer import NCCLWeightTransferEngine, TransferError, send_model
     from torchxfer.sources import plan
 
     dist.init_process_group("gloo", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank, world_size=2,
@@ -205,7 +205,16 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
         out.append({"result": result, "copies": state["copies"], "peer_reads": g.peer_reads, "exchanges": len(exchanges),
                     "posted": g.posted_groups, "warnings": list(warnings), "want": want,
                     "prefilled": g.prefilled, "late": g.issued_late, "launched": g.launched})  # fmt: skip
-    t = torch.ones(1)
+    return _close(out, group, "cpu")
+
+
+def _close(out: list, group: object, device: str) -> list:
+    """A trainer rank's last step: its own group still works (2.0 appended), then shut down."""
+    import torch.distributed as dist
+
+    from torchxfer import destroy_side_group
+
+    t = torch.ones(1, device=device)
     dist.all_reduce(t)
     out.append(t.item())
     if group is not None:
@@ -303,7 +312,7 @@ def _cuda_trainer(rank: int, side_port: int, trainer_port: int, lockstep: str) -
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from torchxfer import NCCLWeightTransferEngine, TransferError, destroy_side_group, send_model
+    from torchxfer import NCCLWeightTransferEngine, TransferError, send_model
 
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank, world_size=2,
@@ -353,13 +362,7 @@ def _cuda_trainer(rank: int, side_port: int, trainer_port: int, lockstep: str) -
         opt.zero_grad()
         dtype = torch.bfloat16 if step == 4 else None
         send(net, dtype, {n: digest(p.full_tensor().to(dtype or p.dtype)) for n, p in net.state_dict().items()})
-    t = torch.ones(1, device="cuda")
-    dist.all_reduce(t)
-    out.append(t.item())
-    if group is not None:
-        destroy_side_group(group)
-    dist.destroy_process_group()
-    return out
+    return _close(out, group, "cuda")
 
 
 def _cuda_rank(rank: int, side_port: int, trainer_port: int, lockstep: str) -> object:

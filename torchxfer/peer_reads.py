@@ -384,8 +384,8 @@ def _capture(copies: list[tuple[int, int, int, int, int]], device: torch.device)
                 graph.capture_end()
         _cudart().cudaGetLastError()  # the runtime keeps the error for torch's next check otherwise
         _graphs_off.append(f"{type(e).__name__}: {e}")
-        log.debug("peer reads: copies issued one by one from now on; capturing "
-                                             "them as a CUDA graph failed: %s", _graphs_off[-1])  # fmt: skip
+        log.debug("peer reads: copies issued one by one from now on; capturing them as a CUDA graph "
+                  "failed: %s", _graphs_off[-1])
         return None
 
 

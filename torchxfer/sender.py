@@ -481,7 +481,7 @@ class Sender(SendSide):
                 self.post_packed(plan)
             if ahead:
                 self.post_begin(int(last), checksum)
-            if self.posted is not None and self.ready is not None:
+            if self.posted is not None:
                 self.posted(True)
             self.layout.append(plan)
         self.post_begin()
@@ -686,7 +686,7 @@ class Sender(SendSide):
             if self.ready is not None:
                 self.ready(plan.index, [pos])
             self.post(buf[start:end] if src is None else src, plan.index, from_buffer=src is None)
-            if self.posted is not None and self.ready is not None:
+            if self.posted is not None:
                 self.posted(False)
         self.deferred = {}
 
@@ -931,13 +931,13 @@ class Sender(SendSide):
             if self.ready is not None:
                 self.ready(plan.index, groups[i])
             self.post(buf[start:end], plan.index, from_buffer=True)
-            if self.posted is not None and self.ready is not None:
+            if self.posted is not None:
                 self.posted(False)
 
     def unready(self) -> None:
         """Every copy that ``ready`` would issue, now, and none deferred from here on."""
         if self.ready is not None:
-            ready, self.ready = self.ready, None
+            ready, self.ready, self.posted = self.ready, None, None
             ready(None, None)
 
     def pack_bulk(self, plan: BucketPlan, key: int, group: list[int], views: list[Any], tensors: list[torch.Tensor]) -> None:

@@ -321,12 +321,12 @@ class _Schedule:
         self.settle_s = 60.0 if timeout_s is None else timeout_s
         self.sender: Any = None  # the Sender, when this update is the cached layout (see _prefill)
         # Peer reads on the cached layout: the copies run a run ahead of the broadcasts (on CUDA on
-        # the gatherer's copy streams; on the CPU they are done when launched). ``queue``: the
-        # runs (entry indices, in posting order) of
-        # the groups prepared, not yet launched; the one in hand is launched before its broadcast
-        # (``ready``), the next one right after that broadcast is posted (``posted``), and when a
-        # bucket is all posted the next group is prepared ahead (``ahead``) and its first run
-        # launched, so the copy engines fill the next bucket while this one is broadcast.
+        # the gatherer's copy streams; on the CPU they are done when launched). ``queue``: the runs
+        # (entry indices, in posting order) of the groups prepared, not yet launched; the one in
+        # hand is launched before its broadcast (``ready``), the next one right after that
+        # broadcast is posted (``posted``), and when a bucket is all posted the next group is
+        # prepared ahead (``ahead``) and its first run launched, so the copy engines fill the next
+        # bucket while this one is broadcast.
         self.launching = False
         self.queue: collections.deque[list[int]] = collections.deque()
         self.ahead: dict[int, Posted] = {}
