@@ -790,13 +790,35 @@ def test_payload_runs_cut_the_first_range_of_bucket_0_on_nccl_only():
     check_runs(slots, size, payload_runs(slots, size))
     assert payload_runs(slots, size, "gloo") == [(0, 800 * mib, None)]
     later = [Slot(1, s.index, s.spec, 0, s.length, s.offset) for s in slots]
-    assert payload_runs(later, size) == [(0, 800 * mib, None)]
+    assert payload_runs(later, size) == [(0, 400 * mib, None), (400 * mib, 800 * mib, None)]  # see the next test
+    assert payload_runs(later[:12], size) == [(0, 480 * mib, None)]  # under 512 MiB: one range
     tiny_first = [Slot(0, 0, u8("t", 4 * mib - 1), 0, 4 * mib - 1, 0), Slot(0, 1, specs[0], 0, 40 * mib, 4 * mib)]
     assert payload_runs(tiny_first, size) == [(0, 44 * mib, None)]  # packed with the rest; under the cut's minimum
     small = slots[:1]  # 40 MiB alone in its bucket: travels alone
     assert payload_runs(small, size) == [(0, 40 * mib, 0)]
     one = [Slot(0, 0, u8("one", 100 * mib), 0, 100 * mib, 0), Slot(0, 1, u8("s", 16), 0, 16, 100 * mib)]
     assert payload_runs(one, size) == [(0, 100 * mib, 0), (100 * mib, 100 * mib + 16, None)]
+
+
+def test_payload_runs_cut_large_ranges_of_later_buckets_in_two_on_nccl_only():
+    """On NCCL a packed range of 512 MiB or more in a bucket other than 0 travels as two ranges, cut
+    at the slot start nearest its middle, unless that leaves a piece under a quarter of the range."""
+    mib = 1 << 20
+    size = 1 << 30
+    sizes = [92 * mib] * 11  # 1012 MiB: the middle (506) lies inside slot 5 (460-552), nearer its start
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    slots = [Slot(1, i, u8(f"w{i}", n), 0, n, o) for i, (n, o) in enumerate(zip(sizes, offsets))]
+    assert payload_runs(slots, size) == [(0, 460 * mib, None), (460 * mib, 1012 * mib, None)]
+    check_runs(slots, size, payload_runs(slots, size))
+    assert payload_runs(slots, size, "gloo") == [(0, 1012 * mib, None)]
+    # A slot boundary only near the ends: not cut.
+    lopsided = [Slot(2, 0, u8("a", 900 * mib), 0, 900 * mib, 0), Slot(2, 1, u8("b", 100 * mib), 0, 100 * mib, 900 * mib)]
+    assert payload_runs(lopsided, 2 * size) == [(0, 1000 * mib, None)]  # 2 GiB: no own run
+    # With a 2 GiB buffer (own runs from 1 GiB): 600 + 300 + 300 MiB packed, cut at 600.
+    parts = [Slot(3, i, u8(f"p{i}", n), 0, n, o) for i, (n, o) in enumerate([(600 * mib, 0), (300 * mib, 600 * mib),
+                                                                              (300 * mib, 900 * mib)])]  # fmt: skip
+    assert payload_runs(parts, 2 * size) == [(0, 600 * mib, None), (600 * mib, 1200 * mib, None)]
+    check_runs(parts, 2 * size, payload_runs(parts, 2 * size))
 
 
 def test_payload_runs_split_parts_travel_alone():
@@ -837,11 +859,11 @@ def check_runs(slots: list[Slot], buffer_size: int | None, runs: list, backend: 
             assert any(start <= s.offset and s.end <= end for start, end, _ in packed)
     for start, end, _ in packed:
         assert not any(o < end and start < e for o, e, _ in own)
-    # Maximal: two packed ranges are separated by an own slot, except the cuts of bucket 0's
-    # first range on NCCL (adjacent, at slot starts).
+    # Maximal: two packed ranges are separated by an own slot, except the cuts of large ranges
+    # on NCCL (adjacent, at slot starts).
     starts = {s.offset for s in slots}
     for r1, r2 in zip(packed, packed[1:]):
-        cut = backend == "nccl" and slots[0].bucket == 0 and r1[1] == r2[0] and r2[0] in starts
+        cut = backend == "nccl" and r1[1] == r2[0] and r2[0] in starts
         assert cut or any(r1[1] <= o and e <= r2[0] for o, e, _ in own)
 
 

@@ -210,6 +210,8 @@ DIRECT_BUFFER_FRACTION = 2
 """NCCL: a slot travels alone from max(DIRECT_MIN_BYTES, buffer / DIRECT_BUFFER_FRACTION)."""
 FIRST_CUT_MIN_BYTES = 64 << 20
 """NCCL: bucket 0's first packed range of at least this many bytes is cut in three (see payload_runs)."""
+HALF_CUT_MIN_BYTES = 512 << 20
+"""NCCL: a later bucket's packed range of at least this many bytes is cut in two (see payload_runs)."""
 GLOO_DIRECT_MIN_BYTES = 1 << 20
 GLOO_DIRECT_BUFFER_FRACTION = 8
 """Gloo: from max(GLOO_DIRECT_MIN_BYTES, buffer / GLOO_DIRECT_BUFFER_FRACTION)."""
@@ -423,9 +425,10 @@ def payload_runs(slots: Sequence[Slot], buffer_size: int | None, backend: str = 
     these straight from the tensor's memory and the receiver straight into
     the tensor it assembles. Then the remaining slots, consecutive ones merged
     into ranges of the buffer (``position`` None), posted once packed. (Ranges
-    are not cut smaller: on NVLink a bucket sent as 128 MiB ranges moved at
-    0.9x the rate of one range; the one exception is the first range of
-    bucket 0 on NCCL, see ``_cut_first``.) Both sides
+    are not cut small: on NVLink a bucket sent as 128 MiB ranges moved at
+    0.9x the rate of one range. On NCCL the first range of bucket 0 is cut in
+    three, see ``_cut_first``, and a range of another bucket of at least
+    :data:`HALF_CUT_MIN_BYTES` in two, see ``_cut_half``.) Both sides
     call this on the same slots, so they issue the same collectives whatever
     the tensors' memory layout. Empty ranges are left out.
     """
@@ -451,6 +454,8 @@ def payload_runs(slots: Sequence[Slot], buffer_size: int | None, backend: str = 
         packed.append((start, end, None))
     if backend == "nccl" and packed and slots[0].bucket == 0:
         packed[:1] = _cut_first(packed[0], slots)
+    elif backend == "nccl":
+        packed = [piece for run in packed for piece in _cut_half(run, slots)]
     return own + packed
 
 
@@ -473,6 +478,28 @@ def _cut_first(run: tuple[int, int, None], slots: Sequence[Slot]) -> list[tuple[
             cuts.append(cut)
     edges = [start, *cuts, end]
     return [(a, b, None) for a, b in zip(edges, edges[1:])]
+
+
+def _cut_half(run: tuple[int, int, None], slots: Sequence[Slot]) -> list[tuple[int, int, None]]:
+    """A later bucket's packed range of at least :data:`HALF_CUT_MIN_BYTES`, cut at the slot start
+    nearest its middle (not cut when that leaves a piece under a quarter of it).
+
+    When the bucket's bytes are copied into the buffer slower than the link
+    carries them (an FSDP2 sender copying the other ranks' shards over the
+    same NVLink, about 490 GB/s per copy stream), one range would wait for the
+    whole bucket's copies while the link sits idle; cut, its first half
+    travels while the second is still copied.
+    """
+    start, end, _ = run
+    size = end - start
+    if size < HALF_CUT_MIN_BYTES:
+        return [run]
+    middle = start + size // 2
+    bounds = [s.offset for s in slots if start + size // 4 <= s.offset <= end - size // 4]
+    if not bounds:
+        return [run]
+    cut = min(bounds, key=lambda b: (abs(b - middle), b))
+    return [(start, cut, None), (cut, end, None)]
 
 
 def check_bucket(slots: Sequence[Slot], buffer_size: int | None) -> int:
