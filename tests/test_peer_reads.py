@@ -100,8 +100,8 @@ def _stand_in(rank: int, state: dict) -> None:
     into place byte for byte, rows and pitch as given (the geometry is the code's)."""
     peer_reads.candidate = lambda entries: True
     peer_reads.enabled = lambda: state["vote"]
-    peer_reads.export = lambda tensors: ({k: (0, k << 20, t.numel() * t.element_size()) for k, t in tensors.items()},
-                                         [(bytes(range(64)), 1 << 40, 1)])  # fmt: skip
+    peer_reads.export = lambda tensors: ({k: (0, (k << 20) + state["shift"], t.numel() * t.element_size())
+                                          for k, t in tensors.items()}, [(bytes(range(64)), 1 << 40, 1)])  # fmt: skip
 
     def base(handle: bytes, size: int, buffer_id: int, device: object) -> int:
         if not state["map"]:
@@ -161,7 +161,7 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
         return exchange(self, row)
 
     torchxfer.lockstep.Lockstep.exchange = counting
-    state = {"vote": True, "map": True, "copies": 0, "pieces": {}}
+    state = {"vote": True, "map": True, "copies": 0, "pieces": {}, "shift": 0}
     _stand_in(rank, state)
     warnings: list[str] = []
     handler = logging.Handler()
@@ -176,10 +176,13 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
     out = []
     # (seed, dtype, rank 1 votes, the sender maps): peer reads, a cast (collective gathers),
     # failing at the worker, falling back, a no vote, then peer reads again on the same group,
-    # twice: the second time the layout is the cached one (copies issued run by run).
+    # twice: the second time the layout is the cached one (copies issued run by run, the first
+    # group prepared while the plan check travels); then rank 1's shards move (new rows: what
+    # was prepared during the check is dropped, and prepared again from the new rows).
     for seed, dtype, vote, can_map in ((0, None, True, True), (1, torch.bfloat16, True, True), (2, None, True, True),
                                        (3, None, True, False), (4, torch.bfloat16, False, True), (5, None, True, True),
-                                       (6, None, True, True)):  # fmt: skip
+                                       (6, None, True, True), (7, None, True, True)):  # fmt: skip
+        state["shift"] = 4096 if seed == 7 else 0
         full = _full(seed)
         place = {"shard0": [Shard(0)], "shard1": [Shard(1)], "replicate": [Replicate()]}
         sd = {n: t if LAYOUT[n][2] == "plain" else distribute_tensor(t, mesh, place[LAYOUT[n][2]])
@@ -188,7 +191,7 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
         entries = plan(sd, dtype, None, True)
         shards = [e for e in entries if e.how == "shard"]
         # Rank 1's piece of each shard entry, where the stand-in "maps" it (as stored: not cast).
-        state["pieces"] = {k << 20: full[e.source_name].narrow(e.shard.dim, e.shard.sizes[0], e.shard.sizes[1])
+        state["pieces"] = {(k << 20) + state["shift"]: full[e.source_name].narrow(e.shard.dim, e.shard.sizes[0], e.shard.sizes[1])
                            for k, e in enumerate(shards)}  # fmt: skip
         gatherers.clear()
         warnings.clear()
@@ -204,7 +207,8 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
         want = {n: digest(t.to(dtype) if dtype is not None and t.is_floating_point() else t) for n, t in full.items()}
         out.append({"result": result, "copies": state["copies"], "peer_reads": g.peer_reads, "exchanges": len(exchanges),
                     "posted": g.posted_groups, "warnings": list(warnings), "want": want,
-                    "prefilled": g.prefilled, "late": g.issued_late, "launched": g.launched})  # fmt: skip
+                    "prefilled": g.prefilled, "late": g.issued_late, "launched": g.launched,
+                    "early": g.early})  # fmt: skip
     return _close(out, group, "cpu")
 
 
@@ -259,7 +263,7 @@ def _worker(side_port: int, updates: int, refused: int, device: str = "cpu") -> 
 
 
 def _rank(rank: int, side_port: int, trainer_port: int) -> object:
-    return _worker(side_port, 7, 2) if rank == 2 else _trainer(rank, side_port, trainer_port)
+    return _worker(side_port, 8, 2) if rank == 2 else _trainer(rank, side_port, trainer_port)
 
 
 @pytest.mark.process
@@ -270,14 +274,19 @@ def test_the_protocol_around_peer_reads_on_cpu_bit_exact_with_failure_fallback_a
     (t0, t1), worker = [o.value for o in outcomes[:2]], outcomes[2].value
     assert t0[-1] == t1[-1] == 2.0  # the trainer's own group still works
     shards = sum(1 for n in LAYOUT if LAYOUT[n][2].startswith("shard"))
-    for u in (0, 5, 6):  # peer reads: every piece of rank 1 read by the sender, rank 1 posted nothing
+    for u in (0, 5, 6, 7):  # peer reads: every piece of rank 1 read by the sender, rank 1 posted nothing
         assert worker[u] == t0[u]["want"], u
         assert t0[u]["result"] == len(LAYOUT) and t1[u]["result"] is None
-        assert t0[u]["copies"] == t0[u]["peer_reads"] == shards and t0[u]["posted"] > 0, t0[u]
+        assert t0[u]["copies"] == t0[u]["peer_reads"] == shards and t0[u]["posted"] > 0, (u, t0[u])
         assert t1[u]["copies"] == 0 and t1[u]["posted"] == 0, t1[u]
         assert not t0[u]["warnings"]
     # The cached layout: every shard gathered into the send buffer, its copies launched run by run.
     assert t0[6]["prefilled"] == t0[6]["late"] == t0[6]["launched"] == shards and t0[5]["late"] == 0, (t0[5], t0[6])
+    # Prepared during the plan check: on the cached layout from rows as last mapped (update 6);
+    # when rank 1's rows changed (update 7) that preparation is dropped, and the update is
+    # prepared and bit-exact all the same, from the new rows.
+    assert [t["early"] for t in t0[:-1]] == [False] * 6 + [True, False], [t["early"] for t in t0[:-1]]
+    assert t0[7]["prefilled"] == t0[7]["late"] == t0[7]["launched"] == shards, t0[7]
     # A worker's failure under peer reads: TransferError on every rank, rank 1 with the sender's message.
     assert "refuses update 2" in worker[2], worker[2]
     assert t0[2]["result"].startswith("TransferError") and "refuses update 2" in t0[2]["result"], t0[2]
@@ -290,8 +299,8 @@ def test_the_protocol_around_peer_reads_on_cpu_bit_exact_with_failure_fallback_a
     # Rows travel unless they are exactly those the sender last agreed on and mapped (update 3
     # repeats update 2's rows: the plan check alone carries them, and the sender, now unable to
     # map, still falls back).
-    assert [t["exchanges"] for t in t0[:-1]] == [1, 1, 1, 0, 1, 1, 0], [t["exchanges"] for t in t0[:-1]]
-    assert [t["exchanges"] for t in t1[:-1]] == [1, 1, 1, 0, 1, 1, 0], [t["exchanges"] for t in t1[:-1]]
+    assert [t["exchanges"] for t in t0[:-1]] == [1, 1, 1, 0, 1, 1, 0, 1], [t["exchanges"] for t in t0[:-1]]
+    assert [t["exchanges"] for t in t1[:-1]] == [1, 1, 1, 0, 1, 1, 0, 1], [t["exchanges"] for t in t1[:-1]]
     # Rank 1 votes no, or a cast (kept within the memory bound by the collective gathers):
     # collective gathers, no warning, bit-exact.
     for u in (1, 4):
@@ -409,7 +418,7 @@ def _dying_rank(rank: int, side_port: int, trainer_port: int) -> object:
     dist.init_process_group("gloo", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=30))  # fmt: skip
     mesh = init_device_mesh("cpu", (2,))
-    state = {"vote": True, "map": True, "copies": 0, "pieces": {}}
+    state = {"vote": True, "map": True, "copies": 0, "pieces": {}, "shift": 0}
     _stand_in(rank, state)
     full = {n: t for n, t in _full(7).items() if LAYOUT[n][2] == "shard0"}
     sd = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in full.items()}

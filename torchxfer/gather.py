@@ -150,6 +150,8 @@ class Gatherer:
         self.deferred: dict[int, tuple[list[_Copy], list[_Copy]]] = {}
         self.issued_late = 0  # entries whose deferred copies were issued (tests count them)
         self.launched = 0  # ... of them, by launch (tests count them)
+        self.launched_own = 0  # entries whose own copies were launched alone, ahead (tests count them)
+        self.early = False  # its first group was prepared during the plan check, and kept (tests read it)
         # CUDA, deferred copies launched ahead (``launch``): on two streams, the pulls from other
         # GPUs and the copies of this rank's own shards (then on another copy engine, beside the
         # pulls rather than after them); per entry the events recorded after its run's copies,
@@ -259,29 +261,44 @@ class Gatherer:
         self.peer_event.record(torch.cuda.current_stream(device))
 
     def stream_for(self, device: torch.device) -> Any:
-        """The stream the sender's launched copies run on (CUDA; None on the CPU)."""
+        """The stream the sender's launched copies run on (CUDA; None on the CPU). Made (once per
+        device) and, on this Gatherer's first call, ordered after the current stream's work so
+        far, as are the copies of this rank's own shards: the trainer's last writes to its
+        shards (the optimizer step) come before they are read."""
         if device.type != "cuda":
             return None
         if self.copy_stream is None:
             self.copy_stream, self.local_stream = copy_stream(device, 0), copy_stream(device, 1)
+            written = torch.cuda.Event()
+            written.record(torch.cuda.current_stream(device))
+            self.copy_stream.wait_event(written)
+            self.local_stream.wait_event(written)
         return self.copy_stream
 
-    def launch(self, runs: list[list[int]]) -> None:
+    def launch(self, runs: list[list[int]], own_only: bool = False) -> None:
         """The sender: the deferred copies of the entries of ``runs`` (entry indices, in the order
         their broadcasts will be posted), all now, run by run: on CUDA on the copy stream (an
         event after each run), so the copy engines fill the next runs while earlier ones are
-        broadcast; on the CPU here and now. :meth:`issue` then orders each broadcast after its run."""
+        broadcast; on the CPU here and now. :meth:`issue` then orders each broadcast after its run.
+        ``own_only``: only the copies of this rank's own shards; the other ranks' pieces stay
+        deferred (launched by a later call, or issued)."""
         for run in runs:
-            own, pulls, done = [], [], []
+            own, pulls, done, touched = [], [], [], []
             for i in run:
                 copies = self.deferred.pop(i, None)
                 if copies is not None:
+                    touched.append(i)
                     own += copies[0]
-                    pulls += copies[1]
-                    done.append(i)
-            if not done:
+                    if own_only and copies[1]:
+                        self.deferred[i] = ([], copies[1])
+                    else:
+                        pulls += copies[1]
+                        done.append(i)
+                    if own_only and copies[0]:
+                        self.launched_own += 1
+            if not own and not pulls:
                 continue
-            device = mesh_device(self.entries[done[0]].tensor.device_mesh)
+            device = mesh_device(self.entries[touched[0]].tensor.device_mesh)
             stream = self.stream_for(device)
             if stream is None:
                 peer_reads.copy_batch(own + pulls, device)
@@ -298,7 +315,7 @@ class Gatherer:
                 events = (torch.cuda.Event(), torch.cuda.Event())
                 events[0].record(stream)
                 events[1].record(self.local_stream)
-                for i in done:
+                for i in touched:
                     self.run_events[i] = events
             self.issued_late += len(done)
             self.launched += len(done)

@@ -169,11 +169,19 @@ class Lockstep:
               peer_row: torch.Tensor | None = None) -> int:  # fmt: skip
         """Check that every rank planned the same tensors and that one rank sends (``is_sender`` 1),
         or every rank through its own colocated group (2; 0 on a rank that does not send);
-        returns the sender's global rank (-1: every rank sends).
+        returns the sender's global rank (-1: every rank sends). Blocking: :meth:`post_begin`,
+        then :meth:`finish_begin`.
 
         The same all_gather carries a digest of each rank's peer-read row (``peer_row``) and,
         from the sender, the digest of the rows it last agreed on and mapped (``mapped``):
         when they match (:meth:`same_rows`), nobody exchanges rows again."""
+        self.post_begin(entries, bucketing, is_sender, error, peer_row)
+        return self.finish_begin()
+
+    def post_begin(self, entries: list[Entry], bucketing: str, is_sender: int, error: Exception | None,
+                   peer_row: torch.Tensor | None = None) -> None:  # fmt: skip
+        """:meth:`begin`'s all_gather, posted, not waited for (every rank, together). The caller
+        may do local work before :meth:`finish_begin`, but nothing another rank could observe."""
         self.settle_last()
         digest = plan_digest(entries, bucketing)
         mine = digest_words(raw_bytes(peer_row)) if peer_row is not None else [0] * 4
@@ -184,7 +192,13 @@ class Lockstep:
             dtype=torch.int64, device=self.device,
         )  # fmt: skip
         rows = [torch.empty_like(row) for _ in range(self.size)]
-        self._wait(dist.all_gather(rows, row, group=self.pg, async_op=True), "send_model plan check")
+        self._begun = (dist.all_gather(rows, row, group=self.pg, async_op=True), rows, error)
+
+    def finish_begin(self) -> int:
+        """Wait for :meth:`post_begin`'s all_gather (bounded) and check the table: as :meth:`begin`."""
+        work, rows, error = self._begun
+        del self._begun
+        self._wait(work, "send_model plan check")
         table = [r.cpu().tolist() for r in rows]
         self.row_digests = [r[8:12] for r in table]
         self.sender_cached = next((r[12:16] for r in table if r[1] == 1), [0] * 4)

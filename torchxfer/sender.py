@@ -138,6 +138,31 @@ class SenderState:
             self.buffers[b] = buf = new
         return buf
 
+    def prefilled_views(self, index: int, device: torch.device, buffer_size: int | None,
+                        num_buffers: int) -> list[Any] | None:  # fmt: skip
+        """Per slot of bucket ``index`` of the cached layout, the typed view of its buffer that
+        the slot's tensor is packed into (None for a slot that is not packed), while that
+        buffer is the one those views were made of; else None. Local; it orders nothing: the
+        buffer may still be read by a send of this update (see ``Sender.bucket_views``)."""
+        layout = self.layout
+        if layout is None or not 0 <= index < len(layout.buckets) or self.buffer_key != (device, buffer_size):
+            return None
+        b = index % num_buffers
+        memo = layout.buckets[index].cache.get("sender", {})
+        if b >= len(self.buffers) or memo.get("views_of") != self.buffers[b].data_ptr():
+            return None
+        return memo.get("views")
+
+    def posting_runs(self, index: int) -> list[list[int]] | None:
+        """The slot positions of each broadcast of bucket ``index`` of the cached layout, in the
+        order they are posted (``Sender.post_own``, then ``Sender.post_packed``); None when
+        there is no such bucket."""
+        layout = self.layout
+        if layout is None or not 0 <= index < len(layout.buckets):
+            return None
+        plan = layout.buckets[index]
+        return [[pos] for _, _, pos in plan.runs if pos is not None] + Sender.run_groups(plan)
+
 
 def pairs(items: Iterable[Any], post_iter_func: Callable | None,
           check: Callable[[Any, Any], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
@@ -836,30 +861,20 @@ class Sender(SendSide):
         return self.in_hand_bytes
 
     def bucket_views(self, index: int, also: Any = None) -> list[Any] | None:
-        """With ``prefill``: per slot of bucket ``index`` of the cached layout, the typed view of
-        its buffer that the slot's tensor is packed into, the buffer freed of older sends
-        first (ordered on CUDA, on the current stream and on stream ``also`` if given; waited
-        for otherwise): whatever is written there before the bucket is packed goes out as it
-        is. None when the buffer is not that bucket's yet."""
-        layout = self.state.layout
-        if not self.prefill or layout is None or not 0 <= index < len(layout.buckets) or self.device is None \
-                or self.state.buffer_key != (self.device, self.buffer_size):  # fmt: skip
+        """With ``prefill``: :meth:`SenderState.prefilled_views` of bucket ``index``, the buffer
+        freed of this update's older sends first (ordered on CUDA, on the current stream and
+        on stream ``also`` if given; waited for otherwise): whatever is written there before
+        the bucket is packed goes out as it is. None when the buffer is not that bucket's yet."""
+        if not self.prefill or self.device is None:
             return None
-        b = index % self.num_buffers
-        memo = layout.buckets[index].cache.get("sender", {})
-        if b >= len(self.state.buffers) or memo.get("views_of") != self.state.buffers[b].data_ptr():
-            return None
-        self.free_buffer(index, 0, also)
-        return memo.get("views")
+        views = self.state.prefilled_views(index, self.device, self.buffer_size, self.num_buffers)
+        if views is not None:
+            self.free_buffer(index, 0, also)
+        return views
 
     def posting_runs(self, index: int) -> list[list[int]] | None:
-        """With ``prefill``: the slot positions of each broadcast of bucket ``index`` of the cached
-        layout, in the order they are posted (``post_own``, then ``post_packed``); None otherwise."""
-        layout = self.state.layout
-        if not self.prefill or layout is None or not 0 <= index < len(layout.buckets):
-            return None
-        plan = layout.buckets[index]
-        return [[pos] for _, _, pos in plan.runs if pos is not None] + self.run_groups(plan)
+        """With ``prefill``: :meth:`SenderState.posting_runs`; None otherwise."""
+        return self.state.posting_runs(index) if self.prefill else None
 
     @staticmethod
     def aliased(dst: torch.Tensor, src: torch.Tensor) -> bool:

@@ -29,6 +29,14 @@ layout (the steady state) rank 0 copies straight into its send buffers, on
 a copy stream, one broadcast's worth (a run) ahead: each broadcast waits for
 the copies of its own run only, and while a bucket is broadcast the next
 one is filled. A batch of copies seen before is one CUDA graph launch.
+While the plan check travels, the sender already prepares the first group
+of such an update from the rows it mapped last time and copies its own
+shards into place; the other ranks' pieces are copied only once the check
+has said their rows are unchanged (each of them waited for its own writes
+before the check), and the first broadcast waits for the check. When the
+rows changed, that preparation is dropped and made again. The copy streams
+start behind the trainer's own work on its current stream (the optimizer
+step that wrote the shards).
 
 **Memory.** Rank 0's extra memory is the transfer buffers
 (``packed_num_buffers x packed_buffer_size_bytes``) plus about two buckets of
@@ -178,6 +186,7 @@ def send_model(
     if trainer_group is None and dist.is_initialized():
         trainer_group = dist.group.WORLD
     lock = None
+    warm: _Schedule | None = None  # the sender's schedule under peer reads, made during the plan check
     if trainer_group is not None and trainer_group.size() > 1:
         status = lockstep.status_group(trainer_group)
         lock = lockstep.Lockstep(status, timeout_s, None if status is trainer_group else trainer_group)
@@ -206,15 +215,28 @@ def send_model(
         role = 0 if group is None else 2 if is_colocated(group) else 1
         if local_error is None and role != 2 and peer_reads.candidate(entries):
             row = peer_row(entries, role == 1)  # before the plan check: overlaps the others' planning
-        sender = lock.begin(entries, bucketing, role, local_error, row)
+        lock.post_begin(entries, bucketing, role, local_error, row)
+        if role == 1 and row is not None:
+            # While the plan check travels: the sender's local work for the first group, if it
+            # reads the other ranks' shards as last time (its row digests say so once it is back).
+            warm = _Schedule(entries, groups, dist.get_rank(), lock, timeout_s, _stream_ordered(group))
+            warm.prewarm(group, packed, packed_buffer_size_bytes, packed_num_buffers)
+        try:
+            sender = lock.finish_begin()
+        except BaseException:
+            if warm is not None:
+                warm.discard_warm()
+            raise
     if group is not None and is_colocated(group):
         if lock is not None:
             lock.collective_gathers()
         return _send_colocated(entries, group, lock, packed_buffer_size_bytes, packed_num_buffers, version)
-    stream_ordered = group is not None and side_group(group).backend_name == "nccl"
-    schedule = _Schedule(entries, groups, sender, lock, timeout_s, stream_ordered)
+    stream_ordered = group is not None and _stream_ordered(group)
+    schedule = warm if warm is not None else _Schedule(entries, groups, sender, lock, timeout_s, stream_ordered)
     if row is not None:  # a peer-read candidate (the plan decides it, so on every rank alike)
         schedule.exchange_peers(row)
+    if warm is not None and warm.warm_peers is not None and not (schedule.peer and schedule.gatherer.peers == warm.warm_peers):
+        warm.discard_warm()  # the rows changed, or no peer reads after all: prepared again as usual
     if lock is not None and not schedule.peer:
         lock.collective_gathers()
 
@@ -275,6 +297,11 @@ def send_model(
     return stats
 
 
+def _stream_ordered(group: Any) -> bool:
+    """Whether the side group's sends are ordered on CUDA streams (NCCL), not waited for."""
+    return side_group(group).backend_name == "nccl"
+
+
 def _prefill(entries: list[Entry], groups: list[list[int]], group: Any, buffer_size: int, num_buffers: int) -> bool:
     """Whether this update is exactly the layout the side group sent last, bucket for bucket,
     every tensor whole in one bucket: then the sender packs each tensor where the gathers can
@@ -331,6 +358,65 @@ class _Schedule:
         self.queue: collections.deque[list[int]] = collections.deque()
         self.ahead: dict[int, Posted] = {}
         self.current = -1  # the collective group the sender's pipeline pulled last
+        self.warm_peers: dict | None = None  # prewarm: the mapping the first group was prepared with
+
+    def prewarm(self, group: Any, packed: bool, buffer_size: int, num_buffers: int) -> bool:
+        """The sender, between posting the plan check and waiting for it: when this update is the
+        cached layout (see ``_prefill``) read from the other ranks' shards as mapped at the last
+        agreed exchange, prepare the first collective group into its send buffer and launch the
+        copies of this rank's own shards. Their copies from the other ranks wait (those ranks'
+        shards are theirs until the check says their rows are unchanged, and they have waited
+        for their own writes); the first broadcast waits for the check. Local only: nothing
+        another rank can see. Returns whether it prepared anything; False (nothing changed)
+        whenever a condition does not hold or anything fails. Undo with :meth:`discard_warm`."""
+        known = lockstep.mapped.get(id(self.lock.pg)) if self.lock is not None else None
+        if known is None or self.gatherer is None or not packed or not self.cgroups:
+            return False
+        g = self.cgroups[0]
+        if g >= num_buffers or not _prefill(self.gatherer.entries, self.groups, group, buffer_size, num_buffers):
+            return False  # a later bucket's buffer is still to carry the buckets before it
+        state = SenderState.of(side_group(group))
+        device = side_group(group).data_device or state.device
+        views = state.prefilled_views(g, device, buffer_size, num_buffers) if device is not None else None
+        runs = state.posting_runs(g)
+        if views is None or runs is None or any(v is None for v in views):
+            return False
+        gatherer = self.gatherer
+        try:
+            gatherer.use_peers(known[1], self.lock.ranks)
+            gatherer.defer = True
+            shard = gatherer.entries[gatherer.shards[0]]
+            stream = gatherer.stream_for(mesh_device(shard.tensor.device_mesh))
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                posted = gatherer.prepare(g, views)
+            indices = self.groups[g]
+            batches = [[indices[p] for p in run] for run in runs]
+            gatherer.launch(batches, own_only=True)
+        except Exception as e:  # then prepared as usual, after the check
+            log.debug("send_model: no preparation during the plan check: %s: %s", type(e).__name__, e)
+            self.warm_peers = gatherer.peers
+            self.discard_warm()
+            return False
+        self.ahead[0] = posted
+        self.queue.extend(batches)
+        self.warm_peers = gatherer.peers
+        gatherer.early = True
+        return True
+
+    def discard_warm(self) -> None:
+        """Undo :meth:`prewarm`: its copies complete (bounded), nothing of it kept."""
+        if self.warm_peers is None:
+            return
+        g = self.gatherer
+        if not g.settle(self.settle_s):
+            log.warning("send_model: copies still queued after %.0f s", self.settle_s)
+        self.ahead.clear()
+        self.queue.clear()
+        g.defer, g.prefilled, g.launched_own, g.peer_reads, g.early = False, 0, 0, 0, False
+        g._tags.clear()  # the first prepare of this Gatherer: every rank numbers its gathers from 0
+        if not self.peer:  # (after the exchange, a new mapping stays)
+            g.peers = None
+        self.warm_peers = None
 
     def exchange_peers(self, row: torch.Tensor) -> None:
         """Every trainer rank, together: agree whether the sender reads the other ranks' shards
