@@ -729,3 +729,78 @@ def test_a_cached_update_is_announced_without_waiting_and_its_failures_still_rea
         assert res[0] == (True, False) and res[1] == (True, False) and res[3] == (True, False) and res[4] == (True, False)
         assert "load_weights raised on rank 1" in res[fail_at][0]
         assert res[fail_at][1] is (rank == 1)  # the streaming worker is torn, the atomic one never
+
+
+def test_a_cached_bucket_pulled_straight_from_the_iterator_keeps_every_check():
+    """From the second update on, a cached bucket of the same objects is pulled straight from the
+    caller's iterator, its tensors checked by one C++ call where torch allows: a parameter given new
+    metadata, a new object, a malformed pair or an iterator that raises mid-bucket are each seen as
+    they were before, and every value arrives bit-exact."""
+    model = [(f"w{i}", torch.randn(50 + i)) for i in range(40)]
+    objects = [t for _, t in model]
+
+    def changed_shape(u):  # same object, new metadata
+        with torch.no_grad():
+            objects[7].data = torch.randn(3, 11)
+        return iter(model)
+
+    def new_object(u):
+        model[20] = ("w20", torch.randn(70))
+        return iter(model)
+
+    def raising(u):
+        yield from model[:25]
+        raise RuntimeError("source broke")
+
+    def malformed(u):
+        yield from model[:25]
+        yield list(model[25])
+
+    def fresh(u):
+        for _, t in model:
+            t.add_(1)
+        return iter(model)
+
+    plan = [fresh, fresh, changed_shape, fresh, new_object, fresh, raising, fresh, malformed, fresh]
+    sent: list[dict | None] = []
+    port = free_port()
+
+    def body(rank: int):
+        if rank == 0:
+            group = _trainer(port, 2)
+            out = []
+            for u, source in enumerate(plan):
+                items = source(u)
+                fails = source in (raising, malformed)
+                sent.append(None if fails else {n: t.clone() for n, t in model})
+                try:
+                    IPCWeightTransferEngine.trainer_send_weights(items, group, packed_buffer_size_bytes=4096,
+                                                                 packed_num_buffers=2)  # fmt: skip
+                    out.append(None)
+                except Exception as e:  # noqa: BLE001
+                    out.append(f"{type(e).__name__}: {e}")
+            destroy_side_group(group)
+            return out
+        engine = _worker(rank, port, 2)
+        got = []
+        for _ in plan:
+            store: dict = {}
+            try:
+                engine.receive_weights(None, _collect(store))
+                got.append(store)
+            except TransferError as e:
+                got.append(str(e))
+        engine.shutdown()
+        return got
+
+    outcomes = run_threads(body, 2, deadline_s=90)
+    trainer, worker = outcomes[0].value, outcomes[1].value
+    assert trainer[6] == "RuntimeError: source broke" and "source broke" in worker[6]
+    assert trainer[8].startswith("ValueError: expected (name, tensor) pairs, got list"), trainer[8]
+    for u, expected in enumerate(sent):
+        if expected is None:
+            continue
+        assert trainer[u] is None, (u, trainer[u])
+        assert list(worker[u]) == list(expected), u
+        assert all(worker[u][n].shape == t.shape and bytes_equal(worker[u][n], t) for n, t in expected.items()), u
+    assert worker[2]["w7"].shape == (3, 11)

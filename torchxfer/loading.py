@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,9 +16,21 @@ from .packing import dtype_name, parse_dtype
 __all__ = ["ModuleLoader"]
 
 _MAX_PLANS = 4096
-# (positions in the batch that load, None for all; their targets, shapes, dtypes; the names they fill;
-# the positions among the targets copied one by one)
-_BatchPlan = tuple[list[int] | None, list[torch.Tensor], list[torch.Size], list[torch.dtype], frozenset[str], list[int]]
+
+
+class _BatchPlan:
+    """A batch seen before: the positions in it that load (None: all), their targets, the shapes
+    and dtypes they had, the names they fill, the positions among the targets copied one by one,
+    and a C++ check of the shapes and dtypes (:func:`metadata_guard`; None: compare the lists)."""
+
+    __slots__ = ("positions", "dst", "shapes", "dtypes", "names", "alone", "guard")
+
+    def __init__(self, positions: list[int] | None, dst: list[torch.Tensor], src: list[torch.Tensor],
+                 names: frozenset[str], alone: list[int]) -> None:  # fmt: skip
+        self.positions, self.dst, self.names, self.alone = positions, dst, names, alone
+        self.shapes, self.dtypes = [t.shape for t in src], [t.dtype for t in src]
+        self.guard = metadata_guard(src)
+
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
@@ -26,6 +39,57 @@ ALONE_BYTES = 16 << 20
 """Targets of at least this many bytes are copied one by one (a plain copy, on CUDA a device-to-device
 memcpy: about 1.9 TB/s on an H200, where the fused multi-tensor copy moves large tensors at about
 1.35 TB/s); smaller ones in one fused copy (one launch for thousands of tensors)."""
+
+
+_GUARDS: Any = None  # torch's C++ tensor check, once it passed its self-test; False: not usable here
+
+
+def _tensor_guards() -> Any:
+    """``torch._C._dynamo.guards.TensorGuards`` if it behaves here as :func:`metadata_guard` needs
+    (a private class of torch: checked once per process against tensors that must fail it), else False."""
+    global _GUARDS
+    if _GUARDS is None:
+        _GUARDS = False
+        try:
+            from torch._C._dynamo.guards import TensorGuards
+
+            probe = torch.zeros(2)
+            guard = TensorGuards(probe, dynamic_dims_sizes=[[2]], dynamic_dims_strides=[[1]])
+            others = (torch.zeros(3), torch.zeros(2, dtype=torch.float64), torch.zeros(1, 2), torch.zeros(4)[::2],
+                      torch.zeros(2, device="meta"), torch.nn.Parameter(torch.zeros(2)))  # fmt: skip
+            if guard.check(probe) is True and guard.check(torch.ones(2)) is True \
+                    and not any(guard.check(t) for t in others):  # fmt: skip
+                _GUARDS = TensorGuards
+        except Exception:  # not in this build of torch, or not as expected: the plain checks
+            pass
+    return _GUARDS
+
+
+def metadata_guard(tensors: Sequence[torch.Tensor]) -> Callable[..., bool] | None:
+    """One C++ call, ``guard(*others)``, that is True only if ``others`` has as many tensors as
+    ``tensors``, each of the same type, dtype, device, shape, strides and requires_grad as the
+    tensor at its position now (torch's dynamo tensor guards: about 75 ns a tensor, where reading
+    ``shape`` alone costs 120 to 300 ns from Python). False means "not known to match": compare
+    the plain way. None where this torch has no usable guards."""
+    cls = _tensor_guards()
+    if not cls:
+        return None
+    try:
+        sizes = [list(t.shape) for t in tensors]
+        strides = [list(t.stride()) for t in tensors]
+        check = cls(*tensors, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides).check
+        if check(*tensors) is not True:
+            return None
+    except Exception:  # a tensor it cannot describe (sparse, a subclass...): the plain checks
+        return None
+
+    def guard(*others: Any) -> bool:
+        try:
+            return check(*others) is True
+        except Exception:  # another count of tensors, or not tensors
+            return False
+
+    return guard
 
 
 def _alone(dst: list[torch.Tensor]) -> list[int]:
@@ -145,17 +209,19 @@ class ModuleLoader:
 
     def _fast(self, batch: list[tuple[str, torch.Tensor]], plan: _BatchPlan) -> bool:
         """Load a batch laid out like ``plan``'s; False (nothing loaded) if anything differs."""
-        positions, dst, shapes, dtypes, names, alone = plan
+        positions, names = plan.positions, plan.names
         # C-level maps, not a Python loop per tensor: a batch may hold thousands.
         try:
             src = list(map(_SECOND, batch)) if positions is None else [batch[i][1] for i in positions]
-            if list(map(_SHAPE, src)) != shapes or list(map(_DTYPE, src)) != dtypes:
-                return False
+            if plan.guard is None or not plan.guard(*src):
+                if list(map(_SHAPE, src)) != plan.shapes or list(map(_DTYPE, src)) != plan.dtypes:
+                    return False
+                plan.guard = None  # alike but not to the guard (other strides, say): the lists from now on
         except (AttributeError, IndexError, TypeError):
             return False
         if not self.loaded.isdisjoint(names):
             return False
-        _copy(dst, src, alone)
+        _copy(plan.dst, src, plan.alone)
         if self.loaded:
             self.loaded |= names
         else:
@@ -199,7 +265,7 @@ class ModuleLoader:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
             every = positions if len(positions) < len(batch) else None  # None: every position loads
-            self._plans[key] = (every, dst, [t.shape for t in src], [t.dtype for t in src], frozenset(names), alone)
+            self._plans[key] = _BatchPlan(every, dst, src, frozenset(names), alone)
 
     def missing(self) -> list[str]:
         """Tensors of the module not loaded in the current update (the first name of tied ones)."""
