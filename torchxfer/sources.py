@@ -143,11 +143,7 @@ def _classify(name: str, tensor: torch.Tensor) -> tuple[str, ShardInfo | None, s
     """:func:`_how` of a tensor the wire can carry, and its placement text (``Entry.placement``);
     ValueError naming what it cannot. Local (no collective)."""
     local = local_shard(tensor) if is_dtensor(tensor) else tensor
-    # torch.Size and the placements tuple as they are: both compare as tuples
-    meta = (type(tensor), tensor.dtype, tensor.shape, type(local), local.dtype, local.shape,
-            local.layout, local.device, local.is_quantized)  # fmt: skip
-    if local is not tensor:
-        meta += (tensor.placements, id(tensor.device_mesh))
+    meta = _meta(tensor)
     key = id(tensor)
     known = _classified.get(key)
     if known is not None and known[0]() is tensor and known[1] == meta:
@@ -240,9 +236,7 @@ def plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) -
         key = (_check_dtype(dtype), include_buffers, None if name_map is None else dict(name_map))
         named = _named(source, include_buffers)
         last = _plans.get(source)
-        if last is not None and last.key == key and last.names == [n for n, _ in named] and all(
-            ref() is t and _known(n, t, c) for (n, t), ref, c in zip(named, last.refs, last.classes)
-        ):  # fmt: skip
+        if last is not None and last.key == key and _same(named, last):
             entries = _Entries(Entry(fields[0], fields[1], named[k][1], *fields[2:]) for k, fields in last.fields)
             entries.planned = last
             return entries
@@ -252,7 +246,7 @@ def plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) -
         if None not in refs:
             entries.planned = _plans[source] = _Planned(
                 key, [n for n, _ in named], refs,
-                [_classified_as(n, t) for n, t in named],  # memo hits: the objects _known compares
+                [_classified_as(n, t) for n, t in named],  # memo hits: the objects _same compares
                 [(where[e.source_name], (e.source_name, e.name, e.dtype, e.shape, e.how, e.shard, e.placement))
                  for e in entries],
             )  # fmt: skip
@@ -274,9 +268,34 @@ def _classified_as(name: str, tensor: Any) -> tuple | None:
         return None
 
 
-def _known(name: str, tensor: Any, classified: tuple | None) -> bool:
-    """Whether ``tensor`` still classifies as it did (the memo's very tuple: unchanged metadata)."""
-    return classified is not None and _classified_as(name, tensor) is classified
+def _same(named: list[tuple[str, Any]], last: _Planned) -> bool:
+    """Whether ``named`` are the very (name, tensor) pairs of ``last``, each tensor's metadata
+    unchanged (the memo's very tuple). The steady state of an RL trainer: one pass, no copies."""
+    if len(named) != len(last.names):
+        return False
+    for (name, tensor), was, ref, classified in zip(named, last.names, last.refs, last.classes):
+        if name != was or ref() is not tensor or classified is None or _memo_hit(tensor) is not classified:
+            return False
+    return True
+
+
+def _memo_hit(tensor: torch.Tensor) -> tuple | None:
+    """The memo's tuple for ``tensor`` if its metadata is unchanged since it was classified, else
+    None (see :func:`_classify`, which makes the same key)."""
+    known = _classified.get(id(tensor))
+    if known is None or known[0]() is not tensor:
+        return None
+    return known[2] if known[1] == _meta(tensor) else None
+
+
+def _meta(tensor: torch.Tensor) -> tuple:
+    """What a tensor's classification depends on (torch.Size and the placements tuple as they are:
+    both compare as tuples)."""
+    if not is_dtensor(tensor):
+        return (type(tensor), tensor.dtype, tensor.shape, tensor.layout, tensor.device, tensor.is_quantized)
+    local = local_shard(tensor)
+    return (type(tensor), tensor.dtype, tensor.shape, type(local), local.dtype, local.shape, local.layout,
+            local.device, local.is_quantized, tensor.placements, id(tensor.device_mesh))  # fmt: skip
 
 
 def groups_of(entries: list[Entry], buffer_size: int | None) -> list[list[int]]:
