@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call: environment, NCCL bench, FSDP2 bench, colocated bench, GPU tests.
 # Usage (on a machine with 2 GPUs): OUT=/some/dir bash scripts/gpu_check.sh [steps...]
-# Steps: env nccl moe unpacked fsdp fsdpplain fsdpfree fsdp256 fsdpnccl fsdpoff fsdpprof fsdpgpu fsdptl overlap fsdptests peer peerx peerbw ipc tests (default: env nccl fsdp ipc tests). Each step is
+# Steps: env nccl moe unpacked fsdp fsdpplain fsdpfree fsdp256 fsdpnccl fsdpoff fsdpprof fsdpgpu fsdptl fsdptl256 overlap fsdptests peer peerx peerbw ipc tests (default: env nccl fsdp ipc tests). Each step is
 # bounded by its own timeout so one hang cannot eat the call; logs go under $OUT.
-# The steps overlap, fsdpgpu, fsdptl, peerbw and fsdpprof run throwaway diagnostics from
+# The steps overlap, fsdpgpu, fsdptl, fsdptl256, peerbw and fsdpprof run throwaway diagnostics from
 # .diag/, which is not in the repository (carry it to the device); the others need nothing else.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -34,6 +34,7 @@ for s in "${steps[@]}"; do
     fsdpgpu) for m in 1024 256; do MIB=$m timeout 100 python3 .diag/fsdp_gpu.py 2>&1 | grep "^rank" | tail -6; done ;;
     fsdp256) timeout 100 python3 scripts/bench_fsdp.py --buffer-mib 256 --out "$OUT/fsdp_256.json" 2>&1 | tail -3 ;;
     fsdptl) timeout 130 python3 .diag/fsdp_timeline.py 2>&1 | grep "^rank" | tail -6 ;;
+    fsdptl256) MIB=256 timeout 130 python3 .diag/fsdp_timeline.py 2>&1 | grep "^rank" | tail -4 ;;
     fsdpoff) TORCHXFER_PEER_READS=0 timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp_off.json" 2>&1 | tail -4 ;;
     fsdpplain) timeout 100 python3 scripts/bench_fsdp.py --out "$OUT/fsdp.json" 2>&1 | tail -9 ;;
     fsdpfree) timeout 100 python3 scripts/bench_fsdp.py --free-running --out "$OUT/fsdp_free.json" 2>&1 | tail -9 ;;
