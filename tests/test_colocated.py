@@ -804,3 +804,52 @@ def test_a_cached_bucket_pulled_straight_from_the_iterator_keeps_every_check():
         assert list(worker[u]) == list(expected), u
         assert all(worker[u][n].shape == t.shape and bytes_equal(worker[u][n], t) for n, t in expected.items()), u
     assert worker[2]["w7"].shape == (3, 11)
+
+
+@pytest.mark.parametrize("sliced", [False, True], ids=["fused", "sliced"])
+def test_module_loader_copies_runs_of_slices_at_once_bit_exact(monkeypatch, sliced):
+    """From the second update on, the receiver hands ModuleLoader a SlicedBatch: runs of tensors
+    back to back in the buffer, which it copies one run at a time (split_with_sizes_copy; on the CPU
+    only when told to), the others fused; a batch changed by a wrapping load_weights is loaded as any
+    other. Every value bit-exact, whatever the dtype, shape or run."""
+    from torchxfer import loading
+
+    monkeypatch.setattr(loading, "SLICED_COPIES_ON_CPU", sliced)
+    calls: list[bool] = []
+    real = loading._sliced
+    monkeypatch.setattr(loading, "_sliced", lambda batch, plan: calls.append(real(batch, plan)) or calls[-1])
+    gen = torch.Generator().manual_seed(3)
+    shapes = ([((8,), torch.float32)] * 30 + [((4, 6), torch.bfloat16)] * 10 + [((0,), torch.float32), ((), torch.int64)]
+              + [((2, 3, 5), torch.float16)] * 4 + [((3, 7), torch.float16), ((7,), torch.uint8)])  # fmt: skip
+    src = [(f"p{i}", _random(dtype, shape, gen)) for i, (shape, dtype) in enumerate(shapes)]
+    dst = torch.nn.Module()
+    for name, t in src:
+        dst.register_buffer(name, torch.zeros_like(t))
+    port = free_port()
+    expect: list = []
+    got: list = []
+
+    def body(rank: int):
+        if rank == 0:
+            group = _trainer(port, 2)
+            for _ in range(4):
+                for _, t in src:
+                    t.copy_(_random(t.dtype, tuple(t.shape), gen))
+                expect.append({n: t.clone() for n, t in src})
+                IPCWeightTransferEngine.trainer_send_weights(iter(src), group, packed_buffer_size_bytes=1024,
+                                                             packed_num_buffers=2)  # fmt: skip
+            destroy_side_group(group)
+            return None
+        engine = _worker(rank, port, 2)
+        loader = ModuleLoader(dst)
+        for u in range(4):
+            # Update 3: load_weights hands the loader a copy of the list, with one pair replaced.
+            load = loader if u != 3 else lambda batch: loader([batch[0]] + [(n, t.clone()) for n, t in batch[1:]])
+            with loader.update():
+                engine.receive_weights(None, load)
+            got.append({n: t.clone() for n, t in dst.named_buffers()})
+        engine.shutdown()
+
+    run_threads(body, 2, deadline_s=90)
+    assert len(got) == 4 and all(all(bytes_equal(g[n], e[n]) for n in e) for g, e in zip(got, expect))
+    assert any(calls) is sliced and not all(calls), calls

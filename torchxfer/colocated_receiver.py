@@ -24,7 +24,8 @@ from .control import ControlChannel
 from .errors import TransferError
 from .group import SideGroup
 from .ipc_transport import new_events, open_buffers
-from .packing import ALIGNMENT, slot_view, typed_view
+from .loading import SlicedBatch
+from .packing import ALIGNMENT, concat_plan, slot_view, typed_view
 from .plan import BucketPlan, Layout, TableChecker
 from .colocated import BACKEND
 from .receiver import LoadWeights, ReceiveProgress, WorkerSide
@@ -294,7 +295,7 @@ class ColocatedReceiver(WorkerSide):
         if memo is not None and memo[0] == buf.data_ptr():
             self.num_tensors += memo[2]
             self.num_bytes += memo[3]
-            return list(memo[1])
+            return SlicedBatch(memo[1], memo[4], memo[5])
         out, count, nbytes = [], 0, 0
         for slot in plan.slots:
             if slot.is_last:
@@ -315,5 +316,10 @@ class ColocatedReceiver(WorkerSide):
         self.num_tensors += count
         self.num_bytes += nbytes
         if all(s.is_whole for s in plan.slots):
-            plan.cache["ipc_recv"] = (buf.data_ptr(), tuple(out), count, nbytes)
+            # Runs of slices back to back in the buffer (as the trainer packs them): a loader may
+            # copy each run out at once (``loading.SlicedBatch``).
+            slots = plan.slots
+            cat = concat_plan(buf, slots, range(len(slots)), [t for _, t in out])
+            runs = tuple((first, end, base, [s.spec.shape[0] for s in slots[first:end]]) for first, end, base in cat.segments)
+            plan.cache["ipc_recv"] = (buf.data_ptr(), tuple(out), count, nbytes, runs, tuple(cat.rest))
         return out
