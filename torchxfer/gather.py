@@ -212,7 +212,7 @@ class Gatherer:
         peer_reads.Mappings.keep_only(used)
         self.peers = peers
         if planned is not None:
-            planned.peer_reads = (key, peers, used)
+            planned.peer_reads = (key, peers, used, {})  # the last: _copies_memo
 
     def _read_peers(self, op: _Op, fulls: dict[int, torch.Tensor]) -> None:
         """The sender, with peer reads: its own shards and every other rank's pieces copied into
@@ -223,6 +223,7 @@ class Gatherer:
         op.direct = [True] * len(op.entries)  # nothing for collect() to place
         cuda = device.type == "cuda"
         dst, src, now = [], [], []
+        memo = self._copies_memo()
         for i in op.entries:
             entry = self.entries[i]
             full = fulls.get(i)
@@ -231,21 +232,30 @@ class Gatherer:
                 self.prefilled += 1
             else:
                 full = fulls[i] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
-            starts, widths, rows, pitch = _geometry(entry)
             at = full.data_ptr()
             local = local_shard(entry.tensor)
-            own, copies = [], []
-            if cuda and local.dtype == entry.dtype and local.device == device and local.is_contiguous() \
-                    and local.numel() * local.element_size() == widths[op.me] * rows:  # fmt: skip
-                own.append((at + starts[op.me], local.data_ptr(), widths[op.me], rows, pitch))
+            known = memo.get(i) if memo is not None else None
+            if known is not None and known[0] == at and known[1] == local.data_ptr() and local.is_contiguous():
+                # The same buffer, shard and mapping as an earlier update of this plan (whose check
+                # says the shard's dtype, shape and device are unchanged): the same copies.
+                own, copies = known[2], known[3]
+                self.peer_reads += len(copies)
             else:
-                dst.append(self._place(full, entry, op.me))
-                src.append(self._local(entry, op.me, device))  # ValueError for a shard of another shape
-            for q, width in enumerate(widths):
-                ptr = self.peers.get((i, q)) if q != op.me and width else None
-                if ptr is not None:
-                    copies.append((at + starts[q], ptr, width, rows, pitch))
-                    self.peer_reads += 1
+                starts, widths, rows, pitch = _geometry(entry)
+                own, copies = [], []
+                if cuda and local.dtype == entry.dtype and local.device == device and local.is_contiguous() \
+                        and local.numel() * local.element_size() == widths[op.me] * rows:  # fmt: skip
+                    own.append((at + starts[op.me], local.data_ptr(), widths[op.me], rows, pitch))
+                else:
+                    dst.append(self._place(full, entry, op.me))
+                    src.append(self._local(entry, op.me, device))  # ValueError for a shard of another shape
+                for q, width in enumerate(widths):
+                    ptr = self.peers.get((i, q)) if q != op.me and width else None
+                    if ptr is not None:
+                        copies.append((at + starts[q], ptr, width, rows, pitch))
+                        self.peer_reads += 1
+                if memo is not None and own:
+                    memo[i] = (at, own[0][1], own, copies)
             if prefilled and self.defer:  # a view of the send buffer: filled just before its broadcast
                 self.deferred[i] = (own, copies)
             else:
@@ -254,6 +264,15 @@ class Gatherer:
         self._copy(dst, src)
         if cuda and (now or dst):
             self._record(device)
+
+    def _copies_memo(self) -> dict[int, tuple] | None:
+        """Per entry, the copies :meth:`_read_peers` made for it last, with the buffer and shard
+        addresses they were made for: kept with a module's cached plan while its peer-read
+        mapping holds (see :meth:`use_peers`), so an unchanged layout costs an address
+        comparison per entry, not its geometry and checks. None without a cached plan."""
+        planned = getattr(self.entries, "planned", None)
+        last = getattr(planned, "peer_reads", None)
+        return last[3] if last is not None and last[1] is self.peers else None
 
     def _record(self, device: torch.device) -> None:
         if self.peer_event is None:
