@@ -23,13 +23,16 @@ class _BatchPlan:
     and dtypes they had, the names they fill, the positions among the targets copied one by one,
     and a C++ check of the shapes and dtypes (:func:`metadata_guard`; None: compare the lists)."""
 
-    __slots__ = ("positions", "dst", "shapes", "dtypes", "names", "alone", "guard")
+    __slots__ = ("positions", "dst", "shapes", "dtypes", "names", "alone", "guard", "device")
 
     def __init__(self, positions: list[int] | None, dst: list[torch.Tensor], src: list[torch.Tensor],
                  names: frozenset[str], alone: list[int]) -> None:  # fmt: skip
         self.positions, self.dst, self.names, self.alone = positions, dst, names, alone
         self.shapes, self.dtypes = [t.shape for t in src], [t.dtype for t in src]
         self.guard = metadata_guard(src)
+        # The targets' one device, if they share one (a SlicedBatch's runs are copied only onto it).
+        devices = {t.device for t in dst}
+        self.device = devices.pop() if len(devices) == 1 else None
 
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
@@ -118,7 +121,8 @@ def _sliced(batch: list[tuple[str, torch.Tensor]], plan: _BatchPlan) -> bool:
     False (nothing copied) unless the batch is one, unchanged, that every position of ``plan`` loads."""
     if type(batch) is not SlicedBatch or plan.positions is not None or plan.alone or not batch.runs:
         return False
-    if not (batch.runs[0][2].is_cuda or SLICED_COPIES_ON_CPU):
+    base = batch.runs[0][2]  # every run's base is a view of the one buffer
+    if not (base.is_cuda or SLICED_COPIES_ON_CPU) or base.device != plan.device:
         return False
     pairs = batch.pairs
     if len(pairs) != len(batch) or not all(map(operator.is_, batch, pairs)):
@@ -232,7 +236,8 @@ class ModuleLoader:
     def __call__(self, batch: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load one batch of ``(name, tensor)`` pairs, all or nothing (see the class docstring).
 
-        The batch is checked first, then copied with one fused multi-tensor copy.
+        The batch is checked first, then copied with one fused multi-tensor copy (a
+        :class:`SlicedBatch` on CUDA: one ``split_with_sizes_copy`` per run of slices).
         A batch with the same names in the same order as one loaded before is
         checked by comparing its shapes and dtypes with that batch's (the same
         rules, without redoing the per-name lookups).
