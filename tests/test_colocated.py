@@ -853,3 +853,32 @@ def test_module_loader_copies_runs_of_slices_at_once_bit_exact(monkeypatch, slic
     run_threads(body, 2, deadline_s=90)
     assert len(got) == 4 and all(all(bytes_equal(g[n], e[n]) for n in e) for g, e in zip(got, expect))
     assert any(calls) is sliced and not all(calls), calls
+
+
+def test_a_sliced_batch_is_never_copied_into_a_target_whose_shape_changed(monkeypatch):
+    """split_with_sizes_copy would resize such a target: ModuleLoader copies that batch the fused
+    way instead, which never reallocates (here it raises, naming nothing loaded twice)."""
+    from torchxfer import loading
+
+    monkeypatch.setattr(loading, "SLICED_COPIES_ON_CPU", True)
+    base = torch.arange(12, dtype=torch.float32)
+    module = torch.nn.Module()
+    for i in range(3):
+        module.register_buffer(f"b{i}", torch.zeros(4))
+    pairs = tuple((f"b{i}", v) for i, v in enumerate(base.split(4)))
+
+    def batch():
+        return loading.SlicedBatch(pairs, ((0, 3, base, [4, 4, 4]),), ())
+
+    loader = ModuleLoader(module)
+    for _ in range(2):  # the plan, then a sliced copy
+        with loader.update():
+            loader(batch())
+    assert torch.equal(module.b1, base[4:8])
+    with torch.no_grad():
+        module.b1.data = torch.zeros(2, 2)  # new metadata behind the target the plan holds
+    ptr = module.b1.data_ptr()
+    loader.reset()
+    with pytest.raises(RuntimeError):
+        loader(batch())  # the fused copy refuses [4] into [2, 2]; nothing is resized
+    assert module.b1.shape == (2, 2) and module.b1.data_ptr() == ptr

@@ -23,7 +23,7 @@ class _BatchPlan:
     and dtypes they had, the names they fill, the positions among the targets copied one by one,
     and a C++ check of the shapes and dtypes (:func:`metadata_guard`; None: compare the lists)."""
 
-    __slots__ = ("positions", "dst", "shapes", "dtypes", "names", "alone", "guard", "device")
+    __slots__ = ("positions", "dst", "shapes", "dtypes", "names", "alone", "guard", "device", "dst_guard")
 
     def __init__(self, positions: list[int] | None, dst: list[torch.Tensor], src: list[torch.Tensor],
                  names: frozenset[str], alone: list[int]) -> None:  # fmt: skip
@@ -33,6 +33,7 @@ class _BatchPlan:
         # The targets' one device, if they share one (a SlicedBatch's runs are copied only onto it).
         devices = {t.device for t in dst}
         self.device = devices.pop() if len(devices) == 1 else None
+        self.dst_guard: Any = None  # made at the first SlicedBatch (False: that path is closed)
 
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
@@ -128,6 +129,15 @@ def _sliced(batch: list[tuple[str, torch.Tensor]], plan: _BatchPlan) -> bool:
     if len(pairs) != len(batch) or not all(map(operator.is_, batch, pairs)):
         return False
     dst = plan.dst
+    # split_with_sizes_copy resizes a target of another shape (with a warning) where a copy would
+    # not: the targets must still have the shapes checked when the plan was made.
+    guard = plan.dst_guard
+    if guard is None:
+        same = list(map(_SHAPE, dst)) == plan.shapes and list(map(_DTYPE, dst)) == plan.dtypes
+        guard = plan.dst_guard = (metadata_guard(dst) if same else None) or False
+    if not guard or not guard(*dst):
+        plan.dst_guard = False
+        return False
     with torch.no_grad():
         for first, end, base, sizes in batch.runs:
             torch.split_with_sizes_copy(base, sizes, out=dst[first:end])
