@@ -33,7 +33,8 @@ from .control import ControlChannel, Step
 from .errors import TransferError
 from .group import SideGroup
 from .ipc_transport import SharedBuffers, open_events
-from .loading import ALONE_BYTES, metadata_guard
+from .group import metadata_guard
+from .loading import ALONE_BYTES
 from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view
 from .plan import BucketPlan, Layout
 from .sender import SendSide, SourceFailed, all_on, gc_paused, pairs, pull_same
@@ -378,7 +379,7 @@ def pull_bucket(plan: BucketPlan, memo: dict, refs: list, item: Item, raw: Itera
     The same rules: the next pair is pulled only while each holds the very object of the last
     update (so a source that refills a staging tensor is never pulled past one); then the pairs are
     checked (2-tuples, names), and the tensors' dtypes, shapes and device, by one C++ call where
-    torch allows (``loading.metadata_guard``, made from the first tensors that passed the plain checks).
+    torch allows (``group.metadata_guard``, made from the first tensors that passed the plain checks).
     """
     keys = memo.get("keys")
     if keys is None:

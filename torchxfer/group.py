@@ -1,8 +1,9 @@
 """The side process group: built from a TCPStore, next to any default group.
 
 This is the only module that touches private torch APIs. Each use names the
-torch versions it was checked on. (One of them is not about groups: a DTensor's
-stored local tensor, :func:`local_shard`.) The group is a plain ``torch.distributed
+torch versions it was checked on. (Two of them are not about groups: a DTensor's
+stored local tensor, :func:`local_shard`, and torch's C++ tensor guards,
+:func:`metadata_guard`.) The group is a plain ``torch.distributed
 .ProcessGroup`` assembled from a store, so ``dist.broadcast(t, group=g,
 group_src=0)`` and ``dist.all_reduce(t, group=g)`` work on it; torchxfer's own
 state for it lives in a :class:`SideGroup` beside it. It never enters the
@@ -51,7 +52,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -1008,3 +1009,55 @@ def destroy_side_group(pg: dist.ProcessGroup) -> None:
     group = _GROUPS.pop(pg, None)
     if group is not None:
         group.close()
+
+
+_GUARDS: Any = None  # torch's C++ tensor check, once it passed its self-test; False: not usable here
+
+
+def _tensor_guards() -> Any:
+    """``torch._C._dynamo.guards.TensorGuards`` (private, torch 2.11-2.13) if it behaves here as
+    :func:`metadata_guard` needs (checked once per process against tensors that must fail it),
+    else False."""
+    global _GUARDS
+    if _GUARDS is None:
+        _GUARDS = False
+        try:
+            from torch._C._dynamo.guards import TensorGuards
+
+            probe = torch.zeros(2)
+            guard = TensorGuards(probe, dynamic_dims_sizes=[[2]], dynamic_dims_strides=[[1]])
+            others = (torch.zeros(3), torch.zeros(2, dtype=torch.float64), torch.zeros(1, 2), torch.zeros(4)[::2],
+                      torch.zeros(2, device="meta"), torch.nn.Parameter(torch.zeros(2)))  # fmt: skip
+            if guard.check(probe) is True and guard.check(torch.ones(2)) is True \
+                    and not any(guard.check(t) for t in others):  # fmt: skip
+                _GUARDS = TensorGuards
+        except Exception:  # not in this build of torch, or not as expected: the plain checks
+            pass
+    return _GUARDS
+
+
+def metadata_guard(tensors: Sequence[torch.Tensor]) -> Callable[..., bool] | None:
+    """One C++ call, ``guard(*others)``, that is True only if ``others`` has as many tensors as
+    ``tensors``, each of the same type, dtype, device, shape, strides and requires_grad as the
+    tensor at its position now (torch's dynamo tensor guards: about 75 ns a tensor, where reading
+    ``shape`` alone costs 120 to 300 ns from Python). False means "not known to match": compare
+    the plain way. None where this torch has no usable guards."""
+    cls = _tensor_guards()
+    if not cls:
+        return None
+    try:
+        sizes = [list(t.shape) for t in tensors]
+        strides = [list(t.stride()) for t in tensors]
+        check = cls(*tensors, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides).check
+        if check(*tensors) is not True:
+            return None
+    except Exception:  # a tensor it cannot describe (sparse, a subclass...): the plain checks
+        return None
+
+    def guard(*others: Any) -> bool:
+        try:
+            return check(*others) is True
+        except Exception:  # another count of tensors, or not tensors
+            return False
+
+    return guard

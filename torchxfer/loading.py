@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from .config import NCCLWeightTransferUpdateInfo
+from .group import metadata_guard
 from .packing import dtype_name, parse_dtype
 
 __all__ = ["ModuleLoader"]
@@ -43,57 +44,6 @@ ALONE_BYTES = 16 << 20
 """Targets of at least this many bytes are copied one by one (a plain copy, on CUDA a device-to-device
 memcpy: about 1.9 TB/s on an H200, where the fused multi-tensor copy moves large tensors at about
 1.35 TB/s); smaller ones in one fused copy (one launch for thousands of tensors)."""
-
-
-_GUARDS: Any = None  # torch's C++ tensor check, once it passed its self-test; False: not usable here
-
-
-def _tensor_guards() -> Any:
-    """``torch._C._dynamo.guards.TensorGuards`` if it behaves here as :func:`metadata_guard` needs
-    (a private class of torch: checked once per process against tensors that must fail it), else False."""
-    global _GUARDS
-    if _GUARDS is None:
-        _GUARDS = False
-        try:
-            from torch._C._dynamo.guards import TensorGuards
-
-            probe = torch.zeros(2)
-            guard = TensorGuards(probe, dynamic_dims_sizes=[[2]], dynamic_dims_strides=[[1]])
-            others = (torch.zeros(3), torch.zeros(2, dtype=torch.float64), torch.zeros(1, 2), torch.zeros(4)[::2],
-                      torch.zeros(2, device="meta"), torch.nn.Parameter(torch.zeros(2)))  # fmt: skip
-            if guard.check(probe) is True and guard.check(torch.ones(2)) is True \
-                    and not any(guard.check(t) for t in others):  # fmt: skip
-                _GUARDS = TensorGuards
-        except Exception:  # not in this build of torch, or not as expected: the plain checks
-            pass
-    return _GUARDS
-
-
-def metadata_guard(tensors: Sequence[torch.Tensor]) -> Callable[..., bool] | None:
-    """One C++ call, ``guard(*others)``, that is True only if ``others`` has as many tensors as
-    ``tensors``, each of the same type, dtype, device, shape, strides and requires_grad as the
-    tensor at its position now (torch's dynamo tensor guards: about 75 ns a tensor, where reading
-    ``shape`` alone costs 120 to 300 ns from Python). False means "not known to match": compare
-    the plain way. None where this torch has no usable guards."""
-    cls = _tensor_guards()
-    if not cls:
-        return None
-    try:
-        sizes = [list(t.shape) for t in tensors]
-        strides = [list(t.stride()) for t in tensors]
-        check = cls(*tensors, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides).check
-        if check(*tensors) is not True:
-            return None
-    except Exception:  # a tensor it cannot describe (sparse, a subclass...): the plain checks
-        return None
-
-    def guard(*others: Any) -> bool:
-        try:
-            return check(*others) is True
-        except Exception:  # another count of tensors, or not tensors
-            return False
-
-    return guard
 
 
 class SlicedBatch(list):
