@@ -1276,3 +1276,94 @@ def test_a_trainer_failing_while_posting_a_bucket_breaks_the_group_on_every_rank
         starts = {s.index: s.bucket for s in plan_slots([TensorSpec.of(n, t) for n, t in model], 256)}
         assert all(starts[int(name[1:])] < target for name in loaded), (rank, loaded)
         assert seconds < 3 * timeout + 2, (rank, seconds)
+
+
+def test_a_cached_bucket_pulled_straight_from_the_callers_iterator_keeps_every_check(monkeypatch):
+    """From the second update of a layout on, a bucket of the very objects sent there last time is
+    pulled straight from the caller's iterator, its tensors checked by one C++ call where torch
+    allows (``sender.pull_bucket``): a tensor given new metadata, a new object, a malformed pair
+    and an iterator that raises part way through a bucket are each seen as they were before,
+    every rank hears of a failure, and every value arrives bit-exact."""
+    world = 2
+    model = [(f"w{i}", torch.randn(50 + i)) for i in range(40)]
+    objects = [t for _, t in model]
+
+    def fresh(u: int) -> Iterator:
+        for _, t in model:
+            t.add_(1)
+        return iter(model)
+
+    def changed_shape(u: int) -> Iterator:  # the same object, new metadata
+        with torch.no_grad():
+            objects[7].data = torch.randn(3, 11)
+        return iter(model)
+
+    def new_object(u: int) -> Iterator:  # a staging tensor refilled: a new object
+        model[20] = ("w20", torch.randn(70))
+        return iter(model)
+
+    def raising(u: int) -> Iterator:
+        yield from model[:25]
+        raise RuntimeError("source broke")
+
+    def malformed(u: int) -> Iterator:
+        yield from model[:25]
+        yield list(model[25])
+
+    plan = [fresh, fresh, changed_shape, fresh, new_object, fresh, raising, fresh, malformed, fresh, fresh]
+    sent: list = []
+    import torchxfer.sender
+
+    taken: list[bool] = []  # per direct pull: whether the bucket was taken whole
+    pull = torchxfer.sender.pull_bucket
+
+    def counting(*args: Any) -> Any:
+        out = pull(*args)
+        taken.append(out[1] is not None)
+        return out
+
+    monkeypatch.setattr(torchxfer.sender, "pull_bucket", counting)
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            out = []
+            try:
+                for u, source in enumerate(plan):
+                    items = source(u)
+                    fails = source in (raising, malformed)
+                    sent.append(None if fails else [(n, t.clone()) for n, t in model])
+                    try:
+                        NCCLWeightTransferEngine.trainer_send_weights(items, group, packed=True,
+                                                                      packed_buffer_size_bytes=4096,
+                                                                      packed_num_buffers=2)  # fmt: skip
+                        out.append(None)
+                    except Exception as e:  # noqa: BLE001
+                        out.append(f"{type(e).__name__}: {e}")
+            finally:
+                destroy_side_group(group)
+            return out
+        engine = worker(rank, port, world)
+        got = []
+        try:
+            for _ in plan:
+                pairs, load = collector()
+                try:
+                    engine.receive_weights(None, load)
+                    got.append(pairs)
+                except TransferError as e:
+                    got.append(str(e))
+        finally:
+            engine.shutdown()
+        return got
+
+    trainer_out, worker_out = run_world(body, world, deadline_s=90)
+    assert trainer_out[6] == "RuntimeError: source broke" and "source broke" in worker_out[6], worker_out[6]
+    assert trainer_out[8].startswith("ValueError: expected (name, tensor) pairs, got list"), trainer_out[8]
+    assert "expected (name, tensor) pairs" in worker_out[8], worker_out[8]
+    for u, want in enumerate(sent):
+        if want is not None:
+            assert trainer_out[u] is None, (u, trainer_out[u])
+            assert_same(worker_out[u], want, f"update {u}")
+    assert tuple(worker_out[2][7][1].shape) == (3, 11)
+    assert taken.count(True) >= 10 and taken.count(False) >= 3, taken  # both ways taken

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import operator
 import random
 import time
 import weakref
@@ -33,11 +32,10 @@ from .control import ControlChannel, Step
 from .errors import TransferError
 from .group import SideGroup
 from .ipc_transport import SharedBuffers, open_events
-from .group import metadata_guard
 from .loading import ALONE_BYTES
 from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view
 from .plan import BucketPlan, Layout
-from .sender import SendSide, SourceFailed, all_on, gc_paused, pairs, pull_same
+from .sender import SendSide, SourceFailed, gc_paused, pairs, pull_bucket, pull_same, then_raise
 from .wire import FLAG_CACHED, FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
 
 __all__ = ["ColocatedSender"]
@@ -243,7 +241,7 @@ class ColocatedSender(SendSide):
             batch, tensors, error = pull_bucket(plan, memo, refs, item, self.raw, self.device)
             if tensors is None:  # handed back through ``pairs``, which checks them (then raises the error, if any)
                 self.raw = None
-                checked = pairs(_then_raise(batch[1:], error), None)
+                checked = pairs(then_raise(batch[1:], error), None)
                 return False, batch[0], checked if error is not None else itertools.chain(checked, source)
         else:
             batch, tensors = pull_same(plan, memo, refs, item, source, self.device)
@@ -367,60 +365,6 @@ class ColocatedSender(SendSide):
         self.read_until(step)
         self.control.settle(step.rows(), reason, self.what)
         raise TransferError(f"{self.what} was aborted")
-
-
-def pull_bucket(plan: BucketPlan, memo: dict, refs: list, item: Item, raw: Iterator[Any],
-                device: torch.device) -> tuple[list[Any], list[torch.Tensor] | None, Exception | None]:  # fmt: skip
-    """``sender.pull_same`` for untransformed pairs, pulled straight from the caller's iterator: the
-    pairs pulled (``item`` first), their tensors if they are exactly the bucket's tensors of the last
-    update (else None), and what the iterator raised, if it did (the pairs then go back through
-    ``pairs``, which checks each as it would have been, then raises that).
-
-    The same rules: the next pair is pulled only while each holds the very object of the last
-    update (so a source that refills a staging tensor is never pulled past one); then the pairs are
-    checked (2-tuples, names), and the tensors' dtypes, shapes and device, by one C++ call where
-    torch allows (``group.metadata_guard``, made from the first tensors that passed the plain checks).
-    """
-    keys = memo.get("keys")
-    if keys is None:
-        keys = memo["keys"] = ([s.spec.name for s in plan.slots], [s.spec.dtype for s in plan.slots],
-                               [s.spec.shape for s in plan.slots])  # fmt: skip
-    names, dtypes, shapes = keys
-    expected = list(map(_DEREF, refs))  # held for this pull only
-    batch = [item]
-    if item[1] is not expected[0]:
-        return batch, None, None
-    append = batch.append
-    try:
-        for want, pulled in zip(itertools.islice(expected, 1, None), raw):
-            append(pulled)
-            if pulled[1] is not want:
-                return batch, None, None
-    except Exception as e:  # the iterator's, or a pair that is not one (``pairs`` says which)
-        return batch, None, e
-    if (len(batch) != len(expected) or {*map(type, batch)} != {tuple} or {*map(len, batch)} != {2}
-            or list(map(_FIRST, batch)) != names):  # fmt: skip
-        return batch, None, None
-    tensors = list(map(_SECOND, batch))
-    guard = memo.get("guard")
-    if guard is not None and guard(*tensors):
-        return batch, tensors, None
-    if list(map(_DTYPE, tensors)) != dtypes or list(map(_SHAPE, tensors)) != shapes or not all_on(tensors, device):
-        return batch, None, None
-    # Made once, from the first tensors that pass; dropped if alike tensors ever fail it (other strides, say).
-    memo["guard"] = metadata_guard(tensors) if "guard" not in memo else None
-    return batch, tensors, None
-
-
-def _then_raise(items: list[Any], error: Exception | None) -> Iterator[Any]:
-    yield from items
-    if error is not None:
-        raise error
-
-
-_DEREF = weakref.ref.__call__
-_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
-_DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
 
 
 def cached_bucket(cached: Layout | None, k: int) -> BucketPlan | None:

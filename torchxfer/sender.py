@@ -67,12 +67,13 @@ from .config import TransferStats
 from . import control
 from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
-from .group import SideGroup
+from .group import SideGroup, metadata_guard
 from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view, whole_views
 from .plan import BucketPlan, Layout, first_bucket, next_bucket
 from .wire import FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
 
-__all__ = ["SenderState", "Sender", "SendSide", "SourceFailed", "all_on", "gc_paused", "pairs", "pull_same"]
+__all__ = ["SenderState", "Sender", "SendSide", "SourceFailed", "all_on", "gc_paused", "pairs", "pull_bucket", "pull_same",
+           "then_raise"]
 
 log = logging.getLogger("torchxfer")
 
@@ -276,6 +277,65 @@ _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 _DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
 
 
+def pull_bucket(plan: BucketPlan, memo: dict, refs: list, item: Item, raw: Iterator[Any],
+                device: torch.device) -> tuple[list[Any], list[torch.Tensor] | None, Exception | None]:  # fmt: skip
+    """:func:`pull_same` for untransformed pairs, pulled straight from the caller's iterator ``raw``
+    (the one :func:`pairs` wraps, without its generator step and checks per pair): the pairs
+    pulled (``item``, which came through ``pairs``, first), their tensors if they are exactly the
+    bucket's tensors of the last update (else None), and what the iterator raised, if it did.
+    Pairs not taken go back through ``pairs`` (:func:`then_raise`), which checks each as it would
+    have, then raises that error.
+
+    The same rules as :func:`pull_same`: the next pair is pulled only while each holds the very
+    object of the last update (so a source that refills a staging tensor is never pulled past
+    one, and every tensor taken passed ``pairs``'s checks when it was first sent); then the pairs
+    are checked (2-tuples, names), and the tensors' dtypes, shapes and device, by one C++ call
+    where torch allows (``group.metadata_guard``, made from the first tensors that passed the
+    plain comparisons, and dropped if alike tensors ever fail it).
+    """
+    keys = memo.get("keys")
+    if keys is None:
+        keys = memo["keys"] = ([s.spec.name for s in plan.slots], [s.spec.dtype for s in plan.slots],
+                               [s.spec.shape for s in plan.slots])  # fmt: skip
+    names, dtypes, shapes = keys
+    batch = [item]
+    if len(refs) != len(names) or None in refs:
+        return batch, None, None
+    expected = list(map(_DEREF, refs))  # held for this pull only
+    if item[1] is not expected[0]:
+        return batch, None, None
+    append = batch.append
+    try:
+        for want, pulled in zip(itertools.islice(expected, 1, None), raw):
+            append(pulled)
+            if pulled[1] is not want:
+                return batch, None, None
+    except Exception as e:  # the iterator's, or a pair that is not one (``pairs`` says which)
+        return batch, None, e
+    if (len(batch) != len(expected) or {*map(type, batch)} != {tuple} or {*map(len, batch)} != {2}
+            or list(map(_FIRST, batch)) != names):  # fmt: skip
+        return batch, None, None
+    tensors = list(map(_SECOND, batch))
+    guard = memo.get("guard")
+    if guard is not None and guard(*tensors):
+        return batch, tensors, None
+    if list(map(_DTYPE, tensors)) != dtypes or list(map(_SHAPE, tensors)) != shapes or not all_on(tensors, device):
+        return batch, None, None
+    memo["guard"] = metadata_guard(tensors) if "guard" not in memo else None
+    return batch, tensors, None
+
+
+def then_raise(items: list[Any], error: Exception | None) -> Iterator[Any]:
+    """``items``, then ``error`` raised (if any): pairs handed back to ``pairs`` in the order
+    the caller's iterator gave them, its failure where it happened."""
+    yield from items
+    if error is not None:
+        raise error
+
+
+_DEREF = weakref.ref.__call__
+
+
 def _spec(item: tuple[str, torch.Tensor]) -> TensorSpec:
     try:
         return TensorSpec.of(*item)
@@ -373,9 +433,18 @@ class Sender(SendSide):
         (its ValueError aborts the update for every rank, then is raised here).
         ``engine.send_pairs`` runs it with the cyclic garbage collector paused."""
         start = time.perf_counter()
-        source = pairs(items, post_iter_func, check)
         cached = self.begin()
         try:
+            # Untransformed pairs of a caller (not send_model's own): a bucket of the cached layout
+            # is pulled straight from the caller's iterator (``pull_bucket``), the rest through
+            # ``pairs``, which checks each pair as it is pulled.
+            self.raw, self.check = None, check
+            if post_iter_func is None and not self.owned:
+                try:
+                    items = self.raw = iter(items)
+                except Exception as e:
+                    raise SourceFailed(e) from e
+            source = pairs(items, post_iter_func, check)
             self.send_buckets(source, cached)
         except SourceFailed as e:
             self.abort(f"the trainer aborted {self.what}: {type(e.original).__name__}: {e.original}")
@@ -662,11 +731,20 @@ class Sender(SendSide):
         Returns None when the bucket's tensors are not those of the last update;
         ``self.replay`` then holds the pulled items, for the slot-by-slot path.
         """
-        batch, tensors = pull_same(plan, memo, None if self.owned else memo["refs"], item, source, self.device)
-        self.replay = (batch[0], itertools.chain(batch[1:], source))
-        if tensors is None:
-            memo["all_stable"] = False
-            return None
+        if self.raw is not None:
+            batch, tensors, error = pull_bucket(plan, memo, memo["refs"], item, self.raw, self.device)
+            if tensors is None:  # handed back through ``pairs``, which checks them (then raises the error, if any)
+                self.raw = None
+                checked = pairs(then_raise(batch[1:], error), None, self.check)
+                self.replay = (batch[0], checked if error is not None else itertools.chain(checked, source))
+                memo["all_stable"] = False
+                return None
+        else:
+            batch, tensors = pull_same(plan, memo, None if self.owned else memo["refs"], item, source, self.device)
+            if tensors is None:
+                self.replay = (batch[0], itertools.chain(batch[1:], source))
+                memo["all_stable"] = False
+                return None
         self.stable = True
         if views is not None:
             packed = memo.get("packed")
