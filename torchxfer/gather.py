@@ -386,6 +386,20 @@ class Gatherer:
                     return False
         return self.peer_event is None or peer_reads.wait_event(self.peer_event, timeout_s)
 
+    def forget(self, timeout_s: float, keep_peers: bool) -> bool:
+        """The sender: drop what was prepared before anything was posted (a group prepared during
+        the plan check, see ``trainer._Schedule.prewarm``): its copies complete (:meth:`settle`,
+        bounded: False if they did not), and this Gatherer is as new, its mapping kept if
+        ``keep_peers``, so the same group can be prepared again with every rank numbering its
+        gathers from the start."""
+        done = self.settle(timeout_s)
+        self.defer, self.early = False, False
+        self.prefilled = self.launched_own = self.peer_reads = 0
+        self._tags.clear()
+        if not keep_peers:
+            self.peers = None
+        return done
+
     def prepare(self, g: int, into: list[Any] | None = None) -> Posted:
         """Local work of group ``g``: this rank's shards cast and packed (or, on the sender, copied
         into the full tensors it allocates), the sender's sections allocated.

@@ -186,7 +186,7 @@ def send_model(
     if trainer_group is None and dist.is_initialized():
         trainer_group = dist.group.WORLD
     lock = None
-    warm: _Schedule | None = None  # the sender's schedule under peer reads, made during the plan check
+    early: _Schedule | None = None  # the sender's schedule under peer reads, made during the plan check
     if trainer_group is not None and trainer_group.size() > 1:
         status = lockstep.status_group(trainer_group)
         lock = lockstep.Lockstep(status, timeout_s, None if status is trainer_group else trainer_group)
@@ -219,24 +219,24 @@ def send_model(
         if role == 1 and row is not None:
             # While the plan check travels: the sender's local work for the first group, if it
             # reads the other ranks' shards as last time (its row digests say so once it is back).
-            warm = _Schedule(entries, groups, dist.get_rank(), lock, timeout_s, _stream_ordered(group))
-            warm.prewarm(group, packed, packed_buffer_size_bytes, packed_num_buffers)
+            early = _Schedule(entries, groups, dist.get_rank(), lock, timeout_s, _stream_ordered(group))
+            early.prewarm(group, packed, packed_buffer_size_bytes, packed_num_buffers)
         try:
             sender = lock.finish_begin()
         except BaseException:
-            if warm is not None:
-                warm.discard_warm()
+            if early is not None:
+                early.discard_warm()
             raise
     if group is not None and is_colocated(group):
         if lock is not None:
             lock.collective_gathers()
         return _send_colocated(entries, group, lock, packed_buffer_size_bytes, packed_num_buffers, version)
     stream_ordered = group is not None and _stream_ordered(group)
-    schedule = warm if warm is not None else _Schedule(entries, groups, sender, lock, timeout_s, stream_ordered)
+    schedule = early if early is not None else _Schedule(entries, groups, sender, lock, timeout_s, stream_ordered)
     if row is not None:  # a peer-read candidate (the plan decides it, so on every rank alike)
         schedule.exchange_peers(row)
-    if warm is not None and warm.warm_peers is not None and not (schedule.peer and schedule.gatherer.peers == warm.warm_peers):
-        warm.discard_warm()  # the rows changed, or no peer reads after all: prepared again as usual
+    if schedule.warm_peers is not None and not (schedule.peer and schedule.gatherer.peers == schedule.warm_peers):
+        schedule.discard_warm()  # the rows changed, or no peer reads after all: prepared again as usual
     if lock is not None and not schedule.peer:
         lock.collective_gathers()
 
@@ -377,6 +377,7 @@ class _Schedule:
             return False  # a later bucket's buffer is still to carry the buckets before it
         state = SenderState.of(side_group(group))
         device = side_group(group).data_device or state.device
+        # The buffer is free: the last update's sends completed before its END step was read.
         views = state.prefilled_views(g, device, buffer_size, num_buffers) if device is not None else None
         runs = state.posting_runs(g)
         if views is None or runs is None or any(v is None for v in views):
@@ -407,15 +408,10 @@ class _Schedule:
         """Undo :meth:`prewarm`: its copies complete (bounded), nothing of it kept."""
         if self.warm_peers is None:
             return
-        g = self.gatherer
-        if not g.settle(self.settle_s):
+        if not self.gatherer.forget(self.settle_s, keep_peers=self.peer):  # after the exchange, a new mapping stays
             log.warning("send_model: copies still queued after %.0f s", self.settle_s)
         self.ahead.clear()
         self.queue.clear()
-        g.defer, g.prefilled, g.launched_own, g.peer_reads, g.early = False, 0, 0, 0, False
-        g._tags.clear()  # the first prepare of this Gatherer: every rank numbers its gathers from 0
-        if not self.peer:  # (after the exchange, a new mapping stays)
-            g.peers = None
         self.warm_peers = None
 
     def exchange_peers(self, row: torch.Tensor) -> None:
