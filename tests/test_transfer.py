@@ -1367,3 +1367,59 @@ def test_a_cached_bucket_pulled_straight_from_the_callers_iterator_keeps_every_c
             assert_same(worker_out[u], want, f"update {u}")
     assert tuple(worker_out[2][7][1].shape) == (3, 11)
     assert taken.count(True) >= 10 and taken.count(False) >= 3, taken  # both ways taken
+
+
+def test_the_nccl_runs_cut_bucket_0_in_three_and_large_later_ranges_in_two_bit_exact(monkeypatch):
+    """The runs NCCL uses (``packing.payload_runs``: bucket 0's first slot alone and its first
+    packed range cut in three, a later bucket's large packed range cut in two), with the sizes
+    scaled down and carried over Gloo: both sides cut alike, and every update, new layout and
+    cached, arrives bit-exact."""
+    import torchxfer.packing
+    import torchxfer.plan
+
+    kib = 1 << 10
+    monkeypatch.setattr(torchxfer.packing, "DIRECT_MIN_BYTES", 8 * kib)
+    monkeypatch.setattr(torchxfer.packing, "FIRST_CUT_MIN_BYTES", 16 * kib)
+    monkeypatch.setattr(torchxfer.packing, "HALF_CUT_MIN_BYTES", 24 * kib)
+    runs, cuts = torchxfer.packing.payload_runs, []
+
+    def as_on_nccl(slots: Any, buffer_size: Any, backend: str = "nccl") -> Any:
+        out = runs(slots, buffer_size, "nccl")
+        packed = [r for r in out if r[2] is None]
+        cuts.extend((slots[0].bucket, a[1]) for a, b in zip(packed, packed[1:]) if a[1] == b[0])
+        return out
+
+    monkeypatch.setattr(torchxfer.plan, "payload_runs", as_on_nccl)
+    world, buf = 3, 64 * kib
+
+    def model(seed: int) -> list[tuple[str, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(seed)
+        sizes = [9, 3, 5, 2, 6, 4, 3, 7, 2, 5, 4, 6, 3, 2, 5, 4, 3, 6, 2, 4]  # KiB: a few buckets of 64 KiB
+        return [(f"t{i}", rand_tensor((n * 256,), torch.float32, gen)) for i, n in enumerate(sizes)]
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            try:
+                for u in range(3):
+                    NCCLWeightTransferEngine.trainer_send_weights(model(u), group, packed=True,
+                                                                  packed_buffer_size_bytes=buf, packed_num_buffers=2)  # fmt: skip
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = worker(rank, port, world, dp=True)
+        out = []
+        try:
+            for _ in range(3):
+                got, load = collector()
+                engine.receive_weights(None, load)
+                out.append(got)
+        finally:
+            engine.shutdown()
+        return out
+
+    values = run_world(body, world, deadline_s=60)
+    for rank in (1, 2):
+        for u in range(3):
+            assert_same(values[rank][u], model(u), f"rank {rank} update {u}")
+    assert {b for b, _ in cuts} >= {0, 1}, cuts  # bucket 0 cut, and a later bucket cut in two
