@@ -2,7 +2,9 @@
 
 Every trainer rank makes the same calls on the same group (see
 :mod:`torchxfer.trainer` for when): :meth:`Lockstep.begin` (one all_gather:
-every rank's plan digest, whether it sends, its peer-read row digest), then
+every rank's plan digest, whether it sends, its peer-read row digest; posted
+by :meth:`Lockstep.post_begin` and waited for by :meth:`Lockstep.finish_begin`,
+so the sender can prepare local work while it travels), then
 either the peer-read exchange and wait (:meth:`Lockstep.exchange`,
 :meth:`Lockstep.await_sender`) or a status step before each group of
 collective gathers (:meth:`Lockstep.step`), then :meth:`Lockstep.finish`.
