@@ -229,6 +229,15 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
+def _bucket_keys(plan: BucketPlan, memo: dict) -> tuple[list[str], list[torch.dtype], list[torch.Size]]:
+    """The bucket's names, dtypes and shapes, slot by slot, made once and kept in ``memo``."""
+    keys = memo.get("keys")
+    if keys is None:
+        keys = memo["keys"] = ([s.spec.name for s in plan.slots], [s.spec.dtype for s in plan.slots],
+                               [s.spec.shape for s in plan.slots])  # fmt: skip
+    return keys
+
+
 def pull_same(plan: BucketPlan, memo: dict, refs: list, item: Item, source: Iterator[Item],
               device: torch.device) -> tuple[list[Item], list[torch.Tensor] | None]:  # fmt: skip
     """Pull a bucket of the cached layout at once, for one fused copy: returns the pairs
@@ -244,11 +253,7 @@ def pull_same(plan: BucketPlan, memo: dict, refs: list, item: Item, source: Iter
     tensors made for this update that nothing else writes (``Sender.owned``), pulled while
     the names match, whatever the objects.
     """
-    keys = memo.get("keys")
-    if keys is None:
-        keys = memo["keys"] = ([s.spec.name for s in plan.slots], [s.spec.dtype for s in plan.slots],
-                               [s.spec.shape for s in plan.slots])  # fmt: skip
-    names, dtypes, shapes = keys
+    names, dtypes, shapes = _bucket_keys(plan, memo)
     batch = [item]
     append = batch.append
     if refs is None:
@@ -293,11 +298,7 @@ def pull_bucket(plan: BucketPlan, memo: dict, refs: list, item: Item, raw: Itera
     where torch allows (``group.metadata_guard``, made from the first tensors that passed the
     plain comparisons, and dropped if alike tensors ever fail it).
     """
-    keys = memo.get("keys")
-    if keys is None:
-        keys = memo["keys"] = ([s.spec.name for s in plan.slots], [s.spec.dtype for s in plan.slots],
-                               [s.spec.shape for s in plan.slots])  # fmt: skip
-    names, dtypes, shapes = keys
+    names, dtypes, shapes = _bucket_keys(plan, memo)
     batch = [item]
     if len(refs) != len(names) or None in refs:
         return batch, None, None

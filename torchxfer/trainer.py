@@ -187,6 +187,7 @@ def send_model(
         trainer_group = dist.group.WORLD
     lock = None
     early: _Schedule | None = None  # the sender's schedule under peer reads, made during the plan check
+    prefill: bool | None = None  # this update is the cached layout (see _prefill); None: not known yet
     if trainer_group is not None and trainer_group.size() > 1:
         status = lockstep.status_group(trainer_group)
         lock = lockstep.Lockstep(status, timeout_s, None if status is trainer_group else trainer_group)
@@ -219,8 +220,10 @@ def send_model(
         if role == 1 and row is not None:
             # While the plan check travels: the sender's local work for the first group, if it
             # reads the other ranks' shards as last time (its row digests say so once it is back).
+            prefill = _cached_layout(entries, groups, group, packed, packed_buffer_size_bytes, packed_num_buffers)
             early = _Schedule(entries, groups, dist.get_rank(), lock, timeout_s, _stream_ordered(group))
-            early.prewarm(group, packed, packed_buffer_size_bytes, packed_num_buffers)
+            if prefill:
+                early.prewarm(group, packed_buffer_size_bytes, packed_num_buffers)
         try:
             sender = lock.finish_begin()
         except BaseException:
@@ -261,8 +264,8 @@ def send_model(
 
     items = _Pulled(entries, groups, schedule)
     fresh = any(e.collective or e.dtype != e.tensor.dtype or is_dtensor(e.tensor) for e in entries)
-    prefill = packed and any(e.collective for e in entries) and _prefill(entries, groups, group, packed_buffer_size_bytes,
-                                                                          packed_num_buffers)  # fmt: skip
+    if prefill is None:
+        prefill = _cached_layout(entries, groups, group, packed, packed_buffer_size_bytes, packed_num_buffers)
 
     def started(sender: Any) -> None:
         if prefill:
@@ -300,6 +303,12 @@ def send_model(
 def _stream_ordered(group: Any) -> bool:
     """Whether the side group's sends are ordered on CUDA streams (NCCL), not waited for."""
     return side_group(group).backend_name == "nccl"
+
+
+def _cached_layout(entries: list[Entry], groups: list[list[int]], group: Any, packed: bool, buffer_size: int,
+                   num_buffers: int) -> bool:  # fmt: skip
+    """Whether the sender packs this update's gathers straight into its buffers (:func:`_prefill`)."""
+    return packed and any(e.collective for e in entries) and _prefill(entries, groups, group, buffer_size, num_buffers)
 
 
 def _prefill(entries: list[Entry], groups: list[list[int]], group: Any, buffer_size: int, num_buffers: int) -> bool:
@@ -360,20 +369,20 @@ class _Schedule:
         self.current = -1  # the collective group the sender's pipeline pulled last
         self.warm_peers: dict | None = None  # prewarm: the mapping the first group was prepared with
 
-    def prewarm(self, group: Any, packed: bool, buffer_size: int, num_buffers: int) -> bool:
-        """The sender, between posting the plan check and waiting for it: when this update is the
-        cached layout (see ``_prefill``) read from the other ranks' shards as mapped at the last
-        agreed exchange, prepare the first collective group into its send buffer and launch the
-        copies of this rank's own shards. Their copies from the other ranks wait (those ranks'
+    def prewarm(self, group: Any, buffer_size: int, num_buffers: int) -> bool:
+        """The sender, between posting the plan check and waiting for it, on an update of the
+        cached layout (see ``_prefill``; the caller checked it): when it reads the other ranks'
+        shards as mapped at the last agreed exchange, prepare the first collective group into its
+        send buffer and launch the copies of this rank's own shards. Their copies from the other ranks wait (those ranks'
         shards are theirs until the check says their rows are unchanged, and they have waited
         for their own writes); the first broadcast waits for the check. Local only: nothing
         another rank can see. Returns whether it prepared anything; False (nothing changed)
         whenever a condition does not hold or anything fails. Undo with :meth:`discard_warm`."""
         known = lockstep.mapped.get(id(self.lock.pg)) if self.lock is not None else None
-        if known is None or self.gatherer is None or not packed or not self.cgroups:
+        if known is None or self.gatherer is None or not self.cgroups:
             return False
         g = self.cgroups[0]
-        if g >= num_buffers or not _prefill(self.gatherer.entries, self.groups, group, buffer_size, num_buffers):
+        if g >= num_buffers:
             return False  # a later bucket's buffer is still to carry the buckets before it
         state = SenderState.of(side_group(group))
         device = side_group(group).data_device or state.device
