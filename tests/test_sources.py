@@ -356,6 +356,15 @@ def test_a_module_planned_again_reuses_its_plan_until_anything_it_depends_on_cha
         net.proj.weight.data = torch.zeros(16, 3)
     again = plan(net, None, None, True)
     assert again.planned is not first.planned and again[2].shape == (16, 3) and again[2].tensor is net.proj.weight
+    assert again.planned.quick is not None  # the one-call metadata check is what the steady state uses
+    with torch.no_grad():  # the same shape in another dtype: not the cached plan
+        net.proj.weight.data = torch.zeros(16, 3, dtype=torch.float64)
+    recast = plan(net, None, None, True)
+    assert recast.planned is not again.planned and recast[2].dtype == torch.float64
+    with torch.no_grad():
+        net.proj.weight.data = torch.zeros(16, 3)
+    again = plan(net, None, None, True)
+    assert again[2].dtype == torch.float32
 
     net.proj.bias = nn.Parameter(torch.ones(16, dtype=torch.float64))  # a new object
     third = plan(net, None, None, True)
@@ -376,7 +385,7 @@ def test_a_module_planned_again_reuses_its_plan_until_anything_it_depends_on_cha
     # The cache holds no tensor: a replaced parameter is freed.
     old = weakref.ref(net.norm.weight)
     net.norm.weight = nn.Parameter(torch.ones(16))
-    del cached, first, again, third, renamed, changed
+    del cached, first, again, recast, third, renamed, changed
     gc.collect()
     assert old() is None
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_PACKED_BUFFER_SIZE_BYTES, DEFAULT_PACKED_NUM_BUFFERS, NCCLWeightTransferUpdateInfo
-from .group import local_shard
+from .group import local_shard, metadata_guard
 from .packing import Planner, TensorSpec, dtype_name, parse_dtype
 
 __all__ = ["NameMap", "Source", "Entry", "ShardInfo", "plan", "gather_groups", "iter_named_tensors",
@@ -214,6 +214,24 @@ class _Planned:
     groups: dict[int | None, list[list[int]]] = dataclasses.field(default_factory=dict)
     peer_reads: Any = None  # the sender's last peer-read mapping of this plan (torchxfer.gather)
     digests: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # by bucketing (torchxfer.lockstep)
+    quick: Any = None  # (:func:`_quick_check` of the pairs as planned) or None: the per-tensor checks only
+
+
+def _quick_check(named: list[tuple[str, Any]]) -> Any:
+    """A cheap test that ``named``'s tensors kept the metadata they have now, or None.
+
+    (guard, DTensor positions, their placements and mesh ids): ``guard`` is one C++ call over
+    every tensor and every DTensor's local shard (:func:`torchxfer.group.metadata_guard`:
+    type, dtype, device, shape, strides), which together with the placements and the mesh
+    covers all that :func:`_meta` reads. Holds no tensor."""
+    tensors = [t for _, t in named]
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    dts = [k for k, t in enumerate(tensors) if is_dtensor(t)]
+    guard = metadata_guard(tensors + [local_shard(tensors[k]) for k in dts])
+    if guard is None:
+        return None
+    return guard, dts, [tensors[k].placements for k in dts], [id(tensors[k].device_mesh) for k in dts]
 
 
 class _Entries(list):
@@ -244,11 +262,12 @@ def plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool) -
         where = {n: k for k, (n, _) in enumerate(named)}
         refs = [_weak(t) for _, t in named]
         if None not in refs:
+            classes = [_classified_as(n, t) for n, t in named]  # memo hits: the objects _same compares
             entries.planned = _plans[source] = _Planned(
-                key, [n for n, _ in named], refs,
-                [_classified_as(n, t) for n, t in named],  # memo hits: the objects _same compares
+                key, [n for n, _ in named], refs, classes,
                 [(where[e.source_name], (e.source_name, e.name, e.dtype, e.shape, e.how, e.shard, e.placement))
                  for e in entries],
+                quick=None if None in classes else _quick_check(named),
             )  # fmt: skip
         return entries
 
@@ -273,6 +292,15 @@ def _same(named: list[tuple[str, Any]], last: _Planned) -> bool:
     unchanged (the memo's very tuple). The steady state of an RL trainer: one pass, no copies."""
     if len(named) != len(last.names):
         return False
+    if last.quick is not None:
+        if all(name == was and ref() is tensor for (name, tensor), was, ref in zip(named, last.names, last.refs)):
+            guard, dts, placements, meshes = last.quick
+            tensors = [t for _, t in named]
+            if all(tensors[k].placements == p and id(tensors[k].device_mesh) == m
+                   for k, p, m in zip(dts, placements, meshes)) and guard(
+                       *tensors, *[local_shard(tensors[k]) for k in dts]):  # fmt: skip
+                return True
+        # Not known to match: the per-tensor checks decide.
     for (name, tensor), was, ref, classified in zip(named, last.names, last.refs, last.classes):
         if name != was or ref() is not tensor or classified is None or _memo_hit(tensor) is not classified:
             return False
