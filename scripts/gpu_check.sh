@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, NCCL bench, FSDP2 bench, colocated bench, GPU tests.
 # Usage (on a machine with 2 GPUs): OUT=/some/dir bash scripts/gpu_check.sh [steps...]
-# Steps: env nccl moe unpacked fsdp fsdpplain fsdpfree fsdp256 fsdpnccl fsdpoff fsdpprof fsdpgpu fsdptl fsdptl256 overlap fsdptests peer peerx peerbw ipc tests (default: env nccl fsdp ipc tests). Each step is
+# Steps: env nccl nccltiny moe unpacked fsdp fsdpplain fsdpfree fsdp256 fsdpnccl fsdpoff fsdpprof fsdpgpu fsdptl fsdptl256 overlap fsdptests peer peerx peerbw ipc tests (default: env nccl fsdp ipc tests). Each step is
 # bounded by its own timeout so one hang cannot eat the call; logs go under $OUT.
 # The steps overlap, fsdpgpu, fsdptl, fsdptl256, peerbw and fsdpprof run throwaway diagnostics from
 # .diag/, which is not in the repository (carry it to the device); the others need nothing else.
@@ -18,6 +18,9 @@ for s in "${steps[@]}"; do
             --buffer-mib 1024,256 --num-buffers 2 --repeats 3 --out "$OUT/nccl.json" \
             --cprofile /tmp/cp_nccl --profile-layouts tiny,transformer 2>&1 | grep -v "] {'layout'" | tail -60
           cat /tmp/cp_nccl/cprofile_rank*.txt > "$OUT/cprofile_nccl.txt" ;;
+    nccltiny) timeout 150 python3 scripts/bench.py --backend nccl --device cuda --workers 1 \
+            --layouts tiny --modes flat,packed,seed --buffer-mib 1024,256 --num-buffers 2 --repeats 5 \
+            --out "$OUT/nccl_tiny.json" 2>&1 | grep -v "] {'layout'" | tail -12 ;;
     unpacked) timeout 150 python3 scripts/bench.py --backend nccl --device cuda --workers 1 \
             --layouts transformer,huge --modes flat,per-tensor,unpacked --repeats 3 --out "$OUT/unpacked.json" 2>&1 | tail -20 ;;
     moe) timeout 200 python3 scripts/bench.py --backend nccl --device cuda --workers 1 \
@@ -29,8 +32,7 @@ for s in "${steps[@]}"; do
     fsdpnccl) timeout 100 python3 scripts/bench_fsdp.py --lockstep nccl --out "$OUT/fsdp_nccl.json" 2>&1 | tail -4 ;;
     peerx) timeout 150 python3 -m pytest -q tests/test_peer_reads.py -k expandable 2>&1 | tee "$OUT/peerx_tests.log" | tail -5 ;;
     peerbw) timeout 60 python3 .diag/peerbw.py 2>&1 | tail -8 ;;
-    overlap) for v in unset 0 1; do if [ $v = unset ]; then timeout 100 python3 .diag/overlap.py 2>&1 | tail -3
-             else NCCL_P2P_READ_ENABLE=$v timeout 100 python3 .diag/overlap.py 2>&1 | tail -3; fi; done ;;
+    overlap) timeout 100 python3 .diag/overlap.py 2>&1 | tail -3 ;;
     fsdpgpu) for m in 1024 256; do MIB=$m timeout 100 python3 .diag/fsdp_gpu.py 2>&1 | grep "^rank" | tail -6; done ;;
     fsdp256) timeout 100 python3 scripts/bench_fsdp.py --buffer-mib 256 --out "$OUT/fsdp_256.json" 2>&1 | tail -3 ;;
     fsdptl) timeout 130 python3 .diag/fsdp_timeline.py 2>&1 | grep "^rank" | tail -6 ;;
