@@ -216,14 +216,13 @@ class Gatherer:
 
     def _read_peers(self, op: _Op, fulls: dict[int, torch.Tensor]) -> None:
         """The sender, with peer reads: its own shards and every other rank's pieces copied into
-        the full tensors (or the send buffer's views) on its stream (pulls by the copy engines, its own
-        pieces by copy kernels: see :func:`torchxfer.peer_reads.copy_batch`);
+        the full tensors (or the send buffer's views) by the copy engines, on its stream;
         nothing to post. A shard of its own that is not a plain contiguous tensor of the sent
         dtype goes through the fused copy (other ranks vote no to a cast: see :func:`peer_row`)."""
         device = mesh_device(self.entries[op.entries[0]].tensor.device_mesh)
         op.direct = [True] * len(op.entries)  # nothing for collect() to place
         cuda = device.type == "cuda"
-        dst, src, now, now_own = [], [], [], []
+        dst, src, now = [], [], []
         memo = self._copies_memo()
         for i in op.entries:
             entry = self.entries[i]
@@ -260,9 +259,7 @@ class Gatherer:
             if prefilled and self.defer:  # a view of the send buffer: filled just before its broadcast
                 self.deferred[i] = (own, copies)
             else:
-                now_own += own
-                now += copies
-        peer_reads.copy_batch(now_own, device, kernels=True)
+                now += own + copies
         peer_reads.copy_batch(now, device)
         self._copy(dst, src)
         if cuda and (now or dst):
@@ -333,7 +330,7 @@ class Gatherer:
                 with torch.cuda.stream(stream):
                     peer_reads.copy_batch(pulls, device)
                 with torch.cuda.stream(self.local_stream):
-                    peer_reads.copy_batch(own, device, kernels=True)
+                    peer_reads.copy_batch(own, device)
                 events = (torch.cuda.Event(), torch.cuda.Event())
                 events[0].record(stream)
                 events[1].record(self.local_stream)
@@ -362,18 +359,16 @@ class Gatherer:
                 current = torch.cuda.current_stream(self.copy_stream.device)
                 current.wait_event(events[0])
                 current.wait_event(events[1])
-        device, batch, batch_own = None, [], []
+        device, batch = None, []
         for i in indices:
             copies = self.deferred.pop(i, None)
             if copies is None:
                 continue
             if device is None:
                 device = mesh_device(self.entries[i].tensor.device_mesh)
-            batch_own += copies[0]
-            batch += copies[1]
+            batch += copies[0] + copies[1]
             self.issued_late += 1
         if device is not None:
-            peer_reads.copy_batch(batch_own, device, kernels=True)
             peer_reads.copy_batch(batch, device)
             if device.type == "cuda":
                 self._record(device)

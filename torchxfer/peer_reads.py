@@ -5,10 +5,9 @@ its shards on its GPU, the sender need not ask the others to send anything.
 Each other rank describes where its shards lie (CUDA IPC handles of the
 allocations that hold them, offsets, sizes) in one row of fixed length; the
 sender maps those allocations (once each, cached for the life of the
-process) and copies every piece straight into place, on its own streams:
-the other ranks' pieces with ``cudaMemcpyAsync`` / ``cudaMemcpy2DAsync`` (copy
-engines, pulling over NVLink), its own with copy kernels (:func:`copy_batch`
-says why). The other ranks run no kernel while the update is sent. A worker
+process) and copies every piece straight into place, on its own stream, with
+``cudaMemcpyAsync`` / ``cudaMemcpy2DAsync``: copy engines, pulling over
+NVLink. The other ranks run no kernel while the update is sent. A worker
 that shares a GPU with one of them has that GPU to itself (two processes'
 kernels on one GPU take turns), and the pulls use the link in the direction
 opposite to the broadcasts.
@@ -339,33 +338,24 @@ _GRAPHS_MAX = 256
 _graphs_off: list[str] = []  # why graphs are not used in this process (a capture failed)
 
 
-def copy_batch(copies: list[tuple[int, int, int, int, int]], device: torch.device, kernels: bool = False) -> None:
+def copy_batch(copies: list[tuple[int, int, int, int, int]], device: torch.device) -> None:
     """Every ``(dst, src, width, rows, pitch)`` of ``copies`` (see :func:`copy_bytes`), in order,
     on ``device``'s current stream. On CUDA a batch seen before is replayed as one CUDA graph of
     copy nodes: one launch instead of one driver call per copy (about 12 us each on an H200
     host, which kept the broadcasts waiting for their copies to be issued). A batch seen the
     first time is captured (nothing runs then), then replayed; if capturing fails, copies are
-    issued one by one from then on.
-
-    ``kernels``: copies within ``device`` (both pointers on it), made by torch's copy kernels
-    (:func:`_kernel_copies`) instead of the copy engines. On an H200, a copy-engine copy of 512
-    MiB slowed an NCCL broadcast of 1 GiB beside it from 3.56 to 3.70-3.72 ms, and the same
-    copy as a kernel did not (3.47-3.51 ms). Pulls from another GPU stay on the copy engines:
-    they did not slow the broadcast (3.57 ms)."""
+    issued one by one from then on."""
     if device.type != "cuda" or len(copies) < 2 or _graphs_off:
-        if device.type == "cuda" and kernels:
-            _kernel_copies(copies, device)
-            return
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
         for args in copies:
             copy_bytes(*args, stream)
         return
-    key = (device.index, kernels, tuple(copies))
+    key = (device.index, tuple(copies))
     graph = _graphs.get(key)
     if graph is None:
-        graph = _capture(copies, device, kernels)
+        graph = _capture(copies, device)
         if graph is None:
-            copy_batch(copies, device, kernels)
+            copy_batch(copies, device)
             return
         if len(_graphs) >= _GRAPHS_MAX:
             _graphs.clear()
@@ -373,55 +363,7 @@ def copy_batch(copies: list[tuple[int, int, int, int, int]], device: torch.devic
     graph.replay()
 
 
-class _Memory:
-    """Device memory torch can wrap without owning it (``__cuda_array_interface__``): the
-    caller keeps the memory alive for as long as the tensor is used."""
-
-    def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 2}
-
-
-_WIDE = (torch.int64, torch.int32, torch.int16)
-
-
-def _element(*values: int) -> torch.dtype:
-    """The widest integer dtype whose size divides every pointer and length of a copy."""
-    for dtype in _WIDE:
-        if all(v % dtype.itemsize == 0 for v in values):
-            return dtype
-    return torch.uint8
-
-
-def _kernel_copies(copies: list[tuple[int, int, int, int, int]], device: torch.device) -> None:
-    """:func:`copy_batch`'s ``kernels`` form, on the current stream: contiguous copies by one
-    ``torch._foreach_copy_`` per element size, strided ones (``Shard(d)``, d > 0) by one copy
-    kernel each. Each side is read as the widest integer type that its pointers and lengths
-    allow, so a thread moves up to 8 bytes at a time."""
-    flat: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    strided = []
-    for dst, src, width, rows, pitch in copies:
-        if not width or not rows:
-            continue
-        if rows == 1 or width == pitch:
-            n = rows * width
-            dtype = _element(dst, src, n)
-            into, frm = flat.setdefault(dtype, ([], []))
-            into.append(torch.as_tensor(_Memory(dst, n), device=device).view(dtype))
-            frm.append(torch.as_tensor(_Memory(src, n), device=device).view(dtype))
-        else:
-            dtype = _element(dst, src, width, pitch)
-            k = dtype.itemsize
-            wide_dst = torch.as_tensor(_Memory(dst, (rows - 1) * pitch + width), device=device).view(dtype)
-            wide_src = torch.as_tensor(_Memory(src, rows * width), device=device).view(dtype)
-            strided.append((wide_dst.as_strided((rows, width // k), (pitch // k, 1)), wide_src.view(rows, width // k)))
-    with torch.no_grad():
-        for into, frm in flat.values():
-            torch._foreach_copy_(into, frm)
-        for into, frm in strided:
-            into.copy_(frm)
-
-
-def _capture(copies: list[tuple[int, int, int, int, int]], device: torch.device, kernels: bool = False) -> Any:
+def _capture(copies: list[tuple[int, int, int, int, int]], device: torch.device) -> Any:
     """A CUDA graph of ``copies`` (captured on a side stream, nothing run), or None."""
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream(device)
@@ -431,11 +373,8 @@ def _capture(copies: list[tuple[int, int, int, int, int]], device: torch.device,
             # thread_local: the process groups' own threads keep querying their events meanwhile
             graph.capture_begin(capture_error_mode="thread_local")
             capturing = True
-            if kernels:
-                _kernel_copies(copies, device)
-            else:
-                for args in copies:
-                    copy_bytes(*args, side.cuda_stream)
+            for args in copies:
+                copy_bytes(*args, side.cuda_stream)
             capturing = False
             graph.capture_end()
         return graph
