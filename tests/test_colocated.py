@@ -308,55 +308,6 @@ def test_module_loader_round_trip_many_buckets_one_buffer():
     assert len(got) == 3 and all(all(bytes_equal(g[n], e[n]) for n in e) for g, e in zip(got, expect))
 
 
-def test_thousands_of_small_tensors_go_in_buckets_of_bucket_slots_bit_exact_cached():
-    """A colocated bucket holds at most BUCKET_SLOTS tensors, whatever the buffer's room: 2500
-    tensors go in three buckets, new layout then cached, bit-exact into a ModuleLoader."""
-    from torchxfer import colocated_sender
-
-    assert colocated_sender.BUCKET_SLOTS == 1024
-    port = free_port()
-    torch.manual_seed(0)
-    src = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(3)) for _ in range(2500)])
-    dst = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(3)) for _ in range(2500)])
-    buckets: list = []
-
-    def body(rank: int):
-        if rank == 0:
-            group = _trainer(port, 2)
-            real = colocated_sender.ColocatedSender.close
-
-            def close(self, slots, last, refs, views):
-                buckets.append(len(slots))
-                return real(self, slots, last, refs, views)
-
-            colocated_sender.ColocatedSender.close = close
-            try:
-                for _ in range(3):
-                    with torch.no_grad():
-                        for p in src.parameters():
-                            p.add_(1.0)
-                    IPCWeightTransferEngine.trainer_send_weights(src.named_parameters(), group,
-                                                                 packed_buffer_size_bytes=1 << 20, packed_num_buffers=2)
-                    expect.append({n: p.detach().clone() for n, p in src.named_parameters()})
-            finally:
-                colocated_sender.ColocatedSender.close = real
-            destroy_side_group(group)
-            return None
-        engine = _worker(rank, port, 2)
-        loader = ModuleLoader(dst)
-        for _ in range(3):
-            with loader.update():
-                engine.receive_weights(None, loader)
-            got.append({n: p.detach().clone() for n, p in dst.named_parameters()})
-        engine.shutdown()
-
-    expect: list = []
-    got: list = []
-    run_threads(body, 2, deadline_s=120)
-    assert buckets == [1024, 1024, 452] * 3
-    assert len(got) == 3 and all(all(bytes_equal(g[n], e[n]) for n in e) for g, e in zip(got, expect))
-
-
 # -- process tier -----------------------------------------------------------------------------
 
 

@@ -1154,17 +1154,3 @@ def test_planner_resume_explicit():
 def test_planner_rejects_bad_buffer_size(bad):
     with pytest.raises(ValueError, match="buffer_size"):
         Planner(bad)
-
-
-def test_planner_max_slots_closes_buckets_by_count_and_is_checked():
-    specs = [u8(f"t{i}", 8) for i in range(7)]
-    planner = Planner(4096, max_slots=3)
-    slots = [s for i, spec in enumerate(specs) for s in planner.add(i, spec)]
-    assert [s.bucket for s in slots] == [0, 0, 0, 1, 1, 1, 2]
-    assert [s.offset for s in slots] == [0, 16, 32, 0, 16, 32, 0]
-    planner = Planner(4096, max_slots=3)
-    planner.resume(0, 24, 3)  # a full bucket, resumed: the next slot opens bucket 1
-    assert planner.add(3, specs[3]) == [Slot(1, 3, specs[3], 0, 8, 0)]
-    for bad in (0, -1, MAX_SLOTS_PER_BUCKET + 1):
-        with pytest.raises(ValueError, match=f"max_slots must be 1 to {MAX_SLOTS_PER_BUCKET}, got {bad}"):
-            Planner(4096, max_slots=bad)

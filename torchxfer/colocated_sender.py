@@ -44,12 +44,6 @@ log = logging.getLogger("torchxfer")
 
 Item = tuple[str, torch.Tensor]
 
-BUCKET_SLOTS = 1024
-"""At most this many tensors per colocated bucket (a broadcast bucket takes up to
-:data:`torchxfer.packing.MAX_SLOTS_PER_BUCKET`): the workers load a bucket while the
-trainer packs the next, and with thousands of small tensors both sides spend CPU per
-tensor, so smaller buckets let the two overlap."""
-
 
 class _State:
     """What rank 0 keeps per colocated group: buffers, workers' events, last layout, next update id."""
@@ -178,7 +172,7 @@ class ColocatedSender(SendSide):
         """Every bucket: the cached layout's while the tensors match it, then tables."""
         self.cached = cached
         self.diverged = cached is None
-        planner = Planner(self.buffer_size, BUCKET_SLOTS)
+        planner = Planner(self.buffer_size)
         queue: collections.deque[Slot] = collections.deque()
         slots: list[Slot] = []
         refs: list[Any] = []

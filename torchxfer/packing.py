@@ -249,15 +249,12 @@ class Planner:
     :data:`UNPACKED_GROUP_BYTES` bytes; each travels in its own broadcast.
     """
 
-    def __init__(self, buffer_size: int | None, max_slots: int = MAX_SLOTS_PER_BUCKET) -> None:
+    def __init__(self, buffer_size: int | None) -> None:
         if buffer_size is not None and (
             isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < ALIGNMENT
         ):
             raise ValueError(f"buffer_size must be an int >= {ALIGNMENT}, got {buffer_size!r}")
-        if not 1 <= max_slots <= MAX_SLOTS_PER_BUCKET:
-            raise ValueError(f"max_slots must be 1 to {MAX_SLOTS_PER_BUCKET}, got {max_slots!r}")
         self.buffer_size = buffer_size
-        self.max_slots = max_slots  # packed: slots per bucket (a colocated sender takes fewer: see there)
         self.bucket, self.cursor, self.count = -1, 0, 0
 
     def resume(self, bucket: int, cursor: int, count: int) -> None:
@@ -266,7 +263,7 @@ class Planner:
 
     def close_bucket(self) -> None:
         """Start the next tensor in a new bucket."""
-        self.cursor, self.count = 0, self.max_slots
+        self.cursor, self.count = 0, MAX_SLOTS_PER_BUCKET
 
     def _new_bucket(self) -> None:
         self.bucket, self.cursor, self.count = self.bucket + 1, 0, 0
@@ -281,8 +278,8 @@ class Planner:
             self.cursor, self.count = self.cursor + nbytes, self.count + 1
             return [Slot(self.bucket, index, spec, 0, nbytes, 0)]
         offset = align_up(self.cursor)
-        fits = offset + nbytes <= size and self.count < self.max_slots
-        if self.bucket < 0 or self.count >= self.max_slots or (not fits and self.count > 0):
+        fits = offset + nbytes <= size and self.count < MAX_SLOTS_PER_BUCKET
+        if self.bucket < 0 or self.count >= MAX_SLOTS_PER_BUCKET or (not fits and self.count > 0):
             self._new_bucket()
             offset = 0
         if offset + nbytes <= size:
