@@ -411,3 +411,51 @@ def test_module_loader_copies_large_targets_one_by_one_and_the_rest_fused(monkey
     if torch.cuda.is_available():
         big = torch.zeros(loading.ALONE_BYTES // 4, device="cuda")
         assert loading._alone([torch.zeros(4, device="cuda"), big]) == [1]
+
+
+def test_state_items_are_state_dict_pairs_or_none_where_state_dict_would_do_more():
+    """The planner's cheap module walk gives state_dict(keep_vars=True)'s very pairs, in order
+    (shared submodules under each name, tied and None parameters, non-persistent buffers left
+    out), and gives up (None) on any module whose state dict has hooks or its own code."""
+    from torchxfer.group import state_items
+
+    shared = nn.Linear(3, 2, bias=False)
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), shared, nn.Sequential(shared, nn.LayerNorm(2)))
+    net.register_buffer("kept", torch.ones(2))
+    net.register_buffer("scratch", torch.zeros(2), persistent=False)
+    net.register_buffer("empty", None)
+    net[0].tied = net[0].weight  # the same parameter under a second name
+
+    def same(module):
+        got, want = state_items(module), list(module.state_dict(keep_vars=True).items())
+        return got is not None and [n for n, _ in got] == [n for n, _ in want] and all(
+            a is b for (_, a), (_, b) in zip(got, want))  # fmt: skip
+
+    assert same(net) and same(Tiny(1)) and same(nn.Module())
+    assert "scratch" not in dict(state_items(net)) and "2.weight" in dict(state_items(net))
+
+    class Extra(nn.Linear):
+        def get_extra_state(self):
+            return {"step": 1}
+
+    class OwnSave(nn.Linear):
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    class OwnStateDict(nn.Linear):
+        def state_dict(self, *args, **kwargs):
+            return super().state_dict(*args, **kwargs)
+
+    for odd in (Extra(2, 2), OwnSave(2, 2), OwnStateDict(2, 2)):
+        assert state_items(nn.Sequential(nn.Linear(2, 2), odd)) is None
+    hooked = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    handle = hooked[1].register_state_dict_pre_hook(lambda module, prefix, keep_vars: None)
+    assert state_items(hooked) is None
+    handle.remove()
+    assert same(hooked)
+    hooked[0]._register_state_dict_hook(lambda module, state, prefix, local_metadata: None)
+    assert state_items(hooked) is None
+    # The planner gives the same entries either way.
+    from torchxfer.sources import _named
+
+    assert [n for n, _ in _named(hooked, True)] == [n for n, _ in _named(nn.Sequential(*hooked), True)]
