@@ -1,10 +1,9 @@
 """The side process group: built from a TCPStore, next to any default group.
 
 This is the only module that touches private torch APIs. Each use names the
-torch versions it was checked on. (Three of them are not about groups: a DTensor's
-stored local tensor, :func:`local_shard`, torch's C++ tensor guards,
-:func:`metadata_guard`, and a module's own state dict read straight from its
-attributes, :func:`state_items`.) The group is a plain ``torch.distributed
+torch versions it was checked on. (Two of them are not about groups: a DTensor's
+stored local tensor, :func:`local_shard`, and torch's C++ tensor guards,
+:func:`metadata_guard`.) The group is a plain ``torch.distributed
 .ProcessGroup`` assembled from a store, so ``dist.broadcast(t, group=g,
 group_src=0)`` and ``dist.all_reduce(t, group=g)`` work on it; torchxfer's own
 state for it lives in a :class:`SideGroup` beside it. It never enters the
@@ -1062,45 +1061,3 @@ def metadata_guard(tensors: Sequence[torch.Tensor]) -> Callable[..., bool] | Non
             return False
 
     return guard
-
-
-
-def state_items(module: Any) -> list[tuple[str, Any]] | None:
-    """``list(module.state_dict(keep_vars=True).items())`` for a module tree that only uses
-    ``nn.Module``'s own state-dict machinery, read straight from each module's ``_parameters``,
-    ``_buffers`` and ``_non_persistent_buffers_set`` (torch 2.6-2.13), in the same order;
-    None when any module in the tree has state-dict hooks, extra state, or its own
-    ``state_dict`` or ``_save_to_state_dict`` (the caller then asks ``state_dict``).
-
-    An RL trainer walks its module every update to see whether the plan changed: for an
-    FSDP2 model of 73 modules ``state_dict`` took 0.30-0.41 ms of that on an H200 host, and
-    this walk a third of what ``state_dict`` takes (on a 2-core CPU, 96 tensors: 0.12 against
-    0.31 ms).
-    """
-    out: list[tuple[str, Any]] = []
-    try:
-        return out if _walk(module, "", out) else None
-    except (AttributeError, RecursionError):
-        return None
-
-
-_MODULE = torch.nn.Module
-
-
-def _walk(m: Any, prefix: str, out: list[tuple[str, Any]]) -> bool:
-    cls = type(m)
-    if (cls.state_dict is not _MODULE.state_dict or cls._save_to_state_dict is not _MODULE._save_to_state_dict
-            or cls.get_extra_state is not _MODULE.get_extra_state or m._state_dict_pre_hooks or m._state_dict_hooks):  # fmt: skip
-        return False
-    for name, p in m._parameters.items():
-        if p is not None:
-            out.append((prefix + name, p))
-    if m._buffers:
-        skip = m._non_persistent_buffers_set
-        for name, b in m._buffers.items():
-            if b is not None and name not in skip:
-                out.append((prefix + name, b))
-    for name, child in m._modules.items():
-        if child is not None and not _walk(child, prefix + name + ".", out):
-            return False
-    return True

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_PACKED_BUFFER_SIZE_BYTES, DEFAULT_PACKED_NUM_BUFFERS, NCCLWeightTransferUpdateInfo
-from .group import local_shard, metadata_guard, state_items
+from .group import local_shard, metadata_guard
 from .packing import Planner, TensorSpec, dtype_name, parse_dtype
 
 __all__ = ["NameMap", "Source", "Entry", "ShardInfo", "plan", "gather_groups", "iter_named_tensors",
@@ -168,8 +168,7 @@ def _named(source: Source, include_buffers: bool) -> list[tuple[str, Any]]:
         params = set() if include_buffers else {id(p) for p in source.parameters()}
         seen: set[int] = set()
         out = []
-        items = state_items(source)  # state_dict's pairs, read without its machinery where it has nothing to add
-        for name, tensor in items if items is not None else source.state_dict(keep_vars=True).items():
+        for name, tensor in source.state_dict(keep_vars=True).items():
             if id(tensor) in seen:  # tied: sent once, under its first name
                 continue
             seen.add(id(tensor))
