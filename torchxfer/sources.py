@@ -289,7 +289,9 @@ def _classified_as(name: str, tensor: Any) -> tuple | None:
 
 def _same(named: list[tuple[str, Any]], last: _Planned) -> bool:
     """Whether ``named`` are the very (name, tensor) pairs of ``last``, each tensor's metadata
-    unchanged (the memo's very tuple). The steady state of an RL trainer: one pass, no copies."""
+    unchanged. The steady state of an RL trainer: an identity pass over the pairs, then the
+    plan's :func:`_quick_check` (one C++ call); where that says no or the plan has none, each
+    tensor's metadata against the memo's very tuple (:func:`_memo_hit`)."""
     if len(named) != len(last.names):
         return False
     if last.quick is not None:
