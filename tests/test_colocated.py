@@ -535,6 +535,104 @@ def test_cuda_trainer_and_workers_on_one_gpu_bit_exact():
     assert outcomes[1].value == outcomes[0].value and outcomes[2].value == outcomes[0].value
 
 
+def test_a_pack_is_replayed_only_for_guarded_tensors_at_the_addresses_it_was_captured_for(monkeypatch):
+    """pack_replayed's decisions, without a GPU: the graph is captured the second time a bucket's
+    tensors are seen at the same addresses into the same buffer, replayed while that holds, and
+    never for tensors that did not pass the guard; a failed capture turns graphs off."""
+    from torchxfer import colocated_sender as cs
+
+    calls: list[str] = []
+
+    class Concat:
+        def pack(self, tensors):
+            calls.append("pack")
+
+    class Graph:
+        def replay(self):
+            calls.append("replay")
+
+    captured: list = []
+
+    def capture(concat, tensors, device):
+        captured.append([t.data_ptr() for t in tensors])
+        return Graph()
+
+    monkeypatch.setattr(cs, "_capture_pack", capture)
+    cuda = torch.device("cuda", 0)
+    tensors = [torch.zeros(2) for _ in range(cs.GRAPH_MIN_TENSORS)]
+    memo: dict = {}
+    concat = Concat()
+
+    def step(ts=tensors, guarded=True, plan=concat, device=cuda):
+        calls.clear()
+        cs.pack_replayed(plan, ts, memo, device, guarded)
+        return calls[:]
+
+    assert step() == ["pack"]  # first seen at these addresses
+    assert step() == ["replay"] and len(captured) == 1  # seen again: captured, then replayed
+    assert step() == ["replay"] and len(captured) == 1
+    assert step(guarded=False) == ["pack"]  # not known to have the captured strides
+    moved = list(tensors)
+    moved[3] = torch.zeros(2)
+    assert step(moved) == ["pack"] and step(moved) == ["replay"] and len(captured) == 2
+    assert step(plan=Concat()) == ["pack"]  # another buffer: another pack plan
+    assert step(tensors[:-1]) == ["pack"]  # too few tensors to be worth a graph
+    assert step(device=torch.device("cpu")) == ["pack"]
+    monkeypatch.setattr(cs, "_capture_pack", lambda *a: None)
+    memo.clear()
+    assert step() == ["pack"] and step() == ["pack"] and memo.get("graph_off") and step() == ["pack"]
+
+
+def _cuda_graph_body(rank: int, port: int):
+    """Trainer and one worker on GPU 0, 600 small parameters: the cached bucket's pack is captured
+    as a CUDA graph and replayed; a parameter whose storage or strides change is packed as usual."""
+    from torchxfer import colocated_sender
+    from torchxfer.group import side_group
+
+    torch.cuda.set_device(0)
+    torch.manual_seed(5)
+    params = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(4, 4, device="cuda")) for _ in range(600)])
+    if rank == 0:
+        group = _trainer(port, 2, PROCESS_TIMEOUT, device="cuda")
+        sent, graphs = [], []
+        for u in range(7):
+            with torch.no_grad():
+                for p in params:
+                    p.add_(1.0)
+                if u == 4:  # new storage behind the same parameter: the graph's addresses are stale
+                    params[7].data = torch.randn(4, 4, device="cuda")
+                if u == 5:  # same shape and dtype, other strides: the guard says no
+                    params[9].data = torch.randn(4, 4, device="cuda").t()
+            IPCWeightTransferEngine.trainer_send_weights(params.named_parameters(), group,
+                                                         packed_buffer_size_bytes=1 << 20, packed_num_buffers=2)  # fmt: skip
+            sent.append({n: digest(t) for n, t in params.named_parameters()})
+            memo = colocated_sender._State.of(side_group(group)).layout.buckets[0].cache
+            graphs.append(memo.get("graph") is not None)
+        destroy_side_group(group)
+        return sent, graphs
+    engine = _worker(rank, port, 2, PROCESS_TIMEOUT, device="cuda:0")
+    got = []
+    for _ in range(7):
+        store: dict = {}
+        engine.receive_weights(None, _collect(store))
+        got.append({n: digest(t) for n, t in store.items()})
+    engine.shutdown()
+    return got
+
+
+@processes
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_a_cached_bucket_of_many_tensors_is_packed_by_a_replayed_graph_bit_exact():
+    outcomes = run_processes(_cuda_graph_body, 2, free_port(), deadline_s=240)
+    for o in outcomes:
+        assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
+    sent, graphs = outcomes[0].value
+    assert outcomes[1].value == sent and len(sent) == 7
+    # Update 0 plans, 1 is seen at these addresses, 2 is captured, 3 replayed; 4 moved a tensor
+    # (packed as usual), 5 is captured again at the new addresses... until the strides change.
+    assert graphs[:4] == [False, False, True, True] and graphs[4] is False
+
+
 @processes
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_cuda_fsdp2_trainer_of_two_ranks_each_with_a_colocated_worker():

@@ -319,7 +319,9 @@ def pull_bucket(plan: BucketPlan, memo: dict, refs: list, item: Item, raw: Itera
     tensors = list(map(_SECOND, batch))
     guard = memo.get("guard")
     if guard is not None and guard(*tensors):
+        memo["guarded"] = True  # every tensor as the guard's first ones were, strides included
         return batch, tensors, None
+    memo["guarded"] = False
     if list(map(_DTYPE, tensors)) != dtypes or list(map(_SHAPE, tensors)) != shapes or not all_on(tensors, device):
         return batch, None, None
     memo["guard"] = metadata_guard(tensors) if "guard" not in memo else None
