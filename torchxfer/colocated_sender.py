@@ -10,7 +10,9 @@ buffer's event, which workers wait for before reading.
 Sources: each tensor is packed before the next one is pulled, so a generator
 may refill one staging tensor; a bucket whose tensors are all the very
 objects sent there last update (a module's parameters) is pulled and packed
-in one fused copy. Every wait is bounded by the group's ``timeout_s``.
+in one fused copy (on CUDA, for a bucket of many tensors, a replayed CUDA
+graph of that copy: :func:`pack_replayed`). Every wait is bounded by the
+group's ``timeout_s``.
 """
 
 from __future__ import annotations
