@@ -517,10 +517,15 @@ def _cuda_body(rank: int, port: int):
                         t.add_(torch.randn(t.shape, generator=gen).to(t.device, t.dtype))
         destroy_side_group(group)
         return sent
-    engine = _worker(rank, port, 3, PROCESS_TIMEOUT, device="cuda:0")
+    return _cuda_receive(rank, port, 3, 3)
+
+
+def _cuda_receive(rank: int, port: int, world: int, updates: int) -> list[dict]:
+    """A worker on GPU 0: the digests of every tensor of each of ``updates`` updates."""
+    engine = _worker(rank, port, world, PROCESS_TIMEOUT, device="cuda:0")
     assert engine.device == torch.device("cuda", 0)
     got = []
-    for _ in range(3):
+    for _ in range(updates):
         store: dict = {}
         engine.receive_weights(None, _collect(store))
         got.append({n: digest(t) for n, t in store.items()})
@@ -610,14 +615,7 @@ def _cuda_graph_body(rank: int, port: int):
             graphs.append(memo.get("graph") is not None)
         destroy_side_group(group)
         return sent, graphs
-    engine = _worker(rank, port, 2, PROCESS_TIMEOUT, device="cuda:0")
-    got = []
-    for _ in range(7):
-        store: dict = {}
-        engine.receive_weights(None, _collect(store))
-        got.append({n: digest(t) for n, t in store.items()})
-    engine.shutdown()
-    return got
+    return _cuda_receive(rank, port, 2, 7)
 
 
 @processes

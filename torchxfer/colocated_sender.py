@@ -18,7 +18,6 @@ group's ``timeout_s``.
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import logging
 import operator
@@ -38,6 +37,7 @@ from .group import SideGroup
 from .ipc_transport import SharedBuffers, open_events
 from .loading import ALONE_BYTES
 from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view
+from .peer_reads import capture_graph
 from .plan import BucketPlan, Layout
 from .sender import SendSide, SourceFailed, gc_paused, pairs, pull_bucket, pull_same, then_raise
 from .wire import FLAG_CACHED, FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
@@ -412,25 +412,11 @@ def pack_replayed(concat: ConcatPlan, tensors: list[torch.Tensor], memo: dict, d
 
 
 def _capture_pack(concat: ConcatPlan, tensors: list[torch.Tensor], device: torch.device) -> Any:
-    """A CUDA graph of ``concat.pack(tensors)`` (captured on a side stream, nothing run), or None."""
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream(device)
-    capturing = False
-    try:
-        with torch.cuda.device(device), torch.cuda.stream(side):
-            # thread_local: the process groups' own threads keep querying their events meanwhile
-            graph.capture_begin(capture_error_mode="thread_local")
-            capturing = True
-            concat.pack(tensors)
-            capturing = False
-            graph.capture_end()
-        return graph
-    except Exception as e:
-        if capturing:
-            with contextlib.suppress(Exception):
-                graph.capture_end()
-        log.debug("colocated: packs are not replayed as CUDA graphs for this bucket: %s: %s", type(e).__name__, e)
-        return None
+    """A CUDA graph of ``concat.pack(tensors)`` (nothing run), or None."""
+    graph, why = capture_graph(lambda: concat.pack(tensors), device)
+    if graph is None:
+        log.debug("colocated: packs are not replayed as CUDA graphs for this bucket: %s", why)
+    return graph
 
 
 def cached_bucket(cached: Layout | None, k: int) -> BucketPlan | None:

@@ -43,6 +43,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ log = logging.getLogger("torchxfer")
 
 __all__ = ["ENV", "PeerReadsUnavailable", "Row", "candidate", "digest_words", "raw_bytes", "encode_row", "decode_row",
            "agreed", "export",
-           "Mappings", "copy_bytes", "copy_batch", "wait_event"]  # fmt: skip
+           "Mappings", "capture_graph", "copy_bytes", "copy_batch", "wait_event"]  # fmt: skip
 
 ENV = "TORCHXFER_PEER_READS"
 _HEAD = 6  # vote, host id (4 words), segment count
@@ -363,8 +364,10 @@ def copy_batch(copies: list[tuple[int, int, int, int, int]], device: torch.devic
     graph.replay()
 
 
-def _capture(copies: list[tuple[int, int, int, int, int]], device: torch.device) -> Any:
-    """A CUDA graph of ``copies`` (captured on a side stream, nothing run), or None."""
+def capture_graph(record: Callable[[], None], device: torch.device) -> tuple[Any, str | None]:
+    """A CUDA graph of the work ``record()`` issues on the current stream, captured on a side
+    stream of ``device`` (nothing runs): ``(graph, None)``, or ``(None, why)`` if capturing failed
+    (the runtime's error is cleared, so torch's next check does not trip on it)."""
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream(device)
     capturing = False
@@ -373,20 +376,32 @@ def _capture(copies: list[tuple[int, int, int, int, int]], device: torch.device)
             # thread_local: the process groups' own threads keep querying their events meanwhile
             graph.capture_begin(capture_error_mode="thread_local")
             capturing = True
-            for args in copies:
-                copy_bytes(*args, side.cuda_stream)
+            record()
             capturing = False
             graph.capture_end()
-        return graph
+        return graph, None
     except Exception as e:
         if capturing:
             with contextlib.suppress(Exception):
                 graph.capture_end()
-        _cudart().cudaGetLastError()  # the runtime keeps the error for torch's next check otherwise
-        _graphs_off.append(f"{type(e).__name__}: {e}")
+        _cudart().cudaGetLastError()
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _capture(copies: list[tuple[int, int, int, int, int]], device: torch.device) -> Any:
+    """A CUDA graph of ``copies`` (nothing run), or None (and graphs off in this process)."""
+
+    def record() -> None:
+        stream = torch.cuda.current_stream(device).cuda_stream
+        for args in copies:
+            copy_bytes(*args, stream)
+
+    graph, why = capture_graph(record, device)
+    if graph is None:
+        _graphs_off.append(str(why))
         log.debug("peer reads: copies issued one by one from now on; capturing them as a CUDA graph "
-                  "failed: %s", _graphs_off[-1])
-        return None
+                  "failed: %s", why)
+    return graph
 
 
 def wait_event(event: Any, timeout_s: float) -> bool:
