@@ -46,6 +46,11 @@ for s in "${steps[@]}"; do
             --layouts transformer,tiny --modes ipc,d2d --buffer-mib 1024,256 --num-buffers 2 --repeats 3 \
             --out "$OUT/ipc.json" --cprofile /tmp/cp_ipc --profile-layouts tiny 2>&1 | grep -v "] {'layout'" | tail -24
           cat /tmp/cp_ipc/cprofile_rank*.txt > "$OUT/cprofile_ipc.txt" ;;
+    ipcab) for i in 1 2; do for d in 1 0; do echo "--- direct reads $d, run $i"
+             TORCHXFER_DIRECT_READS=$d CUDA_VISIBLE_DEVICES=0 timeout 100 python3 scripts/bench.py --backend gloo \
+               --device cuda --workers 1 --layouts transformer --modes ipc,d2d --buffer-mib 1024,256 \
+               --num-buffers 2 --repeats 5 --out "$OUT/ipc_direct${d}_$i.json" 2>&1 | tail -3; done; done ;;
+    ipctests) timeout 200 python3 -m pytest -q -n 4 tests/test_colocated.py 2>&1 | tee "$OUT/ipc_tests.log" | tail -15 ;;
     tests) { timeout 120 python3 -m pytest -q -n 4 tests/test_colocated.py
              timeout 150 python3 -m pytest -q -n 4 tests/test_nccl.py tests/test_cuda.py; } 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     *) echo "unknown step $s" ;;

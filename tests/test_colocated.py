@@ -632,6 +632,101 @@ def test_cuda_a_cached_bucket_of_many_tensors_is_packed_by_a_replayed_graph_bit_
     assert graphs == [False, False, False, True, False, False, False]
 
 
+def _cuda_direct_body(rank: int, port: int):
+    """Trainer and two workers on GPU 0, 8 updates of a model whose large tensors (over a lowered
+    DIRECT_BYTES) are read in place by the workers from the second update on: see the test."""
+    from torchxfer import colocated_sender
+    from torchxfer.control import ControlChannel
+    from torchxfer.group import side_group
+
+    torch.cuda.set_device(0)
+    torch.manual_seed(3)
+    if rank != 0:
+        engine = _worker(rank, port, 3, PROCESS_TIMEOUT, device="cuda:0")
+        got = []
+        for u in range(8):
+            store: dict = {}
+
+            def load(batch, u=u):
+                if u in (1, 2, 5):  # a slow load: the trainer's next in-place step must wait for it
+                    torch.cuda._sleep(200_000_000)
+                if u == 4 and rank == 1:
+                    raise ValueError("worker 1 refuses update 4")
+                for name, tensor in batch:
+                    store[name] = tensor.clone()
+
+            try:
+                engine.receive_weights(None, load)
+                got.append({n: digest(t) for n, t in store.items()})
+            except TransferError:
+                got.append(None)
+        engine.shutdown()
+        return got
+    colocated_sender.DIRECT_BYTES = 64 << 10
+    params = torch.nn.ParameterDict({
+        **{f"big{i}": torch.nn.Parameter(torch.randn(128, 160 + 8 * i, device="cuda")) for i in range(6)},
+        **{f"small{i}": torch.nn.Parameter(torch.randn(7 + i, device="cuda")) for i in range(9)},
+        "big_bf16": torch.nn.Parameter(torch.randn(256, 256, device="cuda").bfloat16()),
+    })  # fmt: skip
+    frames: list[str] = []
+    real_send = ControlChannel.send_frame
+    ControlChannel.send_frame = lambda self, frame, what: (frames.append(what), real_send(self, frame, what))[1]
+    real_map = colocated_sender.ColocatedSender.direct_map
+
+    def hostile_map(self, plan, picked, ptrs, buf):
+        made = real_map(self, plan, picked, ptrs, buf)
+        body = colocated_sender.decode_frame(made["frame"], "test")
+        body["slots"][0][2] += 1 << 40  # far past the allocation
+        made["frame"] = colocated_sender.encode_frame(body)
+        return made
+
+    group = _trainer(port, 3, PROCESS_TIMEOUT, device="cuda")
+    state = colocated_sender._State.of(side_group(group))
+    sent, direct_frames, errors = [], [], []
+    for u in range(8):
+        with torch.no_grad():
+            for p in params.values():
+                p.mul_(1.5).add_(1.0)  # right after the last send, on the current stream
+            if u == 3:  # new storage behind one parameter: its bucket's map is made again
+                params["big2"].data = torch.randn(128, 176, device="cuda")
+        if u == 6:
+            colocated_sender.ColocatedSender.direct_map = hostile_map
+            for plan in state.layout.buckets:
+                plan.cache.pop("direct", None)
+        frames.clear()
+        try:
+            IPCWeightTransferEngine.trainer_send_weights(params.named_parameters(), group,
+                                                         packed_buffer_size_bytes=192 << 10, packed_num_buffers=2)  # fmt: skip
+            sent.append({n: digest(t) for n, t in params.named_parameters()})
+            errors.append(None)
+        except TransferError as e:
+            sent.append(None)
+            errors.append(str(e))
+        direct_frames.append(sum("direct reads" in w for w in frames))
+    direct_buckets = sum(1 for plan in state.layout.buckets if plan.cache.get("direct_candidates"))
+    destroy_side_group(group)
+    return sent, direct_frames, errors, direct_buckets, state.direct_off
+
+
+@processes
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_large_tensors_are_read_in_place_bit_exact_and_every_failure_is_agreed():
+    """Update 0 packs everything (a new layout); 1 sends each direct bucket's map; 2 reuses them
+    (no frame); 3 moved one parameter (one new map); 4 fails on a worker (agreed), so 5 sends every
+    map again; 6's maps point past the trainer's allocation: every worker refuses them (agreed
+    TransferError, no crash), the trainer packs everything from then on, and 7 arrives packed.
+    Slow loads (1, 2, 5) check that the trainer's next in-place step waits for the workers' reads."""
+    outcomes = run_processes(_cuda_direct_body, 3, free_port(), deadline_s=240)
+    for o in outcomes:
+        assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
+    sent, frames, errors, direct_buckets, off = outcomes[0].value
+    assert [e is None for e in errors] == [True, True, True, True, False, True, False, True], errors
+    assert outcomes[1].value == sent and outcomes[2].value == sent
+    assert direct_buckets >= 2
+    assert frames[:4] == [0, direct_buckets, 0, 1] and frames[5] == direct_buckets and frames[7] == 0, frames
+    assert off is not None and "in place" in errors[6], errors[6]
+
+
 @processes
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_cuda_fsdp2_trainer_of_two_ranks_each_with_a_colocated_worker():
@@ -979,3 +1074,77 @@ def test_a_sliced_batch_is_never_copied_into_a_target_whose_shape_changed(monkey
     with pytest.raises(RuntimeError):
         loader(batch())  # the fused copy refuses [4] into [2, 2]; nothing is resized
     assert module.b1.shape == (2, 2) and module.b1.data_ptr() == ptr
+
+
+def _direct_frame(gen: int, slots: list, segments: list) -> bytes:
+    from torchxfer.colocated import encode_frame
+
+    return encode_frame({"gen": gen, "slots": slots, "segments": segments})
+
+
+_SEGMENT = ["ab" * 64, 4096, 7]
+
+
+@pytest.mark.parametrize(
+    "frame, why",
+    [
+        (b"TXIPnot json", "not JSON"),
+        (b"XXXX{}", "not a torchxfer colocated frame"),
+        (_direct_frame(2, [[0, 0, 0]], [_SEGMENT]), "disagrees"),  # another generation than the row's
+        (_direct_frame(1, [], [_SEGMENT]), "malformed"),  # no entry
+        (_direct_frame(1, [[0, 0, 0]] * 4, [_SEGMENT]), "malformed"),  # more entries than slots
+        (_direct_frame(1, [[0, 0, 0]], [["zz" * 64, 4096, 7]]), "malformed allocation"),
+        (_direct_frame(1, [[0, 0, 0]], [["ab" * 63, 4096, 7]]), "malformed allocation"),
+        (_direct_frame(1, [[0, 0, 0]], [["ab" * 64, 0, 7]]), "malformed allocation"),
+        (_direct_frame(1, [[0, 0, 0]], [["ab" * 64, -5, 7]]), "malformed allocation"),
+        (_direct_frame(1, [[0, 0, 0]], [["ab" * 64, True, 7]]), "malformed allocation"),
+        (_direct_frame(1, [[0, 0, 0]], [["ab" * 64, 4096, 1.5]]), "malformed allocation"),
+        (_direct_frame(1, [[0, 0, -1]], [_SEGMENT]), "malformed entry"),
+        (_direct_frame(1, [[0, 0]], [_SEGMENT]), "malformed entry"),
+        (_direct_frame(1, [[0, 0, "0"]], [_SEGMENT]), "malformed entry"),
+        (_direct_frame(1, [[3, 0, 0]], [_SEGMENT]), "out of range"),  # no slot 3
+        (_direct_frame(1, [[0, 1, 0]], [_SEGMENT]), "out of range"),  # no allocation 1
+        (_direct_frame(1, [[1, 0, 0], [0, 0, 1024]], [_SEGMENT]), "out of range"),  # not increasing
+        (_direct_frame(1, [[0, 0, 0], [0, 0, 1024]], [_SEGMENT]), "out of range"),  # twice
+        (_direct_frame(1, [[2, 0, 0]], [_SEGMENT]), "at offset"),  # a part of a split tensor
+        (_direct_frame(1, [[0, 0, 4096 - 1000]], [_SEGMENT]), "at offset"),  # past the allocation's end
+        (_direct_frame(1, [[0, 0, 1 << 61]], [_SEGMENT]), "at offset"),
+        (_direct_frame(1, [[0, 0, 2]], [_SEGMENT]), "at offset"),  # not aligned to a float32
+    ],
+)
+def test_a_hostile_direct_read_map_is_refused_before_anything_is_read(frame, why):
+    """A worker checks every field of the trainer's direct-read map (CUDA only in use; the checks
+    run here with the mapping itself replaced by a CPU tensor)."""
+    from types import SimpleNamespace
+
+    from torchxfer.colocated_receiver import ColocatedReceiver
+    from torchxfer.packing import Slot, TensorSpec
+
+    spec = TensorSpec.of("w", torch.zeros(256, dtype=torch.float32))  # 1024 bytes
+    split = TensorSpec.of("s", torch.zeros(600, dtype=torch.float32))
+    plan = SimpleNamespace(slots=(Slot(0, 0, spec, 0, 1024, 0), Slot(0, 1, spec, 0, 1024, 1024),
+                                  Slot(0, 2, split, 0, 1024, 2048)))  # fmt: skip
+    memory = torch.arange(4096, dtype=torch.int32).to(torch.uint8)
+    worker = ColocatedReceiver.__new__(ColocatedReceiver)
+    worker.direct_segment = lambda handle, size, buffer_id: memory[:size]
+    with pytest.raises(TransferError, match=why):
+        worker.map_direct(plan, 1, frame)
+
+
+def test_a_direct_read_map_gives_views_of_the_named_bytes():
+    from types import SimpleNamespace
+
+    from torchxfer.colocated_receiver import ColocatedReceiver
+    from torchxfer.packing import Slot, TensorSpec
+
+    a, b = torch.randn(16, 16), torch.randn(8).double()
+    plan = SimpleNamespace(slots=(Slot(0, 0, TensorSpec.of("a", a), 0, 1024, 0),
+                                  Slot(0, 1, TensorSpec.of("b", b), 0, 64, 1024)))  # fmt: skip
+    memory = torch.zeros(4096, dtype=torch.uint8)
+    memory[512:1536] = a.view(-1).view(torch.uint8)
+    memory[2048:2112] = b.view(torch.uint8)
+    worker = ColocatedReceiver.__new__(ColocatedReceiver)
+    worker.direct_segment = lambda handle, size, buffer_id: memory[:size]
+    views, handles = worker.map_direct(plan, 5, _direct_frame(5, [[0, 0, 512], [1, 0, 2048]], [_SEGMENT]))
+    assert bytes_equal(views[0], a) and bytes_equal(views[1], b) and handles == {bytes.fromhex("ab" * 64)}
+    assert views[0].data_ptr() == memory.data_ptr() + 512  # a view, not a copy

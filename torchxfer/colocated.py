@@ -14,11 +14,25 @@ lockstep (:mod:`torchxfer.colocated_sender`, :mod:`torchxfer.colocated_receiver`
     (SHARE)         new buffers: a description frame, CUDA workers' event handles, a SYNC step
     per bucket      the trainer waits until every worker released the buffer (their rows
                     say how many buckets each released), packs it, then posts
-      BUCKET step   the next bucket of the cached layout (not waited for), or
+      BUCKET step   the next bucket of the cached layout (not waited for); on CUDA, with the
+                    generation of its direct-read map (below) and, when that map is new
+                    to the workers, the map's frame; or
       TABLE step    a new layout: its table frame, then a SYNC step every rank waits for
     END step        blocking: every worker loaded everything; (SYNC: atomic workers applied)
 
-A worker's row: ``[status, layout it holds, layout ok, atomic, buckets released, buffers id]``.
+A worker's row: ``[status, layout it holds, layout ok, atomic, buckets released, buffers id,
+direct reads failed]``.
+
+Direct reads (CUDA, from the second update of a layout): a cached bucket's large whole
+tensors (``colocated_sender.DIRECT_BYTES``) are not packed. The workers read them where
+they lie in the trainer's memory, through CUDA IPC handles of their allocations. The map
+of handles, offsets and slots is sent with the BUCKET row only when it changed. A worker
+maps each allocation once and checks every offset against the driver's own size of the
+mapped allocation. It waits for the bucket's event before reading. At the end of the
+update, the trainer's current stream waits for every worker's release events, so the
+next optimizer step cannot overwrite a tensor a worker is still reading. A worker that
+cannot use a map fails the update (agreed, as any failure). Its row says why, and the
+trainer then packs everything for the rest of the group's life.
 Frames here are a 4-byte magic and UTF-8 JSON, capped and validated; nothing is unpickled.
 """
 
@@ -49,9 +63,10 @@ MAX_IPC_FRAME = 64 << 10
 _CACHE_KEY = "colocated"
 
 
-def encode_frame(body: dict[str, Any]) -> bytes:
+def encode_frame(body: dict[str, Any], limit: int | None = MAX_IPC_FRAME) -> bytes:
+    """A frame of ``body`` (``limit``: asserted; None: the caller checks the length)."""
     frame = _MAGIC + json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-    assert len(frame) <= MAX_IPC_FRAME
+    assert limit is None or len(frame) <= limit
     return frame
 
 

@@ -23,9 +23,10 @@ from .config import MAX_NUM_BUFFERS, NCCLWeightTransferUpdateInfo, TransferStats
 from .control import ControlChannel
 from .errors import TransferError
 from .group import SideGroup
-from .ipc_transport import new_events, open_buffers
+from .ipc_transport import new_events, open_buffers, open_memory
 from .loading import SlicedBatch
 from .packing import ALIGNMENT, concat_plan, slot_view, typed_view
+from .peer_reads import PeerReadsUnavailable, locate
 from .plan import BucketPlan, Layout, TableChecker
 from .colocated import BACKEND
 from .receiver import LoadWeights, ReceiveProgress, WorkerSide
@@ -48,6 +49,8 @@ class _State:
         self.layout: Layout | None = None
         self.validated: Any = None
         self.assembly = torch.empty(0, dtype=torch.uint8)
+        # The trainer's allocations mapped for direct reads, by IPC handle: (tensor, size, allocation id).
+        self.direct_maps: dict[bytes, tuple[torch.Tensor, int, int]] = {}
 
     @staticmethod
     def of(group: SideGroup) -> _State:
@@ -92,10 +95,11 @@ class ColocatedReceiver(WorkerSide):
         self.what = "update"
         self.in_table_mode = False
         self.finished = False
+        self.direct_failed = False
 
     def row(self) -> list[int]:
         return make_row(Kind.WORKER, len(self.error), self.holds, int(self.plan_ok), int(self.atomic),
-                        self.released, self.state.buffers_id)  # fmt: skip
+                        self.released, self.state.buffers_id, int(self.direct_failed))  # fmt: skip
 
     # -- the update ------------------------------------------------------------------------------
 
@@ -188,18 +192,23 @@ class ColocatedReceiver(WorkerSide):
             last = bool(check_arg(row, 1, "last", 0, 1))
             if self.finished:
                 raise self.broken(f"the trainer sent bucket {bucket} after the last one")
+            direct = None
             if row.kind == Kind.BUCKET:
                 if (self.cached is None or self.in_table_mode or bucket >= len(self.cached.buckets)):
                     raise self.broken(f"the trainer announced bucket {bucket} of a layout this rank does not hold")
                 plan = self.cached.buckets[bucket]
+                gen = check_arg(row, 2, "direct map", 0, MAX_COUNT)
+                frame_len = check_arg(row, 3, "frame_bytes", 0, MAX_IPC_FRAME if gen else 0)
                 if self.check_cached and not self.error:
                     try:
                         self.checker.check(BucketHeader(plan.index, plan.slots), bucket)
                     except TransferError as e:
                         self.fail(str(e))
+                if gen:
+                    direct = self.direct(plan, gen, frame_len)
             else:
                 plan = self.table(bucket, row)
-            self.load(plan)
+            self.load(plan, direct)
             self.layout.append(plan)
             bucket += 1
             if last:
@@ -225,6 +234,95 @@ class ColocatedReceiver(WorkerSide):
         self.control.settle(rows, self.error, f"{self.what} bucket {bucket}")
         assert plan is not None  # a rank without a plan has failed, and settle raised on every rank
         return plan
+
+    def direct(self, plan: BucketPlan, gen: int, frame_len: int) -> dict[int, torch.Tensor] | None:
+        """The bucket's tensors the trainer lets this worker read where they lie (direct reads,
+        CUDA): the map of generation ``gen``, sent now (``frame_len`` bytes) or held from an earlier
+        update. A map that cannot be used fails this worker (and the row tells the trainer, which
+        packs every tensor from then on)."""
+        frame = self.control.recv_frame(frame_len, f"{self.what} bucket {plan.index} (direct reads)") if frame_len else None
+        if self.error:
+            return None
+        held = plan.cache.get("direct_recv")
+        try:
+            if frame is None:
+                if held is None or held[0] != gen:
+                    raise TransferError(f"the trainer announced direct-read map {gen}, which this rank does not hold")
+                return held[1]
+            views, handles = self.map_direct(plan, gen, frame)
+        except TransferError as e:
+            self.direct_failed = True
+            self.fail(f"rank {self.group.rank()} cannot read the trainer's tensors of bucket {plan.index} in place: {e}")
+            return None
+        plan.cache["direct_recv"] = (gen, views, handles)
+        return views
+
+    def map_direct(self, plan: BucketPlan, gen: int, frame: bytes) -> tuple[dict[int, torch.Tensor], frozenset[bytes]]:
+        """Check a direct-read map and map the allocations it names (once each, checked against
+        the driver's own size of the mapped allocation): per slot position, a typed view."""
+        body = decode_frame(frame, "direct-read map")
+        entries, segments = body.get("slots"), body.get("segments")
+        if body.get("gen") != gen or not isinstance(entries, list) or not isinstance(segments, list) \
+                or not 1 <= len(segments) <= len(entries) <= len(plan.slots):  # fmt: skip
+            raise TransferError("the direct-read map is malformed or disagrees with the trainer's row")
+        bases, handles = [], []
+        for seg in segments:
+            if not (isinstance(seg, list) and len(seg) == 3 and isinstance(seg[0], str) and len(seg[0]) == 128
+                    and _is_count(seg[1]) and seg[1] > 0 and _is_count(seg[2])):  # fmt: skip
+                raise TransferError("the direct-read map names a malformed allocation")
+            try:
+                handle = bytes.fromhex(seg[0])
+            except ValueError:
+                raise TransferError("the direct-read map names a malformed allocation") from None
+            bases.append(self.direct_segment(handle, seg[1], seg[2]))
+            handles.append(handle)
+        views: dict[int, torch.Tensor] = {}
+        last = -1
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 3 and all(map(_is_count, entry))):
+                raise TransferError("the direct-read map has a malformed entry")
+            p, s, offset = entry
+            if not last < p < len(plan.slots) or s >= len(bases):
+                raise TransferError(f"the direct-read map names slot {p} or allocation {s}, out of range")
+            slot = plan.slots[p]
+            base = bases[s]
+            if not slot.is_whole or not slot.length or offset + slot.length > base.numel() \
+                    or offset % slot.spec.dtype.itemsize:  # fmt: skip
+                raise TransferError(f"the direct-read map puts {slot.spec.name!r} ({slot.length} bytes) at offset "
+                                    f"{offset} of an allocation of {base.numel()} bytes")  # fmt: skip
+            views[p] = typed_view(base[offset : offset + slot.length], slot.spec)
+            last = p
+        return views, frozenset(handles)
+
+    def direct_segment(self, handle: bytes, size: int, buffer_id: int) -> torch.Tensor:
+        """The trainer's allocation behind ``handle``, mapped once (a new allocation behind the same
+        handle bytes, by its allocation id, is mapped afresh after every view of the old one goes)."""
+        maps = self.state.direct_maps
+        known = maps.get(handle)
+        if known is not None and known[1:] == (size, buffer_id):
+            return known[0]
+        if self.device.type != "cuda":
+            raise TransferError(f"direct reads need a CUDA worker, this one receives on {self.device}")
+        if known is not None:
+            self.drop_direct()
+        tensor = open_memory(self.device, handle, size, "the trainer's tensor memory")
+        try:
+            with torch.cuda.device(self.device):
+                base, real, _ = locate(tensor.data_ptr())
+        except PeerReadsUnavailable as e:
+            raise TransferError(str(e)) from None
+        if base != tensor.data_ptr() or real < size:
+            raise TransferError(f"the trainer says its allocation has {size} bytes, the driver says {real}")
+        maps[handle] = (tensor, size, buffer_id)
+        return tensor
+
+    def drop_direct(self) -> None:
+        """Forget every direct-read mapping and every map that views one (they are unmapped as the
+        last view goes)."""
+        for layout in (self.state.layout, self.cached, getattr(self, "layout", None)):
+            for plan in layout.buckets if layout is not None else ():
+                plan.cache.pop("direct_recv", None)
+        self.state.direct_maps.clear()
 
     def finish(self) -> None:
         self.finished = True
@@ -266,17 +364,22 @@ class ColocatedReceiver(WorkerSide):
         self.progress.applied = True
         self.state.layout = self.layout
         self.state.validated = self.info
+        if self.state.direct_maps:  # unmap what this layout's maps no longer name
+            used = set().union(*(p.cache["direct_recv"][2] for p in self.layout.buckets if "direct_recv" in p.cache))
+            for handle in [h for h in self.state.direct_maps if h not in used]:
+                del self.state.direct_maps[handle]
 
     # -- payload ----------------------------------------------------------------------------------
 
-    def load(self, plan: BucketPlan) -> None:
-        """Hand the bucket's tensors (views of the shared buffer) to load_weights, then release it."""
+    def load(self, plan: BucketPlan, direct: dict[int, torch.Tensor] | None = None) -> None:
+        """Hand the bucket's tensors (views of the shared buffer, and ``direct``: of the trainer's
+        own memory, by slot position) to load_weights, then release it."""
         b = plan.index % self.num_buffers
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.current_stream(self.device).wait_event(self.state.trainer_events[b])
         if not self.error:
-            batch = self.tensors(plan, self.state.buffers[b])
+            batch = self.tensors(plan, self.state.buffers[b], direct)
             if batch and self.atomic:
                 self.staged.extend((name, t.clone()) for name, t in batch)
             elif batch:
@@ -288,14 +391,28 @@ class ColocatedReceiver(WorkerSide):
             self.state.release_events[b].record(torch.cuda.current_stream(self.device))
         self.released += 1
 
-    def tensors(self, plan: BucketPlan, buf: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """The bucket's complete tensors: views of the buffer (made once per layout), or of the
-        assembly tensor for a tensor split across buckets."""
+    def tensors(self, plan: BucketPlan, buf: torch.Tensor,
+                direct: dict[int, torch.Tensor] | None = None) -> list[tuple[str, torch.Tensor]]:  # fmt: skip
+        """The bucket's complete tensors: views of the buffer (made once per layout), of the
+        assembly tensor for a tensor split across buckets, or (``direct``) of the trainer's memory."""
         memo = plan.cache.get("ipc_recv")
-        if memo is not None and memo[0] == buf.data_ptr():
+        if memo is None or memo[0] != buf.data_ptr():
+            out = self.views(plan, buf)
+            memo = plan.cache.get("ipc_recv")
+            if memo is None or memo[0] != buf.data_ptr():
+                return out
+        else:
             self.num_tensors += memo[2]
             self.num_bytes += memo[3]
-            return SlicedBatch(memo[1], memo[4], memo[5])
+        if direct:
+            out = list(memo[1])
+            for p, view in direct.items():
+                out[p] = (out[p][0], view)
+            return out
+        return SlicedBatch(memo[1], memo[4], memo[5])
+
+    def views(self, plan: BucketPlan, buf: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """:meth:`tensors` the first time a plan is seen on ``buf``."""
         out, count, nbytes = [], 0, 0
         for slot in plan.slots:
             if slot.is_last:
@@ -323,3 +440,7 @@ class ColocatedReceiver(WorkerSide):
             runs = tuple((first, end, base, [s.spec.shape[0] for s in slots[first:end]]) for first, end, base in cat.segments)
             plan.cache["ipc_recv"] = (buf.data_ptr(), tuple(out), count, nbytes, runs, tuple(cat.rest))
         return out
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62

@@ -21,6 +21,7 @@ import collections
 import itertools
 import logging
 import operator
+import os
 import random
 import time
 import weakref
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .colocated import BACKEND, FLAG_SHARE, colocated_device, encode_frame, gather_blobs
+from .colocated import BACKEND, FLAG_SHARE, MAX_IPC_FRAME, colocated_device, encode_frame, gather_blobs
 from .config import TransferStats
 from .control import ControlChannel, Step
 from .errors import TransferError
@@ -37,7 +38,7 @@ from .group import SideGroup
 from .ipc_transport import SharedBuffers, open_events
 from .loading import ALONE_BYTES
 from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view
-from .peer_reads import capture_graph
+from .peer_reads import PeerReadsUnavailable, allocation_id, capture_graph, ipc_handle, locate
 from .plan import BucketPlan, Layout
 from .sender import SendSide, SourceFailed, gc_paused, pairs, pull_bucket, pull_same, then_raise
 from .wire import FLAG_CACHED, FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
@@ -61,6 +62,9 @@ class _State:
         self.layout: Layout | None = None
         self.confirmed = 0  # the fingerprint every worker said it holds at the last END
         self.next_update_id = 0
+        self.direct_gen = 0  # the last direct-read map made (see ColocatedSender.direct_for)
+        self.direct_epoch = 0  # bumped by every failed update: maps are sent again after one
+        self.direct_off: str | None = None  # why direct reads are off for this group
 
     @staticmethod
     def of(group: SideGroup) -> _State:
@@ -90,13 +94,24 @@ class ColocatedSender(SendSide):
         self.failed = False
         self.num_tensors = 0
         self.bucket = 0
+        self.direct_row: tuple[int, bytes] = (0, b"")  # the next BUCKET row's direct-read map: (generation, frame)
+        self.direct_held: list[torch.Tensor] = []  # tensors workers read in place this update
 
     # -- the update ------------------------------------------------------------------------------
 
     def run(self, items: Iterable[Any], post_iter_func: Callable | None) -> TransferStats:
         """The update, with the cyclic garbage collector paused (``sender.gc_paused``)."""
-        with gc_paused():
-            return self._run(items, post_iter_func)
+        ok = False
+        try:
+            with gc_paused():
+                stats = self._run(items, post_iter_func)
+            ok = True
+            return stats
+        finally:
+            if not ok:
+                self.state.direct_epoch += 1  # a worker may have missed a map: send them all again
+            if self.direct_held:
+                self.release_direct()
 
     def _run(self, items: Iterable[Any], post_iter_func: Callable | None) -> TransferStats:
         start = time.perf_counter()
@@ -253,11 +268,102 @@ class ColocatedSender(SendSide):
             batch, tensors = pull_same(plan, memo, refs, item, source, self.device)
         if tensors is None:
             return False, batch[0], itertools.chain(batch[1:], source)
-        self.acquire(plan.index)
         buf = self.state.buffers.tensors[plan.index % self.num_buffers]
-        pack_replayed(self.concat_for(plan, buf), tensors, memo, self.device, guarded)
+        concat = self.direct_for(plan, tensors, buf)
+        self.acquire(plan.index)
+        pack_replayed(concat or self.concat_for(plan, buf), tensors, memo, self.device, guarded)
         self.num_tensors += len(tensors)
         return True, next(source, None), source
+
+    def direct_for(self, plan: BucketPlan, tensors: list[torch.Tensor], buf: torch.Tensor) -> ConcatPlan | None:
+        """Direct reads (CUDA): the bucket's whole tensors of at least :data:`DIRECT_BYTES`,
+        contiguous on the group's GPU, are not packed; workers read them where they lie, through
+        a map of CUDA IPC handles of their allocations (sent with the BUCKET row when it changed:
+        ``self.direct_row``). Returns how the other tensors are packed, or None: pack them all.
+
+        The map is remade when a tensor moved or an allocation behind one is a new one (the
+        driver's allocation id), and sent again after a failed update. The tensors are held
+        until the update ends, when later work on the current stream is made to wait for the
+        workers' reads (:meth:`release_direct`)."""
+        state, memo = self.state, plan.cache
+        if self.device.type != "cuda" or state.direct_off is not None or not direct_reads_enabled():
+            return None
+        candidates = memo.get("direct_candidates")
+        if candidates is None:
+            candidates = memo["direct_candidates"] = tuple(
+                p for p, s in enumerate(plan.slots) if s.is_whole and s.length >= DIRECT_BYTES)  # fmt: skip
+        if not candidates:
+            return None
+        device = self.device
+        picked = tuple(p for p in candidates if tensors[p].device == device and tensors[p].is_contiguous())
+        if not picked:
+            return None
+        ptrs = tuple(tensors[p].data_ptr() for p in picked)
+        known = memo.get("direct")
+        if known is not None and known["want"] == (picked, ptrs) and known["buf"] == buf.data_ptr() and all(
+            allocation_id(base) == buffer_id for base, buffer_id in known["allocations"]
+        ):  # fmt: skip
+            frame = b"" if known["epoch"] == state.direct_epoch else known["frame"]
+        else:
+            try:
+                known = self.direct_map(plan, picked, ptrs, buf)
+            except PeerReadsUnavailable as e:
+                state.direct_off = str(e)
+                log.info("colocated: workers will not read tensors in place on this group: %s", e)
+                return None
+            memo["direct"] = known
+            frame = known["frame"]
+        known["epoch"] = state.direct_epoch
+        self.direct_row = (known["gen"], frame)
+        self.direct_held.extend(tensors[p] for p in known["key"][0])
+        return known["concat"]
+
+    def direct_map(self, plan: BucketPlan, picked: tuple[int, ...], ptrs: tuple[int, ...],
+                   buf: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+        """A new direct-read map of ``picked`` (slot positions) at ``ptrs``: its frame and the
+        plan packing the rest. Only as many tensors as fit one frame are read in place."""
+        state = self.state
+        slots, segments, index, allocations = [], [], {}, []
+        with torch.cuda.device(self.device):
+            for p, ptr in zip(picked, ptrs):
+                base, size, buffer_id = locate(ptr)
+                if (base, buffer_id) not in index:
+                    index[(base, buffer_id)] = len(segments)
+                    segments.append([ipc_handle(base).hex(), size, buffer_id])
+                    allocations.append((base, buffer_id))
+                slots.append([p, index[(base, buffer_id)], ptr - base])
+        state.direct_gen += 1
+        n = len(slots)
+        while True:
+            used = sorted({seg for _, seg, _ in slots[:n]})
+            renumber = {seg: i for i, seg in enumerate(used)}
+            frame = encode_frame({"gen": state.direct_gen, "slots": [[p, renumber[seg], off] for p, seg, off in slots[:n]],
+                                  "segments": [segments[seg] for seg in used]}, limit=None)  # fmt: skip
+            if len(frame) <= MAX_IPC_FRAME:
+                break
+            n //= 2
+            if not n:
+                raise PeerReadsUnavailable("no direct-read map fits a frame")
+        skip = set(picked[:n])
+        live = [p for p, s in enumerate(plan.slots) if s.length and p not in skip]
+        concat = concat_plan(buf, plan.slots, live, None, ALONE_BYTES)
+        return {"want": (picked, ptrs), "key": (picked[:n], ptrs[:n]), "buf": buf.data_ptr(), "gen": state.direct_gen, "frame": frame,
+                "allocations": [allocations[seg] for seg in used], "concat": concat, "epoch": -1}  # fmt: skip
+
+    def release_direct(self) -> None:
+        """The update is over (or failed): later work on the current stream waits for every
+        worker's reads of the tensors read in place (their release events, recorded after their
+        last loads), and each of those tensors' memory is reused only after that work
+        (``record_stream``). Skipped when the group broke: a dead worker reads nothing more."""
+        held, self.direct_held = self.direct_held, []
+        if self.group.broken is not None:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        for events in self.state.worker_events:
+            for event in events:
+                stream.wait_event(event)
+        for t in held:
+            t.record_stream(stream)
 
     @staticmethod
     def concat_for(plan: BucketPlan, buf: torch.Tensor, views: list[Any] | None = None) -> ConcatPlan:
@@ -296,7 +402,10 @@ class ColocatedSender(SendSide):
         if self.device.type == "cuda":
             self.state.buffers.events[k % self.num_buffers].record()
         if plan is cached_bucket(cached, k):
-            self.post(make_row(Kind.BUCKET, k, int(last), 0), f"{self.what} bucket {k}")
+            (gen, frame), self.direct_row = self.direct_row, (0, b"")
+            self.post(make_row(Kind.BUCKET, k, int(last), gen, len(frame)), f"{self.what} bucket {k}")
+            if frame:
+                self.control.send_frame(frame, f"{self.what} bucket {k} (direct reads)")
         else:
             self.post(make_row(Kind.TABLE, k, int(last), 0, len(plan.frame)), f"{self.what} bucket {k}")
             self.control.send_frame(plan.frame, f"{self.what} table {k}")
@@ -335,6 +444,10 @@ class ColocatedSender(SendSide):
         rows = step.rows()
         self.released = min(r.args[4] for r in rows[1:]) if len(rows) > 1 else 1 << 62
         self.failed = self.failed or any(r.args[0] for r in rows[1:])
+        if any(r.args[6] for r in rows[1:]) and self.state.direct_off is None:
+            self.state.direct_off = "a worker could not map the trainer's memory"
+            log.warning("colocated: a worker could not read the trainer's tensors in place; they are packed "
+                        "into the shared buffers from now on for this group")  # fmt: skip
         return rows
 
     def read_until(self, step: Step) -> None:
@@ -371,6 +484,19 @@ class ColocatedSender(SendSide):
         self.read_until(step)
         self.control.settle(step.rows(), reason, self.what)
         raise TransferError(f"{self.what} was aborted")
+
+
+DIRECT_BYTES = ALONE_BYTES
+"""On CUDA, a cached bucket's whole, contiguous tensors of at least this many bytes are read by the
+workers where they lie (:meth:`ColocatedSender.direct_for`): one copy (the worker's load) instead of
+two (the pack, then the load)."""
+
+DIRECT_ENV = "TORCHXFER_DIRECT_READS"
+"""Set to 0 on the trainer to pack every tensor into the shared buffers."""
+
+
+def direct_reads_enabled() -> bool:
+    return os.environ.get(DIRECT_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 GRAPH_MIN_TENSORS = 256

@@ -35,7 +35,7 @@ import torch
 from .errors import TransferError
 from .group import gpu_uuid
 
-__all__ = ["SharedBuffers", "HostProbe", "check_host_probe", "device_uuid", "open_buffers"]
+__all__ = ["SharedBuffers", "HostProbe", "check_host_probe", "device_uuid", "open_buffers", "open_memory"]
 
 _PROBE_BYTES = 32
 
@@ -272,16 +272,25 @@ def open_buffers(desc: Any, device: torch.device, num_buffers: int, nbytes: int)
     if not (isinstance(handles, list) and isinstance(events, list) and len(handles) == len(events) == num_buffers
             and all(isinstance(h, str) and len(h) == 128 for h in handles + events)):  # fmt: skip
         raise TransferError("the trainer's buffer description is malformed")
-    lib, tensors, opened = _cudart(), [], []
-    for h in handles:
-        ptr = ctypes.c_void_p()
-        with torch.cuda.device(device):
-            _check(lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), _handle(bytes.fromhex(h)), 1),
-                   "opening the trainer's buffer (cudaIpcOpenMemHandle)")  # fmt: skip
-        tensors.append(_wrap(device, ptr.value, nbytes, "close"))
+    tensors = [open_memory(device, bytes.fromhex(h), nbytes, "the trainer's buffer") for h in handles]
     with torch.cuda.device(device):
         opened = [torch.cuda.Event.from_ipc_handle(device, bytes.fromhex(e)) for e in events]
     return tensors, opened
+
+
+def open_memory(device: torch.device, handle: bytes, nbytes: int, what: str) -> torch.Tensor:
+    """Map another process's device allocation from its 64-byte CUDA IPC handle: a uint8 tensor of
+    its first ``nbytes`` bytes, unmapped when the last tensor viewing it goes. The caller checks
+    ``nbytes`` against the allocation. TransferError if the handle cannot be opened here."""
+    lib, ptr = _cudart(), ctypes.c_void_p()
+    with torch.cuda.device(device):
+        code = lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), _handle(handle), 1)
+    if code != 0 or not ptr.value:
+        lib.cudaGetLastError()  # the runtime keeps the error for torch's next check otherwise
+        text = lib.cudaGetErrorString(code)
+        raise TransferError(f"opening {what} (cudaIpcOpenMemHandle) failed: CUDA error {code} "
+                            f"({text.decode() if text else '?'})")  # fmt: skip
+    return _wrap(device, ptr.value, nbytes, "close")
 
 
 def new_events(device: torch.device, count: int) -> tuple[list[Any], bytes]:

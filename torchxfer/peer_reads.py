@@ -53,7 +53,7 @@ from .ipc_transport import _check, _cudart, _handle, _IpcHandle
 log = logging.getLogger("torchxfer")
 
 __all__ = ["ENV", "PeerReadsUnavailable", "Row", "candidate", "digest_words", "raw_bytes", "encode_row", "decode_row",
-           "agreed", "export",
+           "agreed", "export", "locate", "ipc_handle", "allocation_id",
            "Mappings", "capture_graph", "copy_bytes", "copy_batch", "wait_event"]  # fmt: skip
 
 ENV = "TORCHXFER_PEER_READS"
@@ -208,12 +208,33 @@ lies where it lay and every segment is still the allocation it was (its allocati
 driver call per segment rather than two per tensor), the export is the same."""
 
 
-def _allocation_id(ptr: int) -> int:
+def allocation_id(ptr: int) -> int:
     """The driver's id of the allocation holding ``ptr`` (-1: none)."""
     value = ctypes.c_uint64()
     if _driver().cuPointerGetAttribute(ctypes.byref(value), _BUFFER_ID, ctypes.c_uint64(ptr)) != 0:
         return -1
     return value.value
+
+
+def locate(ptr: int) -> tuple[int, int, int]:
+    """The allocation holding device pointer ``ptr``: (base, size, allocation id).
+    PeerReadsUnavailable if the driver knows none."""
+    drv = _driver()
+    base, size, buffer_id = ctypes.c_uint64(), ctypes.c_size_t(), ctypes.c_uint64()
+    if drv.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)) != 0 \
+            or drv.cuPointerGetAttribute(ctypes.byref(buffer_id), _BUFFER_ID, ctypes.c_uint64(ptr)) != 0:  # fmt: skip
+        raise PeerReadsUnavailable(f"no allocation found for a tensor at {ptr:#x}")
+    return int(base.value), int(size.value), int(buffer_id.value)
+
+
+def ipc_handle(base: int) -> bytes:
+    """The 64-byte CUDA IPC handle of the allocation at ``base`` (on the current device).
+    PeerReadsUnavailable if the runtime refuses (e.g. torch's expandable segments)."""
+    lib, handle = _cudart(), _IpcHandle()
+    if lib.cudaIpcGetMemHandle(ctypes.byref(handle), ctypes.c_void_p(base)) != 0:
+        lib.cudaGetLastError()  # the runtime keeps the error for torch's next check otherwise
+        raise PeerReadsUnavailable("cudaIpcGetMemHandle refused an allocation (expandable segments?)")
+    return ctypes.string_at(ctypes.addressof(handle), 64)
 
 
 def export(tensors: dict[int, torch.Tensor]) -> tuple[dict[int, tuple[int, int, int]], list[tuple[bytes, int, int]]]:
@@ -226,39 +247,30 @@ def export(tensors: dict[int, torch.Tensor]) -> tuple[dict[int, tuple[int, int, 
     where = tuple((k, t.data_ptr(), t.numel() * t.element_size()) for k, t in tensors.items())
     last = _last_export
     if last is not None and last[0] == where and all(
-        _allocation_id(base) == seg[2] for base, seg in zip(last[3], last[2])
+        allocation_id(base) == seg[2] for base, seg in zip(last[3], last[2])
     ):  # fmt: skip
         _synchronize(tensors)
         return last[1], last[2]
     _last_export = None
-    drv, lib = _driver(), _cudart()
     bases: list[int] = []
     pieces: dict[int, tuple[int, int, int]] = {}
     segments: list[tuple[bytes, int, int]] = []
     seen: dict[int, int] = {}
     kept: dict[tuple[int, int], tuple[bytes, int]] = {}
-    base, size, buffer_id = ctypes.c_uint64(), ctypes.c_size_t(), ctypes.c_uint64()
     with torch.cuda.device(next(iter(tensors.values())).device) if tensors else contextlib.nullcontext():
         for k, t in tensors.items():
             ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
-            if drv.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)) != 0 \
-                    or drv.cuPointerGetAttribute(ctypes.byref(buffer_id), _BUFFER_ID, ctypes.c_uint64(ptr)) != 0:  # fmt: skip
-                raise PeerReadsUnavailable(f"no allocation found for a shard at {ptr:#x}")
-            key = (base.value, buffer_id.value)
+            base, size, buffer_id = locate(ptr)
+            key = (base, buffer_id)
             if key not in seen:
                 known = kept.get(key) or _exported.get(key)
-                if known is None or known[1] != size.value:
-                    handle = _IpcHandle()
-                    if lib.cudaIpcGetMemHandle(ctypes.byref(handle), ctypes.c_void_p(base.value)) != 0:
-                        lib.cudaGetLastError()  # the runtime keeps the error for torch's next check otherwise
-                        raise PeerReadsUnavailable("cudaIpcGetMemHandle refused a shard's allocation "
-                                                   "(expandable segments?)")  # fmt: skip
-                    known = (ctypes.string_at(ctypes.addressof(handle), 64), int(size.value))
+                if known is None or known[1] != size:
+                    known = (ipc_handle(base), size)
                 kept[key] = known
                 seen[key] = len(segments)
-                segments.append((known[0], known[1], buffer_id.value))
-                bases.append(base.value)
-            pieces[k] = (seen[key], ptr - base.value, nbytes)
+                segments.append((known[0], known[1], buffer_id))
+                bases.append(base)
+            pieces[k] = (seen[key], ptr - base, nbytes)
     _exported = kept
     _last_export = (where, pieces, segments, bases)
     _synchronize(tensors)
