@@ -636,6 +636,7 @@ def _cuda_direct_body(rank: int, port: int):
     """Trainer and two workers on GPU 0, 8 updates of a model whose large tensors (over a lowered
     DIRECT_BYTES) are read in place by the workers from the second update on: see the test."""
     from torchxfer import colocated_sender
+    from torchxfer.colocated import decode_frame, encode_frame
     from torchxfer.control import ControlChannel
     from torchxfer.group import side_group
 
@@ -675,9 +676,9 @@ def _cuda_direct_body(rank: int, port: int):
 
     def hostile_map(self, plan, picked, ptrs, buf):
         made = real_map(self, plan, picked, ptrs, buf)
-        body = colocated_sender.decode_frame(made["frame"], "test")
+        body = decode_frame(made["frame"], "test")
         body["slots"][0][2] += 1 << 40  # far past the allocation
-        made["frame"] = colocated_sender.encode_frame(body)
+        made["frame"] = encode_frame(body)
         return made
 
     group = _trainer(port, 3, PROCESS_TIMEOUT, device="cuda")
