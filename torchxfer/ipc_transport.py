@@ -35,7 +35,8 @@ import torch
 from .errors import TransferError
 from .group import gpu_uuid
 
-__all__ = ["SharedBuffers", "HostProbe", "check_host_probe", "device_uuid", "open_buffers", "open_memory"]
+__all__ = ["SharedBuffers", "HostProbe", "check_host_probe", "device_uuid", "open_buffers", "open_memory", "locate", "allocation_id", "mapped_size",
+           "NoAllocation"]
 
 _PROBE_BYTES = 32
 
@@ -173,6 +174,60 @@ def _check(code: int, what: str) -> None:
         raise TransferError(f"{what} failed: CUDA error {code} ({text.decode() if text else '?'})")
 
 
+_DRIVER: Any = None
+_BUFFER_ID = 7  # CU_POINTER_ATTRIBUTE_BUFFER_ID
+
+
+def _driver() -> Any:
+    """The CUDA driver library: the allocation a pointer lies in (``cuMemGetAddressRange``) and
+    its id (``cuPointerGetAttribute``)."""
+    global _DRIVER
+    if _DRIVER is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuMemGetAddressRange_v2
+        fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
+        fn.restype = ctypes.c_int
+        fn = lib.cuPointerGetAttribute
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+        fn.restype = ctypes.c_int
+        _DRIVER = lib
+    return _DRIVER
+
+
+class NoAllocation(RuntimeError):
+    """The driver knows no allocation at a pointer."""
+
+
+def locate(ptr: int) -> tuple[int, int, int]:
+    """The device allocation holding pointer ``ptr``, as the driver sees it: (base, size,
+    allocation id). NoAllocation if it knows none."""
+    drv = _driver()
+    base, size, buffer_id = ctypes.c_uint64(), ctypes.c_size_t(), ctypes.c_uint64()
+    if drv.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)) != 0 \
+            or drv.cuPointerGetAttribute(ctypes.byref(buffer_id), _BUFFER_ID, ctypes.c_uint64(ptr)) != 0:  # fmt: skip
+        raise NoAllocation(f"no allocation found at {ptr:#x}")
+    return int(base.value), int(size.value), int(buffer_id.value)
+
+
+def allocation_id(ptr: int) -> int:
+    """The driver's id of the allocation holding ``ptr`` (-1: none)."""
+    value = ctypes.c_uint64()
+    if _driver().cuPointerGetAttribute(ctypes.byref(value), _BUFFER_ID, ctypes.c_uint64(ptr)) != 0:
+        return -1
+    return value.value
+
+
+def mapped_size(ptr: int) -> int:
+    """How many bytes from ``ptr`` (a base an IPC handle was opened at) the driver maps: 0 if it
+    knows no allocation starting there. A peer's claimed size is checked against this before
+    any byte is read, since a read past the mapping corrupts this process's CUDA context."""
+    try:
+        base, size, _ = locate(ptr)
+    except (NoAllocation, OSError):
+        return 0
+    return size if base == ptr else 0
+
+
 class _DeviceMemory:
     """Device memory torch can wrap (``__cuda_array_interface__``); released when the last tensor goes."""
 
@@ -280,8 +335,8 @@ def open_buffers(desc: Any, device: torch.device, num_buffers: int, nbytes: int)
 
 def open_memory(device: torch.device, handle: bytes, nbytes: int, what: str) -> torch.Tensor:
     """Map another process's device allocation from its 64-byte CUDA IPC handle: a uint8 tensor of
-    its first ``nbytes`` bytes, unmapped when the last tensor viewing it goes. The caller checks
-    ``nbytes`` against the allocation. TransferError if the handle cannot be opened here."""
+    its first ``nbytes`` bytes, unmapped when the last tensor viewing it goes. TransferError if
+    the handle cannot be opened here, or maps fewer than ``nbytes`` bytes."""
     lib, ptr = _cudart(), ctypes.c_void_p()
     with torch.cuda.device(device):
         code = lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), _handle(handle), 1)
@@ -290,7 +345,11 @@ def open_memory(device: torch.device, handle: bytes, nbytes: int, what: str) -> 
         text = lib.cudaGetErrorString(code)
         raise TransferError(f"opening {what} (cudaIpcOpenMemHandle) failed: CUDA error {code} "
                             f"({text.decode() if text else '?'})")  # fmt: skip
-    return _wrap(device, ptr.value, nbytes, "close")
+    tensor = _wrap(device, ptr.value, nbytes, "close")  # unmapped as it goes, if refused below
+    real = mapped_size(ptr.value)
+    if real < nbytes:
+        raise TransferError(f"{what} is said to hold {nbytes} bytes, but the driver maps {real} there")
+    return tensor
 
 
 def new_events(device: torch.device, count: int) -> tuple[list[Any], bytes]:

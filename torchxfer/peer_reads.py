@@ -48,7 +48,8 @@ from typing import Any
 
 import torch
 
-from .ipc_transport import _check, _cudart, _handle, _IpcHandle
+from .ipc_transport import NoAllocation, _check, _cudart, _driver, _handle, _IpcHandle, allocation_id, mapped_size
+from .ipc_transport import locate as _locate
 
 log = logging.getLogger("torchxfer")
 
@@ -60,7 +61,6 @@ ENV = "TORCHXFER_PEER_READS"
 _HEAD = 6  # vote, host id (4 words), segment count
 _HANDLE_WORDS = 8
 _SEGMENT_WORDS = _HANDLE_WORDS + 2  # handle, size, allocation id
-_BUFFER_ID = 7  # CU_POINTER_ATTRIBUTE_BUFFER_ID
 
 
 class PeerReadsUnavailable(RuntimeError):
@@ -167,25 +167,6 @@ def agreed(rows: list[Row]) -> bool:
 # -- the exporting side (a trainer rank that does not send) -----------------------------------------
 
 
-_DRIVER: Any = None
-
-
-def _driver() -> Any:
-    """The CUDA driver library: the allocation a pointer lies in (``cuMemGetAddressRange``) and
-    its id (``cuPointerGetAttribute``)."""
-    global _DRIVER
-    if _DRIVER is None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        fn = lib.cuMemGetAddressRange_v2
-        fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
-        fn.restype = ctypes.c_int
-        fn = lib.cuPointerGetAttribute
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
-        fn.restype = ctypes.c_int
-        _DRIVER = lib
-    return _DRIVER
-
-
 def _runtime() -> Any:
     lib = _cudart()
     if not getattr(lib, "_torchxfer_copies", False):
@@ -208,23 +189,12 @@ lies where it lay and every segment is still the allocation it was (its allocati
 driver call per segment rather than two per tensor), the export is the same."""
 
 
-def allocation_id(ptr: int) -> int:
-    """The driver's id of the allocation holding ``ptr`` (-1: none)."""
-    value = ctypes.c_uint64()
-    if _driver().cuPointerGetAttribute(ctypes.byref(value), _BUFFER_ID, ctypes.c_uint64(ptr)) != 0:
-        return -1
-    return value.value
-
-
 def locate(ptr: int) -> tuple[int, int, int]:
-    """The allocation holding device pointer ``ptr``: (base, size, allocation id).
-    PeerReadsUnavailable if the driver knows none."""
-    drv = _driver()
-    base, size, buffer_id = ctypes.c_uint64(), ctypes.c_size_t(), ctypes.c_uint64()
-    if drv.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)) != 0 \
-            or drv.cuPointerGetAttribute(ctypes.byref(buffer_id), _BUFFER_ID, ctypes.c_uint64(ptr)) != 0:  # fmt: skip
-        raise PeerReadsUnavailable(f"no allocation found for a tensor at {ptr:#x}")
-    return int(base.value), int(size.value), int(buffer_id.value)
+    """:func:`ipc_transport.locate`: (base, size, allocation id); PeerReadsUnavailable if none."""
+    try:
+        return _locate(ptr)
+    except (NoAllocation, OSError) as e:
+        raise PeerReadsUnavailable(str(e)) from None
 
 
 def ipc_handle(base: int) -> bytes:
@@ -310,6 +280,11 @@ class Mappings:
             lib.cudaGetLastError()  # the runtime keeps the error for torch's next check otherwise
             raise PeerReadsUnavailable(f"cudaIpcOpenMemHandle failed with CUDA error {code} (another host, "
                                        "container or GPU without peer access?)")  # fmt: skip
+        real = mapped_size(ptr.value)
+        if real < size:
+            with contextlib.suppress(Exception):
+                _check(lib.cudaIpcCloseMemHandle(ptr), "cudaIpcCloseMemHandle")
+            raise PeerReadsUnavailable(f"a peer's allocation is said to hold {size} bytes, but the driver maps {real}")
         cls._open[handle] = (ptr.value, size, buffer_id)
         return ptr.value
 
