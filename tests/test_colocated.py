@@ -8,6 +8,7 @@ processes, "processes" xdist group) for SIGKILL of either side, leftovers in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import torchxfer
-from tests.harness import ADDR, bytes_equal, digest, free_port, run_processes, run_threads
+from tests.harness import ADDR, bytes_equal, digest, free_port, run_processes, run_threads, run_world
 from torchxfer import (
     IPCWeightTransferEngine,
     IPCWeightTransferInitInfo,
@@ -1149,3 +1150,62 @@ def test_a_direct_read_map_gives_views_of_the_named_bytes():
     views, handles = worker.map_direct(plan, 5, _direct_frame(5, [[0, 0, 512], [1, 0, 2048]], [_SEGMENT]))
     assert bytes_equal(views[0], a) and bytes_equal(views[1], b) and handles == {bytes.fromhex("ab" * 64)}
     assert views[0].data_ptr() == memory.data_ptr() + 512  # a view, not a copy
+
+
+def _hostile_colocated_trainer(port: int, what: str) -> str:
+    """A colocated trainer that sends one honest update, then rows or tables out of protocol."""
+    from torchxfer.colocated_sender import _State
+    from torchxfer.control import ControlChannel
+    from torchxfer.group import side_group
+
+    pg = _trainer(port, 2, timeout=2.0)
+    try:
+        IPCWeightTransferEngine.trainer_send_weights([("w", torch.arange(4.0))], pg, packed_buffer_size_bytes=1024,
+                                                     packed_num_buffers=2)  # fmt: skip
+        group = side_group(pg)
+        channel, buffers_id = ControlChannel(group), _State.of(group).buffers_id
+        with contextlib.suppress(TransferError):  # the worker stops answering once it sees the fault
+            _hostile_steps(channel, buffers_id, what)
+        return what
+    finally:
+        destroy_side_group(pg)
+
+
+def _hostile_steps(channel, buffers_id: int, what: str) -> None:
+    from tests.test_hostile import frame_of, one, slot
+    from torchxfer.wire import FLAG_PACKED, Kind, make_row
+
+    if what == "too many buffers":
+        channel.post(make_row(Kind.BEGIN, 7, FLAG_PACKED, 1024, 1000, 0, -1, 0, buffers_id), what).rows()
+        return
+    size = 1 << 20 if what == "larger buffers, not shared" else 1024
+    rows = channel.post(make_row(Kind.BEGIN, 7, FLAG_PACKED, size, 2, 0, -1, 0, buffers_id), what).rows()
+    channel.settle(rows, b"", what)
+    if what == "bucket out of order":
+        channel.post(make_row(Kind.BUCKET, 5, 1, 0, 0), what).rows()
+    else:  # a slot past the end of the buffers the worker mapped
+        frame = frame_of(one(slot(0, "w", "float32", [4], 0, 16, 4096)))
+        channel.post(make_row(Kind.TABLE, 0, 1, 0, len(frame)), what)
+        channel.send_frame(frame, what)
+        channel.post(make_row(Kind.SYNC), what).rows()
+
+
+@pytest.mark.parametrize("what", ["too many buffers", "bucket out of order", "larger buffers, not shared"])
+def test_a_colocated_trainer_row_out_of_protocol_breaks_the_group_and_reads_nothing(what):
+    from torchxfer.group import side_group
+
+    def body(rank: int, port: int):
+        if rank == 0:
+            return _hostile_colocated_trainer(port, what)
+        engine = _worker(rank, port, 2, timeout=2.0)
+        try:
+            store: dict = {}
+            engine.receive_weights(None, _collect(store))
+            store.clear()
+            with pytest.raises(TransferError) as info:
+                engine.receive_weights(None, _collect(store))
+            return info.value.broken, side_group(engine.model_update_group).broken is not None, store
+        finally:
+            engine.shutdown()
+
+    assert run_world(body, 2, deadline_s=60)[1] == (True, True, {})

@@ -371,6 +371,8 @@ def _bad_row(pos: int, value: object) -> list:
         _bad_row(3, [[2]]), _bad_row(3, [1 << 64]), _bad_row(3, [MAX_INT + 1]),
         _bad_row(3, [1] * (MAX_NDIM + 1)), _bad_row(3, [0] * 100_000),
         _bad_row(3, [MAX_INT] * MAX_NDIM), _bad_row(3, [1 << 31, 1 << 31, 1 << 31]),
+        # No byte, and still a product past int64: torch cannot view it.
+        _bad_row(3, [1 << 40, 1 << 40, 0]), _bad_row(3, [0, 1 << 40, 1 << 40]), _bad_row(3, [1 << 61, 0]),
     ],
     ids=lambda r: repr(r)[:60],
 )  # fmt: skip

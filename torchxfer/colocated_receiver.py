@@ -29,7 +29,7 @@ from .packing import ALIGNMENT, concat_plan, slot_view, typed_view
 from .plan import BucketPlan, Layout, TableChecker
 from .colocated import BACKEND
 from .receiver import LoadWeights, ReceiveProgress, WorkerSide
-from .wire import FLAG_CACHED, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind, Row, check_arg, decode, make_row
+from .wire import FLAG_CACHED, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind, Row, decode, make_row
 
 __all__ = ["ColocatedReceiver"]
 
@@ -116,16 +116,16 @@ class ColocatedReceiver(WorkerSide):
 
     def begin(self, rows: list[Row]) -> None:
         row = self.trainer_row(rows, (Kind.BEGIN,))
-        self.update_id = check_arg(row, 0, "update_id", 0, MAX_COUNT)
+        self.update_id = self.arg(row, 0, "update_id", 0, MAX_COUNT)
         self.what = f"update {self.update_id}"
         self.progress.update_id, self.progress.loads_started, self.progress.applied = self.update_id, False, False
-        flags = check_arg(row, 1, "flags", FLAG_PACKED, FLAG_PACKED | FLAG_SHARE | FLAG_CACHED)
+        flags = self.arg(row, 1, "flags", FLAG_PACKED, FLAG_PACKED | FLAG_SHARE | FLAG_CACHED)
         if flags & FLAG_SHARE and flags & FLAG_CACHED:
             raise self.broken("the trainer's BEGIN row both shares new buffers and announces a cached layout")
-        self.buffer_size = check_arg(row, 2, "buffer_size", ALIGNMENT, MAX_COUNT)
-        self.num_buffers = check_arg(row, 3, "num_buffers", 1, MAX_NUM_BUFFERS)
-        fingerprint, hint = row.args[4], check_arg(row, 5, "num_tensors", -1, MAX_COUNT)
-        frame_len = check_arg(row, 6, "frame_bytes", 1 if flags & FLAG_SHARE else 0,
+        self.buffer_size = self.arg(row, 2, "buffer_size", ALIGNMENT, MAX_COUNT)
+        self.num_buffers = self.arg(row, 3, "num_buffers", 1, MAX_NUM_BUFFERS)
+        fingerprint, hint = row.args[4], self.arg(row, 5, "num_tensors", -1, MAX_COUNT)
+        frame_len = self.arg(row, 6, "frame_bytes", 1 if flags & FLAG_SHARE else 0,
                               MAX_IPC_FRAME if flags & FLAG_SHARE else 0)  # fmt: skip
         buffers_id = row.args[7]
         self.any_atomic = any(r.args[3] for r in rows[1:])
@@ -138,7 +138,8 @@ class ColocatedReceiver(WorkerSide):
             self.control.settle(rows, b"", f"{self.what} (begin)")
         if flags & FLAG_SHARE:
             self.share(frame_len, buffers_id)
-        elif buffers_id != self.state.buffers_id or len(self.state.buffers) != self.num_buffers:
+        elif buffers_id != self.state.buffers_id or len(self.state.buffers) != self.num_buffers \
+                or any(b.numel() != self.buffer_size for b in self.state.buffers):  # fmt: skip
             raise self.broken("the trainer uses buffers this worker has not mapped")
         cached = self.state.layout
         if flags & FLAG_CACHED:
@@ -184,11 +185,11 @@ class ColocatedReceiver(WorkerSide):
                 continue
             if row.kind == Kind.END:
                 return self.end(row, rows)
-            check_arg(row, 0, "bucket", bucket, bucket)
+            self.arg(row, 0, "bucket", bucket, bucket)
             if row.kind == Kind.ABORT:
                 self.control.settle(rows, self.error, self.what)
                 raise TransferError(f"{self.what}: the trainer aborted it")
-            last = bool(check_arg(row, 1, "last", 0, 1))
+            last = bool(self.arg(row, 1, "last", 0, 1))
             if self.finished:
                 raise self.broken(f"the trainer sent bucket {bucket} after the last one")
             direct = None
@@ -196,8 +197,8 @@ class ColocatedReceiver(WorkerSide):
                 if (self.cached is None or self.in_table_mode or bucket >= len(self.cached.buckets)):
                     raise self.broken(f"the trainer announced bucket {bucket} of a layout this rank does not hold")
                 plan = self.cached.buckets[bucket]
-                gen = check_arg(row, 2, "direct map", 0, MAX_COUNT)
-                frame_len = check_arg(row, 3, "frame_bytes", 0, MAX_IPC_FRAME if gen else 0)
+                gen = self.arg(row, 2, "direct map", 0, MAX_COUNT)
+                frame_len = self.arg(row, 3, "frame_bytes", 0, MAX_IPC_FRAME if gen else 0)
                 if self.check_cached and not self.error:
                     try:
                         self.checker.check(BucketHeader(plan.index, plan.slots), bucket)
@@ -215,7 +216,7 @@ class ColocatedReceiver(WorkerSide):
 
     def table(self, bucket: int, row: Row) -> BucketPlan:
         """A TABLE step: the frame, its checks, then the SYNC step every rank settles."""
-        length = check_arg(row, 3, "frame_bytes", PREFIX_BYTES + 2, MAX_FRAME_BYTES)
+        length = self.arg(row, 3, "frame_bytes", PREFIX_BYTES + 2, MAX_FRAME_BYTES)
         if not self.in_table_mode and self.layout.buckets:
             self.checker.resume_after(self.layout.buckets[-1])  # after buckets of the cached layout
         self.in_table_mode = True
@@ -328,7 +329,7 @@ class ColocatedReceiver(WorkerSide):
 
     def end(self, row: Row, rows: list[Row]) -> None:
         """END: counts, the agreement that every rank loaded everything, then (atomic) apply."""
-        num_tensors = check_arg(row, 0, "num_tensors", 0, MAX_COUNT)
+        num_tensors = self.arg(row, 0, "num_tensors", 0, MAX_COUNT)
         if not self.finished:  # an empty update
             self.layout_empty_end(rows)
             return
@@ -371,7 +372,11 @@ class ColocatedReceiver(WorkerSide):
         if cuda:
             torch.cuda.current_stream(self.device).wait_event(self.state.trainer_events[b])
         if not self.error:
-            batch = self.tensors(plan, self.state.buffers[b], direct)
+            try:
+                batch = self.tensors(plan, self.state.buffers[b], direct)
+            except (RuntimeError, ValueError) as e:  # a table that passed the checks and still cannot be viewed
+                self.fail(f"rank {self.group.rank()} cannot view bucket {plan.index}: {type(e).__name__}: {e}")
+                batch = []
             if batch and self.atomic:
                 self.staged.extend((name, t.clone()) for name, t in batch)
             elif batch:

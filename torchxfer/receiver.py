@@ -156,6 +156,14 @@ class WorkerSide:
         self.group.mark_broken(message)
         return TransferError(f"{self.what} on rank {self.group.rank()}: {message}", broken=True)
 
+    def arg(self, row: Row, position: int, what: str, lo: int, hi: int) -> int:
+        """A word of the trainer's row, in ``[lo, hi]``; a value outside it breaks the group, since
+        the ranks can no longer agree on the collectives that follow."""
+        try:
+            return check_arg(row, position, what, lo, hi)
+        except TransferError as e:
+            raise self.broken(f"the trainer's {e}") from None
+
     def trainer_row(self, rows: list[Row], kinds: tuple[Kind, ...]) -> Row:
         row = rows[0]
         if row.kind not in kinds:
@@ -452,14 +460,6 @@ class Receiver(WorkerSide):
 
     # -- rows -------------------------------------------------------------------------------------
 
-    def arg(self, row: Row, position: int, what: str, lo: int, hi: int) -> int:
-        """A word of the trainer's row, in ``[lo, hi]``; a value outside it breaks the group, since
-        the ranks can no longer agree on the collectives that follow."""
-        try:
-            return check_arg(row, position, what, lo, hi)
-        except TransferError as e:
-            raise self.broken(f"the trainer's {e}") from None
-
     # -- payload ----------------------------------------------------------------------------------
 
     def ensure_prepared(self) -> None:
@@ -587,7 +587,11 @@ class Receiver(WorkerSide):
                 names = ", ".join(repr(s.spec.name) for s in plan.slots)
                 self.fail(f"checksum mismatch in bucket {plan.index} on rank {self.group.rank()} (tensors {names})")
                 return
-        tensors = self.tensors(plan, buf, posted.dests)
+        try:
+            tensors = self.tensors(plan, buf, posted.dests)
+        except (RuntimeError, ValueError) as e:  # a table that passed the checks and still cannot be viewed
+            self.fail(f"rank {self.group.rank()} cannot view bucket {plan.index}: {type(e).__name__}: {e}")
+            return
         if tensors and self.atomic:
             self.staged.extend((name, t.clone()) for name, t in tensors)
         elif tensors:

@@ -150,7 +150,12 @@ def _decode_slot(bucket: int, row: Any) -> Slot:
         spec = TensorSpec(name, parse_dtype(dtype), tuple(shape))
     except ValueError as e:
         raise TransferError(f"bad slot for {name!r}: {e}") from None
-    if spec.nbytes > _MAX_INT:
+    # Every product of the sizes must stay within int64 (torch multiplies them all, empty dims
+    # or not: [2**40, 2**40, 0] holds no byte and still overflows a view).
+    reach = spec.dtype.itemsize
+    for dim in shape:
+        reach *= max(dim, 1)
+    if spec.nbytes > _MAX_INT or reach > _MAX_INT:
         raise TransferError(f"tensor {name!r} of shape {shape} is too large")
     return Slot(bucket, index, spec, start, length, offset)
 
