@@ -1209,3 +1209,42 @@ def test_a_colocated_trainer_row_out_of_protocol_breaks_the_group_and_reads_noth
             engine.shutdown()
 
     assert run_world(body, 2, deadline_s=60)[1] == (True, True, {})
+
+
+def test_a_worker_that_answers_and_never_releases_a_buffer_fails_the_update_within_the_timeout(monkeypatch):
+    """Rank 2 keeps answering every row but says it released nothing: the trainer's wait for the
+    buffer is bounded by timeout_s, and every rank raises TransferError naming it."""
+    from torchxfer import colocated_receiver
+
+    real = colocated_receiver.ColocatedReceiver.row
+
+    def stuck(self):
+        words = real(self)
+        if self.group.rank() == 2:
+            words[6] = 0  # args[4]: buckets released
+        return words
+
+    monkeypatch.setattr(colocated_receiver.ColocatedReceiver, "row", stuck)
+    model = [(f"w{i}", torch.full((250,), float(i))) for i in range(6)]  # one 1000-byte tensor per 1 KiB bucket
+
+    def body(rank: int, port: int):
+        start = time.monotonic()
+        if rank == 0:
+            pg = _trainer(port, 3, timeout=1.0)
+            try:
+                with pytest.raises(TransferError) as info:
+                    IPCWeightTransferEngine.trainer_send_weights(model, pg, packed_buffer_size_bytes=1024,
+                                                                 packed_num_buffers=2)  # fmt: skip
+                return str(info.value), time.monotonic() - start
+            finally:
+                destroy_side_group(pg)
+        engine = _worker(rank, port, 3, timeout=1.0)
+        try:
+            with pytest.raises(TransferError) as info:
+                engine.receive_weights(None, _collect({}))
+            return str(info.value), time.monotonic() - start
+        finally:
+            engine.shutdown()
+
+    for message, seconds in run_world(body, 3, deadline_s=30):
+        assert "did not release bucket" in message and seconds < 1.0 + SLACK, (message, seconds)

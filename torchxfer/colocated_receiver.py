@@ -178,11 +178,17 @@ class ColocatedReceiver(WorkerSide):
     def follow(self) -> None:
         """Every step after BEGIN, as the trainer's rows say."""
         bucket = 0
+        syncs_since = None  # a trainer that only ever asks for SYNC steps is bounded too
         while True:
             rows = self.control.post(self.row(), f"{self.what} bucket {bucket}").rows()
             row = self.trainer_row(rows, (Kind.BUCKET, Kind.TABLE, Kind.ABORT, Kind.END, Kind.SYNC))
             if row.kind == Kind.SYNC:
+                now = time.monotonic()
+                syncs_since = now if syncs_since is None else syncs_since
+                if now - syncs_since > 2 * self.group.timeout_s:
+                    raise self.broken(f"the trainer sent SYNC rows for {now - syncs_since:.1f} s and nothing else")
                 continue
+            syncs_since = None
             if row.kind == Kind.END:
                 return self.end(row, rows)
             self.arg(row, 0, "bucket", bucket, bucket)

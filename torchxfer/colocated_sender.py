@@ -32,7 +32,7 @@ import torch
 
 from .colocated import BACKEND, FLAG_SHARE, MAX_IPC_FRAME, colocated_device, encode_frame, gather_blobs
 from .config import TransferStats
-from .control import ControlChannel, Step
+from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
 from .ipc_transport import SharedBuffers, open_events
@@ -468,8 +468,15 @@ class ColocatedSender(SendSide):
         """Before packing bucket ``k``: every worker released the bucket that last used its buffer."""
         need = k - self.num_buffers + 1
         self.check_failures()
+        deadline = None
         while self.released < need:
             if not self.steps:
+                # Rows answer at once: a worker that answers and never releases is bounded here.
+                now = time.monotonic()
+                deadline = now + self.group.timeout_s if deadline is None else deadline
+                if now > deadline:
+                    self.abort_step(encode_message(
+                        f"a worker did not release bucket {need - 1} within {self.group.timeout_s:g} s"))  # fmt: skip
                 self.post(make_row(Kind.SYNC), f"{self.what} (buffer {k % self.num_buffers})")
             self.read(self.steps.popleft())
             if self.failed:

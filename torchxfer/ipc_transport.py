@@ -328,9 +328,7 @@ def open_buffers(desc: Any, device: torch.device, num_buffers: int, nbytes: int)
             and all(isinstance(h, str) and len(h) == 128 for h in handles + events)):  # fmt: skip
         raise TransferError("the trainer's buffer description is malformed")
     tensors = [open_memory(device, bytes.fromhex(h), nbytes, "the trainer's buffer") for h in handles]
-    with torch.cuda.device(device):
-        opened = [torch.cuda.Event.from_ipc_handle(device, bytes.fromhex(e)) for e in events]
-    return tensors, opened
+    return tensors, open_events(device, b"".join(bytes.fromhex(e) for e in events), num_buffers)
 
 
 def open_memory(device: torch.device, handle: bytes, nbytes: int, what: str) -> torch.Tensor:
@@ -362,6 +360,12 @@ def new_events(device: torch.device, count: int) -> tuple[list[Any], bytes]:
 
 
 def open_events(device: torch.device, blob: bytes, count: int) -> list[Any]:
-    """The trainer opens one worker's release events from their handles."""
-    with torch.cuda.device(device):
-        return [torch.cuda.Event.from_ipc_handle(device, blob[64 * i : 64 * (i + 1)]) for i in range(count)]
+    """Open ``count`` interprocess events from their 64-byte handles, concatenated in ``blob``
+    (the workers' release events, or the trainer's buffer events). TransferError if the runtime
+    refuses one."""
+    try:
+        with torch.cuda.device(device):
+            return [torch.cuda.Event.from_ipc_handle(device, blob[64 * i : 64 * (i + 1)]) for i in range(count)]
+    except Exception as e:
+        raise TransferError(f"a peer's CUDA event handle cannot be opened here: {type(e).__name__}: "
+                            f"{str(e)[:200]}") from None  # fmt: skip
