@@ -256,7 +256,7 @@ def test_token_and_host_checks_fail_at_init_on_every_rank(monkeypatch):
     assert all(e and "colocated handshake failed" in e for e in errors), errors
     # Which of the checks catches it depends on what /proc/<that pid>/fd holds on this machine.
     assert any(text in errors[0] for text in ("not on this host", "cannot open the trainer's shared memory",
-                                              "is not the trainer's buffer")), errors[0]  # fmt: skip
+                                              "is not the trainer's buffer", "not sealed")), errors[0]  # fmt: skip
 
 
 def test_config_and_create_engine():
@@ -1248,3 +1248,26 @@ def test_a_worker_that_answers_and_never_releases_a_buffer_fails_the_update_with
 
     for message, seconds in run_world(body, 3, deadline_s=30):
         assert "did not release bucket" in message and seconds < 1.0 + SLACK, (message, seconds)
+
+
+def test_shared_memory_is_sealed_at_its_size_and_an_unsealed_one_is_refused():
+    """A trainer cannot shrink a buffer under its workers (a read past the end is SIGBUS), and a
+    worker refuses shared memory that is not sealed so."""
+    from torchxfer import ipc_transport
+
+    fd, tensor = ipc_transport._memfd(4096, "torchxfer-test")
+    try:
+        tensor.fill_(7)
+        mapped = ipc_transport._open_memfd(os.getpid(), fd, 4096, "a buffer")
+        assert mapped.numel() == 4096 and int(mapped[4095]) == 7
+        with pytest.raises(OSError):
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+    plain = os.memfd_create("torchxfer-test", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(plain, 4096)
+        with pytest.raises(TransferError, match="not sealed"):
+            ipc_transport._open_memfd(os.getpid(), plain, 4096, "a buffer")
+    finally:
+        os.close(plain)

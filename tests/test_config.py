@@ -175,10 +175,20 @@ def test_weight_transfer_config_bad_backend(bad):
         WeightTransferConfig(backend=bad)
 
 
-@pytest.mark.parametrize("bad", [0, 0.0, -1, -0.5, math.nan, math.inf, -math.inf, True, False, "5", None, [5]])
+@pytest.mark.parametrize("bad", [0, 0.0, -1, -0.5, math.nan, math.inf, -math.inf, True, False, "5", None, [5],
+                                 1e10, 1e11, 10**9 + 1.5, 2**63])  # fmt: skip
 def test_weight_transfer_config_bad_timeout(bad):
     with pytest.raises(ValueError, match=r"timeout_s must be .*got " + re.escape(repr(bad))):
         WeightTransferConfig(backend="gloo", timeout_s=bad)
+
+
+def test_timeouts_up_to_the_cap_are_taken():
+    from torchxfer.config import MAX_TIMEOUT_S
+
+    assert WeightTransferConfig(backend="gloo", timeout_s=MAX_TIMEOUT_S).timeout_s == MAX_TIMEOUT_S
+    with pytest.raises(ValueError, match="up to"):
+        NCCLWeightTransferEngine.trainer_init(dict(master_address="127.0.0.1", master_port=1, world_size=2),
+                                              timeout_s=MAX_TIMEOUT_S * 2)  # fmt: skip
 
 
 def test_weight_transfer_config_huge_int_timeout():

@@ -46,13 +46,19 @@ def _check_int(owner: str, field: str, value: Any, lo: int, hi: int | None = Non
         raise ValueError(f"{owner}.{field} must be an int {bound}, got {value!r}")
 
 
+MAX_TIMEOUT_S = 1e8
+"""The largest ``timeout_s`` (about three years): beyond about 9e9 s Python's own waits and
+torch's millisecond timeouts overflow."""
+
+
 def check_timeout(owner: str, value: Any) -> float:
     try:
         seconds = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
     except OverflowError:
         seconds = math.inf
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"{owner}.timeout_s must be a positive finite number of seconds, got {value!r:.40}")
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_TIMEOUT_S:
+        raise ValueError(f"{owner}.timeout_s must be a positive number of seconds up to {MAX_TIMEOUT_S:g}, "
+                         f"got {value!r:.40}")  # fmt: skip
     return seconds
 
 

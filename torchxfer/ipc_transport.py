@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import secrets
 from typing import Any
@@ -49,10 +50,16 @@ def device_uuid(device: torch.device) -> str:
 # -- CPU: memfd -----------------------------------------------------------------------------
 
 
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+"""A buffer's size is sealed before any worker maps it: a trainer that shrank it afterwards would
+kill every worker reading past the new end with SIGBUS."""
+
+
 def _memfd(nbytes: int, name: str) -> tuple[int, torch.Tensor]:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, max(nbytes, 1))
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
         # torch.from_file maps the file MAP_SHARED into a storage torch owns (freed with it).
         tensor = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=max(nbytes, 1), dtype=torch.uint8)
     except BaseException:
@@ -71,6 +78,13 @@ def _open_memfd(pid: int, fd: int, nbytes: int, what: str) -> torch.Tensor:
                             "as the same user") from None  # fmt: skip
     try:
         size = os.fstat(mine).st_size
+        try:
+            sealed = fcntl.fcntl(mine, fcntl.F_GET_SEALS) & _SEALS == _SEALS
+        except OSError:
+            sealed = False
+        if not sealed:
+            raise TransferError(f"the trainer's shared memory for {what} ({path}) is not sealed at its size: "
+                                "it could shrink under this worker")  # fmt: skip
         if size != max(nbytes, 1):
             raise TransferError(f"the trainer's shared memory for {what} has {size} bytes, expected {nbytes}: "
                                 f"{path} is not the trainer's buffer (another host or PID namespace?)")  # fmt: skip

@@ -54,15 +54,17 @@ _twins: dict[int, tuple[Any, Any]] = {}
 """id(default group) -> (the default group, its Gloo twin), made once per default group."""
 
 
-def status_group(trainer_group: Any) -> Any:
+def status_group(trainer_group: Any, timeout_s: float | None = None) -> Any:
     """The group that carries send_model's lockstep (see ``trainer_group``): every rank of the
-    default group calls this together, so a Gloo twin of the default group is made together."""
+    default group calls this together, so a Gloo twin of the default group is made together,
+    within ``timeout_s`` (None: torch's default for the group) and with it as the group's timeout."""
     if trainer_group is not dist.group.WORLD or "gloo" in str(dist.get_backend(trainer_group)).lower():
         return trainer_group
     known = _twins.get(id(trainer_group))
     if known is None or known[0] is not trainer_group:
         _twins.clear()
-        twin = dist.new_group(backend="gloo")
+        kwargs = {} if timeout_s is None else {"timeout": wait_timeout(timeout_s)}
+        twin = dist.new_group(backend="gloo", **kwargs)
         log.info("send_model: status traffic on a Gloo group of the default group's %d ranks", twin.size())
         known = _twins[id(trainer_group)] = (trainer_group, twin)
     return known[1]

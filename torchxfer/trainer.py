@@ -189,7 +189,7 @@ def send_model(
     early: _Schedule | None = None  # the sender's schedule under peer reads, made during the plan check
     prefill: bool | None = None  # this update is the cached layout (see _prefill); None: not known yet
     if trainer_group is not None and trainer_group.size() > 1:
-        status = lockstep.status_group(trainer_group)
+        status = lockstep.status_group(trainer_group, timeout_s)
         lock = lockstep.Lockstep(status, timeout_s, None if status is trainer_group else trainer_group)
     entries: list[Entry] = []
     groups: list[list[int]] = []
