@@ -381,6 +381,26 @@ def test_bucket_bad_slot_rows(row):
         decode(jframe(BUCKET, {**GOOD_BUCKET, "slots": [row]}))
 
 
+@pytest.mark.parametrize("body", [b"[" + b"[]," * (1 << 20) + b"[]]", b"[" + b"0," * (1 << 20) + b"0]",
+                                  b'{"index": 0, "slots": [' + b"{}," * 9000 + b"{}]}"])  # fmt: skip
+def test_a_body_of_more_values_than_any_table_is_refused_before_parsing(body, monkeypatch):
+    def parse(*args, **kwargs):
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(json, "loads", parse)
+    with pytest.raises(TransferError, match="more values than a table"):
+        decode(frame(BUCKET, body))
+
+
+def test_a_table_of_the_largest_shapes_and_names_still_decodes():
+    row = [0, "[" * MAX_NAME_CHARS, "float32", [1] * MAX_NDIM, 0, 4, 0]
+    rows = [[i, f"{i}" + "{" * (MAX_NAME_CHARS - 8)] + row[2:] for i in range(MAX_SLOTS_PER_BUCKET)]
+    for i, r in enumerate(rows):
+        r[6] = 64 * i
+    header = decode(jframe(BUCKET, {**GOOD_BUCKET, "slots": rows}))
+    assert len(header.slots) == MAX_SLOTS_PER_BUCKET and header.slots[-1].spec.shape == (1,) * MAX_NDIM
+
+
 def test_bucket_limits():
     assert len(decode(jframe(BUCKET, {**GOOD_BUCKET, "slots": [GOOD_ROW] * MAX_SLOTS_PER_BUCKET})).slots) == 4096
     with pytest.raises(TransferError, match="slots"):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 import struct
 from typing import Any
 
@@ -160,6 +161,23 @@ def _decode_slot(bucket: int, row: Any) -> Slot:
     return Slot(bucket, index, spec, start, length, offset)
 
 
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_MAX_CONTAINERS = 2 + 2 * MAX_SLOTS_PER_BUCKET
+"""Lists and objects in a table: the body, its slot list, and per slot its record and its shape."""
+_MAX_COMMAS = 8 + MAX_SLOTS_PER_BUCKET * (8 + MAX_NDIM)
+"""Commas in a table: a slot record's 7 fields, its shape's sizes, the separator between records."""
+
+
+def _check_skeleton(body: bytes) -> None:
+    """Refuse a table body with more lists, objects or values than any table holds before it is
+    parsed: within the frame cap, a body of tiny values (``[],[],...``) would cost the JSON parser
+    gigabytes and seconds. Strings are left out of the count (names may hold any character)."""
+    skeleton = _STRING.sub(b'""', body) if b'"' in body else body
+    if skeleton.count(b"[") + skeleton.count(b"{") > _MAX_CONTAINERS or skeleton.count(b",") > _MAX_COMMAS:
+        raise TransferError("header body holds more values than a table of "
+                            f"{MAX_SLOTS_PER_BUCKET} slots can")  # fmt: skip
+
+
 def decode(frame: bytes) -> BucketHeader:
     """Parse one table frame. Any malformed input raises TransferError, never anything else."""
     total = frame_length(frame[:PREFIX_BYTES])
@@ -167,6 +185,7 @@ def decode(frame: bytes) -> BucketHeader:
         raise TransferError(f"truncated header: {len(frame)} of {total} bytes")
     if len(frame) > total:
         raise TransferError(f"header of {len(frame)} bytes declares {total}: its length and the row's disagree")
+    _check_skeleton(frame[PREFIX_BYTES:total])
     try:
         body = json.loads(frame[PREFIX_BYTES:total].decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
