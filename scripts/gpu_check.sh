@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, NCCL bench, FSDP2 bench, colocated bench, GPU tests.
 # Usage (on a machine with 2 GPUs): OUT=/some/dir bash scripts/gpu_check.sh [steps...]
-# Steps: env nccl nccltiny moe unpacked fsdp fsdpplain fsdpfree fsdp256 fsdpnccl fsdpoff fsdpprof fsdpgpu fsdptl fsdptl256 overlap fsdptests peer peerx peerbw ipc ipcab ipctests tlunpacked tlipc tests (default: env nccl fsdp ipc tests). Each step is
+# Steps: env nccl nccltiny moe unpacked fsdp fsdpplain fsdpfree fsdp256 fsdpnccl fsdpoff fsdpprof fsdpgpu fsdptl fsdptl256 overlap fsdptests peer peerx peerbw ipc ipcab ipctests tlunpacked tlipc ipcfull cudatests tests (default: env nccl fsdp ipc tests). Each step is
 # bounded by its own timeout so one hang cannot eat the call; logs go under $OUT.
 # The steps overlap, fsdpgpu, fsdptl, fsdptl256, peerbw and fsdpprof run throwaway diagnostics from
 # .diag/, which is not in the repository (carry it to the device); the others need nothing else.
@@ -54,6 +54,11 @@ for s in "${steps[@]}"; do
                  --workers 1 --layouts transformer --modes flat,unpacked --repeats 3 2>&1 | tail -4 ;;
     tlipc) CUDA_VISIBLE_DEVICES=0 timeout 100 python3 scripts/bench_timeline.py --out-dir "$OUT/tl_ipc" --backend gloo \
              --device cuda --workers 1 --layouts transformer --modes ipc --buffer-mib 1024 --num-buffers 2 --repeats 5 2>&1 | tail -3 ;;
+    ipcfull) CUDA_VISIBLE_DEVICES=0 timeout 200 python3 scripts/bench.py --backend gloo --device cuda --workers 1 \
+            --layouts transformer,tiny --modes ipc,d2d --buffer-mib 1024,256 --num-buffers 2 --repeats 8 \
+            --out "$OUT/ipc_full.json" 2>&1 | grep -v "] {'layout'" | tail -14 ;;
+    cudatests) timeout 250 python3 -m pytest -q -n 4 tests/test_cuda.py tests/test_sources.py tests/test_peer_reads.py \
+            tests/test_sharded.py tests/test_fsdp.py tests/test_nccl.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -6 ;;
     ipctests) timeout 200 python3 -m pytest -q -n 4 tests/test_colocated.py 2>&1 | tee "$OUT/ipc_tests.log" | tail -15 ;;
     tests) { timeout 120 python3 -m pytest -q -n 4 tests/test_colocated.py
              timeout 150 python3 -m pytest -q -n 4 tests/test_nccl.py tests/test_cuda.py; } 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
