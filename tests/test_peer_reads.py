@@ -153,7 +153,7 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
     import torchxfer.lockstep
 
     twin = dist.new_group(backend="gloo")
-    torchxfer.lockstep.status_group = lambda trainer_group: twin
+    torchxfer.lockstep.status_group = lambda trainer_group, timeout_s=None: twin
     exchanges, exchange = [], torchxfer.lockstep.Lockstep.exchange
 
     def counting(self: object, row: torch.Tensor) -> list:
