@@ -1271,3 +1271,46 @@ def test_shared_memory_is_sealed_at_its_size_and_an_unsealed_one_is_refused():
             ipc_transport._open_memfd(os.getpid(), plain, 4096, "a buffer")
     finally:
         os.close(plain)
+
+
+def test_module_loader_checks_a_sliced_batch_again_only_when_its_pairs_are_new(monkeypatch):
+    """The colocated receiver hands the same views every update of a layout: the loader checks
+    their shapes once, and checks any other batch (new pairs, or a list made from them) in full."""
+    from torchxfer import loading
+    from torchxfer.loading import SlicedBatch
+
+    monkeypatch.setattr(loading, "SLICED_COPIES_ON_CPU", True)
+    base = torch.arange(24, dtype=torch.float32)
+    pairs = tuple((f"p{i}", t) for i, t in enumerate(base.split([8, 8, 8])))
+    module = torch.nn.Module()
+    for name, _ in pairs:
+        module.register_buffer(name, torch.zeros(8))
+    loader = ModuleLoader(module)
+    checks: list[int] = []
+
+    def load(batch):
+        with loader.update():
+            loader(batch)
+        plan = next(iter(loader._plans.values()))
+        if plan.guard is not None and not hasattr(plan.guard, "counted"):
+            real = plan.guard
+
+            def counted(*tensors):
+                checks.append(len(tensors))
+                return real(*tensors)
+
+            counted.counted = True
+            plan.guard = counted
+
+    runs = ((0, 3, base.view(-1, 1).view(-1), [8, 8, 8]),)
+    for _ in range(3):
+        load(SlicedBatch(pairs, runs, ()))
+        assert torch.equal(torch.cat([module.p0, module.p1, module.p2]), base)
+    assert checks == []  # the first call made the plan; the later ones are the very pairs
+    load(SlicedBatch(tuple((n, t.clone()) for n, t in pairs), runs, ()))
+    load(list(pairs))
+    assert checks == [3, 3]
+    changed = SlicedBatch(pairs, runs, ())
+    changed[1] = ("p1", torch.zeros(5))  # a wrapper changed the batch in place: checked, and refused
+    with pytest.raises(ValueError, match="shape"):
+        load(changed)

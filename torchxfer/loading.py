@@ -24,7 +24,7 @@ class _BatchPlan:
     and dtypes they had, the names they fill, the positions among the targets copied one by one,
     and a C++ check of the shapes and dtypes (:func:`metadata_guard`; None: compare the lists)."""
 
-    __slots__ = ("positions", "dst", "shapes", "dtypes", "names", "alone", "guard", "device", "dst_guard")
+    __slots__ = ("positions", "dst", "shapes", "dtypes", "names", "alone", "guard", "device", "dst_guard", "checked")
 
     def __init__(self, positions: list[int] | None, dst: list[torch.Tensor], src: list[torch.Tensor],
                  names: frozenset[str], alone: list[int]) -> None:  # fmt: skip
@@ -35,6 +35,7 @@ class _BatchPlan:
         devices = {t.device for t in dst}
         self.device = devices.pop() if len(devices) == 1 else None
         self.dst_guard: Any = None  # made at the first SlicedBatch (False: that path is closed)
+        self.checked: Any = None  # the pairs of the last SlicedBatch whose tensors passed the checks
 
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
@@ -76,7 +77,7 @@ def _sliced(batch: list[tuple[str, torch.Tensor]], plan: _BatchPlan) -> bool:
     if not (base.is_cuda or SLICED_COPIES_ON_CPU) or base.device != plan.device:
         return False
     pairs = batch.pairs
-    if len(pairs) != len(batch) or not all(map(operator.is_, batch, pairs)):
+    if not _unchanged(batch):
         return False
     dst = plan.dst
     # split_with_sizes_copy resizes a target of another shape (with a warning) where a copy would
@@ -94,6 +95,11 @@ def _sliced(batch: list[tuple[str, torch.Tensor]], plan: _BatchPlan) -> bool:
         if batch.rest:
             torch._foreach_copy_([dst[p] for p in batch.rest], [pairs[p][1] for p in batch.rest])
     return True
+
+
+def _unchanged(batch: list) -> bool:
+    """Whether ``batch`` is a :class:`SlicedBatch` holding exactly the pairs it was made of."""
+    return type(batch) is SlicedBatch and len(batch) == len(batch.pairs) and all(map(operator.is_, batch, batch.pairs))
 
 
 def _alone(dst: list[torch.Tensor]) -> list[int]:
@@ -218,12 +224,16 @@ class ModuleLoader:
         # C-level maps, not a Python loop per tensor: a batch may hold thousands.
         try:
             src = list(map(_SECOND, batch)) if positions is None else [batch[i][1] for i in positions]
-            if plan.guard is None or not plan.guard(*src):
+            # A SlicedBatch of the very pair objects checked last time (the colocated receiver hands
+            # out the same views every update of a layout) is not checked again.
+            same = _unchanged(batch)
+            if not (same and batch.pairs is plan.checked) and (plan.guard is None or not plan.guard(*src)):
                 if list(map(_SHAPE, src)) != plan.shapes or list(map(_DTYPE, src)) != plan.dtypes:
                     return False
                 plan.guard = None  # alike but not to the guard (other strides, say): the lists from now on
         except (AttributeError, IndexError, TypeError):
             return False
+        plan.checked = batch.pairs if same else None
         if not self.loaded.isdisjoint(names):
             return False
         if not _sliced(batch, plan):
@@ -271,7 +281,8 @@ class ModuleLoader:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
             every = positions if len(positions) < len(batch) else None  # None: every position loads
-            self._plans[key] = _BatchPlan(every, dst, src, frozenset(names), alone)
+            made = self._plans[key] = _BatchPlan(every, dst, src, frozenset(names), alone)
+            made.checked = batch.pairs if _unchanged(batch) else None
 
     def missing(self) -> list[str]:
         """Tensors of the module not loaded in the current update (the first name of tied ones)."""
