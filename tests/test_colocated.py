@@ -955,7 +955,19 @@ def test_a_cached_bucket_pulled_straight_from_the_iterator_keeps_every_check():
             t.add_(1)
         return iter(model)
 
-    plan = [fresh, fresh, changed_shape, fresh, new_object, fresh, raising, fresh, malformed, fresh]
+    def malformed_list(u):  # a list is pulled a bucket at a time: the pair is still refused
+        return iter(model[:25] + [list(model[25])] + model[26:])
+
+    def items(u):  # a dict's items, pulled a bucket at a time too
+        fresh(u)
+        return iter(dict(model).items())
+
+    def moved_in_list(u):  # another object at the same name, in a list
+        model[30] = ("w30", model[30][1].clone())
+        return fresh(u)
+
+    plan = [fresh, fresh, changed_shape, fresh, new_object, fresh, raising, fresh, malformed, fresh,
+            malformed_list, fresh, items, items, moved_in_list, fresh]  # fmt: skip
     sent: list[dict | None] = []
     port = free_port()
 
@@ -965,7 +977,7 @@ def test_a_cached_bucket_pulled_straight_from_the_iterator_keeps_every_check():
             out = []
             for u, source in enumerate(plan):
                 items = source(u)
-                fails = source in (raising, malformed)
+                fails = source in (raising, malformed, malformed_list)
                 sent.append(None if fails else {n: t.clone() for n, t in model})
                 try:
                     IPCWeightTransferEngine.trainer_send_weights(items, group, packed_buffer_size_bytes=4096,
@@ -991,6 +1003,7 @@ def test_a_cached_bucket_pulled_straight_from_the_iterator_keeps_every_check():
     trainer, worker = outcomes[0].value, outcomes[1].value
     assert trainer[6] == "RuntimeError: source broke" and "source broke" in worker[6]
     assert trainer[8].startswith("ValueError: expected (name, tensor) pairs, got list"), trainer[8]
+    assert trainer[10].startswith("ValueError: expected (name, tensor) pairs, got list"), trainer[10]
     for u, expected in enumerate(sent):
         if expected is None:
             continue

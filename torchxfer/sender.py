@@ -279,6 +279,8 @@ def pull_same(plan: BucketPlan, memo: dict, refs: list, item: Item, source: Iter
 
 
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_PLAIN_ITERATORS = frozenset(type(iter(x)) for x in ([], (), {}.items(), {}.values()))
+"""Iterators whose next item exists before it is pulled (no generator step runs to make it)."""
 _DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
 
 
@@ -293,7 +295,9 @@ def pull_bucket(plan: BucketPlan, memo: dict, refs: list, item: Item, raw: Itera
 
     The same rules as :func:`pull_same`: the next pair is pulled only while each holds the very
     object of the last update (so a source that refills a staging tensor is never pulled past
-    one, and every tensor taken passed ``pairs``'s checks when it was first sent); then the pairs
+    one, and every tensor taken passed ``pairs``'s checks when it was first sent; a list, tuple
+    or dict iterator, whose items exist before they are pulled, is pulled a bucket at a time and
+    then compared); then the pairs
     are checked (2-tuples, names), and the tensors' dtypes, shapes and device, by one C++ call
     where torch allows (``group.metadata_guard``, made from the first tensors that passed the
     plain comparisons, and dropped if alike tensors ever fail it).
@@ -305,18 +309,32 @@ def pull_bucket(plan: BucketPlan, memo: dict, refs: list, item: Item, raw: Itera
     expected = list(map(_DEREF, refs))  # held for this pull only
     if item[1] is not expected[0]:
         return batch, None, None
-    append = batch.append
-    try:
-        for want, pulled in zip(itertools.islice(expected, 1, None), raw):
-            append(pulled)
-            if pulled[1] is not want:
-                return batch, None, None
-    except Exception as e:  # the iterator's, or a pair that is not one (``pairs`` says which)
-        return batch, None, e
+    if type(raw) in _PLAIN_ITERATORS:
+        # Pulling ahead from a list, tuple or dict has no effect on the values pulled (no generator
+        # step runs): the bucket is taken at once, then compared object by object.
+        try:
+            batch.extend(itertools.islice(raw, len(expected) - 1))
+        except Exception as e:  # a dict changed while iterated, say
+            return batch, None, e
+        if {*map(type, batch)} != {tuple} or {*map(len, batch)} != {2}:
+            return batch, None, None
+        tensors = list(map(_SECOND, batch))
+        if len(tensors) != len(expected) or not all(map(operator.is_, tensors, expected)):
+            return batch, None, None
+    else:
+        append = batch.append
+        try:
+            for want, pulled in zip(itertools.islice(expected, 1, None), raw):
+                append(pulled)
+                if pulled[1] is not want:
+                    return batch, None, None
+        except Exception as e:  # the iterator's, or a pair that is not one (``pairs`` says which)
+            return batch, None, e
+        tensors = None
     if (len(batch) != len(expected) or {*map(type, batch)} != {tuple} or {*map(len, batch)} != {2}
             or list(map(_FIRST, batch)) != names):  # fmt: skip
         return batch, None, None
-    tensors = list(map(_SECOND, batch))
+    tensors = list(map(_SECOND, batch)) if tensors is None else tensors
     guard = memo.get("guard")
     if guard is not None and guard(*tensors):
         memo["guarded"] = True  # every tensor as the guard's first ones were, strides included
