@@ -92,13 +92,13 @@ def first_bucket(layout: Layout | None, confirmed: bool) -> BucketPlan | None:
     then always sends that bucket's broadcasts first: the real bucket when it
     sends the same layout again (the steady state: no control step precedes
     the first byte), or void ones of the same sizes when it does not. None
-    when there is nothing to post. An unpacked layout's bucket 0 is received
-    into fresh tensors (up to ``packing.UNPACKED_GROUP_BYTES``), allocated
-    before the worker knows the update needs them: in the steady state it
-    does, and without this the first byte waited for the BEGIN step (about
-    2 ms of a 4.4 GB update on 2x H200).
+    when there is nothing to post, and for an unpacked layout: its bucket is
+    received into fresh tensors, up to 256 MiB of them, which a worker would
+    then allocate before it knows the update needs them.
     """
     if not confirmed or layout is None or not layout.buckets or not layout.buckets[0].runs:
+        return None
+    if layout.buffer_size is None:
         return None
     return layout.buckets[0]
 
