@@ -423,7 +423,7 @@ def test_plan_unpacked_tensor_limit():
 
 
 def test_plan_unpacked_byte_limit():
-    assert UNPACKED_GROUP_BYTES == 1 << 30
+    assert UNPACKED_GROUP_BYTES == 256 << 20
     mib = UNPACKED_GROUP_BYTES // 64  # the limit is 64 of these units (4 MiB each)
     sizes = [40 * mib, 30 * mib, 20 * mib, 14 * mib, 0, 1, 100 * mib, 1, 64 * mib, 0, 1]
     specs = [u8(f"t{i}", n) for i, n in enumerate(sizes)]

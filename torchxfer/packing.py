@@ -203,11 +203,8 @@ class Slot:
 
 UNPACKED_GROUP_TENSORS = 256
 """Unpacked mode: most tensors one bucket (one control tick) groups."""
-UNPACKED_GROUP_BYTES = 1 << 30
-"""Unpacked mode: a bucket closes once it holds this many bytes (a receiver holds at most
-``num_buffers`` buckets of fresh tensors: the memory of the default packed buffers). Each bucket
-costs the trainer a control row and its CPU per bucket; at 256 MiB, on 2x H200, that CPU made a
-4.4 GB transformer 0.70x flat where one raw broadcast per tensor reached 0.90x."""
+UNPACKED_GROUP_BYTES = 256 << 20
+"""Unpacked mode: a bucket closes once it holds this many bytes."""
 DIRECT_MIN_BYTES = 4 << 20
 DIRECT_BUFFER_FRACTION = 2
 """NCCL: a slot travels alone from max(DIRECT_MIN_BYTES, buffer / DIRECT_BUFFER_FRACTION)."""

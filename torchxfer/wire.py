@@ -65,8 +65,7 @@ __all__ = [
     "frame_length",
 ]
 
-PROTOCOL_VERSION = 6  # 4: workers post the confirmed layout's bucket 0 before BEGIN; 5: END on the payload group;
-# 6: colocated direct reads (BUCKET rows carry a map), unpacked buckets of up to 1 GiB
+PROTOCOL_VERSION = 5  # 4: workers post the confirmed layout's bucket 0 before BEGIN; 5: END on the payload group
 MAGIC = b"TXFR"
 _PREFIX = struct.Struct("<4sHBBI")
 PREFIX_BYTES = _PREFIX.size
