@@ -65,7 +65,8 @@ __all__ = [
     "frame_length",
 ]
 
-PROTOCOL_VERSION = 5  # 4: workers post the confirmed layout's bucket 0 before BEGIN; 5: END on the payload group
+PROTOCOL_VERSION = 6  # 4: workers post the confirmed layout's bucket 0 before BEGIN; 5: END on the payload group;
+# 6: colocated direct reads (a BUCKET row may carry a map, a worker's row says whether one failed)
 MAGIC = b"TXFR"
 _PREFIX = struct.Struct("<4sHBBI")
 PREFIX_BYTES = _PREFIX.size
