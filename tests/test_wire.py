@@ -392,6 +392,14 @@ def test_a_body_of_more_values_than_any_table_is_refused_before_parsing(body, mo
         decode(frame(BUCKET, body))
 
 
+@pytest.mark.parametrize("body", [b'"' * (4 << 20), b'"\\' * (2 << 20), b'["' + b"\\" * (4 << 20)])
+def test_a_body_of_unbalanced_quotes_is_refused_in_linear_time(body):
+    """The pre-parse count strips strings with a pattern that cannot fail to match once started:
+    one that could fail took seconds per 32 KiB of quotes (hours for a frame within the cap)."""
+    with pytest.raises(TransferError):
+        decode(frame(BUCKET, body))
+
+
 def test_a_table_of_the_largest_shapes_and_names_still_decodes():
     row = [0, "[" * MAX_NAME_CHARS, "float32", [1] * MAX_NDIM, 0, 4, 0]
     rows = [[i, f"{i}" + "{" * (MAX_NAME_CHARS - 8)] + row[2:] for i in range(MAX_SLOTS_PER_BUCKET)]

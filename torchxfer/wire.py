@@ -162,7 +162,9 @@ def _decode_slot(bucket: int, row: Any) -> Slot:
     return Slot(bucket, index, spec, start, length, offset)
 
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_STRING = re.compile(rb'"(?:[^"\\]|\\.?)*"?')
+"""A string literal, or what is left of one at the end of the body: a pattern that cannot fail to
+match once it starts, so a body of unbalanced quotes costs linear time, not quadratic."""
 _MAX_CONTAINERS = 2 + 2 * MAX_SLOTS_PER_BUCKET
 """Lists and objects in a table: the body, its slot list, and per slot its record and its shape."""
 _MAX_COMMAS = 8 + MAX_SLOTS_PER_BUCKET * (8 + MAX_NDIM)
