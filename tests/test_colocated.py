@@ -665,6 +665,7 @@ def _cuda_direct_body(rank: int, port: int):
         engine.shutdown()
         return got
     colocated_sender.DIRECT_BYTES = 64 << 10
+    os.environ[colocated_sender.DIRECT_ENV] = "1"  # this spawned trainer keeps its parameters' memory
     params = torch.nn.ParameterDict({
         **{f"big{i}": torch.nn.Parameter(torch.randn(128, 160 + 8 * i, device="cuda")) for i in range(6)},
         **{f"small{i}": torch.nn.Parameter(torch.randn(7 + i, device="cuda")) for i in range(9)},

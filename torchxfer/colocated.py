@@ -23,8 +23,9 @@ lockstep (:mod:`torchxfer.colocated_sender`, :mod:`torchxfer.colocated_receiver`
 A worker's row: ``[status, layout it holds, layout ok, atomic, buckets released, buffers id,
 direct reads failed]``.
 
-Direct reads (CUDA, from the second update of a layout): a cached bucket's large whole
-tensors (``colocated_sender.DIRECT_BYTES``) are not packed. The workers read them where
+Direct reads (CUDA, opt-in with ``TORCHXFER_DIRECT_READS=1`` on the trainer, from the
+second update of a layout): a cached bucket's large whole tensors
+(``colocated_sender.DIRECT_BYTES``) are not packed. The workers read them where
 they lie in the trainer's memory, through CUDA IPC handles of their allocations. The map
 of handles, offsets and slots is sent with the BUCKET row only when it changed. A worker
 maps each allocation once and checks every offset against the driver's own size of the

@@ -212,6 +212,8 @@ class ColocatedReceiver(WorkerSide):
                         self.fail(str(e))
                 if gen:
                     direct = self.direct(plan, gen, frame_len)
+                else:  # packed whole this time: its mappings are unmapped at the end unless another bucket reads them
+                    plan.cache.pop("direct_recv", None)
             else:
                 plan = self.table(bucket, row)
             self.load(plan, direct)
@@ -279,7 +281,9 @@ class ColocatedReceiver(WorkerSide):
             try:
                 handle = bytes.fromhex(seg[0])
             except ValueError:
-                raise TransferError("the direct-read map names a malformed allocation") from None
+                handle = b""
+            if len(handle) != 64:  # fromhex skips whitespace: 128 characters may hold fewer bytes
+                raise TransferError("the direct-read map names a malformed allocation")
             bases.append(self.direct_segment(handle, seg[1], seg[2]))
             handles.append(handle)
         views: dict[int, torch.Tensor] = {}

@@ -182,7 +182,11 @@ class ColocatedSender(SendSide):
         self.control.send_frame(frame, f"{self.what} (share buffers)")
         if self.device.type == "cuda":
             blobs = gather_blobs(self.group, b"", 64 * self.num_buffers, f"{self.what} (release events)")
-            self.state.worker_events = [open_events(self.device, blob, self.num_buffers) for blob in blobs[1:]]
+            try:
+                self.state.worker_events = [open_events(self.device, blob, self.num_buffers) for blob in blobs[1:]]
+            except TransferError as e:  # the workers wait in the step below: they learn of it by its timeout
+                self.group.mark_broken(str(e))
+                raise TransferError(str(e), broken=True) from None
         rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (share buffers)").rows()
         self.control.settle(rows, b"", f"{self.what} (share buffers)")
         self.state.buffers = buffers
@@ -295,7 +299,8 @@ class ColocatedSender(SendSide):
         if not candidates:
             return None
         device = self.device
-        picked = tuple(p for p in candidates if tensors[p].device == device and tensors[p].is_contiguous())
+        picked = tuple(p for p in candidates if tensors[p].device == device and tensors[p].is_contiguous()
+                       and not tensors[p].is_conj() and not tensors[p].is_neg())  # the bytes are the values
         if not picked:
             return None
         ptrs = tuple(tensors[p].data_ptr() for p in picked)
@@ -499,11 +504,17 @@ workers where they lie (:meth:`ColocatedSender.direct_for`): one copy (the worke
 two (the pack, then the load)."""
 
 DIRECT_ENV = "TORCHXFER_DIRECT_READS"
-"""Set to 0 on the trainer to pack every tensor into the shared buffers."""
+"""Set to 1 on the trainer to let workers read large tensors in place (off by default).
+
+A worker keeps each allocation it read from mapped until an update no longer names it, and CUDA
+leaves undefined what happens when the exporting process frees memory another process still has
+mapped. So turn this on only for a trainer that keeps the sent tensors' memory between updates:
+no offloading of parameters to the CPU, no ``torch.cuda.empty_cache()`` that could free their
+segments. See the README's "Colocated" section."""
 
 
 def direct_reads_enabled() -> bool:
-    return os.environ.get(DIRECT_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(DIRECT_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 GRAPH_MIN_TENSORS = 256

@@ -147,6 +147,8 @@ _CUDART: Any = None
 
 
 def _handle(raw: bytes) -> _IpcHandle:
+    if len(raw) != 64:
+        raise TransferError(f"a CUDA IPC handle has 64 bytes, got {len(raw)}")
     handle = _IpcHandle()
     ctypes.memmove(ctypes.addressof(handle), raw, 64)
     return handle
@@ -341,8 +343,14 @@ def open_buffers(desc: Any, device: torch.device, num_buffers: int, nbytes: int)
     if not (isinstance(handles, list) and isinstance(events, list) and len(handles) == len(events) == num_buffers
             and all(isinstance(h, str) and len(h) == 128 for h in handles + events)):  # fmt: skip
         raise TransferError("the trainer's buffer description is malformed")
-    tensors = [open_memory(device, bytes.fromhex(h), nbytes, "the trainer's buffer") for h in handles]
-    return tensors, open_events(device, b"".join(bytes.fromhex(e) for e in events), num_buffers)
+    try:
+        raw = [bytes.fromhex(h) for h in handles + events]
+    except ValueError:
+        raw = []
+    if len(raw) != 2 * num_buffers or any(len(h) != 64 for h in raw):  # fromhex skips whitespace
+        raise TransferError("the trainer's buffer description is malformed")
+    tensors = [open_memory(device, h, nbytes, "the trainer's buffer") for h in raw[:num_buffers]]
+    return tensors, open_events(device, b"".join(raw[num_buffers:]), num_buffers)
 
 
 def open_memory(device: torch.device, handle: bytes, nbytes: int, what: str) -> torch.Tensor:
