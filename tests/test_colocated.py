@@ -1111,6 +1111,7 @@ _SEGMENT = ["ab" * 64, 4096, 7]
         (_direct_frame(1, [[0, 0, 0]] * 4, [_SEGMENT]), "malformed"),  # more entries than slots
         (_direct_frame(1, [[0, 0, 0]], [["zz" * 64, 4096, 7]]), "malformed allocation"),
         (_direct_frame(1, [[0, 0, 0]], [["ab" * 63, 4096, 7]]), "malformed allocation"),
+        (_direct_frame(1, [[0, 0, 0]], [["ab" * 63 + "  ", 4096, 7]]), "malformed allocation"),  # 63 bytes
         (_direct_frame(1, [[0, 0, 0]], [["ab" * 64, 0, 7]]), "malformed allocation"),
         (_direct_frame(1, [[0, 0, 0]], [["ab" * 64, -5, 7]]), "malformed allocation"),
         (_direct_frame(1, [[0, 0, 0]], [["ab" * 64, True, 7]]), "malformed allocation"),
@@ -1328,3 +1329,11 @@ def test_module_loader_checks_a_sliced_batch_again_only_when_its_pairs_are_new(m
     changed[1] = ("p1", torch.zeros(5))  # a wrapper changed the batch in place: checked, and refused
     with pytest.raises(ValueError, match="shape"):
         load(changed)
+
+
+@pytest.mark.parametrize("raw", [b"", b"x" * 63, b"x" * 65])
+def test_a_cuda_ipc_handle_of_other_than_64_bytes_is_refused_before_any_driver_call(raw):
+    from torchxfer import ipc_transport
+
+    with pytest.raises(TransferError, match="64 bytes"):
+        ipc_transport._handle(raw)

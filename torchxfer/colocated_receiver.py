@@ -369,7 +369,10 @@ class ColocatedReceiver(WorkerSide):
         self.state.validated = self.info
         if self.state.direct_maps:  # unmap what this layout's maps no longer name
             used = set().union(*(p.cache["direct_recv"][2] for p in self.layout.buckets if "direct_recv" in p.cache))
-            for handle in [h for h in self.state.direct_maps if h not in used]:
+            stale = [h for h in self.state.direct_maps if h not in used]
+            if stale:  # no read of them may still be queued when they are unmapped
+                torch.cuda.current_stream(self.device).synchronize()
+            for handle in stale:
                 del self.state.direct_maps[handle]
 
     # -- payload ----------------------------------------------------------------------------------
