@@ -1423,3 +1423,26 @@ def test_the_nccl_runs_cut_bucket_0_in_three_and_large_later_ranges_in_two_bit_e
         for u in range(3):
             assert_same(values[rank][u], model(u), f"rank {rank} update {u}")
     assert {b for b, _ in cuts} >= {0, 1}, cuts  # bucket 0 cut, and a later bucket cut in two
+
+
+def test_a_list_source_is_pulled_a_bucket_at_a_time_and_a_changed_object_is_still_seen(monkeypatch):
+    """The engine peeks at the first pair (to refuse DTensors) and chains it back: a cached bucket
+    is then pulled from the caller's own list iterator, a bucket at a time. A tensor replaced in
+    the list, or a list cut short, is still seen, and every value arrives bit for bit."""
+    from torchxfer import sender
+
+    kinds: list[str] = []
+    real = sender.pull_bucket
+    monkeypatch.setattr(sender, "pull_bucket", lambda plan, memo, refs, item, raw, device: (
+        kinds.append(type(raw).__name__), real(plan, memo, refs, item, raw, device))[1])  # fmt: skip
+    model = simple(4, n=40)
+    swapped = list(model)
+    swapped[17] = (swapped[17][0], swapped[17][1].clone() + 1)
+    steps = [model, model, swapped, swapped, model[:25], model]
+    kw = dict(packed=True, packed_buffer_size_bytes=256)
+    values = updates_that_may_fail([((lambda p=p: iter(p)), kw) for p in steps])
+    assert values[0] == [None] * len(steps)
+    assert "list_iterator" in kinds and "chain" not in kinds, kinds
+    for rank in (1, 2):
+        for k, (pairs, got) in enumerate(zip(steps, values[rank])):
+            assert_same(got, pairs, f"rank {rank}, update {k}")

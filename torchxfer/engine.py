@@ -397,16 +397,16 @@ def send_pairs(iterator: Iterable[tuple[str, torch.Tensor]], group: dist.Process
     side.check_usable()
     num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
     with gc_paused():  # from the first pull on: see sender.gc_paused
-        check = None
+        check, rest = None, None
         if not owned:  # the package's own pairs (send_model) are never DTensors, and are pulled only once the update began
-            iterator, check = _refuse_dtensors(iterator, post_iter_func)
+            iterator, check, rest = _refuse_dtensors(iterator, post_iter_func)
         sender = Sender(side, packed=packed, buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
                         checksum=checksum, zero_copy=zero_copy, version=version, num_tensors=num_tensors,
                         owned=owned)  # fmt: skip
         if started is not None:
             started(sender)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            return sender.run(iterator, post_iter_func, check)
+            return sender.run(iterator, post_iter_func, check, rest=rest)
 
 
 _DTENSOR_HINT = (
@@ -423,27 +423,29 @@ def _check_plain(name: Any, tensor: Any) -> None:
 
 
 def _refuse_dtensors(iterator: Iterable[Any], post_iter_func: Callable | None
-                     ) -> tuple[Iterable[Any], Callable[[Any, Any], None] | None]:  # fmt: skip
+                     ) -> tuple[Iterable[Any], Callable[[Any, Any], None] | None, Iterator[Any] | None]:  # fmt: skip
     """Check the first pair now (before any collective); returns the pairs (that
-    one included) and the check for every later one, run as each is pulled."""
+    one included), the check for every later one, run as each is pulled, and the
+    caller's own iterator the pairs go on with after the first (None: the pairs
+    are the caller's iterable itself)."""
     if _DTensor is None:
-        return iterator, None
+        return iterator, None, None
     it = iter(iterator)
     try:
         head = [next(it)]
     except StopIteration:
-        return (), None
+        return (), None, None
     except Exception as e:  # the source's own failure: raised when pulled, so the workers hear of it
 
         def failing(error: Exception = e) -> Iterator[Any]:
             raise error
             yield  # noqa: unreachable - makes this a generator
 
-        return failing(), None
+        return failing(), None, None
     first = head[0]
     if isinstance(first, tuple) and len(first) == 2:
         _check_plain(first[0], first[1])
-    return itertools.chain(head, it), _check_plain
+    return itertools.chain(head, it), _check_plain, it
 
 
 def create_engine(config: WeightTransferConfig, parallel_config: ParallelConfig) -> WeightTransferEngine:

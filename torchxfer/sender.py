@@ -449,10 +449,12 @@ class Sender(SendSide):
     # -- the update ------------------------------------------------------------------------------
 
     def run(self, items: Iterable[Any], post_iter_func: Callable | None,
-            check: Callable[[Any, Any], None] | None = None) -> TransferStats:  # fmt: skip
+            check: Callable[[Any, Any], None] | None = None, *, rest: Iterator[Any] | None = None) -> TransferStats:  # fmt: skip
         """The update; ``check(name, tensor)`` runs on every pair as it is pulled
         (its ValueError aborts the update for every rank, then is raised here).
-        ``engine.send_pairs`` runs it with the cyclic garbage collector paused."""
+        ``rest``: the caller's iterator that ``items`` goes on with after its first pair
+        (``items`` chains a pair pulled ahead to it), pulled from directly once that pair is in
+        hand. ``engine.send_pairs`` runs it with the cyclic garbage collector paused."""
         start = time.perf_counter()
         cached = self.begin()
         try:
@@ -465,6 +467,10 @@ class Sender(SendSide):
                     items = self.raw = iter(items)
                 except Exception as e:
                     raise SourceFailed(e) from e
+                if rest is not None and type(rest) in _PLAIN_ITERATORS:
+                    # pull_bucket always has the first pair in hand: the chain then pulls from ``rest``
+                    # itself, so a bucket may be pulled from it at once (see pull_bucket)
+                    self.raw = rest
             source = pairs(items, post_iter_func, check)
             self.send_buckets(source, cached)
         except SourceFailed as e:
