@@ -1196,6 +1196,9 @@ def _hostile_steps(channel, buffers_id: int, what: str) -> None:
     size = 1 << 20 if what == "larger buffers, not shared" else 1024
     rows = channel.post(make_row(Kind.BEGIN, 7, FLAG_PACKED, size, 2, 0, -1, 0, buffers_id), what).rows()
     channel.settle(rows, b"", what)
+    if what == "only SYNC rows":  # a worker breaks the group after 2 x timeout_s of them
+        while True:
+            channel.post(make_row(Kind.SYNC), what).rows()
     if what == "bucket out of order":
         channel.post(make_row(Kind.BUCKET, 5, 1, 0, 0), what).rows()
     else:  # a slot past the end of the buffers the worker mapped
@@ -1205,9 +1208,12 @@ def _hostile_steps(channel, buffers_id: int, what: str) -> None:
         channel.post(make_row(Kind.SYNC), what).rows()
 
 
-@pytest.mark.parametrize("what", ["too many buffers", "bucket out of order", "larger buffers, not shared"])
+@pytest.mark.parametrize("what", ["too many buffers", "bucket out of order", "larger buffers, not shared",
+                                  "only SYNC rows"])  # fmt: skip
 def test_a_colocated_trainer_row_out_of_protocol_breaks_the_group_and_reads_nothing(what):
     from torchxfer.group import side_group
+
+    took: list[float] = []
 
     def body(rank: int, port: int):
         if rank == 0:
@@ -1217,13 +1223,16 @@ def test_a_colocated_trainer_row_out_of_protocol_breaks_the_group_and_reads_noth
             store: dict = {}
             engine.receive_weights(None, _collect(store))
             store.clear()
+            start = time.monotonic()
             with pytest.raises(TransferError) as info:
                 engine.receive_weights(None, _collect(store))
+            took.append(time.monotonic() - start)
             return info.value.broken, side_group(engine.model_update_group).broken is not None, store
         finally:
             engine.shutdown()
 
     assert run_world(body, 2, deadline_s=60)[1] == (True, True, {})
+    assert took and took[0] < 2 * 2.0 + SLACK, took  # the SYNC-only case is bounded by 2 x timeout_s
 
 
 def test_a_worker_that_answers_and_never_releases_a_buffer_fails_the_update_within_the_timeout(monkeypatch):

@@ -182,6 +182,20 @@ def test_weight_transfer_config_bad_timeout(bad):
         WeightTransferConfig(backend="gloo", timeout_s=bad)
 
 
+@pytest.mark.parametrize("value, default, expected", [
+    (None, True, True), (None, False, False), ("1", False, True), (" ON ", False, True), ("yes", False, True),
+    ("0", True, False), ("False", True, False), ("off", True, False), ("maybe", True, True), ("", False, False),
+])  # fmt: skip
+def test_env_flag(monkeypatch, value, default, expected):
+    from torchxfer.config import env_flag
+
+    if value is None:
+        monkeypatch.delenv("TORCHXFER_TEST_FLAG", raising=False)
+    else:
+        monkeypatch.setenv("TORCHXFER_TEST_FLAG", value)
+    assert env_flag("TORCHXFER_TEST_FLAG", default) is expected
+
+
 def test_timeouts_up_to_the_cap_are_taken():
     from torchxfer.config import MAX_TIMEOUT_S
 

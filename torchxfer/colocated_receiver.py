@@ -23,7 +23,7 @@ from .config import MAX_NUM_BUFFERS, NCCLWeightTransferUpdateInfo, TransferStats
 from .control import ControlChannel
 from .errors import TransferError
 from .group import SideGroup
-from .ipc_transport import new_events, open_buffers, open_memory
+from .ipc_transport import _is_int, new_events, open_buffers, open_memory
 from .loading import SlicedBatch
 from .packing import ALIGNMENT, concat_plan, slot_view, typed_view
 from .plan import BucketPlan, Layout, TableChecker
@@ -276,7 +276,7 @@ class ColocatedReceiver(WorkerSide):
         bases, handles = [], []
         for seg in segments:
             if not (isinstance(seg, list) and len(seg) == 3 and isinstance(seg[0], str) and len(seg[0]) == 128
-                    and _is_count(seg[1]) and seg[1] > 0 and _is_count(seg[2])):  # fmt: skip
+                    and _is_int(seg[1]) and seg[1] > 0 and _is_int(seg[2])):  # fmt: skip
                 raise TransferError("the direct-read map names a malformed allocation")
             try:
                 handle = bytes.fromhex(seg[0])
@@ -289,7 +289,7 @@ class ColocatedReceiver(WorkerSide):
         views: dict[int, torch.Tensor] = {}
         last = -1
         for entry in entries:
-            if not (isinstance(entry, list) and len(entry) == 3 and all(map(_is_count, entry))):
+            if not (isinstance(entry, list) and len(entry) == 3 and all(map(_is_int, entry))):
                 raise TransferError("the direct-read map has a malformed entry")
             p, s, offset = entry
             if not last < p < len(plan.slots) or s >= len(bases):
@@ -322,7 +322,7 @@ class ColocatedReceiver(WorkerSide):
     def drop_direct(self) -> None:
         """Forget every direct-read mapping and every map that views one (they are unmapped as the
         last view goes)."""
-        for layout in (self.state.layout, self.cached, getattr(self, "layout", None)):
+        for layout in (self.state.layout, self.cached, self.layout):
             for plan in layout.buckets if layout is not None else ():
                 plan.cache.pop("direct_recv", None)
         self.state.direct_maps.clear()
@@ -450,7 +450,3 @@ class ColocatedReceiver(WorkerSide):
             runs = tuple((first, end, base, [s.spec.shape[0] for s in slots[first:end]]) for first, end, base in cat.segments)
             plan.cache["ipc_recv"] = (buf.data_ptr(), tuple(out), count, nbytes, runs, tuple(cat.rest))
         return out
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62

@@ -21,7 +21,6 @@ import collections
 import itertools
 import logging
 import operator
-import os
 import random
 import time
 import weakref
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from .colocated import BACKEND, FLAG_SHARE, MAX_IPC_FRAME, colocated_device, encode_frame, gather_blobs
-from .config import TransferStats
+from .config import TransferStats, env_flag
 from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
@@ -94,6 +93,8 @@ class ColocatedSender(SendSide):
         self.failed = False
         self.num_tensors = 0
         self.bucket = 0
+        # Direct reads this update (see direct_for): decided once, from the switch and the group's state.
+        self.direct_on = self.device.type == "cuda" and self.state.direct_off is None and env_flag(DIRECT_ENV, False)
         self.direct_row: tuple[int, bytes] = (0, b"")  # the next BUCKET row's direct-read map: (generation, frame)
         self.direct_held: list[torch.Tensor] = []  # tensors workers read in place this update
 
@@ -290,7 +291,7 @@ class ColocatedSender(SendSide):
         until the update ends, when later work on the current stream is made to wait for the
         workers' reads (:meth:`release_direct`)."""
         state, memo = self.state, plan.cache
-        if self.device.type != "cuda" or state.direct_off is not None or not direct_reads_enabled():
+        if not self.direct_on or state.direct_off is not None:  # (a worker may have failed one this update)
             return None
         candidates = memo.get("direct_candidates")
         if candidates is None:
@@ -511,10 +512,6 @@ leaves undefined what happens when the exporting process frees memory another pr
 mapped. So turn this on only for a trainer that keeps the sent tensors' memory between updates:
 no offloading of parameters to the CPU, no ``torch.cuda.empty_cache()`` that could free their
 segments. See the README's "Colocated" section."""
-
-
-def direct_reads_enabled() -> bool:
-    return os.environ.get(DIRECT_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 GRAPH_MIN_TENSORS = 256

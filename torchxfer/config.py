@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import os
 from typing import Any
 
 import torch
@@ -60,6 +61,17 @@ def check_timeout(owner: str, value: Any) -> float:
         raise ValueError(f"{owner}.timeout_s must be a positive number of seconds up to {MAX_TIMEOUT_S:g}, "
                          f"got {value!r:.40}")  # fmt: skip
     return seconds
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off switch from the environment: 1/true/yes/on or 0/false/no/off (any case);
+    unset or anything else: ``default``."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
 
 
 def wait_timeout(seconds: float) -> datetime.timedelta:

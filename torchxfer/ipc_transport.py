@@ -36,8 +36,8 @@ import torch
 from .errors import TransferError
 from .group import gpu_uuid
 
-__all__ = ["SharedBuffers", "HostProbe", "check_host_probe", "device_uuid", "open_buffers", "open_memory", "locate", "allocation_id", "mapped_size",
-           "NoAllocation"]
+__all__ = ["SharedBuffers", "HostProbe", "check_host_probe", "device_uuid", "open_buffers", "open_memory", "locate",
+           "allocation_id", "mapped_size", "NoAllocation"]
 
 _PROBE_BYTES = 32
 

@@ -77,7 +77,7 @@ def _sliced(batch: list[tuple[str, torch.Tensor]], plan: _BatchPlan) -> bool:
     if not (base.is_cuda or SLICED_COPIES_ON_CPU) or base.device != plan.device:
         return False
     pairs = batch.pairs
-    if not _unchanged(batch):
+    if pairs is not plan.checked:  # _fast sets it to these pairs once it found the batch unchanged
         return False
     dst = plan.dst
     # split_with_sizes_copy resizes a target of another shape (with a warning) where a copy would

@@ -39,7 +39,6 @@ import contextlib
 import ctypes
 import hashlib
 import logging
-import os
 import socket
 import struct
 import time
@@ -48,6 +47,7 @@ from typing import Any
 
 import torch
 
+from .config import env_flag
 from .ipc_transport import NoAllocation, _check, _cudart, _driver, _handle, _IpcHandle, allocation_id, mapped_size
 from .ipc_transport import locate as _locate
 
@@ -76,7 +76,7 @@ def candidate(entries: list[Any]) -> bool:
 
 def enabled() -> bool:
     """This rank's own view: not switched off, and a CUDA runtime we can drive."""
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not env_flag(ENV, True):
         return False
     try:
         _driver()

@@ -309,32 +309,26 @@ def pull_bucket(plan: BucketPlan, memo: dict, refs: list, item: Item, raw: Itera
     expected = list(map(_DEREF, refs))  # held for this pull only
     if item[1] is not expected[0]:
         return batch, None, None
-    if type(raw) in _PLAIN_ITERATORS:
-        # Pulling ahead from a list, tuple or dict has no effect on the values pulled (no generator
-        # step runs): the bucket is taken at once, then compared object by object.
-        try:
+    plain = type(raw) in _PLAIN_ITERATORS
+    try:
+        if plain:
+            # Pulling ahead from a list, tuple or dict has no effect on the values pulled (no
+            # generator step runs): the bucket is taken at once, then compared object by object.
             batch.extend(itertools.islice(raw, len(expected) - 1))
-        except Exception as e:  # a dict changed while iterated, say
-            return batch, None, e
-        if {*map(type, batch)} != {tuple} or {*map(len, batch)} != {2}:
-            return batch, None, None
-        tensors = list(map(_SECOND, batch))
-        if len(tensors) != len(expected) or not all(map(operator.is_, tensors, expected)):
-            return batch, None, None
-    else:
-        append = batch.append
-        try:
+        else:
+            append = batch.append
             for want, pulled in zip(itertools.islice(expected, 1, None), raw):
                 append(pulled)
                 if pulled[1] is not want:
                     return batch, None, None
-        except Exception as e:  # the iterator's, or a pair that is not one (``pairs`` says which)
-            return batch, None, e
-        tensors = None
+    except Exception as e:  # the iterator's (a dict changed while iterated, say), or a pair that is not one
+        return batch, None, e
     if (len(batch) != len(expected) or {*map(type, batch)} != {tuple} or {*map(len, batch)} != {2}
             or list(map(_FIRST, batch)) != names):  # fmt: skip
         return batch, None, None
-    tensors = list(map(_SECOND, batch)) if tensors is None else tensors
+    tensors = list(map(_SECOND, batch))
+    if plain and not all(map(operator.is_, tensors, expected)):
+        return batch, None, None
     guard = memo.get("guard")
     if guard is not None and guard(*tensors):
         memo["guarded"] = True  # every tensor as the guard's first ones were, strides included
