@@ -1094,8 +1094,9 @@ def test_every_way_an_update_can_start_after_a_confirmed_layout_keeps_the_group_
     assert values[0] == [None] * 5 + ["no weights today"] + [None] * 7
     # Void where the update did not start with the confirmed layout's bucket 0; nothing is
     # posted ahead after an update that sent nothing.
-    # (After an unpacked update nothing is posted ahead either: its bucket 0 would be fresh tensors.)
-    assert voids == ["new buffer size", "new first tensor", "fails at once", "unpacked",
+    # An unpacked layout's bucket 0 is posted ahead too, into fresh tensors: "unpacked cached"
+    # receives it for real, "empty" after it voids it.
+    assert voids == ["new buffer size", "new first tensor", "fails at once", "unpacked", "empty",
                      "departs at its second tensor"], voids
     for rank in (1, 2):
         for (what, pairs, _), got in zip(steps, values[rank]):
@@ -1157,19 +1158,26 @@ def test_a_source_failing_between_buckets_of_a_steady_layout_aborts_on_every_ran
             assert_same(runs[step], model, f"rank {rank} update {step}")
 
 
-def test_every_way_an_update_can_leave_a_steady_layout_after_a_bucket_keeps_the_group_in_step(monkeypatch):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_every_way_an_update_can_leave_a_steady_layout_after_a_bucket_keeps_the_group_in_step(monkeypatch, packed):
     """After each BUCKET row that is not the last, every worker posts the next bucket of the layout
     before that bucket's row arrives (plan.next_bucket). The trainer sends it next: for real when the
     layout goes on, or as void broadcasts of the same sizes before any other row when it does not (a
     renamed, resized or dropped tensor there, a source that fails or ends there). Every value arrives
-    bit for bit, every failure reaches every rank, and the group stays usable."""
-    from torchxfer import sender
+    bit for bit, every failure reaches every rank, and the group stays usable. Unpacked layouts
+    (buckets of 3 whole tensors here) are posted ahead into fresh tensors the same way."""
+    from torchxfer import packing, sender
     from torchxfer.packing import TensorSpec, plan_slots
 
     model = simple(6, n=18)
-    kw = dict(packed=True, packed_buffer_size_bytes=256)
+    if packed:
+        kw: dict[str, Any] = dict(packed=True, packed_buffer_size_bytes=256)
+        size = 256
+    else:
+        monkeypatch.setattr(packing, "UNPACKED_GROUP_TENSORS", 3)
+        kw, size = dict(packed=False), None
     starts: dict[int, int] = {}
-    for slot in plan_slots([TensorSpec.of(n, t) for n, t in model], 256):
+    for slot in plan_slots([TensorSpec.of(n, t) for n, t in model], size):
         starts.setdefault(slot.bucket, slot.index)
     assert len(starts) >= 4
     at = starts[2]  # the first tensor of bucket 2
@@ -1200,7 +1208,7 @@ def test_every_way_an_update_can_leave_a_steady_layout_after_a_bucket_keeps_the_
     # Void where an update left the cached layout at a bucket posted ahead: the bucket of the first
     # tensor that differs (the layout sent next is the changed one, so "a" after it leaves it there
     # too); a failed update changes no layout, and past a cached layout's end nothing was posted ahead.
-    second = next(s.bucket for s in plan_slots([TensorSpec.of(n, t) for n, t in model], 256) if s.index == at + 1)
+    second = next(s.bucket for s in plan_slots([TensorSpec.of(n, t) for n, t in model], size) if s.index == at + 1)
     assert voids == [("renamed", 2), ("a", 2), ("resized", second), ("a", second), ("fails", 2), ("ends", 2)], voids
     for rank in (1, 2):
         for (what, pairs), got in zip(steps, values[rank]):

@@ -92,13 +92,12 @@ def first_bucket(layout: Layout | None, confirmed: bool) -> BucketPlan | None:
     then always sends that bucket's broadcasts first: the real bucket when it
     sends the same layout again (the steady state: no control step precedes
     the first byte), or void ones of the same sizes when it does not. None
-    when there is nothing to post, and for an unpacked layout: its bucket is
-    received into fresh tensors, up to 256 MiB of them, which a worker would
-    then allocate before it knows the update needs them.
+    when there is nothing to post. An unpacked layout's bucket is posted ahead
+    too, into fresh tensors (the ones the update would allocate moments later);
+    when the update departs from the layout they are dropped after the void
+    broadcasts.
     """
     if not confirmed or layout is None or not layout.buckets or not layout.buckets[0].runs:
-        return None
-    if layout.buffer_size is None:
         return None
     return layout.buckets[0]
 
@@ -112,9 +111,10 @@ def next_bucket(layout: Layout | None, index: int) -> BucketPlan | None:
     bucket's broadcasts next, for real (its BUCKET row) or, before any other row, as
     void broadcasts of the same sizes. A worker so has its next bucket posted before
     the control row announcing it arrives, and the payload never waits for a control
-    round trip in the steady state.
+    round trip in the steady state. Packed and unpacked layouts alike: either way a
+    worker has at most ``num_buffers`` buckets posted and not yet loaded.
     """
-    if layout is None or layout.buffer_size is None or not 0 <= index + 1 < len(layout.buckets):
+    if layout is None or not 0 <= index + 1 < len(layout.buckets):
         return None
     plan = layout.buckets[index + 1]
     return plan if plan.runs else None

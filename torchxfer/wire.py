@@ -65,8 +65,9 @@ __all__ = [
     "frame_length",
 ]
 
-PROTOCOL_VERSION = 6  # 4: workers post the confirmed layout's bucket 0 before BEGIN; 5: END on the payload group;
-# 6: colocated direct reads (a BUCKET row may carry a map, a worker's row says whether one failed)
+PROTOCOL_VERSION = 7  # 4: workers post the confirmed layout's bucket 0 before BEGIN; 5: END on the payload group;
+# 6: colocated direct reads (a BUCKET row may carry a map, a worker's row says whether one failed);
+# 7: unpacked layouts' buckets are posted ahead like packed ones (plan.first_bucket, plan.next_bucket)
 MAGIC = b"TXFR"
 _PREFIX = struct.Struct("<4sHBBI")
 PREFIX_BYTES = _PREFIX.size
