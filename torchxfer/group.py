@@ -261,6 +261,32 @@ class SideGroup:
             with self._lock:
                 self._waiting -= 1
 
+    def wait_all(self, works: list[Any], what: str, *, data: bool = False) -> None:
+        """Block until every work of ``works`` completes, at most ``timeout_s`` for each (see :meth:`wait`).
+
+        Payload collectives on NCCL run on one stream, so the last completes after
+        every earlier one: only the last is polled. The others are then waited too,
+        which costs microseconds (they are complete) and matters for memory: a
+        NCCL work holds the tensors it was posted with, for the caching
+        allocator's safety, until it is waited, and one never waited holds them
+        until the NCCL watchdog drops it (torch 2.6-2.13). Fresh tensors received
+        in an update would otherwise pile up during it.
+        """
+        if not works:
+            return
+        if not (data and self.backend_name == "nccl"):
+            for work in works:
+                self.wait(work, what, data=data)
+            return
+        self.wait(works[-1], what, data=True)
+        try:
+            for work in works[:-1]:
+                work.wait()
+        except Exception as e:
+            reason = f"{what} failed on rank {self.rank()}: {type(e).__name__}: {e}".strip()
+            self.mark_broken(reason)
+            raise TransferError(reason, broken=True) from e
+
     def _check_wait(self, deadline: float, limit: float) -> None:
         if self._closed:
             raise RuntimeError("closed")

@@ -551,11 +551,7 @@ class Receiver(WorkerSide):
         return dests, works
 
     def wait(self, posted: _Posted) -> None:
-        works = posted.works
-        if self.group.backend_name == "nccl":
-            works = works[-1:]  # one NCCL stream: the last broadcast completes after every earlier one
-        for work in works:
-            self.group.wait(work, f"payload broadcast of {self.what}", data=True)
+        self.group.wait_all(posted.works, f"payload broadcast of {self.what}", data=True)
         posted.works = []
 
     def drain(self) -> None:

@@ -1133,12 +1133,8 @@ class Sender(SendSide):
     def drain(self, quiet: bool = False) -> None:
         """Wait (bounded) until every payload broadcast of this update completed."""
         works, self.works = self.works, []
-        if self.stream_ordered:
-            works = works[-1:]  # one NCCL stream: the last broadcast completes after every earlier one
-        for work in works:
-            try:
-                self.group.wait(work, f"payload broadcast of {self.what}", data=True)
-            except TransferError:
-                if not quiet:
-                    raise
-                return
+        try:
+            self.group.wait_all(works, f"payload broadcast of {self.what}", data=True)
+        except TransferError:
+            if not quiet:
+                raise
