@@ -275,12 +275,19 @@ def _unpacked_memory(rank: int, port: int, barrier: Any) -> Any:
     if rank == 0:
         group = _trainer_group(port)
         sent = [(f"w{i}", torch.empty_like(t)) for i, t in enumerate(base)]
+        peaks = []
         for step in range(4):
             for (_, t), b in zip(sent, base):
                 torch.add(b, step, out=t)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            # The first update copies each tensor (it must outlive the next pull); later ones send in place.
             NCCLWeightTransferEngine.trainer_send_weights(iter(sent), group, packed=False)
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() - start)
         destroy_side_group(group)
-        return None
+        return {"peaks": peaks}
     engine = _worker_engine(port)
     peaks, bad = [], []
     for step in range(4):
@@ -310,12 +317,14 @@ def test_unpacked_updates_free_each_bucket_of_fresh_tensors_during_the_update():
     """Unpacked mode receives into fresh tensors, one NCCL work each. Every work is waited once its
     bucket arrived, so NCCL lets go of its tensor then, not when its watchdog drops the work: a
     1.5 GiB layout of six 256 MiB buckets peaks at about two buckets posted plus one loading, not
-    at the whole layout."""
+    at the whole layout. On the trainer, the first update's private copies go the same way."""
     ctx = mp.get_context("spawn")
     outcomes = run_processes(_unpacked_memory, 2, free_port(), ctx.Barrier(2), deadline_s=DEADLINE_S)
     worker = outcomes[1].value
     assert worker["bad"] == []
     assert max(worker["peaks"][1:]) <= 4 * (256 << 20), worker["peaks"]
+    # The trainer's private copies of the first update go as their buckets' sends complete.
+    assert max(outcomes[0].value["peaks"]) <= 4 * (256 << 20), outcomes[0].value["peaks"]
 
 
 # -- a rejected update, then recovery --------------------------------------------------------------

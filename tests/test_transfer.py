@@ -1218,6 +1218,34 @@ def test_every_way_an_update_can_leave_a_steady_layout_after_a_bucket_keeps_the_
                 assert_same(got, pairs, f"rank {rank}: {what}")
 
 
+@pytest.mark.parametrize("num_buffers", [2, 3])
+def test_tensors_sent_alone_are_let_go_num_buffers_buckets_later(monkeypatch, num_buffers):
+    """A payload work holds its tensor until it is waited. The trainer waits (orders, on CUDA) the
+    sends of tensors sent alone once they are ``num_buffers`` buckets old, so an unpacked update of
+    fresh tensors (each privately copied) never holds more than ``num_buffers`` buckets of copies,
+    in its first update and in later ones. Values arrive bit for bit."""
+    from torchxfer import packing, sender
+
+    monkeypatch.setattr(packing, "UNPACKED_GROUP_TENSORS", 2)
+    held: list[int] = []
+    post = sender.Sender.post
+
+    def counting(self, src, bucket, *, from_buffer):
+        work = post(self, src, bucket, from_buffer=from_buffer)
+        held.append(len(self.sent_alone))
+        return work
+
+    monkeypatch.setattr(sender.Sender, "post", counting)
+    model = simple(11, n=14)  # 7 buckets of 2
+    kw = dict(packed=False, packed_num_buffers=num_buffers)
+    values = updates_that_may_fail([(lambda: generate(model), kw)] * 3)
+    assert values[0] == [None] * 3
+    assert held and max(held) == 2 * num_buffers, held
+    for rank in (1, 2):
+        for got in values[rank]:
+            assert_same(got, model, f"rank {rank}")
+
+
 @pytest.mark.parametrize("where", ["bucket 0 posted ahead", "a middle bucket", "the last bucket", "a new layout's bucket"])
 def test_a_trainer_failing_while_posting_a_bucket_breaks_the_group_on_every_rank_within_the_timeout(monkeypatch, where):
     """Once a bucket is announced (or, bucket 0 of a confirmed layout, posted ahead by every

@@ -420,6 +420,7 @@ class Sender(SendSide):
         self.steps: collections.deque[Step] = collections.deque()
         self.works: list[Any] = []
         self.buffer_works: list[list[Any]] = [[] for _ in range(num_buffers)]
+        self.sent_alone: collections.deque[tuple[int, Any]] = collections.deque()  # (bucket, work)
         self.failed_ranks: list[int] = []
         self.num_tensors = 0
         # Where the update stands, for an ABORT row: the bucket, and how many
@@ -1108,6 +1109,8 @@ class Sender(SendSide):
 
     def post(self, src: torch.Tensor, bucket: int, *, from_buffer: bool) -> Any:
         """Post one payload broadcast from rank 0; kept until the update drains."""
+        if not from_buffer:
+            self.release_sent(bucket)
         try:
             work = dist.broadcast(src, group=self.group.pg, group_src=0, async_op=True)
         except Exception as e:
@@ -1116,7 +1119,18 @@ class Sender(SendSide):
         self.works.append(work)
         if from_buffer:
             self.buffer_works[bucket % self.num_buffers].append(work)
+        else:
+            self.sent_alone.append((bucket, work))
         return work
+
+    def release_sent(self, bucket: int) -> None:
+        """Before a send of bucket ``bucket`` from outside the buffers: let go of the tensors sent
+        alone in buckets ``num_buffers`` or more before it (ordered after those sends on CUDA,
+        waited for, bounded, on the CPU). A payload work holds its tensor until it is waited, so
+        without this an update would hold every private copy it made (unpacked tensors, tensors
+        that must outlive the next pull) until it drains: as much memory as the model."""
+        while self.sent_alone and self.sent_alone[0][0] <= bucket - self.num_buffers:
+            self.after(self.sent_alone.popleft()[1])
 
     @property
     def stream_ordered(self) -> bool:
@@ -1133,6 +1147,7 @@ class Sender(SendSide):
     def drain(self, quiet: bool = False) -> None:
         """Wait (bounded) until every payload broadcast of this update completed."""
         works, self.works = self.works, []
+        self.sent_alone.clear()
         try:
             self.group.wait_all(works, f"payload broadcast of {self.what}", data=True)
         except TransferError:
