@@ -1228,11 +1228,13 @@ def test_tensors_sent_alone_are_let_go_num_buffers_buckets_later(monkeypatch, nu
 
     monkeypatch.setattr(packing, "UNPACKED_GROUP_TENSORS", 2)
     held: list[int] = []
+    kept: list[int] = []
     post = sender.Sender.post
 
     def counting(self, src, bucket, *, from_buffer):
         work = post(self, src, bucket, from_buffer=from_buffer)
         held.append(len(self.sent_alone))
+        kept.append(len(self.works))  # the works the update would drain (each holds its tensor)
         return work
 
     monkeypatch.setattr(sender.Sender, "post", counting)
@@ -1241,6 +1243,7 @@ def test_tensors_sent_alone_are_let_go_num_buffers_buckets_later(monkeypatch, nu
     values = updates_that_may_fail([(lambda: generate(model), kw)] * 3)
     assert values[0] == [None] * 3
     assert held and max(held) == 2 * num_buffers, held
+    assert max(kept) <= 2 * num_buffers + 1, kept
     for rank in (1, 2):
         for got in values[rank]:
             assert_same(got, model, f"rank {rank}")

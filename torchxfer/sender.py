@@ -418,7 +418,8 @@ class Sender(SendSide):
         self.layout = Layout(packed, self.buffer_size, num_buffers, group.backend_name)
         self.device: torch.device | None = group.data_device
         self.steps: collections.deque[Step] = collections.deque()
-        self.works: list[Any] = []
+        # Payload works not yet let go, by id, in posting order (a work holds its tensor: see release_sent).
+        self.works: dict[int, Any] = {}
         self.buffer_works: list[list[Any]] = [[] for _ in range(num_buffers)]
         self.sent_alone: collections.deque[tuple[int, Any]] = collections.deque()  # (bucket, work)
         self.failed_ranks: list[int] = []
@@ -1116,7 +1117,7 @@ class Sender(SendSide):
         except Exception as e:
             self.group.mark_broken(f"payload broadcast: {e}")
             raise TransferError(f"payload broadcast of {self.what} failed: {e}", broken=True) from e
-        self.works.append(work)
+        self.works[id(work)] = work
         if from_buffer:
             self.buffer_works[bucket % self.num_buffers].append(work)
         else:
@@ -1126,11 +1127,17 @@ class Sender(SendSide):
     def release_sent(self, bucket: int) -> None:
         """Before a send of bucket ``bucket`` from outside the buffers: let go of the tensors sent
         alone in buckets ``num_buffers`` or more before it (ordered after those sends on CUDA,
-        waited for, bounded, on the CPU). A payload work holds its tensor until it is waited, so
-        without this an update would hold every private copy it made (unpacked tensors, tensors
-        that must outlive the next pull) until it drains: as much memory as the model."""
+        waited for, bounded, on the CPU), and drop them from the works the update drains. On
+        NCCL a payload work holds its tensor until it is waited (the allocator's stash) and for
+        as long as it is referenced (its outputs), so without this an update would hold every
+        private copy it made (unpacked tensors, tensors that must outlive the next pull) until
+        it drains: as much memory as the model. The last work posted is kept either way: on
+        NCCL's one stream, waiting for it at the end waits for every earlier one."""
         while self.sent_alone and self.sent_alone[0][0] <= bucket - self.num_buffers:
-            self.after(self.sent_alone.popleft()[1])
+            work = self.sent_alone.popleft()[1]
+            self.after(work)
+            if not self.stream_ordered or next(reversed(self.works), None) != id(work):
+                self.works.pop(id(work), None)  # on NCCL the last posted work stays: drain polls it
 
     @property
     def stream_ordered(self) -> bool:
@@ -1146,7 +1153,7 @@ class Sender(SendSide):
 
     def drain(self, quiet: bool = False) -> None:
         """Wait (bounded) until every payload broadcast of this update completed."""
-        works, self.works = self.works, []
+        works, self.works = list(self.works.values()), {}
         self.sent_alone.clear()
         try:
             self.group.wait_all(works, f"payload broadcast of {self.what}", data=True)
