@@ -1154,7 +1154,13 @@ class Sender(SendSide):
     def drain(self, quiet: bool = False) -> None:
         """Wait (bounded) until every payload broadcast of this update completed."""
         works, self.works = list(self.works.values()), {}
+        alone = [work for _, work in self.sent_alone]
         self.sent_alone.clear()
+        if self.stream_ordered and works:
+            # One NCCL stream: the last posted completes after every earlier one. Of the others only
+            # the sends of tensors held alone are waited as well, which lets NCCL drop those tensors
+            # now; the buffers' sends hold nothing that needs freeing.
+            works = [*alone, works[-1]]
         try:
             self.group.wait_all(works, f"payload broadcast of {self.what}", data=True)
         except TransferError:
