@@ -614,13 +614,16 @@ class Sender(SendSide):
         self.post_begin()
         self.keep_promise()
         self.catch_up()
-        rows = self.control.post(make_row(Kind.END, self.num_tensors, self.layout.num_bytes), f"{self.what} (end)",
-                                 payload=self.last_announced).rows()  # fmt: skip
+        step = self.control.post(make_row(Kind.END, self.num_tensors, self.layout.num_bytes), f"{self.what} (end)",
+                                 payload=self.last_announced)  # fmt: skip
+        # The payload's own waits run while the workers load the last bucket and post their END rows
+        # (on NCCL the END step queues behind the payload anyway, so nothing waits longer).
+        self.drain()
+        rows = step.rows()
         try:
             if not last:
                 rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (end)").rows()
             self.control.settle(rows, b"", f"{self.what} (end)")
-            self.drain()
             # Every worker now holds this layout (its final row says so) unless one did not finish it.
             held = all(row.args[1] == self.layout.fingerprint for row in rows[1:])
             if any(row.args[3] for row in self.begin_step.rows()[1:]):
