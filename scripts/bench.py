@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -410,10 +411,13 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
     if rank == args.workers + 1:
         return _trainer_peer(args, trainer_port)
     torch.set_num_threads(1)
-    if args.status_lag is not None:  # a development knob: how many control steps the trainer reads late
-        from torchxfer import sender as _sender
-
-        _sender.STATUS_LAG = args.status_lag
+    for setting in args.dev:  # development knobs: module constants of the package, for A/B runs
+        name, value = setting.split("=", 1)
+        module, attr = name.rsplit(".", 1)
+        target = importlib.import_module(f"torchxfer.{module}")
+        if not hasattr(target, attr):
+            raise SystemExit(f"--dev {setting}: torchxfer.{module} has no {attr}")
+        setattr(target, attr, type(getattr(target, attr))(int(value)))
     device = torch.device(args.device)
     if device.type == "cuda":
         # Trainer on cuda:0 (sources, flat floor, send buffers); worker r on cuda:r.
@@ -795,8 +799,9 @@ def main() -> None:
                         "(the costliest functions in DIR/cprofile_rank{r}.txt)")  # fmt: skip
     p.add_argument("--profile-layouts", default="transformer", help="layouts to profile with --profile/--cprofile")
     p.add_argument("--profile-modes", default="packed", help="modes to profile with --profile (and the floor once)")
-    p.add_argument("--status-lag", type=int, default=None,
-                   help="development: the trainer reads workers' rows this many steps late (default: the package's)")
+    p.add_argument("--dev", action="append", default=[], metavar="MODULE.NAME=INT",
+                   help="development: set a constant of the package in every rank, e.g. sender.STATUS_LAG=4 "
+                        "or sender.EARLY_PACK=0 (repeatable)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds after one warm-up (default cpu 3; cuda 5, 3 over 8 GiB)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--deadline", type=float, default=1800.0)
