@@ -801,7 +801,7 @@ def main() -> None:
     p.add_argument("--profile-modes", default="packed", help="modes to profile with --profile (and the floor once)")
     p.add_argument("--dev", action="append", default=[], metavar="MODULE.NAME=INT",
                    help="development: set a constant of the package in every rank, e.g. sender.STATUS_LAG=4 "
-                        "or sender.EARLY_PACK=0 (repeatable)")
+                        "(repeatable)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds after one warm-up (default cpu 3; cuda 5, 3 over 8 GiB)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--deadline", type=float, default=1800.0)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, NCCL bench, FSDP2 bench, colocated bench, GPU tests.
 # Usage (on a machine with 2 GPUs): OUT=/some/dir bash scripts/gpu_check.sh [steps...]
-# Steps: env nccl nccltiny moe unpacked fsdp fsdpplain fsdpfree fsdp256 fsdpnccl fsdpoff fsdpprof fsdpgpu fsdptl fsdptl256 overlap fsdptests peer peerx peerbw ipc ipcab ipctests tlunpacked tlpacked lagab earlyab bcastmodes trace256 beginlat tlipc ipcfull cudatests tests (default: env nccl fsdp ipc tests). Each step is
+# Steps: env nccl nccltiny moe unpacked fsdp fsdpplain fsdpfree fsdp256 fsdpnccl fsdpoff fsdpprof fsdpgpu fsdptl fsdptl256 overlap fsdptests peer peerx peerbw ipc ipcab ipctests tlunpacked tlpacked lagab bcastmodes trace256 beginlat tlipc ipcfull cudatests tests (default: env nccl fsdp ipc tests). Each step is
 # bounded by its own timeout so one hang cannot eat the call; logs go under $OUT.
 # The steps overlap, fsdpgpu, fsdptl, fsdptl256, peerbw and fsdpprof run throwaway diagnostics from
 # .diag/, which is not in the repository (carry it to the device); the others need nothing else.
@@ -58,10 +58,6 @@ for s in "${steps[@]}"; do
              timeout 100 python3 scripts/bench.py --backend nccl --device cuda --workers 1 --layouts transformer \
                --modes flat,packed,seed --buffer-mib 256,1024 --num-buffers 2 --repeats 5 --dev sender.STATUS_LAG=$g \
                --out "$OUT/lag${g}_$i.json" 2>&1 | grep -E "^transformer +(packed|seed)" | tail -4; done; done ;;
-    earlyab) for i in 1 2; do for e in 1 0; do echo "--- early pack $e, run $i"
-             timeout 100 python3 scripts/bench.py --backend nccl --device cuda --workers 1 --layouts transformer \
-               --modes flat,packed,seed --buffer-mib 256,1024 --num-buffers 2 --repeats 5 --dev sender.EARLY_PACK=$e \
-               --out "$OUT/early${e}_$i.json" 2>&1 | grep -E "^transformer +(packed|seed)" | tail -4; done; done ;;
     bcastmodes) timeout 150 python3 .diag/bcast_modes.py 2>&1 | grep "^rank0" ;;
     trace256) timeout 150 python3 scripts/bench.py --backend nccl --device cuda --workers 1 --layouts transformer \
                --modes flat,packed,seed --buffer-mib 256 --num-buffers 2 --repeats 3 --profile /tmp/pf256 \

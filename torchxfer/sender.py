@@ -79,9 +79,6 @@ log = logging.getLogger("torchxfer")
 
 STATUS_LAG = 2
 """The trainer reads workers' rows this many steps late, so it never waits on the newest step."""
-EARLY_PACK = True
-"""A cached bucket of a caller's own tensors launches its first packed run's copies as soon as it is
-pulled, before its control row (see ``bulk_bucket``)."""
 PACK_BATCH = 1024
 """Most pack copies fused into one multi-tensor copy."""
 _MIN_BUFFER_BYTES = 1 << 20
@@ -444,7 +441,6 @@ class Sender(SendSide):
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.deferred: dict[int, torch.Tensor | None] = {}
         self.bulk_copies: tuple[list, list] | None = None
-        self.packed_early = 0  # leading packed runs of the bucket in hand whose copies were issued in bulk_bucket
 
     # -- the update ------------------------------------------------------------------------------
 
@@ -784,14 +780,6 @@ class Sender(SendSide):
                 self.pack_bulk(plan, -1, packed, views, tensors)
             elif packed:
                 self.bulk_copies = (views, tensors)  # packed run by run, each before its broadcast
-                if EARLY_PACK and self.ready is None:
-                    # The first run's copies now, not after the bucket's row: on CUDA they run on
-                    # the device (once the sends that last read this buffer are done) while this
-                    # rank posts the row, and its broadcast need not wait for them.
-                    group = self.run_groups(plan)[0]
-                    if group:
-                        self.pack_bulk(plan, 0, group, views, tensors)
-                    self.packed_early = 1
         for pos in sorted(own):
             self.take(tensors[pos])
             self.hold_own(pos, plan.slots[pos])
@@ -1055,10 +1043,9 @@ class Sender(SendSide):
             return
         buf = self.state.buffers[plan.index % self.num_buffers]
         copies, self.bulk_copies = self.bulk_copies, None
-        early, self.packed_early = self.packed_early, 0
         groups = self.run_groups(plan) if copies is not None or self.ready is not None else None
         for i, (start, end, pos) in enumerate(r for r in plan.runs if r[2] is None):
-            if copies is not None and groups[i] and i >= early:
+            if copies is not None and groups[i]:
                 self.pack_bulk(plan, i, groups[i], *copies)
             if self.ready is not None:
                 self.ready(plan.index, groups[i])
