@@ -118,3 +118,41 @@ def test_checksum_is_positional_and_takes_any_offset():
     assert checksum(swapped) != checksum(data)
     shorter = data[:-1]
     assert checksum(shorter) != checksum(data)
+
+
+def _layout(specs_: list[TensorSpec], buffer_size: int | None) -> Layout:
+    layout = Layout(buffer_size is not None, buffer_size, 2)
+    slots = list(plan_slots(specs_, buffer_size))
+    for index in range(slots[-1].bucket + 1):
+        layout.append(BucketPlan.make(index, tuple(s for s in slots if s.bucket == index), buffer_size))
+    return layout
+
+
+@pytest.mark.parametrize("first_big", [False, True])
+def test_unpacked_buckets_over_256_mib_are_not_posted_ahead(first_big):
+    """Both sides decide which bucket workers post ahead with the same functions. An unpacked
+    bucket goes into fresh tensors, and a departing update makes both sides allocate that much
+    for void broadcasts: one of more than 256 MiB (a single large tensor) waits for its row.
+    Packed buckets are posted ahead whatever their size (they use the buffers)."""
+    from torchxfer.packing import UNPACKED_GROUP_BYTES
+    from torchxfer.plan import first_bucket, next_bucket
+
+    mib = 1 << 20
+    big = TensorSpec("big", torch.uint8, (UNPACKED_GROUP_BYTES + 16,))
+    small = [TensorSpec(f"s{i}", torch.uint8, (mib,)) for i in range(3)]
+    order = [big, *small] if first_big else [*small, big, TensorSpec("tail", torch.uint8, (mib,))]
+    unpacked = _layout(order, None)
+    sizes = [sum(e - s for s, e, _ in b.runs) for b in unpacked.buckets]
+    if first_big:
+        assert sizes == [UNPACKED_GROUP_BYTES + 16, 3 * mib]
+        assert first_bucket(unpacked, True) is None
+        assert next_bucket(unpacked, 0) is unpacked.buckets[1]
+    else:
+        assert sizes == [3 * mib, UNPACKED_GROUP_BYTES + 16, mib]
+        assert first_bucket(unpacked, True) is unpacked.buckets[0]
+        assert next_bucket(unpacked, 0) is None
+        assert next_bucket(unpacked, 1) is unpacked.buckets[2]
+    assert first_bucket(unpacked, False) is None
+    packed = _layout(order, 64 * mib)
+    assert first_bucket(packed, True) is packed.buckets[0]
+    assert all(next_bucket(packed, i) is packed.buckets[i + 1] for i in range(len(packed.buckets) - 1))

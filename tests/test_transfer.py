@@ -1317,6 +1317,73 @@ def test_a_trainer_failing_while_posting_a_bucket_breaks_the_group_on_every_rank
         assert seconds < 3 * timeout + 2, (rank, seconds)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_a_trainer_failing_to_send_void_broadcasts_breaks_the_group_at_once_naming_the_cause(monkeypatch, packed):
+    """Workers posted the layout's next bucket ahead; the update departs from the layout there, so
+    the trainer owes them void broadcasts. If it cannot send them (no memory for the scratch, say),
+    the ranks' collective sequences are apart: the trainer breaks the group at once, with its own
+    error in the message, and the workers raise TransferError(broken) within their timeout, having
+    loaded nothing of that bucket or after it."""
+    from torchxfer import packing, sender
+    from torchxfer.packing import TensorSpec, plan_slots
+
+    monkeypatch.setattr(packing, "UNPACKED_GROUP_TENSORS", 3)
+    model = simple(12, n=12)
+    kw: dict[str, Any] = dict(packed=True, packed_buffer_size_bytes=256) if packed else dict(packed=False)
+    size = 256 if packed else None
+    starts: dict[int, int] = {}
+    for slot in plan_slots([TensorSpec.of(n, t) for n, t in model], size):
+        starts.setdefault(slot.bucket, slot.index)
+    assert len(starts) >= 4
+    at = starts[2]
+    renamed = model[:at] + [("other", model[at][1])] + model[at + 1 :]
+    armed = [False]
+    void_scratch = sender.Sender.void_scratch
+
+    def failing(self, plan):
+        if armed[0]:
+            raise RuntimeError("out of memory for the void scratch")
+        return void_scratch(self, plan)
+
+    monkeypatch.setattr(sender.Sender, "void_scratch", failing)
+    timeout, world = 2.0, 3
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world, timeout=timeout)
+            try:
+                for _ in range(2):
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(model), group, **kw)
+                armed[0] = True
+                start = time.monotonic()
+                with pytest.raises(TransferError) as info:
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(renamed), group, **kw)
+                return info.value.broken, str(info.value), time.monotonic() - start
+            finally:
+                destroy_side_group(group)
+        engine = worker(rank, port, world, timeout=timeout)
+        try:
+            for _ in range(2):
+                got, load = collector()
+                engine.receive_weights(None, load)
+                assert_same(got, model)
+            got, load = collector()
+            with pytest.raises(TransferError) as info:
+                engine.receive_weights(None, load)
+            return info.value.broken, [name for name, _ in got]
+        finally:
+            engine.shutdown()
+
+    values = run_world(body, world)
+    broken, message, seconds = values[0]
+    assert broken and "posting bucket 2" in message and "out of memory for the void scratch" in message, message
+    assert seconds < timeout, seconds
+    for rank in (1, 2):
+        broken, loaded = values[rank]
+        assert broken, values[rank]
+        assert len(loaded) <= at and loaded == [n for n, _ in model[: len(loaded)]], (rank, loaded)
+
+
 def test_a_cached_bucket_pulled_straight_from_the_callers_iterator_keeps_every_check(monkeypatch):
     """From the second update of a layout on, a bucket of the very objects sent there last time is
     pulled straight from the caller's iterator, its tensors checked by one C++ call where torch

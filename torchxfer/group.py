@@ -285,7 +285,9 @@ class SideGroup:
         except Exception as e:
             reason = f"{what} failed on rank {self.rank()}: {type(e).__name__}: {e}".strip()
             self.mark_broken(reason)
-            raise TransferError(reason, broken=True) from e
+            raise TransferError(
+                f"{reason}. A peer may have died or stopped responding within {self.timeout_s:g} s.", broken=True
+            ) from e
 
     def _check_wait(self, deadline: float, limit: float) -> None:
         if self._closed:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+from . import packing
 from .errors import TransferError
 from .packing import Slot, TensorSpec, check_bucket, dtype_name, payload_runs
 from .wire import BucketHeader, encode
@@ -92,20 +93,17 @@ def first_bucket(layout: Layout | None, confirmed: bool) -> BucketPlan | None:
     then always sends that bucket's broadcasts first: the real bucket when it
     sends the same layout again (the steady state: no control step precedes
     the first byte), or void ones of the same sizes when it does not. None
-    when there is nothing to post. An unpacked layout's bucket is posted ahead
-    too, into fresh tensors (the ones the update would allocate moments later);
-    when the update departs from the layout they are dropped after the void
-    broadcasts.
+    when there is nothing to post (see :func:`postable`).
     """
-    if not confirmed or layout is None or not layout.buckets or not layout.buckets[0].runs:
+    if not confirmed or layout is None or not layout.buckets:
         return None
-    return layout.buckets[0]
+    return postable(layout, layout.buckets[0])
 
 
 def next_bucket(layout: Layout | None, index: int) -> BucketPlan | None:
     """The bucket every worker posts ahead once the trainer's BUCKET row announced bucket
     ``index`` of the cached ``layout`` as not the last: the layout's bucket ``index + 1``
-    (None past its end, for an unpacked layout, or for a bucket with nothing to post).
+    (None past its end, or when there is nothing to post: see :func:`postable`).
 
     Both sides apply the same rule to the same rows: the trainer then sends that
     bucket's broadcasts next, for real (its BUCKET row) or, before any other row, as
@@ -116,8 +114,20 @@ def next_bucket(layout: Layout | None, index: int) -> BucketPlan | None:
     """
     if layout is None or not 0 <= index + 1 < len(layout.buckets):
         return None
-    plan = layout.buckets[index + 1]
-    return plan if plan.runs else None
+    return postable(layout, layout.buckets[index + 1])
+
+
+def postable(layout: Layout, plan: BucketPlan) -> BucketPlan | None:
+    """``plan`` if a worker may post it ahead, else None: a bucket with broadcasts to post, and,
+    for an unpacked layout, one of at most ``UNPACKED_GROUP_BYTES`` (256 MiB). An unpacked bucket
+    is posted ahead into fresh tensors, and when the update departs from the layout there both
+    sides allocate that much for void broadcasts: a bucket holding one larger tensor (an
+    embedding of gigabytes, say) waits for its row instead."""
+    if not plan.runs:
+        return None
+    if layout.buffer_size is None and sum(end - start for start, end, _ in plan.runs) > packing.UNPACKED_GROUP_BYTES:
+        return None
+    return plan
 
 
 class TableChecker:

@@ -551,16 +551,22 @@ class Sender(SendSide):
         that bucket of the confirmed layout ahead (``plan.first_bucket``,
         ``plan.next_bucket``), and this update does not send it. Sent from one of the
         send buffers when one is large enough (what it holds does not matter, and no
-        memory is added), else from a scratch tensor of the longest run (at most a
-        buffer); every worker waits for them and drops what arrived."""
+        memory is added), else from a scratch tensor of the longest run; every worker
+        waits for them and drops what arrived."""
+        with self.posting(plan):  # every worker posted these receives: a failure here breaks the group at once
+            scratch = self.void_scratch(plan)
+            for start, end, _ in plan.runs:
+                self.post(scratch[: end - start], plan.index, from_buffer=False)
+
+    def void_scratch(self, plan: BucketPlan) -> torch.Tensor:
+        """What void broadcasts of ``plan`` are sent from: a send buffer at least as long as its
+        longest run, else a new tensor of that length (at most a buffer, or 256 MiB unpacked:
+        ``plan.postable``)."""
         device = self.state.device
         longest = max(end - start for start, end, _ in plan.runs)
         held = self.state.buffers if self.state.buffer_key is not None and self.state.buffer_key[0] == device else []
         scratch = next((b for b in held if b.numel() >= longest), None)
-        if scratch is None:
-            scratch = torch.empty(longest, dtype=torch.uint8, device=device)
-        for start, end, _ in plan.runs:
-            self.post(scratch[: end - start], plan.index, from_buffer=False)
+        return scratch if scratch is not None else torch.empty(longest, dtype=torch.uint8, device=device)
 
     def keep_promise(self) -> None:
         """Before any row other than the promised bucket's: its broadcasts, void."""
