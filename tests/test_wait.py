@@ -72,3 +72,50 @@ def test_a_sub_millisecond_timeout_still_bounds_a_wait():
 
     assert wait_timeout(1e-4) == datetime.timedelta(milliseconds=1)
     assert wait_timeout(2.5) == datetime.timedelta(seconds=2.5)
+
+
+class NcclLikeWork:
+    """A payload work as NCCL's looks from the CPU: completion is polled; ``wait()`` only orders
+    streams and lets go of the tensors it holds (recorded here)."""
+
+    def __init__(self, done: bool = True, error: Exception | None = None) -> None:
+        self.done, self.error, self.waited = done, error, 0
+
+    def is_completed(self) -> bool:
+        return self.done
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        self.waited += 1
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+def nccl_group(timeout_s: float) -> SideGroup:
+    pg = dist.ProcessGroup(dist.HashStore(), 0, 1)
+    return SideGroup(pg, pg, backend_name="nccl", data_device=None, timeout_s=timeout_s, address="127.0.0.1", port=0)
+
+
+def test_wait_all_on_nccl_polls_the_last_work_and_waits_every_other_once():
+    """One NCCL stream: the last payload work completes after every earlier one, so only it is
+    polled; each of the others is then waited once, which lets NCCL drop the tensors it holds."""
+    g = nccl_group(5.0)
+    works = [NcclLikeWork() for _ in range(5)]
+    g.wait_all(works, "payload", data=True)
+    assert [w.waited for w in works] == [1] * 5
+    g.check_usable()
+    g.wait_all([], "payload", data=True)  # nothing to wait for
+
+
+def test_wait_all_on_nccl_bounds_the_poll_and_breaks_the_group_on_an_error():
+    g = nccl_group(0.2)
+    start = time.monotonic()
+    with pytest.raises(TransferError, match="no completion after 0.2 s"):
+        g.wait_all([NcclLikeWork(), NcclLikeWork(done=False)], "payload", data=True)
+    assert time.monotonic() - start < 1.0
+    g = nccl_group(5.0)
+    with pytest.raises(TransferError, match=r"payload failed on rank 0: RuntimeError: aborted\. A peer may have died") as info:
+        g.wait_all([NcclLikeWork(error=RuntimeError("aborted")), NcclLikeWork()], "payload", data=True)
+    assert info.value.broken
+    with pytest.raises(TransferError, match="broken"):
+        g.check_usable()
