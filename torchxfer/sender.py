@@ -1118,7 +1118,8 @@ class Sender(SendSide):
         return total
 
     def post(self, src: torch.Tensor, bucket: int, *, from_buffer: bool) -> Any:
-        """Post one payload broadcast from rank 0; kept until the update drains."""
+        """Post one payload broadcast from rank 0; its work is kept until the update drains, or,
+        for a tensor sent alone, until it is let go (``release_sent``)."""
         if not from_buffer:
             self.release_sent(bucket)
         try:
