@@ -3,8 +3,9 @@
 # Usage (on a machine with 2 GPUs): OUT=/some/dir bash scripts/gpu_check.sh [steps...]
 # Steps: env nccl nccltiny moe unpacked fsdp fsdpplain fsdpfree fsdp256 fsdpnccl fsdpoff fsdpprof fsdpgpu fsdptl fsdptl256 overlap fsdptests peer peerx peerbw ipc ipcab ipctests tlunpacked tlpacked lagab bcastmodes trace256 beginlat tlipc ipcfull cudatests tests (default: env nccl fsdp ipc tests). Each step is
 # bounded by its own timeout so one hang cannot eat the call; logs go under $OUT.
-# The steps overlap, fsdpgpu, fsdptl, fsdptl256, peerbw and fsdpprof run throwaway diagnostics from
-# .diag/, which is not in the repository (carry it to the device); the others need nothing else.
+# The steps overlap, fsdpgpu, fsdptl, fsdptl256 and peerbw run throwaway diagnostics from .diag/,
+# which is not in the repository (carry it to the device); bcastmodes, beginlat, trace256 and
+# fsdpprof use scripts/diag_*.py and scripts/trace_summary.py; the others need nothing else.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/gpu_check}"; mkdir -p "$OUT"
@@ -26,7 +27,7 @@ for s in "${steps[@]}"; do
     moe) timeout 200 python3 scripts/bench.py --backend nccl --device cuda --workers 1 \
             --layouts moe --modes flat,packed,seed --buffer-mib 1024 --num-buffers 2 --repeats 3 --out "$OUT/moe.json" 2>&1 | tail -20 ;;
     fsdpprof) timeout 100 python3 scripts/bench_fsdp.py --out /tmp/fsdp_prof.json --repeats 2 --profile /tmp/pf_fsdp 2>&1 | tail -3
-          for f in /tmp/pf_fsdp/*.json; do python3 .diag/trace_summary.py "$f"; done > "$OUT/fsdp_trace.txt" 2>&1; tail -5 "$OUT/fsdp_trace.txt" ;;
+          for f in /tmp/pf_fsdp/*.json; do python3 scripts/trace_summary.py "$f"; done > "$OUT/fsdp_trace.txt" 2>&1; tail -5 "$OUT/fsdp_trace.txt" ;;
     fsdptests) timeout 200 python3 -m pytest -q tests/test_fsdp.py tests/test_sharded.py tests/test_colocated.py -k "nccl or cuda" 2>&1 | tee "$OUT/fsdp_tests.log" | tail -15 ;;
     peer) timeout 300 python3 -m pytest -q tests/test_peer_reads.py tests/test_fsdp.py -k "gpus or nccl" 2>&1 | tee "$OUT/peer_tests.log" | tail -15 ;;
     fsdpnccl) timeout 100 python3 scripts/bench_fsdp.py --lockstep nccl --out "$OUT/fsdp_nccl.json" 2>&1 | tail -4 ;;
@@ -58,12 +59,12 @@ for s in "${steps[@]}"; do
              timeout 100 python3 scripts/bench.py --backend nccl --device cuda --workers 1 --layouts transformer \
                --modes flat,packed,seed --buffer-mib 256,1024 --num-buffers 2 --repeats 5 --dev sender.STATUS_LAG=$g \
                --out "$OUT/lag${g}_$i.json" 2>&1 | grep -E "^transformer +(packed|seed)" | tail -4; done; done ;;
-    bcastmodes) timeout 150 python3 .diag/bcast_modes.py 2>&1 | grep "^rank0" ;;
+    bcastmodes) timeout 150 python3 scripts/diag_broadcast_modes.py 2>&1 | grep "^rank0" ;;
     trace256) timeout 150 python3 scripts/bench.py --backend nccl --device cuda --workers 1 --layouts transformer \
                --modes flat,packed,seed --buffer-mib 256 --num-buffers 2 --repeats 3 --profile /tmp/pf256 \
                --profile-modes packed,seed --profile-layouts transformer 2>&1 | tail -4
-             python3 .diag/trace_summary.py /tmp/pf256/*.json > "$OUT/trace256.txt" 2>&1; grep -E "==|span" "$OUT/trace256.txt" ;;
-    beginlat) timeout 100 python3 .diag/begin_lat.py 2>&1 | grep "^rank" ;;
+             python3 scripts/trace_summary.py /tmp/pf256/*.json > "$OUT/trace256.txt" 2>&1; grep -E "==|span" "$OUT/trace256.txt" ;;
+    beginlat) timeout 100 python3 scripts/diag_control_latency.py 2>&1 | grep "^rank" ;;
     tlipc) CUDA_VISIBLE_DEVICES=0 timeout 100 python3 scripts/bench_timeline.py --out-dir "$OUT/tl_ipc" --backend gloo \
              --device cuda --workers 1 --layouts transformer --modes ipc --buffer-mib 1024 --num-buffers 2 --repeats 5 2>&1 | tail -3 ;;
     ipcfull) CUDA_VISIBLE_DEVICES=0 timeout 200 python3 scripts/bench.py --backend gloo --device cuda --workers 1 \
