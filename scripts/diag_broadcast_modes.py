@@ -11,13 +11,13 @@ rank 0 prints one line per case. A development tool: ``python3 scripts/diag_broa
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from demo_util import free_port  # scripts/ is on sys.path when run as a script
 
 SIZES_MIB = {
     256: [250, 216, 240, 240, 216, 176, 216, 176, 216, 176, 216, 176, 216, 176, 216, 176, 216, 176, 216, 176, 88, 250],
@@ -85,7 +85,4 @@ def main(rank: int, port: int) -> None:
 
 
 if __name__ == "__main__":
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    mp.spawn(main, args=(free,), nprocs=2)
+    mp.spawn(main, args=(free_port(),), nprocs=2)

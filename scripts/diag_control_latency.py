@@ -10,13 +10,13 @@ and from the start of the round. A development tool: ``python3 scripts/diag_cont
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from demo_util import free_port  # scripts/ is on sys.path when run as a script
 
 ROUNDS, WARMUP = 40, 5
 CASES = ("idle", "idle_lag", "nccl_pending", "nccl_pending_nolag")
@@ -62,7 +62,4 @@ def main(rank: int, port: int) -> None:
 
 
 if __name__ == "__main__":
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    mp.spawn(main, args=(free,), nprocs=2)
+    mp.spawn(main, args=(free_port(),), nprocs=2)

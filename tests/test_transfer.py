@@ -1249,6 +1249,42 @@ def test_tensors_sent_alone_are_let_go_num_buffers_buckets_later(monkeypatch, nu
             assert_same(got, model, f"rank {rank}")
 
 
+def steady_then_failing(model: list, failing: list, kw: dict, steady: int, arm: Callable[[], None],
+                        timeout: float = 2.0, world: int = 3) -> list[Any]:  # fmt: skip
+    """``steady`` updates of ``model`` bit-exact on every rank, then ``arm()`` and one update of
+    ``failing`` that must raise TransferError everywhere. Rank 0 gives (broken, message, seconds);
+    each worker (broken, names handed to load_weights in that update, seconds)."""
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world, timeout=timeout)
+            try:
+                for _ in range(steady):
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(model), group, **kw)
+                arm()
+                start = time.monotonic()
+                with pytest.raises(TransferError) as info:
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(failing), group, **kw)
+                return info.value.broken, str(info.value), time.monotonic() - start
+            finally:
+                destroy_side_group(group)
+        engine = worker(rank, port, world, timeout=timeout)
+        try:
+            for _ in range(steady):
+                got, load = collector()
+                engine.receive_weights(None, load)
+                assert_same(got, model)
+            got, load = collector()
+            start = time.monotonic()
+            with pytest.raises(TransferError) as info:
+                engine.receive_weights(None, load)
+            return info.value.broken, [name for name, _ in got], time.monotonic() - start
+        finally:
+            engine.shutdown()
+
+    return run_world(body, world)
+
+
 @pytest.mark.parametrize("where", ["bucket 0 posted ahead", "a middle bucket", "the last bucket", "a new layout's bucket"])
 def test_a_trainer_failing_while_posting_a_bucket_breaks_the_group_on_every_rank_within_the_timeout(monkeypatch, where):
     """Once a bucket is announced (or, bucket 0 of a confirmed layout, posted ahead by every
@@ -1274,37 +1310,8 @@ def test_a_trainer_failing_while_posting_a_bucket_breaks_the_group_on_every_rank
     monkeypatch.setattr(sender.Sender, "post_packed", failing)
     kw = dict(packed=True, packed_buffer_size_bytes=256)
     steady = 0 if where == "a new layout's bucket" else 2  # updates before the failing one
-    timeout, world = 2.0, 3
-
-    def body(rank: int, port: int) -> Any:
-        if rank == 0:
-            group = trainer(port, world, timeout=timeout)
-            try:
-                for _ in range(steady):
-                    NCCLWeightTransferEngine.trainer_send_weights(iter(model), group, **kw)
-                armed[0] = True
-                start = time.monotonic()
-                with pytest.raises(TransferError) as info:
-                    NCCLWeightTransferEngine.trainer_send_weights(iter(model), group, **kw)
-                return info.value.broken, str(info.value), time.monotonic() - start
-            finally:
-                destroy_side_group(group)
-        engine = worker(rank, port, world, timeout=timeout)
-        try:
-            for _ in range(steady):
-                got, load = collector()
-                engine.receive_weights(None, load)
-                assert_same(got, model)
-            got, load = collector()
-            start = time.monotonic()
-            with pytest.raises(TransferError) as info:
-                engine.receive_weights(None, load)
-            loaded = {name for name, _ in got}
-            return info.value.broken, loaded, time.monotonic() - start
-        finally:
-            engine.shutdown()
-
-    values = run_world(body, world)
+    timeout = 2.0
+    values = steady_then_failing(model, model, kw, steady, lambda: armed.__setitem__(0, True), timeout)
     broken, message, seconds = values[0]
     assert broken and f"posting bucket {target}" in message and "the device went away" in message, message
     assert seconds < timeout, seconds
@@ -1346,42 +1353,16 @@ def test_a_trainer_failing_to_send_void_broadcasts_breaks_the_group_at_once_nami
         return void_scratch(self, plan)
 
     monkeypatch.setattr(sender.Sender, "void_scratch", failing)
-    timeout, world = 2.0, 3
-
-    def body(rank: int, port: int) -> Any:
-        if rank == 0:
-            group = trainer(port, world, timeout=timeout)
-            try:
-                for _ in range(2):
-                    NCCLWeightTransferEngine.trainer_send_weights(iter(model), group, **kw)
-                armed[0] = True
-                start = time.monotonic()
-                with pytest.raises(TransferError) as info:
-                    NCCLWeightTransferEngine.trainer_send_weights(iter(renamed), group, **kw)
-                return info.value.broken, str(info.value), time.monotonic() - start
-            finally:
-                destroy_side_group(group)
-        engine = worker(rank, port, world, timeout=timeout)
-        try:
-            for _ in range(2):
-                got, load = collector()
-                engine.receive_weights(None, load)
-                assert_same(got, model)
-            got, load = collector()
-            with pytest.raises(TransferError) as info:
-                engine.receive_weights(None, load)
-            return info.value.broken, [name for name, _ in got]
-        finally:
-            engine.shutdown()
-
-    values = run_world(body, world)
+    timeout = 2.0
+    values = steady_then_failing(model, renamed, kw, 2, lambda: armed.__setitem__(0, True), timeout)
     broken, message, seconds = values[0]
     assert broken and "posting bucket 2" in message and "out of memory for the void scratch" in message, message
     assert seconds < timeout, seconds
     for rank in (1, 2):
-        broken, loaded = values[rank]
+        broken, loaded, seconds = values[rank]
         assert broken, values[rank]
         assert len(loaded) <= at and loaded == [n for n, _ in model[: len(loaded)]], (rank, loaded)
+        assert seconds < 3 * timeout + 2, (rank, seconds)
 
 
 def test_a_cached_bucket_pulled_straight_from_the_callers_iterator_keeps_every_check(monkeypatch):
