@@ -14,8 +14,11 @@ from hypothesis import strategies as st
 from tests.harness import bytes_equal
 from torchxfer.packing import (
     ALIGNMENT,
-    DIRECT_BUFFER_FRACTION,
     DIRECT_MIN_BYTES,
+    GLOO_DIRECT_MIN_BYTES,
+    GROUP_BYTES,
+    GROUP_PACKED_ALONE_BYTES,
+    NCCL_DIRECT_MIN_BYTES,
     MAX_SLOTS_PER_BUCKET,
     UNPACKED_GROUP_BYTES,
     UNPACKED_GROUP_TENSORS,
@@ -27,6 +30,7 @@ from torchxfer.packing import (
     concat_plan,
     dtype_name,
     own_run_threshold,
+    payload_groups,
     parse_dtype,
     payload_runs,
     plan_slots,
@@ -733,10 +737,10 @@ def test_typed_view_is_a_view():
 
 
 def test_own_run_threshold():
-    assert own_run_threshold(None) == 0
-    assert own_run_threshold(16) == DIRECT_MIN_BYTES == 4 << 20
-    for size in (1 << 20, 8 << 20, 32 << 20, 256 << 20, 1 << 30):
-        assert own_run_threshold(size) == max(DIRECT_MIN_BYTES, size // DIRECT_BUFFER_FRACTION)
+    assert own_run_threshold(None) == own_run_threshold(None, "gloo") == 0
+    for size in (16, 1 << 20, 8 << 20, 32 << 20, 256 << 20, 1 << 30):
+        assert own_run_threshold(size) == NCCL_DIRECT_MIN_BYTES == 8 << 20
+        assert own_run_threshold(size, "gloo") == max(GLOO_DIRECT_MIN_BYTES, size // 8)
 
 
 def test_payload_runs_explicit_small():
@@ -749,10 +753,7 @@ def test_payload_runs_explicit_small():
     assert payload_runs([Slot(0, 0, d, 0, 0, 0)], 1024) == []  # empty ranges are left out
 
 
-def test_payload_runs_own_first_then_merged_ranges(monkeypatch):
-    import torchxfer.packing as packing
-
-    monkeypatch.setattr(packing, "DIRECT_BUFFER_FRACTION", 8)
+def test_payload_runs_own_first_then_merged_ranges():
     mib = 1 << 20
     size = 64 * mib  # threshold 8 MiB
     big1, big2, small, tiny, empty = u8("big1", 8 * mib), u8("big2", 20 * mib), u8("s", 100), u8("t", 7), u8("e", 0)
@@ -777,10 +778,13 @@ def test_payload_runs_own_first_then_merged_ranges(monkeypatch):
     assert payload_runs([part], size) == [(0, 30 * mib, 0)]
 
 
-def test_payload_runs_cut_the_first_range_of_bucket_0_on_nccl_only():
+def test_payload_runs_cut_the_first_range_of_bucket_0_on_nccl_only(monkeypatch):
     """On NCCL, bucket 0's first slot of 4 MiB or more travels alone (from its own memory), and the
     first packed range (64 MiB or more) travels in three pieces cut at the slot starts nearest after
     1/8 and 1/2 of it; any other bucket, a smaller slot or range, or Gloo: one range."""
+    import torchxfer.packing as packing
+
+    monkeypatch.setattr(packing, "NCCL_DIRECT_MIN_BYTES", 512 << 20)  # 40 MiB slots packed, as they would be below 8 MiB
     mib = 1 << 20
     size = 1 << 30  # own runs from 512 MiB
     specs = [u8(f"w{i}", 40 * mib) for i in range(20)]  # 800 MiB of 40 MiB slots
@@ -800,10 +804,13 @@ def test_payload_runs_cut_the_first_range_of_bucket_0_on_nccl_only():
     assert payload_runs(one, size) == [(0, 100 * mib, 0), (100 * mib, 100 * mib + 16, None)]
 
 
-def test_payload_runs_cut_large_ranges_of_later_buckets_in_two_on_nccl_only():
+def test_payload_runs_cut_large_ranges_of_later_buckets_in_two_on_nccl_only(monkeypatch):
     """On NCCL a packed range of 512 MiB or more in a bucket other than 0 travels as two ranges, cut
     at the slot start nearest its middle, unless that leaves a piece under a quarter of the range."""
+    import torchxfer.packing as packing
+
     mib = 1 << 20
+    monkeypatch.setattr(packing, "NCCL_DIRECT_MIN_BYTES", 1 << 40)  # every whole slot packed
     size = 1 << 30
     sizes = [92 * mib] * 11  # 1012 MiB: the middle (506) lies inside slot 5 (460-552), nearer its start
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -835,6 +842,51 @@ def test_payload_runs_unpacked_all_alone():
     slots = [Slot(0, i, sp, 0, sp.nbytes, 0) for i, sp in enumerate([a, b, e, c])]
     assert payload_runs(slots, None) == [(0, 10, 0), (0, 12, 1), (0, 1, 3)]  # the empty tensor sends nothing
     assert payload_runs([Slot(0, 0, e, 0, 0, 0)], None) == []
+
+
+def check_groups(runs: list, groups: tuple, backend: str = "nccl") -> None:
+    """``groups`` cut ``runs`` in order into non-empty ranges; on Gloo one run each; on NCCL at
+    most GROUP_BYTES each (unless one run), a packed range of GROUP_PACKED_ALONE_BYTES or more
+    alone, and no two neighbours could have been one group."""
+    assert [i for first, last in groups for i in range(first, last)] == list(range(len(runs)))
+    assert all(first < last for first, last in groups)
+    if backend != "nccl":
+        assert all(last == first + 1 for first, last in groups)
+        return
+
+    def size(g):
+        return sum(end - start for start, end, _ in runs[g[0] : g[1]])
+
+    def alone(i):
+        start, end, pos = runs[i]
+        return pos is None and end - start >= GROUP_PACKED_ALONE_BYTES
+
+    for g in groups:
+        assert g[1] == g[0] + 1 or (size(g) <= GROUP_BYTES and not any(alone(i) for i in range(*g)))
+    for a, b in zip(groups, groups[1:]):
+        assert alone(a[1] - 1) or alone(b[0]) or size(a) + runs[b[0]][1] - runs[b[0]][0] > GROUP_BYTES
+
+
+def test_payload_groups_explicit():
+    mib = 1 << 20
+    runs = [(0, 100 * mib, 0), (0, 100 * mib, 1), (0, 100 * mib, 2), (0, 16, None), (32, 64, None)]
+    assert payload_groups(runs) == ((0, 2), (2, 5))  # 200 MiB, then 100 MiB and the small ranges
+    assert payload_groups(runs, "gloo") == tuple((i, i + 1) for i in range(5))
+    assert payload_groups([]) == ()
+    big_packed = [(0, 8 * mib, 0), (0, 4 * mib, None), (4 * mib, 4 * mib + 16, None), (0, 300 * mib, 3)]
+    assert payload_groups(big_packed) == ((0, 1), (1, 2), (2, 3), (3, 4))  # a 4 MiB packed range alone
+    assert payload_groups([(0, 600 * mib, 0), (0, 16, None)]) == ((0, 1), (1, 2))
+    check_groups(runs, payload_groups(runs))
+    check_groups(big_packed, payload_groups(big_packed))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 400), st.booleans()), max_size=30))
+def test_payload_groups_properties(parts):
+    mib = 1 << 20
+    runs = [(0, n * mib, None if packed else i) for i, (n, packed) in enumerate(parts) if n]
+    for backend in ("nccl", "gloo"):
+        check_groups(runs, payload_groups(runs, backend), backend)
 
 
 def check_runs(slots: list[Slot], buffer_size: int | None, runs: list, backend: str = "nccl") -> None:

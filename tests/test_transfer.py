@@ -1231,11 +1231,10 @@ def test_tensors_sent_alone_are_let_go_num_buffers_buckets_later(monkeypatch, nu
     kept: list[int] = []
     post = sender.Sender.post
 
-    def counting(self, src, bucket, *, from_buffer):
-        work = post(self, src, bucket, from_buffer=from_buffer)
+    def counting(self, srcs, bucket, from_buffer):
+        post(self, srcs, bucket, from_buffer)
         held.append(len(self.sent_alone))
         kept.append(len(self.works))  # the works the update would drain (each holds its tensor)
-        return work
 
     monkeypatch.setattr(sender.Sender, "post", counting)
     model = simple(11, n=14)  # 7 buckets of 2
@@ -1300,14 +1299,14 @@ def test_a_trainer_failing_while_posting_a_bucket_breaks_the_group_on_every_rank
     target = {"bucket 0 posted ahead": 0, "a middle bucket": 2, "the last bucket": buckets - 1,
               "a new layout's bucket": 1}[where]  # fmt: skip
     armed = [False]
-    post_packed = sender.Sender.post_packed
+    post_runs = sender.Sender.post_runs
 
-    def failing(self, plan):
+    def failing(self, plan, *args):
         if armed[0] and plan.index == target:
             raise RuntimeError("the device went away")
-        return post_packed(self, plan)
+        return post_runs(self, plan, *args)
 
-    monkeypatch.setattr(sender.Sender, "post_packed", failing)
+    monkeypatch.setattr(sender.Sender, "post_runs", failing)
     kw = dict(packed=True, packed_buffer_size_bytes=256)
     steady = 0 if where == "a new layout's bucket" else 2  # updates before the failing one
     timeout = 2.0
@@ -1510,6 +1509,93 @@ def test_the_nccl_runs_cut_bucket_0_in_three_and_large_later_ranges_in_two_bit_e
         for u in range(3):
             assert_same(values[rank][u], model(u), f"rank {rank} update {u}")
     assert {b for b, _ in cuts} >= {0, 1}, cuts  # bucket 0 cut, and a later bucket cut in two
+
+
+class _AllOf:
+    """What a NCCL group call returns, on Gloo: one work that completes when all of its broadcasts did."""
+
+    def __init__(self, works: list[Any]) -> None:
+        self.works = works
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self, timeout: Any = None) -> bool:
+        return all((w.wait(timeout) if timeout is not None else w.wait()) for w in self.works)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_payload_groups_as_on_nccl_carried_over_gloo_bit_exact(monkeypatch, packed):
+    """On NCCL a bucket's broadcasts go in groups (``packing.payload_groups``), one work per group,
+    and every whole tensor from ``NCCL_DIRECT_MIN_BYTES`` travels alone, straight from its memory.
+    Scaled down and carried over Gloo with a group call that returns one work for all its
+    broadcasts: both sides post the same sizes in the same groups, the sender frees buffers and
+    lets go of tensors by the groups' works, and every update arrives bit for bit: a new
+    layout, the same tensors again (sent from their own memory), fresh tensors, and a layout
+    that departs in its third bucket (voiding what the workers posted ahead)."""
+    import torchxfer.group
+    import torchxfer.packing
+    import torchxfer.plan
+
+    kib = 1 << 10
+    monkeypatch.setattr(torchxfer.packing, "NCCL_DIRECT_MIN_BYTES", 4 * kib)
+    monkeypatch.setattr(torchxfer.packing, "DIRECT_MIN_BYTES", 4 * kib)
+    monkeypatch.setattr(torchxfer.packing, "GROUP_BYTES", 12 * kib)
+    monkeypatch.setattr(torchxfer.packing, "GROUP_PACKED_ALONE_BYTES", 3 * kib)
+    monkeypatch.setattr(torchxfer.packing, "FIRST_CUT_MIN_BYTES", 1 << 40)
+    monkeypatch.setattr(torchxfer.packing, "UNPACKED_GROUP_BYTES", 20 * kib)
+    runs, groups = torchxfer.packing.payload_runs, torchxfer.packing.payload_groups
+    monkeypatch.setattr(torchxfer.plan, "payload_runs", lambda slots, size, backend="nccl": runs(slots, size, "nccl"))
+    monkeypatch.setattr(torchxfer.plan, "payload_groups", lambda r, backend="nccl": groups(r, "nccl"))
+    monkeypatch.setattr(torchxfer.group.SideGroup, "coalesces", property(lambda self: True))
+    posted: dict[int, list[list[int]]] = {}
+    lock = threading.Lock()
+
+    def fake(pg: Any, tensors: Any) -> _AllOf:
+        with lock:
+            posted.setdefault(pg.rank(), []).append([t.numel() for t in tensors])
+        return _AllOf([torch.distributed.broadcast(t, group=pg, group_src=0, async_op=True) for t in tensors])
+
+    monkeypatch.setattr(torchxfer.group, "_coalesced_broadcasts", fake)
+    world, buf = 3, 32 * kib
+
+    def model(seed: int, change: bool = False) -> list[tuple[str, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(seed)
+        sizes = [5, 1, 2, 6, 1, 4, 3, 1, 8, 2, 1, 5, 1, 1, 7, 2, 4, 1, 3, 6]  # KiB
+        if change:
+            sizes[9] = 3
+        return [(f"t{i}", rand_tensor((n * 256,), torch.float32, gen)) for i, n in enumerate(sizes)]
+
+    same = model(1)
+    updates = [model(0), same, same, model(2), model(3, change=True), model(4, change=True)]
+    kw = dict(packed=packed, packed_buffer_size_bytes=buf, packed_num_buffers=2)
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            try:
+                for pairs in updates:
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(pairs), group, **kw)
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = worker(rank, port, world, dp=True)
+        out = []
+        try:
+            for _ in updates:
+                got, load = collector()
+                engine.receive_weights(None, load)
+                out.append(got)
+        finally:
+            engine.shutdown()
+        return out
+
+    values = run_world(body, world, deadline_s=60)
+    for rank in (1, 2):
+        for u, want in enumerate(updates):
+            assert_same(values[rank][u], want, f"rank {rank} update {u}")
+    assert posted[0] == posted[1] == posted[2], "the ranks grouped their broadcasts differently"
+    assert any(len(g) > 1 for g in posted[0]), posted[0]
 
 
 def test_a_list_source_is_pulled_a_bucket_at_a_time_and_a_changed_object_is_still_seen(monkeypatch):

@@ -198,6 +198,28 @@ class SideGroup:
             log.warning("torchxfer side group (rank %d of %d) is broken: %s", self._rank, self._size, reason)
         self._abort()
 
+    # -- payload ---------------------------------------------------------------
+
+    @property
+    def coalesces(self) -> bool:
+        """Whether :meth:`broadcast_group` posts a group of broadcasts as one NCCL group call."""
+        return self.backend_name == "nccl"
+
+    def broadcast_group(self, tensors: Sequence[torch.Tensor]) -> list[Any]:
+        """Post the broadcasts of ``tensors`` from group rank 0, in order; returns the works to
+        wait for. Does not block. Every rank of the group calls it with tensors of the same
+        sizes, grouped alike (``packing.payload_groups``).
+
+        On NCCL, two or more tensors go as one NCCL group call: one kernel launch for all of
+        them, and one work, which completes once every one of them did and holds all of
+        them until it is waited. Each broadcast still waits, on the GPU, for what the
+        current stream issued before this call. Otherwise one work per tensor. Raises what
+        torch raises for a collective that cannot be posted (the caller breaks the group).
+        """
+        if len(tensors) > 1 and self.coalesces:
+            return [_coalesced_broadcasts(self.pg, tensors)]
+        return [dist.broadcast(t, group=self.pg, group_src=0, async_op=True) for t in tensors]
+
     # -- waiting ---------------------------------------------------------------
 
     def wait(self, work: Any, what: str, *, data: bool = False, timeout_s: float | None = None) -> None:
@@ -947,6 +969,28 @@ class _SockFprog(ctypes.Structure):
 _SO_ATTACH_FILTER = 26  # Linux
 _DROP_ALL = (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0))  # BPF "ret #0": drop every packet
 _DROP_ALL_PROG = _SockFprog(1, _DROP_ALL)
+
+
+def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> Any:
+    """Broadcasts of ``tensors`` from group rank 0 as one NCCL group call; returns its one work.
+
+    Private API: ``ProcessGroup._start_coalescing`` / ``_end_coalescing`` (torch 2.6-2.13), what
+    ``dist._coalescing_manager`` calls for collectives without a ``*_coalesced`` form, without
+    its Python bookkeeping. ProcessGroupNCCL makes its stream wait for the current stream at
+    each broadcast's call, issues them between ``ncclGroupStart`` and ``ncclGroupEnd``, and
+    returns from the end one work that stashes every tensor; the works the single calls
+    return mean nothing and are dropped.
+    """
+    device = tensors[0].device
+    pg._start_coalescing(device)
+    try:
+        for tensor in tensors:
+            dist.broadcast(tensor, group=pg, group_src=0, async_op=True)
+    finally:
+        work = pg._end_coalescing(device)
+    if work is None:
+        raise RuntimeError("the NCCL group call returned no work")
+    return work
 
 
 def _listening_fds() -> list[int]:

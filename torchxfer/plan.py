@@ -16,7 +16,7 @@ import hashlib
 
 from . import packing
 from .errors import TransferError
-from .packing import Slot, TensorSpec, check_bucket, dtype_name, payload_runs
+from .packing import Slot, TensorSpec, check_bucket, dtype_name, payload_groups, payload_runs
 from .wire import BucketHeader, encode
 
 __all__ = ["next_bucket", "BucketPlan", "Layout", "TableChecker", "describe", "first_bucket"]
@@ -47,6 +47,8 @@ class BucketPlan:
     """sha256 of the frame."""
     cache: dict = dataclasses.field(default_factory=dict)
     """Per-side memo (views into a buffer), dropped with the layout."""
+    groups: tuple[tuple[int, int], ...] = ()
+    """How ``runs`` are posted: ``(first, end)`` index ranges, one group each (see ``payload_groups``)."""
 
     @classmethod
     def make(cls, index: int, slots: tuple[Slot, ...], buffer_size: int | None, frame: bytes | None = None,
@@ -55,8 +57,9 @@ class BucketPlan:
             frame = encode(BucketHeader(index, slots))
         extent = 0 if buffer_size is None else max(s.end for s in slots)
         specs = [s.spec for s in slots if s.start == 0]
-        return cls(index, slots, frame, payload_runs(slots, buffer_size, backend), extent, specs,
-                   sum(s.nbytes for s in specs), hashlib.sha256(frame).digest())  # fmt: skip
+        runs = payload_runs(slots, buffer_size, backend)
+        return cls(index, slots, frame, runs, extent, specs, sum(s.nbytes for s in specs),
+                   hashlib.sha256(frame).digest(), groups=payload_groups(runs, backend))  # fmt: skip
 
 
 class Layout:

@@ -492,7 +492,7 @@ class Receiver(WorkerSide):
             # The assembly tensor gets a new owner; no bucket in flight reads it (split_direct),
             # and on CUDA the loads of the previous owner are ordered before this bucket's receives.
             self.state.assembly_for(head.spec.nbytes, self.device)
-        dests, works = self.post_runs(plan, plan.runs, direct)
+        dests, works = self.post_runs(plan, direct)
         return _Posted(plan, works, dests, None)
 
     def split_direct(self, plan: BucketPlan) -> set[int]:
@@ -525,27 +525,31 @@ class Receiver(WorkerSide):
                 out.add(pos)
         return out
 
-    def post_runs(self, plan: BucketPlan, runs: list, direct: set[int] = frozenset()) -> tuple[dict[int, torch.Tensor], list[Any]]:
+    def post_runs(self, plan: BucketPlan, direct: set[int] = frozenset()) -> tuple[dict[int, torch.Tensor], list[Any]]:
         """Post broadcasts into the bucket's buffer (packed), the assembly tensor (``direct``
-        split slots) or fresh tensors (unpacked)."""
+        split slots) or fresh tensors (unpacked), grouped as the sender groups them
+        (``plan.groups``)."""
         dests: dict[int, torch.Tensor] = {}
         works: list[Any] = []
-        if not runs:
+        if not plan.runs:
             return dests, works
         if self.buffer_size is not None:
             buf = self.state.buffer(plan.index % self.num_buffers, plan.extent, self.buffer_size)
         # Posted on the current stream: on CUDA the receives then wait for every load already
         # issued there, among them those of the bucket that last used this buffer.
-        for start, end, pos in runs:
-            if pos in direct:
-                slot = plan.slots[pos]
-                dest = dests[pos] = self.state.assembly[slot.start : slot.start + slot.length]
-            elif self.buffer_size is not None:
-                dest = buf[start:end]
-            else:
-                dest = dests[pos] = torch.empty(end - start, dtype=torch.uint8, device=self.device)
+        for first, last in plan.groups:
+            group = []
+            for start, end, pos in plan.runs[first:last]:
+                if pos in direct:
+                    slot = plan.slots[pos]
+                    dest = dests[pos] = self.state.assembly[slot.start : slot.start + slot.length]
+                elif self.buffer_size is not None:
+                    dest = buf[start:end]
+                else:
+                    dest = dests[pos] = torch.empty(end - start, dtype=torch.uint8, device=self.device)
+                group.append(dest)
             try:
-                works.append(dist.broadcast(dest, group=self.group.pg, group_src=0, async_op=True))
+                works += self.group.broadcast_group(group)
             except Exception as e:
                 raise self.broken(f"payload broadcast failed: {e}") from e
         return dests, works

@@ -156,7 +156,7 @@ class SenderState:
 
     def posting_runs(self, index: int) -> list[list[int]] | None:
         """The slot positions of each broadcast of bucket ``index`` of the cached layout, in the
-        order they are posted (``Sender.post_own``, then ``Sender.post_packed``); None when
+        order they are posted (``Sender.post_runs``: those sent alone, then the packed ones); None when
         there is no such bucket."""
         layout = self.layout
         if layout is None or not 0 <= index < len(layout.buckets):
@@ -555,8 +555,9 @@ class Sender(SendSide):
         waits for them and drops what arrived."""
         with self.posting(plan):  # every worker posted these receives: a failure here breaks the group at once
             scratch = self.void_scratch(plan)
-            for start, end, _ in plan.runs:
-                self.post(scratch[: end - start], plan.index, from_buffer=False)
+            for first, last in plan.groups:
+                runs = plan.runs[first:last]
+                self.post([scratch[: end - start] for start, end, _ in runs], plan.index, [False] * len(runs))
 
     def void_scratch(self, plan: BucketPlan) -> torch.Tensor:
         """What void broadcasts of ``plan`` are sent from: a send buffer at least as long as its
@@ -600,8 +601,7 @@ class Sender(SendSide):
             if not ahead:
                 self.tick(Kind.BUCKET, plan.index, int(last), checksum)
             with self.posting(plan):
-                self.post_own(plan)
-                self.post_packed(plan)
+                self.post_runs(plan)
             if ahead:
                 self.post_begin(int(last), checksum)
             if self.posted is not None:
@@ -811,20 +811,6 @@ class Sender(SendSide):
         if self.checksum and self.deferred[pos] is not None:
             self.run_sums[pos] = control.checksum(self.deferred[pos])
 
-    def post_own(self, plan: BucketPlan, upto: int | None = None) -> None:
-        """Post the held slots that travel alone (those before slot ``upto``), in order."""
-        buf = self.state.buffers[plan.index % self.num_buffers] if self.buffer_size is not None else None
-        for start, end, pos in plan.runs:
-            if pos is None or (upto is not None and pos >= upto) or pos not in self.deferred:
-                continue
-            src = self.deferred[pos]
-            if self.ready is not None:
-                self.ready(plan.index, [pos])
-            self.post(buf[start:end] if src is None else src, plan.index, from_buffer=src is None)
-            if self.posted is not None:
-                self.posted(False)
-        self.deferred = {}
-
     def packed_buffer(self, plan: BucketPlan, memo: dict) -> torch.Tensor | None:
         """The bucket's buffer, grown to its packed slots and free of older sends (None: unpacked)."""
         if self.buffer_size is None:
@@ -942,12 +928,7 @@ class Sender(SendSide):
         rows = self.control.post(make_row(Kind.SYNC), f"{self.what} bucket {plan.index} (check)").rows()
         self.control.settle(rows, b"", f"{self.what} bucket {plan.index}")
         with self.posting(plan):
-            if kept:
-                self.post_own(self.cached_plan, upto=kept)  # held while the source was still the cached layout
-            for start, end, pos in plan.runs:
-                if pos is not None and pos >= kept:
-                    self.post(buf[start:end] if buf is not None else unpacked[pos], plan.index, from_buffer=buf is not None)
-            self.post_packed(plan)
+            self.post_runs(plan, unpacked)  # the first ``kept`` slots' held while the source was the cached layout
         self.layout.append(plan)
 
     # -- tensors and payload --------------------------------------------------------------------
@@ -1037,27 +1018,41 @@ class Sender(SendSide):
             self.fused_copy([d for d, _ in self.pending], [s for _, s in self.pending])
             self.pending.clear()
 
-    def post_packed(self, plan: BucketPlan) -> None:
-        """Post the bucket's packed runs, each behind its pack copies.
-
-        A bucket packed in bulk is copied run by run here, each run's fused
-        copy issued just before its broadcast: a broadcast waits only for the
-        copies issued before it on the stream, so the first range travels
-        while the next ones are being packed.
-        """
-        if self.buffer_size is None:
-            return
-        buf = self.state.buffers[plan.index % self.num_buffers]
+    def post_runs(self, plan: BucketPlan, unpacked: dict[int, torch.Tensor] | None = None) -> None:
+        """Post the bucket's runs, group by group (``plan.groups``), each group once the copies
+        it reads are issued: a slot held to travel alone (``hold_own``) from where it was held;
+        another slot that travels alone from the buffer it was packed into (unpacked: from
+        ``unpacked``); a packed run behind its pack copies. A bucket packed in bulk is copied
+        run by run here, each just before the group that reads it: a group waits only for the
+        copies issued before it, so it travels while the next ones are packed."""
+        buf = self.state.buffers[plan.index % self.num_buffers] if self.buffer_size is not None else None
         copies, self.bulk_copies = self.bulk_copies, None
         groups = self.run_groups(plan) if copies is not None or self.ready is not None else None
-        for i, (start, end, pos) in enumerate(r for r in plan.runs if r[2] is None):
-            if copies is not None and groups[i]:
-                self.pack_bulk(plan, i, groups[i], *copies)
-            if self.ready is not None:
-                self.ready(plan.index, groups[i])
-            self.post(buf[start:end], plan.index, from_buffer=True)
+        packed = 0
+        for first, last in plan.groups:
+            srcs: list[torch.Tensor] = []
+            from_buffer: list[bool] = []
+            for start, end, pos in plan.runs[first:last]:
+                src = None
+                if pos is None:
+                    if copies is not None and groups[packed]:
+                        self.pack_bulk(plan, packed, groups[packed], *copies)
+                    if self.ready is not None:
+                        self.ready(plan.index, groups[packed])
+                    packed += 1
+                elif pos in self.deferred:
+                    if self.ready is not None:
+                        self.ready(plan.index, [pos])
+                    src = self.deferred[pos]
+                elif buf is None:
+                    src = unpacked[pos]
+                srcs.append(buf[start:end] if src is None else src)
+                from_buffer.append(src is None)
+            self.post(srcs, plan.index, from_buffer)
             if self.posted is not None:
-                self.posted(False)
+                for _ in srcs:
+                    self.posted(False)
+        self.deferred = {}
 
     def unready(self) -> None:
         """Every copy that ``ready`` would issue, now, and none deferred from here on."""
@@ -1117,22 +1112,26 @@ class Sender(SendSide):
             total = (total + part * (i + 1)) % (1 << 61)
         return total
 
-    def post(self, src: torch.Tensor, bucket: int, *, from_buffer: bool) -> Any:
-        """Post one payload broadcast from rank 0; its work is kept until the update drains, or,
-        for a tensor sent alone, until it is let go (``release_sent``)."""
-        if not from_buffer:
+    def post(self, srcs: list[torch.Tensor], bucket: int, from_buffer: list[bool]) -> None:
+        """Post one group of payload broadcasts from rank 0 (``SideGroup.broadcast_group``);
+        ``from_buffer[i]``: whether ``srcs[i]`` lies in the bucket's buffer. Its works are kept
+        until the update drains, or, where they read a tensor sent alone, until they are let
+        go (``release_sent``); a work that reads the buffer also frees it (``free_buffer``)."""
+        if not all(from_buffer):
             self.release_sent(bucket)
         try:
-            work = dist.broadcast(src, group=self.group.pg, group_src=0, async_op=True)
+            works = self.group.broadcast_group(srcs)
         except Exception as e:
             self.group.mark_broken(f"payload broadcast: {e}")
             raise TransferError(f"payload broadcast of {self.what} failed: {e}", broken=True) from e
-        self.works[id(work)] = work
-        if from_buffer:
-            self.buffer_works[bucket % self.num_buffers].append(work)
-        else:
-            self.sent_alone.append((bucket, work))
-        return work
+        # One work per broadcast, or one for the whole group (NCCL), which then reads both kinds.
+        tagged = zip(works, from_buffer) if len(works) == len(srcs) else [(works[0], b) for b in set(from_buffer)]
+        for work, buffered in tagged:
+            self.works[id(work)] = work
+            if buffered:
+                self.buffer_works[bucket % self.num_buffers].append(work)
+            else:
+                self.sent_alone.append((bucket, work))
 
     def release_sent(self, bucket: int) -> None:
         """Before a send of bucket ``bucket`` from outside the buffers: let go of the tensors sent
