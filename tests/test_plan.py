@@ -129,11 +129,13 @@ def _layout(specs_: list[TensorSpec], buffer_size: int | None) -> Layout:
 
 
 @pytest.mark.parametrize("first_big", [False, True])
-def test_unpacked_buckets_over_256_mib_are_not_posted_ahead(first_big):
+def test_an_unpacked_bucket_0_over_256_mib_is_not_posted_before_begin(first_big):
     """Both sides decide which bucket workers post ahead with the same functions. An unpacked
     bucket goes into fresh tensors, and a departing update makes both sides allocate that much
-    for void broadcasts: one of more than 256 MiB (a single large tensor) waits for its row.
-    Packed buckets are posted ahead whatever their size (they use the buffers)."""
+    for void broadcasts. Bucket 0 is posted before every update (an empty one too): one of more
+    than 256 MiB (a single large tensor) waits for the BEGIN row. A later bucket, posted once
+    a row said the layout goes on, is posted ahead whatever its size, and so are packed
+    buckets (they use the buffers)."""
     from torchxfer.packing import UNPACKED_GROUP_BYTES
     from torchxfer.plan import first_bucket, next_bucket
 
@@ -150,7 +152,7 @@ def test_unpacked_buckets_over_256_mib_are_not_posted_ahead(first_big):
     else:
         assert sizes == [3 * mib, UNPACKED_GROUP_BYTES + 16, mib]
         assert first_bucket(unpacked, True) is unpacked.buckets[0]
-        assert next_bucket(unpacked, 0) is None
+        assert next_bucket(unpacked, 0) is unpacked.buckets[1]
         assert next_bucket(unpacked, 1) is unpacked.buckets[2]
     assert first_bucket(unpacked, False) is None
     packed = _layout(order, 64 * mib)

@@ -100,7 +100,7 @@ def first_bucket(layout: Layout | None, confirmed: bool) -> BucketPlan | None:
     """
     if not confirmed or layout is None or not layout.buckets:
         return None
-    return postable(layout, layout.buckets[0])
+    return postable(layout, layout.buckets[0], before_begin=True)
 
 
 def next_bucket(layout: Layout | None, index: int) -> BucketPlan | None:
@@ -120,15 +120,24 @@ def next_bucket(layout: Layout | None, index: int) -> BucketPlan | None:
     return postable(layout, layout.buckets[index + 1])
 
 
-def postable(layout: Layout, plan: BucketPlan) -> BucketPlan | None:
+def postable(layout: Layout, plan: BucketPlan, before_begin: bool = False) -> BucketPlan | None:
     """``plan`` if a worker may post it ahead, else None: a bucket with broadcasts to post, and,
-    for an unpacked layout, one of at most ``UNPACKED_GROUP_BYTES`` (256 MiB). An unpacked bucket
-    is posted ahead into fresh tensors, and when the update departs from the layout there both
-    sides allocate that much for void broadcasts: a bucket holding one larger tensor (an
-    embedding of gigabytes, say) waits for its row instead."""
+    posted before BEGIN (``before_begin``, bucket 0) in an unpacked layout, one of at most
+    ``UNPACKED_GROUP_BYTES`` (256 MiB).
+
+    An unpacked bucket is posted ahead into fresh tensors, and when the update departs
+    from the layout there both sides allocate that much for void broadcasts. Bucket 0 is
+    posted before every update, an empty one included, so a bucket 0 holding one larger
+    tensor (an embedding of gigabytes, say) waits for the BEGIN row instead. A later bucket
+    is posted ahead only once the trainer's row said the update goes on along the layout,
+    so it is voided only when the layout changes right there; that costs one tensor's
+    allocation on each side, within the memory the update may use anyway (its buffers and
+    one tensor), and waiting for its row instead would cost a control round trip per
+    large tensor in every update."""
     if not plan.runs:
         return None
-    if layout.buffer_size is None and sum(end - start for start, end, _ in plan.runs) > packing.UNPACKED_GROUP_BYTES:
+    if before_begin and layout.buffer_size is None \
+            and sum(end - start for start, end, _ in plan.runs) > packing.UNPACKED_GROUP_BYTES:  # fmt: skip
         return None
     return plan
 

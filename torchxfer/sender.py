@@ -561,7 +561,7 @@ class Sender(SendSide):
 
     def void_scratch(self, plan: BucketPlan) -> torch.Tensor:
         """What void broadcasts of ``plan`` are sent from: a send buffer at least as long as its
-        longest run, else a new tensor of that length (at most a buffer, or 256 MiB unpacked:
+        longest run, else a new tensor of that length (at most a buffer, or unpacked one tensor:
         ``plan.postable``)."""
         device = self.state.device
         longest = max(end - start for start, end, _ in plan.runs)
