@@ -35,7 +35,7 @@ from torchxfer import colocated_receiver, colocated_sender, control, group, rece
 
 EVENTS: list[tuple[float, float, str]] = []
 SENDER_STEPS = ("run", "begin", "post_begin", "posting", "cached_bucket", "bulk_bucket", "table_buckets", "tick",
-                "post", "post_own", "post_packed", "pack_bulk", "end", "drain", "free_buffer", "catch_up")  # fmt: skip
+                "post", "post_runs", "pack_bulk", "end", "drain", "free_buffer", "catch_up", "release_sent")  # fmt: skip
 RECEIVER_STEPS = ("run", "speculate", "begin", "follow", "receive", "post_bucket", "post_runs", "load", "load_all",
                   "wait", "tensors", "call_load", "after_load", "end", "finish")  # fmt: skip
 
@@ -67,7 +67,7 @@ def _instrument() -> None:
     control.Step.rows = _timed(control.Step.rows, "control step waited")
     control._all_gather = _timed(control._all_gather, "  all_gather call")
     group.SideGroup.wait = _timed(group.SideGroup.wait, "  SideGroup.wait")
-    dist.broadcast = _timed(dist.broadcast, "  dist.broadcast call")
+    group.SideGroup.broadcast_group = _timed(group.SideGroup.broadcast_group, "  broadcast_group call")
     bench._sync = _timed(bench._sync, "bench sync (all_reduce + device sync)")
     started: list[float] = []
 

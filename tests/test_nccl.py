@@ -212,11 +212,13 @@ def test_many_updates_bit_exact_across_two_gpus():
 
 
 def _large(step: int, device: str) -> list[tuple[str, torch.Tensor]]:
-    """Eight 24 MiB tensors and small ones: at 256 MiB buffers bucket 0 is one packed range of about
-    200 MiB, which travels in three pieces."""
+    """Twenty-four 6 MiB tensors, a small one, then eight of 24 MiB: at 256 MiB buffers bucket 0's
+    first tensor travels alone, the next ones are one packed range of about 140 MiB that travels in
+    three pieces, and the 24 MiB tensors travel straight from their memory, in NCCL groups."""
     gen = torch.Generator().manual_seed(500 + step)
-    out = [(f"big{i}", torch.randn(6 << 20, generator=gen).to(device)) for i in range(8)]  # 24 MiB fp32 each
+    out = [(f"mid{i}", torch.randn(3 << 19, generator=gen).to(device)) for i in range(24)]  # 6 MiB fp32 each
     out.insert(3, ("norm", torch.randn(4096, generator=gen).bfloat16().to(device)))
+    out += [(f"big{i}", torch.randn(6 << 20, generator=gen).to(device)) for i in range(8)]  # 24 MiB fp32 each
     return out
 
 
@@ -251,12 +253,14 @@ def _large_round_trip(rank: int, port: int, barrier: Any) -> Any:
     return bad
 
 
-def test_a_first_bucket_sent_in_three_pieces_is_bit_exact():
-    from torchxfer.packing import TensorSpec, payload_runs, plan_slots
+def test_a_first_bucket_sent_in_three_pieces_and_groups_is_bit_exact():
+    from torchxfer.packing import TensorSpec, payload_groups, payload_runs, plan_slots
 
     specs = [TensorSpec.of(n, t) for n, t in _large(0, "cpu")]
     first = [s for s in plan_slots(specs, 256 << 20) if s.bucket == 0]
-    assert len([r for r in payload_runs(first, 256 << 20) if r[2] is None]) == 3  # the cut applies here
+    runs = payload_runs(first, 256 << 20)
+    assert len([r for r in runs if r[2] is None and r[1] - r[0] > 1 << 20]) == 3  # the cut applies here
+    assert any(last - first > 1 for first, last in payload_groups(runs))  # and a NCCL group of several
     ctx = mp.get_context("spawn")
     outcomes = run_processes(_large_round_trip, 2, free_port(), ctx.Barrier(2), deadline_s=DEADLINE_S)
     assert outcomes[1].value == {}

@@ -218,7 +218,7 @@ class SideGroup:
         """
         if len(tensors) > 1 and self.coalesces:
             return [_coalesced_broadcasts(self.pg, tensors)]
-        return [dist.broadcast(t, group=self.pg, group_src=0, async_op=True) for t in tensors]
+        return [_broadcast(self.pg, t) for t in tensors]
 
     # -- waiting ---------------------------------------------------------------
 
@@ -971,6 +971,22 @@ _DROP_ALL = (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0))  # BPF "ret #0": drop 
 _DROP_ALL_PROG = _SockFprog(1, _DROP_ALL)
 
 
+_ROOT_0 = dist.BroadcastOptions()
+_ROOT_0.rootRank, _ROOT_0.rootTensor = 0, 0
+if hasattr(_ROOT_0, "asyncOp"):  # torch 2.7+; earlier NCCL broadcasts are always asynchronous
+    _ROOT_0.asyncOp = True
+
+
+def _broadcast(pg: dist.ProcessGroup, tensor: torch.Tensor) -> Any:
+    """``dist.broadcast(tensor, group=pg, group_src=0, async_op=True)`` for a payload tensor, which
+    is always bytes (uint8): the ProcessGroup's own method with options made once. The wrapper's
+    checks, logging decorator and device-capability query cost tens of microseconds per call,
+    as much as the call itself, and a bucket makes one call per tensor sent alone."""
+    if tensor.dtype != torch.uint8:
+        return dist.broadcast(tensor, group=pg, group_src=0, async_op=True)
+    return pg.broadcast([tensor], _ROOT_0)
+
+
 def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> Any:
     """Broadcasts of ``tensors`` from group rank 0 as one NCCL group call; returns its one work.
 
@@ -985,7 +1001,7 @@ def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor]
     pg._start_coalescing(device)
     try:
         for tensor in tensors:
-            dist.broadcast(tensor, group=pg, group_src=0, async_op=True)
+            _broadcast(pg, tensor)
     finally:
         work = pg._end_coalescing(device)
     if work is None:
