@@ -405,8 +405,8 @@ class Sender(SendSide):
         # themselves (bucket_views), and a pack copy of a tensor onto itself is skipped.
         self.prefill = False
         # send_model under peer reads: ``ready(bucket, positions)`` issues the copies that fill those
-        # slots of the bucket's buffer, called just before the broadcast that reads them, so each
-        # broadcast waits only for its own copies; ``ready(None, None)``: every copy now, none deferred.
+        # slots of the bucket's buffer, called just before the group of broadcasts that reads them, so
+        # each group waits only for its own copies; ``ready(None, None)``: every copy now, none deferred.
         self.ready: Callable[[int | None, list[int] | None], None] | None = None
         # ... and told after each of those broadcasts is posted (False), and once more when the
         # bucket is all posted and announced (True).
@@ -1032,22 +1032,24 @@ class Sender(SendSide):
         for first, last in plan.groups:
             srcs: list[torch.Tensor] = []
             from_buffer: list[bool] = []
+            positions: list[int] = []  # the slots this group reads, for ``ready``
             for start, end, pos in plan.runs[first:last]:
                 src = None
                 if pos is None:
                     if copies is not None and groups[packed]:
                         self.pack_bulk(plan, packed, groups[packed], *copies)
-                    if self.ready is not None:
-                        self.ready(plan.index, groups[packed])
+                    if groups is not None:
+                        positions += groups[packed]
                     packed += 1
                 elif pos in self.deferred:
-                    if self.ready is not None:
-                        self.ready(plan.index, [pos])
+                    positions.append(pos)
                     src = self.deferred[pos]
                 elif buf is None:
                     src = unpacked[pos]
                 srcs.append(buf[start:end] if src is None else src)
                 from_buffer.append(src is None)
+            if self.ready is not None:
+                self.ready(plan.index, positions)
             self.post(srcs, plan.index, from_buffer)
             if self.posted is not None:
                 for _ in srcs:
