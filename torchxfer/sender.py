@@ -155,14 +155,15 @@ class SenderState:
         return memo.get("views")
 
     def posting_runs(self, index: int) -> list[list[int]] | None:
-        """The slot positions of each broadcast of bucket ``index`` of the cached layout, in the
-        order they are posted (``Sender.post_runs``: those sent alone, then the packed ones); None when
-        there is no such bucket."""
+        """The slot positions each group of broadcasts of bucket ``index`` of the cached layout reads
+        (``plan.groups``), in the order they are posted (``Sender.post_runs``); None when there is
+        no such bucket."""
         layout = self.layout
         if layout is None or not 0 <= index < len(layout.buckets):
             return None
         plan = layout.buckets[index]
-        return [[pos] for _, _, pos in plan.runs if pos is not None] + Sender.run_groups(plan)
+        per_run = [[pos] for _, _, pos in plan.runs if pos is not None] + Sender.run_groups(plan)  # as plan.runs
+        return [[p for run in per_run[first:last] for p in run] for first, last in plan.groups]
 
 
 def pairs(items: Iterable[Any], post_iter_func: Callable | None,
@@ -408,7 +409,7 @@ class Sender(SendSide):
         # slots of the bucket's buffer, called just before the group of broadcasts that reads them, so
         # each group waits only for its own copies; ``ready(None, None)``: every copy now, none deferred.
         self.ready: Callable[[int | None, list[int] | None], None] | None = None
-        # ... and told after each of those broadcasts is posted (False), and once more when the
+        # ... and told after each of those groups is posted (False), and once more when the
         # bucket is all posted and announced (True).
         self.posted: Callable[[bool], None] | None = None
         self.num_tensors_hint = num_tensors
@@ -1052,8 +1053,7 @@ class Sender(SendSide):
                 self.ready(plan.index, positions)
             self.post(srcs, plan.index, from_buffer)
             if self.posted is not None:
-                for _ in srcs:
-                    self.posted(False)
+                self.posted(False)
         self.deferred = {}
 
     def unready(self) -> None:

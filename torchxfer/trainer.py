@@ -356,11 +356,12 @@ class _Schedule:
         self.peer = False  # the sender reads every other rank's shards itself: no steps, no messages
         self.settle_s = 60.0 if timeout_s is None else timeout_s
         self.sender: Any = None  # the Sender, when this update is the cached layout (see _prefill)
-        # Peer reads on the cached layout: the copies run a run ahead of the broadcasts (on CUDA on
-        # the gatherer's copy streams; on the CPU they are done when launched). ``queue``: the runs
-        # (entry indices, in posting order) of the groups prepared, not yet launched; the one in
-        # hand is launched before its broadcast (``ready``), the next one right after that
-        # broadcast is posted (``posted``), and when a bucket is all posted the next group is
+        # Peer reads on the cached layout: the copies run a run ahead of the broadcasts (a run: what
+        # one group of broadcasts reads, ``SenderState.posting_runs``; on CUDA on the gatherer's
+        # copy streams; on the CPU they are done when launched). ``queue``: the runs (entry
+        # indices, in posting order) of the groups prepared, not yet launched; the one in hand is
+        # launched before its broadcasts (``ready``), the next one right after they are posted
+        # (``posted``), and when a bucket is all posted the next group is
         # prepared ahead (``ahead``) and its first run launched, so the copy engines fill the next
         # bucket while this one is broadcast.
         self.launching = False
@@ -477,7 +478,7 @@ class _Schedule:
         self.gatherer.issue(indices)
 
     def posted(self, bucket_done: bool) -> None:
-        """The sender's pipeline just posted a broadcast: launch the next run's copies. When the
+        """The sender's pipeline just posted a run's broadcasts: launch the next run's copies. When the
         bucket is all posted (``bucket_done``, after the row that tells the workers what
         follows: the next group's preparation would delay it), prepare the next group ahead
         and launch its first run."""
