@@ -73,34 +73,42 @@ def _rank(rank: int, port: int) -> object:
         WeightTransferConfig(backend="gloo", timeout_s=30, device="cuda"), ParallelConfig(rank=rank - 1, tensor_parallel_size=2)
     )
     engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, WORLD))
-    received, memory = [], []
+    received, memory, wrong = [], [], []
     for step in range(UPDATES):
         mode = modes[step % len(modes)]
         info = None
         if step % 4 == 1:
             info = NCCLWeightTransferUpdateInfo.from_named_tensors(_tensors(step), **mode)
         got: list = []
+        want = {n: t.cpu() for n, t in _tensors(step)}
 
         def load(batch: list) -> None:
             for name, view in batch:
                 assert view.is_cuda
                 # Read on the current stream, as a model's copy_ would.
                 got.append((name, _digest(view), str(view.dtype), tuple(view.shape)))
+                if got[-1][1] != _digest(want[name]):  # where the bytes differ, for the report
+                    a = view.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                    b = want[name].contiguous().reshape(-1).view(torch.uint8)
+                    bad = (a != b).nonzero().flatten().tolist() if a.numel() == b.numel() else [-1]
+                    wrong.append((step, name, len(bad), bad[:1], bad[-1:], a.numel()))
 
         engine.receive_weights(info, load, atomic=step % 5 == 4)
         received.append(got)
         torch.cuda.synchronize()
         memory.append(torch.cuda.memory_allocated())
     engine.shutdown()
-    return received, memory
+    return received, memory, wrong
 
 
 def test_cuda_tensors_over_gloo_bit_exact_and_memory_flat():
     port = free_port()
     outcomes = run_processes(_rank, WORLD, port, deadline_s=240)
     expected = _expected()
-    for out in outcomes[1:]:
-        received, memory = out.value
+    for rank, out in enumerate(outcomes[1:], 1):
+        received, memory, wrong = out.value
+        # (step, name, bytes wrong, first, last, size) for each tensor that arrived wrong
+        assert not wrong, f"rank {rank}: {wrong}"
         assert received == expected
         # Steady state: once every mode has run (3 updates), memory never moves.
         assert len(set(memory[3:])) == 1, memory
