@@ -1364,6 +1364,66 @@ def test_a_trainer_failing_to_send_void_broadcasts_breaks_the_group_at_once_nami
         assert seconds < 3 * timeout + 2, (rank, seconds)
 
 
+class _WritesBack:
+    """A root's broadcast as Gloo runs it on CUDA tensors: once the collective is done, what it
+    carried is copied back into the root's own tensor, on Gloo's stream, at a time of Gloo's
+    choosing; waiting for the work orders that copy. Emulated at the latest moment allowed:
+    just before the root's next broadcast, unless the work was waited for first."""
+
+    pending: list[_WritesBack] = []
+
+    def __init__(self, work: Any, tensor: torch.Tensor) -> None:
+        self.work, self.tensor, self.sent = work, tensor, tensor.clone()
+        _WritesBack.pending.append(self)
+
+    def land(self) -> None:
+        if self in _WritesBack.pending:
+            _WritesBack.pending.remove(self)
+            self.work.wait()
+            self.tensor.copy_(self.sent)
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
+
+    def wait(self, timeout: Any = None) -> bool:
+        done = self.work.wait(timeout) if timeout is not None else self.work.wait()
+        self.land()
+        return done
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+def test_void_broadcasts_from_a_send_buffer_are_done_before_it_is_packed_again(monkeypatch, checksum):
+    """Void broadcasts (a bucket every worker posted ahead that the update does not send) go out
+    from a send buffer when one is large enough. Gloo writes a CUDA broadcast's bytes back into
+    the root's tensor too, later, on its own stream, so that buffer must not be packed again
+    before they complete: else the stale bytes land over the new bucket, which then travels
+    wrong (checked, a checksum mismatch; unchecked, wrong weights loaded silently). Seen on an
+    H200 in 2 of 5 runs of tests/test_cuda.py; emulated here on the CPU at the latest moment
+    Gloo may write back. A change of buffer count voids bucket 0 of the confirmed layout, and
+    every update still arrives bit for bit."""
+    from torchxfer import group as group_module
+
+    real = group_module._broadcast
+    _WritesBack.pending.clear()
+
+    def writing_back(pg: Any, tensor: torch.Tensor) -> Any:
+        if pg.rank() != 0:
+            return real(pg, tensor)
+        for earlier in list(_WritesBack.pending):
+            earlier.land()
+        return _WritesBack(real(pg, tensor), tensor)
+
+    monkeypatch.setattr(group_module, "_broadcast", writing_back)
+    models = [simple(30 + u, n=12) for u in range(5)]
+    kws = [dict(packed=True, packed_buffer_size_bytes=256, packed_num_buffers=n, checksum=checksum)
+           for n in (2, 2, 3, 3, 2)]  # fmt: skip
+    values = updates_that_may_fail([(lambda m=m: iter(m), kw) for m, kw in zip(models, kws)])
+    assert values[0] == [None] * 5, values[0]
+    for rank in (1, 2):
+        for u, got in enumerate(values[rank]):
+            assert_same(got, models[u], f"rank {rank} update {u}")
+
+
 def test_a_cached_bucket_pulled_straight_from_the_callers_iterator_keeps_every_check(monkeypatch):
     """From the second update of a layout on, a bucket of the very objects sent there last time is
     pulled straight from the caller's iterator, its tensors checked by one C++ call where torch

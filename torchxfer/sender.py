@@ -555,20 +555,25 @@ class Sender(SendSide):
         memory is added), else from a scratch tensor of the longest run; every worker
         waits for them and drops what arrived."""
         with self.posting(plan):  # every worker posted these receives: a failure here breaks the group at once
-            scratch = self.void_scratch(plan)
+            scratch, b = self.void_scratch(plan)
+            # Gloo writes what a CUDA broadcast carried back into the root's tensor too, later, on
+            # its own stream: a send buffer used here is not packed again before these complete.
+            mine = b is not None and b < self.num_buffers
             for first, last in plan.groups:
                 runs = plan.runs[first:last]
-                self.post([scratch[: end - start] for start, end, _ in runs], plan.index, [False] * len(runs))
+                self.post([scratch[: end - start] for start, end, _ in runs], plan.index, [mine] * len(runs), buffer=b)
 
-    def void_scratch(self, plan: BucketPlan) -> torch.Tensor:
-        """What void broadcasts of ``plan`` are sent from: a send buffer at least as long as its
-        longest run, else a new tensor of that length (at most a buffer, or unpacked one tensor:
-        ``plan.postable``)."""
+    def void_scratch(self, plan: BucketPlan) -> tuple[torch.Tensor, int | None]:
+        """What void broadcasts of ``plan`` are sent from, and which send buffer that is: a send
+        buffer at least as long as its longest run, else a new tensor of that length (None; at
+        most a buffer, or unpacked one tensor: ``plan.postable``)."""
         device = self.state.device
         longest = max(end - start for start, end, _ in plan.runs)
         held = self.state.buffers if self.state.buffer_key is not None and self.state.buffer_key[0] == device else []
-        scratch = next((b for b in held if b.numel() >= longest), None)
-        return scratch if scratch is not None else torch.empty(longest, dtype=torch.uint8, device=device)
+        b = next((i for i, buf in enumerate(held) if buf.numel() >= longest), None)
+        if b is not None:
+            return held[b], b
+        return torch.empty(longest, dtype=torch.uint8, device=device), None
 
     def keep_promise(self) -> None:
         """Before any row other than the promised bucket's: its broadcasts, void."""
@@ -1114,11 +1119,12 @@ class Sender(SendSide):
             total = (total + part * (i + 1)) % (1 << 61)
         return total
 
-    def post(self, srcs: list[torch.Tensor], bucket: int, from_buffer: list[bool]) -> None:
+    def post(self, srcs: list[torch.Tensor], bucket: int, from_buffer: list[bool], buffer: int | None = None) -> None:
         """Post one group of payload broadcasts from rank 0 (``SideGroup.broadcast_group``);
-        ``from_buffer[i]``: whether ``srcs[i]`` lies in the bucket's buffer. Its works are kept
-        until the update drains, or, where they read a tensor sent alone, until they are let
-        go (``release_sent``); a work that reads the buffer also frees it (``free_buffer``)."""
+        ``from_buffer[i]``: whether ``srcs[i]`` lies in the bucket's buffer (or in send buffer
+        ``buffer``, if given). Its works are kept until the update drains, or, where they read a
+        tensor sent alone, until they are let go (``release_sent``); a work that reads a buffer
+        also frees it (``free_buffer``)."""
         if not all(from_buffer):
             self.release_sent(bucket)
         try:
@@ -1128,10 +1134,11 @@ class Sender(SendSide):
             raise TransferError(f"payload broadcast of {self.what} failed: {e}", broken=True) from e
         # One work per broadcast, or one for the whole group (NCCL), which then reads both kinds.
         tagged = zip(works, from_buffer) if len(works) == len(srcs) else [(works[0], b) for b in set(from_buffer)]
+        b = bucket % self.num_buffers if buffer is None else buffer
         for work, buffered in tagged:
             self.works[id(work)] = work
             if buffered:
-                self.buffer_works[bucket % self.num_buffers].append(work)
+                self.buffer_works[b].append(work)
             else:
                 self.sent_alone.append((bucket, work))
 
