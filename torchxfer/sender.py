@@ -61,7 +61,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .config import TransferStats
 from . import control
@@ -926,7 +925,6 @@ class Sender(SendSide):
     def table_bucket(self, plan: BucketPlan, kept: int, last: bool, unpacked: dict[int, torch.Tensor]) -> None:
         """TABLE step, the frame, a SYNC step every rank waits for, then the payload."""
         self.flush()
-        buf = self.state.buffers[plan.index % self.num_buffers] if self.buffer_size is not None else None
         total = self.bucket_checksum(plan, kept, unpacked)
         self.tick(Kind.TABLE, plan.index, int(last), total, len(plan.frame))
         self.catch_up()  # the frame's broadcast must not run beside the TABLE step
