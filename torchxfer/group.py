@@ -72,6 +72,9 @@ _PREFIX = "torchxfer/v1/"
 _POLL_S = (0.002, 0.05)
 # A wait on a collective checks the closed flag this often.
 _SLICE_S = 0.05
+CONTROL_POLL_US = 0
+"""NCCL side groups: a wait on a control step (a Gloo row) first polls for this many
+microseconds, yielding the CPU between polls, before it blocks (see ``SideGroup.wait``)."""
 # Rendezvous values are a few hundred bytes; anything larger was not written by torchxfer.
 _MAX_VALUE_BYTES = 4096
 # How long the caller waits past the deadline for the init thread to report its own, precise error.
@@ -247,6 +250,12 @@ class SideGroup:
                 # start. On a timeout it raises "Operation timed out!" and leaves
                 # the work running (torch 2.6-2.13), so waiting in slices lets
                 # close() interrupt it.
+                if not data and CONTROL_POLL_US and self.backend_name == "nccl":
+                    # A row that completes while this thread is blocked costs it a wake-up after
+                    # Gloo's own threads; during an update each step waits for the one before.
+                    until = time.monotonic() + min(CONTROL_POLL_US * 1e-6, limit)
+                    while not work.is_completed() and time.monotonic() < until:
+                        time.sleep(0)
                 while True:
                     try:
                         if work.wait(wait_timeout(min(_SLICE_S, _left(deadline)))):
