@@ -119,3 +119,46 @@ def test_wait_all_on_nccl_bounds_the_poll_and_breaks_the_group_on_an_error():
     assert info.value.broken
     with pytest.raises(TransferError, match="broken"):
         g.check_usable()
+
+
+class CompletesAfterPolls:
+    """A control row's work that completes after ``polls`` calls of is_completed()."""
+
+    def __init__(self, polls: int) -> None:
+        self.polls, self.waited, self.sliced, self.checks = polls, 0, 0, 0
+
+    def is_completed(self) -> bool:
+        self.checks += 1
+        self.polls -= 1
+        return self.polls < 0
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        if timeout is not None and self.polls >= 0:
+            self.sliced += 1
+            raise RuntimeError("Operation timed out!")
+        self.waited += 1
+        return True
+
+
+def test_a_control_wait_on_a_nccl_group_polls_first_then_blocks_within_the_timeout(monkeypatch):
+    """On NCCL side groups a control row is polled for up to ``CONTROL_POLL_US`` before the
+    wait blocks in slices: a row that completes while polled is taken at once (one wait, for
+    its outcome), and one that never completes still times out within the group's timeout."""
+    from torchxfer import group as group_module
+
+    monkeypatch.setattr(group_module, "CONTROL_POLL_US", 200_000)
+    g = nccl_group(5.0)
+    work = CompletesAfterPolls(50)
+    g.wait(work, "step")
+    assert work.waited == 1 and work.sliced == 0 and work.checks == 51
+    g.check_usable()
+    g = nccl_group(0.3)
+    start = time.monotonic()
+    with pytest.raises(TransferError, match="no completion after 0.3 s"):
+        g.wait(FakeWork(None, completes=False), "step")
+    assert 0.3 <= time.monotonic() - start < 1.0
+    # Gloo side groups never poll: one blocking slice, then the work's own outcome.
+    g = group(5.0)
+    work = CompletesAfterPolls(0)
+    g.wait(work, "step")
+    assert work.waited == 1 and work.sliced == 1 and work.checks == 1
