@@ -10,7 +10,6 @@ rank 0 prints one line per case. A development tool: ``python3 scripts/diag_broa
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from demo_util import free_port  # scripts/ is on sys.path when run as a script
+from diag_util import high_priority_group, nccl_pair, sync
 
 SIZES_MIB = {
     256: [250, 216, 240, 240, 216, 176, 216, 176, 216, 176, 216, 176, 216, 176, 216, 176, 216, 176, 216, 176, 88, 250],
@@ -28,20 +28,10 @@ ROUNDS, WARMUP = 12, 2
 
 
 def main(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", rank=rank, world_size=2, device_id=device)
-    options = dist.ProcessGroupNCCL.Options()
-    options.is_high_priority_stream = True
-    high = dist.new_group([0, 1], backend="nccl", pg_options=options)
+    device = nccl_pair(rank, port)
+    high = high_priority_group()
     normal = dist.new_group([0, 1], backend="nccl")
     flat = torch.empty(sum(SIZES_MIB[256]) << 20, dtype=torch.uint8, device=device)
-
-    def sync() -> None:
-        one = torch.ones(1, device=device)
-        dist.all_reduce(one)
-        torch.cuda.synchronize()
 
     def views(mib: int) -> list[torch.Tensor]:
         out, offset = [], 0
@@ -69,11 +59,11 @@ def main(rank: int, port: int) -> None:
         for case in CASES:
             times = []
             for i in range(ROUNDS):
-                sync()
+                sync(device)
                 start = time.perf_counter()
                 run(case, mib)
                 torch.cuda.synchronize()
-                sync()
+                sync(device)
                 if i >= WARMUP:
                     times.append((time.perf_counter() - start) * 1e3)
             results[mib, case] = statistics.median(times)

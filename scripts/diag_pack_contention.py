@@ -36,6 +36,7 @@ from torch.distributed.distributed_c10d import _coalescing_manager
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import layout  # noqa: E402
 from demo_util import free_port  # noqa: E402
+from diag_util import high_priority_group, nccl_pair, sync  # noqa: E402
 
 CASES = ("flat", "raw", "pack", "alone", "group", "group_pack_small")
 ROUNDS, WARMUP = 12, 2
@@ -56,13 +57,8 @@ def buckets(sizes: list[int], limit: int) -> list[list[int]]:
 
 
 def main(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", rank=rank, world_size=2, device_id=device)
-    options = dist.ProcessGroupNCCL.Options()
-    options.is_high_priority_stream = True
-    group = dist.new_group([0, 1], backend="nccl", pg_options=options)
+    device = nccl_pair(rank, port)
+    group = high_priority_group()
     specs = layout("transformer", 4096)
     gen = torch.Generator(device=device).manual_seed(1)
     tensors = [torch.randn(shape, generator=gen, device=device).to(dt) for _, shape, dt in specs]
@@ -71,11 +67,6 @@ def main(rank: int, port: int) -> None:
     total = sum(sizes)
     flat = torch.empty(total, dtype=torch.uint8, device=device)
     pack_stream = torch.cuda.Stream(device)
-
-    def sync() -> None:
-        one = torch.ones(1, device=device)
-        dist.all_reduce(one)
-        torch.cuda.synchronize()
 
     def run(case: str, limit: int, bufs: list[torch.Tensor], plan: list[list[int]]) -> None:
         cur = torch.cuda.current_stream()
@@ -129,11 +120,11 @@ def main(rank: int, port: int) -> None:
         for case in CASES:
             times = []
             for i in range(ROUNDS):
-                sync()
+                sync(device)
                 start = time.perf_counter()
                 run(case, mib, bufs, plan)
                 torch.cuda.synchronize()
-                sync()
+                sync(device)
                 if i >= WARMUP:
                     times.append((time.perf_counter() - start) * 1e3)
             results[mib, case] = statistics.median(times)

@@ -1536,35 +1536,16 @@ def test_the_nccl_runs_cut_bucket_0_in_three_and_large_later_ranges_in_two_bit_e
         return out
 
     monkeypatch.setattr(torchxfer.plan, "payload_runs", as_on_nccl)
-    world, buf = 3, 64 * kib
+    buf = 64 * kib
 
     def model(seed: int) -> list[tuple[str, torch.Tensor]]:
         gen = torch.Generator().manual_seed(seed)
         sizes = [9, 3, 5, 2, 6, 4, 3, 7, 2, 5, 4, 6, 3, 2, 5, 4, 3, 6, 2, 4]  # KiB: a few buckets of 64 KiB
         return [(f"t{i}", rand_tensor((n * 256,), torch.float32, gen)) for i, n in enumerate(sizes)]
 
-    def body(rank: int, port: int) -> Any:
-        if rank == 0:
-            group = trainer(port, world)
-            try:
-                for u in range(3):
-                    NCCLWeightTransferEngine.trainer_send_weights(model(u), group, packed=True,
-                                                                  packed_buffer_size_bytes=buf, packed_num_buffers=2)  # fmt: skip
-            finally:
-                destroy_side_group(group)
-            return None
-        engine = worker(rank, port, world, dp=True)
-        out = []
-        try:
-            for _ in range(3):
-                got, load = collector()
-                engine.receive_weights(None, load)
-                out.append(got)
-        finally:
-            engine.shutdown()
-        return out
-
-    values = run_world(body, world, deadline_s=60)
+    kw = dict(packed=True, packed_buffer_size_bytes=buf, packed_num_buffers=2)
+    values = updates_that_may_fail([(lambda u=u: model(u), kw) for u in range(3)])
+    assert values[0] == [None] * 3, values[0]
     for rank in (1, 2):
         for u in range(3):
             assert_same(values[rank][u], model(u), f"rank {rank} update {u}")
@@ -1617,7 +1598,7 @@ def test_payload_groups_as_on_nccl_carried_over_gloo_bit_exact(monkeypatch, pack
         return _AllOf([torch.distributed.broadcast(t, group=pg, group_src=0, async_op=True) for t in tensors])
 
     monkeypatch.setattr(torchxfer.group, "_coalesced_broadcasts", fake)
-    world, buf = 3, 32 * kib
+    buf = 32 * kib
 
     def model(seed: int, change: bool = False) -> list[tuple[str, torch.Tensor]]:
         gen = torch.Generator().manual_seed(seed)
@@ -1630,27 +1611,8 @@ def test_payload_groups_as_on_nccl_carried_over_gloo_bit_exact(monkeypatch, pack
     updates = [model(0), same, same, model(2), model(3, change=True), model(4, change=True)]
     kw = dict(packed=packed, packed_buffer_size_bytes=buf, packed_num_buffers=2)
 
-    def body(rank: int, port: int) -> Any:
-        if rank == 0:
-            group = trainer(port, world)
-            try:
-                for pairs in updates:
-                    NCCLWeightTransferEngine.trainer_send_weights(iter(pairs), group, **kw)
-            finally:
-                destroy_side_group(group)
-            return None
-        engine = worker(rank, port, world, dp=True)
-        out = []
-        try:
-            for _ in updates:
-                got, load = collector()
-                engine.receive_weights(None, load)
-                out.append(got)
-        finally:
-            engine.shutdown()
-        return out
-
-    values = run_world(body, world, deadline_s=60)
+    values = updates_that_may_fail([(lambda pairs=pairs: iter(pairs), kw) for pairs in updates])
+    assert values[0] == [None] * len(updates), values[0]
     for rank in (1, 2):
         for u, want in enumerate(updates):
             assert_same(values[rank][u], want, f"rank {rank} update {u}")

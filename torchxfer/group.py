@@ -991,11 +991,11 @@ if hasattr(_ROOT_0, "asyncOp"):  # torch 2.7+; earlier NCCL broadcasts are alway
 
 def _broadcast(pg: dist.ProcessGroup, tensor: torch.Tensor) -> Any:
     """``dist.broadcast(tensor, group=pg, group_src=0, async_op=True)`` for a payload tensor, which
-    is always bytes (uint8): the ProcessGroup's own method with options made once. The wrapper's
-    checks, logging decorator and device-capability query cost tens of microseconds per call,
-    as much as the call itself, and a bucket makes one call per tensor sent alone."""
-    if tensor.dtype != torch.uint8:
-        return dist.broadcast(tensor, group=pg, group_src=0, async_op=True)
+    is always bytes (uint8: buffers, byte views, scratch; nothing for the wrapper to convert):
+    the ProcessGroup's own method with options made once. The wrapper's checks, logging
+    decorator and device-capability query cost tens of microseconds per call, as much as the
+    call itself, and a bucket makes one call per tensor sent alone."""
+    assert tensor.dtype == torch.uint8, tensor.dtype
     return pg.broadcast([tensor], _ROOT_0)
 
 

@@ -161,8 +161,11 @@ class SenderState:
         if layout is None or not 0 <= index < len(layout.buckets):
             return None
         plan = layout.buckets[index]
-        per_run = [[pos] for _, _, pos in plan.runs if pos is not None] + Sender.run_groups(plan)  # as plan.runs
-        return [[p for run in per_run[first:last] for p in run] for first, last in plan.groups]
+        memo = plan.cache.setdefault("sender", {})
+        if "posting_runs" not in memo:
+            per_run = [[pos] for _, _, pos in plan.runs if pos is not None] + Sender.run_groups(plan)  # as plan.runs
+            memo["posting_runs"] = [[p for run in per_run[first:last] for p in run] for first, last in plan.groups]
+        return memo["posting_runs"]
 
 
 def pairs(items: Iterable[Any], post_iter_func: Callable | None,
