@@ -198,6 +198,66 @@ def test_junk_in_the_store_never_crashes_a_rank(junk):
     assert "xxxxxxxxxx" not in str(error)
 
 
+# Text any process may write into the store: beyond ASCII, and a lone surrogate (JSON carries it).
+ODD_TEXT = ["\u00e9" * 64, "\ud800" * 64]
+
+
+@pytest.mark.parametrize("text", ODD_TEXT, ids=["non_ascii", "surrogate"])
+def test_a_proof_or_nonce_beyond_ascii_is_a_failed_authentication(text):
+    """A stranger's hello carries a proof and a nonce that are not ASCII: the trainer
+    reports a failed authentication, not a lost store."""
+    from torchxfer import wire
+
+    port = free_port()
+
+    def stranger() -> None:
+        store = dist.PrefixStore(PREFIX, _client(port))
+        _wait_key(store, "trainer")
+        store.add("claim/1", 1)
+        store.set("hello/1", json.dumps({"pid": 1, "host": "h", "nonce": text, "protocol": wire.PROTOCOL_VERSION,
+                                         "wire": wire.WIRE_SIGNATURE, "proof": text}))  # fmt: skip
+
+    threading.Thread(target=stranger, daemon=True).start()
+    error, elapsed = _timed(lambda: _trainer(port, 2, "s3cret"))
+    assert type(error) is TransferError, repr(error)
+    assert "authentication failed between the trainer (rank 0) and rank 1" in str(error), error
+    assert elapsed < TIMEOUT + SLACK
+
+
+@pytest.mark.parametrize("text", ODD_TEXT, ids=["non_ascii", "surrogate"])
+def test_a_trainer_proof_or_nonce_beyond_ascii_is_a_failed_authentication(text):
+    """A fake trainer (a bare store) hands a worker a nonce and a proof that are not ASCII."""
+    from torchxfer import wire
+
+    host = dist.TCPStore(ADDR, 0, None, True, datetime.timedelta(seconds=5), wait_for_workers=False)
+    store = dist.PrefixStore(PREFIX, host)
+    store.set("trainer", json.dumps({"nonce": text[:32], "world_size": 2, "protocol": wire.PROTOCOL_VERSION,
+                                     "wire": wire.WIRE_SIGNATURE}))  # fmt: skip
+    store.set("hello/0", json.dumps({"pid": 1, "host": "h", "nonce": "ab" * 16, "protocol": wire.PROTOCOL_VERSION,
+                                     "wire": wire.WIRE_SIGNATURE, "proof": ""}))  # fmt: skip
+    store.set("auth/1", json.dumps({"proof": text}))
+    error, elapsed = _timed(lambda: _worker(1, host.port, 2, "s3cret"))
+    assert type(error) is TransferError, repr(error)
+    assert "the trainer did not prove it knows the token" in str(error), error
+    assert elapsed < TIMEOUT + SLACK
+
+
+@pytest.mark.parametrize("text", ODD_TEXT, ids=["non_ascii", "surrogate"])
+def test_an_error_beyond_ascii_written_by_a_stranger_is_labelled(text):
+    port = free_port()
+
+    def stranger() -> None:
+        store = dist.PrefixStore(PREFIX, _client(port))
+        _wait_key(store, "trainer")
+        store.set("error", json.dumps({"rank": 1, "message": text, "mac": text}))
+
+    threading.Thread(target=stranger, daemon=True).start()
+    error, elapsed = _timed(lambda: _trainer(port, 2, "s3cret"))
+    assert type(error) is TransferError, repr(error)
+    assert str(error).startswith("the side group could not form; the store holds this error, unauthenticated")
+    assert elapsed < TIMEOUT + SLACK
+
+
 def test_error_written_by_a_stranger_is_labelled():
     port = free_port()
 

@@ -485,8 +485,17 @@ def _mac(token: str | None, *parts: object) -> str:
     """HMAC-SHA256 of ``parts`` under the token ("" without a token)."""
     if token is None:
         return ""
-    message = "|".join(["torchxfer", *map(str, parts)]).encode()
+    # surrogatepass: a part read from the store (a nonce, an error message) may hold a lone
+    # surrogate, which JSON carries and strict UTF-8 cannot encode.
+    message = "|".join(["torchxfer", *map(str, parts)]).encode("utf-8", "surrogatepass")
     return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _same(expected: str, got: object) -> bool:
+    """Whether ``got``, text read from the store, equals ``expected`` (an HMAC in hex), in
+    constant time. Compared as UTF-8 bytes: ``hmac.compare_digest`` refuses a str holding
+    any character outside ASCII, which any process can write into the store."""
+    return hmac.compare_digest(expected.encode(), str(got).encode("utf-8", "surrogatepass"))
 
 
 def _quote(text: str, limit: int = 300) -> str:
@@ -560,8 +569,8 @@ class _Rendezvous:
         record = self._parse(raw, "error")
         message = record.get("message") if record else None
         rank = record.get("rank") if record else None
-        if isinstance(message, str) and isinstance(rank, int) and self.token is not None and hmac.compare_digest(
-            str(record.get("mac", "")), _mac(self.token, "error", self.nonce, rank, message)
+        if isinstance(message, str) and isinstance(rank, int) and self.token is not None and _same(
+            _mac(self.token, "error", self.nonce, rank, message), record.get("mac", "")
         ):
             raise TransferError(message)
         text = message if isinstance(message, str) else raw.decode(errors="replace")
@@ -674,7 +683,7 @@ def _rendezvous(
                    "as it reported itself)")  # fmt: skip
             rdv.check_versions(info, who)
             expected = _mac(token, "hello", mine, info.get("nonce"), r, world_size)
-            if not hmac.compare_digest(expected, str(info.get("proof", ""))[:128]):
+            if not _same(expected, str(info.get("proof", ""))[:128]):
                 trainer = rdv.read("trainer", "the trainer's own record")
                 if trainer.get("nonce") != mine:
                     rdv.fail("the side group was tampered with: another process rewrote the trainer's nonce "
@@ -685,7 +694,7 @@ def _rendezvous(
     else:
         answer = rdv.read(f"auth/{rank}", "the trainer's proof")
         expected = _mac(token, "trainer", rdv.nonce, mine, rank, world_size)
-        if not hmac.compare_digest(expected, str(answer.get("proof", ""))[:128]):
+        if not _same(expected, str(answer.get("proof", ""))[:128]):
             rdv.fail(f"authentication failed between the trainer (rank 0) and rank {rank}: the trainer did not "
                      "prove it knows the token (wrong or missing token, or a process posing as the trainer)")
     if uuid is not None:
