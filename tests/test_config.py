@@ -326,10 +326,50 @@ def test_init_info_bad_ints(field, bad):
         init_info(**{field: bad})
 
 
-@pytest.mark.parametrize("bad", ["", 123, b"secret", ["s"], True])
+@pytest.mark.parametrize("bad", ["", 123, b"secret", ["s"], True, "s3cret\ud800"])
 def test_init_info_bad_token(bad):
-    with pytest.raises(ValueError, match="token"):
+    with pytest.raises(ValueError, match="token") as info:
         init_info(token=bad)
+    assert "s3cret" not in str(info.value)
+
+
+_GOOD_GROUP = dict(address="127.0.0.1", port=0, rank=0, world_size=2, backend="gloo", timeout_s=1.0)
+
+
+@pytest.mark.parametrize("field, bad, pattern", [
+    ("address", 5, "address must be a non-empty string, got 5"),
+    ("address", "", "address must be a non-empty string"),
+    ("address", "127.0.0.1\0", "address must be a non-empty string"),
+    ("world_size", "2", "world_size must be an int >= 1, got '2'"),
+    ("world_size", 0, "world_size must be an int >= 1, got 0"),
+    ("world_size", True, "world_size must be an int >= 1, got True"),
+    ("rank", 2, "rank 2 is outside"),
+    ("port", 70000, r"port must be an int in \[0, 65535\], got 70000"),
+    ("port", -3, r"port must be an int in \[0, 65535\], got -3"),
+    ("port", "29500", "port must be an int"),
+    ("timeout_s", -1.0, "timeout_s must be a positive number of seconds .* got -1.0"),
+    ("timeout_s", float("nan"), "timeout_s must be .* got nan"),
+    ("timeout_s", None, "timeout_s must be .* got None"),
+    ("timeout_s", 1e12, "timeout_s must be .* got 1000000000000.0"),
+    ("token", 5, "token must be a non-empty string or None"),
+    ("token", "", "token must be a non-empty string or None"),
+    ("token", "\ud800", "token holds a character UTF-8 cannot encode"),
+])  # fmt: skip
+def test_create_side_group_bad_arguments_raise_value_error(field, bad, pattern):
+    """Every argument is checked before any socket: a ValueError naming the value, never a
+    TypeError, an OverflowError, a port taken modulo 65536 or a timeout that already passed."""
+    from torchxfer import create_side_group
+
+    args = dict(_GOOD_GROUP, **{field: bad})
+    with pytest.raises(ValueError, match=pattern):
+        create_side_group(args.pop("address"), args.pop("port"), args.pop("rank"), args.pop("world_size"), **args)
+
+
+def test_create_side_group_worker_port_zero_is_a_value_error():
+    from torchxfer import create_side_group
+
+    with pytest.raises(ValueError, match=r"port must be an int in \[1, 65535\], got 0"):
+        create_side_group("127.0.0.1", 0, 1, 2, backend="gloo", timeout_s=1.0)
 
 
 def test_init_info_repr_hides_token():

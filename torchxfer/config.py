@@ -63,6 +63,18 @@ def check_timeout(owner: str, value: Any) -> float:
     return seconds
 
 
+def check_token(owner: str, token: Any) -> None:
+    """A token is None or a non-empty string that UTF-8 can carry (the HMACs are over its bytes)."""
+    if token is None:
+        return
+    if not isinstance(token, str) or not token:
+        raise ValueError(f"{owner}: token must be a non-empty string or None")
+    try:
+        token.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{owner}: token holds a character UTF-8 cannot encode (a lone surrogate)") from None
+
+
 def env_flag(name: str, default: bool) -> bool:
     """An on/off switch from the environment: 1/true/yes/on or 0/false/no/off (any case);
     unset or anything else: ``default``."""
@@ -197,8 +209,7 @@ class NCCLWeightTransferInitInfo:
         _check_int(type(self).__name__, "master_port", self.master_port, 1, 65535)
         _check_int(type(self).__name__, "rank_offset", self.rank_offset, 1)
         _check_int(type(self).__name__, "world_size", self.world_size, 1)
-        if self.token is not None and (not isinstance(self.token, str) or not self.token):
-            raise ValueError("token must be a non-empty string or None")
+        check_token(type(self).__name__, self.token)
 
     def __repr__(self) -> str:  # never print the secret
         token = None if self.token is None else "***"

@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 from . import wire
-from .config import wait_timeout
+from .config import check_timeout, check_token, wait_timeout
 from .errors import TransferError
 
 __all__ = ["SideGroup", "create_side_group", "side_group", "destroy_side_group", "local_shard"]
@@ -87,6 +87,10 @@ _LINGER_S = 1.0
 # and at most this long (never past the deadline) for ranks that have not arrived yet.
 _NEWCOMER_S = 3.0
 _NONCE_BYTES = 32
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _left(deadline: float) -> float:
@@ -925,8 +929,11 @@ def create_side_group(
     the store is closed: the port is free and nothing listens on it.
 
     Raises:
-        ValueError: rank outside ``[0, world_size)``, an unknown backend, or a
-            non-CUDA device for NCCL.
+        ValueError: an empty address, a world_size under 1, a rank outside
+            ``[0, world_size)``, a port outside ``[0, 65535]`` (0: rank 0 only), a
+            timeout_s that is not a positive number up to ``MAX_TIMEOUT_S``, a token
+            that is not None or a non-empty string, an unknown backend, or a
+            non-CUDA device for NCCL; raised before any socket is opened.
         TransferError: port in use, store unreachable or silent, a rank claimed
             twice, world sizes or wire protocols that disagree, a failed token
             check (in the store or over the connections: "tampered with"), two
@@ -934,9 +941,18 @@ def create_side_group(
             connect.
     """
     start = time.monotonic()
+    if not isinstance(address, str) or not address or "\0" in address:
+        raise ValueError(f"create_side_group: address must be a non-empty string, got {address!r:.80}")
+    if not _is_int(world_size) or world_size < 1:
+        raise ValueError(f"create_side_group: world_size must be an int >= 1, got {world_size!r:.40}")
+    if not _is_int(rank) or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank!r:.40} is outside the side group's world of size {world_size}")
+    lowest = 0 if rank == 0 else 1  # rank 0 may ask for any free port; a worker connects to a real one
+    if not _is_int(port) or not lowest <= port <= 65535:
+        raise ValueError(f"create_side_group: port must be an int in [{lowest}, 65535], got {port!r:.40}")
+    timeout_s = check_timeout("create_side_group", timeout_s)
+    check_token("create_side_group", token)
     deadline = start + timeout_s
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank!r} is outside the side group's world of size {world_size}")
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if backend == "nccl":
