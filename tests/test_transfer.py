@@ -1218,6 +1218,77 @@ def test_every_way_an_update_can_leave_a_steady_layout_after_a_bucket_keeps_the_
                 assert_same(got, pairs, f"rank {rank}: {what}")
 
 
+@pytest.mark.parametrize("how", ["renamed", "fails", "ends"])
+def test_leaving_a_steady_layout_at_any_bucket_matches_the_rows_posted_two_steps_ahead(monkeypatch, how):
+    """Workers post their rows two steps ahead in a cached layout (until two buckets from its end),
+    before they know the trainer's next row; when that row is a TABLE, an ABORT or an END instead of
+    another bucket, the trainer posts a SYNC row to match. Leaving a 10-bucket layout at every
+    bucket, each way: every value arrives bit for bit, every failure reaches every rank, the group
+    stays in step (a missing or extra SYNC row would break it), and the SYNC rows are posted exactly
+    where a worker posted a row ahead."""
+    from torchxfer import sender
+    from torchxfer.packing import TensorSpec, plan_slots
+
+    model = simple(6, n=18)
+    kw: dict[str, Any] = dict(packed=True, packed_buffer_size_bytes=256)
+    starts: dict[int, int] = {}
+    for slot in plan_slots([TensorSpec.of(n, t) for n, t in model], 256):
+        starts.setdefault(slot.bucket, slot.index)
+    n = len(starts)
+    assert n == 10
+
+    def leave(b: int) -> list | Callable[[], Any]:
+        at = starts[b]
+        if how == "renamed":
+            return model[:at] + [("other", model[at][1])] + model[at + 1 :]
+        if how == "ends":
+            return model[:at]
+
+        def failing() -> Iterator[tuple[str, torch.Tensor]]:
+            yield from model[:at]
+            raise RuntimeError(f"the source stopped in bucket {b}")
+
+        return failing
+
+    buckets = range(1, n)
+    steps: list[tuple[str, Any]] = [("a", model), ("a", model)]
+    for b in buckets:
+        steps += [(f"leave at {b}", leave(b)), ("a", model), ("a", model)]
+    fillers: list[str] = []
+    after_row = sender.Sender.after_row
+    now = [""]
+
+    def recording(self: Any, plain: bool, bucket: int) -> Any:
+        filler = after_row(self, plain, bucket)
+        if filler is not None:
+            fillers.append(now[0])
+        return filler
+
+    monkeypatch.setattr(sender.Sender, "after_row", recording)
+
+    def source(pairs: Any) -> Callable[[], Any]:
+        return pairs if callable(pairs) else lambda: iter(pairs)
+
+    values = updates_that_may_fail([(source(pairs), kw) for _, pairs in steps],
+                                   before=lambda k: now.__setitem__(0, steps[k][0]))  # fmt: skip
+    failed = {k for k, (what, pairs) in enumerate(steps) if callable(pairs)}
+    assert values[0] == [f"the source stopped in bucket {steps[k][0].split()[-1]}" if k in failed else None
+                         for k in range(len(steps))]  # fmt: skip
+    for rank in (1, 2):
+        for k, ((what, pairs), got) in enumerate(zip(steps, values[rank])):
+            if k in failed:
+                assert isinstance(got, str) and f"the source stopped in bucket {what.split()[-1]}" in got, got
+            else:
+                assert_same(got, pairs, f"rank {rank}: {what}")
+    # Rows were posted two ahead after every bucket b with b + 2 < n: leaving at bucket b >= 1
+    # owes a SYNC row when b + 1 < n. The update after a renamed layout leaves that layout at the
+    # same bucket, so it owes one too; after a layout that ended early, it goes on past its end.
+    owed = [f"leave at {b}" for b in buckets if b + 1 < n]
+    if how == "renamed":
+        owed = [w for b in buckets if b + 1 < n for w in (f"leave at {b}", "a")]
+    assert fillers == owed, fillers
+
+
 @pytest.mark.parametrize("num_buffers", [2, 3])
 def test_tensors_sent_alone_are_let_go_num_buffers_buckets_later(monkeypatch, num_buffers):
     """A payload work holds its tensor until it is waited. The trainer waits (orders, on CUDA) the

@@ -59,7 +59,7 @@ def jframe(kind: int, obj: object) -> bytes:
 def test_constants():
     assert PREFIX_BYTES == 12 == PREFIX.size
     assert MAGIC == b"TXFR"
-    assert PROTOCOL_VERSION == 8
+    assert PROTOCOL_VERSION == 9
     assert MAX_FRAME_BYTES == 64 << 20
     assert ROW_WORDS == 10
     assert ROW_MAGIC == int.from_bytes(b"TXFR", "little") << 16 | PROTOCOL_VERSION
@@ -247,7 +247,7 @@ def test_wrong_magic(magic):
         decode(data)
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 6, 7, 9, 256, 65535])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 256, 65535])
 def test_wrong_protocol_version(version):
     data = frame(BUCKET, json.dumps(GOOD_BUCKET).encode(), version=version)
     with pytest.raises(TransferError, match="version") as info:

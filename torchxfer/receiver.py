@@ -311,9 +311,14 @@ class Receiver(WorkerSide):
         operation is always another row, so this rank posts its own row of
         that step before it receives and loads the bucket: the step is under
         way while this rank waits for payload, and its row is ready the moment
-        the bucket is loaded. The row declares this rank's status as of
-        posting; a failure while receiving or loading the bucket goes out in
-        the row after it (one bucket later). After the bucket announced as
+        the bucket is loaded. Two buckets or more from the cached layout's
+        end it posts its row of the step after that one too, which the
+        trainer matches with a SYNC row when its next row turns out to be
+        anything but another BUCKET row that is not the last
+        (``Sender.after_row``): two round trips are then under way at once.
+        A row declares this rank's status as of posting; a failure while
+        receiving or loading the bucket goes out in a row one or two buckets
+        later. After the bucket announced as
         the last, no row is posted early: the END row must carry every
         failure, including the last bucket's. That step (END, or an ABORT)
         goes over the payload group, behind the last bucket's payload: on
@@ -321,7 +326,7 @@ class Receiver(WorkerSide):
         control group.
         """
         bucket, last = 0, True
-        ahead: Step | None = None
+        ahead: collections.deque[Step] = collections.deque()  # rows of the next steps, posted ahead
         while True:
             if self.first is not None:
                 row, self.first = self.first, None
@@ -329,9 +334,14 @@ class Receiver(WorkerSide):
                 rows = self.control.post(self.row(), f"{self.what} (end)", payload=True).rows()
                 row = self.trainer_row(rows, (Kind.ABORT, Kind.END))
             else:
-                step, ahead = ahead or self.control.post(self.row(), f"{self.what} bucket {bucket}"), None
+                step = ahead.popleft() if ahead else self.control.post(self.row(), f"{self.what} bucket {bucket}")
                 rows = step.rows()
                 row = self.trainer_row(rows, (Kind.BUCKET, Kind.TABLE, Kind.ABORT, Kind.END))
+            if ahead and not (row.kind == Kind.BUCKET and row.args[1] == 0):
+                # This rank posted its row of the step after this one before it knew this row:
+                # the trainer matches it with a SYNC row (Sender.after_row) before anything else.
+                filler = ahead.popleft()
+                self.trainer_row(filler.rows(), (Kind.SYNC,))
             if self.speculated is not None and row.kind in (Kind.TABLE, Kind.END):
                 self.drop_speculated()
             if row.kind == Kind.END:
@@ -353,8 +363,10 @@ class Receiver(WorkerSide):
                     except TransferError as e:
                         self.fail(str(e))
                     self.checked = bucket + 1
-                if not last:
-                    ahead = self.control.post(self.row(), f"{self.what} bucket {bucket + 1}")
+                if not last:  # the next step's row and, two buckets or more from the end, the one after
+                    depth = 2 if bucket + 2 < len(self.cached.buckets) else 1
+                    while len(ahead) < depth:
+                        ahead.append(self.control.post(self.row(), f"{self.what} bucket {bucket + 1 + len(ahead)}"))
                 self.receive(plan, row.args[2])
                 if not last:  # the next bucket of the layout, before its row arrives (plan.next_bucket)
                     ahead_plan = next_bucket(self.cached, bucket)

@@ -16,7 +16,8 @@ in lockstep; :mod:`torchxfer.wire` defines the rows)::
       BUCKET step     not waited for: "the next bucket of the cached layout";
                       unless it is the last, every worker then posts the
                       layout's next bucket ahead (``plan.next_bucket``),
-                      which the trainer sends next, for real or void
+                      which the trainer sends next, for real or void, and
+                      its rows of the next two steps (see ``after_row``)
       or TABLE step   a new layout: the bucket's table frame follows, then a
                       blocking SYNC step where every worker accepts it or not
       payload         the packed runs, posted behind the pack copies
@@ -436,6 +437,10 @@ class Sender(SendSide):
         # The cached layout's bucket every worker posted ahead after the last BUCKET row
         # (plan.next_bucket): sent next, for real or void, before anything else.
         self.promised: BucketPlan | None = None
+        # Every worker posted its row of the step after the next one without knowing this
+        # rank's next row (see after_row): unless that row is another BUCKET row that is not
+        # the last, a SYNC row follows it to match.
+        self.filler_owed = False
         self.cached: Layout | None = None
         self.run_sums: dict[int, int] = {}
         self.stable = False
@@ -526,6 +531,7 @@ class Sender(SendSide):
         self.begin_step = self.control.post(make_row(Kind.BEGIN, *args, *bucket0), f"{self.what} (begin)")
         if args[1] & FLAG_CACHED:
             self.steps.append(self.begin_step)  # its workers' status is read late, like a bucket's
+        self.after_row(bool(bucket0) and not bucket0[0], 0)
         if bucket0 and not bucket0[0]:  # bucket 0 announced and not the last: bucket 1 is posted ahead
             self.promised = next_bucket(self.state.layout, 0)
         posted = first_bucket(self.state.layout, self.state.confirmed != 0)
@@ -630,11 +636,14 @@ class Sender(SendSide):
         self.catch_up()
         step = self.control.post(make_row(Kind.END, self.num_tensors, self.layout.num_bytes), f"{self.what} (end)",
                                  payload=self.last_announced)  # fmt: skip
+        filler = self.after_row(False, 0)
         # The payload's own waits run while the workers load the last bucket and post their END rows
         # (on NCCL the END step queues behind the payload anyway, so nothing waits longer).
         self.drain()
         rows = step.rows()
         try:
+            if filler is not None:
+                filler.rows()
             if not last:
                 rows = self.control.post(make_row(Kind.SYNC), f"{self.what} (end)").rows()
             self.control.settle(rows, b"", f"{self.what} (end)")
@@ -660,8 +669,12 @@ class Sender(SendSide):
         self.catch_up()
         step = self.control.post(make_row(Kind.ABORT, self.bucket, 0, len(reason)), f"{self.what} (abort)",
                                  payload=self.last_announced)  # fmt: skip
+        filler = self.after_row(False, 0)
         self.drain(quiet=True)
-        self.control.settle(step.rows(), reason, self.what)
+        rows = step.rows()
+        if filler is not None:  # read before the error broadcasts that settle may post on the control group
+            filler.rows()
+        self.control.settle(rows, reason, self.what)
         raise TransferError(f"{self.what} was aborted")  # settle raised already unless the rows were clean
 
     def catch_up(self) -> None:
@@ -687,9 +700,31 @@ class Sender(SendSide):
             self.keep_promise()
         self.last_announced = bool(args[1])
         self.steps.append(self.control.post(make_row(kind, *args), f"{self.what} bucket {args[0]}"))
+        filler = self.after_row(kind == Kind.BUCKET and not args[1], args[0])
+        if filler is not None:
+            self.steps.append(filler)
         if kind == Kind.BUCKET:
             assert self.promised is None or self.promised.index == args[0]
             self.promised = None if args[1] else next_bucket(self.cached, args[0])
+
+    def after_row(self, plain: bool, bucket: int) -> Step | None:
+        """After each row this rank posts: the SYNC row it owes, if any (returned, not waited for).
+
+        After a BUCKET row that is not the last (``plain``), every worker posts its rows of the
+        next step and, when the cached layout has at least two buckets after ``bucket``, of the
+        step after that too, before it reads this rank's next row. So a row's round trip runs
+        while the one before it is still under way, and the control chain costs half a round
+        trip per bucket. Every rank derives the same rule from the same rows and the layout
+        they all hold. When this rank's next row then is anything but another BUCKET row that
+        is not the last (a TABLE, ABORT, END, or a last bucket), a SYNC row follows it at
+        once, matching the row every worker posted ahead; whatever comes after (a frame, error
+        broadcasts, END on the payload group) then finds every rank at the same step.
+        """
+        filler = None
+        if self.filler_owed and not plain:
+            filler = self.control.post(make_row(Kind.SYNC), f"{self.what} (step after bucket {self.bucket})")
+        self.filler_owed = plain and self.cached is not None and bucket + 2 < len(self.cached.buckets)
+        return filler
 
     # -- a bucket of the cached layout ------------------------------------------------------------
 
