@@ -43,6 +43,7 @@ from .config import (
 from .errors import TransferError
 import torch.distributed as dist
 
+from .colocated import is_colocated
 from .group import create_side_group, destroy_side_group, side_group
 from .receiver import LoadWeights, ReceiveProgress, Receiver
 from .sender import Sender, gc_paused
@@ -389,6 +390,9 @@ def send_pairs(iterator: Iterable[tuple[str, torch.Tensor]], group: dist.Process
     bucket ahead and packed in fused batches, whatever their identity. ``started`` is handed
     the Sender before the update begins."""
     side = side_group(group)  # ValueError unless it is a side group
+    if is_colocated(group):  # its workers read shared buffers and post no broadcast: nothing would arrive
+        raise ValueError("the group is a colocated one (IPCWeightTransferEngine.trainer_init): send with "
+                         "IPCWeightTransferEngine.trainer_send_weights, or torchxfer.send_model")  # fmt: skip
     if isinstance(src, bool) or src != 0 or group.rank() != 0:
         raise ValueError(f"the trainer sends as rank 0 of the side group; got src={src!r} on rank {group.rank()}")
     check_send("trainer_send_weights", packed, packed_buffer_size_bytes, packed_num_buffers, version)
