@@ -222,6 +222,15 @@ def test_weight_transfer_config_bad_device(bad):
         WeightTransferConfig(backend="gloo", device=bad)
 
 
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+@pytest.mark.parametrize("device", ["meta", torch.device("meta"), "mps"])
+def test_weight_transfer_config_device_neither_cuda_nor_cpu(backend, device):
+    """A gloo worker on the meta device posted its receives into meta tensors and broke the
+    group on the trainer's first broadcast; an ipc one failed the handshake on every rank."""
+    with pytest.raises(ValueError, match=rf"device must be a CUDA device or the CPU, got {torch.device(device)}"):
+        WeightTransferConfig(backend=backend, device=device)
+
+
 # ----------------------------------------------------------------------------------------------
 # ParallelConfig and worker_rank
 

@@ -149,6 +149,8 @@ class WeightTransferConfig:
                 raise ValueError(f"WeightTransferConfig.device {self.device!r} is not a device: {e}") from None
             if self.backend == "nccl" and self.device.type != "cuda":
                 raise ValueError(f"backend 'nccl' needs a CUDA device, got device {self.device}")
+            if self.device.type not in ("cpu", "cuda"):  # what a side group's backends and shared buffers serve
+                raise ValueError(f"WeightTransferConfig.device must be a CUDA device or the CPU, got {self.device}")
 
 
 @dataclasses.dataclass
