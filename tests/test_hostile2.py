@@ -62,3 +62,40 @@ def test_a_broadcast_send_on_a_colocated_group_is_a_value_error_and_the_group_st
 
     got = run_world(body, 2, deadline_s=60)[1]
     assert list(got) == ["w", "b"] and all(bytes_equal(got[n], t) for n, t in weights), got
+
+
+@pytest.mark.parametrize("engine_kind", ["gloo", "ipc"])
+def test_atomic_that_is_not_a_bool_is_a_value_error_before_any_row(engine_kind):
+    """``atomic`` travels in the worker's rows: a non-bool one raised int()'s own ValueError or
+    TypeError (after bucket 0 was posted ahead, in a cached layout). It is refused before anything
+    is posted, naming the value, and the worker's next receive takes the update."""
+    from tests.harness import gloo_trainer, gloo_worker
+
+    weights = [("w", torch.arange(8.0))]
+
+    def body(rank: int, port: int):
+        if rank == 0:
+            group = _ipc_trainer(port, 2) if engine_kind == "ipc" else gloo_trainer(port, 2, timeout=TIMEOUT)
+            engine = IPCWeightTransferEngine if engine_kind == "ipc" else NCCLWeightTransferEngine
+            try:
+                for _ in range(2):  # the second update is announced as the cached layout
+                    engine.trainer_send_weights(iter(weights), group, packed_buffer_size_bytes=1 << 16)
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = _ipc_worker(rank, port, 2) if engine_kind == "ipc" else gloo_worker(rank, port, 2, timeout=TIMEOUT)
+        refused, got = [], []
+        try:
+            for _ in range(2):
+                for bad in ("yes", None, 1):
+                    with pytest.raises(ValueError, match=f"atomic must be a bool, got {bad!r}"):
+                        engine.receive_weights(None, lambda batch: None, atomic=bad)
+                    refused.append(bad)
+                engine.receive_weights(None, lambda batch: got.extend((n, t.clone()) for n, t in batch), atomic=True)
+        finally:
+            engine.shutdown()
+        return refused, got
+
+    refused, got = run_world(body, 2, deadline_s=60)[1]
+    assert refused == ["yes", None, 1] * 2
+    assert [n for n, _ in got] == ["w", "w"] and all(bytes_equal(t, weights[0][1]) for _, t in got)

@@ -175,6 +175,8 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
         info = None if update_info is None else self.parse_update_info(update_info)
         if not callable(load_weights):
             raise ValueError(f"load_weights must be callable, got {load_weights!r}")
+        if not isinstance(atomic, bool):  # it travels in this rank's rows: checked before any is posted
+            raise ValueError(f"atomic must be a bool, got {atomic!r:.80}")
         progress = ReceiveProgress()
         with self._lock:
             side = side_group(group)
@@ -279,7 +281,7 @@ class NCCLWeightTransferEngine(_WorkerEngine[NCCLWeightTransferInitInfo, NCCLWei
 
         Raises:
             RuntimeError: before ``init_transfer_engine``.
-            ValueError: bad ``update_info`` or ``load_weights``.
+            ValueError: bad ``update_info``, ``load_weights`` or ``atomic``.
             TransferError: on every rank, for any disagreement between the
                 sides, a failing ``load_weights`` on any rank, an aborted
                 update, or a dead or silent peer. Check ``err.broken``: if

@@ -125,7 +125,7 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
 
         Raises:
             RuntimeError: before ``init_transfer_engine``.
-            ValueError: bad ``update_info`` or ``load_weights``.
+            ValueError: bad ``update_info``, ``load_weights`` or ``atomic``.
             TransferError: on every rank, for any disagreement, a failing
                 ``load_weights``, an aborted update, or a dead or silent peer.
         """
