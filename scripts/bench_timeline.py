@@ -65,7 +65,7 @@ def _instrument() -> None:
                 setattr(cls, name, _timed(getattr(cls, name), f"{cls.__name__}.{name}"))
     control.Step.__init__ = _timed(control.Step.__init__, "control step posted")
     control.Step.rows = _timed(control.Step.rows, "control step waited")
-    control._all_gather = _timed(control._all_gather, "  all_gather call")
+    control.all_gather_row = _timed(control.all_gather_row, "  all_gather call")
     group.SideGroup.wait = _timed(group.SideGroup.wait, "  SideGroup.wait")
     group.SideGroup.broadcast_group = _timed(group.SideGroup.broadcast_group, "  broadcast_group call")
     bench._sync = _timed(bench._sync, "bench sync (all_reduce + device sync)")

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import TransferError
-from .group import SideGroup
+from .group import SideGroup, all_gather_row
 from .wire import MAX_FRAME_BYTES, ROW_WORDS, Kind, Row, parse_row
 
 __all__ = ["ControlChannel", "Step", "checksum", "MESSAGE_BYTES", "encode_message", "owned"]
@@ -51,8 +51,6 @@ def encode_message(text: str) -> bytes:
 
 _CPU = torch.device("cpu")
 
-# all_gather_single replaces all_gather_into_tensor (deprecated) from torch 2.13 on.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class Step:
@@ -74,7 +72,7 @@ class Step:
         else:
             self._out = torch.empty(group.size() * ROW_WORDS, dtype=torch.int64)
         try:
-            self._work = _all_gather(self._out, row, group=group.pg if payload else group.control, async_op=True)
+            self._work = all_gather_row(group.pg if payload else group.control, self._out, row)
         except Exception as e:
             group.mark_broken(f"{what}: {e}")
             raise TransferError(f"{what} failed on rank {group.rank()}: {e}", broken=True) from e

@@ -1024,6 +1024,21 @@ def _broadcast(pg: dist.ProcessGroup, tensor: torch.Tensor) -> Any:
     return pg.broadcast([tensor], _ROOT_0)
 
 
+_GATHER_ASYNC = dist.distributed_c10d.AllgatherOptions()
+if hasattr(_GATHER_ASYNC, "asyncOp"):
+    _GATHER_ASYNC.asyncOp = True
+
+
+def all_gather_row(pg: dist.ProcessGroup, out: torch.Tensor, row: torch.Tensor) -> Any:
+    """``dist.all_gather_single(out, row, group=pg, async_op=True)`` for a control row (int64,
+    never complex): the ProcessGroup's own method (``all_gather_single`` from torch 2.13 on,
+    ``_allgather_base`` before), with options made once. Every rank posts one per step, on the
+    trainer's critical path, and the wrapper's checks and decorators cost about as much as
+    the call. Returns the work; raises what torch raises for a collective it cannot post."""
+    call = getattr(pg, "all_gather_single", None) or pg._allgather_base
+    return call(out, row, _GATHER_ASYNC)
+
+
 def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> Any:
     """Broadcasts of ``tensors`` from group rank 0 as one NCCL group call; returns its one work.
 
