@@ -99,3 +99,15 @@ def test_atomic_that_is_not_a_bool_is_a_value_error_before_any_row(engine_kind):
     refused, got = run_world(body, 2, deadline_s=60)[1]
     assert refused == ["yes", None, 1] * 2
     assert [n for n, _ in got] == ["w", "w"] and all(bytes_equal(t, weights[0][1]) for _, t in got)
+
+
+@pytest.mark.parametrize("bad", [None, "group", 3])
+def test_destroying_what_is_not_a_process_group_is_a_value_error(bad):
+    """A trainer rank that holds no side group (None) used to get the weak-reference
+    TypeError of the group registry."""
+    from torchxfer import side_group
+
+    with pytest.raises(ValueError, match=f"expects a side group made by torchxfer .* got {type(bad).__name__}"):
+        destroy_side_group(bad)
+    with pytest.raises(ValueError, match="expected a side group made by torchxfer"):
+        side_group(bad)

@@ -1145,8 +1145,13 @@ def side_group(pg: Any) -> SideGroup:
 
 
 def destroy_side_group(pg: dist.ProcessGroup) -> None:
-    """Shut a side group down on this rank: local, idempotent, never blocks on peers."""
-    group = _GROUPS.pop(pg, None)
+    """Shut a side group down on this rank: local, idempotent, never blocks on peers.
+    ValueError if ``pg`` is not a ProcessGroup at all (None, say)."""
+    try:
+        group = _GROUPS.pop(pg, None)
+    except TypeError:  # not weakly referable: no ProcessGroup
+        raise ValueError(f"destroy_side_group expects a side group made by torchxfer (trainer_init / "
+                         f"init_transfer_engine), got {type(pg).__name__}") from None
     if group is not None:
         group.close()
 
