@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import time
 
@@ -275,6 +276,18 @@ def test_config_and_create_engine():
     assert torchxfer.IPCWeightTransferEngine is IPCWeightTransferEngine
     with pytest.raises(RuntimeError, match="init_transfer_engine"):
         IPCWeightTransferEngine(WeightTransferConfig(backend="ipc"), pc).receive_weights(None, print)
+
+
+@pytest.mark.parametrize("device", ["meta", "cuda:63"])
+def test_trainer_init_refuses_a_device_it_cannot_serve_before_any_socket(device):
+    """A device that is not the CPU or a CUDA device this process sees is a ValueError naming
+    it, raised before the store is started (no port is bound, so the same port works next)."""
+    info = dict(master_address="127.0.0.1", master_port=free_port(), world_size=2)
+    with pytest.raises(ValueError, match=re.escape(device)):
+        IPCWeightTransferEngine.trainer_init(info, device=device, timeout_s=2)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees 0 CUDA device"):
+            IPCWeightTransferEngine.trainer_init(info, device="cuda", timeout_s=2)
 
 
 def test_module_loader_round_trip_many_buckets_one_buffer():

@@ -162,10 +162,14 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
             dev = _default_device() if device is None else torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"trainer_init device {device!r} is not a device: {e}") from None
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"trainer_init device must be a CUDA device or the CPU, got {dev}")
+        if dev.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if dev.index is None and count:
+                dev = torch.device("cuda", torch.cuda.current_device())
+            if dev.index is None or not 0 <= dev.index < count:
+                raise ValueError(f"trainer_init device {device!r}: this process sees {count} CUDA device(s)")
         return _form(info, 0, dev, timeout)
 
     @staticmethod
