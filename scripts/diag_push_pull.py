@@ -1,0 +1,93 @@
+"""Does a copy from GPU 1 into GPU 0 slow a broadcast from GPU 0 to GPU 1, and does it matter
+which process issues it? Two GPUs, one process each. ``send_model`` under peer reads does this:
+rank 0 pulls trainer rank 1's shards from GPU 1 while it broadcasts to a worker on GPU 1.
+
+    python3 scripts/diag_push_pull.py      (needs 2 GPUs; gpu_check.sh step ``pushpull``)
+
+Cases, each the median of 10 rounds in ms, both ranks entering each round together:
+``bcast`` 2 GiB broadcast from rank 0 alone; ``pull_alone`` rank 0 copies 1 GiB from GPU 1's
+memory into its own (the copy engines, its side stream); ``push_alone`` rank 1 copies 1 GiB from
+its memory into GPU 0's; ``bcast+pull`` and ``bcast+push`` both at once. The 1 GiB tensors are
+shared once by CUDA IPC (torch.multiprocessing queues: a development tool, not the library).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from demo_util import free_port  # noqa: E402
+from diag_util import nccl_pair, sync  # noqa: E402
+
+GiB = 1 << 30
+ROUNDS = 10
+
+
+def rank_main(rank: int, port: int, to_1: mp.Queue, to_0: mp.Queue) -> None:
+    device = nccl_pair(rank, port)
+    payload = torch.empty(2 * GiB, dtype=torch.uint8, device=device)
+    if rank == 0:
+        mine = torch.empty(GiB, dtype=torch.uint8, device=device)  # where the copies land
+        to_1.put(mine)
+        other = to_0.get()  # GPU 1's source, mapped in this process
+    else:
+        mine = torch.randint(0, 255, (GiB,), dtype=torch.uint8, device=device)  # what the copies read
+        to_0.put(mine)
+        other = to_1.get()  # GPU 0's destination, mapped in this process
+    side = torch.cuda.Stream(device)
+
+    def copy() -> None:
+        with torch.cuda.stream(side):
+            if rank == 0:
+                mine.copy_(other)  # pull
+            else:
+                other.copy_(mine)  # push
+
+    def timed(case: str) -> float:
+        copier = {"pull": 0, "push": 1}.get(case.split("+")[-1].removesuffix("_alone"))
+        times = []
+        for rnd in range(ROUNDS + 1):
+            sync(device)
+            start = time.perf_counter()
+            if copier == rank:
+                copy()
+            if case.startswith("bcast"):
+                dist.broadcast(payload, src=0)
+            side.synchronize()
+            sync(device)
+            if rnd:
+                times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    for case in ("bcast", "pull_alone", "push_alone", "bcast+pull", "bcast+push", "bcast", "bcast+pull"):
+        ms = timed(case)
+        if rank == 0:
+            print(f"rank0 {case:12s} {ms:.2f} ms", flush=True)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ctx = mp.get_context("spawn")
+    to_1, to_0 = ctx.Queue(), ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=rank_main, args=(r, port, to_1, to_0)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    sys.exit(max(p.exitcode or 0 for p in procs))
+
+
+if __name__ == "__main__":
+    main()
