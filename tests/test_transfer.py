@@ -1289,6 +1289,46 @@ def test_leaving_a_steady_layout_at_any_bucket_matches_the_rows_posted_two_steps
     assert fillers == owed, fillers
 
 
+def test_a_bulk_buckets_tensors_sent_alone_are_viewed_as_their_group_is_posted(monkeypatch):
+    """In the steady state a bucket of the very same parameters is taken in bulk, and its tensors
+    that travel alone are sent from their own memory, their bytes viewed only as their group is
+    posted. What arrives is bit for bit what the trainer holds at each update, also after the
+    parameters are written in place between updates, and after a parameter's storage is
+    replaced (``param.data = ...``): the new memory goes out, never the old."""
+    from torchxfer import sender
+
+    gen = torch.Generator().manual_seed(11)
+    params = [(f"p{i}", torch.nn.Parameter(torch.randn(n, generator=gen), requires_grad=False))
+              for i, n in enumerate([300_000, 7, 400_000, 5, 280_000])]  # fmt: skip
+    lazy: list[int] = []
+    post_runs = sender.Sender.post_runs
+
+    def recording(self: Any, plan: Any, unpacked: Any = None) -> Any:
+        lazy.append(len(self.lazy))
+        return post_runs(self, plan, unpacked)
+
+    monkeypatch.setattr(sender.Sender, "post_runs", recording)
+    sent: list[list[tuple[str, torch.Tensor]]] = []
+
+    def source(step: int) -> Any:
+        with torch.no_grad():
+            if step >= 3:
+                for _, p in params:
+                    p.mul_(-1.5).add_(step)
+            if step == 5:
+                params[2][1].data = torch.arange(400_000.0)
+        sent.append([(n, p.detach().clone()) for n, p in params])
+        return iter(params)
+
+    updates = 7
+    values = updates_over_three_ranks(updates, source, packed=True, packed_buffer_size_bytes=4 << 20)
+    assert [stats.num_tensors for stats in values[0]] == [len(params)] * updates
+    for rank in (1, 2):
+        for step in range(updates):
+            assert_same(values[rank][step], sent[step], f"rank {rank} update {step}")
+    assert lazy[-1] == 3, lazy  # the three large tensors went from their memory, viewed when posted
+
+
 @pytest.mark.parametrize("num_buffers", [2, 3])
 def test_tensors_sent_alone_are_let_go_num_buffers_buckets_later(monkeypatch, num_buffers):
     """A payload work holds its tensor until it is waited. The trainer waits (orders, on CUDA) the

@@ -11,6 +11,7 @@ first.
 from __future__ import annotations
 
 import ctypes
+import struct
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,7 @@ def encode_message(text: str) -> bytes:
 
 
 _CPU = torch.device("cpu")
+_ROW = struct.Struct(f"={ROW_WORDS}q")
 
 
 
@@ -66,10 +68,10 @@ class Step:
         self.channel, self.what, self.payload = channel, what, payload
         group = channel.group
         device = (group.data_device or _CPU) if payload else _CPU
-        row = torch.tensor(words, dtype=torch.int64)
         if device.type == "cuda":
-            row, self._out = channel.device_row(device, row)
+            row, self._out = channel.device_row(device, words)
         else:
+            row = torch.tensor(words, dtype=torch.int64)
             self._out = torch.empty(group.size() * ROW_WORDS, dtype=torch.int64)
         try:
             self._work = all_gather_row(group.pg if payload else group.control, self._out, row)
@@ -107,17 +109,19 @@ class ControlChannel:
         self.group = group
         self._device_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def device_row(self, device: torch.device, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``row`` copied to ``device`` for a step on the payload group, and that step's output:
+    def device_row(self, device: torch.device, words: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``words`` copied to ``device`` for a step on the payload group, and that step's output:
         tensors made once per channel (a payload step is read before the next is posted).
         The copy goes through pinned memory, so it is queued on the stream: from pageable
-        memory it would block this thread until everything queued before it has run."""
+        memory it would block this thread until everything queued before it has run. The
+        words are written into the pinned row in place (its last copy to the device was
+        ordered before the last step's collective, which this rank waited for)."""
         if self._device_rows is None or self._device_rows[1].device != device:
             self._device_rows = (torch.empty(ROW_WORDS, dtype=torch.int64, pin_memory=True),
                                  torch.empty(ROW_WORDS, dtype=torch.int64, device=device),
                                  torch.empty(self.group.size() * ROW_WORDS, dtype=torch.int64, device=device))  # fmt: skip
         pinned, on_device, out = self._device_rows
-        pinned.copy_(row)
+        ctypes.memmove(pinned.data_ptr(), _ROW.pack(*words), _ROW.size)
         on_device.copy_(pinned, non_blocking=True)
         return on_device, out
 

@@ -448,6 +448,7 @@ class Sender(SendSide):
         self.in_hand_bytes: torch.Tensor | None = None
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.deferred: dict[int, torch.Tensor | None] = {}
+        self.lazy: dict[int, torch.Tensor] = {}  # slots sent from a bulk bucket's tensors (bulk_bucket)
         self.bulk_copies: tuple[list, list] | None = None
 
     # -- the update ------------------------------------------------------------------------------
@@ -741,6 +742,7 @@ class Sender(SendSide):
         self.bucket, self.kept = plan.index, 0
         self.run_sums.clear()
         self.deferred: dict[int, torch.Tensor | None] = {}
+        self.lazy: dict[int, torch.Tensor] = {}
         memo = plan.cache.setdefault("sender", {})
         own = memo.get("own")
         if own is None:
@@ -830,7 +832,14 @@ class Sender(SendSide):
             elif packed:
                 self.bulk_copies = (views, tensors)  # packed run by run, each before its broadcast
         for pos in sorted(own):
-            self.take(tensors[pos])
+            tensor = tensors[pos]
+            if self.zero_copy and tensor.device == self.device and tensor.is_contiguous() \
+                    and not tensor.is_conj() and not tensor.is_neg():  # fmt: skip
+                # Sent straight from its memory (see hold_own): its bytes are viewed as its group
+                # is posted (post_runs), so the bucket's first group goes before the rest are.
+                self.lazy[pos] = tensor
+                continue
+            self.take(tensor)
             self.hold_own(pos, plan.slots[pos])
             self.num_tensors -= 1
         self.num_tensors += len(tensors)
@@ -1086,6 +1095,9 @@ class Sender(SendSide):
                 elif pos in self.deferred:
                     positions.append(pos)
                     src = self.deferred[pos]
+                elif pos in self.lazy:  # a whole tensor of a bulk bucket (bulk_bucket)
+                    positions.append(pos)
+                    src = self.lazy[pos].detach().reshape(-1).view(torch.uint8)
                 elif buf is None:
                     src = unpacked[pos]
                 srcs.append(buf[start:end] if src is None else src)
@@ -1095,7 +1107,7 @@ class Sender(SendSide):
             self.post(srcs, plan.index, from_buffer)
             if self.posted is not None:
                 self.posted(False)
-        self.deferred = {}
+        self.deferred, self.lazy = {}, {}
 
     def unready(self) -> None:
         """Every copy that ``ready`` would issue, now, and none deferred from here on."""
