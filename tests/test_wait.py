@@ -163,29 +163,3 @@ def test_a_control_wait_on_a_nccl_group_polls_first_then_blocks_within_the_timeo
     g.wait(work, "step")
     assert work.waited == 1 and work.sliced == 1 and work.checks == 1
 
-
-def test_a_payload_wait_on_nccl_yields_between_polls_first_then_sleeps_and_stays_bounded(monkeypatch):
-    """A NCCL payload work is polled from the CPU (its wait() only orders streams): for up to
-    ``DATA_POLL_US`` with ``time.sleep(0)`` between polls, so its completion is seen at once,
-    then with sleeps of 10-50 us; either way the wait ends within the group's timeout."""
-    from torchxfer import group as group_module
-
-    sleeps: list[float] = []
-    real_sleep = time.sleep
-    monkeypatch.setattr(group_module.time, "sleep", lambda s: (sleeps.append(s), real_sleep(s)))
-    monkeypatch.setattr(group_module, "DATA_POLL_US", 200_000)
-    g = nccl_group(5.0)
-    work = CompletesAfterPolls(50)
-    g.wait(work, "payload", data=True)
-    assert work.checks == 51 and work.waited == 1 and sleeps == [0.0] * 50
-    sleeps.clear()
-    monkeypatch.setattr(group_module, "DATA_POLL_US", 0)
-    work = CompletesAfterPolls(6)
-    g.wait(work, "payload", data=True)
-    assert sleeps[0] == 1e-5 and sleeps[-1] == 5e-5 and len(sleeps) == 6, sleeps
-    monkeypatch.setattr(group_module, "DATA_POLL_US", 10_000_000)  # polls longer than the timeout
-    g = nccl_group(0.3)
-    start = time.monotonic()
-    with pytest.raises(TransferError, match="no completion after 0.3 s"):
-        g.wait(FakeWork(None, completes=False), "payload", data=True)
-    assert 0.3 <= time.monotonic() - start < 1.0

@@ -78,11 +78,6 @@ microseconds, yielding the CPU between polls, before it blocks (see ``SideGroup.
 On 2x H200, 256 MiB x 2 buffers: 0.91x, 0.91x against 0.89x, 0.90x without, alternated
 (each bucket's step waits for the one before it). Not on Gloo side groups, which share
 their CPUs with the payload."""
-DATA_POLL_US = 5000
-"""NCCL payload waits poll ``is_completed()`` yielding the CPU between polls (``time.sleep(0)``)
-for this many microseconds before they back off to sleeps of 10-50 us, which the kernel's
-timer slack stretches to 60-110 us: the wait for the last bucket and for the END rows are on
-the update's critical path, each detected that much later."""
 # Rendezvous values are a few hundred bytes; anything larger was not written by torchxfer.
 _MAX_VALUE_BYTES = 4096
 # How long the caller waits past the deadline for the init thread to report its own, precise error.
@@ -284,13 +279,11 @@ class SideGroup:
             else:
                 # NCCL's wait() only orders streams; poll completion from the CPU
                 # so a dead peer is noticed within the timeout.
-                spin = time.monotonic() + min(DATA_POLL_US * 1e-6, limit)
                 delay = 0.0
                 while not work.is_completed():
                     self._check_wait(deadline, limit)
-                    if delay or time.monotonic() >= spin:
-                        delay = min(max(delay * 2, 1e-5), 5e-5)
                     time.sleep(delay)
+                    delay = min(max(delay * 2, 1e-5), 5e-5)
                 work.wait()
         except Exception as e:  # any backend failure: peer death, timeout, abort, close
             if self._closed:
