@@ -13,7 +13,9 @@ follows the trainer's row:
   layout and handed out again), unless they were posted ahead; unless it
   is the last, post the layout's next bucket ahead (``plan.next_bucket``):
   the trainer sends it next, or, before any other row, void broadcasts of
-  its sizes, which are dropped;
+  its sizes, which are dropped; and post this rank's rows of the next two
+  steps (see :meth:`Receiver.follow`; a row posted ahead of a step that is
+  not another bucket is matched by the trainer's SYNC row);
 * ``TABLE``: a new layout from this bucket on: receive, decode and check the
   table; the SYNC step that follows tells every rank whether all accepted it
   before any of its payload moves;
