@@ -511,14 +511,16 @@ def test_load_weights_raising_on_one_worker_fails_every_rank_then_next_update_wo
             assert (version, torn) == (2 * step + 1, False)
 
 
-@pytest.mark.parametrize("bad_call", [1, 2, 4])
-def test_load_failure_in_a_cached_layout_fails_every_rank_and_loads_nothing_more(bad_call):
-    """Steady state (the layout cached, each worker's next row posted before it
-    waits for a bucket): a failure in load call ``bad_call`` of 4 reaches every
-    rank, the failing worker is handed nothing more, and the next update is whole."""
+@pytest.mark.parametrize("tensors,calls,bad_call", [(7, 4, 1), (7, 4, 2), (7, 4, 4), *((18, 10, c) for c in (1, 2, 3, 6, 8, 9, 10))])
+def test_load_failure_in_a_cached_layout_fails_every_rank_and_loads_nothing_more(tensors, calls, bad_call):
+    """Steady state (the layout cached, each worker's rows of the next steps posted before it
+    waits for a bucket): a failure in load call ``bad_call`` of ``calls`` (one per bucket)
+    reaches every rank, the failing worker is handed nothing more, and the next update is
+    whole. With 10 buckets the rows run two steps ahead (protocol 9) until the last two."""
     world, steps = 3, 4
-    model = simple(7, 7)
-    send = dict(packed=True, packed_buffer_size_bytes=256)  # 7 tensors: 4 load calls (some tensors split)
+    model = simple(7, tensors)
+    send = dict(packed=True, packed_buffer_size_bytes=256)  # some tensors split across buckets
+    expected_calls = calls
 
     def body(rank: int, port: int) -> Any:
         if rank == 0:
@@ -551,7 +553,7 @@ def test_load_failure_in_a_cached_layout_fails_every_rank_and_loads_nothing_more
                     failed = (str(err.value), len(calls))
                 else:
                     engine.receive_weights(None, lambda b: (load(b), keep(b)))
-                    assert len(calls) == 4, calls
+                    assert len(calls) == expected_calls, calls
                     assert_same(got, model, f"rank {rank} step {step}")
         finally:
             engine.shutdown()
