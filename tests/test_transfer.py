@@ -567,6 +567,70 @@ def test_load_failure_in_a_cached_layout_fails_every_rank_and_loads_nothing_more
     assert values[1][1] == bad_call  # nothing handed to load_weights after the failure
 
 
+@pytest.mark.parametrize("gap", [3, 4, 6])
+def test_a_load_failure_reaches_every_rank_in_an_abort_that_follows_it(gap):
+    """Worker 1's load_weights raises in bucket 2 of a cached 10-bucket layout, and the trainer's
+    source fails ``gap`` buckets later, possibly before the trainer has read the row that reports
+    the load failure: the ABORT that follows names the load failure on every worker. The workers posted their rows
+    of the ABORT step two steps ahead; the SYNC step after it carries the rows that declare
+    the failure, and every rank settles on those."""
+    from torchxfer.packing import TensorSpec, plan_slots
+
+    model = simple(6, n=18)
+    starts: dict[int, int] = {}
+    for slot in plan_slots([TensorSpec.of(n, t) for n, t in model], 256):
+        starts.setdefault(slot.bucket, slot.index)
+    assert len(starts) == 10
+    bad_name, stop_at = model[starts[2]][0], starts[2 + gap]
+    failing, world = 3, 3
+    kw = dict(packed=True, packed_buffer_size_bytes=256)
+
+    def source(k: int) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from model[: stop_at if k == failing else len(model)]
+        if k == failing:
+            raise RuntimeError("the source broke")
+
+    def body(rank: int, port: int) -> Any:
+        out: list[str | None] = []
+        if rank == 0:
+            group = trainer(port, world)
+            try:
+                for k in range(failing + 2):
+                    try:
+                        NCCLWeightTransferEngine.trainer_send_weights(source(k), group, **kw)
+                        out.append(None)
+                    except (RuntimeError, TransferError) as e:
+                        out.append(str(e))
+            finally:
+                destroy_side_group(group)
+            return out
+        engine = worker(rank, port, world)
+        try:
+            for k in range(failing + 2):
+                def load(batch: list, k: int = k) -> None:
+                    if rank == 1 and k == failing and any(n == bad_name for n, _ in batch):
+                        raise DiskFull("disk full")
+
+                try:
+                    engine.receive_weights(None, load)
+                    out.append(None)
+                except TransferError as e:
+                    assert not e.broken, e
+                    out.append(str(e))
+        finally:
+            engine.shutdown()
+        return out
+
+    values = run_world(body, world)
+    for rank in range(world):
+        assert [v is None for v in values[rank]] == [True] * failing + [False, True], values[rank]
+        got = values[rank][failing]
+        # The trainer raises its source's own error when that came first; when it read the
+        # workers' row first, the agreed error, as every worker does.
+        if rank or got != "the source broke":
+            assert "load_weights raised on rank 1" in got and "disk full" in got, (rank, got)
+
+
 # -- lazy generator ------------------------------------------------------------------------------------
 
 
@@ -1291,22 +1355,26 @@ def test_leaving_a_steady_layout_at_any_bucket_matches_the_rows_posted_two_steps
     assert fillers == owed, fillers
 
 
-def test_a_bulk_buckets_tensors_sent_alone_are_viewed_as_their_group_is_posted(monkeypatch):
+@pytest.mark.parametrize("after_last", ["nothing", "new storage", "another size", "cast"])
+def test_a_bulk_buckets_tensors_sent_alone_are_viewed_as_their_group_is_posted(monkeypatch, after_last):
     """In the steady state a bucket of the very same parameters is taken in bulk, and its tensors
     that travel alone are sent from their own memory, their bytes viewed only as their group is
-    posted. What arrives is bit for bit what the trainer holds at each update, also after the
-    parameters are written in place between updates, and after a parameter's storage is
-    replaced (``param.data = ...``): the new memory goes out, never the old."""
+    posted. What arrives is bit for bit what the source yielded at each update, after writes in
+    place and after a parameter's storage is replaced (``param.data = ...``) between updates.
+    The last bucket of the layout is posted only after the source is pulled once more, which
+    runs the caller's code (here the rest of a generator that, after its last pair, replaces a
+    parameter's storage, resizes it, or casts the model): that bucket is packed and viewed
+    before, so what was yielded goes out, not what the code left."""
     from torchxfer import sender
 
     gen = torch.Generator().manual_seed(11)
     params = [(f"p{i}", torch.nn.Parameter(torch.randn(n, generator=gen), requires_grad=False))
-              for i, n in enumerate([300_000, 7, 400_000, 5, 280_000])]  # fmt: skip
-    lazy: list[int] = []
+              for i, n in enumerate([300_000, 7, 400_000, 5, 280_000, 9])]  # fmt: skip
+    lazy: list[tuple[int, int]] = []
     post_runs = sender.Sender.post_runs
 
     def recording(self: Any, plan: Any, unpacked: Any = None) -> Any:
-        lazy.append(len(self.lazy))
+        lazy.append((plan.index, len(self.lazy)))
         return post_runs(self, plan, unpacked)
 
     monkeypatch.setattr(sender.Sender, "post_runs", recording)
@@ -1320,15 +1388,29 @@ def test_a_bulk_buckets_tensors_sent_alone_are_viewed_as_their_group_is_posted(m
             if step == 5:
                 params[2][1].data = torch.arange(400_000.0)
         sent.append([(n, p.detach().clone()) for n, p in params])
-        return iter(params)
+
+        def pairs() -> Iterator[tuple[str, torch.Tensor]]:
+            yield from params
+            if step == 6 and after_last != "nothing":  # runs when the last bucket's row is decided
+                last, small = params[4][1], params[5][1]
+                if after_last == "new storage":
+                    last.data, small.data = torch.zeros_like(last), torch.zeros_like(small)
+                elif after_last == "another size":
+                    last.data = torch.zeros(1000)
+                else:
+                    last.data, small.data = last.half(), small.half()
+
+        return pairs()
 
     updates = 7
-    values = updates_over_three_ranks(updates, source, packed=True, packed_buffer_size_bytes=4 << 20)
+    values = updates_over_three_ranks(updates, source, packed=True, packed_buffer_size_bytes=2 << 20)
     assert [stats.num_tensors for stats in values[0]] == [len(params)] * updates
     for rank in (1, 2):
         for step in range(updates):
             assert_same(values[rank][step], sent[step], f"rank {rank} update {step}")
-    assert lazy[-1] == 3, lazy  # the three large tensors went from their memory, viewed when posted
+    final = max(index for index, _ in lazy)
+    assert final >= 1 and any(n for index, n in lazy if index < final), lazy  # viewed as posted
+    assert not any(n for index, n in lazy if index == final), lazy  # the last bucket: bound before the pull
 
 
 @pytest.mark.parametrize("num_buffers", [2, 3])

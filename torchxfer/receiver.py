@@ -342,8 +342,10 @@ class Receiver(WorkerSide):
             if ahead and not (row.kind == Kind.BUCKET and row.args[1] == 0):
                 # This rank posted its row of the step after this one before it knew this row:
                 # the trainer matches it with a SYNC row (Sender.after_row) before anything else.
-                filler = ahead.popleft()
-                self.trainer_row(filler.rows(), (Kind.SYNC,))
+                later = ahead.popleft().rows()
+                self.trainer_row(later, (Kind.SYNC,))
+                if row.kind == Kind.ABORT:  # as the trainer settles it (Sender.abort_step)
+                    rows = rows[:1] + later[1:]
             if self.speculated is not None and row.kind in (Kind.TABLE, Kind.END):
                 self.drop_speculated()
             if row.kind == Kind.END:

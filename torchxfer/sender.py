@@ -674,7 +674,9 @@ class Sender(SendSide):
         self.drain(quiet=True)
         rows = step.rows()
         if filler is not None:  # read before the error broadcasts that settle may post on the control group
-            filler.rows()
+            # The workers posted their rows of the ABORT step two steps ahead, their filler rows a
+            # step later: those declare every failure recorded by then (an error is never cleared).
+            rows = rows[:1] + filler.rows()[1:]
         self.control.settle(rows, reason, self.what)
         raise TransferError(f"{self.what} was aborted")  # settle raised already unless the rows were clean
 
@@ -823,17 +825,22 @@ class Sender(SendSide):
                 memo["all_stable"] = False
                 return None
         self.stable = True
+        # The last bucket of the layout is posted after one more pull (its row says whether the
+        # update ends there), which may run the caller's code (the rest of a generator, say, that
+        # casts the model or gives a parameter new storage): a caller's tensors of that bucket are
+        # packed, and their bytes viewed, before it.
+        bind = not self.owned and plan.index == len(self.cached.buckets) - 1
         if views is not None:
             packed = memo.get("packed")
             if packed is None:
                 packed = memo["packed"] = [p for p, s in enumerate(plan.slots) if p not in own and s.length]
-            if packed and self.checksum:  # the row carries the checksum: pack it all now
+            if packed and (self.checksum or bind):  # the row carries the checksum: pack it all now
                 self.pack_bulk(plan, -1, packed, views, tensors)
             elif packed:
                 self.bulk_copies = (views, tensors)  # packed run by run, each before its broadcast
         for pos in sorted(own):
             tensor = tensors[pos]
-            if self.zero_copy and tensor.device == self.device and tensor.is_contiguous() \
+            if not bind and self.zero_copy and tensor.device == self.device and tensor.is_contiguous() \
                     and not tensor.is_conj() and not tensor.is_neg():  # fmt: skip
                 # Sent straight from its memory (see hold_own): its bytes are viewed as its group
                 # is posted (post_runs), so the bucket's first group goes before the rest are.
