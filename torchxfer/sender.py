@@ -43,7 +43,9 @@ not waited for; so is every tensor of a source the package made itself
 (``owned``: send_model's gathers and casts, which nothing else writes). In
 the steady state a bucket is posted before the first tensor of the next one
 is pulled, so work the source does when pulled (send_model's gathers) runs
-while the bucket before it travels. On CUDA, buffer reuse is ordered on the current stream
+while the bucket before it travels; the layout's last bucket is the
+exception (its row says whether the source ends there), so a caller's
+tensors of that bucket are packed and their bytes viewed before that pull. On CUDA, buffer reuse is ordered on the current stream
 behind the sends that read the buffer (no CPU wait); every CPU wait is
 bounded by ``timeout_s``.
 """
