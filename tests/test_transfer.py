@@ -571,9 +571,9 @@ def test_load_failure_in_a_cached_layout_fails_every_rank_and_loads_nothing_more
 def test_a_load_failure_reaches_every_rank_in_an_abort_that_follows_it(gap):
     """Worker 1's load_weights raises in bucket 2 of a cached 10-bucket layout, and the trainer's
     source fails ``gap`` buckets later, possibly before the trainer has read the row that reports
-    the load failure: the ABORT that follows names the load failure on every worker. The workers posted their rows
-    of the ABORT step two steps ahead; the SYNC step after it carries the rows that declare
-    the failure, and every rank settles on those."""
+    the load failure: the ABORT that follows names the load failure on every worker. The workers
+    posted their rows of the ABORT step two steps ahead; the SYNC step after it carries the rows
+    that declare the failure, and every rank settles on those."""
     from torchxfer.packing import TensorSpec, plan_slots
 
     model = simple(6, n=18)
@@ -582,48 +582,21 @@ def test_a_load_failure_reaches_every_rank_in_an_abort_that_follows_it(gap):
         starts.setdefault(slot.bucket, slot.index)
     assert len(starts) == 10
     bad_name, stop_at = model[starts[2]][0], starts[2 + gap]
-    failing, world = 3, 3
-    kw = dict(packed=True, packed_buffer_size_bytes=256)
+    failing, world = 3, 3  # updates_that_may_fail: the trainer and two workers
+    kw: dict[str, Any] = dict(packed=True, packed_buffer_size_bytes=256)
 
     def source(k: int) -> Iterator[tuple[str, torch.Tensor]]:
         yield from model[: stop_at if k == failing else len(model)]
         if k == failing:
             raise RuntimeError("the source broke")
 
-    def body(rank: int, port: int) -> Any:
-        out: list[str | None] = []
-        if rank == 0:
-            group = trainer(port, world)
-            try:
-                for k in range(failing + 2):
-                    try:
-                        NCCLWeightTransferEngine.trainer_send_weights(source(k), group, **kw)
-                        out.append(None)
-                    except (RuntimeError, TransferError) as e:
-                        out.append(str(e))
-            finally:
-                destroy_side_group(group)
-            return out
-        engine = worker(rank, port, world)
-        try:
-            for k in range(failing + 2):
-                def load(batch: list, k: int = k) -> None:
-                    if rank == 1 and k == failing and any(n == bad_name for n, _ in batch):
-                        raise DiskFull("disk full")
+    def check(rank: int, k: int, batch: list) -> None:
+        if rank == 1 and k == failing and any(n == bad_name for n, _ in batch):
+            raise DiskFull("disk full")
 
-                try:
-                    engine.receive_weights(None, load)
-                    out.append(None)
-                except TransferError as e:
-                    assert not e.broken, e
-                    out.append(str(e))
-        finally:
-            engine.shutdown()
-        return out
-
-    values = run_world(body, world)
+    values = updates_that_may_fail([((lambda k=k: source(k)), kw) for k in range(failing + 2)], check=check)
     for rank in range(world):
-        assert [v is None for v in values[rank]] == [True] * failing + [False, True], values[rank]
+        assert [isinstance(v, str) for v in values[rank]] == [False] * failing + [True, False], values[rank]
         got = values[rank][failing]
         # The trainer raises its source's own error when that came first; when it read the
         # workers' row first, the agreed error, as every worker does.
@@ -868,10 +841,12 @@ def updates_over_three_ranks(updates: int, source: Callable[[int], Any], **send:
 
 
 def updates_that_may_fail(sends: list[tuple[Callable[[], Any], dict]],
-                          before: Callable[[int], None] | None = None) -> list[Any]:  # fmt: skip
+                          before: Callable[[int], None] | None = None,
+                          check: Callable[[int, int, list], None] | None = None) -> list[Any]:  # fmt: skip
     """Send each ``(source(), kwargs)`` from rank 0 (its value per update: None, or the message of
     the RuntimeError it raised); ranks 1 and 2 collect what arrives, or the message of the
-    TransferError the update raised there, which must leave the group usable."""
+    TransferError the update raised there, which must leave the group usable. ``check(rank,
+    update, batch)`` runs in each worker's load_weights before the batch is collected (it may raise)."""
     world = 3
 
     def body(rank: int, port: int) -> Any:
@@ -893,8 +868,10 @@ def updates_that_may_fail(sends: list[tuple[Callable[[], Any], dict]],
         engine = worker(rank, port, world)
         runs = []
         try:
-            for _ in sends:
+            for k in range(len(sends)):
                 got, load = collector()
+                if check is not None:
+                    load = (lambda collect, k: lambda batch: (check(rank, k, batch), collect(batch)))(load, k)
                 try:
                     engine.receive_weights(None, load)
                     runs.append(got)
