@@ -24,6 +24,7 @@ from torchxfer import (
     IPCWeightTransferInitInfo,
     ModuleLoader,
     NCCLWeightTransferEngine,
+    NCCLWeightTransferInitInfo,
     NCCLWeightTransferUpdateInfo,
     ParallelConfig,
     TransferError,
@@ -286,8 +287,21 @@ def test_trainer_init_refuses_a_device_it_cannot_serve_before_any_socket(device)
     with pytest.raises(ValueError, match=re.escape(device)):
         IPCWeightTransferEngine.trainer_init(info, device=device, timeout_s=2)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="sees 0 CUDA device"):
+        with pytest.raises(ValueError, match=r"'cuda' is not a CUDA device this process sees \(0 visible\)"):
             IPCWeightTransferEngine.trainer_init(info, device="cuda", timeout_s=2)
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl", "ipc"])
+def test_a_worker_on_a_cuda_device_it_does_not_see_is_a_value_error_before_any_socket(backend):
+    """A worker engine whose config names a CUDA device this process does not see raises a
+    ValueError naming it from init_transfer_engine, before it connects to anything (no trainer
+    listens here: a connection attempt would end in a TransferError after the timeout)."""
+    device = f"cuda:{torch.cuda.device_count() + 7}"
+    engine = create_engine(WeightTransferConfig(backend=backend, device=device, timeout_s=2), ParallelConfig())
+    init = IPCWeightTransferInitInfo if backend == "ipc" else NCCLWeightTransferInitInfo
+    with pytest.raises(ValueError, match=re.escape(repr(device))):
+        engine.init_transfer_engine(init("127.0.0.1", free_port(), 1, 2))
+    assert engine.model_update_group is None
 
 
 def test_module_loader_round_trip_many_buckets_one_buffer():

@@ -102,6 +102,17 @@ def resolved_device(device: Any) -> torch.device:
     return dev
 
 
+def check_visible(owner: str, device: torch.device) -> torch.device:
+    """``device`` if this process can use it: the CPU, or a CUDA device it sees; else a
+    ValueError naming it, before any socket is opened (it would fail at the first tensor)."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is None or not 0 <= device.index < count:
+            raise ValueError(f"{owner}: device {str(device)!r} is not a CUDA device this process sees "
+                             f"({count} visible)")  # fmt: skip
+    return device
+
+
 def check_backend(owner: str, value: Any) -> str:
     if value not in BACKENDS:
         raise ValueError(f"{owner}.backend must be one of {BACKENDS}, got {value!r}")

@@ -37,6 +37,7 @@ from .config import (
     check_backend,
     check_send,
     check_timeout,
+    check_visible,
     resolved_device,
     worker_rank,
 )
@@ -158,6 +159,7 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
         with self._lock:
             if self.model_update_group is not None:
                 raise RuntimeError("the transfer engine is already initialized; call shutdown() first")
+            check_visible("init_transfer_engine", self.device)
             pc = self.parallel_config
             rank = worker_rank(pc, info.rank_offset)
             if rank >= info.world_size:

@@ -37,6 +37,7 @@ from .config import (
     WeightTransferConfig,
     check_buffers,
     check_timeout,
+    check_visible,
     resolved_device,
 )
 from .engine import _parse, _WorkerEngine
@@ -164,13 +165,9 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
             raise ValueError(f"trainer_init device {device!r} is not a device: {e}") from None
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"trainer_init device must be a CUDA device or the CPU, got {dev}")
-        if dev.type == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if dev.index is None and count:
-                dev = torch.device("cuda", torch.cuda.current_device())
-            if dev.index is None or not 0 <= dev.index < count:
-                raise ValueError(f"trainer_init device {device!r}: this process sees {count} CUDA device(s)")
-        return _form(info, 0, dev, timeout)
+        if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return _form(info, 0, check_visible("trainer_init", dev), timeout)
 
     @staticmethod
     def trainer_send_weights(
