@@ -1261,24 +1261,33 @@ def test_every_way_an_update_can_leave_a_steady_layout_after_a_bucket_keeps_the_
                 assert_same(got, pairs, f"rank {rank}: {what}")
 
 
-@pytest.mark.parametrize("how", ["renamed", "fails", "ends"])
-def test_leaving_a_steady_layout_at_any_bucket_matches_the_rows_posted_two_steps_ahead(monkeypatch, how):
+@pytest.mark.parametrize("how,mode", [("renamed", "packed"), ("fails", "packed"), ("ends", "packed"),
+                                      ("renamed", "checksum, 3 buffers"), ("fails", "checksum, 3 buffers"),
+                                      ("renamed", "unpacked"), ("fails", "unpacked"), ("ends", "unpacked")])
+def test_leaving_a_steady_layout_at_any_bucket_matches_the_rows_posted_two_steps_ahead(monkeypatch, how, mode):
     """Workers post their rows two steps ahead in a cached layout (until two buckets from its end),
     before they know the trainer's next row; when that row is a TABLE, an ABORT or an END instead of
-    another bucket, the trainer posts a SYNC row to match. Leaving a 10-bucket layout at every
-    bucket, each way: every value arrives bit for bit, every failure reaches every rank, the group
-    stays in step (a missing or extra SYNC row would break it), and the SYNC rows are posted exactly
-    where a worker posted a row ahead."""
-    from torchxfer import sender
+    another bucket, the trainer posts a SYNC row to match. Leaving a layout of 9 or 10 buckets at
+    every bucket, each way (packed; packed with checksums and 3 buffers; unpacked, 2 tensors a
+    bucket): every value arrives bit for bit, every failure reaches every rank, the group stays in
+    step (a missing or extra SYNC row would break it), and the SYNC rows are posted exactly where a
+    worker posted a row ahead."""
+    from torchxfer import packing, sender
     from torchxfer.packing import TensorSpec, plan_slots
 
     model = simple(6, n=18)
     kw: dict[str, Any] = dict(packed=True, packed_buffer_size_bytes=256)
+    size: int | None = 256
+    if mode == "unpacked":
+        monkeypatch.setattr(packing, "UNPACKED_GROUP_TENSORS", 2)
+        kw, size = dict(packed=False), None
+    elif mode != "packed":
+        kw.update(checksum=True, packed_num_buffers=3)
     starts: dict[int, int] = {}
-    for slot in plan_slots([TensorSpec.of(n, t) for n, t in model], 256):
+    for slot in plan_slots([TensorSpec.of(n, t) for n, t in model], size):
         starts.setdefault(slot.bucket, slot.index)
     n = len(starts)
-    assert n == 10
+    assert n == (9 if mode == "unpacked" else 10)
 
     def leave(b: int) -> list | Callable[[], Any]:
         at = starts[b]
