@@ -158,3 +158,15 @@ def test_an_unpacked_bucket_0_over_256_mib_is_not_posted_before_begin(first_big)
     packed = _layout(order, 64 * mib)
     assert first_bucket(packed, True) is packed.buckets[0]
     assert all(next_bucket(packed, i) is packed.buckets[i + 1] for i in range(len(packed.buckets) - 1))
+
+
+def test_rows_are_posted_two_steps_ahead_until_two_buckets_from_the_end():
+    """Protocol 9's rule, which the trainer's SYNC rows and the workers' rows posted ahead both
+    follow: after bucket i of an n-bucket layout, rows 2 ahead while i + 2 < n, else 1."""
+    from torchxfer.plan import rows_ahead
+
+    mib = 1 << 20
+    layout = _layout([TensorSpec(f"t{i}", torch.uint8, (mib,)) for i in range(5)], mib)
+    assert len(layout.buckets) == 5
+    assert [rows_ahead(layout, i) for i in range(5)] == [2, 2, 2, 1, 1]
+    assert rows_ahead(None, 0) == 1

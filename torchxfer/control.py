@@ -54,7 +54,6 @@ _CPU = torch.device("cpu")
 _ROW = struct.Struct(f"={ROW_WORDS}q")
 
 
-
 class Step:
     """One posted control step: an all_gather of one row per rank.
 

@@ -19,7 +19,7 @@ from .errors import TransferError
 from .packing import Slot, TensorSpec, check_bucket, dtype_name, payload_groups, payload_runs
 from .wire import BucketHeader, encode
 
-__all__ = ["next_bucket", "BucketPlan", "Layout", "TableChecker", "describe", "first_bucket"]
+__all__ = ["next_bucket", "rows_ahead", "BucketPlan", "Layout", "TableChecker", "describe", "first_bucket"]
 
 
 def describe(slot: Slot) -> str:
@@ -101,6 +101,15 @@ def first_bucket(layout: Layout | None, confirmed: bool) -> BucketPlan | None:
     if not confirmed or layout is None or not layout.buckets:
         return None
     return postable(layout, layout.buckets[0], before_begin=True)
+
+
+def rows_ahead(layout: Layout | None, index: int) -> int:
+    """How many steps ahead every worker posts its rows once the trainer's BUCKET row announced
+    bucket ``index`` of the cached ``layout`` as not the last (protocol 9): the next step's, and
+    the one after it too while at least two buckets of the layout follow ``index``. Both sides
+    apply this rule to the same rows; the trainer matches a row posted two ahead with a SYNC
+    row when its next row is not another BUCKET row that is not the last (``Sender.after_row``)."""
+    return 2 if layout is not None and index + 2 < len(layout.buckets) else 1
 
 
 def next_bucket(layout: Layout | None, index: int) -> BucketPlan | None:

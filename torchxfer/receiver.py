@@ -47,7 +47,7 @@ from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
 from .packing import ALIGNMENT, Slot, slot_view, typed_view
-from .plan import BucketPlan, Layout, TableChecker, first_bucket, next_bucket
+from .plan import BucketPlan, Layout, TableChecker, first_bucket, next_bucket, rows_ahead
 from .wire import (FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind,
                    Row, check_arg, decode, make_row)  # fmt: skip
 
@@ -368,8 +368,7 @@ class Receiver(WorkerSide):
                         self.fail(str(e))
                     self.checked = bucket + 1
                 if not last:  # the next step's row and, two buckets or more from the end, the one after
-                    depth = 2 if bucket + 2 < len(self.cached.buckets) else 1
-                    while len(ahead) < depth:
+                    while len(ahead) < rows_ahead(self.cached, bucket):
                         ahead.append(self.control.post(self.row(), f"{self.what} bucket {bucket + 1 + len(ahead)}"))
                 self.receive(plan, row.args[2])
                 if not last:  # the next bucket of the layout, before its row arrives (plan.next_bucket)

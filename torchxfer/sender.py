@@ -71,7 +71,7 @@ from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup, metadata_guard
 from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view, whole_views
-from .plan import BucketPlan, Layout, first_bucket, next_bucket
+from .plan import BucketPlan, Layout, first_bucket, next_bucket, rows_ahead
 from .wire import FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
 
 __all__ = ["SenderState", "Sender", "SendSide", "SourceFailed", "all_on", "gc_paused", "pairs", "pull_bucket", "pull_same",
@@ -728,7 +728,7 @@ class Sender(SendSide):
         filler = None
         if self.filler_owed and not plain:
             filler = self.control.post(make_row(Kind.SYNC), f"{self.what} (step after bucket {self.bucket})")
-        self.filler_owed = plain and self.cached is not None and bucket + 2 < len(self.cached.buckets)
+        self.filler_owed = plain and rows_ahead(self.cached, bucket) == 2
         return filler
 
     # -- a bucket of the cached layout ------------------------------------------------------------
@@ -836,14 +836,13 @@ class Sender(SendSide):
             packed = memo.get("packed")
             if packed is None:
                 packed = memo["packed"] = [p for p, s in enumerate(plan.slots) if p not in own and s.length]
-            if packed and (self.checksum or bind):  # the row carries the checksum: pack it all now
+            if packed and (self.checksum or bind):  # the row carries the checksum, or bound: pack it all now
                 self.pack_bulk(plan, -1, packed, views, tensors)
             elif packed:
                 self.bulk_copies = (views, tensors)  # packed run by run, each before its broadcast
         for pos in sorted(own):
             tensor = tensors[pos]
-            if not bind and self.zero_copy and tensor.device == self.device and tensor.is_contiguous() \
-                    and not tensor.is_conj() and not tensor.is_neg():  # fmt: skip
+            if not bind and self.in_place(tensor):
                 # Sent straight from its memory (see hold_own): its bytes are viewed as its group
                 # is posted (post_runs), so the bucket's first group goes before the rest are.
                 self.lazy[pos] = tensor
@@ -860,8 +859,7 @@ class Sender(SendSide):
         """A slot that travels alone, posted after the bucket's row: straight from the tensor's
         memory when the tensor is stable, else copied now (packed, or a private copy)."""
         tensor = self.in_hand
-        if self.in_hand_bytes is None and self.zero_copy and self.stable and tensor.device == self.device \
-                and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg():  # fmt: skip
+        if self.in_hand_bytes is None and self.stable and self.in_place(tensor):
             self.deferred[pos] = self.bytes_in_hand()[slot.start : slot.start + slot.length]
         elif self.buffer_size is None:
             self.deferred[pos] = self.in_hand_bytes if self.in_hand_bytes is not None else \
@@ -871,6 +869,11 @@ class Sender(SendSide):
             self.deferred[pos] = None  # from the buffer
         if self.checksum and self.deferred[pos] is not None:
             self.run_sums[pos] = control.checksum(self.deferred[pos])
+
+    def in_place(self, tensor: torch.Tensor) -> bool:
+        """Whether a stable tensor that travels alone is broadcast straight from its memory."""
+        return (self.zero_copy and tensor.device == self.device and tensor.is_contiguous()
+                and not tensor.is_conj() and not tensor.is_neg())  # fmt: skip
 
     def packed_buffer(self, plan: BucketPlan, memo: dict) -> torch.Tensor | None:
         """The bucket's buffer, grown to its packed slots and free of older sends (None: unpacked)."""
