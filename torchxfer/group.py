@@ -732,6 +732,12 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+NCCL_MIN_CTAS = 0
+"""The side group's NCCL communicator's ``minCTAs`` (0: NCCL's own choice)."""
+NCCL_MAX_CTAS = 0
+"""Its ``maxCTAs`` (0: NCCL's own choice)."""
+
+
 def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, timeout_s: float) -> Any:
     """Make a Gloo or NCCL backend from the store and install it as ``pg``'s."""
     rank, world, timeout = pg.rank(), pg.size(), wait_timeout(timeout_s)
@@ -748,6 +754,11 @@ def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, 
         # the next broadcast may start; at default priority the copy took every SM first and
         # that broadcast waited for it (about 0.09 ms per bucket on an H200).
         opts.is_high_priority_stream = True
+        if NCCL_MIN_CTAS or NCCL_MAX_CTAS:  # (a measurement knob; NCCL chooses when both are 0)
+            if NCCL_MIN_CTAS:
+                opts.config.min_ctas = NCCL_MIN_CTAS
+            if NCCL_MAX_CTAS:
+                opts.config.max_ctas = NCCL_MAX_CTAS
         # The watchdog reads these when the backend is built (torch 2.6-2.13):
         # with error handling off it no longer tears the process down when a
         # collective times out; SideGroup.wait notices the timeout and aborts
