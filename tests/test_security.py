@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 import torchxfer.group as group_mod
+import torchxfer.rendezvous as rendezvous_mod
 from tests.harness import ADDR, free_port, gloo_trainer, gloo_worker, run_threads
 from torchxfer import (
     NCCLWeightTransferEngine,
@@ -148,13 +149,13 @@ def test_replayed_proof_is_refused(monkeypatch, rewrite_nonce):
     session; in the next it replays them as rank 1 (rewriting the nonce first,
     or not). Rank 0 checks proofs against the nonce it generated itself."""
     recorded: dict = {}
-    real_write = group_mod._Rendezvous.write
+    real_write = rendezvous_mod.Rendezvous.write
 
     def sniff(self, key, value):
         recorded[key] = json.dumps(value)
         real_write(self, key, value)
 
-    monkeypatch.setattr(group_mod._Rendezvous, "write", sniff)
+    monkeypatch.setattr(rendezvous_mod.Rendezvous, "write", sniff)
     port = free_port()
     run_threads(lambda r: destroy_side_group(_trainer(port, 2, "s3cret")) if r == 0
                 else _worker(1, port, 2, "s3cret").shutdown(), 2, deadline_s=20)  # fmt: skip
@@ -431,7 +432,7 @@ def test_a_store_lost_mid_rendezvous_is_a_transfer_error(monkeypatch):
     def lost(*args, **kwargs):
         raise dist.DistNetworkError("Failed to recv, got 0 bytes. Connection was likely closed.")
 
-    monkeypatch.setattr(group_mod, "_rendezvous", lost)
+    monkeypatch.setattr(rendezvous_mod, "rendezvous", lost)
     start = time.monotonic()
     with pytest.raises(TransferError, match=rf"rank 1 lost the trainer's store at {ADDR}:{port} during the rendezvous"):
         group_mod.create_side_group(ADDR, port, 1, 2, backend="gloo", timeout_s=TIMEOUT)

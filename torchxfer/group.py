@@ -12,7 +12,8 @@ trainer's own ``init_process_group``.
 
 Life of a group, on every rank together, all of it within one ``timeout_s``:
 
-1. rank 0 binds ``address:port`` and hosts a TCPStore; the others connect;
+1. rank 0 binds ``address:port`` and hosts a TCPStore; the others connect
+   (steps 1, 2, 4 and 5 are :mod:`torchxfer.rendezvous`'s);
 2. rendezvous through the store, before any backend exists: each rank claims
    its rank number once, agrees on the world size and the wire protocol,
    proves it knows the token (HMAC over rank 0's fresh nonce and its own)
@@ -38,19 +39,11 @@ listener), and no store call can be interrupted.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import datetime
-import errno
-import hashlib
-import hmac
-import json
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -58,7 +51,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import wire
+from . import rendezvous as rdv
 from .config import check_timeout, check_token, wait_timeout
 from .errors import TransferError
 
@@ -69,7 +62,6 @@ log = logging.getLogger("torchxfer")
 _GROUPS: "weakref.WeakKeyDictionary[dist.ProcessGroup, SideGroup]" = weakref.WeakKeyDictionary()
 
 _PREFIX = "torchxfer/v1/"
-_POLL_S = (0.002, 0.05)
 # A wait on a collective checks the closed flag this often.
 _SLICE_S = 0.05
 CONTROL_POLL_US = 3000
@@ -78,23 +70,12 @@ microseconds, yielding the CPU between polls, before it blocks (see ``SideGroup.
 On 2x H200, 256 MiB x 2 buffers: 0.91x, 0.91x against 0.89x, 0.90x without, alternated
 (each bucket's step waits for the one before it). Not on Gloo side groups, which share
 their CPUs with the payload."""
-# Rendezvous values are a few hundred bytes; anything larger was not written by torchxfer.
-_MAX_VALUE_BYTES = 4096
 # How long the caller waits past the deadline for the init thread to report its own, precise error.
 _GRACE_S = 0.5
-# Rank 0 lingers at most this long after a failure for arrived ranks to read it,
-_LINGER_S = 1.0
-# and at most this long (never past the deadline) for ranks that have not arrived yet.
-_NEWCOMER_S = 3.0
-_NONCE_BYTES = 32
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _left(deadline: float) -> float:
-    return max(0.01, deadline - time.monotonic())
 
 
 class SideGroup:
@@ -132,7 +113,7 @@ class SideGroup:
         timeout_s: float,
         address: str,
         port: int,
-        store: _Store | None = None,
+        store: rdv.Store | None = None,
     ) -> None:
         # Not a ProcessGroup subclass on purpose: a Python subclass routes every
         # collective through a trampoline that holds the GIL while Gloo takes its
@@ -265,7 +246,7 @@ class SideGroup:
                         time.sleep(0)
                 while True:
                     try:
-                        if work.wait(wait_timeout(min(_SLICE_S, _left(deadline)))):
+                        if work.wait(wait_timeout(min(_SLICE_S, rdv.left(deadline)))):
                             break
                     except Exception:
                         if work.is_completed():
@@ -374,345 +355,11 @@ class SideGroup:
                     backend.shutdown()
         self.release_store()
 
-
-# -- store -------------------------------------------------------------------------
-
-
-class _Store(dist.Store):
-    """The store handed to the backends: forwards to the TCPStore until detached.
-
-    Backends keep a reference to their store for as long as they live; this
-    indirection lets a formed group drop the TCPStore (and so rank 0's
-    listener) while its backends stay up. Calls after ``detach`` raise.
-    """
-
-    def __init__(self, inner: dist.Store) -> None:
-        super().__init__()
-        self._inner: dist.Store | None = inner
-        self.written: list[bytes] = []
-        """Every value this rank set (a few KiB in all): where its backends published their listeners."""
-
-    def detach(self) -> None:
-        self._inner = None
-
-    def _s(self) -> dist.Store:
-        inner = self._inner
-        if inner is None:
-            raise RuntimeError("torchxfer: the side group's store was closed after the group formed")
-        return inner
-
-    def set(self, key: str, value: Any) -> None:
-        self._s().set(key, value)
-        self.written.append(value.encode() if isinstance(value, str) else bytes(value))
-
-    def get(self, key: str) -> bytes:
-        return self._s().get(key)
-
-    def add(self, key: str, amount: int) -> int:
-        return self._s().add(key, amount)
-
-    def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
-        return self._s().compare_set(key, expected, desired)
-
-    def check(self, keys: list[str]) -> bool:
-        return self._s().check(keys)
-
-    def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
-        if timeout is None:
-            self._s().wait(keys)
-        else:
-            self._s().wait(keys, timeout)
-
-    def delete_key(self, key: str) -> bool:
-        return self._s().delete_key(key)
-
-    def num_keys(self) -> int:
-        return self._s().num_keys()
-
-
-def _listen(address: str, port: int) -> socket.socket:
-    """Bind ``address:port`` and listen. TransferError if the port is taken."""
-    try:
-        infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise TransferError(f"cannot resolve master_address {address!r}: {e}") from None
-    family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(1024)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise TransferError(f"port {port} on {address} is already in use: another trainer or "
-                                "process is listening there; pick another master_port") from None
-        raise TransferError(f"cannot listen on {address}:{port}: {e}") from None
-    return sock
-
-
-def _make_store(address: str, port: int, rank: int, deadline: float) -> tuple[_Store, int]:
-    """Rank 0 hosts the store on ``address:port``; the others connect to it.
-
-    Blocks (a worker's connection can block without bound on a silent peer;
-    the caller runs this in the bounded init thread). The TCPStore is held by
-    the returned wrapper alone, so detaching it releases the port.
-    """
-    if rank == 0:
-        sock = _listen(address, port)
-        real_port = sock.getsockname()[1]
-        try:
-            # master_listen_fd hands the bound socket to the store, so the store
-            # listens exactly where asked (the store alone would bind every
-            # interface). The store owns the fd from here on (torch 2.6-2.13).
-            store = _Store(dist.TCPStore(
-                address, real_port, None, True, wait_timeout(_left(deadline)),
-                wait_for_workers=False, master_listen_fd=sock.fileno(),
-            ))  # fmt: skip
-        except Exception as e:
-            sock.close()
-            raise TransferError(f"cannot start the store on {address}:{real_port}: {e}") from None
-        sock.detach()
-        return store, real_port
-    try:
-        return _Store(dist.TCPStore(address, port, None, False, wait_timeout(_left(deadline)))), port
-    except Exception as e:
-        raise TransferError(
-            f"rank {rank} could not reach the trainer's store at {address}:{port}: {e}"
-        ) from None
-
-
-# -- rendezvous ---------------------------------------------------------------------
-
-
-def _mac(token: str | None, *parts: object) -> str:
-    """HMAC-SHA256 of ``parts`` under the token ("" without a token)."""
-    if token is None:
-        return ""
-    # surrogatepass: a part read from the store (a nonce, an error message) may hold a lone
-    # surrogate, which JSON carries and strict UTF-8 cannot encode.
-    message = "|".join(["torchxfer", *map(str, parts)]).encode("utf-8", "surrogatepass")
-    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
-
-
-def _same(expected: str, got: object) -> bool:
-    """Whether ``got``, text read from the store, equals ``expected`` (an HMAC in hex), in
-    constant time. Compared as UTF-8 bytes: ``hmac.compare_digest`` refuses a str holding
-    any character outside ASCII, which any process can write into the store."""
-    return hmac.compare_digest(expected.encode(), str(got).encode("utf-8", "surrogatepass"))
-
-
-def _quote(text: str, limit: int = 300) -> str:
-    """Text read from the store, made printable and short, for an error message."""
-    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
-    return f'"{clean}"' + ("..." if len(text) > limit else "")
-
-
-class _Rendezvous:
-    """Store-based checks made by every rank before a backend is built.
-
-    Everything read from the store is untrusted: a stranger can write any key.
-    Values are size-checked and parsed field by field; text from the store
-    appears in an error only quoted and labelled as unauthenticated, unless
-    an HMAC under the token vouches for it.
-    """
-
-    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float, deadline: float,
-                 token: str | None) -> None:  # fmt: skip
-        self.store = store
-        self.rank = rank
-        self.world_size = world_size
-        self.timeout_s = timeout_s
-        self.deadline = deadline
-        self.token = token
-        self.nonce = ""  # rank 0's nonce: generated by rank 0, read from the store by the others
-
-    # -- errors ----------------------------------------------------------------
-
-    def fail(self, message: str) -> None:
-        """Publish ``message`` so every rank raises it, then raise it here."""
-        record = json.dumps({"rank": self.rank, "message": message,
-                             "mac": _mac(self.token, "error", self.nonce, self.rank, message)})  # fmt: skip
-        with contextlib.suppress(Exception):
-            self.store.compare_set("error", "", record[:_MAX_VALUE_BYTES])
-        self._seen()
-        raise TransferError(message)
-
-    def _seen(self) -> None:
-        """Count this worker among those that read the error; on rank 0, linger for them.
-
-        Rank 0 hosts the store, so before its store goes away it waits until
-        every worker has read the error: at most _LINGER_S for those that have
-        claimed a rank (even past the deadline), and at most _NEWCOMER_S, never
-        past the deadline, for those that have not come yet (one that arrives
-        later can only report that the store is gone).
-        """
-        with contextlib.suppress(Exception):
-            if self.rank != 0:
-                self.store.add("error_seen", 1)
-                return
-            now = time.monotonic()
-            claimed_by = now + min(_LINGER_S, self.timeout_s)
-            newcomers_by = min(now + _NEWCOMER_S, self.deadline)
-            while True:
-                seen, t = self.store.add("error_seen", 0), time.monotonic()
-                if seen >= self.world_size - 1:
-                    break  # every worker read it
-                if t >= newcomers_by and (t >= claimed_by or seen >= self._claimants()):
-                    break  # no more waiting for newcomers, and the arrived ones read it (or their time is up)
-                time.sleep(_POLL_S[0])
-
-    def _claimants(self) -> int:
-        """Workers that have claimed a rank so far (two processes may claim one rank)."""
-        return sum(self.store.add(f"claim/{r}", 0) for r in range(1, self.world_size)
-                   if self.store.check([f"claim/{r}"]))  # fmt: skip
-
-    def _raise_published(self) -> None:
-        raw = self.store.get("error")
-        self._seen()
-        record = self._parse(raw, "error")
-        message = record.get("message") if record else None
-        rank = record.get("rank") if record else None
-        if isinstance(message, str) and isinstance(rank, int) and self.token is not None and _same(
-            _mac(self.token, "error", self.nonce, rank, message), record.get("mac", "")
-        ):
-            raise TransferError(message)
-        text = message if isinstance(message, str) else raw.decode(errors="replace")
-        raise TransferError(f"the side group could not form; the store holds this error, "
-                            f"unauthenticated (any process can write it): {_quote(text)}")  # fmt: skip
-
-    # -- reading ---------------------------------------------------------------
-
-    def _poll(self, keys: list[str], what: str) -> None:
-        delay = _POLL_S[0]
-        while True:
-            try:
-                if self.store.check(["error"]):
-                    self._raise_published()
-                if self.store.check(keys):
-                    return
-            except TransferError:
-                raise
-            except Exception as e:  # the store's host (rank 0) went away
-                raise TransferError(f"rank {self.rank} lost the trainer's store while waiting for {what}: {e}") from None
-            if time.monotonic() > self.deadline:
-                missing = [k for k in keys if not self.store.check([k])]
-                self.fail(f"timed out after {self.timeout_s:g} s waiting for {what}: missing {missing}")
-            time.sleep(delay)
-            delay = min(delay * 2, _POLL_S[1])
-
-    def _parse(self, raw: bytes, key: str) -> dict | None:
-        if len(raw) > _MAX_VALUE_BYTES:
-            return None
-        try:
-            value = json.loads(raw.decode())
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            return None
-        return value if isinstance(value, dict) else None
-
-    def read(self, key: str, what: str) -> dict:
-        """Wait for ``key`` and return its JSON object; fail on anything torchxfer would not write."""
-        self._poll([key], what)
-        raw = self.store.get(key)
-        value = self._parse(raw, key)
-        if value is None:
-            self.fail(f"the store's value under {key!r} ({len(raw)} bytes) is not what torchxfer writes: "
-                      "another process wrote into the trainer's store")  # fmt: skip
-        return value
-
-    def write(self, key: str, value: dict) -> None:
-        self.store.set(key, json.dumps(value))
-
-    # -- the steps -------------------------------------------------------------
-
-    def claim(self) -> None:
-        if self.store.add(f"claim/{self.rank}", 1) > 1:
-            self.fail(f"two processes claim rank {self.rank} of the side group (the second is pid {os.getpid()} on "
-                      f"{socket.gethostname()}); check rank_offset and the DP x TP x PP layout of every server")
-
-    def check_versions(self, info: dict, who: str) -> None:
-        protocol, signature = info.get("protocol"), info.get("wire")
-        if protocol != wire.PROTOCOL_VERSION or signature != wire.WIRE_SIGNATURE:
-            self.fail(f"wire protocol mismatch: {who} speaks protocol {_quote(str(protocol), 40)} "
-                      f"(wire {_quote(str(signature), 80)}), rank {self.rank} speaks protocol "
-                      f"{wire.PROTOCOL_VERSION} (wire {wire.WIRE_SIGNATURE}); install the same torchxfer on both sides")
-
-
 def gpu_uuid(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(device)
     return str(getattr(props, "uuid", f"{socket.gethostname()}:{device.index}"))
-
-
-def _rendezvous(
-    store: dist.Store, rank: int, world_size: int, timeout_s: float, deadline: float, token: str | None,
-    uuid: str | None,
-) -> str:
-    """The store phase of :func:`create_side_group`; returns rank 0's nonce.
-
-    Workers prove to rank 0 that they know the token with an HMAC over rank
-    0's nonce (which rank 0 generated and never reads back) and their own;
-    rank 0 answers each worker with an HMAC over the same pair. Neither proof
-    can be replayed into another session: each side checks one over a nonce
-    it generated itself.
-    """
-    rdv = _Rendezvous(store, rank, world_size, timeout_s, deadline, token)
-    mine = secrets.token_hex(16)
-    if rank == 0:
-        rdv.nonce = mine
-        rdv.write("trainer", {"nonce": mine, "world_size": world_size,
-                              "protocol": wire.PROTOCOL_VERSION, "wire": wire.WIRE_SIGNATURE})  # fmt: skip
-    rdv.claim()
-    if rank != 0:
-        trainer = rdv.read("trainer", "the trainer (rank 0)")
-        nonce = trainer.get("nonce")
-        rdv.nonce = nonce if isinstance(nonce, str) and len(nonce) <= 64 else ""
-        rdv.check_versions(trainer, "the trainer (rank 0)")
-        trainer_world = trainer.get("world_size")
-        if trainer_world != world_size:
-            shown = trainer_world if isinstance(trainer_world, int) else _quote(str(trainer_world), 20)
-            rdv.fail(f"rank {rank} was given world_size={world_size} but the trainer has world_size={shown}")
-    rdv.write(f"hello/{rank}", {
-        "pid": os.getpid(), "host": socket.gethostname(), "uuid": uuid, "nonce": mine,
-        "protocol": wire.PROTOCOL_VERSION, "wire": wire.WIRE_SIGNATURE,
-        "proof": "" if rank == 0 else _mac(token, "hello", rdv.nonce, mine, rank, world_size),
-    })  # fmt: skip
-    peers = {r: rdv.read(f"hello/{r}", "every rank to join") for r in range(world_size)}
-
-    if rank == 0:
-        for r in range(1, world_size):
-            info = peers[r]
-            who = (f"rank {r} (pid {_quote(str(info.get('pid')), 12)} on {_quote(str(info.get('host')), 64)}, "
-                   "as it reported itself)")  # fmt: skip
-            rdv.check_versions(info, who)
-            expected = _mac(token, "hello", mine, info.get("nonce"), r, world_size)
-            if not _same(expected, str(info.get("proof", ""))[:128]):
-                trainer = rdv.read("trainer", "the trainer's own record")
-                if trainer.get("nonce") != mine:
-                    rdv.fail("the side group was tampered with: another process rewrote the trainer's nonce "
-                             "in the store, so no rank's proof can be checked")  # fmt: skip
-                rdv.fail(f"authentication failed between the trainer (rank 0) and {who}: wrong or missing token")
-        for r in range(1, world_size):
-            rdv.write(f"auth/{r}", {"proof": _mac(token, "trainer", mine, peers[r].get("nonce"), r, world_size)})
-    else:
-        answer = rdv.read(f"auth/{rank}", "the trainer's proof")
-        expected = _mac(token, "trainer", rdv.nonce, mine, rank, world_size)
-        if not _same(expected, str(answer.get("proof", ""))[:128]):
-            rdv.fail(f"authentication failed between the trainer (rank 0) and rank {rank}: the trainer did not "
-                     "prove it knows the token (wrong or missing token, or a process posing as the trainer)")
-    if uuid is not None:
-        owners: dict[str, list[int]] = {}
-        for r, info in peers.items():
-            if isinstance(info.get("uuid"), str):
-                owners.setdefault(info["uuid"], []).append(r)
-        for gpu, ranks in owners.items():
-            if len(ranks) > 1:
-                rdv.fail(f"ranks {ranks} of the side group use the same GPU ({_quote(gpu, 80)}); "
-                         "NCCL needs one GPU per rank")  # fmt: skip
-    store.set(f"ok/{rank}", "1")
-    rdv._poll([f"ok/{r}" for r in range(world_size)], "every rank to pass the checks")
-    return rdv.nonce
 
 
 # -- backends ------------------------------------------------------------------------
@@ -784,58 +431,18 @@ def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, 
 # -- bounded init ----------------------------------------------------------------------
 
 
-def _bounded(fn: Callable[[], Any], deadline: float, on_late: Callable[[Any], None],
-             what: Callable[[], str]) -> Any:  # fmt: skip
-    """Run ``fn`` in a daemon thread; return its result or raise its error, or
-    raise TransferError if it is still running at ``deadline``. A result that
-    arrives after that is handed to ``on_late`` (to release it)."""
-    box: dict[str, Any] = {}
-    lock = threading.Lock()
-    done = threading.Event()
-
-    def body() -> None:
-        try:
-            value = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            with lock:
-                box["error"] = e
-        else:
-            with lock:
-                late = "abandoned" in box
-                if not late:
-                    box["value"] = value
-            if late:
-                on_late(value)
-        finally:
-            done.set()
-
-    threading.Thread(target=body, daemon=True, name="torchxfer-init").start()
-    done.wait(max(0.0, deadline - time.monotonic()))
-    with lock:
-        if "error" not in box and "value" not in box:
-            box["abandoned"] = True
-            raise TransferError(what())
-    if "error" in box:
-        error = box.pop("error")
-        # The init thread's frames hold the store; a caller keeping the exception
-        # must not keep the port (torch's store closes when its last reference goes).
-        traceback.clear_frames(error.__traceback__)
-        raise error
-    return box.pop("value")
-
-
 def _form(address: str, port: int, rank: int, world_size: int, backend: str, data_device: torch.device | None,
           timeout_s: float, deadline: float, token: str | None, phase: list[str],
           ) -> tuple[dist.ProcessGroup, SideGroup, str]:  # fmt: skip
     """Store, rendezvous and backends; runs in the bounded init thread."""
     phase[0] = f"connecting to the trainer's store at {address}:{port}" if rank else f"starting the store on {address}:{port}"
-    store, real_port = _make_store(address, port, rank, deadline)
+    store, real_port = rdv.make_store(address, port, rank, deadline)
     group = None
     try:
         phase[0] = "the rendezvous through the trainer's store"
         uuid = gpu_uuid(data_device) if data_device is not None else None
         try:
-            nonce = _rendezvous(dist.PrefixStore(_PREFIX, store), rank, world_size, timeout_s, deadline, token, uuid)
+            nonce = rdv.rendezvous(dist.PrefixStore(_PREFIX, store), rank, world_size, timeout_s, deadline, token, uuid)
         except TransferError:
             raise
         except Exception as e:  # the store's connection failed under a store call (rank 0 went away)
@@ -854,7 +461,7 @@ def _form(address: str, port: int, rank: int, world_size: int, backend: str, dat
             phase[0] = f"connecting the {name} group ({kind})"
             try:
                 sub = dist.PrefixStore(f"{_PREFIX}{name}/", store)
-                group._backends.append(_build_backend(which, kind, sub, _left(deadline)))
+                group._backends.append(_build_backend(which, kind, sub, rdv.left(deadline)))
             except Exception as e:
                 raise TransferError(f"rank {rank}: the {name} group ({kind}) could not connect: {e}") from None
         return pg, group, nonce  # the caller must hold pg: the SideGroup refers to it weakly
@@ -863,60 +470,6 @@ def _form(address: str, port: int, rank: int, world_size: int, backend: str, dat
             group.close()
         store.detach()
         raise
-
-
-def _all_gather_bytes(group: SideGroup, which: dist.ProcessGroup, payload: bytes, device: torch.device,
-                      data: bool, deadline: float, what: str) -> list[bytes]:  # fmt: skip
-    # Memory torch owns (not torch.frombuffer): a Gloo thread freeing a Python-owned
-    # buffer needs the GIL, which deadlocks against a thread enqueueing the next collective.
-    mine = torch.tensor(list(payload), dtype=torch.uint8).to(device)
-    outs = [torch.zeros_like(mine) for _ in range(group.size())]
-
-    def issue() -> Any:
-        return dist.all_gather(outs, mine, group=which, async_op=True)
-
-    if data and group.backend_name == "nccl":
-        # The first NCCL collective creates the communicator, which blocks until
-        # every member's bootstrap answers.
-        work = _bounded(issue, deadline, lambda w: None, lambda: f"{what}: the NCCL communicator did not form")
-    else:
-        work = issue()
-    group.wait(work, what, data=data, timeout_s=_left(deadline))
-    return [bytes(o.cpu().tolist()) for o in outs]
-
-
-def _bind(group: SideGroup, token: str | None, nonce: str, deadline: float) -> None:
-    """Prove over each group's own connections that every member knows the token.
-
-    Called by every rank together after the backends are built; blocks until
-    ``deadline``. Each rank all_gathers a fresh nonce, then an HMAC of the
-    transcript (every nonce, the group's name, rank 0's rendezvous nonce)
-    and its rank, and checks every member's. Without a token the same
-    exchange only checks that every member saw the same transcript.
-    """
-    rank, world = group.rank(), group.size()
-    cpu = torch.device("cpu")
-    for name, which, device, data in (("control", group.control, cpu, False),
-                                      ("payload", group.pg, group.data_device or cpu, True)):  # fmt: skip
-        mine = secrets.token_bytes(_NONCE_BYTES)
-        try:
-            nonces = _all_gather_bytes(group, which, mine, device, data, deadline, f"the {name} group's nonce exchange")
-            transcript = hashlib.sha256(b"|".join([f"bind|{name}|{world}|{nonce}".encode(), *nonces])).hexdigest()
-            key = (token or "").encode()
-            mac = hmac.new(key, f"{transcript}|{rank}".encode(), hashlib.sha256).digest()
-            macs = _all_gather_bytes(group, which, mac, device, data, deadline, f"the {name} group's proof exchange")
-        except Exception as e:
-            group.mark_broken(f"the {name} group could not be verified")
-            raise TransferError(f"rank {rank} could not verify the {name} group's connections ({e}); a peer died or "
-                                "stopped, or the side group was tampered with", broken=True) from None  # fmt: skip
-        bad = [r for r in range(world)
-               if not hmac.compare_digest(macs[r], hmac.new(key, f"{transcript}|{r}".encode(), hashlib.sha256).digest())]
-        if nonces[rank] != mine or bad:
-            group.mark_broken(f"the {name} group failed its check")
-            raise TransferError(
-                f"the side group was tampered with: on the {name} group's connections, rank(s) {bad or [rank]} did "
-                "not prove they know the token (a process outside the group took part in the connection setup); "
-                "nothing was sent", broken=True)  # fmt: skip
 
 
 def create_side_group(
@@ -987,36 +540,23 @@ def create_side_group(
         return (f"rank {rank}: {phase[0]} did not finish within {timeout_s:g} s; a peer is absent, stopped, or "
                 f"something that does not answer holds {address}:{port}")  # fmt: skip
 
-    pg, group, nonce = _bounded(
+    pg, group, nonce = rdv.bounded(
         lambda: _form(address, port, rank, world_size, backend, data_device, timeout_s, deadline, token, phase),
         deadline + _GRACE_S, late, too_long,
     )  # fmt: skip
     try:
-        _bind(group, token, nonce, deadline + _GRACE_S)
+        rdv.bind(group, token, nonce, deadline + _GRACE_S)
     except BaseException:
         group.close()
         raise
     if group._store is not None:
-        _seal_listeners(group._store.written)
+        rdv.seal_listeners(group._store.written)
         group._store.written = []
     group.release_store()
     _GROUPS[pg] = group
     log.info("torchxfer side group formed: rank %d of %d, %s, %s:%d, %.2f s",
              rank, world_size, backend, address, group.port, time.monotonic() - start)  # fmt: skip
     return pg
-
-
-class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
-
-
-_SO_ATTACH_FILTER = 26  # Linux
-_DROP_ALL = (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0))  # BPF "ret #0": drop every packet
-_DROP_ALL_PROG = _SockFprog(1, _DROP_ALL)
 
 
 _ROOT_0 = dist.BroadcastOptions()
@@ -1070,67 +610,6 @@ def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor]
     if work is None:
         raise RuntimeError("the NCCL group call returned no work")
     return work
-
-
-def _listening_fds() -> list[int]:
-    """This process's listening TCP sockets (Linux: /proc); [] elsewhere."""
-    try:
-        listening = set()
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with contextlib.suppress(OSError), open(table) as f:
-                for line in f.readlines()[1:]:
-                    fields = line.split()
-                    if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
-                        listening.add(f"socket:[{fields[9]}]")
-        fds = []
-        for name in os.listdir("/proc/self/fd"):
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/self/fd/{name}") in listening:
-                    fds.append(int(name))
-        return fds
-    except OSError:
-        return []
-
-
-def _published(sock: socket.socket, written: list[bytes]) -> bool:
-    """Whether this rank published ``sock``'s address in the store (a sockaddr_in
-    or sockaddr_in6 within a value it set: family, port in network order, address)."""
-    host, port = sock.getsockname()[:2]
-    if sock.family == socket.AF_INET:
-        needle = (2).to_bytes(2, "little") + port.to_bytes(2, "big") + socket.inet_pton(socket.AF_INET, host)
-        return any(needle in value for value in written)
-    if sock.family == socket.AF_INET6:
-        head, addr = (10).to_bytes(2, "little") + port.to_bytes(2, "big"), socket.inet_pton(socket.AF_INET6, host)
-        for value in written:
-            at = value.find(head)
-            while at >= 0:
-                if value[at + 8 : at + 24] == addr:
-                    return True
-                at = value.find(head, at + 1)
-    return False
-
-
-def _seal_listeners(written: list[bytes]) -> None:
-    """Make this rank's Gloo listeners drop every new connection; local, never blocks.
-
-    Each Gloo backend keeps a listening socket for its whole life and keeps
-    every connection it accepts (one file descriptor each, even once the
-    peer has gone), although it needs no connection after the group formed.
-    The listener is the backend's, so it stays open; a socket filter that
-    drops every packet (Linux) makes it ignore a stranger's SYN, so no new
-    connection ever reaches it. Only sockets whose address this rank itself
-    published in the store while forming are touched. Elsewhere: nothing.
-    """
-    prog = ctypes.string_at(ctypes.addressof(_DROP_ALL_PROG), ctypes.sizeof(_DROP_ALL_PROG))
-    for fd in _listening_fds():
-        try:
-            sock = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)  # a duplicate: fd stays the backend's
-        except OSError:
-            continue
-        with sock:
-            with contextlib.suppress(OSError, ValueError):
-                if _published(sock, written):
-                    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, prog)
 
 
 def local_shard(dtensor: Any) -> torch.Tensor:
