@@ -1056,7 +1056,7 @@ def test_gc_paused_pauses_the_collector_and_restores_the_callers_setting():
     """Paused inside, restored after (also when the body raises); left off if it was off."""
     import gc
 
-    from torchxfer.sender import gc_paused
+    from torchxfer.pulling import gc_paused
 
     assert gc.isenabled()
     with gc_paused():

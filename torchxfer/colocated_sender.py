@@ -39,7 +39,8 @@ from .loading import ALONE_BYTES
 from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view
 from .peer_reads import PeerReadsUnavailable, allocation_id, capture_graph, ipc_handle, locate
 from .plan import BucketPlan, Layout
-from .sender import SendSide, SourceFailed, gc_paused, pairs, pull_bucket, pull_same, then_raise
+from .pulling import SourceFailed, gc_paused, pairs, pull_bucket, pull_same, then_raise
+from .sender import SendSide
 from .wire import FLAG_CACHED, FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
 
 __all__ = ["ColocatedSender"]

@@ -47,7 +47,8 @@ import torch.distributed as dist
 from .colocated import is_colocated
 from .group import create_side_group, destroy_side_group, side_group
 from .receiver import LoadWeights, ReceiveProgress, Receiver
-from .sender import Sender, gc_paused
+from .pulling import gc_paused
+from .sender import Sender
 
 try:  # public since torch 2.5
     from torch.distributed.tensor import DTensor as _DTensor

@@ -41,7 +41,6 @@ from .config import (
     resolved_device,
 )
 from .engine import _parse, _WorkerEngine
-from .errors import TransferError
 from .group import create_side_group, destroy_side_group, side_group
 from .receiver import LoadWeights
 
