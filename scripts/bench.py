@@ -405,19 +405,25 @@ def _module(specs: list, device: torch.device) -> torch.nn.Module:
     return root
 
 
-def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_port: int = 0,
-              ipc_port: int = 0) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    if rank == args.workers + 1:
-        return _trainer_peer(args, trainer_port)
-    torch.set_num_threads(1)
-    for setting in args.dev:  # development knobs: module constants of the package, for A/B runs
+def apply_dev(settings: list[str]) -> None:
+    """``--dev MODULE.NAME=INT``: development knobs, module constants of the package set in this
+    rank before anything runs (for A/B runs)."""
+    for setting in settings:
         name, value = setting.split("=", 1)
         module, attr = name.rsplit(".", 1)
         target = importlib.import_module(f"torchxfer.{module}")
         if not hasattr(target, attr):
             raise SystemExit(f"--dev {setting}: torchxfer.{module} has no {attr}")
         setattr(target, attr, type(getattr(target, attr))(int(value)))
+
+
+def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_port: int = 0,
+              ipc_port: int = 0) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if rank == args.workers + 1:
+        return _trainer_peer(args, trainer_port)
+    torch.set_num_threads(1)
+    apply_dev(args.dev)
     device = torch.device(args.device)
     if device.type == "cuda":
         # Trainer on cuda:0 (sources, flat floor, send buffers); worker r on cuda:r.

@@ -48,7 +48,7 @@ from torchxfer import (  # noqa: E402
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import _cprofile, _profile  # noqa: E402
+from bench import _cprofile, _profile, apply_dev  # noqa: E402
 
 
 def _maybe_profiled(args: argparse.Namespace, r: int, rank: int, fn):
@@ -89,6 +89,7 @@ def _rank(rank: int, args: argparse.Namespace, ports: tuple[int, int], queue: mp
     faulthandler.dump_traceback_later(max(5.0, args.deadline - 10.0), exit=False)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
+    apply_dev(args.dev)
     cuda = args.device == "cuda"
     backend = "nccl" if cuda else "gloo"
     if cuda:
@@ -197,6 +198,8 @@ def main() -> None:
                    help="the last round under the torch profiler on every rank (DIR/fsdp_rank{r}.json)")
     p.add_argument("--cprofile", default=None, metavar="DIR",
                    help="profile the last round on every rank (DIR/cprofile_rank{r}.txt)")
+    p.add_argument("--dev", action="append", default=[], metavar="MODULE.NAME=INT",
+                   help="development: set a constant of the package in every rank (repeatable)")
     p.add_argument("--out", required=True, help="write the result here (JSON)")
     args = p.parse_args()
     if args.device == "cuda" and torch.cuda.device_count() < 2:
