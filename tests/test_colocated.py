@@ -9,6 +9,7 @@ processes, "processes" xdist group) for SIGKILL of either side, leftovers in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -179,6 +180,53 @@ def test_update_info_mismatch_is_agreed_before_any_wrong_tensor_loads_and_the_gr
         wrong = model[-1][0]
         assert wrong not in loaded[0] and not loaded[1]  # the shape mismatch stops before its tensor loads
         assert _same(loaded[2], model)
+
+
+@pytest.mark.parametrize("backend", ["ipc", "gloo"])
+def test_a_matching_update_info_passes_every_cached_update_and_a_layout_that_departs(backend):
+    """A worker passing a correct update_info (a dict, then the dataclass) succeeds on every update:
+    the first (tables), the cached ones (the layout's buckets checked once, then a fingerprint),
+    and one whose last tensor changes shape (cached buckets, then tables), with its info changed
+    to match. Every tensor arrives bit for bit, the version moves, nothing is torn."""
+    port = free_port()
+    base = _model(5)
+    grown = base[:-1] + [(base[-1][0], _random(torch.bfloat16, (base[-1][1].numel() + 3,), torch.Generator()))]
+    steps = [base, base, base, grown, grown]
+    kw = dict(packed_buffer_size_bytes=BUF, packed_num_buffers=2)
+    engine_cls = IPCWeightTransferEngine if backend == "ipc" else NCCLWeightTransferEngine
+    info_of = {id(m): NCCLWeightTransferUpdateInfo.from_named_tensors(m, packed=True, **kw) for m in (base, grown)}
+
+    def body(rank: int):
+        if rank == 0:
+            info = dict(master_address=ADDR, master_port=port, world_size=3)
+            extra = {"device": "cpu"} if backend == "ipc" else {"backend": "gloo"}
+            group = engine_cls.trainer_init(info, timeout_s=TIMEOUT, **extra)
+            packed = {} if backend == "ipc" else {"packed": True}  # (colocated transfers are always packed)
+            for u, m in enumerate(steps):
+                engine_cls.trainer_send_weights(iter(m), group, version=u, **packed, **kw)
+            destroy_side_group(group)
+            return None
+        if backend == "ipc":
+            engine = _worker(rank, port, 3)
+        else:
+            engine = create_engine(WeightTransferConfig(backend="gloo", timeout_s=TIMEOUT), ParallelConfig(
+                data_parallel_rank=rank - 1, data_parallel_size=2))  # fmt: skip
+            engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 3))
+        results = []
+        for u, m in enumerate(steps):
+            info = info_of[id(m)]
+            got: dict = {}
+            engine.receive_weights(dataclasses.asdict(info) if u % 2 == 0 else info, _collect(got),
+                                   atomic=rank == 2)  # fmt: skip
+            assert engine.weights_version == u and not engine.torn, (rank, u)
+            results.append(got)
+        engine.shutdown()
+        return results
+
+    outcomes = run_threads(body, 3, deadline_s=90)
+    for rank in (1, 2):
+        for u, got in enumerate(outcomes[rank].value):
+            assert _same(got, steps[u]), (rank, u)
 
 
 def test_failures_agreed_atomic_never_torn_source_error_reaches_workers():

@@ -328,9 +328,12 @@ class ColocatedReceiver(WorkerSide):
         self.state.direct_maps.clear()
 
     def finish(self) -> None:
+        """After the last bucket: the update is whole, and as update_info lists (local)."""
         self.finished = True
         if not self.error:
             try:
+                if not self.in_table_mode and self.layout.buckets:  # buckets of the cached layout alone
+                    self.checker.resume_after(self.layout.buckets[-1])
                 self.checker.finish()
             except TransferError as e:
                 self.fail(str(e))
