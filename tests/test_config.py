@@ -349,9 +349,10 @@ _GOOD_GROUP = dict(address="127.0.0.1", port=0, rank=0, world_size=2, backend="g
     ("address", 5, "address must be a non-empty string, got 5"),
     ("address", "", "address must be a non-empty string"),
     ("address", "127.0.0.1\0", "address must be a non-empty string"),
-    ("world_size", "2", "world_size must be an int >= 1, got '2'"),
-    ("world_size", 0, "world_size must be an int >= 1, got 0"),
-    ("world_size", True, "world_size must be an int >= 1, got True"),
+    ("world_size", "2", r"world_size must be an int in \[1, 65536\], got '2'"),
+    ("world_size", 0, r"world_size must be an int in \[1, 65536\], got 0"),
+    ("world_size", True, r"world_size must be an int in \[1, 65536\], got True"),
+    ("world_size", 1 << 17, r"world_size must be an int in \[1, 65536\], got 131072"),
     ("rank", 2, "rank 2 is outside"),
     ("port", 70000, r"port must be an int in \[0, 65535\], got 70000"),
     ("port", -3, r"port must be an int in \[0, 65535\], got -3"),
@@ -543,3 +544,85 @@ def test_a_cuda_device_without_an_index_resolves_to_the_current_one():
     if torch.cuda.is_available():
         assert resolved_device("cuda") == torch.device("cuda", torch.cuda.current_device())
         assert resolved_device("cuda:0") == torch.device("cuda", 0)
+
+
+# -- values found wrong by a black-box review: each a ValueError naming the value, at once ------------
+
+
+@pytest.mark.parametrize("make, pattern", [
+    (lambda: torchxfer.ParallelConfig(tensor_parallel_size=2**70), "tensor_parallel_size must be an int"),
+    (lambda: torchxfer.ParallelConfig(tensor_parallel_size=256, data_parallel_size=256), "at most 65536 ranks"),
+    (lambda: torchxfer.NCCLWeightTransferInitInfo("   ", 29500, 1, 2), "master_address must be a host"),
+    (lambda: torchxfer.NCCLWeightTransferInitInfo("127.0.0.1", 29500, 1, 100_000), "world_size must be an int"),
+    (lambda: torchxfer.NCCLWeightTransferUpdateInfo(["w"], ["bfloat16"], [[2**40, 2**40]]), "too large"),
+    (lambda: torchxfer.NCCLWeightTransferEngine.trainer_init(
+        dict(master_address="127.0.0.1", master_port=29500, world_size=2), backend=""), "backend must be one of"),
+])  # fmt: skip
+def test_out_of_range_configuration_is_a_value_error(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make()
+
+
+def _alone(engine: type, **kw) -> torch.distributed.ProcessGroup:
+    """A side group of the trainer alone (world size 1): the send path's argument checks run."""
+    from tests.harness import ADDR, free_port
+
+    return engine.trainer_init(dict(master_address=ADDR, master_port=free_port(), world_size=1), timeout_s=5, **kw)
+
+
+def test_send_arguments_are_checked_before_anything_moves():
+    pairs = [("w", torch.arange(4.0))]
+    group = _alone(torchxfer.NCCLWeightTransferEngine, backend="gloo")
+    send = torchxfer.NCCLWeightTransferEngine.trainer_send_weights
+    try:
+        for source in (5, None, 3.5):
+            with pytest.raises(ValueError, match="iterable of \\(name, tensor\\) pairs, got"):
+                send(source, group, packed=True)
+        for field in ("checksum", "zero_copy"):
+            for bad in (1, "no", None):
+                with pytest.raises(ValueError, match=f"{field} must be a bool, got {bad!r}"):
+                    send(pairs, group, packed=True, **{field: bad})
+        with pytest.raises(ValueError, match="stream must be None or a torch.cuda.Stream"):
+            send(pairs, group, stream="x")
+        with pytest.raises(ValueError, match="packed_buffer_size_bytes must be an int"):
+            send(pairs, group, packed=True, packed_buffer_size_bytes=2**70)
+        assert send(pairs, group, packed=True).num_tensors == 1  # the group is still usable
+    finally:
+        torchxfer.destroy_side_group(group)
+    group = _alone(torchxfer.IPCWeightTransferEngine, device="cpu")
+    send = torchxfer.IPCWeightTransferEngine.trainer_send_weights
+    try:
+        with pytest.raises(ValueError, match="iterable of \\(name, tensor\\) pairs, got int"):
+            send(5, group)
+        with pytest.raises(ValueError, match="packed_buffer_size_bytes must be an int"):
+            send(pairs, group, packed_buffer_size_bytes=2**70)
+        with pytest.raises(ValueError, match="version must be an int"):
+            send(pairs, group, version=True)
+        assert send(pairs, group).num_tensors == 1
+    finally:
+        torchxfer.destroy_side_group(group)
+
+
+def test_module_loader_refuses_what_is_not_a_batch_and_takes_a_dict_update_info():
+    module = torch.nn.Linear(2, 3)
+    loader = torchxfer.ModuleLoader(module)
+    for batch in (None, 5):
+        with pytest.raises(ValueError, match="a batch must be a list of \\(name, tensor\\) pairs"):
+            loader(batch)
+    for batch in ("x", [("weight", [1, 2])], [("weight",)], [(1, torch.zeros(3, 2))]):
+        with pytest.raises(ValueError, match="a batch holds \\(name, tensor\\) pairs; item 0"):
+            loader(batch)
+    assert not loader.loaded
+    for info in (None, "x", 5):
+        with pytest.raises(ValueError, match="update_info must be a NCCLWeightTransferUpdateInfo or a dict"):
+            loader.check(info)
+    info = torchxfer.update_info_for(module)
+    loader.check(dataclasses.asdict(info))  # as receive_weights takes it
+    bad = dict(dataclasses.asdict(info), shapes=[[3, 3], [3]])
+    with pytest.raises(ValueError, match="'weight': shape \\[3, 3\\]"):
+        loader.check(bad)
+    for flag in ("strict", "include_buffers"):
+        with pytest.raises(ValueError, match=f"{flag} must be a bool, got None"):
+            torchxfer.ModuleLoader(module, **{flag: None})
+    with pytest.raises(ValueError, match="include_buffers must be a bool, got None"):
+        torchxfer.update_info_for(module, include_buffers=None)

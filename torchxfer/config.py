@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -46,6 +47,10 @@ def _check_int(owner: str, field: str, value: Any, lo: int, hi: int | None = Non
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{owner}.{field} must be an int {bound}, got {value!r}")
 
+
+MAX_WORLD_SIZE = 1 << 16
+"""The most ranks one side group may hold (the trainer and every worker); its rendezvous
+reads a key per rank from the trainer's store."""
 
 MAX_TIMEOUT_S = 1e8
 """The largest ``timeout_s`` (about three years): beyond about 9e9 s Python's own waits and
@@ -119,18 +124,34 @@ def check_backend(owner: str, value: Any) -> str:
     return value
 
 
+MAX_BUFFER_BYTES = 1 << 62
+"""The largest ``packed_buffer_size_bytes``: rows carry it as an int64."""
+
+
 def check_buffers(owner: str, buffer_size: Any, num_buffers: Any) -> None:
-    _check_int(owner, "packed_buffer_size_bytes", buffer_size, ALIGNMENT)
+    _check_int(owner, "packed_buffer_size_bytes", buffer_size, ALIGNMENT, MAX_BUFFER_BYTES)
     _check_int(owner, "packed_num_buffers", num_buffers, 1, MAX_NUM_BUFFERS)
 
 
-def check_send(owner: str, packed: Any, buffer_size: Any, num_buffers: Any, version: Any) -> None:
-    """The arguments every send takes (``trainer_send_weights``, ``send_model``), checked in one place."""
-    if not isinstance(packed, bool):
-        raise ValueError(f"{owner}: packed must be a bool, got {packed!r}")
+def check_send(owner: str, packed: Any, buffer_size: Any, num_buffers: Any, version: Any, **flags: Any) -> None:
+    """The arguments every send takes (``trainer_send_weights`` of both engines, ``send_model``),
+    checked in one place; ``flags``: more arguments that must be bools (``checksum=...``)."""
+    for name, value in (("packed", packed), *flags.items()):
+        if not isinstance(value, bool):
+            raise ValueError(f"{owner}: {name} must be a bool, got {value!r:.80}")
     check_buffers(owner, buffer_size, num_buffers)
     if version is not None and (not _is_int(version) or not 0 <= version < 1 << 62):
         raise ValueError(f"{owner}: version must be an int in [0, 2**62), got {version!r}")
+
+
+def check_source(owner: str, iterator: Any, post_iter_func: Any) -> None:
+    """A source of ``(name, tensor)`` pairs: anything ``iter()`` accepts (not called here: a
+    source's ``__iter__`` may do work), and ``post_iter_func`` None or callable."""
+    if not (hasattr(type(iterator), "__iter__") or hasattr(type(iterator), "__getitem__")):
+        raise ValueError(f"{owner}: the source must be an iterable of (name, tensor) pairs, "
+                         f"got {type(iterator).__name__}: {iterator!r:.80}")  # fmt: skip
+    if post_iter_func is not None and not callable(post_iter_func):
+        raise ValueError(f"{owner}: post_iter_func must be callable, got {post_iter_func!r:.80}")
 
 
 @dataclasses.dataclass
@@ -178,7 +199,10 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         for field in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
-            _check_int("ParallelConfig", field, getattr(self, field), 1)
+            _check_int("ParallelConfig", field, getattr(self, field), 1, MAX_WORLD_SIZE)
+        if self.world_size * self.data_parallel_size >= MAX_WORLD_SIZE:
+            raise ValueError(f"ParallelConfig: DP x TP x PP = {self.world_size * self.data_parallel_size} workers, "
+                             f"a side group holds at most {MAX_WORLD_SIZE} ranks")  # fmt: skip
         _check_int("ParallelConfig", "rank", self.rank, 0, self.world_size - 1)
         _check_int("ParallelConfig", "data_parallel_rank", self.data_parallel_rank, 0, self.data_parallel_size - 1)
 
@@ -217,11 +241,11 @@ class NCCLWeightTransferInitInfo:
     weight moves. The token itself never travels."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.master_address, str) or not self.master_address:
-            raise ValueError(f"master_address must be a non-empty string, got {self.master_address!r}")
+        if not isinstance(self.master_address, str) or not self.master_address.strip() or "\0" in self.master_address:
+            raise ValueError(f"master_address must be a host name or address, got {self.master_address!r:.80}")
         _check_int(type(self).__name__, "master_port", self.master_port, 1, 65535)
         _check_int(type(self).__name__, "rank_offset", self.rank_offset, 1)
-        _check_int(type(self).__name__, "world_size", self.world_size, 1)
+        _check_int(type(self).__name__, "world_size", self.world_size, 1, MAX_WORLD_SIZE)
         check_token(type(self).__name__, self.token)
 
     def __repr__(self) -> str:  # never print the secret
@@ -316,3 +340,23 @@ class TransferStats:
     @property
     def gb_per_s(self) -> float:
         return self.num_bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+
+def parse_info(cls: type, value: Any, what: str) -> Any:
+    """``value`` as a ``cls`` (an info dataclass): itself, or built from a dict with exactly its
+    fields (ValueError naming unknown or missing keys, or anything else given)."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(value) - set(fields), key=repr)
+    if unknown:
+        raise ValueError(f"{what} has unknown keys {unknown}; expected keys from {sorted(fields)}")
+    missing = sorted(
+        name for name, f in fields.items()
+        if name not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )  # fmt: skip
+    if missing:
+        raise ValueError(f"{what} is missing keys {missing}")
+    return cls(**value)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 import logging
 import itertools
 import threading
@@ -36,8 +35,10 @@ from .config import (
     WeightTransferConfig,
     check_backend,
     check_send,
+    check_source,
     check_timeout,
     check_visible,
+    parse_info,
     resolved_device,
     worker_rank,
 )
@@ -63,24 +64,6 @@ InitInfoT = TypeVar("InitInfoT")
 UpdateInfoT = TypeVar("UpdateInfoT")
 
 
-def _parse(cls: type, value: Any, what: str) -> Any:
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{what} must be a {cls.__name__} or a dict, got {type(value).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(value) - set(fields), key=repr)
-    if unknown:
-        raise ValueError(f"{what} has unknown keys {unknown}; expected keys from {sorted(fields)}")
-    missing = sorted(
-        name for name, f in fields.items()
-        if name not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    )  # fmt: skip
-    if missing:
-        raise ValueError(f"{what} is missing keys {missing}")
-    return cls(**value)
-
-
 class WeightTransferEngine(abc.ABC, Generic[InitInfoT, UpdateInfoT]):
     """Base of transfer engines, typed over their init and update infos.
 
@@ -103,12 +86,12 @@ class WeightTransferEngine(abc.ABC, Generic[InitInfoT, UpdateInfoT]):
     @classmethod
     def parse_init_info(cls, init_dict: Mapping[str, Any]) -> InitInfoT:
         """Build the init info from a dict; ValueError on unknown, missing or bad values."""
-        return _parse(cls.init_info_cls, init_dict, "init info")
+        return parse_info(cls.init_info_cls, init_dict, "init info")
 
     @classmethod
     def parse_update_info(cls, update_dict: Mapping[str, Any]) -> UpdateInfoT:
         """Build the update info from a dict; ValueError on unknown, missing or bad values."""
-        return _parse(cls.update_info_cls, update_dict, "update info")
+        return parse_info(cls.update_info_cls, update_dict, "update info")
 
     @abc.abstractmethod
     def init_transfer_engine(self, init_info: InitInfoT) -> None: ...
@@ -317,8 +300,10 @@ class NCCLWeightTransferEngine(_WorkerEngine[NCCLWeightTransferInitInfo, NCCLWei
         """
         if isinstance(init_info, Mapping):
             init_info = {"rank_offset": 1, **init_info}
-        info = _parse(NCCLWeightTransferInitInfo, init_info, "init info")
-        backend = check_backend("trainer_init", backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        info = parse_info(NCCLWeightTransferInitInfo, init_info, "init info")
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = check_backend("trainer_init", backend)
         timeout = check_timeout("trainer_init", DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" and torch.cuda.is_available() else None
         return create_side_group(
@@ -400,9 +385,11 @@ def send_pairs(iterator: Iterable[tuple[str, torch.Tensor]], group: dist.Process
                          "IPCWeightTransferEngine.trainer_send_weights, or torchxfer.send_model")  # fmt: skip
     if isinstance(src, bool) or src != 0 or group.rank() != 0:
         raise ValueError(f"the trainer sends as rank 0 of the side group; got src={src!r} on rank {group.rank()}")
-    check_send("trainer_send_weights", packed, packed_buffer_size_bytes, packed_num_buffers, version)
-    if post_iter_func is not None and not callable(post_iter_func):
-        raise ValueError(f"post_iter_func must be callable, got {post_iter_func!r}")
+    check_send("trainer_send_weights", packed, packed_buffer_size_bytes, packed_num_buffers, version,
+               checksum=checksum, zero_copy=zero_copy)  # fmt: skip
+    check_source("trainer_send_weights", iterator, post_iter_func)
+    if stream is not None and not isinstance(stream, torch.cuda.Stream):
+        raise ValueError(f"trainer_send_weights: stream must be None or a torch.cuda.Stream, got {stream!r:.80}")
     side.check_usable()
     num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
     with gc_paused():  # from the first pull on: see sender.gc_paused

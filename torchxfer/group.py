@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from . import rendezvous as rdv
-from .config import check_timeout, check_token, wait_timeout
+from .config import MAX_WORLD_SIZE, check_timeout, check_token, wait_timeout
 from .errors import TransferError
 
 __all__ = ["SideGroup", "create_side_group", "side_group", "destroy_side_group", "local_shard"]
@@ -507,8 +507,8 @@ def create_side_group(
     start = time.monotonic()
     if not isinstance(address, str) or not address or "\0" in address:
         raise ValueError(f"create_side_group: address must be a non-empty string, got {address!r:.80}")
-    if not _is_int(world_size) or world_size < 1:
-        raise ValueError(f"create_side_group: world_size must be an int >= 1, got {world_size!r:.40}")
+    if not _is_int(world_size) or not 1 <= world_size <= MAX_WORLD_SIZE:
+        raise ValueError(f"create_side_group: world_size must be an int in [1, {MAX_WORLD_SIZE}], got {world_size!r:.40}")
     if not _is_int(rank) or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank!r:.40} is outside the side group's world of size {world_size}")
     lowest = 0 if rank == 0 else 1  # rank 0 may ask for any free port; a worker connects to a real one

@@ -35,12 +35,14 @@ from .config import (
     ParallelConfig,
     TransferStats,
     WeightTransferConfig,
-    check_buffers,
+    check_send,
+    check_source,
     check_timeout,
     check_visible,
+    parse_info,
     resolved_device,
 )
-from .engine import _parse, _WorkerEngine
+from .engine import _WorkerEngine
 from .group import create_side_group, destroy_side_group, side_group
 from .receiver import LoadWeights
 
@@ -156,7 +158,7 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
         """
         if isinstance(init_info, Mapping):
             init_info = {"rank_offset": 1, **init_info}
-        info = _parse(IPCWeightTransferInitInfo, init_info, "init info")
+        info = parse_info(IPCWeightTransferInitInfo, init_info, "init info")
         timeout = check_timeout("trainer_init", DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
         try:
             dev = _default_device() if device is None else torch.device(device)
@@ -202,11 +204,8 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
         colocated_device(side)  # ValueError unless the group is colocated
         if group.rank() != 0:
             raise ValueError(f"the trainer sends as rank 0 of the side group; this is rank {group.rank()}")
-        check_buffers("trainer_send_weights", packed_buffer_size_bytes, packed_num_buffers)
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or not 0 <= version < 1 << 62):
-            raise ValueError(f"version must be an int in [0, 2**62), got {version!r}")
-        if post_iter_func is not None and not callable(post_iter_func):
-            raise ValueError(f"post_iter_func must be callable, got {post_iter_func!r}")
+        check_send("trainer_send_weights", True, packed_buffer_size_bytes, packed_num_buffers, version)
+        check_source("trainer_send_weights", iterator, post_iter_func)
         side.check_usable()
         num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
         sender = ColocatedSender(side, buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import NCCLWeightTransferUpdateInfo
+from .config import NCCLWeightTransferUpdateInfo, parse_info
 from .group import metadata_guard
 from .packing import dtype_name, parse_dtype
 
@@ -168,8 +168,9 @@ class ModuleLoader:
     def __init__(self, module: nn.Module, *, strict: bool = True, include_buffers: bool = True) -> None:
         if not isinstance(module, nn.Module):
             raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
-        if not isinstance(strict, bool):
-            raise ValueError(f"strict must be a bool, got {strict!r}")
+        for name, flag in (("strict", strict), ("include_buffers", include_buffers)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r:.80}")
         self.strict = strict
         params = {id(p) for p in module.parameters()}
         self.targets: dict[str, torch.Tensor] = {
@@ -208,7 +209,10 @@ class ModuleLoader:
         checked by comparing its shapes and dtypes with that batch's (the same
         rules, without redoing the per-name lookups).
         """
-        batch = batch if isinstance(batch, list) else list(batch)
+        if not isinstance(batch, list):
+            if not (hasattr(type(batch), "__iter__") or hasattr(type(batch), "__getitem__")):
+                raise ValueError(f"a batch must be a list of (name, tensor) pairs, got {type(batch).__name__}")
+            batch = list(batch)
         try:
             key = tuple(map(_FIRST, batch))
             plan = self._plans.get(key)
@@ -251,7 +255,12 @@ class ModuleLoader:
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
         positions: list[int] = []
-        for position, (name, tensor) in enumerate(batch):
+        for position, pair in enumerate(batch):
+            if not isinstance(pair, tuple) or len(pair) != 2 or not isinstance(pair[0], str) \
+                    or not isinstance(pair[1], torch.Tensor):  # fmt: skip
+                raise ValueError(f"a batch holds (name, tensor) pairs; item {position} is {type(pair).__name__}: "
+                                 f"{pair!r:.80}")  # fmt: skip
+            name, tensor = pair
             target = targets.get(name)
             if target is None:
                 if self.strict:
@@ -319,10 +328,12 @@ class ModuleLoader:
             raise
         self.finish()
 
-    def check(self, update_info: NCCLWeightTransferUpdateInfo) -> None:
+    def check(self, update_info: NCCLWeightTransferUpdateInfo | Mapping[str, Any]) -> None:
         """Before a transfer: one ValueError naming every name, shape or dtype of
-        ``update_info`` that this module cannot take (and, strict, every tensor
-        of the module it leaves out)."""
+        ``update_info`` (the dataclass or a dict of its fields, as ``receive_weights``
+        takes) that this module cannot take (and, strict, every tensor of the module
+        it leaves out)."""
+        update_info = parse_info(NCCLWeightTransferUpdateInfo, update_info, "update_info")
         problems, names = [], set()
         for name, dtype, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes):
             problem = self._problem(name, parse_dtype(dtype), list(shape))

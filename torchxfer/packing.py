@@ -57,6 +57,8 @@ MAX_SLOTS_PER_BUCKET = 4096
 """Most slots one bucket may hold; keeps a bucket header under the size cap."""
 
 MAX_NDIM = 64
+MAX_TENSOR_BYTES = 1 << 62
+"""The most bytes one tensor may hold: offsets and lengths travel as int64."""
 """Most dimensions a tensor on the wire may have."""
 
 MAX_NAME_CHARS = 4096
@@ -152,6 +154,8 @@ class TensorSpec:
         n = 1
         for dim in self.shape:
             n *= dim
+        if n * self.dtype.itemsize > MAX_TENSOR_BYTES:
+            raise ValueError(f"tensor {self.name[:60]!r} of shape {list(self.shape)} is too large: more than 2**62 bytes")
         object.__setattr__(self, "_numel", n)
 
     @property

@@ -500,6 +500,8 @@ def update_info_for(
     from names, global shapes (a DTensor's ``shape``) and dtypes: nothing is
     gathered. Hand it to servers (``receive_weights(info, ...)``,
     ``ModuleLoader.check(info)``) to check each update out of band."""
+    if not isinstance(include_buffers, bool):
+        raise ValueError(f"update_info_for: include_buffers must be a bool, got {include_buffers!r:.80}")
     entries = plan(source, dtype, name_map, include_buffers)
     return NCCLWeightTransferUpdateInfo(
         [e.name for e in entries], [dtype_name(e.dtype) for e in entries], [list(e.shape) for e in entries],

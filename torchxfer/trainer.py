@@ -196,7 +196,8 @@ def send_model(
     local_error: Exception | None = None
     row: torch.Tensor | None = None  # this rank's peer-read row, made before the plan check
     try:
-        check_send("send_model", packed, packed_buffer_size_bytes, packed_num_buffers, version)
+        check_send("send_model", packed, packed_buffer_size_bytes, packed_num_buffers, version, checksum=checksum,
+                   include_buffers=include_buffers)  # fmt: skip
         if group is None and lock is None:
             raise ValueError("group is None, but there is no trainer group of several ranks to send for: "
                              "the one trainer process must pass its side group")  # fmt: skip
