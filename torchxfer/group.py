@@ -612,6 +612,17 @@ def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor]
     return work
 
 
+def borrowed_bytes(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 tensor over ``nbytes`` at device pointer ``ptr`` (any address a kernel on
+    ``device`` can read: its own memory or a peer GPU's, mapped), which torch never frees and
+    takes to be on ``device`` whatever GPU the memory lies on. Private:
+    ``torch._C._construct_storage_from_data_pointer`` (torch 2.6-2.13); the public
+    ``__cuda_array_interface__`` route asks the driver where the memory lies and would copy a
+    peer's memory over."""
+    storage = torch._C._construct_storage_from_data_pointer(ptr, device, nbytes)
+    return torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+
+
 def local_shard(dtensor: Any) -> torch.Tensor:
     """A DTensor's local tensor as it is stored (``DTensor._local_tensor``, torch 2.6-2.13).
 
