@@ -8,10 +8,8 @@ Cases, each the median of 10 rounds in ms, both ranks entering each round togeth
 ``bcast`` 2 GiB broadcast from rank 0 alone; ``pull_alone`` rank 0 copies 1 GiB from GPU 1's
 memory into its own (the copy engines, its side stream); ``push_alone`` rank 1 copies 1 GiB from
 its memory into GPU 0's; ``back_alone`` rank 1 broadcasts 1 GiB to rank 0 on a second NCCL group
-(the SMs, not the copy engines); ``pullsm_alone`` the pull as a kernel on GPU 0's SMs
-(``peer_reads.copy_kernel``); ``bcast+pull``, ``bcast+push``, ``bcast+back`` and ``bcast+pullsm``
-both at once. The 1 GiB tensors are
-shared once by CUDA IPC (torch.multiprocessing queues: a development tool, not the library).
+(the SMs, not the copy engines); ``bcast+pull``, ``bcast+push`` and ``bcast+back`` both at once.
+The 1 GiB tensors are shared once by CUDA IPC (torch.multiprocessing queues: a development tool, not the library).
 """
 
 from __future__ import annotations
@@ -29,8 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from demo_util import free_port  # noqa: E402
 from diag_util import high_priority_group, nccl_pair, sync  # noqa: E402
-
-from torchxfer.peer_reads import copy_kernel  # noqa: E402
 
 GiB = 1 << 30
 ROUNDS = 10
@@ -52,24 +48,22 @@ def rank_main(rank: int, port: int, to_1: mp.Queue, to_0: mp.Queue) -> None:
     back = torch.empty(GiB, dtype=torch.uint8, device=device) if rank == 0 else mine
     dist.broadcast(back, group_src=1, group=reverse)  # (the communicator made outside the timing)
 
-    def copy(sm: bool = False) -> None:
+    def copy() -> None:
         with torch.cuda.stream(side):
-            if sm:
-                copy_kernel(mine.data_ptr(), other.data_ptr(), GiB, 1, GiB, device)  # pull, by the SMs
-            elif rank == 0:
+            if rank == 0:
                 mine.copy_(other)  # pull
             else:
                 other.copy_(mine)  # push
 
     def timed(case: str) -> float:
         kind = case.split("+")[-1].removesuffix("_alone")
-        copier = {"pull": 0, "push": 1, "pullsm": 0}.get(kind)
+        copier = {"pull": 0, "push": 1}.get(kind)
         times = []
         for rnd in range(ROUNDS + 1):
             sync(device)
             start = time.perf_counter()
             if copier == rank:
-                copy(sm=kind == "pullsm")
+                copy()
             work = dist.broadcast(back, group_src=1, group=reverse, async_op=True) if kind == "back" else None
             if case.startswith("bcast"):
                 dist.broadcast(payload, src=0)
@@ -81,8 +75,8 @@ def rank_main(rank: int, port: int, to_1: mp.Queue, to_0: mp.Queue) -> None:
                 times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
 
-    for case in ("bcast", "pull_alone", "pullsm_alone", "back_alone", "bcast+pull", "bcast+pullsm", "bcast+back",
-                 "bcast", "bcast+pull", "bcast+pullsm"):
+    for case in ("bcast", "pull_alone", "push_alone", "back_alone", "bcast+pull", "bcast+push", "bcast+back",
+                 "bcast", "bcast+pull", "bcast+back"):
         ms = timed(case)
         if rank == 0:
             print(f"rank0 {case:12s} {ms:.2f} ms", flush=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, NCCL bench, FSDP2 bench, colocated bench, GPU tests.
 # Usage (on a machine with 2 GPUs): OUT=/some/dir bash scripts/gpu_check.sh [steps...]
-# Steps: env nccl nccltiny moe unpacked fsdp fsdpplain fsdpfree fsdp256 fsdpnccl fsdpoff fsdpprof fsdpgpu fsdptl fsdptl256 overlap fsdptests peer peerx peerbw ipc ipcab ipctests tlunpacked tlpacked lagab bcastmodes trace256 beginlat tlipc ipcfull packcont pushpull ctas cudatests tests (default: env nccl fsdp ipc tests). Each step is
+# Steps: env nccl nccltiny moe unpacked fsdp fsdpplain fsdpfree fsdp256 fsdpnccl fsdpoff fsdpprof fsdpgpu fsdptl fsdptl256 overlap fsdptests peer peerx peerbw ipc ipcab ipctests tlunpacked tlpacked lagab bcastmodes trace256 beginlat tlipc ipcfull packcont pushpull cudatests tests (default: env nccl fsdp ipc tests). Each step is
 # bounded by its own timeout so one hang cannot eat the call; logs go under $OUT.
 # The steps overlap, fsdpgpu, fsdptl, fsdptl256 and peerbw run throwaway diagnostics from .diag/,
 # which is not in the repository (carry it to the device); bcastmodes, packcont, pushpull, beginlat, trace256 and
@@ -67,13 +67,6 @@ for s in "${steps[@]}"; do
     packcont) timeout 200 python3 scripts/diag_pack_contention.py 2>&1 | grep -E "^rank|Error|error" ;;
     beginlat) timeout 100 python3 scripts/diag_control_latency.py 2>&1 | grep "^rank" ;;
     pushpull) timeout 150 python3 scripts/diag_push_pull.py 2>&1 | grep "^rank" ;;
-    ctas) NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,TUNING timeout 100 python3 scripts/bench.py --backend nccl --device cuda \
-            --workers 1 --layouts huge --modes flat --total-mib 256 --repeats 1 > "$OUT/nccl_info.log" 2>&1
-          grep -E "nChannels|Channel [0-9]+/|CTAs|Init COMPLETE" "$OUT/nccl_info.log" | sort | uniq -c | sort -rn | head -8
-          for i in 1 2; do for c in "0 0" "32 0" "0 16"; do set -- $c; echo "--- min_ctas $1 max_ctas $2, run $i"
-            timeout 150 python3 scripts/bench.py --backend nccl --device cuda --workers 1 --layouts transformer,huge \
-              --modes flat,packed --buffer-mib 1024,256 --num-buffers 2 --repeats 3 --dev group.NCCL_MIN_CTAS=$1 \
-              --dev group.NCCL_MAX_CTAS=$2 --out "$OUT/ctas_$1_$2_$i.json" 2>&1 | grep -v "] {'layout'" | tail -7; done; done ;;
     tlipc) CUDA_VISIBLE_DEVICES=0 timeout 100 python3 scripts/bench_timeline.py --out-dir "$OUT/tl_ipc" --backend gloo \
              --device cuda --workers 1 --layouts transformer --modes ipc --buffer-mib 1024 --num-buffers 2 --repeats 5 2>&1 | tail -3 ;;
     ipcfull) CUDA_VISIBLE_DEVICES=0 timeout 200 python3 scripts/bench.py --backend gloo --device cuda --workers 1 \

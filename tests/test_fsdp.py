@@ -192,14 +192,13 @@ def _worker(side_port: int, device_type: str, gpu: int) -> object:
 
 
 def _rank(rank: int, side_port: int, trainer_port: int, world: int, device_type: str, two_d: tuple,
-          batched: str = "") -> object:  # fmt: skip
+          batched: bool = False) -> object:  # fmt: skip
     if rank == world:
         return _worker(side_port, device_type, world - 1)
-    if batched:  # NCCL's message layout (every rank in every batch), here over Gloo
+    if batched:  # NCCL's message layout (one section per rank, every rank in every batch), here over Gloo
         import torchxfer.gather
 
         torchxfer.gather.one_by_one = lambda pg: False
-        torchxfer.gather.NCCL_DIRECT = int(batched == "direct")  # Shard(0) shards from their own memory
     return _trainer_rank(rank, side_port, trainer_port, world, device_type, two_d)
 
 
@@ -230,7 +229,7 @@ def _check(outcomes: list, world: int) -> None:
     assert len(errors) == 3 and all("send_model" in e for e in errors), errors
 
 
-@pytest.mark.parametrize("batched", ["", "sections", "direct"], ids=["gloo-messages", "nccl-sections", "nccl-direct"])
+@pytest.mark.parametrize("batched", [False, True], ids=["gloo-messages", "nccl-messages"])
 def test_every_placement_bit_exact_on_cpu_gloo(batched):
     world = 4
     outcomes = run_processes(_rank, world + 1, free_port(), free_port(), world, "cpu", (2, 2), batched,

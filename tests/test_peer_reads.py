@@ -455,21 +455,3 @@ def test_a_trainer_rank_that_dies_after_a_peer_read_update_fails_the_senders_nex
     assert outcomes[2].value == [want]
     assert second.startswith("TransferError") and "trainer group" in second, second
     assert elapsed < 15, elapsed
-
-
-@pytest.mark.parametrize("width, rows, pitch, offset", [(64, 1, 64, 0), (40, 3, 64, 8), (13, 4, 29, 3), (16, 5, 16, 0),
-                                                        (24, 2, 40, 5), (0, 3, 8, 0)])  # fmt: skip
-def test_a_copy_as_a_kernel_places_every_row_and_nothing_else(width, rows, pitch, offset):
-    """``peer_reads.copy_kernel`` (the SMs' copy, ``SM_COPIES``), on the CPU: each of ``rows`` runs of
-    ``width`` bytes lands ``pitch`` apart at ``offset``, 8 bytes a lane or 1, and no byte around
-    them changes."""
-    from torchxfer.peer_reads import copy_kernel
-
-    gen = torch.Generator().manual_seed(width * 7 + rows)
-    src = torch.randint(0, 256, (rows * width,), dtype=torch.uint8, generator=gen)
-    dst = torch.randint(0, 256, (offset + (rows - 1) * pitch + width + 9,), dtype=torch.uint8, generator=gen)
-    expected = dst.clone()
-    for r in range(rows):
-        expected[offset + r * pitch : offset + r * pitch + width] = src[r * width : (r + 1) * width]
-    copy_kernel(dst.data_ptr() + offset, src.data_ptr(), width, rows, pitch, torch.device("cpu"))
-    assert torch.equal(dst, expected)

@@ -60,9 +60,6 @@ from .sources import Entry, is_dtensor, materialize, mesh_device
 __all__ = ["GatherFailed", "Gatherer", "Posted", "local_tensor", "peer_row"]
 
 _TAG_SPACE = 1 << 30
-NCCL_DIRECT = 0
-"""1: on NCCL too, a Shard(0) shard is sent from its own memory straight into its rows of the
-full tensor (as on Gloo), instead of through a packed section (a measurement knob)."""
 log = logging.getLogger("torchxfer")
 
 
@@ -459,7 +456,7 @@ class Gatherer:
         if self.peers is not None:
             self._read_peers(op, fulls)
             return
-        op.direct = [(op.p2p or bool(NCCL_DIRECT)) and self.entries[i].shard.dim == 0 for i in op.entries]
+        op.direct = [op.p2p and self.entries[i].shard.dim == 0 for i in op.entries]
         cursors = [0] * op.world
         for i, direct in zip(op.entries, op.direct):
             entry = self.entries[i]

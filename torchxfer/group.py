@@ -379,12 +379,6 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-NCCL_MIN_CTAS = 0
-"""The side group's NCCL communicator's ``minCTAs`` (0: NCCL's own choice)."""
-NCCL_MAX_CTAS = 0
-"""Its ``maxCTAs`` (0: NCCL's own choice)."""
-
-
 def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, timeout_s: float) -> Any:
     """Make a Gloo or NCCL backend from the store and install it as ``pg``'s."""
     rank, world, timeout = pg.rank(), pg.size(), wait_timeout(timeout_s)
@@ -401,11 +395,6 @@ def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, 
         # the next broadcast may start; at default priority the copy took every SM first and
         # that broadcast waited for it (about 0.09 ms per bucket on an H200).
         opts.is_high_priority_stream = True
-        if NCCL_MIN_CTAS or NCCL_MAX_CTAS:  # (a measurement knob; NCCL chooses when both are 0)
-            if NCCL_MIN_CTAS:
-                opts.config.min_ctas = NCCL_MIN_CTAS
-            if NCCL_MAX_CTAS:
-                opts.config.max_ctas = NCCL_MAX_CTAS
         # The watchdog reads these when the backend is built (torch 2.6-2.13):
         # with error handling off it no longer tears the process down when a
         # collective times out; SideGroup.wait notices the timeout and aborts
@@ -610,17 +599,6 @@ def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor]
     if work is None:
         raise RuntimeError("the NCCL group call returned no work")
     return work
-
-
-def borrowed_bytes(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
-    """A uint8 tensor over ``nbytes`` at device pointer ``ptr`` (any address a kernel on
-    ``device`` can read: its own memory or a peer GPU's, mapped), which torch never frees and
-    takes to be on ``device`` whatever GPU the memory lies on. Private:
-    ``torch._C._construct_storage_from_data_pointer`` (torch 2.6-2.13); the public
-    ``__cuda_array_interface__`` route asks the driver where the memory lies and would copy a
-    peer's memory over."""
-    storage = torch._C._construct_storage_from_data_pointer(ptr, device, nbytes)
-    return torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
 
 
 def local_shard(dtensor: Any) -> torch.Tensor:

@@ -48,7 +48,6 @@ from typing import Any
 import torch
 
 from .config import env_flag
-from .group import borrowed_bytes
 from .ipc_transport import NoAllocation, _check, _cudart, _driver, _handle, _IpcHandle, allocation_id, mapped_size
 from .ipc_transport import locate as _locate
 
@@ -320,43 +319,6 @@ def copy_bytes(dst: int, src: int, width: int, rows: int, pitch: int, stream: in
         _check(lib.cudaMemcpy2DAsync(dst, pitch, src, width, width, rows, 4, stream), "cudaMemcpy2DAsync of a shard")
 
 
-SM_COPIES = 0
-"""1: the copies run as kernels on this GPU's SMs (reading the other GPU's memory over
-NVLink) instead of on the copy engines; a measurement knob."""
-
-
-def copy_kernel(dst: int, src: int, width: int, rows: int, pitch: int, device: torch.device) -> None:
-    """:func:`copy_bytes` as a kernel on ``device``'s current stream (an elementwise copy through
-    the SMs, 8 bytes a lane where everything is 8-byte aligned)."""
-    if not width or not rows:
-        return
-    flat = rows == 1 or width == pitch
-    unit = 8 if not (dst | src | width | (0 if flat else pitch)) % 8 else 1
-    dtype = torch.int64 if unit == 8 else torch.uint8
-    source = borrowed_bytes(src, rows * width, device).view(dtype)
-    if flat:
-        target = borrowed_bytes(dst, rows * width, device).view(dtype)
-    else:
-        span = (rows - 1) * pitch + width
-        target = borrowed_bytes(dst, span, device)
-        if unit == 8:
-            target = target.view(dtype)
-        target = target.as_strided((rows, width // unit), (pitch // unit, 1))
-        source = source.view(rows, width // unit)
-    torch.bitwise_or(source, 0, out=target)  # a kernel, where copy_ would hand a memcpy to the copy engines
-
-
-def _issue(copies: list[tuple[int, int, int, int, int]], device: torch.device) -> None:
-    """Every copy, in order, on ``device``'s current stream (copy engines, or SMs: ``SM_COPIES``)."""
-    if SM_COPIES:
-        for args in copies:
-            copy_kernel(*args, device)
-        return
-    stream = torch.cuda.current_stream(device).cuda_stream
-    for args in copies:
-        copy_bytes(*args, stream)
-
-
 _graphs: dict[tuple, Any] = {}
 """Captured batches of copies (CUDA graphs), by their exact copies: an RL trainer's copies of
 one run of one bucket are the same every update (same buffers, shards and mappings)."""
@@ -372,11 +334,9 @@ def copy_batch(copies: list[tuple[int, int, int, int, int]], device: torch.devic
     first time is captured (nothing runs then), then replayed; if capturing fails, copies are
     issued one by one from then on."""
     if device.type != "cuda" or len(copies) < 2 or _graphs_off:
-        if device.type == "cuda":
-            _issue(copies, device)
-        else:
-            for args in copies:
-                copy_bytes(*args, None)
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+        for args in copies:
+            copy_bytes(*args, stream)
         return
     key = (device.index, tuple(copies))
     graph = _graphs.get(key)
@@ -419,7 +379,9 @@ def _capture(copies: list[tuple[int, int, int, int, int]], device: torch.device)
     """A CUDA graph of ``copies`` (nothing run), or None (and graphs off in this process)."""
 
     def record() -> None:
-        _issue(copies, device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        for args in copies:
+            copy_bytes(*args, stream)
 
     graph, why = capture_graph(record, device)
     if graph is None:
