@@ -1421,3 +1421,62 @@ def test_a_cuda_ipc_handle_of_other_than_64_bytes_is_refused_before_any_driver_c
 
     with pytest.raises(TransferError, match="64 bytes"):
         ipc_transport._handle(raw)
+
+
+@pytest.mark.parametrize("backend", ["ipc", "gloo"])
+def test_two_threads_sending_on_one_group_take_turns(backend):
+    """Two trainer threads call trainer_send_weights on one group at once (the second while the
+    first pulls a slow source): the updates go one after the other, never interleaved on the
+    wire, and the worker receives both, bit for bit."""
+    import threading
+
+    port = free_port()
+    models = [_model(10, big=10), _model(11, big=10)]
+    engine_cls = IPCWeightTransferEngine if backend == "ipc" else NCCLWeightTransferEngine
+    kw = {} if backend == "ipc" else {"packed": True}
+    pulled = threading.Event()
+
+    def slow(model):
+        for k, item in enumerate(model):
+            if k == 3:
+                pulled.set()  # the other thread starts now, in the middle of this update
+                time.sleep(0.2)
+            yield item
+
+    def body(rank: int):
+        if rank == 0:
+            extra = {"device": "cpu"} if backend == "ipc" else {"backend": "gloo"}
+            group = engine_cls.trainer_init(dict(master_address=ADDR, master_port=port, world_size=2),
+                                            timeout_s=TIMEOUT, **extra)  # fmt: skip
+            outcomes: list = [None, None]
+
+            def send(i: int) -> None:
+                try:
+                    outcomes[i] = engine_cls.trainer_send_weights(slow(models[i]) if i == 0 else iter(models[i]),
+                                                                  group, packed_buffer_size_bytes=BUF, **kw).num_tensors
+                except Exception as e:  # noqa: BLE001 - reported to the test
+                    outcomes[i] = repr(e)
+
+            first = threading.Thread(target=send, args=(0,))
+            first.start()
+            assert pulled.wait(TIMEOUT)
+            send(1)
+            first.join(TIMEOUT * 3)
+            destroy_side_group(group)
+            return outcomes
+        engine = _worker(rank, port, 2) if backend == "ipc" else None
+        if engine is None:
+            engine = create_engine(WeightTransferConfig(backend="gloo", timeout_s=TIMEOUT), ParallelConfig())
+            engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 2))
+        results = []
+        for _ in models:
+            got: dict = {}
+            engine.receive_weights(None, _collect(got))
+            results.append(got)
+        engine.shutdown()
+        return results
+
+    outcomes = run_threads(body, 2, deadline_s=60)
+    assert outcomes[0].value == [len(models[0]), len(models[1])]
+    first, second = outcomes[1].value
+    assert _same(first, models[0]) and _same(second, models[1])

@@ -392,7 +392,7 @@ def send_pairs(iterator: Iterable[tuple[str, torch.Tensor]], group: dist.Process
         raise ValueError(f"trainer_send_weights: stream must be None or a torch.cuda.Stream, got {stream!r:.80}")
     side.check_usable()
     num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
-    with gc_paused():  # from the first pull on: see sender.gc_paused
+    with side.one_update("trainer_send_weights"), gc_paused():  # gc: from the first pull on, see pulling.gc_paused
         check, rest = None, None
         if not owned:  # the package's own pairs (send_model) are never DTensors, and are pulled only once the update began
             iterator, check, rest = _refuse_dtensors(iterator, post_iter_func)

@@ -135,6 +135,7 @@ class SideGroup:
         self._closed = False
         self._waiting = 0
         self._lock = threading.Lock()
+        self._updating = threading.Lock()
 
     @property
     def pg(self) -> dist.ProcessGroup:
@@ -156,6 +157,19 @@ class SideGroup:
         )
 
     # -- state -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def one_update(self, what: str) -> Iterator[None]:
+        """The sending rank's hold on the group for one update: another thread's update on
+        this group waits for it (at most ``timeout_s``, then TransferError), so two updates
+        never interleave on the wire. Local; the receiving engines hold their own lock."""
+        if not self._updating.acquire(timeout=self.timeout_s):
+            raise TransferError(f"{what}: another update on this side group (from another thread) did not finish "
+                                f"within {self.timeout_s:g} s; one update at a time per group")  # fmt: skip
+        try:
+            yield
+        finally:
+            self._updating.release()
 
     @property
     def broken(self) -> str | None:
