@@ -1480,3 +1480,67 @@ def test_two_threads_sending_on_one_group_take_turns(backend):
     assert outcomes[0].value == [len(models[0]), len(models[1])]
     first, second = outcomes[1].value
     assert _same(first, models[0]) and _same(second, models[1])
+
+
+@pytest.mark.parametrize("backend", ["ipc", "gloo"])
+def test_an_apply_that_fails_on_one_atomic_worker_leaves_the_others_whole_and_says_so(backend):
+    """Three atomic workers; the third's load_weights raises while it applies update 1. Every rank
+    raises the agreed TransferError. Workers 1 and 2 applied the whole update before they heard:
+    their weights_version moves to it and they are not torn. Worker 3 is torn, its version stays.
+    The next update succeeds everywhere, bit for bit."""
+    port = free_port()
+    models = [_model(20, big=10), _model(21, big=10), _model(22, big=10)]
+    engine_cls = IPCWeightTransferEngine if backend == "ipc" else NCCLWeightTransferEngine
+    kw = {} if backend == "ipc" else {"packed": True}
+
+    def body(rank: int):
+        if rank == 0:
+            extra = {"device": "cpu"} if backend == "ipc" else {"backend": "gloo"}
+            group = engine_cls.trainer_init(dict(master_address=ADDR, master_port=port, world_size=4),
+                                            timeout_s=TIMEOUT, **extra)  # fmt: skip
+            errors = []
+            for m in models:
+                try:
+                    engine_cls.trainer_send_weights(iter(m), group, packed_buffer_size_bytes=BUF, **kw)
+                    errors.append(None)
+                except TransferError as e:
+                    errors.append(str(e))
+            destroy_side_group(group)
+            return errors
+        if backend == "ipc":
+            engine = _worker(rank, port, 4)
+        else:
+            engine = create_engine(WeightTransferConfig(backend="gloo", timeout_s=TIMEOUT), ParallelConfig(
+                data_parallel_rank=rank - 1, data_parallel_size=3))  # fmt: skip
+            engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 4))
+        seen = []
+        for u in range(len(models)):
+            got: dict = {}
+            load = _collect(got)
+            if rank == 3 and u == 1:
+                def load(batch, got=got):  # noqa: E306 - the failing worker's loader for update 1
+                    for name, tensor in batch[:5]:
+                        got[name] = tensor.clone()
+                    raise RuntimeError("boom while applying")
+            try:
+                engine.receive_weights(None, load, atomic=True)
+                error = None
+            except TransferError as e:
+                assert not e.broken
+                error = str(e)
+            seen.append((error, got, engine.weights_version, engine.torn))
+        engine.shutdown()
+        return seen
+
+    outcomes = run_threads(body, 4, deadline_s=90)
+    errors = outcomes[0].value
+    assert errors[0] is None and errors[2] is None and "boom while applying" in errors[1]
+    for rank in (1, 2, 3):
+        first, second, third = outcomes[rank].value
+        assert first[0] is None and _same(first[1], models[0]) and first[2:] == (0, False)
+        assert "boom while applying" in second[0]
+        if rank == 3:
+            assert second[2:] == (0, True) and len(second[1]) == 5
+        else:
+            assert _same(second[1], models[1]) and second[2:] == (1, False), rank
+        assert third[0] is None and _same(third[1], models[2]) and third[2:] == (2, False)

@@ -626,3 +626,21 @@ def test_module_loader_refuses_what_is_not_a_batch_and_takes_a_dict_update_info(
             torchxfer.ModuleLoader(module, **{flag: None})
     with pytest.raises(ValueError, match="include_buffers must be a bool, got None"):
         torchxfer.update_info_for(module, include_buffers=None)
+
+
+def test_the_library_logs_nothing_unless_the_application_configures_logging():
+    """No handler configured: a torchxfer WARNING (an agreed failure, a broken group) must not reach
+    stderr through logging's last-resort handler."""
+    import subprocess
+    import sys
+
+    code = "import logging, torchxfer; logging.getLogger('torchxfer').warning('update 3 failed on rank 1')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "" and done.stdout == "", done.stderr
+
+
+def test_a_destroyed_group_says_so():
+    group = _alone(torchxfer.NCCLWeightTransferEngine, backend="gloo")
+    torchxfer.destroy_side_group(group)
+    with pytest.raises(ValueError, match="this side group was destroyed"):
+        torchxfer.NCCLWeightTransferEngine.trainer_send_weights([("w", torch.zeros(2))], group)

@@ -37,7 +37,11 @@ class _Utf8Safe(logging.Filter):
         return True
 
 
-logging.getLogger("torchxfer").addFilter(_Utf8Safe())
+_log = logging.getLogger("torchxfer")
+_log.addFilter(_Utf8Safe())
+# Silent unless the application configures logging: without a handler of its own, a WARNING
+# would reach stderr through logging's last resort.
+_log.addHandler(logging.NullHandler())
 
 __all__ = [
     "DEFAULT_PACKED_BUFFER_SIZE_BYTES",

@@ -110,8 +110,8 @@ class ColocatedReceiver(WorkerSide):
         self.begin(rows)
         self.follow()
         seconds = time.perf_counter() - start
-        log.debug("received %s (colocated): %d tensors, %d bytes in %.4f s", self.what, self.num_tensors,
-                  self.num_bytes, seconds)  # fmt: skip
+        log.debug("received %s (colocated): %d tensors, %d bytes in %.4f s (%.2f GB/s)", self.what, self.num_tensors,
+                  self.num_bytes, seconds, self.num_bytes / max(seconds, 1e-9) / 1e9)  # fmt: skip
         return TransferStats(self.update_id, self.num_tensors, self.num_bytes, seconds)
 
     def begin(self, rows: list[Row]) -> None:
@@ -364,6 +364,8 @@ class ColocatedReceiver(WorkerSide):
             if self.atomic and not self.error:
                 staged, self.staged = self.staged, []
                 self.call_load(staged, f"while applying {self.what}")
+            if not self.error:  # this worker holds the whole update, whatever another's apply does
+                self.progress.applied = True
             rows = self.control.post(self.row(), f"{self.what} (apply)").rows()
             self.trainer_row(rows, (Kind.SYNC,))
             self.control.settle(rows, self.error, f"{self.what} (apply)")

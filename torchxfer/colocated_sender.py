@@ -138,8 +138,8 @@ class ColocatedSender(SendSide):
             raise
         self.end()
         seconds = time.perf_counter() - start
-        log.debug("sent %s (colocated): %d tensors, %d bytes in %.4f s", self.what, self.num_tensors,
-                  self.layout.num_bytes, seconds)  # fmt: skip
+        log.debug("sent %s (colocated): %d tensors, %d bytes in %.4f s (%.2f GB/s)", self.what, self.num_tensors,
+                  self.layout.num_bytes, seconds, self.layout.num_bytes / max(seconds, 1e-9) / 1e9)  # fmt: skip
         return TransferStats(self.update_id, self.num_tensors, self.layout.num_bytes, seconds)
 
     def begin(self) -> Layout | None:

@@ -60,6 +60,7 @@ __all__ = ["SideGroup", "create_side_group", "side_group", "destroy_side_group",
 log = logging.getLogger("torchxfer")
 
 _GROUPS: "weakref.WeakKeyDictionary[dist.ProcessGroup, SideGroup]" = weakref.WeakKeyDictionary()
+_DESTROYED: "weakref.WeakSet[dist.ProcessGroup]" = weakref.WeakSet()  # for a clearer error when one is used again
 
 _PREFIX = "torchxfer/v1/"
 # A wait on a collective checks the closed flag this often.
@@ -629,10 +630,14 @@ def local_shard(dtensor: Any) -> torch.Tensor:
 
 
 def side_group(pg: Any) -> SideGroup:
-    """torchxfer's state for a side group; ValueError if ``pg`` is not one."""
+    """torchxfer's state for a side group; ValueError if ``pg`` is not one (or was destroyed)."""
     try:
         return _GROUPS[pg]
     except (KeyError, TypeError):
+        with contextlib.suppress(TypeError):
+            if pg in _DESTROYED:
+                raise ValueError("this side group was destroyed (destroy_side_group); build a new one with "
+                                 "trainer_init / init_transfer_engine") from None  # fmt: skip
         raise ValueError(f"expected a side group made by torchxfer (trainer_init / init_transfer_engine), "
                          f"got {type(pg).__name__}") from None
 
@@ -646,6 +651,7 @@ def destroy_side_group(pg: dist.ProcessGroup) -> None:
         raise ValueError(f"destroy_side_group expects a side group made by torchxfer (trainer_init / "
                          f"init_transfer_engine), got {type(pg).__name__}") from None
     if group is not None:
+        _DESTROYED.add(pg)
         group.close()
 
 

@@ -448,6 +448,11 @@ class Receiver(WorkerSide):
         if self.any_atomic:
             if self.atomic:
                 self.apply()
+            if not self.error:
+                # This worker holds the whole update now (every rank received everything, and its own
+                # loads all succeeded), whatever another worker's apply does: not torn, and the new
+                # version, even when the update fails below for every rank.
+                self.progress.applied = True
             rows = self.control.post(self.row(), f"{self.what} (apply)").rows()
             self.trainer_row(rows, (Kind.SYNC,))
             self.control.settle(rows, self.error, f"{self.what} (apply)")
