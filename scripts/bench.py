@@ -465,6 +465,9 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
         if rank == 0:
             print(f"[{lay}] {len(specs)} tensors, {total / MiB:.1f} MiB, {rounds} timed rounds", file=sys.stderr, flush=True)
         tensors = make_tensors(specs, device) if rank == 0 else []
+        if args.share_memory and device.type == "cpu":  # as model.share_memory(): CPU direct reads can apply
+            for _, t in tensors:
+                t.share_memory_()
         by_name = dict(tensors)
         sharded = _shard(tensors, device) if rank == 0 and "sharded" in args.modes else None
         # The floor's buffer exists (touched) up front; the sender's holds random bytes.
@@ -810,6 +813,9 @@ def main() -> None:
                         "(repeatable)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds after one warm-up (default cpu 3; cuda 5, 3 over 8 GiB)")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--share-memory", action="store_true",
+                   help="CPU: the trainer's tensors in shared memory (share_memory_()); with TORCHXFER_DIRECT_READS=1 "
+                        "colocated workers read the large ones in place")  # fmt: skip
     p.add_argument("--deadline", type=float, default=1800.0)
     p.add_argument("--skip-per-tensor", action="store_true", help="same as leaving per-tensor out of --modes")
     p.add_argument("--sharded", action="store_true", help="same as adding sharded to --modes")

@@ -708,24 +708,27 @@ def test_cuda_a_cached_bucket_of_many_tensors_is_packed_by_a_replayed_graph_bit_
     assert graphs == [False, False, False, True, False, False, False]
 
 
-def _cuda_direct_body(rank: int, port: int):
-    """Trainer and two workers on GPU 0, 8 updates of a model whose large tensors (over a lowered
-    DIRECT_BYTES) are read in place by the workers from the second update on: see the test."""
+def _direct_body(rank: int, port: int, device: str):
+    """Trainer and two workers on GPU 0 (or the CPU, the parameters in shared memory), 8 updates of a
+    model whose large tensors (over a lowered DIRECT_BYTES) are read in place by the workers from
+    the second update on: see the test."""
     from torchxfer import colocated_sender
     from torchxfer.colocated import decode_frame, encode_frame
     from torchxfer.control import ControlChannel
     from torchxfer.group import side_group
 
-    torch.cuda.set_device(0)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.set_device(0)
     torch.manual_seed(3)
     if rank != 0:
-        engine = _worker(rank, port, 3, PROCESS_TIMEOUT, device="cuda:0")
+        engine = _worker(rank, port, 3, PROCESS_TIMEOUT, device="cuda:0" if cuda else "cpu")
         got = []
         for u in range(8):
             store: dict = {}
 
             def load(batch, u=u):
-                if u in (1, 2, 5):  # a slow load: the trainer's next in-place step must wait for it
+                if u in (1, 2, 5) and cuda:  # a slow load: the trainer's next in-place step must wait for it
                     torch.cuda._sleep(200_000_000)
                 if u == 4 and rank == 1:
                     raise ValueError("worker 1 refuses update 4")
@@ -739,26 +742,31 @@ def _cuda_direct_body(rank: int, port: int):
                 got.append(None)
         engine.shutdown()
         return got
-    colocated_sender.DIRECT_BYTES = 64 << 10
+    colocated_sender.DIRECT_BYTES = colocated_sender.DIRECT_BYTES_CPU = 64 << 10
     os.environ[colocated_sender.DIRECT_ENV] = "1"  # this spawned trainer keeps its parameters' memory
     params = torch.nn.ParameterDict({
-        **{f"big{i}": torch.nn.Parameter(torch.randn(128, 160 + 8 * i, device="cuda")) for i in range(6)},
-        **{f"small{i}": torch.nn.Parameter(torch.randn(7 + i, device="cuda")) for i in range(9)},
-        "big_bf16": torch.nn.Parameter(torch.randn(256, 256, device="cuda").bfloat16()),
+        **{f"big{i}": torch.nn.Parameter(torch.randn(128, 160 + 8 * i, device=device)) for i in range(6)},
+        **{f"small{i}": torch.nn.Parameter(torch.randn(7 + i, device=device)) for i in range(9)},
+        "big_bf16": torch.nn.Parameter(torch.randn(256, 256, device=device).bfloat16()),
+        "big_private": torch.nn.Parameter(torch.randn(128, 200, device=device)),  # CPU: not shared, so packed
     })  # fmt: skip
+    if not cuda:
+        for name, p in params.items():
+            if name != "big_private":
+                p.share_memory_()
     frames: list[str] = []
     real_send = ControlChannel.send_frame
     ControlChannel.send_frame = lambda self, frame, what: (frames.append(what), real_send(self, frame, what))[1]
     real_map = colocated_sender.ColocatedSender.direct_map
 
-    def hostile_map(self, plan, picked, ptrs, buf):
-        made = real_map(self, plan, picked, ptrs, buf)
+    def hostile_map(self, plan, picked, ptrs, buf, tensors):
+        made = real_map(self, plan, picked, ptrs, buf, tensors)
         body = decode_frame(made["frame"], "test")
         body["slots"][0][2] += 1 << 40  # far past the allocation
         made["frame"] = encode_frame(body)
         return made
 
-    group = _trainer(port, 3, PROCESS_TIMEOUT, device="cuda")
+    group = _trainer(port, 3, PROCESS_TIMEOUT, device=device)
     state = colocated_sender._State.of(side_group(group))
     sent, direct_frames, errors = [], [], []
     for u in range(8):
@@ -766,7 +774,9 @@ def _cuda_direct_body(rank: int, port: int):
             for p in params.values():
                 p.mul_(1.5).add_(1.0)  # right after the last send, on the current stream
             if u == 3:  # new storage behind one parameter: its bucket's map is made again
-                params["big2"].data = torch.randn(128, 176, device="cuda")
+                params["big2"].data = torch.randn(128, 176, device=device)
+                if not cuda:
+                    params["big2"].share_memory_()
         if u == 6:
             colocated_sender.ColocatedSender.direct_map = hostile_map
             for plan in state.layout.buckets:
@@ -781,27 +791,30 @@ def _cuda_direct_body(rank: int, port: int):
             sent.append(None)
             errors.append(str(e))
         direct_frames.append(sum("direct reads" in w for w in frames))
-    direct_buckets = sum(1 for plan in state.layout.buckets if plan.cache.get("direct_candidates"))
     destroy_side_group(group)
-    return sent, direct_frames, errors, direct_buckets, state.direct_off
+    return sent, direct_frames, errors, state.direct_off
 
 
 @processes
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_large_tensors_are_read_in_place_bit_exact_and_every_failure_is_agreed():
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_large_tensors_are_read_in_place_bit_exact_and_every_failure_is_agreed(device):
     """Update 0 packs everything (a new layout); 1 sends each direct bucket's map; 2 reuses them
     (no frame); 3 moved one parameter (one new map); 4 fails on a worker (agreed), so 5 sends every
     map again; 6's maps point past the trainer's allocation: every worker refuses them (agreed
     TransferError, no crash), the trainer packs everything from then on, and 7 arrives packed.
-    Slow loads (1, 2, 5) check that the trainer's next in-place step waits for the workers' reads."""
-    outcomes = run_processes(_cuda_direct_body, 3, free_port(), deadline_s=240)
+    Slow loads (1, 2, 5, CUDA) check that the trainer's next in-place step waits for the workers'
+    reads. On the CPU the parameters are in shared memory (``share_memory_()``), but one, which is
+    packed every time."""
+    outcomes = run_processes(_direct_body, 3, free_port(), device, deadline_s=240)
     for o in outcomes:
         assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
-    sent, frames, errors, direct_buckets, off = outcomes[0].value
+    sent, frames, errors, off = outcomes[0].value
     assert [e is None for e in errors] == [True, True, True, True, False, True, False, True], errors
     assert outcomes[1].value == sent and outcomes[2].value == sent
-    assert direct_buckets >= 2
-    assert frames[:4] == [0, direct_buckets, 0, 1] and frames[5] == direct_buckets and frames[7] == 0, frames
+    n = frames[1]  # buckets read in place (on the CPU not the one whose only large tensor is not shared)
+    assert n >= 2
+    assert frames[:4] == [0, n, 0, 1] and frames[5] == n and frames[7] == 0, frames
     assert off is not None and "in place" in errors[6], errors[6]
 
 
@@ -1544,3 +1557,38 @@ def test_an_apply_that_fails_on_one_atomic_worker_leaves_the_others_whole_and_sa
         else:
             assert _same(second[1], models[1]) and second[2:] == (1, False), rank
         assert third[0] is None and _same(third[1], models[2]) and third[2:] == (2, False)
+
+
+def test_a_shared_memory_handle_is_opened_only_as_the_trainers_own_file():
+    """CPU direct reads: ``open_shared`` maps a handle from ``shared_segment`` (bit for bit), and
+    refuses, before reading anything, a handle of another process, another file behind the same
+    descriptor, a size past the file, a descriptor that is not open, or malformed bytes."""
+    import struct
+
+    from torchxfer.ipc_transport import open_shared, same_shared, shared_segment
+
+    t = torch.arange(1000, dtype=torch.float32).share_memory_()
+    base, size, handle, inode = shared_segment(t)
+    assert base == t.data_ptr() and size == 4000 and same_shared(handle, inode)
+    mapped = open_shared(handle, size, inode, os.getpid())
+    assert bytes_equal(mapped.view(torch.float32), t)
+    assert shared_segment(torch.arange(10.0)) is None  # not in shared memory: packed, never read in place
+    pid, fd, dev, ino = struct.unpack_from("<qqqq", handle, 4)
+    other = torch.zeros(10).share_memory_()
+    bad = {
+        "another process": (handle, size, inode, pid + 1),
+        "another file's inode": (handle, size, inode + 1, pid),
+        "a size past the file": (handle, size + 4096, inode, pid),
+        "a descriptor not open": (b"TXFD" + struct.pack("<qqqq", pid, 1 << 20, dev, ino) + bytes(28), size, inode, pid),
+        "another file behind the descriptor": (shared_segment(other)[2][:20] + struct.pack("<qq", dev, ino) + bytes(28),
+                                               size, inode, pid),
+        "bad magic": (b"XXXX" + handle[4:], size, inode, pid),
+        "bytes in the padding": (handle[:63] + b"\x01", size, inode, pid),
+        "no trainer pid known": (handle, size, inode, None),
+    }  # fmt: skip
+    for why, args in bad.items():
+        try:
+            open_shared(*args)
+        except TransferError:
+            continue
+        pytest.fail(f"open_shared accepted {why}")

@@ -23,13 +23,15 @@ lockstep (:mod:`torchxfer.colocated_sender`, :mod:`torchxfer.colocated_receiver`
 A worker's row: ``[status, layout it holds, layout ok, atomic, buckets released, buffers id,
 direct reads failed]``.
 
-Direct reads (CUDA, opt-in with ``TORCHXFER_DIRECT_READS=1`` on the trainer, from the
+Direct reads (opt-in with ``TORCHXFER_DIRECT_READS=1`` on the trainer, from the
 second update of a layout): a cached bucket's large whole tensors
 (``colocated_sender.DIRECT_BYTES``) are not packed. The workers read them where
-they lie in the trainer's memory, through CUDA IPC handles of their allocations. The map
+they lie in the trainer's memory: on CUDA through IPC handles of their allocations, on
+the CPU (tensors whose storage ``share_memory_()`` put in shared memory) through the
+descriptor torch holds, opened from ``/proc/<trainer pid>/fd``. The map
 of handles, offsets and slots is sent with the BUCKET row only when it changed. A worker
 maps each allocation once and checks every offset against the driver's own size of the
-mapped allocation. It waits for the bucket's event before reading. At the end of the
+mapped allocation (on the CPU, the file's). It waits for the bucket's event before reading. At the end of the
 update, the trainer's current stream waits for every worker's release events, so the
 next optimizer step cannot overwrite a tensor a worker is still reading. A worker that
 cannot use a map fails the update (agreed, as any failure). Its row says why, and the
@@ -62,6 +64,7 @@ FLAG_SHARE = 16
 _MAGIC = b"TXIP"
 MAX_IPC_FRAME = 64 << 10
 _CACHE_KEY = "colocated"
+TRAINER_PID_KEY = "colocated_trainer_pid"
 
 
 def encode_frame(body: dict[str, Any], limit: int | None = MAX_IPC_FRAME) -> bytes:
@@ -151,6 +154,7 @@ def worker_handshake(group: SideGroup, device: torch.device) -> None:
     try:
         body = decode_frame(channel.recv_frame(length, "colocated handshake"), "colocated handshake")
         check_host_probe(body.get("probe"))
+        group.cache[TRAINER_PID_KEY] = body["probe"]["pid"]  # proved: its probe read back here (CPU direct reads)
         if device.type == "cuda" and body["probe"].get("pid") == os.getpid():
             raise TransferError("the trainer runs in this very process: CUDA IPC handles cannot be opened by the "
                                 "process that made them; colocated mode on a GPU needs the trainer and each "

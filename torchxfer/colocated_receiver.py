@@ -23,11 +23,11 @@ from .config import MAX_NUM_BUFFERS, NCCLWeightTransferUpdateInfo, TransferStats
 from .control import ControlChannel
 from .errors import TransferError
 from .group import SideGroup
-from .ipc_transport import _is_int, new_events, open_buffers, open_memory
+from .ipc_transport import _is_int, new_events, open_buffers, open_memory, open_shared
 from .loading import SlicedBatch
 from .packing import ALIGNMENT, concat_plan, slot_view, typed_view
 from .plan import BucketPlan, Layout, TableChecker
-from .colocated import BACKEND
+from .colocated import BACKEND, TRAINER_PID_KEY
 from .receiver import LoadWeights, ReceiveProgress, WorkerSide
 from .wire import FLAG_CACHED, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind, Row, decode, make_row
 
@@ -244,8 +244,8 @@ class ColocatedReceiver(WorkerSide):
         return plan
 
     def direct(self, plan: BucketPlan, gen: int, frame_len: int) -> dict[int, torch.Tensor] | None:
-        """The bucket's tensors the trainer lets this worker read where they lie (direct reads,
-        CUDA): the map of generation ``gen``, sent now (``frame_len`` bytes) or held from an earlier
+        """The bucket's tensors the trainer lets this worker read where they lie (direct reads):
+        the map of generation ``gen``, sent now (``frame_len`` bytes) or held from an earlier
         update. A map that cannot be used fails this worker (and the row tells the trainer, which
         packs every tensor from then on)."""
         frame = self.control.recv_frame(frame_len, f"{self.what} bucket {plan.index} (direct reads)") if frame_len else None
@@ -311,11 +311,12 @@ class ColocatedReceiver(WorkerSide):
         known = maps.get(handle)
         if known is not None and known[1:] == (size, buffer_id):
             return known[0]
-        if self.device.type != "cuda":
-            raise TransferError(f"direct reads need a CUDA worker, this one receives on {self.device}")
         if known is not None:
             self.drop_direct()
-        tensor = open_memory(self.device, handle, size, "the trainer's tensor memory")  # its size checked
+        if self.device.type == "cuda":
+            tensor = open_memory(self.device, handle, size, "the trainer's tensor memory")  # its size checked
+        else:  # the trainer's shared memory, through the descriptor it holds (its file checked)
+            tensor = open_shared(handle, size, buffer_id, self.group.cache.get(TRAINER_PID_KEY))
         maps[handle] = (tensor, size, buffer_id)
         return tensor
 
@@ -375,7 +376,7 @@ class ColocatedReceiver(WorkerSide):
         if self.state.direct_maps:  # unmap what this layout's maps no longer name
             used = set().union(*(p.cache["direct_recv"][2] for p in self.layout.buckets if "direct_recv" in p.cache))
             stale = [h for h in self.state.direct_maps if h not in used]
-            if stale:  # no read of them may still be queued when they are unmapped
+            if stale and self.device.type == "cuda":  # no read of them may still be queued when they are unmapped
                 torch.cuda.current_stream(self.device).synchronize()
             for handle in stale:
                 del self.state.direct_maps[handle]

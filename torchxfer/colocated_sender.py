@@ -34,7 +34,7 @@ from .config import TransferStats, env_flag
 from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
-from .ipc_transport import SharedBuffers, open_events
+from .ipc_transport import SharedBuffers, open_events, same_shared, shared_segment
 from .loading import ALONE_BYTES
 from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view
 from .peer_reads import PeerReadsUnavailable, allocation_id, capture_graph, ipc_handle, locate
@@ -95,7 +95,7 @@ class ColocatedSender(SendSide):
         self.num_tensors = 0
         self.bucket = 0
         # Direct reads this update (see direct_for): decided once, from the switch and the group's state.
-        self.direct_on = self.device.type == "cuda" and self.state.direct_off is None and env_flag(DIRECT_ENV, False)
+        self.direct_on = self.state.direct_off is None and env_flag(DIRECT_ENV, False)
         self.direct_row: tuple[int, bytes] = (0, b"")  # the next BUCKET row's direct-read map: (generation, frame)
         self.direct_held: list[torch.Tensor] = []  # tensors workers read in place this update
 
@@ -282,38 +282,42 @@ class ColocatedSender(SendSide):
         return True, next(source, None), source
 
     def direct_for(self, plan: BucketPlan, tensors: list[torch.Tensor], buf: torch.Tensor) -> ConcatPlan | None:
-        """Direct reads (CUDA): the bucket's whole tensors of at least :data:`DIRECT_BYTES`,
-        contiguous on the group's GPU, are not packed; workers read them where they lie, through
-        a map of CUDA IPC handles of their allocations (sent with the BUCKET row when it changed:
-        ``self.direct_row``). Returns how the other tensors are packed, or None: pack them all.
+        """Direct reads: the bucket's whole tensors of at least :data:`DIRECT_BYTES`, contiguous
+        on the group's GPU (or, on the CPU, in shared memory: ``share_memory_()``), are not
+        packed; workers read them where they lie, through a map of CUDA IPC handles of their
+        allocations (on the CPU, of the descriptors torch holds of them), sent with the BUCKET row
+        when it changed (``self.direct_row``). Returns how the other tensors are packed, or None:
+        pack them all.
 
         The map is remade when a tensor moved or an allocation behind one is a new one (the
-        driver's allocation id), and sent again after a failed update. The tensors are held
-        until the update ends, when later work on the current stream is made to wait for the
-        workers' reads (:meth:`release_direct`)."""
+        driver's allocation id; on the CPU, the file behind the descriptor), and sent again after
+        a failed update. The tensors are held until the update ends, when (CUDA) later work on
+        the current stream is made to wait for the workers' reads (:meth:`release_direct`)."""
         state, memo = self.state, plan.cache
         if not self.direct_on or state.direct_off is not None:  # (a worker may have failed one this update)
             return None
         candidates = memo.get("direct_candidates")
         if candidates is None:
+            least = DIRECT_BYTES if self.device.type == "cuda" else DIRECT_BYTES_CPU
             candidates = memo["direct_candidates"] = tuple(
-                p for p, s in enumerate(plan.slots) if s.is_whole and s.length >= DIRECT_BYTES)  # fmt: skip
+                p for p, s in enumerate(plan.slots) if s.is_whole and s.length >= least)  # fmt: skip
         if not candidates:
             return None
         device = self.device
         picked = tuple(p for p in candidates if tensors[p].device == device and tensors[p].is_contiguous()
-                       and not tensors[p].is_conj() and not tensors[p].is_neg())  # the bytes are the values
+                       and not tensors[p].is_conj() and not tensors[p].is_neg()  # the bytes are the values
+                       and (device.type == "cuda" or tensors[p].is_shared()))  # fmt: skip
         if not picked:
             return None
         ptrs = tuple(tensors[p].data_ptr() for p in picked)
         known = memo.get("direct")
         if known is not None and known["want"] == (picked, ptrs) and known["buf"] == buf.data_ptr() and all(
-            allocation_id(base) == buffer_id for base, buffer_id in known["allocations"]
+            self.same_allocation(*allocation) for allocation in known["allocations"]
         ):  # fmt: skip
             frame = b"" if known["epoch"] == state.direct_epoch else known["frame"]
         else:
             try:
-                known = self.direct_map(plan, picked, ptrs, buf)
+                known = self.direct_map(plan, picked, ptrs, buf, tensors)
             except PeerReadsUnavailable as e:
                 state.direct_off = str(e)
                 log.info("colocated: workers will not read tensors in place on this group: %s", e)
@@ -326,19 +330,18 @@ class ColocatedSender(SendSide):
         return known["concat"]
 
     def direct_map(self, plan: BucketPlan, picked: tuple[int, ...], ptrs: tuple[int, ...],
-                   buf: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+                   buf: torch.Tensor, tensors: list[torch.Tensor]) -> dict[str, Any]:  # fmt: skip
         """A new direct-read map of ``picked`` (slot positions) at ``ptrs``: its frame and the
         plan packing the rest. Only as many tensors as fit one frame are read in place."""
         state = self.state
         slots, segments, index, allocations = [], [], {}, []
-        with torch.cuda.device(self.device):
-            for p, ptr in zip(picked, ptrs):
-                base, size, buffer_id = locate(ptr)
-                if (base, buffer_id) not in index:
-                    index[(base, buffer_id)] = len(segments)
-                    segments.append([ipc_handle(base).hex(), size, buffer_id])
-                    allocations.append((base, buffer_id))
-                slots.append([p, index[(base, buffer_id)], ptr - base])
+        for p, ptr in zip(picked, ptrs):
+            base, size, buffer_id, handle = self.allocation_of(plan.slots[p].spec.name, tensors[p], ptr)
+            if (base, buffer_id) not in index:
+                index[(base, buffer_id)] = len(segments)
+                segments.append([handle.hex(), size, buffer_id])
+                allocations.append((base, buffer_id, handle))
+            slots.append([p, index[(base, buffer_id)], ptr - base])
         state.direct_gen += 1
         n = len(slots)
         while True:
@@ -357,13 +360,33 @@ class ColocatedSender(SendSide):
         return {"want": (picked, ptrs), "key": (picked[:n], ptrs[:n]), "buf": buf.data_ptr(), "gen": state.direct_gen, "frame": frame,
                 "allocations": [allocations[seg] for seg in used], "concat": concat, "epoch": -1}  # fmt: skip
 
+    def allocation_of(self, name: str, tensor: torch.Tensor, ptr: int) -> tuple[int, int, int, bytes]:
+        """The allocation holding ``tensor`` at ``ptr``: (base, size, id, 64-byte handle).
+        PeerReadsUnavailable if workers cannot be given it."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                base, size, buffer_id = locate(ptr)
+                return base, size, buffer_id, ipc_handle(base)
+        found = shared_segment(tensor)
+        if found is None or not found[0] <= ptr < found[0] + max(found[1], 1):
+            raise PeerReadsUnavailable(f"{name!r} is not in shared memory torch holds a "
+                                       "descriptor of (share_memory_() with the file_descriptor strategy)")  # fmt: skip
+        base, size, handle, inode = found
+        return base, size, inode, handle
+
+    def same_allocation(self, base: int, buffer_id: int, handle: bytes) -> bool:
+        """Whether the allocation a map names is still the one behind ``base``."""
+        if self.device.type == "cuda":
+            return allocation_id(base) == buffer_id
+        return same_shared(handle, buffer_id)
+
     def release_direct(self) -> None:
         """The update is over (or failed): later work on the current stream waits for every
         worker's reads of the tensors read in place (their release events, recorded after their
         last loads), and each of those tensors' memory is reused only after that work
         (``record_stream``). Skipped when the group broke: a dead worker reads nothing more."""
         held, self.direct_held = self.direct_held, []
-        if self.group.broken is not None:
+        if self.group.broken is not None or self.device.type != "cuda":  # (CPU: every load was a finished copy)
             return
         stream = torch.cuda.current_stream(self.device)
         for events in self.state.worker_events:
@@ -501,7 +524,9 @@ class ColocatedSender(SendSide):
 
 
 DIRECT_BYTES = ALONE_BYTES
-"""On CUDA, a cached bucket's whole, contiguous tensors of at least this many bytes are read by the
+DIRECT_BYTES_CPU = 256 << 10
+"""A cached bucket's whole, contiguous tensors of at least this many bytes (on the CPU, in shared
+memory and of at least ``DIRECT_BYTES_CPU``: a mapping per storage, made once) are read by the
 workers where they lie (:meth:`ColocatedSender.direct_for`): one copy (the worker's load) instead of
 two (the pack, then the load)."""
 
@@ -512,7 +537,9 @@ A worker keeps each allocation it read from mapped until an update no longer nam
 leaves undefined what happens when the exporting process frees memory another process still has
 mapped. So turn this on only for a trainer that keeps the sent tensors' memory between updates:
 no offloading of parameters to the CPU, no ``torch.cuda.empty_cache()`` that could free their
-segments. See the README's "Colocated" section."""
+segments. On the CPU only tensors in shared memory (``model.share_memory()``) are read in place;
+memory the trainer frees stays mapped by the workers until an update no longer names it. See the
+README's "Colocated" section."""
 
 
 GRAPH_MIN_TENSORS = 256

@@ -616,6 +616,20 @@ def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor]
     return work
 
 
+def shared_fd(storage: torch.UntypedStorage) -> int | None:
+    """The descriptor of the shared memory behind a CPU storage that ``share_memory_()`` put there
+    (torch's default "file_descriptor" strategy keeps it open for the storage's life), else None.
+    Private: ``UntypedStorage._share_fd_cpu_`` (torch 2.6-2.13), called only on a storage that is
+    already shared, where it returns the descriptor it holds and moves nothing."""
+    if storage.device.type != "cpu" or not storage.is_shared():
+        return None
+    try:
+        fd = storage._share_fd_cpu_()[0]
+    except Exception:  # shared another way (the "file_system" strategy): no descriptor
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
 def local_shard(dtensor: Any) -> torch.Tensor:
     """A DTensor's local tensor as it is stored (``DTensor._local_tensor``, torch 2.6-2.13).
 

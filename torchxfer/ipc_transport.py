@@ -29,15 +29,16 @@ import ctypes.util
 import fcntl
 import os
 import secrets
+import struct
 from typing import Any
 
 import torch
 
 from .errors import TransferError
-from .group import gpu_uuid
+from .group import gpu_uuid, shared_fd
 
 __all__ = ["SharedBuffers", "HostProbe", "check_host_probe", "device_uuid", "open_buffers", "open_memory", "locate",
-           "allocation_id", "mapped_size", "NoAllocation"]
+           "allocation_id", "mapped_size", "NoAllocation", "open_shared", "same_shared", "shared_segment"]
 
 _PROBE_BYTES = 32
 
@@ -89,6 +90,61 @@ def _open_memfd(pid: int, fd: int, nbytes: int, what: str) -> torch.Tensor:
             raise TransferError(f"the trainer's shared memory for {what} has {size} bytes, expected {nbytes}: "
                                 f"{path} is not the trainer's buffer (another host or PID namespace?)")  # fmt: skip
         return torch.from_file(f"/proc/self/fd/{mine}", shared=True, size=size, dtype=torch.uint8)[:nbytes]
+    finally:
+        os.close(mine)
+
+
+_SHARED_MAGIC = b"TXFD"
+
+
+def shared_segment(tensor: torch.Tensor) -> tuple[int, int, bytes, int] | None:
+    """Where a CPU tensor lies when its storage is shared memory torch holds a descriptor of
+    (``share_memory_()``): ``(storage base, storage bytes, 64-byte handle, inode)``; None otherwise.
+    The handle names this process, the descriptor and the file (device and inode), so a worker
+    can open it through ``/proc`` and check it is still the same memory."""
+    storage = tensor.untyped_storage()
+    fd = shared_fd(storage)
+    if fd is None:
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    handle = _SHARED_MAGIC + struct.pack("<qqqq", os.getpid(), fd, st.st_dev, st.st_ino)
+    return storage.data_ptr(), storage.nbytes(), handle.ljust(64, b"\0"), st.st_ino
+
+
+def same_shared(handle: bytes, inode: int) -> bool:
+    """Whether the descriptor a :func:`shared_segment` handle names (in this process) still holds
+    that memory."""
+    fd = struct.unpack_from("<qqqq", handle, len(_SHARED_MAGIC))[1]
+    try:
+        return os.fstat(fd).st_ino == inode
+    except OSError:
+        return False
+
+
+def open_shared(handle: bytes, size: int, inode: int, trainer_pid: int | None) -> torch.Tensor:
+    """A worker maps the trainer's shared memory a :func:`shared_segment` handle names: a uint8
+    tensor of its first ``size`` bytes. TransferError unless the handle names the trainer's own
+    process (``trainer_pid``, proved by the host probe), the descriptor there still holds that
+    very file (device and inode), and the file holds ``size`` bytes."""
+    if len(handle) != 64 or not handle.startswith(_SHARED_MAGIC) or any(handle[4 + 32 :]):
+        raise TransferError("the direct-read map names a malformed shared-memory handle")
+    pid, fd, dev, ino = struct.unpack_from("<qqqq", handle, len(_SHARED_MAGIC))
+    if trainer_pid is None or pid != trainer_pid or ino != inode:
+        raise TransferError(f"the direct-read map names memory of pid {pid}, not of the trainer")
+    path = f"/proc/{pid}/fd/{fd}"
+    try:
+        mine = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except (OSError, ValueError, OverflowError) as e:
+        raise TransferError(f"cannot open the trainer's tensor memory ({path}: {e})") from None
+    try:
+        st = os.fstat(mine)
+        if (st.st_dev, st.st_ino) != (dev, ino) or not 0 < size <= st.st_size:
+            raise TransferError(f"the trainer's tensor memory at {path} is not the file its map names, or holds "
+                                f"fewer than {size} bytes")  # fmt: skip
+        return torch.from_file(f"/proc/self/fd/{mine}", shared=True, size=size, dtype=torch.uint8)
     finally:
         os.close(mine)
 
