@@ -1,9 +1,11 @@
 """The side process group: built from a TCPStore, next to any default group.
 
 This is the only module that touches private torch APIs. Each use names the
-torch versions it was checked on. (Two of them are not about groups: a DTensor's
-stored local tensor, :func:`local_shard`, and torch's C++ tensor guards,
-:func:`metadata_guard`.) The group is a plain ``torch.distributed
+torch versions it was checked on. (Three of them are not about groups: a DTensor's
+stored local tensor, :func:`local_shard`; torch's C++ tensor guards,
+:func:`metadata_guard`; and the descriptor behind a shared CPU storage,
+:func:`shared_fd`. The fused multi-tensor copy ``torch._foreach_copy_`` is used
+where the copies are made.) The group is a plain ``torch.distributed
 .ProcessGroup`` assembled from a store, so ``dist.broadcast(t, group=g,
 group_src=0)`` and ``dist.all_reduce(t, group=g)`` work on it; torchxfer's own
 state for it lives in a :class:`SideGroup` beside it. It never enters the
