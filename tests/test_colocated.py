@@ -79,6 +79,31 @@ def _worker(rank: int, port: int, world: int, timeout: float = TIMEOUT, token: s
     return engine
 
 
+def _either_trainer(backend: str, port: int, world: int) -> torch.distributed.ProcessGroup:
+    """Rank 0 of a colocated ("ipc", CPU) or broadcast ("gloo") side group."""
+    info = dict(master_address=ADDR, master_port=port, world_size=world)
+    if backend == "ipc":
+        return IPCWeightTransferEngine.trainer_init(info, timeout_s=TIMEOUT, device="cpu")
+    return NCCLWeightTransferEngine.trainer_init(info, timeout_s=TIMEOUT, backend="gloo")
+
+
+def _either_worker(backend: str, rank: int, port: int, world: int):
+    """A worker engine of :func:`_either_trainer`'s group, at side-group rank ``rank``."""
+    if backend == "ipc":
+        return _worker(rank, port, world)
+    engine = create_engine(WeightTransferConfig(backend="gloo", timeout_s=TIMEOUT),
+                           ParallelConfig(data_parallel_rank=rank - 1, data_parallel_size=world - 1))  # fmt: skip
+    engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, world))
+    return engine
+
+
+def _either_send(backend: str, pairs, group, **kw):
+    """trainer_send_weights of the group's engine (packed: colocated transfers always are)."""
+    if backend == "ipc":
+        return IPCWeightTransferEngine.trainer_send_weights(pairs, group, **kw)
+    return NCCLWeightTransferEngine.trainer_send_weights(pairs, group, packed=True, **kw)
+
+
 def _collect(store: dict):
     def load(batch):
         for name, tensor in batch:
@@ -193,25 +218,16 @@ def test_a_matching_update_info_passes_every_cached_update_and_a_layout_that_dep
     grown = base[:-1] + [(base[-1][0], _random(torch.bfloat16, (base[-1][1].numel() + 3,), torch.Generator()))]
     steps = [base, base, base, grown, grown]
     kw = dict(packed_buffer_size_bytes=BUF, packed_num_buffers=2)
-    engine_cls = IPCWeightTransferEngine if backend == "ipc" else NCCLWeightTransferEngine
     info_of = {id(m): NCCLWeightTransferUpdateInfo.from_named_tensors(m, packed=True, **kw) for m in (base, grown)}
 
     def body(rank: int):
         if rank == 0:
-            info = dict(master_address=ADDR, master_port=port, world_size=3)
-            extra = {"device": "cpu"} if backend == "ipc" else {"backend": "gloo"}
-            group = engine_cls.trainer_init(info, timeout_s=TIMEOUT, **extra)
-            packed = {} if backend == "ipc" else {"packed": True}  # (colocated transfers are always packed)
+            group = _either_trainer(backend, port, 3)
             for u, m in enumerate(steps):
-                engine_cls.trainer_send_weights(iter(m), group, version=u, **packed, **kw)
+                _either_send(backend, iter(m), group, version=u, **kw)
             destroy_side_group(group)
             return None
-        if backend == "ipc":
-            engine = _worker(rank, port, 3)
-        else:
-            engine = create_engine(WeightTransferConfig(backend="gloo", timeout_s=TIMEOUT), ParallelConfig(
-                data_parallel_rank=rank - 1, data_parallel_size=2))  # fmt: skip
-            engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 3))
+        engine = _either_worker(backend, rank, port, 3)
         results = []
         for u, m in enumerate(steps):
             info = info_of[id(m)]
@@ -1445,8 +1461,6 @@ def test_two_threads_sending_on_one_group_take_turns(backend):
 
     port = free_port()
     models = [_model(10, big=10), _model(11, big=10)]
-    engine_cls = IPCWeightTransferEngine if backend == "ipc" else NCCLWeightTransferEngine
-    kw = {} if backend == "ipc" else {"packed": True}
     pulled = threading.Event()
 
     def slow(model):
@@ -1458,15 +1472,13 @@ def test_two_threads_sending_on_one_group_take_turns(backend):
 
     def body(rank: int):
         if rank == 0:
-            extra = {"device": "cpu"} if backend == "ipc" else {"backend": "gloo"}
-            group = engine_cls.trainer_init(dict(master_address=ADDR, master_port=port, world_size=2),
-                                            timeout_s=TIMEOUT, **extra)  # fmt: skip
+            group = _either_trainer(backend, port, 2)
             outcomes: list = [None, None]
 
             def send(i: int) -> None:
                 try:
-                    outcomes[i] = engine_cls.trainer_send_weights(slow(models[i]) if i == 0 else iter(models[i]),
-                                                                  group, packed_buffer_size_bytes=BUF, **kw).num_tensors
+                    source = slow(models[i]) if i == 0 else iter(models[i])
+                    outcomes[i] = _either_send(backend, source, group, packed_buffer_size_bytes=BUF).num_tensors
                 except Exception as e:  # noqa: BLE001 - reported to the test
                     outcomes[i] = repr(e)
 
@@ -1477,10 +1489,7 @@ def test_two_threads_sending_on_one_group_take_turns(backend):
             first.join(TIMEOUT * 3)
             destroy_side_group(group)
             return outcomes
-        engine = _worker(rank, port, 2) if backend == "ipc" else None
-        if engine is None:
-            engine = create_engine(WeightTransferConfig(backend="gloo", timeout_s=TIMEOUT), ParallelConfig())
-            engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 2))
+        engine = _either_worker(backend, rank, port, 2)
         results = []
         for _ in models:
             got: dict = {}
@@ -1503,38 +1512,30 @@ def test_an_apply_that_fails_on_one_atomic_worker_leaves_the_others_whole_and_sa
     The next update succeeds everywhere, bit for bit."""
     port = free_port()
     models = [_model(20, big=10), _model(21, big=10), _model(22, big=10)]
-    engine_cls = IPCWeightTransferEngine if backend == "ipc" else NCCLWeightTransferEngine
-    kw = {} if backend == "ipc" else {"packed": True}
 
     def body(rank: int):
         if rank == 0:
-            extra = {"device": "cpu"} if backend == "ipc" else {"backend": "gloo"}
-            group = engine_cls.trainer_init(dict(master_address=ADDR, master_port=port, world_size=4),
-                                            timeout_s=TIMEOUT, **extra)  # fmt: skip
+            group = _either_trainer(backend, port, 4)
             errors = []
             for m in models:
                 try:
-                    engine_cls.trainer_send_weights(iter(m), group, packed_buffer_size_bytes=BUF, **kw)
+                    _either_send(backend, iter(m), group, packed_buffer_size_bytes=BUF)
                     errors.append(None)
                 except TransferError as e:
                     errors.append(str(e))
             destroy_side_group(group)
             return errors
-        if backend == "ipc":
-            engine = _worker(rank, port, 4)
-        else:
-            engine = create_engine(WeightTransferConfig(backend="gloo", timeout_s=TIMEOUT), ParallelConfig(
-                data_parallel_rank=rank - 1, data_parallel_size=3))  # fmt: skip
-            engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 4))
+        engine = _either_worker(backend, rank, port, 4)
         seen = []
         for u in range(len(models)):
             got: dict = {}
-            load = _collect(got)
-            if rank == 3 and u == 1:
-                def load(batch, got=got):  # noqa: E306 - the failing worker's loader for update 1
-                    for name, tensor in batch[:5]:
-                        got[name] = tensor.clone()
-                    raise RuntimeError("boom while applying")
+
+            def failing(batch, got=got):  # the third worker's loader for update 1
+                for name, tensor in batch[:5]:
+                    got[name] = tensor.clone()
+                raise RuntimeError("boom while applying")
+
+            load = failing if rank == 3 and u == 1 else _collect(got)
             try:
                 engine.receive_weights(None, load, atomic=True)
                 error = None
