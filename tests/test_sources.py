@@ -378,8 +378,8 @@ def test_a_module_planned_again_reuses_its_plan_until_anything_it_depends_on_cha
     mapping["proj.bias"] = "bias"  # the same dict, changed
     changed = plan(net, torch.bfloat16, mapping, True)
     assert changed.planned is not renamed.planned and changed[2].name == "bias"
-    with pytest.raises(ValueError, match="'steps'"):  # without buffers the map names a tensor not sent
-        plan(net, torch.bfloat16, mapping, False)
+    # Without buffers the map still names a tensor of the module (one map serves both ways).
+    assert "steps" not in [e.source_name for e in plan(net, torch.bfloat16, mapping, False)]
     assert [e.name for e in plan(net, None, lambda n: n.upper(), True)] == [n.upper() for n in names]
     assert plan(net, None, None, True).planned is not third.planned  # the cache holds the last plan only
     # The cache holds no tensor: a replaced parameter is freed.
@@ -411,3 +411,17 @@ def test_module_loader_copies_large_targets_one_by_one_and_the_rest_fused(monkey
     if torch.cuda.is_available():
         big = torch.zeros(loading.ALONE_BYTES // 4, device="cuda")
         assert loading._alone([torch.zeros(4, device="cuda"), big]) == [1]
+
+
+def test_a_name_map_may_name_an_excluded_buffer_or_a_tied_alias():
+    """One name_map serves with include_buffers True and False: a buffer left out, or the second
+    name of a tied weight (sent once, under its first name), is a name of the module, not a typo."""
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 5, bias=False))
+    model[2].weight = model[0].weight  # tied
+    name_map = {"1.running_var": "bn.var", "2.weight": "head.weight", "0.weight": "tok.weight"}
+    with_buffers = update_info_for(model, name_map=name_map)
+    without = update_info_for(model, name_map=name_map, include_buffers=False)
+    assert with_buffers.names == ["tok.weight", "1.weight", "1.bias", "1.running_mean", "bn.var", "1.num_batches_tracked"]
+    assert without.names == ["tok.weight", "1.weight", "1.bias"]
+    with pytest.raises(ValueError, match=r"does not have: \['2.bias'\]"):
+        update_info_for(model, name_map={"2.bias": "x"}, include_buffers=False)

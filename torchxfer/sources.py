@@ -127,9 +127,11 @@ def _how(name: str, tensor: torch.Tensor) -> tuple[str, ShardInfo | None]:
     info = ShardInfo(i, dim, _chunk_sizes(tensor.shape[dim], mesh.size(i)))
     want = info.local_shape(tuple(tensor.shape), mesh.get_local_rank(i))
     if tuple(tensor.to_local().shape) != want:
+        # (Also seen on a mesh listing its ranks out of order with uneven shards, where torch 2.13's own
+        # distribute_tensor and full_tensor() disagree about which rank holds which rows.)
         raise ValueError(f"{name!r}: local shard of shape {list(tensor.to_local().shape)} on a DTensor of shape "
                          f"{list(tensor.shape)} sharded {placements[i]} over {mesh.size(i)} ranks; expected "
-                         f"{list(want)}")  # fmt: skip
+                         f"{list(want)} (DTensor's chunks in the order of the mesh dimension's process group)")  # fmt: skip
     return "shard", info
 
 
@@ -346,7 +348,10 @@ def _plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool,
     if named is None:
         named = _named(source, include_buffers)
     if isinstance(name_map, Mapping):
-        unknown = sorted(set(name_map) - {name for name, _ in named}, key=str)
+        known = {name for name, _ in named}
+        if isinstance(source, nn.Module):  # a tied alias and an excluded buffer are the module's names too
+            known.update(source.state_dict(keep_vars=True))
+        unknown = sorted(set(name_map) - known, key=str)
         if unknown:
             raise ValueError(f"name_map names {len(unknown)} tensor(s) the source does not have: {unknown}")
     entries: list[Entry] = []
