@@ -636,7 +636,8 @@ def test_the_library_logs_nothing_unless_the_application_configures_logging():
 
     code = "import logging, torchxfer; logging.getLogger('torchxfer').warning('update 3 failed on rank 1')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stderr == "" and done.stdout == "", done.stderr
+    # (torch itself may warn on import, e.g. of a missing NumPy: only our line matters)
+    assert done.returncode == 0 and "update 3 failed" not in done.stderr + done.stdout, done.stderr
 
 
 def test_a_destroyed_group_says_so():
