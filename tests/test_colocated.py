@@ -1593,3 +1593,38 @@ def test_a_shared_memory_handle_is_opened_only_as_the_trainers_own_file():
         except TransferError:
             continue
         pytest.fail(f"open_shared accepted {why}")
+
+
+@pytest.mark.parametrize("backend", ["ipc", "gloo"])
+def test_a_count_mismatch_on_a_cached_layout_names_the_tensors(backend):
+    """The second update of a layout, with an update_info that leaves one tensor out and lists
+    one the trainer does not send: the agreed error names both, not only the counts."""
+    port = free_port()
+    model = _model(30, big=10)
+    kw = dict(packed=True, packed_buffer_size_bytes=BUF, packed_num_buffers=2)
+    good = NCCLWeightTransferUpdateInfo.from_named_tensors(model, **kw)
+    bad = NCCLWeightTransferUpdateInfo.from_named_tensors(model[:-1] + [("ghost", torch.zeros(2)), ("ghost2", torch.zeros(1))], **kw)
+
+    def body(rank: int):
+        if rank == 0:
+            group = _either_trainer(backend, port, 2)
+            errors = []
+            for _ in range(2):
+                try:
+                    _either_send(backend, model, group, packed_buffer_size_bytes=BUF)  # a list: its count goes first
+                    errors.append(None)
+                except TransferError as e:
+                    errors.append(str(e))
+            destroy_side_group(group)
+            return errors
+        engine = _either_worker(backend, rank, port, 2)
+        engine.receive_weights(good, _collect({}))
+        with pytest.raises(TransferError) as failed:
+            engine.receive_weights(bad, _collect({}))
+        engine.shutdown()
+        return str(failed.value)
+
+    outcomes = run_threads(body, 2, deadline_s=60)
+    assert outcomes[0].value[0] is None
+    for message in (outcomes[0].value[1], outcomes[1].value):
+        assert f"not sent: ['ghost', 'ghost2']; not listed: ['{model[-1][0]}']" in message, message

@@ -144,7 +144,10 @@ def open_shared(handle: bytes, size: int, inode: int, trainer_pid: int | None) -
         if (st.st_dev, st.st_ino) != (dev, ino) or not 0 < size <= st.st_size:
             raise TransferError(f"the trainer's tensor memory at {path} is not the file its map names, or holds "
                                 f"fewer than {size} bytes")  # fmt: skip
-        return torch.from_file(f"/proc/self/fd/{mine}", shared=True, size=size, dtype=torch.uint8)
+        try:
+            return torch.from_file(f"/proc/self/fd/{mine}", shared=True, size=size, dtype=torch.uint8)
+        except RuntimeError as e:  # not a file that can be mapped
+            raise TransferError(f"cannot map the trainer's tensor memory at {path}: {e}") from None
     finally:
         os.close(mine)
 

@@ -187,7 +187,15 @@ class WorkerSide:
                 problems.append(f"packed_num_buffers: trainer uses {self.num_buffers}, "
                                 f"update_info says {info.packed_num_buffers}")  # fmt: skip
         if hint >= 0 and hint != len(info.names):
-            problems.append(f"count: trainer sends {hint} tensors, update_info lists {len(info.names)}")
+            problem = f"count: trainer sends {hint} tensors, update_info lists {len(info.names)}"
+            cached = getattr(self, "cached", None)
+            if cached is not None:  # the trainer announced a layout this rank holds: its names are known
+                sent = [spec.name for spec in cached.specs]
+                sent_set, listed = set(sent), set(info.names)
+                missing = [n for n in info.names if n not in sent_set][:5]
+                extra = [n for n in sent if n not in listed][:5]
+                problem += f" (not sent: {missing}; not listed: {extra})"
+            problems.append(problem)
         if problems:
             self.fail("; ".join(problems))
 
