@@ -104,6 +104,21 @@ def _either_send(backend: str, pairs, group, **kw):
     return NCCLWeightTransferEngine.trainer_send_weights(pairs, group, packed=True, **kw)
 
 
+def _send_each(backend: str, port: int, world: int, sources: list) -> list[str | None]:
+    """Rank 0 of a new group sends each source (``BUF``-byte buffers), then leaves the group:
+    per update None, or the TransferError's message."""
+    group = _either_trainer(backend, port, world)
+    errors: list[str | None] = []
+    for source in sources:
+        try:
+            _either_send(backend, source, group, packed_buffer_size_bytes=BUF)
+            errors.append(None)
+        except TransferError as e:
+            errors.append(str(e))
+    destroy_side_group(group)
+    return errors
+
+
 def _collect(store: dict):
     def load(batch):
         for name, tensor in batch:
@@ -1515,16 +1530,7 @@ def test_an_apply_that_fails_on_one_atomic_worker_leaves_the_others_whole_and_sa
 
     def body(rank: int):
         if rank == 0:
-            group = _either_trainer(backend, port, 4)
-            errors = []
-            for m in models:
-                try:
-                    _either_send(backend, iter(m), group, packed_buffer_size_bytes=BUF)
-                    errors.append(None)
-                except TransferError as e:
-                    errors.append(str(e))
-            destroy_side_group(group)
-            return errors
+            return _send_each(backend, port, 4, [iter(m) for m in models])
         engine = _either_worker(backend, rank, port, 4)
         seen = []
         for u in range(len(models)):
@@ -1607,16 +1613,7 @@ def test_a_count_mismatch_on_a_cached_layout_names_the_tensors(backend):
 
     def body(rank: int):
         if rank == 0:
-            group = _either_trainer(backend, port, 2)
-            errors = []
-            for _ in range(2):
-                try:
-                    _either_send(backend, model, group, packed_buffer_size_bytes=BUF)  # a list: its count goes first
-                    errors.append(None)
-                except TransferError as e:
-                    errors.append(str(e))
-            destroy_side_group(group)
-            return errors
+            return _send_each(backend, port, 2, [model, model])  # a list: its count goes first
         engine = _either_worker(backend, rank, port, 2)
         engine.receive_weights(good, _collect({}))
         with pytest.raises(TransferError) as failed:
