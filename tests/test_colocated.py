@@ -1625,3 +1625,35 @@ def test_a_count_mismatch_on_a_cached_layout_names_the_tensors(backend):
     assert outcomes[0].value[0] is None
     for message in (outcomes[0].value[1], outcomes[1].value):
         assert f"not sent: ['ghost', 'ghost2']; not listed: ['{model[-1][0]}']" in message, message
+
+
+def test_the_trainers_shared_memory_is_mapped_read_only_and_never_moved():
+    """CPU direct reads: a worker maps the trainer's tensor memory read-only, so a write into a
+    view (a load_weights that changes its input in place) faults in the worker and never reaches
+    the trainer's parameters; and a storage shared with the "file_system" strategy is left where
+    it is (not read in place; asking torch for its descriptor would have moved it)."""
+    import subprocess
+    import sys
+
+    import torch.multiprocessing as tmp
+
+    from torchxfer.ipc_transport import shared_segment
+
+    t = torch.arange(64, dtype=torch.float32).share_memory_()
+    _, size, handle, inode = shared_segment(t)
+    child = (f"import os, torch\nfrom torchxfer.ipc_transport import open_shared\n"
+             f"m = open_shared(bytes.fromhex('{handle.hex()}'), {size}, {inode}, {os.getpid()})\n"
+             f"print(m.view(torch.float32)[:4].tolist(), flush=True)\nm[0] = 1\nprint('wrote', flush=True)\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines()[:1] == ["[0.0, 1.0, 2.0, 3.0]"], done.stderr
+    assert done.returncode != 0 and "wrote" not in done.stdout  # the write faulted
+    assert bytes_equal(t, torch.arange(64, dtype=torch.float32))
+
+    old = tmp.get_sharing_strategy()
+    tmp.set_sharing_strategy("file_system")
+    try:
+        u = torch.zeros(16).share_memory_()
+        where = u.data_ptr()
+        assert shared_segment(u) is None and u.data_ptr() == where
+    finally:
+        tmp.set_sharing_strategy(old)

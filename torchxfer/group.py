@@ -620,14 +620,15 @@ def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor]
 
 def shared_fd(storage: torch.UntypedStorage) -> int | None:
     """The descriptor of the shared memory behind a CPU storage that ``share_memory_()`` put there
-    (torch's default "file_descriptor" strategy keeps it open for the storage's life), else None.
-    Private: ``UntypedStorage._share_fd_cpu_`` (torch 2.6-2.13), called only on a storage that is
-    already shared, where it returns the descriptor it holds and moves nothing."""
+    with torch's default "file_descriptor" strategy (torch keeps it open for the storage's life),
+    else None. Private: ``UntypedStorage._get_shared_fd`` (torch 2.6-2.13), which reads the
+    descriptor and raises for any other storage; never ``_share_fd_cpu_``, which would move a
+    storage shared another way (the "file_system" strategy) into new memory."""
     if storage.device.type != "cpu" or not storage.is_shared():
         return None
     try:
-        fd = storage._share_fd_cpu_()[0]
-    except Exception:  # shared another way (the "file_system" strategy): no descriptor
+        fd = storage._get_shared_fd()
+    except Exception:  # not shared through a descriptor
         return None
     return fd if isinstance(fd, int) and fd >= 0 else None
 

@@ -27,9 +27,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import fcntl
+import mmap
 import os
 import secrets
 import struct
+import warnings
 from typing import Any
 
 import torch
@@ -125,10 +127,11 @@ def same_shared(handle: bytes, inode: int) -> bool:
 
 
 def open_shared(handle: bytes, size: int, inode: int, trainer_pid: int | None) -> torch.Tensor:
-    """A worker maps the trainer's shared memory a :func:`shared_segment` handle names: a uint8
-    tensor of its first ``size`` bytes. TransferError unless the handle names the trainer's own
-    process (``trainer_pid``, proved by the host probe), the descriptor there still holds that
-    very file (device and inode), and the file holds ``size`` bytes."""
+    """A worker maps the trainer's shared memory a :func:`shared_segment` handle names, read-only:
+    a uint8 tensor of its first ``size`` bytes. TransferError unless the handle names the process
+    whose probe read back at init (``trainer_pid``: the trainer, or a process it handed its probe
+    to), the descriptor there still holds that very file (device and inode), and the file holds
+    ``size`` bytes."""
     if len(handle) != 64 or not handle.startswith(_SHARED_MAGIC) or any(handle[4 + 32 :]):
         raise TransferError("the direct-read map names a malformed shared-memory handle")
     pid, fd, dev, ino = struct.unpack_from("<qqqq", handle, len(_SHARED_MAGIC))
@@ -136,7 +139,7 @@ def open_shared(handle: bytes, size: int, inode: int, trainer_pid: int | None) -
         raise TransferError(f"the direct-read map names memory of pid {pid}, not of the trainer")
     path = f"/proc/{pid}/fd/{fd}"
     try:
-        mine = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        mine = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except (OSError, ValueError, OverflowError) as e:
         raise TransferError(f"cannot open the trainer's tensor memory ({path}: {e})") from None
     try:
@@ -145,11 +148,16 @@ def open_shared(handle: bytes, size: int, inode: int, trainer_pid: int | None) -
             raise TransferError(f"the trainer's tensor memory at {path} is not the file its map names, or holds "
                                 f"fewer than {size} bytes")  # fmt: skip
         try:
-            return torch.from_file(f"/proc/self/fd/{mine}", shared=True, size=size, dtype=torch.uint8)
-        except RuntimeError as e:  # not a file that can be mapped
+            # Read-only (PROT_READ): a worker, or a load_weights that writes into its input, can
+            # never change the trainer's parameters (such a write faults in the worker instead).
+            view = mmap.mmap(mine, size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError, OverflowError) as e:  # not a file that can be mapped
             raise TransferError(f"cannot map the trainer's tensor memory at {path}: {e}") from None
     finally:
         os.close(mine)
+    with warnings.catch_warnings():  # torch warns that the buffer is not writable: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(view, dtype=torch.uint8)  # holds the mapping until its last view goes
 
 
 class HostProbe:
