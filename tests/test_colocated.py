@@ -79,19 +79,19 @@ def _worker(rank: int, port: int, world: int, timeout: float = TIMEOUT, token: s
     return engine
 
 
-def _either_trainer(backend: str, port: int, world: int) -> torch.distributed.ProcessGroup:
+def _either_trainer(backend: str, port: int, world: int, timeout: float = TIMEOUT) -> torch.distributed.ProcessGroup:
     """Rank 0 of a colocated ("ipc", CPU) or broadcast ("gloo") side group."""
     info = dict(master_address=ADDR, master_port=port, world_size=world)
     if backend == "ipc":
-        return IPCWeightTransferEngine.trainer_init(info, timeout_s=TIMEOUT, device="cpu")
-    return NCCLWeightTransferEngine.trainer_init(info, timeout_s=TIMEOUT, backend="gloo")
+        return IPCWeightTransferEngine.trainer_init(info, timeout_s=timeout, device="cpu")
+    return NCCLWeightTransferEngine.trainer_init(info, timeout_s=timeout, backend="gloo")
 
 
-def _either_worker(backend: str, rank: int, port: int, world: int):
+def _either_worker(backend: str, rank: int, port: int, world: int, timeout: float = TIMEOUT):
     """A worker engine of :func:`_either_trainer`'s group, at side-group rank ``rank``."""
     if backend == "ipc":
-        return _worker(rank, port, world)
-    engine = create_engine(WeightTransferConfig(backend="gloo", timeout_s=TIMEOUT),
+        return _worker(rank, port, world, timeout)
+    engine = create_engine(WeightTransferConfig(backend="gloo", timeout_s=timeout),
                            ParallelConfig(data_parallel_rank=rank - 1, data_parallel_size=world - 1))  # fmt: skip
     engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, world))
     return engine
@@ -1657,3 +1657,108 @@ def test_the_trainers_shared_memory_is_mapped_read_only_and_never_moved():
         assert shared_segment(u) is None and u.data_ptr() == where
     finally:
         tmp.set_sharing_strategy(old)
+
+
+@pytest.mark.parametrize("backend", ["ipc", "gloo"])
+def test_a_second_sender_waits_out_an_update_longer_than_timeout_s(backend):
+    """The second of two sender threads waits for the first update however long it takes in all
+    (here about 2.4 s on a group whose timeout_s is 1.5 s, every wait of its own within it), then
+    sends; the worker receives both, bit for bit."""
+    import threading
+
+    port = free_port()
+    gen = torch.Generator().manual_seed(40)
+    # Tensors of 40 KB in 64 KiB buffers: a bucket each, so no wait of the update spans two pulls.
+    models = [[(f"w{i}", _random(torch.float32, (10_000,), gen)) for i in range(24)] for _ in range(2)]
+    started = threading.Event()
+
+    def slow(model):
+        for item in model:
+            started.set()
+            time.sleep(0.1)  # pacing the source, not synchronizing: 24 pulls take about 2.4 s
+            yield item
+
+    def body(rank: int):
+        if rank == 0:
+            group = _either_trainer(backend, port, 2, timeout=1.5)
+            outcomes: list = [None, None]
+
+            def send(i: int, source) -> None:
+                try:
+                    outcomes[i] = _either_send(backend, source, group, packed_buffer_size_bytes=BUF).num_tensors
+                except Exception as e:  # noqa: BLE001 - reported to the test
+                    outcomes[i] = repr(e)
+
+            first = threading.Thread(target=send, args=(0, slow(models[0])))
+            first.start()
+            assert started.wait(TIMEOUT)
+            send(1, iter(models[1]))
+            first.join(TIMEOUT)
+            destroy_side_group(group)
+            return outcomes
+        engine = _either_worker(backend, rank, port, 2, timeout=1.5)
+        got = []
+        for _ in models:
+            store: dict = {}
+            engine.receive_weights(None, _collect(store))
+            got.append(store)
+        engine.shutdown()
+        return got
+
+    outcomes = run_threads(body, 2, deadline_s=60)
+    assert outcomes[0].value == [len(models[0]), len(models[1])]
+    first, second = outcomes[1].value
+    assert _same(first, models[0]) and _same(second, models[1])
+
+
+@pytest.mark.parametrize("backend", ["ipc", "gloo"])
+def test_a_sender_waiting_for_its_turn_when_the_group_is_destroyed_raises_at_once(backend):
+    """A sender thread waiting on the group's update lock when another thread destroys the group
+    gets TransferError ("closed") at once, and builds nothing in the group's state."""
+    import threading
+
+    from torchxfer.group import side_group
+
+    port = free_port()
+
+    class Signalling:  # the group's update lock, telling the test when a sender waits on it
+        def __init__(self, inner) -> None:
+            self.inner, self.waiting = inner, threading.Event()
+
+        def acquire(self, timeout: float = -1) -> bool:
+            if not self.inner.acquire(blocking=False):
+                self.waiting.set()
+                return self.inner.acquire(timeout=timeout)
+            return True
+
+        def release(self) -> None:
+            self.inner.release()
+
+    def body(rank: int):
+        if rank == 0:
+            group = _either_trainer(backend, port, 2)
+            side = side_group(group)
+            side._updating = lock = Signalling(side._updating)
+            outcome: list = []
+
+            def send() -> None:
+                try:
+                    outcome.append(_either_send(backend, iter(_model(42, big=10)), group))
+                except Exception as e:  # noqa: BLE001 - reported to the test
+                    outcome.append(e)
+
+            with side.one_update():  # another update in progress
+                waiting = threading.Thread(target=send)
+                waiting.start()
+                assert lock.waiting.wait(TIMEOUT)
+                destroy_side_group(group)
+            waiting.join(TIMEOUT)
+            return outcome, dict(side.cache)
+        engine = _either_worker(backend, rank, port, 2)
+        engine.shutdown()
+        return None
+
+    outcomes = run_threads(body, 2, deadline_s=60)
+    (outcome, cache) = outcomes[0].value
+    assert len(outcome) == 1 and isinstance(outcome[0], TransferError) and "closed" in str(outcome[0]), outcome
+    assert not cache, cache

@@ -582,7 +582,7 @@ def test_send_arguments_are_checked_before_anything_moves():
             for bad in (1, "no", None):
                 with pytest.raises(ValueError, match=f"{field} must be a bool, got {bad!r}"):
                     send(pairs, group, packed=True, **{field: bad})
-        with pytest.raises(ValueError, match="stream must be None or a torch.cuda.Stream"):
+        with pytest.raises(ValueError, match="stream must be None or a CUDA stream"):
             send(pairs, group, stream="x")
         with pytest.raises(ValueError, match="packed_buffer_size_bytes must be an int"):
             send(pairs, group, packed=True, packed_buffer_size_bytes=2**70)
@@ -613,6 +613,9 @@ def test_module_loader_refuses_what_is_not_a_batch_and_takes_a_dict_update_info(
         with pytest.raises(ValueError, match="a batch holds \\(name, tensor\\) pairs; item 0"):
             loader(batch)
     assert not loader.loaded
+    loader([["weight", torch.ones(3, 2)], ["bias", torch.ones(3)]])  # a pair may be a list
+    assert torch.equal(module.weight, torch.ones(3, 2)) and loader.loaded == {"weight", "bias"}
+    loader.reset()
     for info in (None, "x", 5):
         with pytest.raises(ValueError, match="update_info must be a NCCLWeightTransferUpdateInfo or a dict"):
             loader.check(info)

@@ -338,6 +338,9 @@ class ColocatedSender(SendSide):
         for p, ptr in zip(picked, ptrs):
             base, size, buffer_id, handle = self.allocation_of(plan.slots[p].spec.name, tensors[p], ptr)
             if (base, buffer_id) not in index:
+                if handle is None:  # CUDA: exported once per allocation
+                    with torch.cuda.device(self.device):
+                        handle = ipc_handle(base)
                 index[(base, buffer_id)] = len(segments)
                 segments.append([handle.hex(), size, buffer_id])
                 allocations.append((base, buffer_id, handle))
@@ -360,13 +363,13 @@ class ColocatedSender(SendSide):
         return {"want": (picked, ptrs), "key": (picked[:n], ptrs[:n]), "buf": buf.data_ptr(), "gen": state.direct_gen, "frame": frame,
                 "allocations": [allocations[seg] for seg in used], "concat": concat, "epoch": -1}  # fmt: skip
 
-    def allocation_of(self, name: str, tensor: torch.Tensor, ptr: int) -> tuple[int, int, int, bytes]:
-        """The allocation holding ``tensor`` at ``ptr``: (base, size, id, 64-byte handle).
-        PeerReadsUnavailable if workers cannot be given it."""
+    def allocation_of(self, name: str, tensor: torch.Tensor, ptr: int) -> tuple[int, int, int, bytes | None]:
+        """The allocation holding ``tensor`` at ``ptr``: (base, size, id, 64-byte handle; on CUDA
+        None: the caller exports each allocation once). PeerReadsUnavailable if workers cannot
+        be given it."""
         if self.device.type == "cuda":
             with torch.cuda.device(self.device):
-                base, size, buffer_id = locate(ptr)
-                return base, size, buffer_id, ipc_handle(base)
+                return (*locate(ptr), None)
         found = shared_segment(tensor)
         if found is None or not found[0] <= ptr < found[0] + max(found[1], 1):
             raise PeerReadsUnavailable(f"{name!r} is not in shared memory torch holds a "

@@ -388,11 +388,11 @@ def send_pairs(iterator: Iterable[tuple[str, torch.Tensor]], group: dist.Process
     check_send("trainer_send_weights", packed, packed_buffer_size_bytes, packed_num_buffers, version,
                checksum=checksum, zero_copy=zero_copy)  # fmt: skip
     check_source("trainer_send_weights", iterator, post_iter_func)
-    if stream is not None and not isinstance(stream, torch.cuda.Stream):
-        raise ValueError(f"trainer_send_weights: stream must be None or a torch.cuda.Stream, got {stream!r:.80}")
+    if stream is not None and not isinstance(stream, (torch.cuda.Stream, getattr(torch, "Stream", torch.cuda.Stream))):
+        raise ValueError(f"trainer_send_weights: stream must be None or a CUDA stream, got {stream!r:.80}")
     side.check_usable()
     num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
-    with side.one_update("trainer_send_weights"), gc_paused():  # gc: from the first pull on, see pulling.gc_paused
+    with side.one_update(), gc_paused():  # gc: from the first pull on, see pulling.gc_paused
         check, rest = None, None
         if not owned:  # the package's own pairs (send_model) are never DTensors, and are pulled only once the update began
             iterator, check, rest = _refuse_dtensors(iterator, post_iter_func)

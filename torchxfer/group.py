@@ -138,7 +138,7 @@ class SideGroup:
         self._closed = False
         self._waiting = 0
         self._lock = threading.Lock()
-        self._updating = threading.Lock()
+        self._updating = threading.RLock()
 
     @property
     def pg(self) -> dist.ProcessGroup:
@@ -162,17 +162,28 @@ class SideGroup:
     # -- state -----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def one_update(self, what: str) -> Iterator[None]:
-        """The sending rank's hold on the group for one update: another thread's update on
-        this group waits for it (at most ``timeout_s``, then TransferError), so two updates
-        never interleave on the wire. Local; the receiving engines hold their own lock."""
-        if not self._updating.acquire(timeout=self.timeout_s):
-            raise TransferError(f"{what}: another update on this side group (from another thread) did not finish "
-                                f"within {self.timeout_s:g} s; one update at a time per group")  # fmt: skip
+    def one_update(self, check: bool = True) -> Iterator[None]:
+        """The sending rank's hold on the group for one update, so two updates never interleave on
+        the wire: another thread's update waits for this one (re-entrant: ``send_model`` holds it
+        from its plan check on, then sends). Waiting has no deadline of its own: the holder's every
+        wait is bounded by ``timeout_s``, so it finishes or fails. A group closed or broken
+        meanwhile raises its TransferError at once, here and once held (``check=False``: the
+        caller meets it itself, and a closed group is not waited for). Local; the receiving
+        engines hold their own lock."""
+        held = False
+        while not held:
+            held = self._updating.acquire(timeout=_SLICE_S)
+            if not held and (self._closed or self._broken is not None):
+                if check:
+                    self.check_usable()
+                break
         try:
+            if check:
+                self.check_usable()
             yield
         finally:
-            self._updating.release()
+            if held:
+                self._updating.release()
 
     @property
     def broken(self) -> str | None:

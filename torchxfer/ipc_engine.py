@@ -208,7 +208,7 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
         check_source("trainer_send_weights", iterator, post_iter_func)
         side.check_usable()
         num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
-        with side.one_update("trainer_send_weights"):
+        with side.one_update():
             sender = ColocatedSender(side, buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
                                      version=version, num_tensors=num_tensors)  # fmt: skip
             return sender.run(iterator, post_iter_func)

@@ -256,7 +256,7 @@ class ModuleLoader:
         src: list[torch.Tensor] = []
         positions: list[int] = []
         for position, pair in enumerate(batch):
-            if not isinstance(pair, tuple) or len(pair) != 2 or not isinstance(pair[0], str) \
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str) \
                     or not isinstance(pair[1], torch.Tensor):  # fmt: skip
                 raise ValueError(f"a batch holds (name, tensor) pairs; item {position} is {type(pair).__name__}: "
                                  f"{pair!r:.80}")  # fmt: skip

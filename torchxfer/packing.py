@@ -57,9 +57,10 @@ MAX_SLOTS_PER_BUCKET = 4096
 """Most slots one bucket may hold; keeps a bucket header under the size cap."""
 
 MAX_NDIM = 64
+"""Most dimensions a tensor on the wire may have."""
+
 MAX_TENSOR_BYTES = 1 << 62
 """The most bytes one tensor may hold: offsets and lengths travel as int64."""
-"""Most dimensions a tensor on the wire may have."""
 
 MAX_NAME_CHARS = 4096
 """Longest tensor name the wire carries."""

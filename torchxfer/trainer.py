@@ -181,6 +181,22 @@ def send_model(
             (with its message), and on the sender when another trainer rank
             failed. The sender raises whatever ``trainer_send_weights`` raised.
     """
+    try:
+        side = side_group(group) if group is not None else None
+    except ValueError:  # not a side group: the plan check tells every trainer rank
+        side = None
+    # The sender holds its side group from the plan check on (it may fill send buffers while the
+    # check travels), so another thread's update on that group waits, as trainer_send_weights'.
+    with side.one_update(check=False) if side is not None else contextlib.nullcontext():
+        return _send_model(source, group, dtype, name_map, include_buffers, trainer_group, timeout_s, packed,
+                           packed_buffer_size_bytes, packed_num_buffers, checksum, version)  # fmt: skip
+
+
+def _send_model(source: Source, group: dist.ProcessGroup | None, dtype: Any, name_map: NameMap,
+                include_buffers: bool, trainer_group: dist.ProcessGroup | None, timeout_s: float | None,
+                packed: bool, packed_buffer_size_bytes: int, packed_num_buffers: int, checksum: bool,
+                version: int | None) -> TransferStats | None:  # fmt: skip
+    """:func:`send_model`'s body, on the sender with its side group held."""
     if timeout_s is not None:
         check_timeout("send_model", timeout_s)
     if trainer_group is None and dist.is_initialized():
