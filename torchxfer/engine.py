@@ -390,9 +390,9 @@ def send_pairs(iterator: Iterable[tuple[str, torch.Tensor]], group: dist.Process
     check_source("trainer_send_weights", iterator, post_iter_func)
     if stream is not None and not isinstance(stream, (torch.cuda.Stream, getattr(torch, "Stream", torch.cuda.Stream))):
         raise ValueError(f"trainer_send_weights: stream must be None or a CUDA stream, got {stream!r:.80}")
-    side.check_usable()
     num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
-    with side.one_update(), gc_paused():  # gc: from the first pull on, see pulling.gc_paused
+    # one_update raises a closed or broken group's TransferError; gc: paused from the first pull on
+    with side.one_update(), gc_paused():
         check, rest = None, None
         if not owned:  # the package's own pairs (send_model) are never DTensors, and are pulled only once the update began
             iterator, check, rest = _refuse_dtensors(iterator, post_iter_func)

@@ -206,9 +206,8 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
             raise ValueError(f"the trainer sends as rank 0 of the side group; this is rank {group.rank()}")
         check_send("trainer_send_weights", True, packed_buffer_size_bytes, packed_num_buffers, version)
         check_source("trainer_send_weights", iterator, post_iter_func)
-        side.check_usable()
         num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
-        with side.one_update():
+        with side.one_update():  # (raises the TransferError of a closed or broken group)
             sender = ColocatedSender(side, buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
                                      version=version, num_tensors=num_tensors)  # fmt: skip
             return sender.run(iterator, post_iter_func)
