@@ -7,10 +7,12 @@ slack), stay alive, and be able to join a new group.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -57,7 +59,7 @@ def _collect(store: list) -> callable:
 # -- trainer dies mid-update ---------------------------------------------------------------
 
 
-def _trainer_dies(rank: int, port: int, port2: int) -> object:
+def _trainer_dies(rank: int, port: int, port2: int, both_failed: Any = None) -> object:
     world = 3
     if rank == 0:  # trainer A: one good update, then dies inside the second
         group = _trainer(port, world)
@@ -90,6 +92,9 @@ def _trainer_dies(rank: int, port: int, port2: int) -> object:
     assert engine.weights_version == version
     engine.shutdown()
     engine.shutdown()  # idempotent
+    # Each worker notices the death within its own timeout_s; the two re-join together, so the
+    # first one's init (bounded by the same timeout_s) does not run out waiting for the second.
+    both_failed.wait(2 * TIMEOUT + SLACK)
     engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port2, 1, world))
     third: list = []
     engine.receive_weights(None, _collect(third))
@@ -102,7 +107,8 @@ def _trainer_dies(rank: int, port: int, port2: int) -> object:
 @pytest.mark.process
 def test_trainer_killed_mid_update_workers_survive_and_reconnect():
     port, port2 = free_port(), free_port()
-    outcomes = run_processes(_trainer_dies, 4, port, port2, deadline_s=120, expect_ok=False)
+    both_failed = mp.get_context("spawn").Barrier(2)  # the two workers, after their error
+    outcomes = run_processes(_trainer_dies, 4, port, port2, both_failed, deadline_s=120, expect_ok=False)
     assert outcomes[0].error is not None  # killed: no report
     assert outcomes[3].ok, outcomes[3].tb
     want1 = [(n, digest(t)) for n, t in _model(1)]
