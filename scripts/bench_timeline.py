@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.distributed as dist  # noqa: E402
 
 import bench  # noqa: E402
-from torchxfer import colocated_receiver, colocated_sender, control, group, receiver, sender  # noqa: E402
+from torchxfer import colocated_receiver, colocated_sender, control, group, loading, receiver, sender  # noqa: E402
 
 EVENTS: list[tuple[float, float, str]] = []
 SENDER_STEPS = ("run", "begin", "post_begin", "posting", "cached_bucket", "bulk_bucket", "table_buckets", "tick",
@@ -63,6 +63,10 @@ def _instrument() -> None:
         for name in names:
             if hasattr(cls, name):
                 setattr(cls, name, _timed(getattr(cls, name), f"{cls.__name__}.{name}"))
+    colocated_sender.pull_bucket = _timed(colocated_sender.pull_bucket, "  pull_bucket")
+    colocated_sender.pack_replayed = _timed(colocated_sender.pack_replayed, "  pack_replayed")
+    loading.ModuleLoader.__call__ = _timed(loading.ModuleLoader.__call__, "  ModuleLoader call")
+    loading._sliced = _timed(loading._sliced, "  ModuleLoader sliced copy")
     control.Step.__init__ = _timed(control.Step.__init__, "control step posted")
     control.Step.rows = _timed(control.Step.rows, "control step waited")
     control.all_gather_row = _timed(control.all_gather_row, "  all_gather call")

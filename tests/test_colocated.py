@@ -733,10 +733,10 @@ def test_cuda_a_cached_bucket_of_many_tensors_is_packed_by_a_replayed_graph_bit_
         assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
     sent, graphs = outcomes[0].value
     assert outcomes[1].value == sent and len(sent) == 7
-    # Update 0 sends a new layout, 1 makes pull_bucket's guard, 2 is seen at these addresses, 3 is
-    # captured and replayed; 4 moved a tensor (packed as usual), 5 changed strides (the guard is
-    # dropped for good, so graphs too). Seen on an H200: [False, False, False, True] for 0-3.
-    assert graphs == [False, False, False, True, False, False, False]
+    # Update 0 sends a new layout (and notes where its tensors lie), 1 makes pull_bucket's guard,
+    # finds them there again, and is captured and replayed, as are 2 and 3; 4 moved a tensor (packed
+    # as usual), 5 changed strides (the guard is dropped for good, so graphs too).
+    assert graphs == [False, True, True, True, False, False, False]
 
 
 def _direct_body(rank: int, port: int, device: str):

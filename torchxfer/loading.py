@@ -189,6 +189,7 @@ class ModuleLoader:
         # layout then costs one comparison of those lists per batch, not the
         # per-tensor checks. Bounded: cleared once it holds _MAX_PLANS batches.
         self._plans: dict[tuple[str, ...], _BatchPlan] = {}
+        self._by_pairs: dict[int, _BatchPlan] = {}  # the same plans, by the SlicedBatch pairs they checked
 
     def _problem(self, name: str, dtype: torch.dtype, shape: list[int]) -> str | None:
         target = self.targets.get(name)
@@ -213,6 +214,10 @@ class ModuleLoader:
             if not (hasattr(type(batch), "__iter__") or hasattr(type(batch), "__getitem__")):
                 raise ValueError(f"a batch must be a list of (name, tensor) pairs, got {type(batch).__name__}")
             batch = list(batch)
+        if type(batch) is SlicedBatch:  # the colocated receiver's batch of a layout seen before: no key to make
+            plan = self._by_pairs.get(id(batch.pairs))
+            if plan is not None and plan.checked is batch.pairs and self._fast(batch, plan):
+                return
         try:
             key = tuple(map(_FIRST, batch))
             plan = self._plans.get(key)
@@ -227,20 +232,26 @@ class ModuleLoader:
         positions, names = plan.positions, plan.names
         # C-level maps, not a Python loop per tensor: a batch may hold thousands.
         try:
-            src = list(map(_SECOND, batch)) if positions is None else [batch[i][1] for i in positions]
             # A SlicedBatch of the very pair objects checked last time (the colocated receiver hands
             # out the same views every update of a layout) is not checked again.
             same = _unchanged(batch)
-            if not (same and batch.pairs is plan.checked) and (plan.guard is None or not plan.guard(*src)):
-                if list(map(_SHAPE, src)) != plan.shapes or list(map(_DTYPE, src)) != plan.dtypes:
-                    return False
-                plan.guard = None  # alike but not to the guard (other strides, say): the lists from now on
+            src = None
+            if not (same and batch.pairs is plan.checked):
+                src = list(map(_SECOND, batch)) if positions is None else [batch[i][1] for i in positions]
+                if plan.guard is None or not plan.guard(*src):
+                    if list(map(_SHAPE, src)) != plan.shapes or list(map(_DTYPE, src)) != plan.dtypes:
+                        return False
+                    plan.guard = None  # alike but not to the guard (other strides, say): the lists from now on
         except (AttributeError, IndexError, TypeError):
             return False
         plan.checked = batch.pairs if same else None
+        if same:
+            self._remember(plan)
         if not self.loaded.isdisjoint(names):
             return False
         if not _sliced(batch, plan):
+            if src is None:
+                src = list(map(_SECOND, batch)) if positions is None else [batch[i][1] for i in positions]
             _copy(plan.dst, src, plan.alone)
         if self.loaded:
             self.loaded |= names
@@ -289,9 +300,19 @@ class ModuleLoader:
         if key is not None:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
+                self._by_pairs.clear()
             every = positions if len(positions) < len(batch) else None  # None: every position loads
             made = self._plans[key] = _BatchPlan(every, dst, src, frozenset(names), alone)
             made.checked = batch.pairs if _unchanged(batch) else None
+            if made.checked is not None:
+                self._remember(made)
+
+    def _remember(self, plan: _BatchPlan) -> None:
+        """Find ``plan`` by the SlicedBatch pairs it last checked (held by ``plan.checked``, so
+        their id is theirs while the plan holds them; a stale entry fails the identity test)."""
+        if len(self._by_pairs) >= _MAX_PLANS:
+            self._by_pairs.clear()
+        self._by_pairs[id(plan.checked)] = plan
 
     def missing(self) -> list[str]:
         """Tensors of the module not loaded in the current update (the first name of tied ones)."""

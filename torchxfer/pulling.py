@@ -12,7 +12,6 @@ import contextlib
 import gc
 import itertools
 import operator
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -175,7 +174,7 @@ def pull_bucket(plan: BucketPlan, memo: dict, refs: list, item: Item, raw: Itera
     batch = [item]
     if len(refs) != len(names) or None in refs:
         return batch, None, None
-    expected = list(map(_DEREF, refs))  # held for this pull only
+    expected = [ref() for ref in refs]  # held for this pull only (faster than a map of ref.__call__)
     if item[1] is not expected[0]:
         return batch, None, None
     plain = type(raw) in PLAIN_ITERATORS
@@ -205,7 +204,11 @@ def pull_bucket(plan: BucketPlan, memo: dict, refs: list, item: Item, raw: Itera
     memo["guarded"] = False
     if list(map(_DTYPE, tensors)) != dtypes or list(map(_SHAPE, tensors)) != shapes or not all_on(tensors, device):
         return batch, None, None
-    memo["guard"] = metadata_guard(tensors) if "guard" not in memo else None
+    if "guard" not in memo:  # made from these very tensors (and checked against them): they pass it
+        memo["guard"] = metadata_guard(tensors)
+        memo["guarded"] = memo["guard"] is not None
+    else:  # alike tensors failed it once: the plain comparisons from now on
+        memo["guard"] = None
     return batch, tensors, None
 
 
@@ -216,5 +219,3 @@ def then_raise(items: list[Any], error: Exception | None) -> Iterator[Any]:
     if error is not None:
         raise error
 
-
-_DEREF = weakref.ref.__call__
