@@ -138,7 +138,6 @@ def trainer_handshake(group: SideGroup, device: torch.device) -> None:
     finally:
         probe.close()
     group.cache[_CACHE_KEY] = device
-    group.poll_control = device.type == "cuda"  # the payload is copies on the GPU: the CPUs are free
 
 
 def worker_handshake(group: SideGroup, device: torch.device) -> None:
@@ -171,4 +170,3 @@ def worker_handshake(group: SideGroup, device: torch.device) -> None:
     rows = channel.post(make_row(Kind.WORKER, len(error), 0, 0, 0), "colocated handshake (check)").rows()
     channel.settle(rows, error, "colocated handshake")
     group.cache[_CACHE_KEY] = device
-    group.poll_control = device.type == "cuda"  # the payload is copies on the GPU: the CPUs are free

@@ -68,8 +68,7 @@ _PREFIX = "torchxfer/v1/"
 # A wait on a collective checks the closed flag this often.
 _SLICE_S = 0.05
 CONTROL_POLL_US = 3000
-"""Groups whose payload does not run on the CPU (NCCL side groups, colocated groups on a GPU:
-``SideGroup.poll_control``): a wait on a control step (a Gloo row) first polls for this many
+"""NCCL side groups: a wait on a control step (a Gloo row) first polls for this many
 microseconds, yielding the CPU between polls, before it blocks (see ``SideGroup.wait``).
 On 2x H200, 256 MiB x 2 buffers: 0.91x, 0.91x against 0.89x, 0.90x without, alternated
 (each bucket's step waits for the one before it). Not on Gloo side groups, which share
@@ -140,8 +139,6 @@ class SideGroup:
         self._waiting = 0
         self._lock = threading.Lock()
         self._updating = threading.RLock()
-        # Control waits poll before they block (CONTROL_POLL_US) where the payload leaves the CPUs free.
-        self.poll_control = backend_name == "nccl"
 
     @property
     def pg(self) -> dist.ProcessGroup:
@@ -269,7 +266,7 @@ class SideGroup:
                 # start. On a timeout it raises "Operation timed out!" and leaves
                 # the work running (torch 2.6-2.13), so waiting in slices lets
                 # close() interrupt it.
-                if not data and CONTROL_POLL_US and self.poll_control:
+                if not data and CONTROL_POLL_US and self.backend_name == "nccl":
                     # A row that completes while this thread is blocked costs it a wake-up after
                     # Gloo's own threads; during an update each step waits for the one before.
                     until = time.monotonic() + min(CONTROL_POLL_US * 1e-6, limit)
