@@ -1822,3 +1822,45 @@ def test_a_list_source_is_pulled_a_bucket_at_a_time_and_a_changed_object_is_stil
     for rank in (1, 2):
         for k, (pairs, got) in enumerate(zip(steps, values[rank])):
             assert_same(got, pairs, f"rank {rank}, update {k}")
+
+
+def test_transformed_pairs_of_a_cached_layout_keep_every_metadata_check(monkeypatch):
+    """With a ``post_iter_func``, a bucket of the very tensors of the last update is pulled at once
+    (``pulling.pull_same``) and its metadata checked by the bucket's C++ guard while they pass it:
+    a tensor given another shape, other strides (the same shape: the guard refuses, the plain
+    comparison accepts) or another dtype is seen each time, and every value arrives bit-exact."""
+    import torchxfer.sender
+
+    gen = torch.Generator().manual_seed(5)
+    params = [(f"w{i}", torch.randn(12, 12, generator=gen)) for i in range(30)]
+    taken: list[bool] = []
+    pull = torchxfer.sender.pull_same
+
+    def counting(*args: Any) -> Any:
+        out = pull(*args)
+        taken.append(out[1] is not None)
+        return out
+
+    monkeypatch.setattr(torchxfer.sender, "pull_same", counting)
+    sent: list = []
+
+    def source(step: int) -> Any:
+        with torch.no_grad():
+            for _, t in params:
+                t.add_(step)
+            if step == 3:  # the same object, another shape
+                params[4][1].data = torch.randn(144, generator=gen)
+            if step == 5:  # the same shape, other strides
+                params[11][1].data = torch.randn(12, 12, generator=gen).t()
+            if step == 7:  # another dtype
+                params[20][1].data = params[20][1].data.double()
+        sent.append([(n, t.clone()) for n, t in params])
+        return iter(params)
+
+    updates = 9
+    values = updates_over_three_ranks(updates, source, packed=True, packed_buffer_size_bytes=4096,
+                                      post_iter_func=lambda item: item[1])  # fmt: skip
+    for rank in (1, 2):
+        for step in range(updates):
+            assert_same(values[rank][step], sent[step], f"rank {rank} update {step}")
+    assert taken.count(True) >= 10 and taken.count(False) >= 2, taken  # both ways taken

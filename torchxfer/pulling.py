@@ -142,8 +142,29 @@ def pull_same(plan: BucketPlan, memo: dict, refs: list, item: Item, source: Iter
     if not same or len(batch) != len(plan.slots):
         return batch, None
     tensors = list(map(_SECOND, batch))
-    same = list(map(_DTYPE, tensors)) == dtypes and list(map(_SHAPE, tensors)) == shapes and all_on(tensors, device)
-    return batch, tensors if same else None
+    return batch, tensors if _same_metadata(memo, tensors, dtypes, shapes, device) else None
+
+
+_NOT_SAME, _SAME, _GUARDED = 0, 1, 2
+
+
+def _same_metadata(memo: dict, tensors: list[torch.Tensor], dtypes: list[torch.dtype], shapes: list[torch.Size],
+                   device: torch.device) -> int:  # fmt: skip
+    """Whether ``tensors`` have the bucket's dtypes and shapes and lie on ``device``: _GUARDED
+    when the bucket's C++ guard (``memo["guard"]``, made from the first tensors that passed the
+    plain comparisons) says so, strides included, or was just made from these very tensors;
+    _SAME when they pass the plain comparisons only (reading ``shape`` costs about 250 ns a
+    tensor from Python; alike tensors that fail the guard drop it for good); else _NOT_SAME."""
+    guard = memo.get("guard")
+    if guard is not None and guard(*tensors):
+        return _GUARDED
+    if list(map(_DTYPE, tensors)) != dtypes or list(map(_SHAPE, tensors)) != shapes or not all_on(tensors, device):
+        return _NOT_SAME
+    if "guard" in memo:  # alike tensors failed it once: the plain comparisons from now on
+        memo["guard"] = None
+        return _SAME
+    memo["guard"] = metadata_guard(tensors)
+    return _SAME if memo["guard"] is None else _GUARDED
 
 
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
@@ -197,19 +218,9 @@ def pull_bucket(plan: BucketPlan, memo: dict, refs: list, item: Item, raw: Itera
     tensors = list(map(_SECOND, batch))
     if plain and not all(map(operator.is_, tensors, expected)):
         return batch, None, None
-    guard = memo.get("guard")
-    if guard is not None and guard(*tensors):
-        memo["guarded"] = True  # every tensor as the guard's first ones were, strides included
-        return batch, tensors, None
-    memo["guarded"] = False
-    if list(map(_DTYPE, tensors)) != dtypes or list(map(_SHAPE, tensors)) != shapes or not all_on(tensors, device):
-        return batch, None, None
-    if "guard" not in memo:  # made from these very tensors (and checked against them): they pass it
-        memo["guard"] = metadata_guard(tensors)
-        memo["guarded"] = memo["guard"] is not None
-    else:  # alike tensors failed it once: the plain comparisons from now on
-        memo["guard"] = None
-    return batch, tensors, None
+    same = _same_metadata(memo, tensors, dtypes, shapes, device)
+    memo["guarded"] = same == _GUARDED  # every tensor as the guard's first ones were, strides included
+    return batch, tensors if same else None, None
 
 
 def then_raise(items: list[Any], error: Exception | None) -> Iterator[Any]:
