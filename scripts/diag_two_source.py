@@ -10,13 +10,18 @@ Cases, each the median of 10 rounds in ms (the slowest rank's time; every rank e
 together): ``flat`` 2 GiB broadcast 0 -> 2; ``half`` 1 GiB broadcast 0 -> 2; ``local`` the worker
 copies 1 GiB from rank 1's memory (CUDA IPC, same GPU) into its own, on a side stream;
 ``half+local`` both at once (the two-source design); ``flat+pull`` rank 0 copies 1 GiB from rank
-1's memory into GPU 0 while it broadcasts 2 GiB (what ``send_model`` does today, by peer reads).
+1's memory into GPU 0 while it broadcasts 2 GiB (what ``send_model`` does today, by peer reads);
+``push`` rank 1 copies 1 GiB from its memory into rank 0's on GPU 0 by GPU 1's copy engines
+(``cudaMemcpyAsync`` on a GPU 1 stream, peer access enabled), and ``flat+push`` beside the 2 GiB
+broadcast (rank 1's half would then cross the link against the broadcast's direction, by the other
+GPU's engines).
 The 1 GiB source is shared once by CUDA IPC (torch.multiprocessing queues: a development tool,
 not the library).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import statistics
 import sys
@@ -29,6 +34,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from demo_util import free_port  # noqa: E402
+
+from torchxfer.ipc_transport import _cudart  # noqa: E402  (the CUDA runtime torch loaded)
 
 GiB = 1 << 30
 ROUNDS = 10
@@ -47,10 +54,15 @@ def rank_main(rank: int, port: int, queues: list) -> None:
         mine = torch.randint(0, 255, (GiB,), dtype=torch.uint8, device=device)
         queues[0].put(mine)
         queues[2].put(mine)
-        other = None
+        other = queues[1].get()  # rank 0's landing buffer on GPU 0, mapped here
+        lib = _cudart()
+        lib.cudaDeviceEnablePeerAccess(0, 0)  # from GPU 1 to GPU 0 (704: already enabled)
+        lib.cudaGetLastError()
     else:
-        other = queues[rank].get()  # rank 1's half, mapped here
         mine = torch.empty(GiB, dtype=torch.uint8, device=device)  # where a copy lands
+        if rank == 0:
+            queues[1].put(mine)
+        other = queues[rank].get()  # rank 1's half, mapped here
     stream = torch.cuda.Stream(device)
     if rank != 1:
         dist.broadcast(payload[:1024], group_src=0, group=side)  # the communicator, made outside the timing
@@ -68,6 +80,10 @@ def rank_main(rank: int, port: int, queues: list) -> None:
             if ("local" in parts and rank == 2) or ("pull" in parts and rank == 0):
                 with torch.cuda.stream(stream):
                     mine.copy_(other)
+            if "push" in parts and rank == 1:
+                code = lib.cudaMemcpyAsync(ctypes.c_void_p(other.data_ptr()), ctypes.c_void_p(mine.data_ptr()),
+                                           ctypes.c_size_t(GiB), 4, ctypes.c_void_p(stream.cuda_stream))
+                assert code == 0, f"cudaMemcpyAsync: {code}"
             if rank != 1 and ("flat" in parts or "half" in parts):
                 size = 2 * GiB if "flat" in parts else GiB
                 dist.broadcast(payload[:size], group_src=0, group=side)
@@ -78,7 +94,8 @@ def rank_main(rank: int, port: int, queues: list) -> None:
                 times.append(took.item())
         return statistics.median(times)
 
-    for case in ("flat", "half", "local", "half+local", "flat+pull", "flat", "half+local", "flat+pull"):
+    for case in ("flat", "half", "local", "half+local", "flat+pull", "push", "flat+push",
+                 "flat", "half+local", "flat+pull", "flat+push"):
         ms = timed(case)
         if rank == 0:
             print(f"rank0 {case:12s} {ms:.2f} ms", flush=True)
