@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from demo_util import free_port  # noqa: E402
-from diag_util import high_priority_group, nccl_pair, sync  # noqa: E402
+from diag_util import high_priority_group, nccl_pair, run_ranks, sync  # noqa: E402
 
 GiB = 1 << 30
 ROUNDS = 10
@@ -84,18 +84,7 @@ def rank_main(rank: int, port: int, to_1: mp.Queue, to_0: mp.Queue) -> None:
 
 
 def main() -> None:
-    ctx = mp.get_context("spawn")
-    to_1, to_0 = ctx.Queue(), ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, port, to_1, to_0)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    sys.exit(max(p.exitcode or 0 for p in procs))
+    run_ranks(rank_main, 2, lambda ctx: (free_port(), ctx.Queue(), ctx.Queue()))
 
 
 if __name__ == "__main__":

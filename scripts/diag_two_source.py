@@ -29,11 +29,11 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from demo_util import free_port  # noqa: E402
+from diag_util import run_ranks  # noqa: E402
 
 from torchxfer.ipc_transport import _cudart  # noqa: E402  (the CUDA runtime torch loaded)
 
@@ -103,18 +103,7 @@ def rank_main(rank: int, port: int, queues: list) -> None:
 
 
 def main() -> None:
-    ctx = mp.get_context("spawn")
-    queues = [ctx.Queue() for _ in range(3)]
-    port = free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, port, queues)) for r in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    sys.exit(max(p.exitcode or 0 for p in procs))
+    run_ranks(rank_main, 3, lambda ctx: (free_port(), [ctx.Queue() for _ in range(3)]))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,15 @@ per GPU, a high-priority group as torchxfer's side group uses, and a sync betwee
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
-__all__ = ["high_priority_group", "nccl_pair", "sync"]
+__all__ = ["high_priority_group", "nccl_pair", "run_ranks", "sync"]
 
 
 def nccl_pair(rank: int, port: int) -> torch.device:
@@ -31,3 +35,19 @@ def sync(device: torch.device) -> None:
     """Both ranks done with everything queued: an all_reduce, then a device sync."""
     dist.all_reduce(torch.ones(1, device=device))
     torch.cuda.synchronize()
+
+
+def run_ranks(target: Callable[..., None], n: int, make_args: Callable[[Any], tuple]) -> None:
+    """Run ``target(rank, *make_args(ctx))`` in ``n`` spawned processes (``make_args`` gets the
+    spawn context, for queues), kill any still alive after 300 s, and exit with the worst code."""
+    ctx = mp.get_context("spawn")
+    args = make_args(ctx)
+    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    sys.exit(max(p.exitcode or 0 for p in procs))

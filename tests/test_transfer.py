@@ -1605,6 +1605,23 @@ def test_void_broadcasts_from_a_send_buffer_are_done_before_it_is_packed_again(m
             assert_same(got, models[u], f"rank {rank} update {u}")
 
 
+def _count_bulk_pulls(monkeypatch: Any, name: str) -> list[bool]:
+    """Wrap the sender's ``name`` (``pull_bucket`` or ``pull_same``): the list it returns gets, per
+    call, whether the bucket was taken whole."""
+    import torchxfer.sender
+
+    taken: list[bool] = []
+    pull = getattr(torchxfer.sender, name)
+
+    def counting(*args: Any) -> Any:
+        out = pull(*args)
+        taken.append(out[1] is not None)
+        return out
+
+    monkeypatch.setattr(torchxfer.sender, name, counting)
+    return taken
+
+
 def test_a_cached_bucket_pulled_straight_from_the_callers_iterator_keeps_every_check(monkeypatch):
     """From the second update of a layout on, a bucket of the very objects sent there last time is
     pulled straight from the caller's iterator, its tensors checked by one C++ call where torch
@@ -1639,17 +1656,7 @@ def test_a_cached_bucket_pulled_straight_from_the_callers_iterator_keeps_every_c
 
     plan = [fresh, fresh, changed_shape, fresh, new_object, fresh, raising, fresh, malformed, fresh, fresh]
     sent: list = []
-    import torchxfer.sender
-
-    taken: list[bool] = []  # per direct pull: whether the bucket was taken whole
-    pull = torchxfer.sender.pull_bucket
-
-    def counting(*args: Any) -> Any:
-        out = pull(*args)
-        taken.append(out[1] is not None)
-        return out
-
-    monkeypatch.setattr(torchxfer.sender, "pull_bucket", counting)
+    taken = _count_bulk_pulls(monkeypatch, "pull_bucket")
 
     def body(rank: int, port: int) -> Any:
         if rank == 0:
@@ -1829,19 +1836,9 @@ def test_transformed_pairs_of_a_cached_layout_keep_every_metadata_check(monkeypa
     (``pulling.pull_same``) and its metadata checked by the bucket's C++ guard while they pass it:
     a tensor given another shape, other strides (the same shape: the guard refuses, the plain
     comparison accepts) or another dtype is seen each time, and every value arrives bit-exact."""
-    import torchxfer.sender
-
     gen = torch.Generator().manual_seed(5)
     params = [(f"w{i}", torch.randn(12, 12, generator=gen)) for i in range(30)]
-    taken: list[bool] = []
-    pull = torchxfer.sender.pull_same
-
-    def counting(*args: Any) -> Any:
-        out = pull(*args)
-        taken.append(out[1] is not None)
-        return out
-
-    monkeypatch.setattr(torchxfer.sender, "pull_same", counting)
+    taken = _count_bulk_pulls(monkeypatch, "pull_same")
     sent: list = []
 
     def source(step: int) -> Any:
