@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import re
 import signal
 import time
+import weakref
 
 import pytest
 import torch
@@ -1457,6 +1459,67 @@ def test_module_loader_checks_a_sliced_batch_again_only_when_its_pairs_are_new(m
     changed[1] = ("p1", torch.zeros(5))  # a wrapper changed the batch in place: checked, and refused
     with pytest.raises(ValueError, match="shape"):
         load(changed)
+
+
+def test_module_loader_checks_the_names_of_a_sliced_batch_changed_in_place(monkeypatch):
+    """A load_weights wrapper that renames or reorders the pairs of a SlicedBatch it was handed (the
+    receiver's pairs object still behind it) gets them loaded by name, and an unknown name refused
+    (strict), however often the batch came unchanged before."""
+    from torchxfer import loading
+    from torchxfer.loading import SlicedBatch
+
+    monkeypatch.setattr(loading, "SLICED_COPIES_ON_CPU", True)
+    base = torch.arange(24, dtype=torch.float32)
+    pairs = tuple((f"p{i}", t) for i, t in enumerate(base.split([8, 8, 8])))
+    runs = ((0, 3, base, [8, 8, 8]),)
+    module = torch.nn.Module()
+    for name, _ in pairs:
+        module.register_buffer(name, torch.zeros(8))
+    loader = ModuleLoader(module)
+    for _ in range(2):
+        with loader.update():
+            loader(SlicedBatch(pairs, runs, ()))
+    swapped = SlicedBatch(pairs, runs, ())
+    swapped[0], swapped[1] = ("p1", pairs[0][1]), ("p0", pairs[1][1])
+    with loader.update():
+        loader(swapped)
+    assert torch.equal(module.p0, pairs[1][1]) and torch.equal(module.p1, pairs[0][1])
+    assert torch.equal(module.p2, pairs[2][1])
+    unknown = SlicedBatch(pairs, runs, ())
+    unknown[2] = ("nope", pairs[2][1])
+    loader.reset()
+    with pytest.raises(ValueError, match="unexpected 'nope'"):
+        loader(unknown)
+
+
+def test_module_loader_lets_go_of_a_replaced_plans_buffer(monkeypatch):
+    """When a layout of the same names comes again with other shapes (a new plan), the old plan's
+    pairs, views of the receiver's old buffer, are no longer held by the loader."""
+    from torchxfer import loading
+    from torchxfer.loading import SlicedBatch
+
+    monkeypatch.setattr(loading, "SLICED_COPIES_ON_CPU", True)
+    module = torch.nn.Module()
+    for i in range(3):
+        module.register_buffer(f"p{i}", torch.zeros(8))
+    loader = ModuleLoader(module)
+
+    def batch_of(base: torch.Tensor, sizes: list[int]) -> SlicedBatch:
+        return SlicedBatch(tuple((f"p{i}", t) for i, t in enumerate(base.split(sizes))), ((0, 3, base, sizes),), ())
+
+    old = torch.arange(24, dtype=torch.float32)
+    with loader.update():
+        loader(batch_of(old, [8, 8, 8]))
+    gone = weakref.ref(old)
+    for i in range(3):
+        getattr(module, f"p{i}").data = torch.zeros(4)
+    new = torch.arange(12, dtype=torch.float32)
+    with loader.update():
+        loader(batch_of(new, [4, 4, 4]))
+    del old
+    gc.collect()
+    assert gone() is None
+    assert torch.equal(torch.cat([module.p0, module.p1, module.p2]), new)
 
 
 @pytest.mark.parametrize("raw", [b"", b"x" * 63, b"x" * 65])

@@ -433,7 +433,10 @@ class ColocatedSender(SendSide):
                 concat = self.concat_for(plan, self.state.buffers.tensors[k % self.num_buffers], views)
                 if plan.cache["distinct"] and self.device.type == "cuda" and len(alive) >= GRAPH_MIN_TENSORS:
                     # Where these tensors lie: met there again next update, that pack is captured at once.
-                    plan.cache["graph_ptrs"] = (concat, list(map(_DATA_PTR, alive)))
+                    try:
+                        plan.cache["graph_ptrs"] = (concat, list(map(_DATA_PTR, alive)))
+                    except RuntimeError:  # a tensor with no storage to point at: packed as usual
+                        plan.cache.pop("graph_ptrs", None)
         if self.device.type == "cuda":
             self.state.buffers.events[k % self.num_buffers].record()
         if plan is cached_bucket(cached, k):

@@ -214,9 +214,11 @@ class ModuleLoader:
             if not (hasattr(type(batch), "__iter__") or hasattr(type(batch), "__getitem__")):
                 raise ValueError(f"a batch must be a list of (name, tensor) pairs, got {type(batch).__name__}")
             batch = list(batch)
-        if type(batch) is SlicedBatch:  # the colocated receiver's batch of a layout seen before: no key to make
+        if type(batch) is SlicedBatch and _unchanged(batch):
+            # The colocated receiver's batch of a layout seen before, as it made it: no key to make
+            # (a batch changed in place may hold other names: found by its names below).
             plan = self._by_pairs.get(id(batch.pairs))
-            if plan is not None and plan.checked is batch.pairs and self._fast(batch, plan):
+            if plan is not None and plan.checked is batch.pairs and self._fast(batch, plan, True):
                 return
         try:
             key = tuple(map(_FIRST, batch))
@@ -227,14 +229,16 @@ class ModuleLoader:
             return
         self._load_checked(batch, key)
 
-    def _fast(self, batch: list[tuple[str, torch.Tensor]], plan: _BatchPlan) -> bool:
-        """Load a batch laid out like ``plan``'s; False (nothing loaded) if anything differs."""
+    def _fast(self, batch: list[tuple[str, torch.Tensor]], plan: _BatchPlan, same: bool | None = None) -> bool:
+        """Load a batch laid out like ``plan``'s (``same``: whether it is known to be a SlicedBatch
+        holding exactly its pairs); False (nothing loaded) if anything differs."""
         positions, names = plan.positions, plan.names
         # C-level maps, not a Python loop per tensor: a batch may hold thousands.
         try:
             # A SlicedBatch of the very pair objects checked last time (the colocated receiver hands
             # out the same views every update of a layout) is not checked again.
-            same = _unchanged(batch)
+            if same is None:
+                same = _unchanged(batch)
             src = None
             if not (same and batch.pairs is plan.checked):
                 src = list(map(_SECOND, batch)) if positions is None else [batch[i][1] for i in positions]
@@ -244,9 +248,7 @@ class ModuleLoader:
                     plan.guard = None  # alike but not to the guard (other strides, say): the lists from now on
         except (AttributeError, IndexError, TypeError):
             return False
-        plan.checked = batch.pairs if same else None
-        if same:
-            self._remember(plan)
+        self._check(plan, batch.pairs if same else None)
         if not self.loaded.isdisjoint(names):
             return False
         if not _sliced(batch, plan):
@@ -302,17 +304,23 @@ class ModuleLoader:
                 self._plans.clear()
                 self._by_pairs.clear()
             every = positions if len(positions) < len(batch) else None  # None: every position loads
+            replaced = self._plans.get(key)
+            if replaced is not None:  # its pairs (views of a buffer the receiver let go, maybe) go with it
+                self._check(replaced, None)
             made = self._plans[key] = _BatchPlan(every, dst, src, frozenset(names), alone)
-            made.checked = batch.pairs if _unchanged(batch) else None
-            if made.checked is not None:
-                self._remember(made)
+            self._check(made, batch.pairs if _unchanged(batch) else None)
 
-    def _remember(self, plan: _BatchPlan) -> None:
-        """Find ``plan`` by the SlicedBatch pairs it last checked (held by ``plan.checked``, so
-        their id is theirs while the plan holds them; a stale entry fails the identity test)."""
-        if len(self._by_pairs) >= _MAX_PLANS:
-            self._by_pairs.clear()
-        self._by_pairs[id(plan.checked)] = plan
+    def _check(self, plan: _BatchPlan, pairs: tuple | None) -> None:
+        """``plan.checked = pairs``, and the plan found by them (``_by_pairs``: by their id, theirs
+        while the plan holds them; a stale entry fails the identity test) and no longer by the
+        pairs it held before."""
+        if plan.checked is not None and plan.checked is not pairs and self._by_pairs.get(id(plan.checked)) is plan:
+            del self._by_pairs[id(plan.checked)]
+        plan.checked = pairs
+        if pairs is not None:
+            if len(self._by_pairs) >= _MAX_PLANS:
+                self._by_pairs.clear()
+            self._by_pairs[id(pairs)] = plan
 
     def missing(self) -> list[str]:
         """Tensors of the module not loaded in the current update (the first name of tied ones)."""
