@@ -1836,9 +1836,26 @@ def test_transformed_pairs_of_a_cached_layout_keep_every_metadata_check(monkeypa
     (``pulling.pull_same``) and its metadata checked by the bucket's C++ guard while they pass it:
     a tensor given another shape, other strides (the same shape: the guard refuses, the plain
     comparison accepts) or another dtype is seen each time, and every value arrives bit-exact."""
+    import torchxfer.pulling
+
     gen = torch.Generator().manual_seed(5)
     params = [(f"w{i}", torch.randn(12, 12, generator=gen)) for i in range(30)]
     taken = _count_bulk_pulls(monkeypatch, "pull_same")
+    verdicts: list[bool] = []  # every call of a bucket's guard: whether the tensors passed it
+    make_guard = torchxfer.pulling.metadata_guard
+
+    def counting_guard(tensors: Any) -> Any:
+        guard = make_guard(tensors)
+        if guard is None:
+            return None
+
+        def counted(*others: Any) -> bool:
+            verdicts.append(guard(*others))
+            return verdicts[-1]
+
+        return counted
+
+    monkeypatch.setattr(torchxfer.pulling, "metadata_guard", counting_guard)
     sent: list = []
 
     def source(step: int) -> Any:
@@ -1861,3 +1878,5 @@ def test_transformed_pairs_of_a_cached_layout_keep_every_metadata_check(monkeypa
         for step in range(updates):
             assert_same(values[rank][step], sent[step], f"rank {rank} update {step}")
     assert taken.count(True) >= 10 and taken.count(False) >= 2, taken  # both ways taken
+    if verdicts:  # (None where this torch has no usable guards)
+        assert verdicts.count(True) >= 5 and False in verdicts, verdicts  # passed, and refused the changes
