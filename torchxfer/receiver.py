@@ -485,8 +485,6 @@ class Receiver(WorkerSide):
         staged, self.staged = self.staged, []
         self.call_load(staged, f"while applying {self.what}")
 
-    # -- rows -------------------------------------------------------------------------------------
-
     # -- payload ----------------------------------------------------------------------------------
 
     def ensure_prepared(self) -> None:
