@@ -85,10 +85,34 @@ def test_resume_after_a_cached_bucket():
     sp = specs(40, 100, 10)
     headers = buckets(list(plan_slots(sp, 64)))  # t0 | t1 head | t1 tail, t2
     plans = [BucketPlan.make(h.index, h.slots, 64) for h in headers]
+    so_far = Layout(True, 64, 2)
+    so_far.append(plans[0])
+    so_far.append(plans[1])
     checker = TableChecker(tuple(sp), 64)
-    checker.resume_after(plans[1])  # the split tensor t1 continues
+    checker.resume_after(so_far)  # the split tensor t1 continues
     checker.check(headers[2], 2)
     checker.finish()
+
+
+def test_a_name_sent_twice_in_one_update_is_refused():
+    """Within one table, across tables, and after buckets of the cached layout (resume_after)."""
+    a, b = TensorSpec("w", torch.float32, (4,)), TensorSpec("w", torch.float32, (4,))
+    with pytest.raises(TransferError, match="repeats the name"):
+        TableChecker(None, 64).check(BucketHeader(0, (Slot(0, 0, a, 0, 16, 0), Slot(0, 1, b, 0, 16, 16))), 0)
+    checker = TableChecker(None, 64)
+    checker.check(BucketHeader(0, (Slot(0, 0, a, 0, 16, 0),)), 0)
+    with pytest.raises(TransferError, match="repeats the name"):
+        checker.check(BucketHeader(1, (Slot(1, 1, b, 0, 16, 0),)), 1)
+    so_far = Layout(True, 64, 2)
+    so_far.append(BucketPlan.make(0, (Slot(0, 0, a, 0, 16, 0),), 64))
+    resumed = TableChecker(None, 64)
+    resumed.resume_after(so_far)
+    with pytest.raises(TransferError, match="repeats the name"):
+        resumed.check(BucketHeader(1, (Slot(1, 1, b, 0, 16, 0),)), 1)
+    other = TableChecker(None, 64)
+    other.resume_after(so_far)
+    other.check(BucketHeader(1, (Slot(1, 1, TensorSpec("v", torch.float32, (4,)), 0, 16, 0),)), 1)
+    other.finish()
 
 
 def test_fingerprints_tell_layouts_and_configurations_apart():
@@ -118,6 +142,35 @@ def test_checksum_is_positional_and_takes_any_offset():
     assert checksum(swapped) != checksum(data)
     shorter = data[:-1]
     assert checksum(shorter) != checksum(data)
+
+
+@pytest.mark.parametrize("old, new", [(0x00000000, 0x7FFFFFFF), (0xFFFFFFFF, 0x7FFFFFFE), (0x80000000, 0x00000001)])
+def test_checksum_sees_a_word_changed_by_the_modulus(old, new):
+    """A 32-bit word that changes by exactly 2**31 - 1 (float32 0.0 into NaN, say) changes the sum."""
+    from torchxfer.control import checksum
+
+    def raw(words: list[int]) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b"".join(w.to_bytes(4, "little") for w in words)), dtype=torch.uint8)
+
+    for pos in (0, 1, 513, 999):
+        a, b = list(range(1000)), list(range(1000))
+        a[pos], b[pos] = old, new
+        assert checksum(raw(a)) != checksum(raw(b))
+
+
+def test_checksum_sees_every_single_half_word_change_and_swap():
+    from torchxfer.control import checksum
+
+    gen = torch.Generator().manual_seed(5)
+    data = torch.randint(0, 256, (4099,), dtype=torch.uint8, generator=gen)
+    base = checksum(data)
+    for pos in torch.randint(0, 4098, (200,), generator=gen).tolist():
+        changed = data.clone()
+        changed[pos] ^= int(torch.randint(1, 256, (1,), generator=gen))
+        assert checksum(changed) != base
+    swapped = data.clone()
+    swapped[10:12], swapped[3000:3002] = data[3000:3002].clone(), data[10:12].clone()
+    assert torch.equal(swapped, data) or checksum(swapped) != base
 
 
 def _layout(specs_: list[TensorSpec], buffer_size: int | None) -> Layout:

@@ -59,7 +59,7 @@ def jframe(kind: int, obj: object) -> bytes:
 def test_constants():
     assert PREFIX_BYTES == 12 == PREFIX.size
     assert MAGIC == b"TXFR"
-    assert PROTOCOL_VERSION == 9
+    assert PROTOCOL_VERSION == 10
     assert MAX_FRAME_BYTES == 64 << 20
     assert ROW_WORDS == 10
     assert ROW_MAGIC == int.from_bytes(b"TXFR", "little") << 16 | PROTOCOL_VERSION
@@ -131,7 +131,7 @@ def headers_from_plan(specs: list[TensorSpec], buffer_size: int | None) -> list[
     [
         BucketHeader(0, (Slot(0, 0, TensorSpec("w", torch.float32, (2, 3)), 0, 24, 0),)),
         BucketHeader(2, (Slot(2, 9, TensorSpec("e", torch.float32, (0,)), 0, 0, 0),)),
-        BucketHeader(MAX_INT, (Slot(MAX_INT, MAX_INT, TensorSpec("", torch.bool, ()), 0, 1, MAX_INT),)),
+        BucketHeader(MAX_INT, (Slot(MAX_INT, MAX_INT, TensorSpec("x", torch.bool, ()), 0, 1, MAX_INT),)),
         BucketHeader(7, (Slot(7, 1, TensorSpec("ünïcødé", torch.bfloat16, (1 << 20, 3)), 1 << 20, 4096, 16),
                          Slot(7, 2, TensorSpec("b", torch.int64, ()), 0, 8, 4112))),
     ],
@@ -193,7 +193,7 @@ spec_rows = st.lists(
     st.tuples(
         st.sampled_from([torch.float32, torch.bool, torch.int8, torch.bfloat16, torch.float64]),
         st.lists(st.integers(0, 40), max_size=3),
-        st.text(max_size=12),
+        st.text(min_size=1, max_size=12),
     ),
     max_size=20,
 )
@@ -247,7 +247,7 @@ def test_wrong_magic(magic):
         decode(data)
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 256, 65535])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 256, 65535])
 def test_wrong_protocol_version(version):
     data = frame(BUCKET, json.dumps(GOOD_BUCKET).encode(), version=version)
     with pytest.raises(TransferError, match="version") as info:

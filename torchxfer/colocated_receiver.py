@@ -146,8 +146,11 @@ class ColocatedReceiver(WorkerSide):
             self.cached = cached
         else:
             self.cached = cached if fingerprint and all(r.args[1] == fingerprint and r.args[2] for r in rows[1:]) else None
-        self.check_cached = self.cached is not None and not self.plan_ok
         self.layout = Layout(True, self.buffer_size, self.num_buffers, BACKEND)
+        if self.cached is not None and not self.layout.same_config(self.cached):
+            raise self.broken(f"the trainer sends the cached layout {fingerprint:#x} with another configuration "
+                              f"({self.layout.config}, not {self.cached.config})")  # fmt: skip
+        self.check_cached = self.cached is not None and not self.plan_ok
         self.checker = TableChecker(self.info.specs if self.info is not None else None, self.buffer_size)
         if self.info is not None and (self.cached is None or not self.plan_ok):
             self.check_config(hint, None)  # always packed
@@ -226,7 +229,7 @@ class ColocatedReceiver(WorkerSide):
         """A TABLE step: the frame, its checks, then the SYNC step every rank settles."""
         length = self.arg(row, 3, "frame_bytes", PREFIX_BYTES + 2, MAX_FRAME_BYTES)
         if not self.in_table_mode and self.layout.buckets:
-            self.checker.resume_after(self.layout.buckets[-1])  # after buckets of the cached layout
+            self.checker.resume_after(self.layout)  # after buckets of the cached layout
         self.in_table_mode = True
         frame = self.control.recv_frame(length, f"{self.what} table {bucket}")
         plan = None
@@ -334,7 +337,7 @@ class ColocatedReceiver(WorkerSide):
         if not self.error:
             try:
                 if not self.in_table_mode and self.layout.buckets:  # buckets of the cached layout alone
-                    self.checker.resume_after(self.layout.buckets[-1])
+                    self.checker.resume_after(self.layout)
                 self.checker.finish()
             except TransferError as e:
                 self.fail(str(e))

@@ -37,7 +37,7 @@ from .ipc_transport import SharedBuffers, open_events, same_shared, shared_segme
 from .loading import ALONE_BYTES
 from .packing import ConcatPlan, Planner, Slot, TensorSpec, concat_plan, slot_view, tensor_bytes, typed_view
 from .peer_reads import PeerReadsUnavailable, allocation_id, capture_graph, ipc_handle, locate
-from .plan import BucketPlan, Layout
+from .plan import BucketPlan, Layout, NewNames
 from .pulling import SourceFailed, gc_paused, pairs, pull_bucket, pull_same, then_raise
 from .sender import SendSide
 from .wire import FLAG_CACHED, FLAG_PACKED, MAX_FRAME_BYTES, Kind, Row, make_row
@@ -196,6 +196,7 @@ class ColocatedSender(SendSide):
         """Every bucket: the cached layout's while the tensors match it, then tables."""
         self.cached = cached
         self.diverged = cached is None
+        self.new_names = NewNames()
         planner = Planner(self.buffer_size)
         queue: collections.deque[Slot] = collections.deque()
         slots: list[Slot] = []
@@ -423,6 +424,10 @@ class ColocatedSender(SendSide):
             if len(plan.frame) > MAX_FRAME_BYTES:
                 raise SourceFailed(ValueError(f"the table of bucket {k} has {len(plan.frame)} bytes, over the "
                                                f"{MAX_FRAME_BYTES}-byte cap: tensor names are too long"))  # fmt: skip
+            try:
+                self.new_names.check(self.layout, plan)
+            except ValueError as e:
+                raise SourceFailed(e) from e
         if refs is not None:
             whole = all(s.is_whole for s in slots)
             plan.cache["refs"] = refs if whole else None

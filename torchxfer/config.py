@@ -303,6 +303,11 @@ class NCCLWeightTransferUpdateInfo:
                 specs.append(TensorSpec(name, parse_dtype(dtype), shape))
             except ValueError as e:
                 raise ValueError(f"tensor {name!r}: {e}") from None
+        seen: set[str] = set()
+        for spec in specs:
+            if spec.name in seen:
+                raise ValueError(f"names lists {spec.name!r} twice")
+            seen.add(spec.name)
         self._specs = tuple(specs)
 
     @property

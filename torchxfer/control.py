@@ -191,20 +191,25 @@ def _status(row: Row) -> int:
 def checksum(data: torch.Tensor) -> int:
     """Position-sensitive checksum of a flat uint8 tensor, computed on its own device.
 
-    Every 32-bit word is weighted by its position (modulo a prime), so a
-    changed, dropped or reordered word changes the sum. Computed in 4 MiB
-    chunks, so the scratch memory stays small whatever the bucket size.
+    Every 16-bit half-word, read as an unsigned number below the prime modulus, is
+    weighted by its position (a weight in [1, p - 1], never 0), so a changed half-word
+    changes the sum, and so does a dropped one or two different ones swapped (within
+    p - 1 positions of each other). Whole 32-bit words would not do: a signed word can
+    change by exactly the modulus. Computed in chunks of 2**20 half-words (scratch memory
+    stays small whatever the bucket size), reduced after each chunk so that no run is
+    too long for int64.
     """
     prime = 2_147_483_647
     n = data.numel()
-    if data.storage_offset() % 4:  # a part of a split tensor may start at any byte: view words of a copy
+    if data.storage_offset() % 2:  # a part of a split tensor may start at any byte: view halves of a copy
         data = data.clone()
-    words = data[: n - n % 4].view(torch.int32)
+    halves = data[: n - n % 2].view(torch.int16)
     acc = torch.zeros((), dtype=torch.int64, device=data.device)
-    for i in range(0, words.numel(), 1 << 20):
-        chunk = words[i : i + (1 << 20)].to(torch.int64)
-        weights = torch.arange(i + 1, i + 1 + chunk.numel(), dtype=torch.int64, device=data.device) % prime
-        acc += (chunk * weights % prime).sum()
-    tail = data[n - n % 4 :].to(torch.int64)
-    acc += (tail * torch.arange(1, tail.numel() + 1, device=data.device)).sum()
-    return (int(acc.item()) % prime) * 8 + n % 8
+    for i in range(0, halves.numel(), 1 << 20):
+        chunk = halves[i : i + (1 << 20)].to(torch.int64) & 0xFFFF
+        weights = torch.arange(i, i + chunk.numel(), dtype=torch.int64, device=data.device) % (prime - 1) + 1
+        acc = (acc + (chunk * weights % prime).sum()) % prime
+    total = int(acc.item())
+    if n % 2:
+        total = (total + int(data[n - 1].item()) * ((n // 2) % (prime - 1) + 1)) % prime
+    return total * 8 + n % 8

@@ -86,6 +86,14 @@ def _supported_dtypes() -> dict[str, torch.dtype]:
 
 _DTYPE_BY_NAME: dict[str, torch.dtype] = _supported_dtypes()
 _NAME_BY_DTYPE: dict[torch.dtype, str] = {d: n for n, d in _DTYPE_BY_NAME.items()}
+# torch's other names of the same dtypes, resolved once here from this fixed list: a name that
+# comes from a peer is only ever looked up in these tables, never with ``getattr(torch, ...)``
+# (which runs torch's lazy imports for names such as "_dynamo").
+_ALIASES: dict[str, torch.dtype] = {
+    alias: getattr(torch, alias)
+    for alias in ("float", "double", "half", "long", "int", "short", "cfloat", "cdouble", "chalf")
+    if isinstance(getattr(torch, alias, None), torch.dtype) and getattr(torch, alias) in _NAME_BY_DTYPE
+}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -105,11 +113,7 @@ def parse_dtype(name: str) -> torch.dtype:
     if not isinstance(name, str):
         raise ValueError(f"dtype name must be a string, got {name!r}")
     bare = name[len("torch.") :] if name.startswith("torch.") else name
-    dtype = _DTYPE_BY_NAME.get(bare)
-    if dtype is None and bare.isidentifier():
-        candidate = getattr(torch, bare, None)
-        if isinstance(candidate, torch.dtype) and candidate in _NAME_BY_DTYPE:
-            dtype = candidate
+    dtype = _DTYPE_BY_NAME.get(bare) or _ALIASES.get(bare)
     if dtype is None:
         raise ValueError(f"{name!r} is not a supported torch dtype name")
     return dtype
@@ -145,8 +149,8 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str):
-            raise ValueError(f"tensor name must be a string, got {self.name!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"tensor name must be a non-empty string, got {self.name!r}")
         if len(self.name) > MAX_NAME_CHARS:
             raise ValueError(f"tensor name {self.name[:60]!r}... has {len(self.name)} characters, "
                              f"more than {MAX_NAME_CHARS}")

@@ -19,7 +19,7 @@ from .errors import TransferError
 from .packing import Slot, TensorSpec, check_bucket, dtype_name, payload_groups, payload_runs
 from .wire import BucketHeader, encode
 
-__all__ = ["next_bucket", "rows_ahead", "BucketPlan", "Layout", "TableChecker", "describe", "first_bucket"]
+__all__ = ["next_bucket", "rows_ahead", "BucketPlan", "Layout", "NewNames", "TableChecker", "describe", "first_bucket"]
 
 
 def describe(slot: Slot) -> str:
@@ -36,6 +36,8 @@ class BucketPlan:
     index: int
     slots: tuple[Slot, ...]
     frame: bytes
+    """The table frame as the trainer sends it; empty on a worker, which keeps only its digest
+    (a trainer may pad a frame up to ``MAX_FRAME_BYTES``, and a layout lives as long as its group)."""
     runs: list[tuple[int, int, int | None]]
     extent: int
     """Bytes of the buffer the bucket uses (0 in unpacked mode)."""
@@ -53,12 +55,15 @@ class BucketPlan:
     @classmethod
     def make(cls, index: int, slots: tuple[Slot, ...], buffer_size: int | None, frame: bytes | None = None,
              backend: str = "nccl") -> BucketPlan:
+        """The plan of a bucket: from its slots (a sender: its frame is encoded here) or from the
+        ``frame`` a worker received and decoded into ``slots`` (only its digest is kept)."""
+        received = frame is not None
         if frame is None:
             frame = encode(BucketHeader(index, slots))
         extent = 0 if buffer_size is None else max(s.end for s in slots)
         specs = [s.spec for s in slots if s.start == 0]
         runs = payload_runs(slots, buffer_size, backend)
-        return cls(index, slots, frame, runs, extent, specs, sum(s.nbytes for s in specs),
+        return cls(index, slots, b"" if received else frame, runs, extent, specs, sum(s.nbytes for s in specs),
                    hashlib.sha256(frame).digest(), groups=payload_groups(runs, backend))  # fmt: skip
 
 
@@ -80,6 +85,12 @@ class Layout:
         self._hash.update(bucket.digest)
         self.specs += bucket.specs
         self.num_bytes += bucket.nbytes
+
+    def same_config(self, other: Layout) -> bool:
+        """Whether ``other`` was planned with this layout's configuration and backend: only then may
+        its buckets be read under this one's buffers (a worker checks a cached layout so, whatever
+        fingerprint the trainer's row names)."""
+        return self.config == other.config and self.backend == other.backend
 
     @property
     def fingerprint(self) -> int:
@@ -151,12 +162,32 @@ def postable(layout: Layout, plan: BucketPlan, before_begin: bool = False) -> Bu
     return plan
 
 
+class NewNames:
+    """Rank 0's check that no tensor name comes twice in one update, made where a bucket is
+    planned afresh (a cached layout's names were checked when it was new)."""
+
+    def __init__(self) -> None:
+        self.names: set[str] | None = None
+
+    def check(self, layout: Layout, plan: BucketPlan) -> None:
+        """ValueError if a tensor that starts in ``plan`` (about to follow ``layout``'s buckets,
+        this update's so far) repeats a name of this update."""
+        if self.names is None:
+            self.names = {spec.name for spec in layout.specs}
+        for spec in plan.specs:
+            if spec.name in self.names:
+                raise ValueError(f"tensor name {spec.name!r} comes twice in one update (bucket {plan.index}): "
+                                 "workers could not tell which one to load")  # fmt: skip
+            self.names.add(spec.name)
+
+
 class TableChecker:
     """Checks, on a receiver, that tables decoded from the wire continue the update.
 
     Bucket indices follow each other; tensors arrive in order from byte 0; a
-    split tensor continues exactly where it stopped, in the next bucket; and,
-    when the worker passed ``update_info``, each tensor is the one it lists.
+    split tensor continues exactly where it stopped, in the next bucket; no
+    name comes twice in one update; and, when the worker passed
+    ``update_info``, each tensor is the one it lists.
     """
 
     def __init__(self, expected: tuple[TensorSpec, ...] | None, buffer_size: int | None) -> None:
@@ -164,9 +195,12 @@ class TableChecker:
         self.buffer_size = buffer_size
         self.next_index = 0
         self.partial: Slot | None = None
+        self.names: set[str] = set()
 
-    def resume_after(self, previous: BucketPlan | None) -> None:
-        """Continue after a bucket of the cached layout (None: from the start)."""
+    def resume_after(self, layout: Layout) -> None:
+        """Continue after the buckets of ``layout`` (this update's, so far: buckets of the cached layout)."""
+        self.names = {spec.name for spec in layout.specs}
+        previous = layout.buckets[-1] if layout.buckets else None
         last = previous.slots[-1] if previous is not None else None
         self.partial = last if last is not None and not last.is_last else None
         self.next_index = 0 if last is None else last.index + (1 if last.is_last else 0)
@@ -188,6 +222,11 @@ class TableChecker:
             elif slot.index != self.next_index or slot.start != 0:
                 raise TransferError(f"bucket {bucket}: {describe(slot)} is out of order "
                                     f"(expected tensor #{self.next_index} from byte 0)")  # fmt: skip
+            if slot.start == 0:
+                if slot.spec.name in self.names:
+                    raise TransferError(f"bucket {bucket}: {describe(slot)} repeats the name of an earlier tensor "
+                                        "of this update")  # fmt: skip
+                self.names.add(slot.spec.name)
             if slot.start == 0 and self.expected is not None:
                 if slot.index >= len(self.expected):
                     raise TransferError(f"trainer sends tensor {describe(slot)} but update_info lists only "

@@ -93,12 +93,20 @@ class ReceiverState:
         while len(self.buffers) < num_buffers:
             self.buffers.append(torch.empty(0, dtype=torch.uint8, device=device))
 
+    def grown_size(self, b: int, nbytes: int, limit: int, device: torch.device) -> int:
+        """The bytes :meth:`buffer` allocates to give buffer ``b`` room for ``nbytes`` on
+        ``device`` (0: it has the room): it grows geometrically up to ``limit``."""
+        buf = self.buffers[b] if self.device == device and b < len(self.buffers) else None
+        if buf is not None and buf.numel() >= nbytes:
+            return 0
+        return min(limit, max(nbytes, 2 * buf.numel() if buf is not None else 0, 1 << 20))
+
     def buffer(self, b: int, nbytes: int, limit: int) -> torch.Tensor:
         """Buffer ``b`` with room for ``nbytes`` (its old bytes are not kept), growing
-        geometrically up to ``limit``."""
+        geometrically up to ``limit`` (see :meth:`grown_size`)."""
         buf = self.buffers[b]
         if buf.numel() < nbytes:
-            size = min(limit, max(nbytes, 2 * buf.numel(), 1 << 20))
+            size = self.grown_size(b, nbytes, limit, self.device)
             self.buffers[b] = buf = torch.empty(0, dtype=torch.uint8, device=buf.device)  # free the old one first
             self.buffers[b] = buf = torch.empty(size, dtype=torch.uint8, device=self.device)
         return buf
@@ -306,9 +314,12 @@ class Receiver(WorkerSide):
             self.control.settle(rows, b"", f"{self.what} (begin)")
             self.cached = cached if fingerprint and all(r.args[1] == fingerprint and r.args[2] for r in rows[1:]) \
                 else None  # fmt: skip
+        self.layout = Layout(self.packed, self.buffer_size, self.num_buffers, self.group.backend_name)
+        if self.cached is not None and not self.layout.same_config(self.cached):
+            raise self.broken(f"the trainer sends the cached layout {fingerprint:#x} with another configuration "
+                              f"({self.layout.config}, not {self.cached.config})")  # fmt: skip
         # A cached layout this worker has not checked against its update_info is checked bucket by bucket.
         self.check_cached = self.cached is not None and not self.plan_ok
-        self.layout = Layout(self.packed, self.buffer_size, self.num_buffers, self.group.backend_name)
         self.checker = TableChecker(self.info.specs if self.info is not None else None, self.buffer_size)
         self.prepared = False
         if self.info is not None and (self.cached is None or not self.plan_ok):
@@ -418,9 +429,8 @@ class Receiver(WorkerSide):
         if self.buffer_size is None:
             sizes = [s.length for s in plan.slots if s.length]
         else:
-            b = plan.index % self.num_buffers
-            have = self.state.buffers[b] if self.prepared and b < len(self.state.buffers) else self.empty
-            sizes = [plan.extent] if have.numel() < plan.extent or have.device != self.device else []
+            grown = self.state.grown_size(plan.index % self.num_buffers, plan.extent, self.buffer_size, self.device)
+            sizes = [grown] if grown else []
             head = next((s for s in plan.slots if not s.is_whole and s.start == 0), None)
             if head is not None and (self.state.assembly.numel() < head.spec.nbytes
                                      or self.state.assembly.device != self.device):  # fmt: skip
@@ -437,7 +447,7 @@ class Receiver(WorkerSide):
     def resume_checker(self) -> None:
         """Bring the table checker up to the buckets received so far (those of the cached layout)."""
         if self.checked != len(self.layout.buckets):
-            self.checker.resume_after(self.layout.buckets[-1] if self.layout.buckets else None)
+            self.checker.resume_after(self.layout)
             self.checked = len(self.layout.buckets)
 
     def end(self, row: Row, rows: list[Row], last: bool) -> None:
@@ -513,11 +523,19 @@ class Receiver(WorkerSide):
         self.make_room(plan.index)
         direct = self.split_direct(plan)
         head = next((plan.slots[pos] for pos in direct if plan.slots[pos].start == 0), None)
-        if head is not None:
-            # The assembly tensor gets a new owner; no bucket in flight reads it (split_direct),
-            # and on CUDA the loads of the previous owner are ordered before this bucket's receives.
-            self.state.assembly_for(head.spec.nbytes, self.device)
-        dests, works = self.post_runs(plan, direct)
+        try:
+            if head is not None:
+                # The assembly tensor gets a new owner; no bucket in flight reads it (split_direct),
+                # and on CUDA the loads of the previous owner are ordered before this bucket's receives.
+                self.state.assembly_for(head.spec.nbytes, self.device)
+            dests, works = self.post_runs(plan, direct)
+        except TransferError:
+            raise
+        except (RuntimeError, MemoryError) as e:
+            # What ``reserve`` probed before the agreement was taken since (by another process on
+            # the device, say): this rank cannot post the bucket's receives.
+            raise self.broken(f"rank {self.group.rank()} cannot allocate bucket {plan.index} of {self.what} on "
+                              f"{self.device}: {type(e).__name__}: {str(e)[:200]}") from None  # fmt: skip
         return _Posted(plan, works, dests, None)
 
     def split_direct(self, plan: BucketPlan) -> set[int]:

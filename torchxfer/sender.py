@@ -69,7 +69,7 @@ from .errors import TransferError
 from .group import SideGroup
 from .outbox import Outbox
 from .packing import Planner, Slot, TensorSpec, whole_views
-from .plan import BucketPlan, Layout, first_bucket, next_bucket, rows_ahead
+from .plan import BucketPlan, Layout, NewNames, first_bucket, next_bucket, rows_ahead
 from .pulling import PLAIN_ITERATORS, Item, SourceFailed, pairs, pull_bucket, pull_same, then_raise
 from .wire import FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_FRAME_BYTES, Kind, make_row
 
@@ -237,6 +237,7 @@ class Sender(SendSide, Outbox):
         # the last, a SYNC row follows it to match.
         self.filler_owed = False
         self.cached: Layout | None = None
+        self.new_names = NewNames()
 
     # -- the update ------------------------------------------------------------------------------
 
@@ -700,6 +701,10 @@ class Sender(SendSide, Outbox):
             if len(plan.frame) > MAX_FRAME_BYTES:
                 raise SourceFailed(ValueError(f"the table of bucket {bucket} has {len(plan.frame)} bytes, over the "
                                               f"{MAX_FRAME_BYTES}-byte cap: tensor names are too long"))  # fmt: skip
+            try:
+                self.new_names.check(self.layout, plan)
+            except ValueError as e:
+                raise SourceFailed(e) from e
             self.table_bucket(plan, kept, last, unpacked)
             if not kept:
                 self.remember(plan, refs, views)
