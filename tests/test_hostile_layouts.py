@@ -250,3 +250,56 @@ def test_a_worker_keeps_only_the_digest_of_each_table_frame(packed):
     (sent, sender_frames), (held, frames, got) = run_world(body, world)
     assert sent == held and all(n > 0 for n in sender_frames) and frames == [0] * len(sender_frames)
     assert len(frames) >= (2 if packed else 1) and all(bytes_equal(t, want) for (_, t), (_, want) in zip(got, second))
+
+
+@pytest.mark.parametrize("mode", ["broadcast", "colocated"])
+def test_an_atomic_worker_that_cannot_stage_the_update_fails_it_for_every_rank(monkeypatch, mode):
+    """An atomic worker copies every tensor until the apply step; when a copy cannot be made
+    (the update outgrew its memory: simulated), that is this rank's failure, agreed by every
+    rank as TransferError, not the allocator's RuntimeError escaping a worker; nothing is
+    applied, and the next update on the same group arrives whole."""
+    import threading
+
+    oom = threading.local()
+    real_clone = torch.Tensor.clone
+
+    def clone(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if getattr(oom, "on", False):
+            raise RuntimeError("out of memory (simulated)")
+        return real_clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", clone)
+    final = [(n, t * 2) for n, t in W]
+    colocated = mode == "colocated"
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            pg = _ipc_trainer(port, 2) if colocated else trainer(port, 2)
+            send = (IPCWeightTransferEngine if colocated else NCCLWeightTransferEngine).trainer_send_weights
+            kw = {} if colocated else {"packed": True}
+            try:
+                with pytest.raises(TransferError, match="cannot stage"):
+                    send(iter(W), pg, **kw)
+                send(iter(final), pg, **kw)
+            finally:
+                destroy_side_group(pg)
+            return None
+        engine = _ipc_worker(rank, port, 2) if colocated else worker(rank, port, 2)
+        try:
+            load = Collector()
+            oom.on = True
+            try:
+                with pytest.raises(TransferError, match="cannot stage") as err:
+                    engine.receive_weights(None, load, atomic=True)
+            finally:
+                oom.on = False
+            failed = (load.got, engine.weights_version, err.value.broken)
+            load = Collector()
+            engine.receive_weights(None, load, atomic=True)
+            return failed, load.got, engine.weights_version
+        finally:
+            engine.shutdown()
+
+    (loads, version, broken), got, after = run_world(body, 2)[1]
+    assert loads == [] and version is None and not broken, (loads, version, broken)
+    assert same(got, final) and after == 1, (got, after)

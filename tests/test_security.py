@@ -9,6 +9,7 @@ SIGSTOPped. Every wait is bounded: the library's ``timeout_s`` (1-3 s here)
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -72,13 +74,18 @@ def _wait_key(store: dist.Store, key: str, deadline_s: float = 10.0) -> None:
 # -- a stranger inside the backends ------------------------------------------------------
 
 
+@pytest.mark.parametrize("macs", [True, False], ids=["store_macs", "proof_over_connections"])
 @pytest.mark.parametrize("victim", [0, 1], ids=["forged_trainer", "stolen_worker_seat"])
-def test_stranger_in_the_backends_is_caught_before_any_weight_byte(monkeypatch, victim):
+def test_stranger_in_the_backends_is_caught_before_any_weight_byte(monkeypatch, victim, macs):
     """The store is unauthenticated: once the legitimate ranks have passed the
     token checks, a stranger builds the group's Gloo backends in the place of
     rank ``victim`` (here: the victim is held back, so the stranger wins the
-    race every time). The legitimate rank must refuse it over the connections
-    themselves, and nothing is sent or loaded."""
+    race every time). Its records in the store carry no HMAC under the token,
+    so the legitimate rank's backends refuse them before parsing a byte
+    (``rendezvous.AuthStore``). Without that layer (``macs`` False: as if the
+    stranger had got past it), the proof over the connections themselves
+    (``rendezvous.bind``) refuses it. Either way the stranger never gets a
+    header through, and nothing is sent or loaded."""
     port = free_port()
     real_build = group_mod._build_backend
     release = threading.Event()
@@ -90,6 +97,8 @@ def test_stranger_in_the_backends_is_caught_before_any_weight_byte(monkeypatch, 
         return real_build(pg, name, store, timeout_s, **kwargs)
 
     monkeypatch.setattr(group_mod, "_build_backend", held_back)
+    if not macs:
+        monkeypatch.setattr(rendezvous_mod, "backend_store", lambda store, token, nonce: store)
     loaded: list = []
 
     def legit(rank: int) -> tuple[BaseException | None, float]:
@@ -102,15 +111,23 @@ def test_stranger_in_the_backends_is_caught_before_any_weight_byte(monkeypatch, 
         store = _client(port)
         _wait_key(dist.PrefixStore(PREFIX, store), f"ok/{victim}")
         seen: dict = {}
-        timeout = datetime.timedelta(seconds=3)
-        backends = [dist.ProcessGroupGloo(dist.PrefixStore(f"{PREFIX}{name}/", store), victim, 2, timeout)
-                    for name in ("payload", "control")]  # fmt: skip
+        timeout = datetime.timedelta(seconds=3 if not macs else 1)  # with MACs its backends never form
+        try:
+            backends = [dist.ProcessGroupGloo(dist.PrefixStore(f"{PREFIX}{name}/", store), victim, 2, timeout)
+                        for name in ("payload", "control")]  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - the legitimate rank refused the stranger's records
+            seen["broadcast"] = f"failed: no backends ({type(e).__name__})"
+            return seen
         for b in backends:
             b._set_sequence_number_for_group()
         control = backends[1]
         for round_ in ("nonces", "macs"):  # take part, without the token
             outs = [torch.zeros(32, dtype=torch.uint8) for _ in range(2)]
-            control.allgather([outs], [torch.randint(0, 255, (32,), dtype=torch.uint8)]).wait()
+            try:
+                control.allgather([outs], [torch.randint(0, 255, (32,), dtype=torch.uint8)]).wait()
+            except Exception as e:  # noqa: BLE001 - the legitimate rank has left
+                seen["broadcast"] = f"failed: {round_} ({type(e).__name__})"
+                return seen
             seen[round_] = True
         header = torch.zeros(4096, dtype=torch.uint8)
         try:  # as rank 1: wait for the first header; as rank 0: push a forged one
@@ -123,16 +140,22 @@ def test_stranger_in_the_backends_is_caught_before_any_weight_byte(monkeypatch, 
         return seen
 
     box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(stranger=stranger()), daemon=True)
+    def run_stranger() -> None:
+        try:
+            box["stranger"] = stranger()
+        except Exception as e:  # noqa: BLE001 - shown by the assertion below
+            box["stranger"] = {"broadcast": f"raised {type(e).__name__}: {e}"}
+
+    thread = threading.Thread(target=run_stranger, daemon=True)
     thread.start()
     legit_rank = 1 - victim
     outcomes = run_threads(lambda r: legit(r) if r == legit_rank else (legit(r), release.set()), 2, deadline_s=20)
     out = outcomes[legit_rank].value
     release.set()
-    thread.join(10)
+    thread.join(15)
     error, elapsed = out
     assert isinstance(error, TransferError), error
-    assert "tampered with" in str(error), error
+    assert "tampered with" in str(error) and ("HMAC" in str(error)) == macs, error
     assert elapsed < TIMEOUT + SLACK, elapsed
     assert loaded == []
     # Seated as the worker, the stranger never got a header; as the trainer, it could not push one.
@@ -326,6 +349,181 @@ def test_failed_init_releases_the_port_at_once():
     out = run_threads(lambda r: destroy_side_group(_trainer(port, 2)) if r == 0
                       else _worker(1, port, 2).shutdown(), 2, deadline_s=20)  # fmt: skip
     assert all(o.ok for o in out) and first is not None
+
+
+def test_a_worker_that_claims_a_rank_and_dies_leaves_rank_0_its_precise_error_and_the_port():
+    """A worker claims rank 1, then goes (a bare store client here). Rank 0 lingers after its
+    timeout for that worker to read the error, but never past its caller's grace: its own
+    error ("timed out ... missing") reaches the caller, and the port is free at once."""
+    port = free_port()
+
+    def dead_worker() -> None:
+        end = time.monotonic() + 10
+        while True:
+            try:
+                store = _client(port)
+                break
+            except Exception:  # noqa: BLE001 - the trainer's store is not up yet
+                assert time.monotonic() < end
+                time.sleep(0.02)
+        claims = dist.PrefixStore(PREFIX, store)
+        claims.add("claimants", 1)
+        claims.add("claim/1", 1)
+
+    threading.Thread(target=dead_worker, daemon=True).start()
+    first, elapsed = _timed(lambda: _trainer(port, 2, timeout=TIMEOUT))
+    assert isinstance(first, TransferError) and "timed out" in str(first) and "hello/1" in str(first), first
+    assert elapsed < TIMEOUT + 0.5, elapsed
+    out = run_threads(lambda r: destroy_side_group(_trainer(port, 2)) if r == 0
+                      else _worker(1, port, 2).shutdown(), 2, deadline_s=20)  # fmt: skip
+    assert all(o.ok for o in out)
+
+
+def test_backend_records_carry_an_hmac_under_the_token():
+    """What the backends read from the store (Gloo's listener records, NCCL's unique id) must
+    carry an HMAC under the token over the group's nonce, the key and the value: a forged,
+    moved, cut or replayed record is a TransferError before a backend parses a byte of it."""
+    inner = dist.HashStore()
+    store = rendezvous_mod.AuthStore(inner, "s3cret", "nonce-1")
+    store.set("payload//0/1", b"\x01\x02record")
+    assert store.get("payload//0/1") == b"\x01\x02record"
+    store.set("text", "abc")
+    assert store.get("text") == b"abc"
+    inner.set("forged", b"\xff" * 8 + b"x" * 40)
+    inner.set("short", b"x")
+    inner.set("moved", inner.get("payload//0/1"))
+    inner.set("cut", inner.get("payload//0/1")[1:])
+    other = rendezvous_mod.AuthStore(inner, "s3cret", "nonce-2")
+    wrong = rendezvous_mod.AuthStore(inner, "other", "nonce-1")
+    for reader, key in [(store, "forged"), (store, "short"), (store, "moved"), (store, "cut"),
+                        (other, "payload//0/1"), (wrong, "payload//0/1")]:  # fmt: skip
+        with pytest.raises(TransferError, match="tampered with.*HMAC"):
+            reader.get(key)
+    assert store.add("counter", 2) == 2 and store.check(["counter"])
+    assert rendezvous_mod.backend_store(inner, None, "n") is inner  # no token: nothing to sign with
+
+
+def test_a_stranger_writing_gloo_records_never_crashes_a_rank():
+    """A stranger who knows only the port overwrites rank 1's Gloo listener record, in a loop,
+    with one whose length fields point far outside it (Gloo does not bound them: unchecked,
+    this crashed the reading rank with SIGSEGV). Every legitimate rank either forms the group
+    (it read the real record first) or raises TransferError naming the missing HMAC; the
+    process survives either way."""
+    port = free_port()
+    stop = threading.Event()
+    bad = (1 << 30).to_bytes(8, "little") + b"x" * 8
+
+    def stranger() -> None:
+        end = time.monotonic() + 10
+        while not stop.is_set() and time.monotonic() < end:
+            try:
+                store = _client(port, timeout=2.0)
+                break
+            except Exception:  # noqa: BLE001 - the trainer's store is not up yet
+                time.sleep(0.01)
+        else:
+            return
+        while not stop.is_set():
+            try:
+                for name in ("payload", "control"):
+                    store.set(f"{PREFIX}{name}//0/1", bad)
+            except Exception:  # noqa: BLE001 - the store went away
+                return
+
+    thread = threading.Thread(target=stranger, daemon=True)
+    thread.start()
+
+    def rank(r: int) -> str:
+        try:
+            if r == 0:
+                destroy_side_group(_trainer(port, 2, token="s3cret"))
+            else:
+                _worker(1, port, 2, token="s3cret").shutdown()
+            return "formed"
+        except TransferError as e:
+            return str(e)
+
+    out = run_threads(rank, 2, deadline_s=20)
+    stop.set()
+    thread.join(5)
+    assert all(o.ok for o in out), out  # formed, or a TransferError: nothing else, and no crash
+    failed = [o.value for o in out if o.value != "formed"]
+    assert not failed or any("HMAC" in v for v in failed), failed
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 here")
+def test_an_ipv6_gloo_listener_is_sealed_too():
+    """seal_listeners finds this rank's listeners by the addresses it published and drops every
+    new connection to them: IPv6 ones too (their family read from the socket itself)."""
+    try:
+        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        listener.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with listener:
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        record = (10).to_bytes(2, "little") + port.to_bytes(2, "big") + bytes(4) + socket.inet_pton(socket.AF_INET6, "::1")
+        with socket.create_connection(("::1", port), timeout=2):
+            pass  # open before sealing
+        rendezvous_mod.seal_listeners([b"gloo" + record + bytes(4)])
+        with pytest.raises(OSError):  # the SYN is dropped: the connect times out
+            socket.create_connection(("::1", port), timeout=0.5).close()
+
+
+def _late_then_stopped_worker(port: int, ready: Any, slow_s: float) -> None:
+    """A worker process that builds its first backend ``slow_s`` late, then stops (SIGSTOP)
+    just before the payload group's nonce exchange."""
+    import torchxfer.group as g
+    import torchxfer.rendezvous as r
+
+    real_build, real_gather = g._build_backend, r._all_gather_bytes
+    late = [True]
+
+    def slow_build(*args: Any, **kwargs: Any) -> Any:
+        if late[0]:
+            late[0] = False
+            time.sleep(slow_s)
+        return real_build(*args, **kwargs)
+
+    def stop_in_payload(group: Any, which: Any, payload: bytes, device: Any, data: bool, *rest: Any) -> Any:
+        if data:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return real_gather(group, which, payload, device, data, *rest)
+
+    g._build_backend, r._all_gather_bytes = slow_build, stop_in_payload
+    ready.set()
+    with contextlib.suppress(Exception):
+        gloo_worker(1, port, 2, timeout=TIMEOUT)
+
+
+def test_a_peer_stopped_in_the_connection_check_costs_the_trainer_no_more_than_its_timeout():
+    """The worker is late to build its backends, then stops inside the proof exchange. The
+    trainer's init raises within its timeout (plus the grace for its init thread), and dropping
+    that exception returns at once: no collective is left pending past the deadline, whose
+    teardown would block the thread (the backend's own timeout dates from before it was built)."""
+    import multiprocessing as mp
+
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_late_then_stopped_worker, args=(port, ready, 1.5), daemon=True)
+    proc.start()
+    try:
+        assert ready.wait(60)
+        start = time.monotonic()
+        try:
+            _trainer(port, 2, timeout=TIMEOUT)
+        except TransferError:
+            raised = time.monotonic() - start
+        else:
+            pytest.fail("the trainer formed a group with a stopped worker")
+        dropped = time.monotonic() - start - raised
+        assert raised < TIMEOUT + 0.5 + SLACK, raised
+        assert dropped < 0.5, dropped
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
 
 
 _STOPPABLE = """

@@ -400,7 +400,7 @@ class ColocatedReceiver(WorkerSide):
                 self.fail(f"rank {self.group.rank()} cannot view bucket {plan.index}: {type(e).__name__}: {e}")
                 batch = []
             if batch and self.atomic:
-                self.staged.extend((name, t.clone()) for name, t in batch)
+                self.stage(batch, f"in bucket {plan.index}")
             elif batch:
                 self.call_load(batch, f"in bucket {plan.index}")
             for slot, raw in self.heads:  # a split tensor's head, after the batch that may read the assembly

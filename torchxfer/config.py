@@ -68,6 +68,19 @@ def check_timeout(owner: str, value: Any) -> float:
     return seconds
 
 
+def check_address(owner: str, address: object) -> None:
+    """ValueError unless ``address`` can name a host: a non-empty string without surrounding
+    spaces or NUL that the resolver can encode (IDNA: no empty label, none over 63 characters)."""
+    ok = isinstance(address, str) and address == address.strip() and address and "\0" not in address
+    if ok:
+        try:
+            address.encode("idna")
+        except UnicodeError:
+            ok = False
+    if not ok:
+        raise ValueError(f"{owner}.master_address must be a host name or address, got {address!r:.80}")
+
+
 def check_token(owner: str, token: Any) -> None:
     """A token is None or a non-empty string that UTF-8 can carry (the HMACs are over its bytes)."""
     if token is None:
@@ -241,8 +254,7 @@ class NCCLWeightTransferInitInfo:
     weight moves. The token itself never travels."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.master_address, str) or not self.master_address.strip() or "\0" in self.master_address:
-            raise ValueError(f"master_address must be a host name or address, got {self.master_address!r:.80}")
+        check_address(type(self).__name__, self.master_address)
         _check_int(type(self).__name__, "master_port", self.master_port, 1, 65535)
         _check_int(type(self).__name__, "rank_offset", self.rank_offset, 1)
         _check_int(type(self).__name__, "world_size", self.world_size, 1, MAX_WORLD_SIZE)

@@ -41,6 +41,7 @@ listener), and no store call can be interrupted.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import socket
@@ -238,6 +239,12 @@ class SideGroup:
         if len(tensors) > 1 and self.coalesces:
             return [_coalesced_broadcasts(self.pg, tensors)]
         return [_broadcast(self.pg, t) for t in tensors]
+
+    @staticmethod
+    def all_gather_within(pg: dist.ProcessGroup, outs: list[torch.Tensor], mine: torch.Tensor,
+                          timeout_s: float) -> Any:  # fmt: skip
+        """:func:`all_gather_within` on ``pg`` (this group's payload or control group)."""
+        return all_gather_within(pg, outs, mine, timeout_s)
 
     # -- waiting ---------------------------------------------------------------
 
@@ -474,10 +481,11 @@ def _form(address: str, port: int, rank: int, world_size: int, backend: str, dat
         with contextlib.suppress(Exception):
             pg._set_group_name(f"torchxfer-{nonce[:12]}")  # private, torch 2.6-2.13
             control._set_group_name(f"torchxfer-{nonce[:12]}-control")
+        records = rdv.backend_store(store, token, nonce)
         for name, which, kind in (("payload", pg, backend), ("control", control, "gloo")):
             phase[0] = f"connecting the {name} group ({kind})"
             try:
-                sub = dist.PrefixStore(f"{_PREFIX}{name}/", store)
+                sub = dist.PrefixStore(f"{_PREFIX}{name}/", records)
                 group._backends.append(_build_backend(which, kind, sub, rdv.left(deadline)))
             except Exception as e:
                 raise TransferError(f"rank {rank}: the {name} group ({kind}) could not connect: {e}") from None
@@ -605,6 +613,17 @@ def all_gather_row(pg: dist.ProcessGroup, out: torch.Tensor, row: torch.Tensor) 
     the call. Returns the work; raises what torch raises for a collective it cannot post."""
     call = getattr(pg, "all_gather_single", None) or pg._allgather_base
     return call(out, row, _GATHER_ASYNC)
+
+
+def all_gather_within(pg: dist.ProcessGroup, outs: list[torch.Tensor], mine: torch.Tensor, timeout_s: float) -> Any:
+    """``dist.all_gather(outs, mine, group=pg, async_op=True)``, given its own timeout: the
+    backend's was fixed when it was built. A collective that a stopped peer leaves pending ends
+    then, so the group's teardown does not block whichever thread drops it. Returns the work."""
+    opts = dist.distributed_c10d.AllgatherOptions()
+    opts.timeout = datetime.timedelta(seconds=timeout_s)
+    if hasattr(opts, "asyncOp"):
+        opts.asyncOp = True
+    return pg.allgather([outs], [mine], opts)
 
 
 def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> Any:

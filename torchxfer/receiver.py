@@ -220,6 +220,16 @@ class WorkerSide:
         except Exception as e:
             self.fail(f"load_weights raised on rank {self.group.rank()} {where}: {type(e).__name__}: {e}")
 
+    def stage(self, batch: list[tuple[str, torch.Tensor]], where: str) -> None:
+        """Atomic workers: keep a copy of ``batch`` until the apply step. A copy that cannot be
+        made (the update outgrew this rank's memory) becomes this rank's failure."""
+        try:
+            self.staged.extend((name, t.clone()) for name, t in batch)
+        except (RuntimeError, MemoryError) as e:
+            self.staged = []
+            self.fail(f"rank {self.group.rank()} cannot stage the update {where} for an atomic apply: "
+                      f"{type(e).__name__}: {str(e)[:200]}")  # fmt: skip
+
 
 class Receiver(WorkerSide):
     """Receives one update on a worker (see the module docstring). One instance per update."""
@@ -636,7 +646,7 @@ class Receiver(WorkerSide):
             self.fail(f"rank {self.group.rank()} cannot view bucket {plan.index}: {type(e).__name__}: {e}")
             return
         if tensors and self.atomic:
-            self.staged.extend((name, t.clone()) for name, t in tensors)
+            self.stage(tensors, f"in bucket {plan.index}")
         elif tensors:
             self.call_load(tensors, f"in bucket {plan.index}")
         self.after_load()

@@ -11,6 +11,7 @@ connection. No private torch API is used here.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import datetime
@@ -37,7 +38,8 @@ from .errors import TransferError
 if TYPE_CHECKING:
     from .group import SideGroup
 
-__all__ = ["Rendezvous", "Store", "bind", "bounded", "left", "make_store", "rendezvous", "seal_listeners"]
+__all__ = ["AuthStore", "Rendezvous", "Store", "backend_store", "bind", "bounded", "left", "make_store", "rendezvous",
+           "seal_listeners"]
 
 POLL_S = (0.002, 0.05)
 """Store polls back off from the first value to the second (seconds)."""
@@ -45,6 +47,10 @@ POLL_S = (0.002, 0.05)
 _MAX_VALUE_BYTES = 4096
 # Rank 0 lingers at most this long after a failure for arrived ranks to read it,
 _LINGER_S = 1.0
+# and never this long past the deadline: less than the caller's grace for its init thread
+# (group._GRACE_S, 0.5 s), so rank 0's own precise error still reaches its caller, and the
+# failed call releases the port.
+_LINGER_PAST_DEADLINE_S = 0.3
 # and at most this long (never past the deadline) for ranks that have not arrived yet.
 _NEWCOMER_S = 3.0
 _NONCE_BYTES = 32
@@ -110,11 +116,72 @@ class Store(dist.Store):
         return self._s().num_keys()
 
 
+_MAC_BYTES = 32
+
+
+class AuthStore(dist.Store):
+    """The store as a group's backends see it when the group has a token.
+
+    Every value a backend sets carries an HMAC under the token, over the group's rendezvous
+    nonce, the full key and the value; every value a backend gets must carry a valid one, or
+    the get raises TransferError before the backend reads a byte of it. The backends parse
+    what they read (Gloo: its peers' listener addresses, with lengths it does not bound;
+    NCCL: the communicator's unique id): without this, a process that can reach the store
+    but does not know the token could hand them a record that crashes the rank or points it
+    at the stranger's own listener. Counters (``add``) and waits pass through.
+    """
+
+    def __init__(self, inner: dist.Store, token: str, nonce: str) -> None:
+        super().__init__()
+        self._inner = inner
+        self._key = hmac.new(token.encode(), f"torchxfer backend records|{nonce}".encode(), hashlib.sha256).digest()
+
+    def _mac(self, key: str, value: bytes) -> bytes:
+        name = key.encode("utf-8", "surrogatepass")
+        return hmac.new(self._key, len(name).to_bytes(8, "little") + name + value, hashlib.sha256).digest()
+
+    def set(self, key: str, value: Any) -> None:
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        self._inner.set(key, data + self._mac(key, data))
+
+    def get(self, key: str) -> bytes:
+        raw = bytes(self._inner.get(key))
+        data, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
+        if len(raw) < _MAC_BYTES or not hmac.compare_digest(mac, self._mac(key, data)):
+            raise TransferError(f"the side group was tampered with: the store's record {key!r:.120} does not carry "
+                                "the token's HMAC (a process that does not know the token wrote it)")  # fmt: skip
+        return data
+
+    def add(self, key: str, amount: int) -> int:
+        return self._inner.add(key, amount)
+
+    def check(self, keys: list[str]) -> bool:
+        return self._inner.check(keys)
+
+    def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
+        if timeout is None:
+            self._inner.wait(keys)
+        else:
+            self._inner.wait(keys, timeout)
+
+    def delete_key(self, key: str) -> bool:
+        return self._inner.delete_key(key)
+
+    def num_keys(self) -> int:
+        return self._inner.num_keys()
+
+
+def backend_store(store: Store, token: str | None, nonce: str) -> dist.Store:
+    """What a group's backends are built from: ``store`` itself without a token (any process
+    that reaches the store can take part then), else an :class:`AuthStore` over it."""
+    return store if token is None else AuthStore(store, token, nonce)
+
+
 def _listen(address: str, port: int) -> socket.socket:
     """Bind ``address:port`` and listen. TransferError if the port is taken."""
     try:
         infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
+    except (socket.gaierror, UnicodeError) as e:
         raise TransferError(f"cannot resolve master_address {address!r}: {e}") from None
     family, _, _, _, sockaddr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -232,7 +299,7 @@ class Rendezvous:
                 self.store.add("error_seen", 1)
                 return
             now = time.monotonic()
-            claimed_by = now + min(_LINGER_S, self.timeout_s)
+            claimed_by = min(now + min(_LINGER_S, self.timeout_s), self.deadline + _LINGER_PAST_DEADLINE_S)
             newcomers_by = min(now + _NEWCOMER_S, self.deadline)
             while True:
                 seen, t = self.store.add("error_seen", 0), time.monotonic()
@@ -392,6 +459,26 @@ def rendezvous(
 # -- bounded calls and the binding proof --------------------------------------------------
 
 
+_ABANDONED: list[threading.Thread] = []
+_EXIT_WAIT_S = 2.0
+"""At interpreter exit, how long in all to wait for init threads given up on to return: one
+still inside torch's store or backend constructor when the interpreter finalizes is torn down
+there, and C++ aborts the process (SIGABRT) instead of letting it exit."""
+
+
+def _join_abandoned() -> None:
+    until = time.monotonic() + _EXIT_WAIT_S
+    for thread in _ABANDONED:
+        thread.join(max(0.0, until - time.monotonic()))
+
+
+atexit.register(_join_abandoned)
+
+
+def _abandon(thread: threading.Thread) -> None:
+    _ABANDONED[:] = [t for t in _ABANDONED if t.is_alive()] + [thread]
+
+
 def bounded(fn: Callable[[], Any], deadline: float, on_late: Callable[[Any], None],
              what: Callable[[], str]) -> Any:  # fmt: skip
     """Run ``fn`` in a daemon thread; return its result or raise its error, or
@@ -417,11 +504,13 @@ def bounded(fn: Callable[[], Any], deadline: float, on_late: Callable[[Any], Non
         finally:
             done.set()
 
-    threading.Thread(target=body, daemon=True, name="torchxfer-init").start()
+    thread = threading.Thread(target=body, daemon=True, name="torchxfer-init")
+    thread.start()
     done.wait(max(0.0, deadline - time.monotonic()))
     with lock:
         if "error" not in box and "value" not in box:
             box["abandoned"] = True
+            _abandon(thread)
             raise TransferError(what())
     if "error" in box:
         error = box.pop("error")
@@ -440,7 +529,8 @@ def _all_gather_bytes(group: "SideGroup", which: dist.ProcessGroup, payload: byt
     outs = [torch.zeros_like(mine) for _ in range(group.size())]
 
     def issue() -> Any:
-        return dist.all_gather(outs, mine, group=which, async_op=True)
+        # Bounded by the deadline itself, not by the backend's timeout, fixed when it was built.
+        return group.all_gather_within(which, outs, mine, left(deadline))
 
     if data and group.backend_name == "nccl":
         # The first NCCL collective creates the communicator, which blocks until
@@ -554,7 +644,8 @@ def seal_listeners(written: list[bytes]) -> None:
     prog = ctypes.string_at(ctypes.addressof(_DROP_ALL_PROG), ctypes.sizeof(_DROP_ALL_PROG))
     for fd in _listening_fds():
         try:
-            sock = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)  # a duplicate: fd stays the backend's
+            # A duplicate (fd stays the backend's), of the socket's own family: IPv4 or IPv6.
+            sock = socket.socket(fileno=os.dup(fd))
         except OSError:
             continue
         with sock:
