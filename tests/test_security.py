@@ -82,7 +82,7 @@ def test_stranger_in_the_backends_is_caught_before_any_weight_byte(monkeypatch, 
     rank ``victim`` (here: the victim is held back, so the stranger wins the
     race every time). Its records in the store carry no HMAC under the token,
     so the legitimate rank's backends refuse them before parsing a byte
-    (``rendezvous.AuthStore``). Without that layer (``macs`` False: as if the
+    (``rendezvous.Store.authenticate``). Without that layer (``macs`` False: as if the
     stranger had got past it), the proof over the connections themselves
     (``rendezvous.bind``) refuses it. Either way the stranger never gets a
     header through, and nothing is sent or loaded."""
@@ -98,7 +98,7 @@ def test_stranger_in_the_backends_is_caught_before_any_weight_byte(monkeypatch, 
 
     monkeypatch.setattr(group_mod, "_build_backend", held_back)
     if not macs:
-        monkeypatch.setattr(rendezvous_mod, "backend_store", lambda store, token, nonce: store)
+        monkeypatch.setattr(rendezvous_mod.Store, "authenticate", lambda self, token, nonce: None)
     loaded: list = []
 
     def legit(rank: int) -> tuple[BaseException | None, float]:
@@ -384,23 +384,29 @@ def test_backend_records_carry_an_hmac_under_the_token():
     carry an HMAC under the token over the group's nonce, the key and the value: a forged,
     moved, cut or replayed record is a TransferError before a backend parses a byte of it."""
     inner = dist.HashStore()
-    store = rendezvous_mod.AuthStore(inner, "s3cret", "nonce-1")
+
+    def signed(token: str, nonce: str) -> rendezvous_mod.Store:
+        store = rendezvous_mod.Store(inner)
+        store.authenticate(token, nonce)
+        return store
+
+    store = signed("s3cret", "nonce-1")
     store.set("payload//0/1", b"\x01\x02record")
     assert store.get("payload//0/1") == b"\x01\x02record"
     store.set("text", "abc")
-    assert store.get("text") == b"abc"
+    assert store.get("text") == b"abc" and store.written == [b"\x01\x02record", b"abc"]
     inner.set("forged", b"\xff" * 8 + b"x" * 40)
     inner.set("short", b"x")
     inner.set("moved", inner.get("payload//0/1"))
     inner.set("cut", inner.get("payload//0/1")[1:])
-    other = rendezvous_mod.AuthStore(inner, "s3cret", "nonce-2")
-    wrong = rendezvous_mod.AuthStore(inner, "other", "nonce-1")
     for reader, key in [(store, "forged"), (store, "short"), (store, "moved"), (store, "cut"),
-                        (other, "payload//0/1"), (wrong, "payload//0/1")]:  # fmt: skip
+                        (signed("s3cret", "nonce-2"), "payload//0/1"), (signed("other", "nonce-1"), "payload//0/1")]:
         with pytest.raises(TransferError, match="tampered with.*HMAC"):
             reader.get(key)
     assert store.add("counter", 2) == 2 and store.check(["counter"])
-    assert rendezvous_mod.backend_store(inner, None, "n") is inner  # no token: nothing to sign with
+    plain = rendezvous_mod.Store(inner)  # no token: values pass as they are
+    plain.set("raw", b"abc")
+    assert inner.get("raw") == b"abc" == plain.get("raw")
 
 
 def test_a_stranger_writing_gloo_records_never_crashes_a_rank():

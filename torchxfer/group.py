@@ -481,11 +481,12 @@ def _form(address: str, port: int, rank: int, world_size: int, backend: str, dat
         with contextlib.suppress(Exception):
             pg._set_group_name(f"torchxfer-{nonce[:12]}")  # private, torch 2.6-2.13
             control._set_group_name(f"torchxfer-{nonce[:12]}-control")
-        records = rdv.backend_store(store, token, nonce)
+        if token is not None:  # what the backends write and read now carries the token's HMAC
+            store.authenticate(token, nonce)
         for name, which, kind in (("payload", pg, backend), ("control", control, "gloo")):
             phase[0] = f"connecting the {name} group ({kind})"
             try:
-                sub = dist.PrefixStore(f"{_PREFIX}{name}/", records)
+                sub = dist.PrefixStore(f"{_PREFIX}{name}/", store)
                 group._backends.append(_build_backend(which, kind, sub, rdv.left(deadline)))
             except Exception as e:
                 raise TransferError(f"rank {rank}: the {name} group ({kind}) could not connect: {e}") from None

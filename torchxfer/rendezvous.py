@@ -38,8 +38,7 @@ from .errors import TransferError
 if TYPE_CHECKING:
     from .group import SideGroup
 
-__all__ = ["AuthStore", "Rendezvous", "Store", "backend_store", "bind", "bounded", "left", "make_store", "rendezvous",
-           "seal_listeners"]
+__all__ = ["Rendezvous", "Store", "bind", "bounded", "left", "make_store", "rendezvous", "seal_listeners"]
 
 POLL_S = (0.002, 0.05)
 """Store polls back off from the first value to the second (seconds)."""
@@ -70,13 +69,29 @@ class Store(dist.Store):
     Backends keep a reference to their store for as long as they live; this
     indirection lets a formed group drop the TCPStore (and so rank 0's
     listener) while its backends stay up. Calls after ``detach`` raise.
+
+    Once :meth:`authenticate` ran (after the rendezvous, before the backends
+    are built, when the group has a token), every value set carries an HMAC
+    under the token, over the group's rendezvous nonce, the full key and the
+    value, and every value got must carry a valid one, or the get raises
+    TransferError before the backend reads a byte of it. The backends parse
+    what they read (Gloo: its peers' listener records, with lengths it does
+    not bound; NCCL: the communicator's unique id): without this, a process
+    that can reach the store but does not know the token could hand them a
+    record that crashes the rank or points it at the stranger's own listener.
+    Counters (``add``) and waits pass through.
     """
 
     def __init__(self, inner: dist.Store) -> None:
         super().__init__()
         self._inner: dist.Store | None = inner
+        self._mac_key: bytes | None = None
         self.written: list[bytes] = []
         """Every value this rank set (a few KiB in all): where its backends published their listeners."""
+
+    def authenticate(self, token: str, nonce: str) -> None:
+        """From now on, sign every value set and check every value got (see the class docstring)."""
+        self._mac_key = hmac.new(token.encode(), f"torchxfer backend records|{nonce}".encode(), hashlib.sha256).digest()
 
     def detach(self) -> None:
         self._inner = None
@@ -87,12 +102,25 @@ class Store(dist.Store):
             raise RuntimeError("torchxfer: the side group's store was closed after the group formed")
         return inner
 
+    def _mac(self, key: str, value: bytes) -> bytes:
+        name = key.encode("utf-8", "surrogatepass")
+        return hmac.new(self._mac_key, len(name).to_bytes(8, "little") + name + value, hashlib.sha256).digest()
+
     def set(self, key: str, value: Any) -> None:
-        self._s().set(key, value)
-        self.written.append(value.encode() if isinstance(value, str) else bytes(value))
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        self._s().set(key, data if self._mac_key is None else data + self._mac(key, data))
+        self.written.append(data)
 
     def get(self, key: str) -> bytes:
-        return self._s().get(key)
+        raw = self._s().get(key)
+        if self._mac_key is None:
+            return raw
+        raw = bytes(raw)
+        data, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
+        if len(raw) < _MAC_BYTES or not hmac.compare_digest(mac, self._mac(key, data)):
+            raise TransferError(f"the side group was tampered with: the store's record {key!r:.120} does not carry "
+                                "the token's HMAC (a process that does not know the token wrote it)")  # fmt: skip
+        return data
 
     def add(self, key: str, amount: int) -> int:
         return self._s().add(key, amount)
@@ -117,64 +145,6 @@ class Store(dist.Store):
 
 
 _MAC_BYTES = 32
-
-
-class AuthStore(dist.Store):
-    """The store as a group's backends see it when the group has a token.
-
-    Every value a backend sets carries an HMAC under the token, over the group's rendezvous
-    nonce, the full key and the value; every value a backend gets must carry a valid one, or
-    the get raises TransferError before the backend reads a byte of it. The backends parse
-    what they read (Gloo: its peers' listener addresses, with lengths it does not bound;
-    NCCL: the communicator's unique id): without this, a process that can reach the store
-    but does not know the token could hand them a record that crashes the rank or points it
-    at the stranger's own listener. Counters (``add``) and waits pass through.
-    """
-
-    def __init__(self, inner: dist.Store, token: str, nonce: str) -> None:
-        super().__init__()
-        self._inner = inner
-        self._key = hmac.new(token.encode(), f"torchxfer backend records|{nonce}".encode(), hashlib.sha256).digest()
-
-    def _mac(self, key: str, value: bytes) -> bytes:
-        name = key.encode("utf-8", "surrogatepass")
-        return hmac.new(self._key, len(name).to_bytes(8, "little") + name + value, hashlib.sha256).digest()
-
-    def set(self, key: str, value: Any) -> None:
-        data = value.encode() if isinstance(value, str) else bytes(value)
-        self._inner.set(key, data + self._mac(key, data))
-
-    def get(self, key: str) -> bytes:
-        raw = bytes(self._inner.get(key))
-        data, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
-        if len(raw) < _MAC_BYTES or not hmac.compare_digest(mac, self._mac(key, data)):
-            raise TransferError(f"the side group was tampered with: the store's record {key!r:.120} does not carry "
-                                "the token's HMAC (a process that does not know the token wrote it)")  # fmt: skip
-        return data
-
-    def add(self, key: str, amount: int) -> int:
-        return self._inner.add(key, amount)
-
-    def check(self, keys: list[str]) -> bool:
-        return self._inner.check(keys)
-
-    def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
-        if timeout is None:
-            self._inner.wait(keys)
-        else:
-            self._inner.wait(keys, timeout)
-
-    def delete_key(self, key: str) -> bool:
-        return self._inner.delete_key(key)
-
-    def num_keys(self) -> int:
-        return self._inner.num_keys()
-
-
-def backend_store(store: Store, token: str | None, nonce: str) -> dist.Store:
-    """What a group's backends are built from: ``store`` itself without a token (any process
-    that reaches the store can take part then), else an :class:`AuthStore` over it."""
-    return store if token is None else AuthStore(store, token, nonce)
 
 
 def _listen(address: str, port: int) -> socket.socket:
