@@ -344,7 +344,9 @@ class NCCLWeightTransferEngine(_WorkerEngine[NCCLWeightTransferInitInfo, NCCLWei
                 tensor.
             stream: CUDA stream for the unpacked broadcasts (packed mode uses
                 one stream per buffer).
-            checksum: send a checksum per bucket; receivers verify it.
+            checksum: send a checksum per bucket; receivers verify it (a position-weighted
+                sum of 16-bit half-words modulo a prime: any changed, dropped or swapped
+                half-word is caught; it guards against corruption, not against a peer).
             zero_copy: broadcast large contiguous tensors straight from their
                 memory instead of packing them. Such a tensor stays referenced
                 until its broadcast completes; pass False when the iterator
