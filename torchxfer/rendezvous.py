@@ -614,9 +614,13 @@ def seal_listeners(written: list[bytes]) -> None:
     prog = ctypes.string_at(ctypes.addressof(_DROP_ALL_PROG), ctypes.sizeof(_DROP_ALL_PROG))
     for fd in _listening_fds():
         try:
-            # A duplicate (fd stays the backend's), of the socket's own family: IPv4 or IPv6.
-            sock = socket.socket(fileno=os.dup(fd))
+            dup = os.dup(fd)  # a duplicate: fd stays the backend's
         except OSError:
+            continue
+        try:
+            sock = socket.socket(fileno=dup)  # of the socket's own family: IPv4 or IPv6
+        except OSError:
+            os.close(dup)
             continue
         with sock:
             with contextlib.suppress(OSError, ValueError):
