@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One device call: environment, NCCL bench, FSDP2 bench, colocated bench, GPU tests.
 # Usage (on a machine with 2 GPUs): OUT=/some/dir bash scripts/gpu_check.sh [steps...]
-# Steps: env nccl nccltiny moe unpacked fsdp fsdpplain fsdpfree fsdp256 fsdpnccl fsdpoff fsdpprof fsdpgpu fsdptl fsdptl256 overlap fsdptests peer peerx peerbw ipc ipcab ipctests tlunpacked tlpacked lagab bcastmodes trace256 beginlat tlipc ipcfull packcont pushpull cudatests tests (default: env nccl fsdp ipc tests). Each step is
+# Steps: env nccl nccltiny moe unpacked fsdp fsdpplain fsdpfree fsdp256 fsdpnccl fsdpoff fsdpprof fsdpgpu fsdptl fsdptl256 overlap fsdptests peer peerx peerbw ipc ipcab ipctests tlunpacked tlpacked lagab bcastmodes trace256 beginlat tlipc ipcfull packcont pushpull twosource cudatests tests (default: env nccl fsdp ipc tests). Each step is
 # bounded by its own timeout so one hang cannot eat the call; logs go under $OUT.
 # The steps overlap, fsdpgpu, fsdptl, fsdptl256 and peerbw run throwaway diagnostics from .diag/,
-# which is not in the repository (carry it to the device); bcastmodes, packcont, pushpull, beginlat, trace256 and
+# which is not in the repository (carry it to the device); bcastmodes, packcont, pushpull, twosource, beginlat, trace256 and
 # fsdpprof use scripts/diag_*.py and scripts/trace_summary.py; the others need nothing else.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -67,6 +67,7 @@ for s in "${steps[@]}"; do
     packcont) timeout 200 python3 scripts/diag_pack_contention.py 2>&1 | grep -E "^rank|Error|error" ;;
     beginlat) timeout 100 python3 scripts/diag_control_latency.py 2>&1 | grep "^rank" ;;
     pushpull) timeout 150 python3 scripts/diag_push_pull.py 2>&1 | grep "^rank" ;;
+    twosource) timeout 150 python3 scripts/diag_two_source.py 2>&1 | grep -E "^rank0|Error|error" | head -20 ;;
     tlipc) CUDA_VISIBLE_DEVICES=0 timeout 100 python3 scripts/bench_timeline.py --out-dir "$OUT/tl_ipc" --backend gloo \
              --device cuda --workers 1 --layouts transformer --modes ipc --buffer-mib 1024 --num-buffers 2 --repeats 5 2>&1 | tail -3 ;;
     ipcfull) CUDA_VISIBLE_DEVICES=0 timeout 200 python3 scripts/bench.py --backend gloo --device cuda --workers 1 \
