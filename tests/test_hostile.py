@@ -38,6 +38,7 @@ from torchxfer import (
     destroy_side_group,
     side_group,
 )
+from torchxfer import control as control_mod
 from torchxfer import receiver as receiver_mod
 from torchxfer import wire
 from torchxfer.control import ControlChannel
@@ -699,3 +700,48 @@ def test_strangers_connecting_after_formation_grow_no_file_descriptor():
     assert seen["listeners"] >= 2, seen  # each rank's payload and control listeners
     assert seen["connected"] == 0, seen
     assert seen["during"] == seen["before"] == seen["after"], seen
+
+
+def test_a_worker_error_shorter_than_its_row_declares_carries_no_stray_bytes(monkeypatch):
+    """Worker 2's row declares a 10-byte error, then its error broadcast carries 3 bytes (Gloo
+    accepts a shorter message). Every rank's agreed error holds those 3 bytes and zeros: never
+    bytes of its own memory that happened to lie in the receive buffer."""
+    world = 3
+    real_row, real_settle = receiver_mod.Receiver.row, control_mod.ControlChannel.settle
+
+    def row(self: Any) -> list[int]:
+        words = real_row(self)
+        if self.group.rank() == 2:
+            words[2] = 10  # the error length this rank declares (row word 2: its first argument)
+        return words
+
+    def settle(self: Any, rows: list, mine: bytes, what: str) -> None:
+        if self.group.rank() == 2 and rows[2].args[0] == 10:
+            self._broadcast(control_mod.owned(b"xyz"), "hostile error broadcast", src=2)
+            raise TransferError("the hostile worker is done")
+        return real_settle(self, rows, mine, what)
+
+    monkeypatch.setattr(receiver_mod.Receiver, "row", row)
+    monkeypatch.setattr(control_mod.ControlChannel, "settle", settle)
+
+    def body(rank: int, port: int) -> Any:
+        try:
+            if rank == 0:
+                pg = trainer(port, world)
+                try:
+                    NCCLWeightTransferEngine.trainer_send_weights(model(0), pg, packed=True)
+                finally:
+                    destroy_side_group(pg)
+            else:
+                engine = worker(rank, port, world)
+                try:
+                    engine.receive_weights(None, Collector())
+                finally:
+                    engine.shutdown()
+        except TransferError as e:
+            return str(e)
+        return "ok"
+
+    values = run_world(body, world)
+    for rank in (0, 1):
+        assert "[rank 2] xyz\x00\x00\x00\x00\x00\x00\x00" in values[rank], (rank, values[rank])

@@ -308,6 +308,107 @@ def test_the_protocol_around_peer_reads_on_cpu_bit_exact_with_failure_fallback_a
         assert t0[u]["peer_reads"] == 0 and t1[u]["posted"] > 0 and not t0[u]["warnings"], (t0[u], t1[u])
 
 
+def _slow_update_rank(rank: int, side_port: int, trainer_port: int, shared_dir: str) -> object:
+    """Peer reads (the stand-in, rank 1's pieces in shared files the sender's copies read, as
+    CUDA IPC reads rank 1's memory), send_model(timeout_s=2.5), and a worker whose every load
+    takes 0.5 s: the update (12 buckets) outlasts the trainer ranks' timeout. Rank 1 behaves
+    as a training loop that catches the error: it overwrites its shards at once."""
+    import time
+
+    gen = torch.Generator().manual_seed(11)
+    full = {f"t{i:02d}": torch.randn(24, 32, generator=gen) for i in range(12)}  # one per 4 KiB bucket
+    if rank == 2:
+        from torchxfer import NCCLWeightTransferEngine, NCCLWeightTransferInitInfo, ParallelConfig, TransferError
+        from torchxfer import WeightTransferConfig
+
+        engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="gloo", timeout_s=SIDE_TIMEOUT), ParallelConfig())
+        engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, side_port, 1, 2))
+        got: dict = {}
+
+        def load(pairs: list) -> None:
+            time.sleep(0.5)
+            got.update((n, t.clone()) for n, t in pairs)
+
+        try:
+            engine.receive_weights(None, load)
+            outcome = "loaded"
+        except TransferError as e:
+            outcome = f"TransferError: {e}"
+        engine.shutdown()
+        return outcome, {n: torch.equal(t, full[n]) for n, t in got.items()}
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import torchxfer.lockstep
+    from torchxfer import NCCLWeightTransferEngine, TransferError, destroy_side_group, send_model
+    from torchxfer.sources import plan
+
+    dist.init_process_group("gloo", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))  # fmt: skip
+    mesh = init_device_mesh("cpu", (2,))
+    twin = dist.new_group(backend="gloo")
+    torchxfer.lockstep.status_group = lambda trainer_group, timeout_s=None: twin
+    state = {"vote": True, "map": True, "copies": 0, "pieces": {}, "shift": 0}
+    _stand_in(rank, state)
+    sd = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in full.items()}
+    shards = [e for e in plan(sd, None, None, True) if e.how == "shard"]
+    mine = []
+    for k, e in enumerate(shards):  # rank 1's piece of each tensor, in a file both map
+        piece = full[e.source_name].narrow(0, e.shard.sizes[0], e.shard.sizes[1]).contiguous()
+        path = f"{shared_dir}/{k}"
+        if rank == 1:
+            torch.from_file(path, shared=True, size=piece.numel(), dtype=piece.dtype).copy_(piece.reshape(-1))
+        dist.barrier()
+        mapped = torch.from_file(path, shared=True, size=piece.numel(), dtype=piece.dtype)
+        mine.append(mapped)
+        state["pieces"][k << 20] = mapped.view(piece.shape)
+    copied_at: list[float] = []
+    copy = peer_reads.copy_bytes
+
+    def timed(*args: object) -> None:
+        copied_at.append(time.monotonic())
+        copy(*args)
+
+    peer_reads.copy_bytes = timed
+    group = None
+    if rank == 0:
+        group = NCCLWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=side_port, world_size=2),
+                                                      backend="gloo", timeout_s=SIDE_TIMEOUT)  # fmt: skip
+    try:
+        send_model(sd, group, packed_buffer_size_bytes=4096, timeout_s=2.5)
+        outcome = "sent"
+    except TransferError as e:
+        outcome = f"TransferError: {e}"
+        if rank == 1:  # the training loop goes on: its optimizer step writes the shards
+            for m in mine:
+                m.fill_(7.0)
+    gave_up = time.monotonic()
+    if group is not None:
+        destroy_side_group(group)
+    return outcome, gave_up, copied_at
+
+
+@pytest.mark.process
+def test_an_update_that_outlasts_timeout_s_under_peer_reads_stops_reading_before_the_others_give_up(tmp_path):
+    """Rank 1 waits once for the sender's outcome, bounded by send_model's timeout_s; past
+    that it returns, and its caller may overwrite its shards. The sender must not read them
+    after that: it stops short of that deadline (a quarter of timeout_s, at most a second,
+    before it), aborting the update for the workers. Every rank raises TransferError, every
+    copy of rank 1's memory happened before rank 1 gave up, and every tensor the worker
+    loaded is the one sent, bit for bit (none carries rank 1's new values)."""
+    outcomes = run_processes(_slow_update_rank, 3, free_port(), free_port(), str(tmp_path), deadline_s=120)
+    for o in outcomes:
+        assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
+    (sent, _, copies), (waited, gave_up, _), (loaded, exact) = [o.value for o in outcomes]
+    assert sent.startswith("TransferError") and "timeout_s" in sent, sent
+    assert waited.startswith("TransferError"), waited
+    assert loaded.startswith("TransferError") and "timeout_s" in loaded, loaded
+    assert copies and max(copies) < gave_up, (max(copies) - gave_up, len(copies))
+    assert exact and all(exact.values()), exact
+
+
 # -- process tier, 2 GPUs: the real peer reads ----------------------------------------------------
 
 

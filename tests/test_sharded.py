@@ -660,3 +660,86 @@ def test_cuda_fsdp2_cpu_offload_trainer():
         assert t["gpu_peak"] <= t["gpu_bound"], t
         if r > 0:
             assert "send_model failed on another trainer rank" in t["failed"], t["failed"]
+
+
+def _abandoned_step(rank: int, trainer_port: int) -> object:
+    import torch.distributed as dist
+
+    from torchxfer import TransferError
+    from torchxfer.lockstep import Lockstep
+
+    dist.init_process_group("gloo", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))  # fmt: skip
+    status, other = dist.new_group(backend="gloo"), dist.new_group(backend="gloo")
+    out = None
+    if rank == 1:  # rank 0 never joins this step: rank 1's wait runs out and its all_reduce stays posted
+        try:
+            Lockstep(status, 1.0).step()
+            first = "stepped"
+        except TransferError as e:
+            first = str(e)
+        start = time.monotonic()
+        try:
+            Lockstep(status, 1.0).post_begin([], "b", 0, None)
+            second = "posted"
+        except TransferError as e:
+            second = str(e)
+        out = first, second, time.monotonic() - start
+    dist.barrier(group=other)
+    dist.destroy_process_group()
+    return out
+
+
+@pytest.mark.process
+def test_a_status_group_whose_wait_ran_out_is_refused_from_then_on():
+    """A lockstep wait that ran out leaves its collective posted (Gloo cannot take it back):
+    another rank's next collective on that group would pair with it, and a whole update could
+    go on without the rank that left. So the rank refuses that group at once, from its next
+    send_model on, naming why, without posting anything more on it."""
+    outcomes = run_processes(_abandoned_step, 2, free_port(), deadline_s=60)
+    for o in outcomes:
+        assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
+    first, second, elapsed = outcomes[1].value
+    assert "no longer usable" in first, first
+    assert "cannot use this trainer group" in second and "send_model status failed" in second, second
+    assert elapsed < 0.5, elapsed
+
+
+_ODD = "layer.\udc80.weight"  # a lone surrogate: a name trainer_send_weights carries, escaped on the wire
+
+
+def _odd_name(rank: int, side_port: int, trainer_port: int) -> object:
+    import torch.distributed as dist
+
+    from torchxfer import NCCLWeightTransferEngine, NCCLWeightTransferInitInfo, ParallelConfig, WeightTransferConfig
+    from torchxfer import destroy_side_group, send_model
+
+    if rank == 2:
+        engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="gloo", timeout_s=10), ParallelConfig())
+        engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, side_port, 1, 2))
+        got: list = []
+        engine.receive_weights(None, lambda batch: got.extend((n, t.tolist()) for n, t in batch))
+        engine.shutdown()
+        return got
+    dist.init_process_group("gloo", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))  # fmt: skip
+    group = None
+    if rank == 0:
+        group = NCCLWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=side_port, world_size=2),
+                                                      backend="gloo", timeout_s=10)  # fmt: skip
+    send_model({_ODD: torch.arange(4.0)}, group, timeout_s=10)
+    if group is not None:
+        destroy_side_group(group)
+    dist.destroy_process_group()
+    return None
+
+
+@pytest.mark.process
+def test_send_model_carries_a_name_with_a_lone_surrogate():
+    """The trainer ranks' plan check digests every name, lone surrogates included, as the
+    wire carries them: send_model moves such a tensor as trainer_send_weights does."""
+    outcomes = run_processes(_odd_name, 3, free_port(), free_port(), deadline_s=90)
+    for o in outcomes:
+        assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
+    got = outcomes[2].value
+    assert got == [(_ODD, [0.0, 1.0, 2.0, 3.0])], got

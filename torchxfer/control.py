@@ -173,7 +173,7 @@ class ControlChannel:
                 assert len(mine) == length
                 text = owned(mine)
             else:
-                text = torch.empty(length, dtype=torch.uint8)
+                text = torch.zeros(length, dtype=torch.uint8)  # a peer that sends fewer bytes leaks nothing
             self._broadcast(text, f"error broadcast ({what})", src=rank)
             parts.append(f"[rank {rank}] {_bytes(text).decode('utf-8', 'replace')}")
         raise TransferError(f"{what} failed: " + "; ".join(parts))

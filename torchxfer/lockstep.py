@@ -50,6 +50,11 @@ mapped (:meth:`Lockstep.table_digest`), and those rows decoded."""
 _told: dict[int, tuple[Any, Any, torch.Tensor]] = {}
 """id(status group) -> (the group, the sender's last ``tell`` all_reduce, its tensor)."""
 
+_failed: dict[int, tuple[Any, str]] = {}
+"""id(status group) -> (the group, why): a wait on it failed or ran out on this rank. Its collectives
+cannot be taken back, so another rank's next ones would pair with those this rank left behind:
+send_model refuses the group from then on (:meth:`Lockstep.check_usable`)."""
+
 _twins: dict[int, tuple[Any, Any]] = {}
 """id(default group) -> (the default group, its Gloo twin), made once per default group."""
 
@@ -75,7 +80,8 @@ def plan_digest(entries: list[Entry], bucketing: str) -> list[int]:
     planned = getattr(entries, "planned", None)
     known = None if planned is None else planned.digests.get(bucketing)
     if known is None:
-        known = digest_words("\n".join([bucketing] + [e.describe() for e in entries]).encode())
+        # Any name a state dict may hold, lone surrogates included, digests (the same way on every rank).
+        known = digest_words("\n".join([bucketing] + [e.describe() for e in entries]).encode("utf-8", "surrogatepass"))
         if planned is not None:
             planned.digests[bucketing] = known
     return known
@@ -115,6 +121,7 @@ class Lockstep:
         if self.steps is not None:
             self._use(self.steps)
             self.steps = None
+            self.check_usable()
 
     def exchange(self, row: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``row`` (one all_gather; every rank passes a row of one length), on the CPU."""
@@ -126,7 +133,12 @@ class Lockstep:
     def await_sender(self) -> int:
         """A rank that does not send, under peer reads: wait for the sender's outcome, met by its
         ``finish`` (``DONE``), ``fallback`` (``FALLBACK``) or ``fail`` (TransferError here)."""
-        code = self._all_reduce_flag(0, "send_model status")
+        try:
+            code = self._all_reduce_flag(0, "send_model status")
+        except TransferError as e:
+            raise TransferError(f"{e} Or the sender's update is still running: under peer reads this rank waits "
+                                "once for the whole update, so timeout_s must cover it (the workers' loads "
+                                "included); the sender stops reading this rank's shards before then") from e
         if code not in (DONE, FALLBACK):
             raise TransferError(f"send_model failed on another trainer rank: {self._messages(None)}")
         return code
@@ -135,6 +147,15 @@ class Lockstep:
         """The sender, under agreed peer reads that it cannot serve: every rank gathers as usual."""
         self._all_reduce_flag(FALLBACK, "send_model status")
 
+    def check_usable(self) -> None:
+        """TransferError if a wait on this status group failed on this rank before (see ``_failed``)."""
+        known = _failed.get(id(self.pg))
+        if known is not None and known[0] is self.pg:
+            self.done = True
+            raise TransferError(f"send_model cannot use this trainer group: {known[1]} earlier on trainer rank "
+                                f"{self.rank}, and a collective left behind cannot be taken back (the other ranks' "
+                                "next ones would pair with it). Make a new trainer group on every rank")  # fmt: skip
+
     def _wait(self, work: Any, what: str) -> None:
         try:
             ok = work.wait() if self.timeout is None else work.wait(self.timeout)
@@ -142,6 +163,7 @@ class Lockstep:
                 raise TimeoutError(f"no completion after {self.timeout}")
         except Exception as e:
             self.done = True
+            _failed[id(self.pg)] = (self.pg, f"{what} failed ({type(e).__name__})")
             raise TransferError(
                 f"{what} on the trainer group failed on trainer rank {self.rank}: {type(e).__name__}: {e}. "
                 "Another trainer rank died, stopped calling send_model, or is stuck; the trainer group "
@@ -157,7 +179,7 @@ class Lockstep:
         """Every rank's message (after a nonzero status), as one string."""
         rows = torch.zeros(self.size, MESSAGE_BYTES, dtype=torch.uint8, device=self.device)
         if error:
-            raw = error.encode()[:MESSAGE_BYTES]
+            raw = error.encode("utf-8", "backslashreplace")[:MESSAGE_BYTES]
             rows[self.rank, : len(raw)] = torch.tensor(list(raw), dtype=torch.uint8).to(self.device)
         self._wait(dist.all_reduce(rows, group=self.pg, async_op=True), "send_model error exchange")
         self.done = True
@@ -186,6 +208,7 @@ class Lockstep:
                    peer_row: torch.Tensor | None = None) -> None:  # fmt: skip
         """:meth:`begin`'s all_gather, posted, not waited for (every rank, together). The caller
         may do local work before :meth:`finish_begin`, but nothing another rank could observe."""
+        self.check_usable()
         self.settle_last()
         digest = plan_digest(entries, bucketing)
         mine = digest_words(raw_bytes(peer_row)) if peer_row is not None else [0] * 4

@@ -86,6 +86,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,6 +102,7 @@ from .config import (
 )
 from .colocated import is_colocated
 from .engine import IPCWeightTransferEngine, send_pairs
+from .errors import TransferError
 from .gather import GatherFailed, Gatherer, Posted, local_tensor, peer_row
 from . import lockstep, peer_reads
 from .group import side_group
@@ -311,6 +313,12 @@ def _send_model(source: Source, group: dist.ProcessGroup | None, dtype: Any, nam
         items.close()
     schedule.settle()
     if lock is not None and schedule.peer:
+        late = schedule.peer_overrun(margin=False)
+        if late is not None:  # the others may have stopped waiting while their shards were read
+            error = TransferError(f"{late}: the workers loaded this update, but the shards it read may have "
+                                  "changed meanwhile; send it again, with a timeout_s that covers the whole update")
+            lock.fail(error)
+            raise error
         lock.tell()  # the others only wait for this; nothing of theirs can fail the update now
     elif lock is not None:
         lock.finish()
@@ -372,6 +380,10 @@ class _Schedule:
         self.behind: Posted | None = None  # not the sender: the group posted last, not yet waited for
         self.peer = False  # the sender reads every other rank's shards itself: no steps, no messages
         self.settle_s = 60.0 if timeout_s is None else timeout_s
+        self.timeout_s = timeout_s
+        # Peer reads, the sender: when the other ranks' one wait for its outcome began (they start
+        # it as the peer-read agreement completes, as this rank does), on this rank's clock.
+        self.peer_start: float | None = None
         self.sender: Any = None  # the Sender, when this update is the cached layout (see _prefill)
         # Peer reads on the cached layout: the copies run a run ahead of the broadcasts (a run: what
         # one group of broadcasts reads, ``SenderState.posting_runs``; on CUDA on the gatherer's
@@ -458,6 +470,7 @@ class _Schedule:
         self.peer = True
         if not g.is_sender:
             return
+        self.peer_start = time.monotonic()
         try:
             g.use_peers(decoded, self.lock.ranks)
             lockstep.mapped[key] = (self.lock.table_digest(), decoded)
@@ -477,6 +490,39 @@ class _Schedule:
         if self.peer and self.gatherer is not None and not self.gatherer.settle(self.settle_s):
             log.warning("send_model: peer copies still queued after %.0f s; the other trainer ranks "
                         "are released anyway", self.settle_s)  # fmt: skip
+
+    def peer_overrun(self, margin: bool) -> str | None:
+        """The sender under peer reads: past what it may still read the other ranks' shards, how
+        far (a phrase for an error), else None.
+
+        Those ranks wait for its outcome once, bounded by ``timeout_s``, from the peer-read
+        agreement on; a rank whose wait ran out returns, and its caller may change its shards
+        (an optimizer step) while they are read. So the sender stops short of that deadline:
+        with ``margin`` before it reads another group (a quarter of ``timeout_s``, at most a
+        second, for the copies already issued to complete), and without it (but for 50 ms of
+        clock skew between the ranks' starts) once its copies completed, before it reports
+        success."""
+        if self.peer_start is None or self.timeout_s is None:
+            return None
+        left = self.timeout_s - (min(1.0, self.timeout_s / 4) if margin else 0.05)
+        spent = time.monotonic() - self.peer_start
+        if spent <= left:
+            return None
+        return (f"send_model under peer reads ran {spent:.1f} s, past the {self.timeout_s:g} s timeout_s for which the "
+                "other trainer ranks wait for its outcome (after that they may change the shards it reads)")  # fmt: skip
+
+    def stop_if_overrun(self) -> None:
+        """The sender under peer reads, before it reads the shards of another group: past
+        :meth:`peer_overrun`'s margin, tell the other ranks (they are still waiting), then raise
+        TransferError in the pipeline's source, which aborts the update for every worker."""
+        late = self.peer_overrun(margin=True)
+        if late is None:
+            return
+        error = TransferError(f"{late}: the update is aborted. Pass a timeout_s that covers the whole update, "
+                              "the workers' loads included")  # fmt: skip
+        self.settle()  # the copies already issued complete before the others are released
+        self.lock.fail(error)
+        raise error
 
     def ready(self, bucket: int | None, positions: list[int] | None) -> None:
         """The sender's pipeline, under peer reads with its buffers prefilled (one group per
@@ -499,7 +545,9 @@ class _Schedule:
         bucket is all posted (``bucket_done``, after the row that tells the workers what
         follows: the next group's preparation would delay it), prepare the next group ahead
         and launch its first run."""
-        if bucket_done and not self.queue and self.launching and self.gatherer.defer:
+        # Past the margin of peer_overrun nothing more is read ahead: the next group's advance() stops.
+        if bucket_done and not self.queue and self.launching and self.gatherer.defer \
+                and self.peer_overrun(margin=True) is None:  # fmt: skip
             j = self.current + 1
             if j < len(self.cgroups) and j not in self.ahead:
                 ahead = self._prepare(j, ahead=True)
@@ -509,6 +557,8 @@ class _Schedule:
             self.gatherer.launch([self.queue.popleft()])
 
     def advance(self, j: int) -> dict[int, torch.Tensor]:
+        if self.peer and self.gatherer.is_sender:
+            self.stop_if_overrun()
         self.current = j
         posted = self.ahead.pop(j, None)
         left = posted is None and (self.gatherer.deferred or self.queue)  # copies of a group before
