@@ -101,7 +101,8 @@ def test_atomic_that_is_not_a_bool_is_a_value_error_before_any_row(engine_kind):
     assert [n for n, _ in got] == ["w", "w"] and all(bytes_equal(t, weights[0][1]) for _, t in got)
 
 
-@pytest.mark.parametrize("bad", [None, "group", 3])
+@pytest.mark.parametrize("bad", [None, "group", 3, torch.zeros(1), torch.nn.Linear(1, 1), lambda: 0],
+                         ids=["None", "str", "int", "tensor", "module", "lambda"])  # fmt: skip
 def test_destroying_what_is_not_a_process_group_is_a_value_error(bad):
     """A trainer rank that holds no side group (None) used to get the weak-reference
     TypeError of the group registry."""
@@ -111,3 +112,213 @@ def test_destroying_what_is_not_a_process_group_is_a_value_error(bad):
         destroy_side_group(bad)
     with pytest.raises(ValueError, match="expected a side group made by torchxfer"):
         side_group(bad)
+
+
+# -- bad values at the public API: ValueError naming them, before anything moves ---------------
+
+
+@pytest.mark.parametrize("config, offset", [("x", 1), (None, 1), (ParallelConfig(), "1"), (ParallelConfig(), -5),
+                                            (ParallelConfig(), 0), (ParallelConfig(), 1.5), (ParallelConfig(), True)])
+def test_worker_rank_refuses_what_is_not_a_config_and_an_offset(config, offset):
+    from torchxfer import worker_rank
+
+    with pytest.raises(ValueError, match="worker_rank"):
+        worker_rank(config, offset)
+    assert worker_rank(ParallelConfig(data_parallel_rank=1, data_parallel_size=2), 3) == 4
+
+
+@pytest.mark.parametrize("bad", ["x", 5, object()], ids=["str", "int", "object"])
+def test_send_model_refuses_a_trainer_group_that_is_not_a_process_group(bad):
+    from torchxfer import send_model
+
+    with pytest.raises(ValueError, match="trainer_group must be a torch.distributed ProcessGroup"):
+        send_model(torch.nn.Linear(2, 2), None, trainer_group=bad)
+
+
+def _nested() -> torch.Tensor:
+    return torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+
+
+def test_a_nested_tensor_is_refused_as_not_dense_everywhere_it_is_planned():
+    from torchxfer import ModuleLoader, NCCLWeightTransferUpdateInfo, iter_named_tensors, update_info_for
+
+    for call in (lambda: update_info_for([("a", _nested())]), lambda: iter_named_tensors([("a", _nested())]),
+                 lambda: NCCLWeightTransferUpdateInfo.from_named_tensors([("a", _nested())])):  # fmt: skip
+        with pytest.raises(ValueError, match="'a': only dense tensors can be sent, got a nested tensor"):
+            call()
+    module = torch.nn.Linear(2, 3)
+    with pytest.raises(ValueError, match="'weight': only dense tensors with data can be loaded, got a nested"):
+        ModuleLoader(module)([("weight", _nested())])
+
+
+def test_iter_named_tensors_refuses_an_include_buffers_that_is_not_a_bool():
+    from torchxfer import iter_named_tensors
+
+    for bad in ("no", None, 1):
+        with pytest.raises(ValueError, match=f"include_buffers must be a bool, got {bad!r}"):
+            iter_named_tensors(torch.nn.BatchNorm1d(2), include_buffers=bad)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "meta"])
+def test_module_loader_refuses_a_sparse_or_meta_tensor_and_loads_nothing_of_its_batch(kind):
+    """All or nothing: the batch check names the tensor, and the module's other tensors of the
+    batch keep their values (they used to be copied before the copy of that one failed)."""
+    from torchxfer import ModuleLoader
+
+    module = torch.nn.Linear(2, 3)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    loader = ModuleLoader(module)
+    weight = torch.ones(3, 2).to_sparse() if kind == "sparse" else torch.ones(3, 2, device="meta")
+    for _ in range(2):  # and the same again, with a layout of these names seen before
+        with pytest.raises(ValueError, match="'weight': only dense tensors with data can be loaded"):
+            loader([("bias", torch.ones(3)), ("weight", weight)])
+        loader([("bias", torch.full((3,), 2.0)), ("weight", torch.full((3, 2), 2.0))])
+        loader.reset()
+    assert all(torch.equal(p, torch.full_like(p, 2.0)) for p in module.parameters())
+    assert not torch.equal(before["bias"], module.bias)
+
+
+def test_module_loader_refuses_a_triple_after_a_batch_of_the_same_names():
+    from torchxfer import ModuleLoader
+
+    module = torch.nn.Linear(2, 3)
+    loader = ModuleLoader(module)
+    good = [("weight", torch.ones(3, 2)), ("bias", torch.ones(3))]
+    bad = [("weight", torch.zeros(3, 2), "junk"), ("bias", torch.zeros(3))]
+    with pytest.raises(ValueError, match="item 0 is tuple"):
+        loader(bad)
+    loader(good)
+    loader.reset()
+    with pytest.raises(ValueError, match="item 0 is tuple"):
+        loader(bad)
+    assert torch.equal(module.bias, torch.ones(3))
+
+
+def test_create_side_group_refuses_an_address_the_resolver_cannot_encode():
+    from torchxfer import create_side_group
+
+    for bad in (" 127.0.0.1 ", "\ud800", "a" * 300, "a..b", ""):
+        with pytest.raises(ValueError, match="address must be a non-empty string, got .* the resolver can encode"):
+            create_side_group(bad, 1, 0, 2, backend="gloo", timeout_s=1)
+
+
+def test_update_info_fields_assigned_after_construction_are_checked_again():
+    """receive_weights and ModuleLoader.check take the dataclass as it is now: a field assigned
+    since construction is validated again (ValueError naming it) and its tensors listed anew, and
+    a receiver that checked a layout against the object checks it again (``revision``)."""
+    from torchxfer import ModuleLoader, NCCLWeightTransferUpdateInfo
+
+    info = NCCLWeightTransferUpdateInfo(["w"], ["float32"], [[4]])
+    assert info.revision == 0 and [s.name for s in info.specs] == ["w"]
+    info.names, info.dtype_names, info.shapes = ["other"], ["int64"], [[99]]
+    assert info.revision == 3 and [(s.name, s.dtype, s.shape) for s in info.specs] == [("other", torch.int64, (99,))]
+    info.packed = "yes"
+    with pytest.raises(ValueError, match="packed must be a bool, got 'yes'"):
+        NCCLWeightTransferEngine.parse_update_info(info)
+    info.packed = False
+    info.shapes = [5]
+    with pytest.raises(ValueError, match="shape"):
+        ModuleLoader(torch.nn.Linear(2, 2)).check(info)
+
+
+def test_update_info_checked_against_a_layout_then_changed_is_checked_again():
+    """A worker checks its cached layout against an update_info once; the same object with other
+    names assigned since must not pass as checked: the update fails on every rank, nothing loads."""
+    from tests.harness import gloo_trainer, gloo_worker
+    from torchxfer import NCCLWeightTransferUpdateInfo, TransferError
+
+    weights = [("w", torch.arange(4.0))]
+
+    def body(rank: int, port: int):
+        if rank == 0:
+            group = gloo_trainer(port, 2, timeout=TIMEOUT)
+            try:
+                NCCLWeightTransferEngine.trainer_send_weights(iter(weights), group)
+                with pytest.raises(TransferError):
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(weights), group)
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = gloo_worker(rank, port, 2, timeout=TIMEOUT)
+        info = NCCLWeightTransferUpdateInfo(["w"], ["float32"], [[4]])
+        got: list = []
+        try:
+            engine.receive_weights(info, lambda batch: got.extend(n for n, _ in batch))
+            info.names, info.shapes = ["other"], [[99]]
+            with pytest.raises(TransferError, match="other"):
+                engine.receive_weights(info, lambda batch: got.extend(n for n, _ in batch))
+        finally:
+            engine.shutdown()
+        return got
+
+    assert run_world(body, 2, deadline_s=60)[1] == ["w"]
+
+
+def test_small_public_types_refuse_bad_values():
+    from torchxfer import NCCLWeightTransferUpdateInfo, TransferStats
+
+    for bad in (5, None, "ab", ["ab"], {"w": torch.ones(1)}):
+        with pytest.raises(ValueError, match="from_named_tensors"):
+            NCCLWeightTransferUpdateInfo.from_named_tensors(bad)
+    for args in ((0, 0, 1, "x"), (-1, 0, 1, 1.0), (0, 0, 1, -1.0), (0, 0.5, 1, 1.0), (0, 0, 1, float("nan"))):
+        with pytest.raises(ValueError, match="TransferStats"):
+            TransferStats(*args)
+    assert TransferStats(3, 2, 2_000_000_000, 1.0).gb_per_s == 2.0
+
+
+def test_a_source_whose_len_overflows_is_a_value_error_before_any_row():
+    from tests.harness import gloo_trainer, gloo_worker
+
+    class Huge:
+        def __iter__(self):
+            return iter([("w", torch.ones(2))])
+
+        def __len__(self):
+            return 1 << 70
+
+    def body(rank: int, port: int):
+        if rank == 0:
+            group = gloo_trainer(port, 2, timeout=TIMEOUT)
+            try:
+                with pytest.raises(ValueError, match="len"):
+                    NCCLWeightTransferEngine.trainer_send_weights(Huge(), group)
+                NCCLWeightTransferEngine.trainer_send_weights(iter([("w", torch.ones(2))]), group)
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = gloo_worker(rank, port, 2, timeout=TIMEOUT)
+        got: list = []
+        try:
+            engine.receive_weights(None, lambda batch: got.extend(n for n, _ in batch))
+        finally:
+            engine.shutdown()
+        return got
+
+    assert run_world(body, 2, deadline_s=60)[1] == ["w"]
+
+
+def test_colocated_buffers_the_host_cannot_map_are_a_transfer_error_and_the_group_stays_usable():
+    weights = [("w", torch.arange(8.0))]
+
+    def body(rank: int, port: int):
+        if rank == 0:
+            group = _ipc_trainer(port, 2)
+            try:
+                from torchxfer import TransferError
+
+                with pytest.raises(TransferError, match="cannot allocate 2 shared buffers of 4611686018427387904"):
+                    IPCWeightTransferEngine.trainer_send_weights(iter(weights), group, packed_buffer_size_bytes=1 << 62)
+                IPCWeightTransferEngine.trainer_send_weights(iter(weights), group, packed_buffer_size_bytes=1 << 16)
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = _ipc_worker(rank, port, 2)
+        got: dict = {}
+        try:
+            engine.receive_weights(None, lambda batch: got.update((n, t.clone()) for n, t in batch))
+        finally:
+            engine.shutdown()
+        return got
+
+    got = run_world(body, 2, deadline_s=60)[1]
+    assert list(got) == ["w"] and bytes_equal(got["w"], weights[0][1])

@@ -62,13 +62,14 @@ class _State:
         """Whether the cached layout is known to satisfy ``info`` (checked once per info)."""
         if self.layout is None:
             return False
-        if info is None or info is self.validated:
+        if info is None or (self.validated is not None and self.validated[0] is info
+                             and self.validated[1] == info.revision):  # fmt: skip
             return True
         _, size, count = self.layout.config
         ok = (not info.packed or (info.packed_buffer_size_bytes, info.packed_num_buffers) == (size, count)) \
             and list(info.specs) == self.layout.specs  # fmt: skip
         if ok:
-            self.validated = info
+            self.validated = (info, info.revision)
         return ok
 
 
@@ -375,7 +376,7 @@ class ColocatedReceiver(WorkerSide):
             self.control.settle(rows, self.error, f"{self.what} (apply)")
         self.progress.applied = True
         self.state.layout = self.layout
-        self.state.validated = self.info
+        self.state.validated = None if self.info is None else (self.info, self.info.revision)
         if self.state.direct_maps:  # unmap what this layout's maps no longer name
             used = set().union(*(p.cache["direct_recv"][2] for p in self.layout.buckets if "direct_recv" in p.cache))
             stale = [h for h in self.state.direct_maps if h not in used]

@@ -68,17 +68,21 @@ def check_timeout(owner: str, value: Any) -> float:
     return seconds
 
 
-def check_address(owner: str, address: object) -> None:
+def check_address(owner: str, address: object, field: str = "master_address") -> None:
     """ValueError unless ``address`` can name a host: a non-empty string without surrounding
-    spaces or NUL that the resolver can encode (IDNA: no empty label, none over 63 characters)."""
+    spaces or NUL that the resolver can encode (IDNA: no empty label, none over 63 characters).
+    ``field``: the argument's name, as the message gives it."""
     ok = isinstance(address, str) and address == address.strip() and address and "\0" not in address
     if ok:
         try:
             address.encode("idna")
         except UnicodeError:
             ok = False
-    if not ok:
+    if not ok and field == "master_address":
         raise ValueError(f"{owner}.master_address must be a host name or address, got {address!r:.80}")
+    if not ok:
+        raise ValueError(f"{owner}: {field} must be a non-empty string, got {address!r:.80} (a host name or address "
+                         "the resolver can encode, without surrounding spaces)")  # fmt: skip
 
 
 def check_token(owner: str, token: Any) -> None:
@@ -167,6 +171,20 @@ def check_source(owner: str, iterator: Any, post_iter_func: Any) -> None:
         raise ValueError(f"{owner}: post_iter_func must be callable, got {post_iter_func!r:.80}")
 
 
+def source_length(owner: str, iterator: Any) -> int | None:
+    """How many pairs a source says it holds (``len()``, when it has one), announced to the
+    workers: ValueError when that fails or names more tensors than an update may hold."""
+    if not hasattr(iterator, "__len__"):
+        return None
+    try:
+        count = len(iterator)
+    except (OverflowError, TypeError, ValueError) as e:
+        raise ValueError(f"{owner}: the source's len() failed: {type(e).__name__}: {e}") from None
+    if count >= 1 << 62:
+        raise ValueError(f"{owner}: the source's len() is {count}, more tensors than an update may hold")
+    return count
+
+
 @dataclasses.dataclass
 class WeightTransferConfig:
     """How an inference worker's engine talks to the trainer."""
@@ -229,8 +247,11 @@ def worker_rank(parallel_config: ParallelConfig, rank_offset: int) -> int:
     """This worker's rank in the side group.
 
     ``data_parallel_rank x (TP x PP) + rank + rank_offset``; the trainer is rank
-    0, so ``rank_offset`` is at least 1.
+    0, so ``rank_offset`` is at least 1. ValueError for anything else.
     """
+    if not isinstance(parallel_config, ParallelConfig):
+        raise ValueError(f"worker_rank: parallel_config must be a ParallelConfig, got {parallel_config!r:.80}")
+    _check_int("worker_rank", "rank_offset", rank_offset, 1, MAX_WORLD_SIZE - 1)
     return parallel_config.data_parallel_rank * parallel_config.world_size + parallel_config.rank + rank_offset
 
 
@@ -320,11 +341,34 @@ class NCCLWeightTransferUpdateInfo:
             if spec.name in seen:
                 raise ValueError(f"names lists {spec.name!r} twice")
             seen.add(spec.name)
-        self._specs = tuple(specs)
+        object.__setattr__(self, "_specs", tuple(specs))
+        if "_revision" not in self.__dict__:
+            object.__setattr__(self, "_revision", 0)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in _UPDATE_FIELDS and "_specs" in self.__dict__:
+            # A field assigned after construction: checked again, its specs made again, when next read.
+            object.__setattr__(self, "_specs", None)
+            object.__setattr__(self, "_revision", self._revision + 1)
 
     @property
     def specs(self) -> tuple[TensorSpec, ...]:
+        """The tensors it lists; ValueError if a field assigned since it was built is not valid.
+        (Fields are read when built and when assigned: change a list by assigning a new one.)"""
+        if self._specs is None:
+            self.__post_init__()
         return self._specs
+
+    @property
+    def revision(self) -> int:
+        """How many times a field was assigned since construction (a receiver that checked a
+        layout against this object checks it again when this moved)."""
+        return self._revision
+
+    def refresh(self) -> None:
+        """Check fields assigned since construction (ValueError), as :attr:`specs` does."""
+        self.specs
 
     @classmethod
     def from_named_tensors(
@@ -336,13 +380,22 @@ class NCCLWeightTransferUpdateInfo:
         packed_num_buffers: int = DEFAULT_PACKED_NUM_BUFFERS,
     ) -> NCCLWeightTransferUpdateInfo:
         """Describe ``(name, tensor)`` pairs, e.g. ``model.named_parameters()``."""
+        if isinstance(named_tensors, (str, bytes, Mapping)) or not hasattr(type(named_tensors), "__iter__"):
+            raise ValueError(f"from_named_tensors takes an iterable of (name, tensor) pairs, got "
+                             f"{type(named_tensors).__name__}: {named_tensors!r:.80}")  # fmt: skip
         names, dtypes, shapes = [], [], []
-        for name, tensor in named_tensors:
+        for pair in named_tensors:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"from_named_tensors takes (name, tensor) pairs, got {pair!r:.80}")
+            name, tensor = pair
             spec = TensorSpec.of(name, tensor)
             names.append(name)
             dtypes.append(dtype_name(spec.dtype))
             shapes.append(list(spec.shape))
         return cls(names, dtypes, shapes, packed, packed_buffer_size_bytes, packed_num_buffers)
+
+
+_UPDATE_FIELDS = frozenset(f.name for f in dataclasses.fields(NCCLWeightTransferUpdateInfo))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +407,12 @@ class TransferStats:
     num_bytes: int
     seconds: float
 
+    def __post_init__(self) -> None:
+        for field in ("update_id", "num_tensors", "num_bytes"):
+            _check_int("TransferStats", field, getattr(self, field), 0, 1 << 63)
+        if isinstance(self.seconds, bool) or not isinstance(self.seconds, (int, float)) or not self.seconds >= 0:
+            raise ValueError(f"TransferStats.seconds must be a number >= 0, got {self.seconds!r:.40}")
+
     @property
     def gb_per_s(self) -> float:
         return self.num_bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
@@ -363,6 +422,10 @@ def parse_info(cls: type, value: Any, what: str) -> Any:
     """``value`` as a ``cls`` (an info dataclass): itself, or built from a dict with exactly its
     fields (ValueError naming unknown or missing keys, or anything else given)."""
     if isinstance(value, cls):
+        # Fields may have been assigned since it was built: checked again (an update info checks
+        # only fields assigned since, see NCCLWeightTransferUpdateInfo.refresh).
+        refresh = getattr(value, "refresh", None)
+        refresh() if refresh is not None else value.__post_init__()
         return value
     if not isinstance(value, Mapping):
         raise ValueError(f"{what} must be a {cls.__name__} or a dict, got {type(value).__name__}")

@@ -36,6 +36,7 @@ from .config import (
     check_backend,
     check_send,
     check_source,
+    source_length,
     check_timeout,
     check_visible,
     parse_info,
@@ -392,7 +393,7 @@ def send_pairs(iterator: Iterable[tuple[str, torch.Tensor]], group: dist.Process
     check_source("trainer_send_weights", iterator, post_iter_func)
     if stream is not None and not isinstance(stream, (torch.cuda.Stream, getattr(torch, "Stream", torch.cuda.Stream))):
         raise ValueError(f"trainer_send_weights: stream must be None or a CUDA stream, got {stream!r:.80}")
-    num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
+    num_tensors = source_length("trainer_send_weights", iterator)
     # one_update raises a closed or broken group's TransferError; gc: paused from the first pull on
     with side.one_update(), gc_paused():
         check, rest = None, None

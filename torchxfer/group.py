@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 
 from . import rendezvous as rdv
-from .config import MAX_WORLD_SIZE, check_timeout, check_token, wait_timeout
+from .config import MAX_WORLD_SIZE, check_address, check_timeout, check_token, wait_timeout
 from .errors import TransferError
 
 __all__ = ["SideGroup", "create_side_group", "side_group", "destroy_side_group", "local_shard"]
@@ -531,8 +531,7 @@ def create_side_group(
             connect.
     """
     start = time.monotonic()
-    if not isinstance(address, str) or not address or "\0" in address:
-        raise ValueError(f"create_side_group: address must be a non-empty string, got {address!r:.80}")
+    check_address("create_side_group", address, "address")
     if not _is_int(world_size) or not 1 <= world_size <= MAX_WORLD_SIZE:
         raise ValueError(f"create_side_group: world_size must be an int in [1, {MAX_WORLD_SIZE}], got {world_size!r:.40}")
     if not _is_int(rank) or not 0 <= rank < world_size:
@@ -548,11 +547,17 @@ def create_side_group(
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise ValueError("backend 'nccl' needs CUDA, which is not available here; use backend='gloo'")
-        device = device or torch.device("cuda", torch.cuda.current_device())
+        try:
+            device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"create_side_group: device {device!r:.80} is not a device: {e}") from None
         if device.type != "cuda":
             raise ValueError(f"backend 'nccl' needs a CUDA device, got {device}")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        if not 0 <= device.index < torch.cuda.device_count():
+            raise ValueError(f"create_side_group: device {device} is not one of the {torch.cuda.device_count()} "
+                             "CUDA devices this process sees")  # fmt: skip
         data_device = device
     else:
         data_device = None
@@ -693,11 +698,10 @@ def side_group(pg: Any) -> SideGroup:
 def destroy_side_group(pg: dist.ProcessGroup) -> None:
     """Shut a side group down on this rank: local, idempotent, never blocks on peers.
     ValueError if ``pg`` is not a ProcessGroup at all (None, say)."""
-    try:
-        group = _GROUPS.pop(pg, None)
-    except TypeError:  # not weakly referable: no ProcessGroup
+    if not isinstance(pg, dist.ProcessGroup):
         raise ValueError(f"destroy_side_group expects a side group made by torchxfer (trainer_init / "
-                         f"init_transfer_engine), got {type(pg).__name__}") from None
+                         f"init_transfer_engine), got {type(pg).__name__}")  # fmt: skip
+    group = _GROUPS.pop(pg, None)
     if group is not None:
         _DESTROYED.add(pg)
         group.close()

@@ -37,6 +37,7 @@ from .config import (
     WeightTransferConfig,
     check_send,
     check_source,
+    source_length,
     check_timeout,
     check_visible,
     parse_info,
@@ -206,7 +207,7 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
             raise ValueError(f"the trainer sends as rank 0 of the side group; this is rank {group.rank()}")
         check_send("trainer_send_weights", True, packed_buffer_size_bytes, packed_num_buffers, version)
         check_source("trainer_send_weights", iterator, post_iter_func)
-        num_tensors = len(iterator) if hasattr(iterator, "__len__") else None  # type: ignore[arg-type]
+        num_tensors = source_length("IPCWeightTransferEngine.trainer_send_weights", iterator)
         with side.one_update():  # (raises the TransferError of a closed or broken group)
             sender = ColocatedSender(side, buffer_size=packed_buffer_size_bytes, num_buffers=packed_num_buffers,
                                      version=version, num_tensors=num_tensors)  # fmt: skip

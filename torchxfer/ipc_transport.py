@@ -353,7 +353,12 @@ class SharedBuffers:
                         self.tensors.append(_wrap(device, ptr.value, nbytes, "free"))
                         self.events.append(torch.cuda.Event(interprocess=True))
                 else:
-                    fd, tensor = _memfd(nbytes, "torchxfer-buffer")
+                    try:
+                        fd, tensor = _memfd(nbytes, "torchxfer-buffer")
+                    except (OSError, RuntimeError) as e:  # the host cannot map that much shared memory
+                        raise TransferError(f"cannot allocate {num_buffers} shared buffers of {nbytes} bytes on the "
+                                            f"CPU ({type(e).__name__}: {str(e)[:200]}); pass a smaller "
+                                            "packed_buffer_size_bytes") from None  # fmt: skip
                     self.fds.append(fd)
                     self.tensors.append(tensor)
         except BaseException:

@@ -38,6 +38,9 @@ class _BatchPlan:
         self.checked: Any = None  # the pairs of the last SlicedBatch whose tensors passed the checks
 
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_PAIR = {2}
+_LAYOUT, _IS_META = operator.attrgetter("layout"), operator.attrgetter("is_meta")
+_STRIDED = {torch.strided}
 _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 
@@ -241,12 +244,15 @@ class ModuleLoader:
                 same = _unchanged(batch)
             src = None
             if not (same and batch.pairs is plan.checked):
+                if set(map(len, batch)) != _PAIR:  # a triple, say, with the names of a batch seen before
+                    return False
                 src = list(map(_SECOND, batch)) if positions is None else [batch[i][1] for i in positions]
                 if plan.guard is None or not plan.guard(*src):
-                    if list(map(_SHAPE, src)) != plan.shapes or list(map(_DTYPE, src)) != plan.dtypes:
+                    if list(map(_SHAPE, src)) != plan.shapes or list(map(_DTYPE, src)) != plan.dtypes \
+                            or set(map(_LAYOUT, src)) != _STRIDED or any(map(_IS_META, src)):  # fmt: skip
                         return False
                     plan.guard = None  # alike but not to the guard (other strides, say): the lists from now on
-        except (AttributeError, IndexError, TypeError):
+        except (AttributeError, IndexError, TypeError, RuntimeError):  # (a nested tensor has no shape)
             return False
         self._check(plan, batch.pairs if same else None)
         if not self.loaded.isdisjoint(names):
@@ -275,7 +281,11 @@ class ModuleLoader:
                                  f"{pair!r:.80}")  # fmt: skip
             name, tensor = pair
             target = targets.get(name)
-            if target is None:
+            if tensor.is_nested or tensor.layout != torch.strided or tensor.is_meta or tensor.is_quantized:
+                kind = "nested" if tensor.is_nested else "meta" if tensor.is_meta else str(tensor.layout)
+                problems.append(f"{name!r}: only dense tensors with data can be loaded, got a {kind} tensor"
+                                + (" (quantized)" if tensor.is_quantized else ""))  # fmt: skip
+            elif target is None:
                 if self.strict:
                     problems.append(f"unexpected {name!r}")
             elif target.shape != tensor.shape:

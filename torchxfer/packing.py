@@ -176,7 +176,11 @@ class TensorSpec:
         """The spec of a dense tensor; ValueError for anything the wire cannot carry."""
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.layout != torch.strided or tensor.is_quantized:
+        if tensor.is_nested:
+            raise ValueError(f"{name!r}: only dense tensors can be sent, got a nested tensor")
+        if tensor.is_quantized:
+            raise ValueError(f"{name!r}: only dense tensors can be sent, got a quantized tensor ({tensor.dtype})")
+        if tensor.layout != torch.strided:
             raise ValueError(f"{name!r}: only dense tensors can be sent, got layout {tensor.layout}")
         if tensor.device.type == "meta":
             raise ValueError(f"{name!r}: a meta tensor has no data to send")

@@ -75,7 +75,7 @@ class ReceiverState:
         self.control = ControlChannel(group)
         self.layout: Layout | None = None
         self.confirmed = False  # every worker held ``layout`` at the end of the last update that completed
-        self.validated: Any = None  # the update_info the layout was checked against
+        self.validated: Any = None  # (the update_info the layout was checked against, its revision then)
         self.buffers: list[torch.Tensor] = []
         self.device: torch.device | None = None
         self.assembly = torch.empty(0, dtype=torch.uint8)
@@ -122,13 +122,14 @@ class ReceiverState:
         layout = self.layout
         if layout is None:
             return False
-        if info is None or info is self.validated:
+        if info is None or (self.validated is not None and self.validated[0] is info
+                             and self.validated[1] == info.revision):  # fmt: skip
             return True
         packed, buffer_size, num_buffers = layout.config
         ok = info.packed == packed and (not packed or (info.packed_buffer_size_bytes, info.packed_num_buffers)
                                         == (buffer_size, num_buffers)) and list(info.specs) == layout.specs  # fmt: skip
         if ok:
-            self.validated = info
+            self.validated = (info, info.revision)
         return ok
 
 
@@ -487,7 +488,7 @@ class Receiver(WorkerSide):
         self.progress.applied = True
         self.state.layout = self.layout
         self.state.confirmed = held
-        self.state.validated = self.info
+        self.state.validated = None if self.info is None else (self.info, self.info.revision)
 
     def finish(self) -> None:
         """After the last bucket: load everything, then check the update is whole (before the final row)."""

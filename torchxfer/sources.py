@@ -324,6 +324,8 @@ def _meta(tensor: torch.Tensor) -> tuple:
     """What a tensor's classification depends on (torch.Size and the placements tuple as they are:
     both compare as tuples)."""
     if not is_dtensor(tensor):
+        if tensor.is_nested:  # no shape to read: refused by TensorSpec.of
+            return (type(tensor), "nested")
         return (type(tensor), tensor.dtype, tensor.shape, tensor.layout, tensor.device, tensor.is_quantized)
     local = local_shard(tensor)
     return (type(tensor), tensor.dtype, tensor.shape, type(local), local.dtype, local.shape, local.layout,
@@ -372,6 +374,9 @@ def _plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool,
             problems.append(f"{name!r}: expected a tensor, got {type(tensor).__name__}")
             continue
         out_dtype = dtype if dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
+        if tensor.is_nested:
+            problems.append(f"{name!r}: only dense tensors can be sent, got a nested tensor")
+            continue
         try:
             how, shard, placement = _classify(name, tensor)
             spec = TensorSpec(new, out_dtype, tuple(tensor.shape))
@@ -488,6 +493,8 @@ def iter_named_tensors(
         ``CPUOffloadPolicy``) is gathered on the mesh's device. Untouched
         tensors are the source's own memory (detached), not copies.
     """
+    if not isinstance(include_buffers, bool):
+        raise ValueError(f"iter_named_tensors: include_buffers must be a bool, got {include_buffers!r:.80}")
     return _Materialized(plan(source, dtype, name_map, include_buffers))
 
 

@@ -201,6 +201,9 @@ def _send_model(source: Source, group: dist.ProcessGroup | None, dtype: Any, nam
     """:func:`send_model`'s body, on the sender with its side group held."""
     if timeout_s is not None:
         check_timeout("send_model", timeout_s)
+    if trainer_group is not None and not isinstance(trainer_group, dist.ProcessGroup):
+        raise ValueError(f"send_model: trainer_group must be a torch.distributed ProcessGroup or None, got "
+                         f"{type(trainer_group).__name__}: {trainer_group!r:.80}")  # fmt: skip
     if trainer_group is None and dist.is_initialized():
         trainer_group = dist.group.WORLD
     lock = None
