@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import weakref
 from typing import Any
 
 import torch
@@ -50,10 +51,10 @@ mapped (:meth:`Lockstep.table_digest`), and those rows decoded."""
 _told: dict[int, tuple[Any, Any, torch.Tensor]] = {}
 """id(status group) -> (the group, the sender's last ``tell`` all_reduce, its tensor)."""
 
-_failed: dict[int, tuple[Any, str]] = {}
-"""id(status group) -> (the group, why): a wait on it failed or ran out on this rank. Its collectives
-cannot be taken back, so another rank's next ones would pair with those this rank left behind:
-send_model refuses the group from then on (:meth:`Lockstep.check_usable`)."""
+_failed: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+"""Status group -> why: a wait on it failed or ran out on this rank. Its collectives cannot be
+taken back, so another rank's next ones would pair with those this rank left behind: send_model
+refuses the group from then on (:meth:`Lockstep.check_usable`). Weak: a group dropped is forgotten."""
 
 _twins: dict[int, tuple[Any, Any]] = {}
 """id(default group) -> (the default group, its Gloo twin), made once per default group."""
@@ -149,10 +150,10 @@ class Lockstep:
 
     def check_usable(self) -> None:
         """TransferError if a wait on this status group failed on this rank before (see ``_failed``)."""
-        known = _failed.get(id(self.pg))
-        if known is not None and known[0] is self.pg:
+        known = _failed.get(self.pg)
+        if known is not None:
             self.done = True
-            raise TransferError(f"send_model cannot use this trainer group: {known[1]} earlier on trainer rank "
+            raise TransferError(f"send_model cannot use this trainer group: {known} earlier on trainer rank "
                                 f"{self.rank}, and a collective left behind cannot be taken back (the other ranks' "
                                 "next ones would pair with it). Make a new trainer group on every rank")  # fmt: skip
 
@@ -163,7 +164,7 @@ class Lockstep:
                 raise TimeoutError(f"no completion after {self.timeout}")
         except Exception as e:
             self.done = True
-            _failed[id(self.pg)] = (self.pg, f"{what} failed ({type(e).__name__})")
+            _failed[self.pg] = f"{what} failed ({type(e).__name__})"
             raise TransferError(
                 f"{what} on the trainer group failed on trainer rank {self.rank}: {type(e).__name__}: {e}. "
                 "Another trainer rank died, stopped calling send_model, or is stuck; the trainer group "
