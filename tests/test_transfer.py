@@ -19,6 +19,7 @@ with the library's ``timeout_s`` (``TIMEOUT``) well below it.
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 import time
@@ -977,17 +978,84 @@ def test_shutdown_from_another_thread_stops_a_blocked_receive_and_changes_nothin
             engine.receive_weights(None, lambda batch: loads.append(batch))
         elapsed = time.monotonic() - start
         thread.join()
+        broken = err.value.broken
+        # The trainer is still alive, its side of the interrupted collective never posted: dropping
+        # the error (whose frames hold the group) must not wait for that collective's timeout.
+        start = time.monotonic()
+        del err
+        gc.collect()
+        dropped = time.monotonic() - start
         group_closed.set()
-        return {"elapsed": elapsed, "waiting": waiting.is_set(), "loads": loads, "version": (version, engine.weights_version),
-                "broken": err.value.broken, "first": got}
+        return {"elapsed": elapsed, "dropped": dropped, "waiting": waiting.is_set(), "loads": loads,
+                "version": (version, engine.weights_version), "broken": broken, "first": got}
 
     group_closed = threading.Event()
     values = run_world(body, world)
     v = values[1]
     assert v["waiting"]
     assert v["elapsed"] < 2.0, v  # promptly, not after the group's timeout
+    assert v["dropped"] < 2.0, v  # and nothing after it waits for that timeout either
     assert v["loads"] == [] and v["version"][0] == v["version"][1] == 0 and v["broken"] is True
     assert_same(v["first"], simple(1))
+
+
+def test_a_receive_waiting_for_the_engine_when_it_shuts_down_raises_transfer_error():
+    """Two threads call receive_weights; the second waits for the first. When another thread
+    shuts the engine down, both raise TransferError (the second used to raise the ValueError
+    of a destroyed group, which the docs keep for bad arguments)."""
+    world = 2
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            try:
+                done.wait(DEADLINE / 2)
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = worker(rank, port, world)
+        side = side_group(engine.model_update_group)
+        errors: dict = {}
+        arrived = threading.Semaphore(0)
+
+        class Lock:  # the engine's lock, telling when a caller reaches it
+            def __init__(self, inner: Any) -> None:
+                self.inner = inner
+
+            def __enter__(self) -> None:
+                arrived.release()
+                self.inner.acquire()
+
+            def __exit__(self, *exc: Any) -> None:
+                self.inner.release()
+
+        engine._lock = Lock(engine._lock)
+
+        def receive(which: str) -> None:
+            try:
+                engine.receive_weights(None, lambda batch: None)
+            except Exception as e:  # noqa: BLE001 - inspected below
+                errors[which] = e
+
+        first = threading.Thread(target=receive, args=("first",))
+        first.start()
+        deadline = time.monotonic() + DEADLINE / 2
+        while side._waiting == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert arrived.acquire(timeout=DEADLINE / 2)  # the first call's
+        second = threading.Thread(target=receive, args=("second",))
+        second.start()
+        assert arrived.acquire(timeout=DEADLINE / 2)  # the second call is at the lock
+        engine.shutdown()
+        first.join(DEADLINE / 2)
+        second.join(DEADLINE / 2)
+        done.set()
+        return {k: (type(e).__name__, str(e)) for k, e in errors.items()}
+
+    done = threading.Event()
+    got = run_world(body, world)[1]
+    assert got["first"][0] == "TransferError" and got["second"][0] == "TransferError", got
+    assert "shut down" in got["second"][1], got
 
 
 # -- the second update of a layout runs from the cache ------------------------------------------------

@@ -166,6 +166,9 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
             raise ValueError(f"atomic must be a bool, got {atomic!r:.80}")
         progress = ReceiveProgress()
         with self._lock:
+            if self.model_update_group is not group:  # shut down (or re-initialized) while this call waited
+                raise TransferError("the engine was shut down while this receive_weights waited for another one; "
+                                    "call init_transfer_engine() again", broken=True)  # fmt: skip
             side = side_group(group)
             side.check_usable()
             try:

@@ -381,14 +381,35 @@ class SideGroup:
             waiting = self._waiting
         log.info("torchxfer side group closed (rank %d of %d, %s:%d)", self._rank, self._size, self.address, self.port)
         self.cache.clear()
-        if self._broken is not None or waiting:
+        pending = self._broken is not None or waiting
+        if pending:
             self._abort()
         for backend in self._backends:
             with contextlib.suppress(Exception):
                 if hasattr(backend, "shutdown"):
                     # Backend.shutdown: torch 2.6-2.13; absent on some older Gloo builds.
                     backend.shutdown()
+        if pending:
+            # A Gloo collective may still be posted (the wait this close interrupted, rows posted
+            # ahead), and Gloo cannot cancel it: the backend's destructor waits until it completes
+            # or times out. Held by a thread of ours meanwhile, it is destroyed there, not on the
+            # caller that drops the group (with the error it just raised) last.
+            _hold_until_done([b for b in self._backends if type(b).__name__ == "ProcessGroupGloo"],
+                             self.timeout_s)  # fmt: skip
         self.release_store()
+
+def _hold_until_done(objects: list[Any], timeout_s: float) -> None:
+    """Keep ``objects`` referenced by a daemon thread for ``timeout_s`` and a second, then drop
+    them there (see ``SideGroup.close``). Local; never blocks the caller."""
+    if not objects:
+        return
+
+    def hold(held: list[Any] = list(objects)) -> None:
+        time.sleep(timeout_s + 1.0)
+        held.clear()  # the destructors run here; what they waited for has ended by now
+
+    threading.Thread(target=hold, daemon=True, name="torchxfer-release").start()
+
 
 def gpu_uuid(device: torch.device) -> str | None:
     if device.type != "cuda":
