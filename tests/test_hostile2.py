@@ -41,13 +41,24 @@ def test_a_broadcast_send_on_a_colocated_group_is_a_value_error_and_the_group_st
     the colocated send before any row; the same group then carries the update it should."""
     weights = [("w", torch.arange(12.0).reshape(3, 4)), ("b", torch.arange(5, dtype=torch.int64))]
 
+    def refused(group: object) -> None:
+        with pytest.raises(ValueError, match="IPCWeightTransferEngine.trainer_send_weights"):
+            NCCLWeightTransferEngine.trainer_send_weights(iter(weights), group, packed=True,
+                                                          packed_buffer_size_bytes=1 << 16)  # fmt: skip
+
+    got = _refused_then_sent(weights, refused)
+    assert list(got) == ["w", "b"] and all(bytes_equal(got[n], t) for n, t in weights), got
+
+
+def _refused_then_sent(weights: list, refused) -> dict:
+    """A colocated trainer and one worker: ``refused(group)`` on the trainer (it checks its own
+    refusal), then a good send of ``weights``; what the worker received, by name."""
+
     def body(rank: int, port: int):
         if rank == 0:
             group = _ipc_trainer(port, 2)
             try:
-                with pytest.raises(ValueError, match="IPCWeightTransferEngine.trainer_send_weights"):
-                    NCCLWeightTransferEngine.trainer_send_weights(iter(weights), group, packed=True,
-                                                                  packed_buffer_size_bytes=1 << 16)  # fmt: skip
+                refused(group)
                 IPCWeightTransferEngine.trainer_send_weights(iter(weights), group, packed_buffer_size_bytes=1 << 16)
             finally:
                 destroy_side_group(group)
@@ -60,8 +71,7 @@ def test_a_broadcast_send_on_a_colocated_group_is_a_value_error_and_the_group_st
             engine.shutdown()
         return got
 
-    got = run_world(body, 2, deadline_s=60)[1]
-    assert list(got) == ["w", "b"] and all(bytes_equal(got[n], t) for n, t in weights), got
+    return run_world(body, 2, deadline_s=60)[1]
 
 
 @pytest.mark.parametrize("engine_kind", ["gloo", "ipc"])
@@ -298,27 +308,13 @@ def test_a_source_whose_len_overflows_is_a_value_error_before_any_row():
 
 
 def test_colocated_buffers_the_host_cannot_map_are_a_transfer_error_and_the_group_stays_usable():
+    from torchxfer import TransferError
+
     weights = [("w", torch.arange(8.0))]
 
-    def body(rank: int, port: int):
-        if rank == 0:
-            group = _ipc_trainer(port, 2)
-            try:
-                from torchxfer import TransferError
+    def refused(group: object) -> None:
+        with pytest.raises(TransferError, match="cannot allocate 2 shared buffers of 4611686018427387904"):
+            IPCWeightTransferEngine.trainer_send_weights(iter(weights), group, packed_buffer_size_bytes=1 << 62)
 
-                with pytest.raises(TransferError, match="cannot allocate 2 shared buffers of 4611686018427387904"):
-                    IPCWeightTransferEngine.trainer_send_weights(iter(weights), group, packed_buffer_size_bytes=1 << 62)
-                IPCWeightTransferEngine.trainer_send_weights(iter(weights), group, packed_buffer_size_bytes=1 << 16)
-            finally:
-                destroy_side_group(group)
-            return None
-        engine = _ipc_worker(rank, port, 2)
-        got: dict = {}
-        try:
-            engine.receive_weights(None, lambda batch: got.update((n, t.clone()) for n, t in batch))
-        finally:
-            engine.shutdown()
-        return got
-
-    got = run_world(body, 2, deadline_s=60)[1]
+    got = _refused_then_sent(weights, refused)
     assert list(got) == ["w"] and bytes_equal(got["w"], weights[0][1])
