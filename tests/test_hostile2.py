@@ -50,20 +50,23 @@ def test_a_broadcast_send_on_a_colocated_group_is_a_value_error_and_the_group_st
     assert list(got) == ["w", "b"] and all(bytes_equal(got[n], t) for n, t in weights), got
 
 
-def _refused_then_sent(weights: list, refused) -> dict:
-    """A colocated trainer and one worker: ``refused(group)`` on the trainer (it checks its own
-    refusal), then a good send of ``weights``; what the worker received, by name."""
+def _refused_then_sent(weights: list, refused, colocated: bool = True) -> dict:
+    """A trainer (colocated, or Gloo) and one worker: ``refused(group)`` on the trainer (it checks
+    its own refusal), then a good send of ``weights``; what the worker received, by name."""
+    from tests.harness import gloo_trainer, gloo_worker
+
+    engine_cls = IPCWeightTransferEngine if colocated else NCCLWeightTransferEngine
 
     def body(rank: int, port: int):
         if rank == 0:
-            group = _ipc_trainer(port, 2)
+            group = _ipc_trainer(port, 2) if colocated else gloo_trainer(port, 2, timeout=TIMEOUT)
             try:
                 refused(group)
-                IPCWeightTransferEngine.trainer_send_weights(iter(weights), group, packed_buffer_size_bytes=1 << 16)
+                engine_cls.trainer_send_weights(iter(weights), group, packed_buffer_size_bytes=1 << 16)
             finally:
                 destroy_side_group(group)
             return None
-        engine = _ipc_worker(rank, port, 2)
+        engine = _ipc_worker(rank, port, 2) if colocated else gloo_worker(rank, port, 2, timeout=TIMEOUT)
         got: dict = {}
         try:
             engine.receive_weights(None, lambda batch: got.update((n, t.clone()) for n, t in batch))
@@ -277,8 +280,6 @@ def test_small_public_types_refuse_bad_values():
 
 
 def test_a_source_whose_len_overflows_is_a_value_error_before_any_row():
-    from tests.harness import gloo_trainer, gloo_worker
-
     class Huge:
         def __iter__(self):
             return iter([("w", torch.ones(2))])
@@ -286,25 +287,12 @@ def test_a_source_whose_len_overflows_is_a_value_error_before_any_row():
         def __len__(self):
             return 1 << 70
 
-    def body(rank: int, port: int):
-        if rank == 0:
-            group = gloo_trainer(port, 2, timeout=TIMEOUT)
-            try:
-                with pytest.raises(ValueError, match="len"):
-                    NCCLWeightTransferEngine.trainer_send_weights(Huge(), group)
-                NCCLWeightTransferEngine.trainer_send_weights(iter([("w", torch.ones(2))]), group)
-            finally:
-                destroy_side_group(group)
-            return None
-        engine = gloo_worker(rank, port, 2, timeout=TIMEOUT)
-        got: list = []
-        try:
-            engine.receive_weights(None, lambda batch: got.extend(n for n, _ in batch))
-        finally:
-            engine.shutdown()
-        return got
+    def refused(group: object) -> None:
+        with pytest.raises(ValueError, match="len"):
+            NCCLWeightTransferEngine.trainer_send_weights(Huge(), group)
 
-    assert run_world(body, 2, deadline_s=60)[1] == ["w"]
+    got = _refused_then_sent([("w", torch.ones(2))], refused, colocated=False)
+    assert list(got) == ["w"] and bytes_equal(got["w"], torch.ones(2))
 
 
 def test_colocated_buffers_the_host_cannot_map_are_a_transfer_error_and_the_group_stays_usable():

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .packing import ALIGNMENT, TensorSpec, dtype_name, parse_dtype
+from .wire import MAX_COUNT
 
 __all__ = [
     "DEFAULT_PACKED_BUFFER_SIZE_BYTES",
@@ -180,7 +181,7 @@ def source_length(owner: str, iterator: Any) -> int | None:
         count = len(iterator)
     except (OverflowError, TypeError, ValueError) as e:
         raise ValueError(f"{owner}: the source's len() failed: {type(e).__name__}: {e}") from None
-    if count >= 1 << 62:
+    if count > MAX_COUNT:
         raise ValueError(f"{owner}: the source's len() is {count}, more tensors than an update may hold")
     return count
 

@@ -36,10 +36,10 @@ from .config import (
     check_backend,
     check_send,
     check_source,
-    source_length,
     check_timeout,
     check_visible,
     parse_info,
+    source_length,
     resolved_device,
     worker_rank,
 )

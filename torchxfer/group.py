@@ -243,8 +243,15 @@ class SideGroup:
     @staticmethod
     def all_gather_within(pg: dist.ProcessGroup, outs: list[torch.Tensor], mine: torch.Tensor,
                           timeout_s: float) -> Any:  # fmt: skip
-        """:func:`all_gather_within` on ``pg`` (this group's payload or control group)."""
-        return all_gather_within(pg, outs, mine, timeout_s)
+        """``dist.all_gather(outs, mine, group=pg, async_op=True)`` on this group's payload or control
+        group, given its own timeout: the backend's was fixed when it was built. A collective that a
+        stopped peer leaves pending ends then, so the group's teardown does not block whichever
+        thread drops it. Returns the work. (Private: ``AllgatherOptions``, torch 2.6-2.13.)"""
+        opts = dist.distributed_c10d.AllgatherOptions()
+        opts.timeout = datetime.timedelta(seconds=timeout_s)
+        if hasattr(opts, "asyncOp"):
+            opts.asyncOp = True
+        return pg.allgather([outs], [mine], opts)
 
     # -- waiting ---------------------------------------------------------------
 
@@ -394,9 +401,9 @@ class SideGroup:
             # ahead), and Gloo cannot cancel it: the backend's destructor waits until it completes
             # or times out. Held by a thread of ours meanwhile, it is destroyed there, not on the
             # caller that drops the group (with the error it just raised) last.
-            _hold_until_done([b for b in self._backends if type(b).__name__ == "ProcessGroupGloo"],
-                             self.timeout_s)  # fmt: skip
+            _hold_until_done([b for b in self._backends if isinstance(b, dist.ProcessGroupGloo)], self.timeout_s)
         self.release_store()
+
 
 def _hold_until_done(objects: list[Any], timeout_s: float) -> None:
     """Keep ``objects`` referenced by a daemon thread for ``timeout_s`` and a second, then drop
@@ -640,17 +647,6 @@ def all_gather_row(pg: dist.ProcessGroup, out: torch.Tensor, row: torch.Tensor) 
     the call. Returns the work; raises what torch raises for a collective it cannot post."""
     call = getattr(pg, "all_gather_single", None) or pg._allgather_base
     return call(out, row, _GATHER_ASYNC)
-
-
-def all_gather_within(pg: dist.ProcessGroup, outs: list[torch.Tensor], mine: torch.Tensor, timeout_s: float) -> Any:
-    """``dist.all_gather(outs, mine, group=pg, async_op=True)``, given its own timeout: the
-    backend's was fixed when it was built. A collective that a stopped peer leaves pending ends
-    then, so the group's teardown does not block whichever thread drops it. Returns the work."""
-    opts = dist.distributed_c10d.AllgatherOptions()
-    opts.timeout = datetime.timedelta(seconds=timeout_s)
-    if hasattr(opts, "asyncOp"):
-        opts.asyncOp = True
-    return pg.allgather([outs], [mine], opts)
 
 
 def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> Any:

@@ -37,10 +37,10 @@ from .config import (
     WeightTransferConfig,
     check_send,
     check_source,
-    source_length,
     check_timeout,
     check_visible,
     parse_info,
+    source_length,
     resolved_device,
 )
 from .engine import _WorkerEngine

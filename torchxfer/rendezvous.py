@@ -53,6 +53,7 @@ _LINGER_PAST_DEADLINE_S = 0.3
 # and at most this long (never past the deadline) for ranks that have not arrived yet.
 _NEWCOMER_S = 3.0
 _NONCE_BYTES = 32
+_MAC_BYTES = 32  # an HMAC-SHA256 after each backend record (Store.authenticate)
 
 
 def left(deadline: float) -> float:
@@ -143,8 +144,6 @@ class Store(dist.Store):
     def num_keys(self) -> int:
         return self._s().num_keys()
 
-
-_MAC_BYTES = 32
 
 
 def _listen(address: str, port: int) -> socket.socket:

@@ -324,7 +324,7 @@ def _meta(tensor: torch.Tensor) -> tuple:
     """What a tensor's classification depends on (torch.Size and the placements tuple as they are:
     both compare as tuples)."""
     if not is_dtensor(tensor):
-        if tensor.is_nested:  # no shape to read: refused by TensorSpec.of
+        if tensor.is_nested:  # no shape to read: _classify's TensorSpec.of refuses it
             return (type(tensor), "nested")
         return (type(tensor), tensor.dtype, tensor.shape, tensor.layout, tensor.device, tensor.is_quantized)
     local = local_shard(tensor)
@@ -374,9 +374,6 @@ def _plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool,
             problems.append(f"{name!r}: expected a tensor, got {type(tensor).__name__}")
             continue
         out_dtype = dtype if dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
-        if tensor.is_nested:
-            problems.append(f"{name!r}: only dense tensors can be sent, got a nested tensor")
-            continue
         try:
             how, shard, placement = _classify(name, tensor)
             spec = TensorSpec(new, out_dtype, tuple(tensor.shape))
