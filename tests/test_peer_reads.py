@@ -209,6 +209,19 @@ def _trainer(rank: int, side_port: int, trainer_port: int) -> object:
                     "posted": g.posted_groups, "warnings": list(warnings), "want": want,
                     "prefilled": g.prefilled, "late": g.issued_late, "launched": g.launched,
                     "early": g.early})  # fmt: skip
+    # A status group the caller drops is let go, with what the sender keeps for it: the last
+    # update's DONE post and the rows it mapped.
+    import gc
+    import weakref
+
+    kept = {"told": twin in torchxfer.lockstep._told, "mapped": twin in torchxfer.lockstep.mapped}
+    ref = weakref.ref(twin)
+    dist.destroy_process_group(twin)
+    twin = None
+    gatherers.clear()
+    gc.collect()
+    kept.update(released=ref() is None, left=len(torchxfer.lockstep._told) + len(torchxfer.lockstep.mapped))
+    out.append(kept)
     return _close(out, group, "cpu")
 
 
@@ -273,6 +286,11 @@ def test_the_protocol_around_peer_reads_on_cpu_bit_exact_with_failure_fallback_a
         assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
     (t0, t1), worker = [o.value for o in outcomes[:2]], outcomes[2].value
     assert t0[-1] == t1[-1] == 2.0  # the trainer's own group still works
+    # The sender kept its last DONE post and mapped rows for the status group, and let both go
+    # with the group; rank 1 kept nothing.
+    assert t0[-2] == {"told": True, "mapped": True, "released": True, "left": 0}, t0[-2]
+    assert t1[-2] == {"told": False, "mapped": False, "released": True, "left": 0}, t1[-2]
+    t0, t1 = t0[:-1], t1[:-1]
     shards = sum(1 for n in LAYOUT if LAYOUT[n][2].startswith("shard"))
     for u in (0, 5, 6, 7):  # peer reads: every piece of rank 1 read by the sender, rank 1 posted nothing
         assert worker[u] == t0[u]["want"], u

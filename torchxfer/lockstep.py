@@ -43,13 +43,14 @@ DONE, FAILED, FALLBACK = 0, 1, 2
 anything but 0, so the others read its code; ``FALLBACK`` is never met by a step."""
 
 
-mapped: dict[int, tuple[list[int], Any]] = {}
-"""The sender, by id(status group): the digest of the peer-read rows it last agreed on and
-mapped (:meth:`Lockstep.table_digest`), and those rows decoded."""
+mapped: "weakref.WeakKeyDictionary[Any, tuple[list[int], Any]]" = weakref.WeakKeyDictionary()
+"""The sender, by status group: the digest of the peer-read rows it last agreed on and
+mapped (:meth:`Lockstep.table_digest`), and those rows decoded. Weak, as the two below: a
+status group the caller drops is forgotten with what it mapped."""
 
 
-_told: dict[int, tuple[Any, Any, torch.Tensor]] = {}
-"""id(status group) -> (the group, the sender's last ``tell`` all_reduce, its tensor)."""
+_told: "weakref.WeakKeyDictionary[Any, tuple[Any, torch.Tensor]]" = weakref.WeakKeyDictionary()
+"""Status group -> (the sender's last ``tell`` all_reduce, its tensor)."""
 
 _failed: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 """Status group -> why: a wait on it failed or ran out on this rank. Its collectives cannot be
@@ -213,7 +214,7 @@ class Lockstep:
         self.settle_last()
         digest = plan_digest(entries, bucketing)
         mine = digest_words(raw_bytes(peer_row)) if peer_row is not None else [0] * 4
-        cached = mapped.get(id(self.pg), ([0] * 4, None))[0] if is_sender == 1 else [0] * 4
+        cached = mapped.get(self.pg, ([0] * 4, None))[0] if is_sender == 1 else [0] * 4
         row = torch.tensor(
             [1 if error else 0, int(is_sender), len(entries), sum(e.collective for e in entries)]
             + digest + mine + list(cached),
@@ -297,11 +298,11 @@ class Lockstep:
         the sender needs). The next Lockstep on this group waits for it first (:meth:`settle_last`)."""
         self.flag.fill_(DONE)
         work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.pg, async_op=True)
-        _told[id(self.pg)] = (self.pg, work, self.flag)
+        _told[self.pg] = (work, self.flag)
 
     def settle_last(self) -> None:
         """Every rank, at the start of a send_model call: the sender's last :meth:`tell` on this
         group, complete (bounded by ``timeout_s``); TransferError if it failed."""
-        told = _told.pop(id(self.pg), None)
-        if told is not None and told[0] is self.pg:
-            self._wait(told[1], "send_model status of the last update")
+        told = _told.pop(self.pg, None)
+        if told is not None:
+            self._wait(told[0], "send_model status of the last update")

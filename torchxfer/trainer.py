@@ -411,7 +411,7 @@ class _Schedule:
         for their own writes); the first broadcast waits for the check. Local only: nothing
         another rank can see. Returns whether it prepared anything; False (nothing changed)
         whenever a condition does not hold or anything fails. Undo with :meth:`discard_warm`."""
-        known = lockstep.mapped.get(id(self.lock.pg)) if self.lock is not None else None
+        known = lockstep.mapped.get(self.lock.pg) if self.lock is not None else None
         if known is None or self.gatherer is None or not self.cgroups:
             return False
         g = self.cgroups[0]
@@ -462,7 +462,7 @@ class _Schedule:
         them, it tells the others (``FALLBACK``, met by their :meth:`torchxfer.lockstep.Lockstep.await_sender`)
         and every rank gathers as usual."""
         assert self.lock is not None and self.gatherer is not None
-        g, key = self.gatherer, id(self.lock.pg)
+        g, key = self.gatherer, self.lock.pg
         if self.lock.same_rows() is not None:  # the rows of the last agreed exchange: not sent again
             decoded = lockstep.mapped[key][1] if g.is_sender else []
         else:
