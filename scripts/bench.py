@@ -532,7 +532,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
         for n, cfg in enumerate(modes):
             if rank == 0:
                 print(f"[{lay} {n + 1}/{len(modes)}] {cfg}", file=sys.stderr, flush=True)
-            times, ratios = [], []
+            times, ratios, floors = [], [], []
             # The colocated rows compare with d2d, not with the broadcast: on a GPU the Gloo floor (a
             # second or more of host copies) between their rounds only adds noise to them.
             floor = cfg["mode"] not in COLOCATED_MODES
@@ -545,6 +545,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
                         times.append(t_mode)
                         if t_flat is not None:
                             flat_all.append(t_flat)
+                            floors.append(t_flat)
                             ratios.append(t_flat / t_mode)
             if args.cprofile and cfg["mode"] in ("packed", "ipc", "unpacked") \
                     and lay in args.profile_layouts.split(","):  # fmt: skip
@@ -559,7 +560,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any, trainer_
                 print(f"[{lay} {n + 1}/{len(modes)}] rounds (ms): " + " ".join(f"{t * 1e3:.2f}" for t in times),
                       file=sys.stderr, flush=True)  # fmt: skip
             results.append({**cfg, "rank": rank, "bytes": total, "tensors": len(specs), "seconds": med,
-                            "all_seconds": times,
+                            "all_seconds": times, "flat_seconds": floors,
                             "gb_per_s": total / med / 1e9, "ratio_to_flat": statistics.median(ratios) if ratios else None,
                             "rounds": rounds, "peak_extra_bytes": mem.peak})  # fmt: skip
         if not flat_all:  # no other mode: time the floor alone
@@ -625,7 +626,7 @@ def summarize(results: list[dict]) -> list[dict]:
         key = (r["layout"], r["mode"], r.get("buffer_mib"), r.get("num_buffers"))
         row = rows.setdefault(key, {k: v for k, v in r.items() if k not in ("rank", "peak_extra_bytes")})
         if r["rank"] == 0:
-            row.update(seconds=r["seconds"], gb_per_s=r["gb_per_s"], ratio_to_flat=r["ratio_to_flat"],
+            row.update({k: r[k] for k in ("seconds", "gb_per_s", "ratio_to_flat", "all_seconds", "flat_seconds") if k in r},
                        sender_peak_bytes=r["peak_extra_bytes"])  # fmt: skip
         else:
             row["receiver_peak_bytes"] = max(row.get("receiver_peak_bytes", 0), r["peak_extra_bytes"])
