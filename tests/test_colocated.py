@@ -14,6 +14,8 @@ import gc
 import os
 import re
 import signal
+import sys
+import threading
 import time
 import weakref
 
@@ -741,11 +743,12 @@ def test_cuda_a_cached_bucket_of_many_tensors_is_packed_by_a_replayed_graph_bit_
     assert graphs == [False, True, True, True, False, False, False]
 
 
-def _direct_body(rank: int, port: int, device: str):
+def _direct_body(rank: int, port: int, device: str, consenting: tuple[int, ...] = (1, 2)):
     """Trainer and two workers on GPU 0 (or the CPU, the parameters in shared memory), 8 updates of a
     model whose large tensors (over a lowered DIRECT_BYTES) are read in place by the workers from
-    the second update on: see the test."""
-    from torchxfer import colocated_sender
+    the second update on, when every worker consents (``consenting``: the workers that set the
+    switch at init): see the tests."""
+    from torchxfer import colocated, colocated_sender
     from torchxfer.colocated import decode_frame, encode_frame
     from torchxfer.control import ControlChannel
     from torchxfer.group import side_group
@@ -755,6 +758,8 @@ def _direct_body(rank: int, port: int, device: str):
         torch.cuda.set_device(0)
     torch.manual_seed(3)
     if rank != 0:
+        if rank in consenting:
+            os.environ[colocated.DIRECT_ENV] = "1"
         engine = _worker(rank, port, 3, PROCESS_TIMEOUT, device="cuda:0" if cuda else "cpu")
         got = []
         for u in range(8):
@@ -810,10 +815,13 @@ def _direct_body(rank: int, port: int, device: str):
                 params["big2"].data = torch.randn(128, 176, device=device)
                 if not cuda:
                     params["big2"].share_memory_()
-        if u == 6:
+        if u == 6 and len(consenting) == 2:
             colocated_sender.ColocatedSender.direct_map = hostile_map
             for plan in state.layout.buckets:
                 plan.cache.pop("direct", None)
+        elif u == 6:  # a trainer that sends maps all the same, to a worker that did not consent
+            side_group(group).cache[colocated.DIRECT_OK_KEY] = True
+            state.direct_off = None
         frames.clear()
         try:
             IPCWeightTransferEngine.trainer_send_weights(params.named_parameters(), group,
@@ -849,6 +857,24 @@ def test_large_tensors_are_read_in_place_bit_exact_and_every_failure_is_agreed(d
     assert n >= 2
     assert frames[:4] == [0, n, 0, 1] and frames[5] == n and frames[7] == 0, frames
     assert off is not None and "in place" in errors[6], errors[6]
+
+
+@processes
+def test_direct_reads_need_every_workers_consent():
+    """The switch on the trainer and on worker 1 only: every update is packed, bit-exact (worker
+    1's refusal at update 4 aside), and the trainer says why once. A trainer that sends maps all
+    the same (update 6) is refused by the worker that did not consent, before it maps anything:
+    an agreed TransferError, then packing again."""
+    outcomes = run_processes(_direct_body, 3, free_port(), "cpu", (1,), deadline_s=240)
+    for o in outcomes:
+        assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
+    sent, frames, errors, off = outcomes[0].value
+    assert [e is None for e in errors] == [True, True, True, True, False, True, False, True], errors
+    assert outcomes[1].value == sent and outcomes[2].value == sent
+    assert frames[:6] == [0] * 6 and frames[7] == 0 and frames[6] > 0, frames
+    assert "did not consent to direct reads" in errors[6] and "[rank 2]" in errors[6], errors[6]
+    assert "[rank 1]" not in errors[6], errors[6]
+    assert off == "a worker could not map the trainer's memory", off
 
 
 @processes
@@ -1416,6 +1442,65 @@ def test_shared_memory_is_sealed_at_its_size_and_an_unsealed_one_is_refused():
             ipc_transport._open_memfd(os.getpid(), plain, 4096, "a buffer")
     finally:
         os.close(plain)
+
+
+def _bounded(call, limit_s: float = 5.0):
+    """``call()`` in a daemon thread: its exception (or None), failing the test if it is still
+    running after ``limit_s`` (a blocking open would leave it there)."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            call()
+            box.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    start = time.monotonic()
+    thread.start()
+    thread.join(limit_s)
+    assert box, f"still blocked after {limit_s} s"
+    return box[0], time.monotonic() - start
+
+
+def test_a_file_the_trainer_names_is_opened_without_waiting(tmp_path):
+    """A worker opens what the trainer names without ever blocking: a FIFO with no writer named
+    by a direct-read map, and a file held under a lease by another process named as the host
+    probe (whose opening would wait for the lease to break: 45 s by default) are refused at once."""
+    import struct
+    import subprocess
+
+    from torchxfer import ipc_transport
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    held = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(held)
+        handle = (b"TXFD" + struct.pack("<qqqq", os.getpid(), held, st.st_dev, st.st_ino)).ljust(64, b"\0")
+        error, elapsed = _bounded(lambda: ipc_transport.open_shared(handle, 4096, st.st_ino, os.getpid()))
+        assert isinstance(error, TransferError) and "is not the file its map names" in str(error), error
+        assert elapsed < 2.0
+    finally:
+        os.close(held)
+    leased = tmp_path / "leased"
+    leased.write_bytes(bytes(4096))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, signal, sys\n"
+        "signal.signal(signal.SIGIO, signal.SIG_IGN)\n"
+        f"fd = os.open({str(leased)!r}, os.O_RDONLY)\n"
+        "fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)\n"
+        "print(fd, flush=True)\n"
+        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        fd = int(holder.stdout.readline())
+        error, elapsed = _bounded(lambda: ipc_transport._open_memfd(holder.pid, fd, 4096, "the host check"))
+        assert isinstance(error, TransferError) and "cannot open the trainer's shared memory" in str(error), error
+        assert elapsed < 2.0
+    finally:
+        holder.kill()
+        holder.wait(10)
 
 
 def test_module_loader_checks_a_sliced_batch_again_only_when_its_pairs_are_new(monkeypatch):

@@ -21,10 +21,11 @@ lockstep (:mod:`torchxfer.colocated_sender`, :mod:`torchxfer.colocated_receiver`
     END step        blocking: every worker loaded everything; (SYNC: atomic workers applied)
 
 A worker's row: ``[status, layout it holds, layout ok, atomic, buckets released, buffers id,
-direct reads failed]``.
+direct reads failed]``. At the handshake a worker's row also says whether it consents to
+direct reads.
 
-Direct reads (opt-in with ``TORCHXFER_DIRECT_READS=1`` on the trainer, from the
-second update of a layout): a cached bucket's large whole tensors
+Direct reads (opt-in with ``TORCHXFER_DIRECT_READS=1`` on the trainer and on every worker,
+from the second update of a layout): a cached bucket's large whole tensors
 (``colocated_sender.DIRECT_BYTES``) are not packed. The workers read them where
 they lie in the trainer's memory: on CUDA through IPC handles of their allocations, on
 the CPU (tensors whose storage ``share_memory_()`` put in shared memory) through the
@@ -48,6 +49,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .config import env_flag
 from .control import ControlChannel, encode_message
 from .errors import TransferError
 from .group import SideGroup, side_group
@@ -65,6 +67,15 @@ _MAGIC = b"TXIP"
 MAX_IPC_FRAME = 64 << 10
 _CACHE_KEY = "colocated"
 TRAINER_PID_KEY = "colocated_trainer_pid"
+DIRECT_OK_KEY = "colocated_direct_ok"
+"""Group cache: on a worker, whether it consented to direct reads at the handshake; on the
+trainer, whether every worker did."""
+DIRECT_ENV = "TORCHXFER_DIRECT_READS"
+"""Set to 1 on the trainer and on every worker to let workers read large tensors where they lie
+(off by default; see ``colocated_sender.DIRECT_BYTES``). A worker reads it at
+``init_transfer_engine`` and says at the handshake whether it consents: a worker that maps
+the trainer's memory trusts it to keep that memory whole (on the CPU, a trainer that shrinks a
+file a worker has mapped kills that worker with SIGBUS), so the choice is the worker's too."""
 
 
 def encode_frame(body: dict[str, Any], limit: int | None = MAX_IPC_FRAME) -> bytes:
@@ -132,6 +143,7 @@ def trainer_handshake(group: SideGroup, device: torch.device) -> None:
         frame = encode_frame({"probe": probe.describe(), "device": device.type, "uuid": device_uuid(device)})
         rows = channel.post(make_row(Kind.TABLE, 0, 0, 0, len(frame)), "colocated handshake").rows()
         channel.settle(rows, b"", "colocated handshake")
+        group.cache[DIRECT_OK_KEY] = all(row.args[1] == 1 for row in rows[1:])
         channel.send_frame(frame, "colocated handshake")
         rows = channel.post(make_row(Kind.SYNC), "colocated handshake (check)").rows()
         channel.settle(rows, b"", "colocated handshake")
@@ -143,7 +155,9 @@ def trainer_handshake(group: SideGroup, device: torch.device) -> None:
 def worker_handshake(group: SideGroup, device: torch.device) -> None:
     """A worker's half of :func:`trainer_handshake`."""
     channel = ControlChannel(group)
-    rows = channel.post(make_row(Kind.WORKER, 0, 0, 0, 0), "colocated handshake").rows()
+    consent = env_flag(DIRECT_ENV, False)
+    group.cache[DIRECT_OK_KEY] = consent
+    rows = channel.post(make_row(Kind.WORKER, 0, int(consent), 0, 0), "colocated handshake").rows()
     if rows[0].kind != Kind.TABLE:
         group.mark_broken("colocated handshake")
         raise TransferError(f"the trainer is not a colocated trainer (it sent a {rows[0].kind.name} row); "

@@ -27,7 +27,7 @@ from .ipc_transport import _is_int, new_events, open_buffers, open_memory, open_
 from .loading import SlicedBatch
 from .packing import ALIGNMENT, concat_plan, slot_view, typed_view
 from .plan import BucketPlan, Layout, TableChecker
-from .colocated import BACKEND, TRAINER_PID_KEY
+from .colocated import BACKEND, DIRECT_ENV, DIRECT_OK_KEY, TRAINER_PID_KEY
 from .receiver import LoadWeights, ReceiveProgress, WorkerSide
 from .wire import FLAG_CACHED, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind, Row, decode, make_row
 
@@ -257,6 +257,8 @@ class ColocatedReceiver(WorkerSide):
             return None
         held = plan.cache.get("direct_recv")
         try:
+            if not self.group.cache.get(DIRECT_OK_KEY, False):
+                raise TransferError(f"this worker did not consent to direct reads ({DIRECT_ENV}=1 at its init)")
             if frame is None:
                 if held is None or held[0] != gen:
                     raise TransferError(f"the trainer announced direct-read map {gen}, which this rank does not hold")

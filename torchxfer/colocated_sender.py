@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from . import colocated
 from .colocated import BACKEND, FLAG_SHARE, MAX_IPC_FRAME, colocated_device, encode_frame, gather_blobs
 from .config import TransferStats, env_flag
 from .control import ControlChannel, Step, encode_message
@@ -95,6 +96,11 @@ class ColocatedSender(SendSide):
         self.bucket = 0
         # Direct reads this update (see direct_for): decided once, from the switch and the group's state.
         self.direct_on = self.state.direct_off is None and env_flag(DIRECT_ENV, False)
+        if self.direct_on and not group.cache.get(colocated.DIRECT_OK_KEY, False):
+            self.direct_on = False
+            self.state.direct_off = "a worker did not consent at the handshake"
+            log.info("colocated: %s=1 on the trainer, but not on every worker at its init: "
+                     "every tensor is packed for this group", DIRECT_ENV)  # fmt: skip
         self.direct_row: tuple[int, bytes] = (0, b"")  # the next BUCKET row's direct-read map: (generation, frame)
         self.direct_held: list[torch.Tensor] = []  # tensors workers read in place this update
 
@@ -543,8 +549,8 @@ memory and of at least ``DIRECT_BYTES_CPU``: a mapping per storage, made once) a
 workers where they lie (:meth:`ColocatedSender.direct_for`): one copy (the worker's load) instead of
 two (the pack, then the load)."""
 
-DIRECT_ENV = "TORCHXFER_DIRECT_READS"
-"""Set to 1 on the trainer to let workers read large tensors in place (off by default).
+DIRECT_ENV = colocated.DIRECT_ENV
+"""The switch of direct reads, set on the trainer and on every worker (see :data:`torchxfer.colocated.DIRECT_ENV`).
 
 A worker keeps each allocation it read from mapped until an update no longer names it, and CUDA
 leaves undefined what happens when the exporting process frees memory another process still has

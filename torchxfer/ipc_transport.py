@@ -30,6 +30,7 @@ import fcntl
 import mmap
 import os
 import secrets
+import stat
 import struct
 import warnings
 from typing import Any
@@ -71,10 +72,15 @@ def _memfd(nbytes: int, name: str) -> tuple[int, torch.Tensor]:
     return fd, tensor[:nbytes]
 
 
+_OPEN_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+"""How a worker opens a file the trainer names: never waiting (a FIFO with no writer, a file
+under a lease would block the open itself, past every timeout) and never taking a terminal."""
+
+
 def _open_memfd(pid: int, fd: int, nbytes: int, what: str) -> torch.Tensor:
     path = f"/proc/{pid}/fd/{fd}"
     try:
-        mine = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        mine = os.open(path, os.O_RDWR | _OPEN_FLAGS)
     except OSError as e:
         raise TransferError(f"cannot open the trainer's shared memory for {what} ({path}: {e.strerror}); "
                             "colocated mode needs the trainer on the same host, in the same PID namespace, "
@@ -139,12 +145,12 @@ def open_shared(handle: bytes, size: int, inode: int, trainer_pid: int | None) -
         raise TransferError(f"the direct-read map names memory of pid {pid}, not of the trainer")
     path = f"/proc/{pid}/fd/{fd}"
     try:
-        mine = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        mine = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
     except (OSError, ValueError, OverflowError) as e:
         raise TransferError(f"cannot open the trainer's tensor memory ({path}: {e})") from None
     try:
         st = os.fstat(mine)
-        if (st.st_dev, st.st_ino) != (dev, ino) or not 0 < size <= st.st_size:
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (dev, ino) or not 0 < size <= st.st_size:
             raise TransferError(f"the trainer's tensor memory at {path} is not the file its map names, or holds "
                                 f"fewer than {size} bytes")  # fmt: skip
         try:
