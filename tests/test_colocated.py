@@ -1421,6 +1421,25 @@ def test_a_worker_that_answers_and_never_releases_a_buffer_fails_the_update_with
         assert "did not release bucket" in message and seconds < 1.0 + SLACK, (message, seconds)
 
 
+def test_cpu_buffers_are_opened_only_as_memory_of_the_proven_trainer():
+    """A buffer description naming another process than the one whose probe read back at init
+    (or none known) is refused before anything is opened; the trainer's own opens bit for bit."""
+    from torchxfer import ipc_transport
+
+    fd, tensor = ipc_transport._memfd(4096, "torchxfer-test")
+    try:
+        tensor.copy_(torch.arange(4096) % 251)
+        desc = {"nbytes": 4096, "device": "cpu", "uuid": ipc_transport.device_uuid(torch.device("cpu")),
+                "pid": os.getpid(), "fds": [fd]}  # fmt: skip
+        buffers, _ = ipc_transport.open_buffers(desc, torch.device("cpu"), 1, 4096, os.getpid())
+        assert bytes_equal(buffers[0], tensor)
+        for pid in (os.getppid(), None):
+            with pytest.raises(TransferError, match="not of the trainer"):
+                ipc_transport.open_buffers(desc, torch.device("cpu"), 1, 4096, pid)
+    finally:
+        os.close(fd)
+
+
 def test_shared_memory_is_sealed_at_its_size_and_an_unsealed_one_is_refused():
     """A trainer cannot shrink a buffer under its workers (a read past the end is SIGBUS), and a
     worker refuses shared memory that is not sealed so."""

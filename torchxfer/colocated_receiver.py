@@ -165,7 +165,8 @@ class ColocatedReceiver(WorkerSide):
             desc = decode_frame(frame, "buffer description")
             if desc.get("id") != buffers_id:
                 raise TransferError("the trainer's buffer description disagrees with its row")
-            buffers, events = open_buffers(desc, self.device, self.num_buffers, self.buffer_size)
+            buffers, events = open_buffers(desc, self.device, self.num_buffers, self.buffer_size,
+                                           self.group.cache.get(TRAINER_PID_KEY))  # fmt: skip
         except TransferError as e:
             self.fail(f"rank {self.group.rank()} could not map the trainer's buffers: {e}")
         if self.device.type == "cuda":

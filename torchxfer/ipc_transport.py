@@ -398,11 +398,13 @@ class SharedBuffers:
                 os.close(fd)
 
 
-def open_buffers(desc: Any, device: torch.device, num_buffers: int, nbytes: int) -> tuple[list[torch.Tensor], list[Any]]:
+def open_buffers(desc: Any, device: torch.device, num_buffers: int, nbytes: int,
+                 trainer_pid: int | None = None) -> tuple[list[torch.Tensor], list[Any]]:  # fmt: skip
     """A worker maps the trainer's buffers (once per group); returns the tensors and, on CUDA, the events.
 
     Raises TransferError if the description does not match what the rows
-    announced, or the buffers cannot be opened here (another host or GPU).
+    announced, or the buffers cannot be opened here (another host or GPU). On the CPU
+    the buffers must be memory of ``trainer_pid``, the process whose probe read back at init.
     """
     if not isinstance(desc, dict) or desc.get("nbytes") != nbytes or desc.get("device") not in ("cpu", "cuda"):
         raise TransferError("the trainer's buffer description is malformed or disagrees with its rows")
@@ -416,6 +418,8 @@ def open_buffers(desc: Any, device: torch.device, num_buffers: int, nbytes: int)
         pid, fds = desc.get("pid"), desc.get("fds")
         if not _is_int(pid) or not isinstance(fds, list) or len(fds) != num_buffers or not all(map(_is_int, fds)):
             raise TransferError("the trainer's buffer description is malformed")
+        if pid != trainer_pid:
+            raise TransferError(f"the trainer's buffer description names memory of pid {pid}, not of the trainer")
         return [_open_memfd(pid, fd, nbytes, f"buffer {i}") for i, fd in enumerate(fds)], []
     handles, events = desc.get("handles"), desc.get("events")
     if not (isinstance(handles, list) and isinstance(events, list) and len(handles) == len(events) == num_buffers
