@@ -1731,14 +1731,18 @@ def test_a_count_mismatch_on_a_cached_layout_names_the_tensors(backend):
             return _send_each(backend, port, 2, [model, model])  # a list: its count goes first
         engine = _either_worker(backend, rank, port, 2)
         engine.receive_weights(good, _collect({}))
+        loaded: dict = {}
         with pytest.raises(TransferError) as failed:
-            engine.receive_weights(bad, _collect({}))
+            engine.receive_weights(bad, _collect(loaded))
+        torn = engine.torn
         engine.shutdown()
-        return str(failed.value)
+        return str(failed.value), loaded, torn
 
     outcomes = run_threads(body, 2, deadline_s=60)
     assert outcomes[0].value[0] is None
-    for message in (outcomes[0].value[1], outcomes[1].value):
+    message, loaded, torn = outcomes[1].value
+    assert not loaded and not torn, (sorted(loaded), torn)  # the count differs at BEGIN: refused before any load
+    for message in (outcomes[0].value[1], message):
         assert f"not sent: ['ghost', 'ghost2']; not listed: ['{model[-1][0]}']" in message, message
 
 

@@ -173,6 +173,24 @@ def test_checksum_sees_every_single_half_word_change_and_swap():
     assert torch.equal(swapped, data) or checksum(swapped) != base
 
 
+def test_checksum_sees_changes_past_its_first_chunk_and_across_chunks():
+    """The checksum runs in chunks of 2**20 half-words (2 MiB): a byte changed in a later chunk,
+    the last odd byte, and two half-words swapped across a chunk boundary all change it."""
+    from torchxfer.control import checksum
+
+    gen = torch.Generator().manual_seed(7)
+    data = torch.randint(0, 256, ((5 << 20) + 1,), dtype=torch.uint8, generator=gen)
+    base = checksum(data)
+    for pos in ((2 << 20) + 6, (4 << 20) + 1001, data.numel() - 2, data.numel() - 1):
+        changed = data.clone()
+        changed[pos] ^= 0x5A
+        assert checksum(changed) != base, pos
+    edge = 2 << 20  # the first byte of chunk 1
+    swapped = data.clone()
+    swapped[edge - 2 : edge], swapped[edge : edge + 2] = data[edge : edge + 2].clone(), data[edge - 2 : edge].clone()
+    assert not torch.equal(swapped, data) and checksum(swapped) != base
+
+
 def _layout(specs_: list[TensorSpec], buffer_size: int | None) -> Layout:
     layout = Layout(buffer_size is not None, buffer_size, 2)
     slots = list(plan_slots(specs_, buffer_size))

@@ -198,6 +198,8 @@ def _send_then_fail(port: int, world: int) -> callable:
             with pytest.raises(KeyError):
                 NCCLWeightTransferEngine.trainer_send_weights(failing(), group, packed=True, packed_buffer_size_bytes=BUF)
             NCCLWeightTransferEngine.trainer_send_weights(iter(_model(3)), group, packed=True, packed_buffer_size_bytes=BUF)
+            with pytest.raises(TransferError, match="worker 2 refuses the last bucket"):
+                NCCLWeightTransferEngine.trainer_send_weights(iter(_model(4)), group, packed=True, packed_buffer_size_bytes=BUF)
             destroy_side_group(group)
             return None
         engine = _worker_engine(rank, world)
@@ -214,8 +216,21 @@ def _send_then_fail(port: int, world: int) -> callable:
         state = (engine.weights_version, engine.torn, {n: digest(t) for n, t in model.items()})
         engine.receive_weights(None, load, atomic=atomic)
         final = (engine.weights_version, engine.torn, {n: digest(t) for n, t in model.items()})
+        # Every byte sent, then another worker fails loading the last bucket: the atomic worker,
+        # which had received everything, must not apply.
+        last, calls = _model(4)[-1][0], []
+
+        def refusing(batch: list) -> None:
+            calls.append(len(batch))
+            if rank == 2 and any(n == last for n, _ in batch):
+                raise ValueError("worker 2 refuses the last bucket")
+            load(batch)
+
+        with pytest.raises(TransferError, match="worker 2 refuses the last bucket"):
+            engine.receive_weights(None, refusing, atomic=atomic)
+        other = (engine.weights_version, engine.torn, {n: digest(t) for n, t in model.items()}, len(calls))
         engine.shutdown()
-        return state, final
+        return state, final, other
 
     return body
 
@@ -225,11 +240,15 @@ def test_atomic_receive_is_never_torn_streaming_receive_reports_torn():
     outcomes = run_threads(_send_then_fail(port, 3), 3, deadline_s=60)
     v1 = {n: digest(t) for n, t in _model(1)}
     v3 = {n: digest(t) for n, t in _model(3)}
-    (atomic_state, atomic_final), (stream_state, stream_final) = outcomes[1].value, outcomes[2].value
+    (atomic_state, atomic_final, atomic_other), (stream_state, stream_final, stream_other) = outcomes[1].value, outcomes[2].value
     assert atomic_state == (0, False, v1)  # untouched by the failed update
     assert stream_state[:2] == (0, True)  # some buckets of update 1 were loaded
     assert stream_state[2] != v1
     assert atomic_final == (2, False, v3) and stream_final == (2, False, v3)
+    # Update 3 failed on the streaming worker at its last bucket: the atomic one never called
+    # load_weights and kept update 2 whole; the streaming one loaded all but that bucket.
+    assert atomic_other == (2, False, v3, 0), atomic_other[:2] + atomic_other[3:]
+    assert stream_other[:2] == (2, True) and stream_other[3] > 1 and stream_other[2] != v3
 
 
 # -- lifecycle -----------------------------------------------------------------------------------

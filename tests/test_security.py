@@ -157,6 +157,9 @@ def test_stranger_in_the_backends_is_caught_before_any_weight_byte(monkeypatch, 
     assert isinstance(error, TransferError), error
     assert "tampered with" in str(error) and ("HMAC" in str(error)) == macs, error
     assert elapsed < TIMEOUT + SLACK, elapsed
+    if not macs:  # refused by the proof itself, which names the stranger's seat: not a timeout
+        assert f"on the control group's connections, rank(s) [{victim}] did not prove" in str(error), error
+        assert elapsed < TIMEOUT, elapsed
     assert loaded == []
     # Seated as the worker, the stranger never got a header; as the trainer, it could not push one.
     assert box["stranger"]["broadcast"].startswith("failed"), box
@@ -569,7 +572,9 @@ def test_stopped_trainer_bounds_every_worker_init():
 
         first = threading.Thread(target=worker, args=("joined", joined), daemon=True)
         first.start()
-        time.sleep(0.5)  # joined: now waiting in the rendezvous for rank 2
+        watcher = _client(joined)
+        _wait_key(dist.PrefixStore(PREFIX, watcher), "hello/1")  # joined: now waiting in the rendezvous for rank 2
+        del watcher
         os.kill(proc.pid, signal.SIGSTOP)
         second = threading.Thread(target=worker, args=("fresh", fresh), daemon=True)
         second.start()
@@ -602,8 +607,14 @@ def test_formed_group_closes_the_store_and_close_interrupts_a_wait(caplog):
             group = _trainer(port, 2, timeout=timeout)
             seen["formed"] = True
             return group
-        time.sleep(0.2)
-        early = socket.create_connection((ADDR, port), timeout=2)  # a stranger, before formation
+        end = time.monotonic() + 10
+        while True:  # a stranger, before formation: as soon as the trainer listens
+            try:
+                early = socket.create_connection((ADDR, port), timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < end, "the trainer never listened"
+                time.sleep(0.01)
         engine = _worker(1, port, 2, timeout=timeout)
         early.settimeout(2)
         seen["early"] = early.recv(16)

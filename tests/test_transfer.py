@@ -309,9 +309,10 @@ def test_every_disagreement_fails_every_rank_naming_both_values_and_group_stays_
                 if case.get("only_rank") not in (None, rank):
                     info = None  # this worker takes the trainer's header as it is
                 version = engine.weights_version
+                seen: list = []
                 with pytest.raises(TransferError) as err:
-                    engine.receive_weights(info, lambda batch: None)
-                errors.append((err.value, engine.weights_version == version))
+                    engine.receive_weights(info, lambda batch: seen.extend((n, t.dtype, tuple(t.shape)) for n, t in batch))
+                errors.append((err.value, engine.weights_version == version, seen, engine.torn))
                 got, load = collector()
                 good_info = _info(simple(1000 + i), dict(packed=i % 2 == 0)) if i % 3 else None
                 stats = engine.receive_weights(good_info, load)
@@ -330,10 +331,18 @@ def test_every_disagreement_fails_every_rank_naming_both_values_and_group_stays_
         assert trainer_stats[i].update_id == 2 * i + 1
         for rank in (1, 2):
             errors, goods = values[rank]
-            err, version_kept = errors[i]
+            err, version_kept, seen, torn = errors[i]
             assert str(err) == message, (case["id"], rank)  # the same agreed message everywhere
             assert err.broken is False
             assert version_kept, (case["id"], rank)
+            # load_weights never saw a tensor update_info does not describe (what it saw before the
+            # failure leaves the weights torn); a count known at BEGIN is refused before any load.
+            _, described = _case_send(case, i)
+            listed = {n: (t.dtype, tuple(t.shape)) for n, t in described}
+            assert all(listed.get(n) == (d, sh) for n, d, sh in seen), (case["id"], rank, seen)
+            assert torn == bool(seen), (case["id"], rank, seen, torn)
+            if case["id"] in ("count-list", "packed-flag", "buffer-size", "num-buffers"):
+                assert not seen, (case["id"], rank, seen)
             got, update_id, version, torn = goods[i]
             assert_same(got, simple(1000 + i), f"{case['id']} rank {rank}")
             assert (update_id, version, torn) == (2 * i + 1, 2 * i + 1, False)
@@ -962,12 +971,14 @@ def test_shutdown_from_another_thread_stops_a_blocked_receive_and_changes_nothin
         loads: list = []
         side = engine.model_update_group
         waiting = threading.Event()
+        observed: list = []
 
         def stopper() -> None:
             # Shut down once the receive is blocked inside a wait on the group.
             deadline = time.monotonic() + DEADLINE / 2
             while side_group(side)._waiting == 0 and time.monotonic() < deadline:
                 time.sleep(0.005)
+            observed.append(side_group(side)._waiting > 0)
             waiting.set()
             engine.shutdown()
 
@@ -986,7 +997,7 @@ def test_shutdown_from_another_thread_stops_a_blocked_receive_and_changes_nothin
         gc.collect()
         dropped = time.monotonic() - start
         group_closed.set()
-        return {"elapsed": elapsed, "dropped": dropped, "waiting": waiting.is_set(), "loads": loads,
+        return {"elapsed": elapsed, "dropped": dropped, "waiting": waiting.is_set() and observed == [True], "loads": loads,
                 "version": (version, engine.weights_version), "broken": broken, "first": got}
 
     group_closed = threading.Event()
@@ -1042,6 +1053,7 @@ def test_a_receive_waiting_for_the_engine_when_it_shuts_down_raises_transfer_err
         deadline = time.monotonic() + DEADLINE / 2
         while side._waiting == 0 and time.monotonic() < deadline:
             time.sleep(0.005)
+        assert side._waiting > 0, "the first receive never waited on the group"
         assert arrived.acquire(timeout=DEADLINE / 2)  # the first call's
         second = threading.Thread(target=receive, args=("second",))
         second.start()

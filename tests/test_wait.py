@@ -62,7 +62,7 @@ def test_a_work_that_never_completes_times_out_within_the_timeout():
     start = time.monotonic()
     with pytest.raises(TransferError, match="no completion after 0.3 s"):
         g.wait(FakeWork(None, completes=False), "step")
-    assert 0.3 <= time.monotonic() - start < 1.0
+    assert 0.3 <= time.monotonic() - start < 0.6  # the bound is timeout_s itself, not a multiple of it
 
 
 def test_a_sub_millisecond_timeout_still_bounds_a_wait():
@@ -156,7 +156,7 @@ def test_a_control_wait_on_a_nccl_group_polls_first_then_blocks_within_the_timeo
     start = time.monotonic()
     with pytest.raises(TransferError, match="no completion after 0.3 s"):
         g.wait(FakeWork(None, completes=False), "step")
-    assert 0.3 <= time.monotonic() - start < 1.0
+    assert 0.3 <= time.monotonic() - start < 0.6  # the bound is timeout_s itself, not a multiple of it
     # Gloo side groups never poll: one blocking slice, then the work's own outcome.
     g = group(5.0)
     work = CompletesAfterPolls(0)
