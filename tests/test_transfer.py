@@ -946,6 +946,32 @@ def test_a_generator_may_refill_one_staging_tensor(packed, zero_copy):
             assert_same(got, staging_model(step), f"rank {rank} update {step}")
 
 
+_ALTERNATING = [torch.empty(3 << 18, dtype=torch.float16) for _ in range(2)]  # kept across updates
+
+
+def alternating(pairs: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Two staging tensors kept across updates, in turn: each is refilled two pulls after it was
+    yielded, so in the steady state every bucket holds last update's very objects."""
+    for k, (name, t) in enumerate(pairs):
+        _ALTERNATING[k % 2].copy_(t)
+        yield name, _ALTERNATING[k % 2]
+
+
+def alternating_model(seed: int) -> list[tuple[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(f"big{i}", rand_tensor((3 << 18,), torch.float16, gen)) for i in range(8)]  # 1.5 MiB, sent alone
+
+
+def test_a_generator_alternating_two_staging_tensors_kept_across_updates_arrives_intact():
+    """A generator's tensors that are last update's very objects (not Parameters) are not taken
+    as unchanged until their zero-copy sends complete: each value arrives as it was yielded."""
+    values = updates_over_three_ranks(4, lambda step: alternating(alternating_model(step)), packed=True,
+                                      packed_buffer_size_bytes=4 << 20)  # fmt: skip
+    for rank in (1, 2):
+        for step, got in enumerate(values[rank]):
+            assert_same(got, alternating_model(step), f"rank {rank} update {step}")
+
+
 # -- shutdown from another thread --------------------------------------------------------------------
 
 
@@ -1709,7 +1735,8 @@ def test_a_cached_bucket_pulled_straight_from_the_callers_iterator_keeps_every_c
     and an iterator that raises part way through a bucket are each seen as they were before,
     every rank hears of a failure, and every value arrives bit-exact."""
     world = 2
-    model = [(f"w{i}", torch.randn(50 + i)) for i in range(40)]
+    # Parameters: a generator's tensors count as last update's (raising, malformed) only then.
+    model = [(f"w{i}", torch.nn.Parameter(torch.randn(50 + i), requires_grad=False)) for i in range(40)]
     objects = [t for _, t in model]
 
     def fresh(u: int) -> Iterator:
@@ -1723,7 +1750,7 @@ def test_a_cached_bucket_pulled_straight_from_the_callers_iterator_keeps_every_c
         return iter(model)
 
     def new_object(u: int) -> Iterator:  # a staging tensor refilled: a new object
-        model[20] = ("w20", torch.randn(70))
+        model[20] = ("w20", torch.nn.Parameter(torch.randn(70), requires_grad=False))
         return iter(model)
 
     def raising(u: int) -> Iterator:

@@ -37,8 +37,9 @@ Sources: every tensor is consumed (its pack copy enqueued, or its broadcast
 ordered before anything that follows) before the next one is pulled, so a
 generator may refill one staging tensor. The exception, which makes the
 steady state fast: a tensor that is the very object sent at the same place
-last update, in a bucket whose tensors were all distinct objects (a
-module's parameters), is packed in fused batches and its zero-copy send is
+last update, in a bucket whose tensors were all distinct objects, and that
+comes from a list, tuple or dict or is an ``nn.Parameter`` (a module's
+parameters; a generator may alternate staging tensors it refills), is packed in fused batches and its zero-copy send is
 not waited for; so is every tensor of a source the package made itself
 (``owned``: send_model's gathers and casts, which nothing else writes). In
 the steady state a bucket is posted before the first tensor of the next one
@@ -214,6 +215,9 @@ class Sender(SendSide, Outbox):
         self.checksum = checksum
         self.zero_copy = zero_copy and not checksum
         self.owned = owned  # tensors made for this update that nothing else writes (send_model's gathers)
+        # Whether a tensor that is last update's very object may be taken as unchanged until its
+        # send completes: the package's own tensors, and those of a list, tuple or dict (set in run)
+        self.plain = owned
         self.num_tensors_hint = num_tensors
         self.update_id = self.state.next_update_id if version is None else version
         self.state.next_update_id = self.update_id + 1
@@ -255,6 +259,8 @@ class Sender(SendSide, Outbox):
             # is pulled straight from the caller's iterator (``pull_bucket``), the rest through
             # ``pairs``, which checks each pair as it is pulled.
             self.raw, self.check = None, check
+            if not self.owned:  # (a post_iter_func's results count as the caller's iterator's)
+                self.plain = type(items) in PLAIN_ITERATORS or (rest is not None and type(rest) in PLAIN_ITERATORS)
             if post_iter_func is None and not self.owned:
                 try:
                     items = self.raw = iter(items)
@@ -545,14 +551,14 @@ class Sender(SendSide, Outbox):
         whole = memo.get("whole")
         if whole is None:
             whole = memo["whole"] = all(s.is_whole for s in plan.slots)
-        if (memo.get("all_stable") or (self.owned and whole)) and (views is not None or buf is None) \
+        if ((memo.get("all_stable") and (self.plain or memo.get("all_params"))) or (self.owned and whole)) and (views is not None or buf is None) \
                 and item is not None:  # fmt: skip
             done = self.bulk_bucket(plan, memo, own, views, item, source)
             if done is not None:
                 return (*done, source)
             item, source = self.replay
         self.unready()  # the slot-by-slot pass may read the slots' tensors: they must be filled first
-        all_stable = True
+        all_stable = all_params = True
         for pos, slot in enumerate(plan.slots):
             if slot.start == 0:
                 if item is None or not _matches(item, slot.spec):
@@ -561,7 +567,11 @@ class Sender(SendSide, Outbox):
                     return item, pos, source
                 tensor = item[1]
                 ref = refs[pos]
-                self.stable = self.owned or (distinct and ref is not None and ref() is tensor)
+                # A generator's tensor counts as last update's only if it is a Parameter: a generator
+                # may hand out staging tensors it refills, two of them alternating (say) in one bucket.
+                param = isinstance(tensor, torch.nn.Parameter)
+                all_params = all_params and param
+                self.stable = self.owned or (distinct and ref is not None and ref() is tensor and (self.plain or param))
                 all_stable = all_stable and self.stable
                 refs[pos] = weakref.ref(tensor)
                 seen.add(id(tensor))
@@ -583,6 +593,7 @@ class Sender(SendSide, Outbox):
         self.flush()
         memo["distinct"] = len(seen) == sum(1 for s in plan.slots if s.start == 0)
         memo["all_stable"] = all_stable and all(s.is_whole for s in plan.slots)
+        memo["all_params"] = all_params
         if buf is not None and views is None:
             buf = self.state.buffers[plan.index % self.num_buffers]
             memo["views"] = whole_views(buf, plan.slots)
