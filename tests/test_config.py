@@ -537,6 +537,19 @@ def test_public_api_exports():
                  "DEFAULT_PACKED_BUFFER_SIZE_BYTES", "DEFAULT_PACKED_NUM_BUFFERS", "PROTOCOL_VERSION"):  # fmt: skip
         assert name in torchxfer.__all__
         assert hasattr(torchxfer, name)
+    # The whole public surface, no more and no less, every name resolving; and the engines'
+    # vLLM-style method names.
+    assert set(torchxfer.__all__) == {
+        "DEFAULT_PACKED_BUFFER_SIZE_BYTES", "DEFAULT_PACKED_NUM_BUFFERS", "IPCWeightTransferEngine",
+        "IPCWeightTransferInitInfo", "ModuleLoader", "NCCLWeightTransferEngine", "NCCLWeightTransferInitInfo",
+        "NCCLWeightTransferUpdateInfo", "PROTOCOL_VERSION", "ParallelConfig", "TransferError", "TransferStats",
+        "WeightTransferConfig", "WeightTransferEngine", "create_engine", "create_side_group", "destroy_side_group",
+        "iter_named_tensors", "send_model", "side_group", "update_info_for", "worker_rank"}  # fmt: skip
+    assert all(hasattr(torchxfer, name) for name in torchxfer.__all__)
+    for engine in (torchxfer.NCCLWeightTransferEngine, torchxfer.IPCWeightTransferEngine):
+        for method in ("init_transfer_engine", "receive_weights", "shutdown", "trainer_init", "trainer_send_weights",
+                       "parse_init_info", "parse_update_info"):  # fmt: skip
+            assert callable(getattr(engine, method)), (engine, method)
 
 
 def test_a_cuda_device_without_an_index_resolves_to_the_current_one():

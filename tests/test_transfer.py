@@ -972,6 +972,32 @@ def test_a_generator_alternating_two_staging_tensors_kept_across_updates_arrives
             assert_same(got, alternating_model(step), f"rank {rank} update {step}")
 
 
+def test_a_worker_that_calls_the_trainers_send_gets_a_value_error_and_the_group_goes_on():
+    """Only rank 0 of the side group sends: a worker that calls trainer_send_weights on its own
+    group gets ValueError at once, before any collective, and the next update arrives bit-exact."""
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, 2)
+            try:
+                return NCCLWeightTransferEngine.trainer_send_weights(simple(4), group, packed=True).update_id
+            finally:
+                destroy_side_group(group)
+        engine = worker(rank, port, 2)
+        try:
+            with pytest.raises(ValueError, match="sends as rank 0 of the side group"):
+                NCCLWeightTransferEngine.trainer_send_weights(simple(5), engine.model_update_group, packed=True)
+            got, load = collector()
+            stats = engine.receive_weights(None, load)
+            return got, stats.update_id
+        finally:
+            engine.shutdown()
+
+    sent_id, (got, update_id) = run_world(body, 2)
+    assert sent_id == update_id == 0
+    assert_same(got, simple(4))
+
+
 # -- shutdown from another thread --------------------------------------------------------------------
 
 
