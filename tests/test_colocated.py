@@ -1211,8 +1211,8 @@ def test_module_loader_copies_runs_of_slices_at_once_bit_exact(monkeypatch, slic
 
 
 def test_a_sliced_batch_is_never_copied_into_a_target_whose_shape_changed(monkeypatch):
-    """split_with_sizes_copy would resize such a target: ModuleLoader copies that batch the fused
-    way instead, which never reallocates (here it raises, naming nothing loaded twice)."""
+    """split_with_sizes_copy would resize such a target: ModuleLoader sees the target changed and
+    checks the batch in full, which names it (ValueError); nothing is resized."""
     from torchxfer import loading
 
     monkeypatch.setattr(loading, "SLICED_COPIES_ON_CPU", True)
@@ -1234,8 +1234,8 @@ def test_a_sliced_batch_is_never_copied_into_a_target_whose_shape_changed(monkey
         module.b1.data = torch.zeros(2, 2)  # new metadata behind the target the plan holds
     ptr = module.b1.data_ptr()
     loader.reset()
-    with pytest.raises(RuntimeError):
-        loader(batch())  # the fused copy refuses [4] into [2, 2]; nothing is resized
+    with pytest.raises(ValueError, match=r"'b1': shape \[4\], the module has \[2, 2\]"):
+        loader(batch())  # the targets are checked again in full; nothing is resized
     assert module.b1.shape == (2, 2) and module.b1.data_ptr() == ptr
 
 

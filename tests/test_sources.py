@@ -425,3 +425,29 @@ def test_a_name_map_may_name_an_excluded_buffer_or_a_tied_alias():
     assert without.names == ["tok.weight", "1.weight", "1.bias"]
     with pytest.raises(ValueError, match=r"does not have: \['2.bias'\]"):
         update_info_for(model, name_map={"2.bias": "x"}, include_buffers=False)
+
+
+def test_module_loader_checks_its_targets_again_when_the_module_changed_them():
+    """A batch the loader has seen, after the module was cast in place (the same Parameters, new
+    data): the dtype ValueError, never a silent cast; and after new storage of another shape."""
+    from torchxfer import ModuleLoader
+
+    module = torch.nn.Linear(4, 3)
+    batch = [("weight", torch.randn(3, 4)), ("bias", torch.randn(3))]
+    loader = ModuleLoader(module)
+    for _ in range(2):  # the second takes the fast path
+        with loader.update():
+            loader(batch)
+    assert torch.equal(module.weight.detach(), batch[0][1])
+    module.half()
+    with pytest.raises(ValueError, match="'weight': dtype float32, the module has float16"):
+        with loader.update():
+            loader(batch)
+    module.float()
+    with loader.update():
+        loader(batch)
+    with torch.no_grad():
+        module.bias.data = torch.zeros(6)
+    with pytest.raises(ValueError, match="bias"):
+        with loader.update():
+            loader(batch)

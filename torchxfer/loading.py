@@ -24,13 +24,16 @@ class _BatchPlan:
     and dtypes they had, the names they fill, the positions among the targets copied one by one,
     and a C++ check of the shapes and dtypes (:func:`metadata_guard`; None: compare the lists)."""
 
-    __slots__ = ("positions", "dst", "shapes", "dtypes", "names", "alone", "guard", "device", "dst_guard", "checked")
+    __slots__ = ("positions", "dst", "shapes", "dtypes", "names", "alone", "guard", "device", "dst_guard", "checked",
+                 "targets")
 
     def __init__(self, positions: list[int] | None, dst: list[torch.Tensor], src: list[torch.Tensor],
                  names: frozenset[str], alone: list[int]) -> None:  # fmt: skip
         self.positions, self.dst, self.names, self.alone = positions, dst, names, alone
         self.shapes, self.dtypes = [t.shape for t in src], [t.dtype for t in src]
         self.guard = metadata_guard(src)
+        # The targets as they were (a module cast or given new storage since is checked in full again).
+        self.targets = metadata_guard(dst)
         # The targets' one device, if they share one (a SlicedBatch's runs are copied only onto it).
         devices = {t.device for t in dst}
         self.device = devices.pop() if len(devices) == 1 else None
@@ -252,6 +255,9 @@ class ModuleLoader:
                             or set(map(_LAYOUT, src)) != _STRIDED or any(map(_IS_META, src)):  # fmt: skip
                         return False
                     plan.guard = None  # alike but not to the guard (other strides, say): the lists from now on
+            if plan.targets is None or not plan.targets(*plan.dst):
+                if list(map(_SHAPE, plan.dst)) != plan.shapes or list(map(_DTYPE, plan.dst)) != plan.dtypes:
+                    return False  # the full check then names what changed
         except (AttributeError, IndexError, TypeError, RuntimeError):  # (a nested tensor has no shape)
             return False
         self._check(plan, batch.pairs if same else None)
