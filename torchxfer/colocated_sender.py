@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 
-from . import colocated
-from .colocated import BACKEND, FLAG_SHARE, MAX_IPC_FRAME, colocated_device, encode_frame, gather_blobs
+from .colocated import BACKEND, DIRECT_ENV, DIRECT_OK_KEY, FLAG_SHARE, MAX_IPC_FRAME, colocated_device, encode_frame, gather_blobs
 from .config import TransferStats, env_flag
 from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
@@ -96,7 +95,7 @@ class ColocatedSender(SendSide):
         self.bucket = 0
         # Direct reads this update (see direct_for): decided once, from the switch and the group's state.
         self.direct_on = self.state.direct_off is None and env_flag(DIRECT_ENV, False)
-        if self.direct_on and not group.cache.get(colocated.DIRECT_OK_KEY, False):
+        if self.direct_on and not group.cache.get(DIRECT_OK_KEY, False):
             self.direct_on = False
             self.state.direct_off = "a worker did not consent at the handshake"
             log.info("colocated: %s=1 on the trainer, but not on every worker at its init: "
@@ -549,16 +548,15 @@ memory and of at least ``DIRECT_BYTES_CPU``: a mapping per storage, made once) a
 workers where they lie (:meth:`ColocatedSender.direct_for`): one copy (the worker's load) instead of
 two (the pack, then the load)."""
 
-DIRECT_ENV = colocated.DIRECT_ENV
-"""The switch of direct reads, set on the trainer and on every worker (see :data:`torchxfer.colocated.DIRECT_ENV`).
-
-A worker keeps each allocation it read from mapped until an update no longer names it, and CUDA
-leaves undefined what happens when the exporting process frees memory another process still has
-mapped. So turn this on only for a trainer that keeps the sent tensors' memory between updates:
-no offloading of parameters to the CPU, no ``torch.cuda.empty_cache()`` that could free their
-segments. On the CPU only tensors in shared memory (``model.share_memory()``) are read in place;
-memory the trainer frees stays mapped by the workers until an update no longer names it. See the
-README's "Colocated" section."""
+# Direct reads (the switch: :data:`torchxfer.colocated.DIRECT_ENV`, on the trainer and on every worker).
+#
+# A worker keeps each allocation it read from mapped until an update no longer names it, and CUDA
+# leaves undefined what happens when the exporting process frees memory another process still has
+# mapped. So turn this on only for a trainer that keeps the sent tensors' memory between updates:
+# no offloading of parameters to the CPU, no ``torch.cuda.empty_cache()`` that could free their
+# segments. On the CPU only tensors in shared memory (``model.share_memory()``) are read in place;
+# memory the trainer frees stays mapped by the workers until an update no longer names it. See the
+# README's "Colocated" section.
 
 
 GRAPH_MIN_TENSORS = 256

@@ -399,7 +399,7 @@ class SharedBuffers:
 
 
 def open_buffers(desc: Any, device: torch.device, num_buffers: int, nbytes: int,
-                 trainer_pid: int | None = None) -> tuple[list[torch.Tensor], list[Any]]:  # fmt: skip
+                 trainer_pid: int | None) -> tuple[list[torch.Tensor], list[Any]]:  # fmt: skip
     """A worker maps the trainer's buffers (once per group); returns the tensors and, on CUDA, the events.
 
     Raises TransferError if the description does not match what the rows

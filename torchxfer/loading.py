@@ -258,6 +258,7 @@ class ModuleLoader:
             if plan.targets is None or not plan.targets(*plan.dst):
                 if list(map(_SHAPE, plan.dst)) != plan.shapes or list(map(_DTYPE, plan.dst)) != plan.dtypes:
                     return False  # the full check then names what changed
+                plan.targets = metadata_guard(plan.dst)  # alike (other strides, say): guarded as they are now
         except (AttributeError, IndexError, TypeError, RuntimeError):  # (a nested tensor has no shape)
             return False
         self._check(plan, batch.pairs if same else None)

@@ -39,8 +39,8 @@ generator may refill one staging tensor. The exception, which makes the
 steady state fast: a tensor that is the very object sent at the same place
 last update, in a bucket whose tensors were all distinct objects, and that
 comes from a list, tuple or dict or is an ``nn.Parameter`` (a module's
-parameters; a generator may alternate staging tensors it refills), is packed in fused batches and its zero-copy send is
-not waited for; so is every tensor of a source the package made itself
+parameters; a generator may alternate staging tensors it refills), is packed
+in fused batches and its zero-copy send is not waited for; so is every tensor of a source the package made itself
 (``owned``: send_model's gathers and casts, which nothing else writes). In
 the steady state a bucket is posted before the first tensor of the next one
 is pulled, so work the source does when pulled (send_model's gathers) runs
@@ -551,8 +551,8 @@ class Sender(SendSide, Outbox):
         whole = memo.get("whole")
         if whole is None:
             whole = memo["whole"] = all(s.is_whole for s in plan.slots)
-        if ((memo.get("all_stable") and (self.plain or memo.get("all_params"))) or (self.owned and whole)) and (views is not None or buf is None) \
-                and item is not None:  # fmt: skip
+        stable = memo.get("all_stable") and (self.plain or memo.get("all_params"))
+        if (stable or (self.owned and whole)) and (views is not None or buf is None) and item is not None:
             done = self.bulk_bucket(plan, memo, own, views, item, source)
             if done is not None:
                 return (*done, source)
