@@ -1881,3 +1881,82 @@ def test_a_sender_waiting_for_its_turn_when_the_group_is_destroyed_raises_at_onc
     (outcome, cache) = outcomes[0].value
     assert len(outcome) == 1 and isinstance(outcome[0], TransferError) and "closed" in str(outcome[0]), outcome
     assert not cache, cache
+
+
+def _mangle(name: str, t: torch.Tensor) -> None:
+    """Change a tensor handed to load_weights in place, metadata and all (one way per name)."""
+    how = int(name[-1]) % 4
+    if how == 0:
+        t.t_() if t.dim() == 2 else t.unsqueeze_(0)
+    elif how == 1:
+        t.set_(torch.zeros(t.shape, dtype=t.dtype))
+    elif how == 2 and t.storage_offset():
+        t.as_strided_(t.shape, t.stride(), t.storage_offset() - 1)
+    elif how == 2:
+        t.data = torch.ones(t.shape, dtype=t.dtype)
+    else:
+        t.requires_grad_(True)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["packed", "direct-reads"])
+def test_tensors_a_load_weights_changed_in_place_arrive_as_sent_next_update(monkeypatch, direct):
+    """Views of the shared buffer (and, with direct reads, of the trainer's memory) are made once
+    per layout and handed out as the same objects: one that a load_weights changed in place
+    (transposed, re-pointed...) is not handed out again."""
+    from torchxfer import colocated, colocated_receiver, colocated_sender
+
+    read_in_place: list[int] = []
+    if direct:
+        monkeypatch.setenv(colocated.DIRECT_ENV, "1")
+        monkeypatch.setattr(colocated_sender, "DIRECT_BYTES_CPU", 4096)
+        real = colocated_receiver.ColocatedReceiver.direct
+
+        def counted(self, *args):
+            views = real(self, *args)
+            read_in_place.append(len(views or ()))
+            return views
+
+        monkeypatch.setattr(colocated_receiver.ColocatedReceiver, "direct", counted)
+    port, updates = free_port(), 4
+    params = torch.nn.ParameterDict({
+        **{f"big{i}": torch.nn.Parameter(torch.randn(32, 40 + 8 * i)) for i in range(4)},  # 5 KiB and more
+        **{f"small{i}": torch.nn.Parameter(torch.randn(3, 5 + i)) for i in range(4)},
+    })  # fmt: skip
+    for p in params.values():
+        p.share_memory_()
+    sent: list[dict] = []
+
+    def body(rank: int):
+        if rank == 0:
+            group = _trainer(port, 2)
+            for _ in range(updates):
+                with torch.no_grad():
+                    for p in params.values():
+                        p.mul_(1.5).add_(1.0)
+                sent.append({n: p.detach().clone() for n, p in params.items()})
+                IPCWeightTransferEngine.trainer_send_weights(params.named_parameters(), group,
+                                                             packed_buffer_size_bytes=BUF, packed_num_buffers=2)  # fmt: skip
+            destroy_side_group(group)
+            return None
+        engine = _worker(rank, port, 2)
+        got = []
+        for _ in range(updates):
+            store: dict = {}
+
+            def load(batch):
+                for name, t in batch:
+                    assert not t.requires_grad, name
+                    store[name] = t.clone()
+                    _mangle(name, t)
+
+            engine.receive_weights(None, load)
+            got.append(store)
+        engine.shutdown()
+        return got
+
+    got = run_threads(body, 2, deadline_s=60)[1].value
+    assert sum(read_in_place) >= (8 if direct else 0), read_in_place  # updates 1-3 read big0..3 in place
+    for u in range(updates):
+        assert list(got[u]) == list(sent[u]), u
+        for name, want in sent[u].items():
+            assert got[u][name].shape == want.shape and bytes_equal(got[u][name], want), (u, name)

@@ -743,6 +743,68 @@ def test_receive_buffers_are_reused_across_updates(buf, model):
         assert 1 <= len(storages[0]) <= 2  # num_buffers (2) buffers at most
 
 
+def _mangle(name: str, t: torch.Tensor) -> None:
+    """Change a tensor handed to load_weights in place, metadata and all (one way per name)."""
+    if name == "w0":
+        t.t_()
+    elif name == "w1":
+        t.set_(torch.zeros(t.shape, dtype=t.dtype))
+    elif name == "w2":
+        t.requires_grad_(True)
+    elif name == "w3":
+        t.as_strided_(t.shape, t.stride(), t.storage_offset() + 1)
+    elif name == "w4":
+        t.unsqueeze_(0)
+    elif name == "w5":
+        t.resize_(1)
+    elif name == "w6":
+        t.data = torch.ones(2, 2)
+
+
+@pytest.mark.parametrize("mangle_every", [False, True])
+def test_tensors_a_load_weights_changed_in_place_arrive_as_sent_next_update(mangle_every):
+    """Receive views are made once per layout and handed out as the same objects: one that a
+    load_weights changed in place (transposed, re-pointed, resized...) is not handed out again."""
+    world, updates = 2, 4
+
+    def pairs(step: int) -> list[tuple[str, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(step)
+        shapes = [(4, 3), (5, 5), (6,), (3, 7), (2, 4), (9,), (3, 3), (2, 2)]
+        return [(f"w{i}", torch.randn(shape, generator=gen)) for i, shape in enumerate(shapes)]
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            try:
+                for step in range(updates):
+                    NCCLWeightTransferEngine.trainer_send_weights(pairs(step), group, packed=True, packed_buffer_size_bytes=BUF)
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = worker(rank, port, world)
+        got: list[list] = []
+        try:
+            for step in range(updates):
+                batch_got: list = []
+
+                def load(batch: list) -> None:
+                    for name, t in batch:
+                        batch_got.append((name, t.clone()))
+                        if mangle_every or step == 0:
+                            _mangle(name, t)
+
+                engine.receive_weights(None, load)
+                got.append(batch_got)
+        finally:
+            engine.shutdown()
+        return got
+
+    got = run_world(body, world)[1]
+    for step in range(updates):
+        assert_same(got[step], pairs(step), f"step {step}")
+        assert all(not t.requires_grad for _, t in got[step])
+
+
 # -- regressions: a TransferError from the source, long names in agreed errors --------------------------------------------
 
 

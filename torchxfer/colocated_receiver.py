@@ -24,7 +24,7 @@ from .control import ControlChannel
 from .errors import TransferError
 from .group import SideGroup
 from .ipc_transport import _is_int, new_events, open_buffers, open_memory, open_shared
-from .loading import SlicedBatch
+from .loading import KeptViews, SlicedBatch
 from .packing import ALIGNMENT, concat_plan, slot_view, typed_view
 from .plan import BucketPlan, Layout, TableChecker
 from .colocated import BACKEND, DIRECT_ENV, DIRECT_OK_KEY, TRAINER_PID_KEY
@@ -263,13 +263,13 @@ class ColocatedReceiver(WorkerSide):
             if frame is None:
                 if held is None or held[0] != gen:
                     raise TransferError(f"the trainer announced direct-read map {gen}, which this rank does not hold")
-                return held[1]
+                return dict(held[1].pairs())  # the same views unless load_weights changed one in place
             views, handles = self.map_direct(plan, gen, frame)
         except TransferError as e:
             self.direct_failed = True
             self.fail(f"rank {self.group.rank()} cannot read the trainer's tensors of bucket {plan.index} in place: {e}")
             return None
-        plan.cache["direct_recv"] = (gen, views, handles)
+        plan.cache["direct_recv"] = (gen, KeptViews(tuple(views.items())), handles)
         return views
 
     def map_direct(self, plan: BucketPlan, gen: int, frame: bytes) -> tuple[dict[int, torch.Tensor], frozenset[bytes]]:
@@ -427,12 +427,13 @@ class ColocatedReceiver(WorkerSide):
         else:
             self.num_tensors += memo[2]
             self.num_bytes += memo[3]
+        pairs = memo[1].pairs()  # the same views unless load_weights changed one in place
         if direct:
-            out = list(memo[1])
+            out = list(pairs)
             for p, view in direct.items():
                 out[p] = (out[p][0], view)
             return out
-        return SlicedBatch(memo[1], memo[4], memo[5])
+        return SlicedBatch(pairs, memo[4], memo[5])
 
     def views(self, plan: BucketPlan, buf: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """:meth:`tensors` the first time a plan is seen on ``buf``."""
@@ -461,5 +462,5 @@ class ColocatedReceiver(WorkerSide):
             slots = plan.slots
             cat = concat_plan(buf, slots, range(len(slots)), [t for _, t in out])
             runs = tuple((first, end, base, [s.spec.shape[0] for s in slots[first:end]]) for first, end, base in cat.segments)
-            plan.cache["ipc_recv"] = (buf.data_ptr(), tuple(out), count, nbytes, runs, tuple(cat.rest))
+            plan.cache["ipc_recv"] = (buf.data_ptr(), KeptViews(tuple(out)), count, nbytes, runs, tuple(cat.rest))
         return out

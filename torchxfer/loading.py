@@ -53,6 +53,42 @@ memcpy: about 1.9 TB/s on an H200, where the fused multi-tensor copy moves large
 1.35 TB/s); smaller ones in one fused copy (one launch for thousands of tensors)."""
 
 
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+class KeptViews:
+    """Tensors made once per layout (views of a buffer, or of the trainer's memory) and handed to
+    ``load_weights`` as the same objects every update, kept as they were made.
+
+    A ``load_weights`` may change a tensor it is handed in place, metadata and all (``t.t_()``,
+    ``t.resize_(...)``, ``t.requires_grad_()``, ``t.set_(...)``, ``t.data = ...``). The next update
+    must still hand out what the trainer described, so :meth:`pairs` first checks that none of
+    them changed: one C++ metadata guard over them all (:func:`metadata_guard`) and their data
+    pointers, about 0.1 us a tensor. Where any changed, it hands out fresh views of originals
+    that are never handed out (``detach()``: about 1 us a tensor, once). Local, never blocks.
+
+    ``pairs``: ``(key, tensor)`` pairs (the key a name or a slot position)."""
+
+    __slots__ = ("_own", "_given", "_tensors", "_guard", "_ptrs")
+
+    def __init__(self, pairs: tuple[tuple[Any, torch.Tensor], ...]) -> None:
+        self._own = tuple((key, t.detach()) for key, t in pairs)
+        self._take(tuple(pairs))
+
+    def _take(self, given: tuple[tuple[Any, torch.Tensor], ...]) -> None:
+        self._given = given
+        self._tensors = tuple(map(_SECOND, given))
+        self._guard = metadata_guard(self._tensors)  # None where this torch has none: renewed every time
+        self._ptrs = list(map(_DATA_PTR, self._tensors))
+
+    def pairs(self) -> tuple[tuple[Any, torch.Tensor], ...]:
+        """The pairs to hand out now: the same objects as last time unless one was changed."""
+        guard, tensors = self._guard, self._tensors
+        if guard is None or not guard(*tensors) or list(map(_DATA_PTR, tensors)) != self._ptrs:
+            self._take(tuple((key, t.detach()) for key, t in self._own))
+        return self._given
+
+
 class SlicedBatch(list):
     """A batch whose tensors are, run by run, consecutive slices of one tensor, as this package's
     colocated receiver hands it to ``load_weights``. ``runs``: ``(first, end, base, sizes)``, the

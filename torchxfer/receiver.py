@@ -46,6 +46,7 @@ from . import control
 from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
+from .loading import KeptViews
 from .packing import ALIGNMENT, Slot, slot_view, typed_view
 from .plan import BucketPlan, Layout, TableChecker, first_bucket, next_bucket, rows_ahead
 from .wire import (FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind,
@@ -660,7 +661,7 @@ class Receiver(WorkerSide):
         if memo is not None and memo[0] == key:
             self.num_tensors += memo[2]
             self.num_bytes += memo[3]
-            return list(memo[1])
+            return list(memo[1].pairs())  # the same views unless load_weights changed one in place
         out, count, nbytes = [], 0, 0
         for pos, slot in enumerate(plan.slots):
             if slot.is_last:
@@ -688,7 +689,7 @@ class Receiver(WorkerSide):
         self.num_tensors += count
         self.num_bytes += nbytes
         if key is not None and all(s.is_whole for s in plan.slots):  # split tensors: built each time
-            plan.cache["recv"] = (key, tuple(out), count, nbytes)
+            plan.cache["recv"] = (key, KeptViews(tuple(out)), count, nbytes)
         return out
 
     def after_load(self) -> None:
