@@ -34,6 +34,7 @@ import torch
 from tests import harness
 from tests.harness import bytes_equal, gloo_trainer, gloo_worker
 from torchxfer import (
+    ModuleLoader,
     NCCLWeightTransferEngine,
     NCCLWeightTransferUpdateInfo,
     TransferError,
@@ -803,6 +804,65 @@ def test_tensors_a_load_weights_changed_in_place_arrive_as_sent_next_update(mang
     for step in range(updates):
         assert_same(got[step], pairs(step), f"step {step}")
         assert all(not t.requires_grad for _, t in got[step])
+
+
+
+def test_kept_views_check_only_after_a_consumer_not_vouched_for():
+    """``KeptViews.pairs``: after an untrusted consumer the next call checks (and renews what was
+    changed); after a trusted one (ModuleLoader, atomic staging) it hands out the same objects."""
+    from torchxfer.loading import KeptViews
+
+    base = torch.arange(24, dtype=torch.float32)
+    kept = KeptViews((("a", base[:12].view(3, 4)), ("b", base[12:].view(2, 6))))
+    first = kept.pairs()
+    first[0][1].t_()  # an untrusted consumer transposes "a"
+    second = kept.pairs(trusted=True)
+    assert second is not first and second[0][1].shape == (3, 4) and second[1][1].shape == (2, 6)
+    assert bytes_equal(second[0][1], base[:12].view(3, 4)) and second[0][1].data_ptr() == base.data_ptr()
+    assert kept.pairs() is second  # the trusted consumer's call: no check, the same objects
+    kept.pairs()[1][1].resize_(1)  # handed out untrusted: the next call checks again
+    third = kept.pairs()
+    assert third is not second and third[1][1].shape == (2, 6) and bytes_equal(third[1][1], base[12:].view(2, 6))
+    assert third[0][1] is not second[0][1]  # renewed as a whole, from the private originals
+    assert kept.pairs() is third  # unchanged: kept
+
+
+def test_module_loader_updates_stay_bit_exact_with_kept_views():
+    """A ModuleLoader consumer skips the kept views' check; many updates still land bit for bit."""
+    world, updates = 2, 4
+    shapes = [(4, 3), (5, 5), (6,), (3, 7)]
+
+    def pairs(step: int) -> list[tuple[str, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(100 + step)
+        return [(f"w{i}", torch.randn(shape, generator=gen)) for i, shape in enumerate(shapes)]
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            try:
+                for step in range(updates):
+                    NCCLWeightTransferEngine.trainer_send_weights(pairs(step), group, packed=True, packed_buffer_size_bytes=BUF)
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = worker(rank, port, world)
+        module = torch.nn.Module()
+        for i, shape in enumerate(shapes):
+            module.register_buffer(f"w{i}", torch.zeros(shape))
+        loader = ModuleLoader(module)
+        got = []
+        try:
+            for _ in range(updates):
+                with loader.update():
+                    engine.receive_weights(None, loader)
+                got.append([(k, v.clone()) for k, v in module.state_dict().items()])
+        finally:
+            engine.shutdown()
+        return got
+
+    got = run_world(body, world)[1]
+    for step in range(updates):
+        assert_same(got[step], pairs(step), f"step {step}")
 
 
 # -- regressions: a TransferError from the source, long names in agreed errors --------------------------------------------

@@ -263,7 +263,7 @@ class ColocatedReceiver(WorkerSide):
             if frame is None:
                 if held is None or held[0] != gen:
                     raise TransferError(f"the trainer announced direct-read map {gen}, which this rank does not hold")
-                return dict(held[1].pairs())  # the same views unless load_weights changed one in place
+                return dict(held[1].pairs(self.leaves_views))  # the same views unless load_weights changed one
             views, handles = self.map_direct(plan, gen, frame)
         except TransferError as e:
             self.direct_failed = True
@@ -427,7 +427,7 @@ class ColocatedReceiver(WorkerSide):
         else:
             self.num_tensors += memo[2]
             self.num_bytes += memo[3]
-        pairs = memo[1].pairs()  # the same views unless load_weights changed one in place
+        pairs = memo[1].pairs(self.leaves_views)  # the same views unless load_weights changed one
         if direct:
             out = list(pairs)
             for p, view in direct.items():

@@ -46,7 +46,7 @@ from . import control
 from .control import ControlChannel, Step, encode_message
 from .errors import TransferError
 from .group import SideGroup
-from .loading import KeptViews
+from .loading import KeptViews, ModuleLoader
 from .packing import ALIGNMENT, Slot, slot_view, typed_view
 from .plan import BucketPlan, Layout, TableChecker, first_bucket, next_bucket, rows_ahead
 from .wire import (FLAG_BUCKET0, FLAG_CACHED, FLAG_CHECKSUM, FLAG_PACKED, MAX_COUNT, MAX_FRAME_BYTES, PREFIX_BYTES, BucketHeader, Kind,
@@ -212,6 +212,12 @@ class WorkerSide:
     def check_open(self) -> None:
         if self.group.closed:
             raise TransferError(f"{self.what}: the engine was shut down", broken=True)
+
+    @property
+    def leaves_views(self) -> bool:
+        """Whatever is handed out goes to a consumer that never changes it in place: this
+        package's :class:`ModuleLoader`, or (atomic) the staging copy."""
+        return self.atomic or type(self.load_weights) is ModuleLoader
 
     def call_load(self, batch: list[tuple[str, torch.Tensor]], where: str) -> None:
         """Hand ``batch`` to load_weights (unless the engine was shut down); its failure becomes this rank's."""
@@ -661,7 +667,7 @@ class Receiver(WorkerSide):
         if memo is not None and memo[0] == key:
             self.num_tensors += memo[2]
             self.num_bytes += memo[3]
-            return list(memo[1].pairs())  # the same views unless load_weights changed one in place
+            return list(memo[1].pairs(self.leaves_views))  # the same views unless load_weights changed one
         out, count, nbytes = [], 0, 0
         for pos, slot in enumerate(plan.slots):
             if slot.is_last:
