@@ -926,6 +926,53 @@ def test_mismatch_of_long_names_still_names_both_values():
         assert repr(sent_name) in message and repr(expected_name) in message, message[-200:]
 
 
+
+def test_each_update_logs_one_debug_line_per_rank_and_a_failure_one_warning(caplog):
+    """Logging through ``torchxfer``: one DEBUG line per update and rank naming the update, its
+    tensors, bytes, seconds and GB/s; an agreed failure one WARNING per rank naming the update."""
+    import logging
+    import re
+
+    caplog.set_level(logging.DEBUG, logger="torchxfer")
+    world = 2
+    sent = [("a", torch.arange(6, dtype=torch.float32)), ("b", torch.ones(3, 5, dtype=torch.bfloat16))]
+    nbytes = 6 * 4 + 15 * 2
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = trainer(port, world)
+            try:
+                for _ in range(2):
+                    NCCLWeightTransferEngine.trainer_send_weights(sent, group, packed=True, packed_buffer_size_bytes=BUF)
+                with pytest.raises(TransferError):
+                    NCCLWeightTransferEngine.trainer_send_weights(sent, group, packed=True, packed_buffer_size_bytes=BUF)
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = worker(rank, port, world)
+        wrong = NCCLWeightTransferUpdateInfo.from_named_tensors([("a", sent[0][1]), ("c", sent[1][1])], packed=True)
+        try:
+            for _ in range(2):
+                engine.receive_weights(None, lambda batch: None)
+            with pytest.raises(TransferError):
+                engine.receive_weights(wrong, lambda batch: None)
+        finally:
+            engine.shutdown()
+        return None
+
+    run_world(body, world)
+    records = [r for r in caplog.records if r.name == "torchxfer"]
+    line = r"update (\d+): 2 tensors, %d bytes in [0-9.]+ s \([0-9.]+ GB/s\)" % nbytes
+    for verb in ("sent", "received"):
+        debug = [m.group(1) for r in records if r.levelno == logging.DEBUG
+                 for m in [re.match(verb + " " + line, r.getMessage())] if m]  # fmt: skip
+        assert debug == ["0", "1"], (verb, [r.getMessage() for r in records])
+    warnings_ = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any(m.startswith("update 2 failed: ") for m in warnings_), warnings_  # the trainer
+    assert any(m.startswith("update 2 failed on rank 1: ") for m in warnings_), warnings_  # the worker
+    assert len(warnings_) == 2, warnings_
+
+
 # -- tensors larger than a buffer --------------------------------------------------------------------
 
 
