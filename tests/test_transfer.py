@@ -744,6 +744,16 @@ def test_receive_buffers_are_reused_across_updates(buf, model):
         assert 1 <= len(storages[0]) <= 2  # num_buffers (2) buffers at most
 
 
+def _send_updates(port: int, world: int, updates: list[list[tuple[str, torch.Tensor]]]) -> None:
+    """The trainer of a world: each update's pairs, packed into BUF-byte buffers, then the group torn down."""
+    group = trainer(port, world)
+    try:
+        for pairs in updates:
+            NCCLWeightTransferEngine.trainer_send_weights(pairs, group, packed=True, packed_buffer_size_bytes=BUF)
+    finally:
+        destroy_side_group(group)
+
+
 def _mangle(name: str, t: torch.Tensor) -> None:
     """Change a tensor handed to load_weights in place, metadata and all (one way per name)."""
     if name == "w0":
@@ -775,13 +785,7 @@ def test_tensors_a_load_weights_changed_in_place_arrive_as_sent_next_update(mang
 
     def body(rank: int, port: int) -> Any:
         if rank == 0:
-            group = trainer(port, world)
-            try:
-                for step in range(updates):
-                    NCCLWeightTransferEngine.trainer_send_weights(pairs(step), group, packed=True, packed_buffer_size_bytes=BUF)
-            finally:
-                destroy_side_group(group)
-            return None
+            return _send_updates(port, world, [pairs(step) for step in range(updates)])
         engine = worker(rank, port, world)
         got: list[list] = []
         try:
@@ -838,13 +842,7 @@ def test_module_loader_updates_stay_bit_exact_with_kept_views():
 
     def body(rank: int, port: int) -> Any:
         if rank == 0:
-            group = trainer(port, world)
-            try:
-                for step in range(updates):
-                    NCCLWeightTransferEngine.trainer_send_weights(pairs(step), group, packed=True, packed_buffer_size_bytes=BUF)
-            finally:
-                destroy_side_group(group)
-            return None
+            return _send_updates(port, world, [pairs(step) for step in range(updates)])
         engine = worker(rank, port, world)
         module = torch.nn.Module()
         for i, shape in enumerate(shapes):
