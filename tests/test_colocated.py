@@ -1960,3 +1960,19 @@ def test_tensors_a_load_weights_changed_in_place_arrive_as_sent_next_update(monk
         assert list(got[u]) == list(sent[u]), u
         for name, want in sent[u].items():
             assert got[u][name].shape == want.shape and bytes_equal(got[u][name], want), (u, name)
+
+
+def test_each_colocated_update_logs_one_debug_line_per_rank(caplog):
+    """Colocated updates log as broadcast ones do: one DEBUG line per update and rank naming the
+    update, its tensors, bytes, seconds and GB/s, marked colocated."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="torchxfer")
+    sent = [("a", torch.arange(6, dtype=torch.float32)), ("b", torch.ones(3, 5, dtype=torch.bfloat16))]
+    got = _send_and_collect(2, lambda u: sent, BUF)
+    assert all(_same(store, sent) for store in got)
+    line = r"update (\d+) \(colocated\): 2 tensors, %d bytes in [0-9.]+ s \([0-9.]+ GB/s\)" % (6 * 4 + 15 * 2)
+    for verb in ("sent", "received"):
+        ids = [m.group(1) for r in caplog.records if r.name == "torchxfer" and r.levelno == logging.DEBUG
+               for m in [re.match(verb + " " + line, r.getMessage())] if m]  # fmt: skip
+        assert ids == ["0", "1"], (verb, [r.getMessage() for r in caplog.records])
