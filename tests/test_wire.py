@@ -400,6 +400,45 @@ def test_a_body_of_unbalanced_quotes_is_refused_in_linear_time(body):
         decode(frame(BUCKET, body))
 
 
+_LONG = 8 << 20
+
+
+@pytest.mark.parametrize("body", [
+    b'{"index":0,"slots":[[0,"' + b"a" * _LONG,  # one long unterminated string
+    b'{"index":0,"slots":[[0,"' + b"a[," * (_LONG // 3) + b'"]]}',  # one long string full of brackets
+    b'{"index":0,"slots":[[0,"' + b'\\"' * (_LONG // 2) + b'"]]}',  # a long run of escaped quotes
+    b'{"index":0,"slots":[[0,"' + b"\\\\[" * (_LONG // 3) + b'"]]}',  # escaped backslashes and brackets
+], ids=["unterminated", "brackets", "escaped-quotes", "escaped-backslashes"])  # fmt: skip
+def test_a_long_string_costs_memory_of_the_order_of_its_bytes(body):
+    """Within the frame cap, any body is refused with memory of the order of its own size: the
+    pre-parse count once kept about 120 bytes of matching state per byte of one long string
+    (8 GB for a 63 MiB frame)."""
+    import tracemalloc
+
+    data = frame(BUCKET, body)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TransferError):
+            decode(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * len(body), (peak, len(body))
+
+
+def test_names_full_of_escapes_and_brackets_still_decode():
+    """Brackets, commas and escaped quotes and backslashes inside names are not values: a table
+    whose names hold more of them than any table holds outside strings still decodes, names intact."""
+    names = [f"{i}" + '\\"' * 3 + "[{," * 300 + "\\" * (i % 3) + '"' * (i % 2) for i in range(MAX_SLOTS_PER_BUCKET)]
+    rows = []
+    for i, name in enumerate(names):
+        row = list(GOOD_ROW)
+        row[0], row[1], row[6] = i, name, 64 * i
+        rows.append(row)
+    header = decode(jframe(BUCKET, {**GOOD_BUCKET, "slots": rows}))
+    assert [s.spec.name for s in header.slots] == names
+
+
 def test_a_table_of_the_largest_shapes_and_names_still_decodes():
     row = [0, "[" * MAX_NAME_CHARS, "float32", [1] * MAX_NDIM, 0, 4, 0]
     rows = [[i, f"{i}" + "{" * (MAX_NAME_CHARS - 8)] + row[2:] for i in range(MAX_SLOTS_PER_BUCKET)]

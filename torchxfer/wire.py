@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import re
 import struct
 from typing import Any
 
@@ -166,23 +165,40 @@ def _decode_slot(bucket: int, row: Any) -> Slot:
     return Slot(bucket, index, spec, start, length, offset)
 
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.?)*"?')
-"""A string literal, or what is left of one at the end of the body: a pattern that cannot fail to
-match once it starts, so a body of unbalanced quotes costs linear time, not quadratic."""
 _MAX_CONTAINERS = 2 + 2 * MAX_SLOTS_PER_BUCKET
 """Lists and objects in a table: the body, its slot list, and per slot its record and its shape."""
 _MAX_COMMAS = 8 + MAX_SLOTS_PER_BUCKET * (8 + MAX_NDIM)
 """Commas in a table: a slot record's 7 fields, its shape's sizes, the separator between records."""
+_MAX_STRINGS = 2 + 2 * MAX_SLOTS_PER_BUCKET
+"""Strings in a table: its two keys, and per slot its name and dtype."""
 
 
 def _check_skeleton(body: bytes) -> None:
-    """Refuse a table body with more lists, objects or values than any table holds before it is
-    parsed: within the frame cap, a body of tiny values (``[],[],...``) would cost the JSON parser
-    gigabytes and seconds. Strings are left out of the count (names may hold any character)."""
-    skeleton = _STRING.sub(b'""', body) if b'"' in body else body
-    if skeleton.count(b"[") + skeleton.count(b"{") > _MAX_CONTAINERS or skeleton.count(b",") > _MAX_COMMAS:
-        raise TransferError("header body holds more values than a table of "
-                            f"{MAX_SLOTS_PER_BUCKET} slots can")  # fmt: skip
+    """Refuse a table body with more strings, lists, objects or values than any table holds before
+    it is parsed: within the frame cap, a body of tiny values (``[],[],...``) would cost the JSON
+    parser gigabytes and seconds. Brackets and commas inside strings are not counted (names may
+    hold any character). Linear in the body, a few copies of it at most: only ``bytes`` methods,
+    no pattern whose matching keeps state per byte."""
+    too_many = TransferError(f"header body holds more values than a table of {MAX_SLOTS_PER_BUCKET} slots can")
+    containers = body.count(b"[") + body.count(b"{")
+    commas = body.count(b",")
+    if containers <= _MAX_CONTAINERS and commas <= _MAX_COMMAS and body.count(b'"') <= 2 * _MAX_STRINGS:
+        return  # strings can only add to these counts: the usual table stops here
+    if b"\\" in body:
+        # Every backslash begins an escape of the one byte after it, so in a run of them the pairs
+        # from its start are escaped backslashes, and a quote after an odd run is escaped: blank
+        # them, and every quote left opens or closes a string.
+        body = body.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+    if body.count(b'"') > 2 * _MAX_STRINGS:
+        raise too_many
+    end = 0
+    while (start := body.find(b'"', end)) >= 0:  # at most _MAX_STRINGS strings
+        end = body.find(b'"', start + 1)
+        end = len(body) if end < 0 else end + 1  # an unterminated string runs to the end
+        containers -= body.count(b"[", start, end) + body.count(b"{", start, end)
+        commas -= body.count(b",", start, end)
+    if containers > _MAX_CONTAINERS or commas > _MAX_COMMAS:
+        raise too_many
 
 
 def decode(frame: bytes) -> BucketHeader:
