@@ -653,3 +653,28 @@ def test_a_store_lost_mid_rendezvous_is_a_transfer_error(monkeypatch):
         group_mod.create_side_group(ADDR, port, 1, 2, backend="gloo", timeout_s=TIMEOUT)
     assert time.monotonic() - start < TIMEOUT
     del host
+
+
+@pytest.mark.parametrize("token", [None, "s3cret"], ids=["no_token", "token"])
+@pytest.mark.parametrize("text", ["m" * 9000, "\u00e9" * 3000, "\ud800" * 2000], ids=["ascii", "non_ascii", "surrogate"])
+def test_an_error_longer_than_a_store_record_reaches_every_rank_cut_short_and_signed(token, text):
+    """A rank's error longer than one store record (a timeout naming many missing keys in a
+    large world) is published cut short as valid JSON: another rank raises it, still vouched
+    for by the token, not labelled as a stranger's."""
+    store = dist.HashStore()
+    failing = rendezvous_mod.Rendezvous(store, 1, 3, 1.0, time.monotonic() + 1.0, token)
+    reader = rendezvous_mod.Rendezvous(store, 2, 3, 1.0, time.monotonic() + 1.0, token)
+    message = "timed out waiting for every rank: missing " + text
+    with pytest.raises(TransferError) as own:
+        failing.fail(message)
+    assert str(own.value) == message  # the failing rank raises it whole
+    record = store.get("error")
+    assert len(record) <= rendezvous_mod._MAX_VALUE_BYTES
+    with pytest.raises(TransferError) as other:
+        reader._raise_published()
+    published = json.loads(record)["message"]
+    assert published.endswith("...") and message.startswith(published[:-3]) and len(published) > 500
+    if token is None:
+        assert "unauthenticated" in str(other.value) and "timed out waiting for every rank: missing" in str(other.value)
+    else:
+        assert str(other.value) == published

@@ -246,11 +246,21 @@ class Rendezvous:
     # -- errors ----------------------------------------------------------------
 
     def fail(self, message: str) -> None:
-        """Publish ``message`` so every rank raises it, then raise it here."""
-        record = json.dumps({"rank": self.rank, "message": message,
-                             "mac": _mac(self.token, "error", self.nonce, self.rank, message)})  # fmt: skip
+        """Publish ``message`` so every rank raises it, then raise it here. A message too long
+        for one store record is published cut short (and signed as cut), never as cut JSON."""
+        def record_of(text: str) -> str:
+            return json.dumps({"rank": self.rank, "message": text,
+                               "mac": _mac(self.token, "error", self.nonce, self.rank, text)})  # fmt: skip
+
+        record = record_of(message)
+        if len(record) > _MAX_VALUE_BYTES:  # the longest head that fits (JSON escapes: 1 to 12 bytes a character)
+            low, high = 0, len(message)
+            while low < high:
+                mid = (low + high + 1) // 2
+                low, high = (mid, high) if len(record_of(message[:mid] + "...")) <= _MAX_VALUE_BYTES else (low, mid - 1)
+            record = record_of(message[:low] + "...")
         with contextlib.suppress(Exception):
-            self.store.compare_set("error", "", record[:_MAX_VALUE_BYTES])
+            self.store.compare_set("error", "", record)
         self._seen()
         raise TransferError(message)
 
