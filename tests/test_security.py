@@ -664,6 +664,7 @@ def test_an_error_longer_than_a_store_record_reaches_every_rank_cut_short_and_si
     store = dist.HashStore()
     failing = rendezvous_mod.Rendezvous(store, 1, 3, 1.0, time.monotonic() + 1.0, token)
     reader = rendezvous_mod.Rendezvous(store, 2, 3, 1.0, time.monotonic() + 1.0, token)
+    reader.trusted = True  # a worker the trainer has answered: it reads errors from the store
     message = "timed out waiting for every rank: missing " + text
     with pytest.raises(TransferError) as own:
         failing.fail(message)
@@ -678,3 +679,119 @@ def test_an_error_longer_than_a_store_record_reaches_every_rank_cut_short_and_si
         assert "unauthenticated" in str(other.value) and "timed out waiting for every rank: missing" in str(other.value)
     else:
         assert str(other.value) == published
+
+
+# -- a worker reads nothing of unbounded length before the trainer's proof ---------------------------
+
+
+@pytest.mark.parametrize("tokens", [("s3cret",) * 3, ("s3cret", "s3cret", "b4d-t0ken")], ids=["good", "one_bad_token"])
+def test_a_worker_with_a_token_reads_no_store_value_before_the_trainer_proved_itself(monkeypatch, tokens):
+    """torch's store client allocates whatever length the store's host claims for a value. A
+    worker with a token reads values (get, compare_set) only once the trainer's proof held;
+    before that, counters and checks only. Every rank still gets the failed authentication."""
+    rdvs: dict[str, Any] = {}
+    early: list = []
+    real_init = rendezvous_mod.Rendezvous.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        rdvs[threading.get_ident()] = self  # formation runs in an init thread of each rank
+
+    def watch(name: str):
+        real = getattr(rendezvous_mod.Store, name)
+
+        def call(self, key, *args):
+            rdv = rdvs.get(threading.get_ident())
+            if rdv is not None and rdv.rank != 0 and not rdv.trusted:
+                early.append((rdv.rank, name, key))
+            return real(self, key, *args)
+
+        return call
+
+    monkeypatch.setattr(rendezvous_mod.Rendezvous, "__init__", init)
+    for name in ("get", "compare_set"):
+        monkeypatch.setattr(rendezvous_mod.Store, name, watch(name))
+    port = free_port()
+
+    def body(rank: int) -> str | None:
+        try:
+            if rank == 0:
+                destroy_side_group(_trainer(port, 3, tokens[0]))
+            else:
+                _worker(rank, port, 3, tokens[rank]).shutdown()
+        except TransferError as e:
+            return str(e)
+        return None
+
+    errors = [o.value for o in run_threads(body, 3, deadline_s=60)]
+    assert early == []
+    assert sorted(rdv.rank for rdv in rdvs.values()) == [0, 1, 2]
+    assert all(rdv.trusted for rdv in rdvs.values() if tokens[rdv.rank] == tokens[0])
+    if len(set(tokens)) == 1:
+        assert errors == [None, None, None]
+    else:
+        assert all(e and "authentication failed" in e for e in errors), errors
+        assert "rank 2" in errors[1]  # the honest worker was answered first, and read the trainer's precise error
+
+
+def _fake_store_host() -> tuple[socket.socket, list]:
+    """A process posing as the trainer: it speaks torch's store protocol (2.13's request codes),
+    answers every counter with 0 and every check with "set" (but of an error), and answers a value's read with a
+    claimed length of 2**62 bytes (a client that believed it would try to allocate that much).
+    Returns its listening socket and the log of request codes it saw."""
+    def take(conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            more = conn.recv(n - len(data))
+            if not more:
+                raise EOFError
+            data += more
+        return data
+
+    def text(conn: socket.socket) -> bytes:
+        return take(conn, int.from_bytes(take(conn, 8), "little"))
+
+    def serve(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError, EOFError), conn:
+            while True:
+                code = take(conn, 1)[0]
+                log.append(code)
+                if code == 0:  # validate: a magic number, no answer
+                    take(conn, 4)
+                elif code == 13:  # ping: echo
+                    conn.sendall(take(conn, 4))
+                elif code == 1:  # set
+                    text(conn), text(conn)
+                elif code == 4:  # add
+                    text(conn), take(conn, 8)
+                    conn.sendall((0).to_bytes(8, "little"))
+                elif code == 5:  # check: every key is set but an error
+                    keys = [text(conn) for _ in range(int.from_bytes(take(conn, 8), "little"))]
+                    conn.sendall(b"\x01" if any(k.endswith(b"error") for k in keys) else b"\x00")
+                elif code in (2, 3, 9):  # compare_set, get, multi_get: a value of any length
+                    conn.sendall((1 << 62).to_bytes(8, "little"))
+                    return
+                else:
+                    return
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=serve, args=(server.accept()[0],), daemon=True).start()
+
+    log: list = []
+    server = socket.create_server((ADDR, 0))
+    threading.Thread(target=accept, daemon=True).start()
+    return server, log
+
+
+def test_a_process_posing_as_the_trainer_cannot_make_a_worker_with_a_token_read_a_value():
+    server, log = _fake_store_host()
+    try:
+        error, elapsed = _timed(lambda: _worker(1, server.getsockname()[1], 2, "s3cret", timeout=3.0))
+    finally:
+        server.close()
+    assert type(error) is TransferError and "authentication failed" in str(error), repr(error)
+    assert "the trainer did not prove it knows the token" in str(error)
+    assert elapsed < 3.0 + SLACK
+    assert 4 in log and not {2, 3, 9} & set(log), log  # counters read, no value
