@@ -908,9 +908,10 @@ def test_cuda_trainer_and_worker_in_one_process_is_a_clear_error_at_init():
         assert out.value is not None and "this very process" in out.value, out.value
 
 
-def _send_and_collect(updates: int, source, buffer_size: int) -> list[dict]:
+def _send_and_collect(updates: int, source, buffer_size: int, collect=None) -> list[dict]:
     """A trainer sends ``source(u)`` for each update to one worker (threads, CPU); the worker's
-    copies of what each update loaded."""
+    copies of what each update loaded (by ``collect(store)``, a load_weights filling ``store``;
+    default :func:`_collect`)."""
     port = free_port()
 
     def body(rank: int):
@@ -925,7 +926,7 @@ def _send_and_collect(updates: int, source, buffer_size: int) -> list[dict]:
         got = []
         for _ in range(updates):
             store: dict = {}
-            engine.receive_weights(None, _collect(store))
+            engine.receive_weights(None, (collect or _collect)(store))
             got.append(store)
         engine.shutdown()
         return got
@@ -1917,7 +1918,7 @@ def test_tensors_a_load_weights_changed_in_place_arrive_as_sent_next_update(monk
             return views
 
         monkeypatch.setattr(colocated_receiver.ColocatedReceiver, "direct", counted)
-    port, updates = free_port(), 4
+    updates = 4
     params = torch.nn.ParameterDict({
         **{f"big{i}": torch.nn.Parameter(torch.randn(32, 40 + 8 * i)) for i in range(4)},  # 5 KiB and more
         **{f"small{i}": torch.nn.Parameter(torch.randn(3, 5 + i)) for i in range(4)},
@@ -1926,35 +1927,23 @@ def test_tensors_a_load_weights_changed_in_place_arrive_as_sent_next_update(monk
         p.share_memory_()
     sent: list[dict] = []
 
-    def body(rank: int):
-        if rank == 0:
-            group = _trainer(port, 2)
-            for _ in range(updates):
-                with torch.no_grad():
-                    for p in params.values():
-                        p.mul_(1.5).add_(1.0)
-                sent.append({n: p.detach().clone() for n, p in params.items()})
-                IPCWeightTransferEngine.trainer_send_weights(params.named_parameters(), group,
-                                                             packed_buffer_size_bytes=BUF, packed_num_buffers=2)  # fmt: skip
-            destroy_side_group(group)
-            return None
-        engine = _worker(rank, port, 2)
-        got = []
-        for _ in range(updates):
-            store: dict = {}
+    def source(u: int):
+        with torch.no_grad():
+            for p in params.values():
+                p.mul_(1.5).add_(1.0)
+        sent.append({n: p.detach().clone() for n, p in params.items()})
+        return params.named_parameters()
 
-            def load(batch):
-                for name, t in batch:
-                    assert not t.requires_grad, name
-                    store[name] = t.clone()
-                    _mangle(name, t)
+    def mangling(store: dict):
+        def load(batch):
+            for name, t in batch:
+                assert not t.requires_grad, name
+                store[name] = t.clone()
+                _mangle(name, t)
 
-            engine.receive_weights(None, load)
-            got.append(store)
-        engine.shutdown()
-        return got
+        return load
 
-    got = run_threads(body, 2, deadline_s=60)[1].value
+    got = _send_and_collect(updates, source, BUF, mangling)
     assert sum(read_in_place) >= (8 if direct else 0), read_in_place  # updates 1-3 read big0..3 in place
     for u in range(updates):
         assert list(got[u]) == list(sent[u]), u

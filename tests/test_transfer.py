@@ -754,6 +754,23 @@ def _send_updates(port: int, world: int, updates: list[list[tuple[str, torch.Ten
         destroy_side_group(group)
 
 
+def _round_trips(pairs: Callable[[int], list], updates: int, receive: Callable[[Any, int], Any]) -> list:
+    """A trainer sends ``pairs(step)`` for each update to one worker, which calls
+    ``receive(engine, step)`` for each; the worker's results, by update."""
+    world = 2
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            return _send_updates(port, world, [pairs(step) for step in range(updates)])
+        engine = worker(rank, port, world)
+        try:
+            return [receive(engine, step) for step in range(updates)]
+        finally:
+            engine.shutdown()
+
+    return run_world(body, world)[1]
+
+
 def _mangle(name: str, t: torch.Tensor) -> None:
     """Change a tensor handed to load_weights in place, metadata and all (one way per name)."""
     if name == "w0":
@@ -776,39 +793,29 @@ def _mangle(name: str, t: torch.Tensor) -> None:
 def test_tensors_a_load_weights_changed_in_place_arrive_as_sent_next_update(mangle_every):
     """Receive views are made once per layout and handed out as the same objects: one that a
     load_weights changed in place (transposed, re-pointed, resized...) is not handed out again."""
-    world, updates = 2, 4
+    updates = 4
 
     def pairs(step: int) -> list[tuple[str, torch.Tensor]]:
         gen = torch.Generator().manual_seed(step)
         shapes = [(4, 3), (5, 5), (6,), (3, 7), (2, 4), (9,), (3, 3), (2, 2)]
         return [(f"w{i}", torch.randn(shape, generator=gen)) for i, shape in enumerate(shapes)]
 
-    def body(rank: int, port: int) -> Any:
-        if rank == 0:
-            return _send_updates(port, world, [pairs(step) for step in range(updates)])
-        engine = worker(rank, port, world)
-        got: list[list] = []
-        try:
-            for step in range(updates):
-                batch_got: list = []
+    def receive(engine: Any, step: int) -> list:
+        batch_got: list = []
 
-                def load(batch: list) -> None:
-                    for name, t in batch:
-                        batch_got.append((name, t.clone()))
-                        if mangle_every or step == 0:
-                            _mangle(name, t)
+        def load(batch: list) -> None:
+            for name, t in batch:
+                batch_got.append((name, t.clone()))
+                if mangle_every or step == 0:
+                    _mangle(name, t)
 
-                engine.receive_weights(None, load)
-                got.append(batch_got)
-        finally:
-            engine.shutdown()
-        return got
+        engine.receive_weights(None, load)
+        return batch_got
 
-    got = run_world(body, world)[1]
+    got = _round_trips(pairs, updates, receive)
     for step in range(updates):
         assert_same(got[step], pairs(step), f"step {step}")
         assert all(not t.requires_grad for _, t in got[step])
-
 
 
 def test_kept_views_check_only_after_a_consumer_not_vouched_for():
@@ -833,32 +840,24 @@ def test_kept_views_check_only_after_a_consumer_not_vouched_for():
 
 def test_module_loader_updates_stay_bit_exact_with_kept_views():
     """A ModuleLoader consumer skips the kept views' check; many updates still land bit for bit."""
-    world, updates = 2, 4
+    updates = 4
     shapes = [(4, 3), (5, 5), (6,), (3, 7)]
 
     def pairs(step: int) -> list[tuple[str, torch.Tensor]]:
         gen = torch.Generator().manual_seed(100 + step)
         return [(f"w{i}", torch.randn(shape, generator=gen)) for i, shape in enumerate(shapes)]
 
-    def body(rank: int, port: int) -> Any:
-        if rank == 0:
-            return _send_updates(port, world, [pairs(step) for step in range(updates)])
-        engine = worker(rank, port, world)
-        module = torch.nn.Module()
-        for i, shape in enumerate(shapes):
-            module.register_buffer(f"w{i}", torch.zeros(shape))
-        loader = ModuleLoader(module)
-        got = []
-        try:
-            for _ in range(updates):
-                with loader.update():
-                    engine.receive_weights(None, loader)
-                got.append([(k, v.clone()) for k, v in module.state_dict().items()])
-        finally:
-            engine.shutdown()
-        return got
+    module = torch.nn.Module()
+    for i, shape in enumerate(shapes):
+        module.register_buffer(f"w{i}", torch.zeros(shape))
+    loader = ModuleLoader(module)
 
-    got = run_world(body, world)[1]
+    def receive(engine: Any, step: int) -> list:
+        with loader.update():
+            engine.receive_weights(None, loader)
+        return [(k, v.clone()) for k, v in module.state_dict().items()]
+
+    got = _round_trips(pairs, updates, receive)
     for step in range(updates):
         assert_same(got[step], pairs(step), f"step {step}")
 
