@@ -795,3 +795,76 @@ def test_a_process_posing_as_the_trainer_cannot_make_a_worker_with_a_token_read_
     assert "the trainer did not prove it knows the token" in str(error)
     assert elapsed < 3.0 + SLACK
     assert 4 in log and not {2, 3, 9} & set(log), log  # counters read, no value
+
+
+def _formation_errors(port: int, setups: dict[int, tuple]) -> dict[int, str | None]:
+    """Rank r forms its side of a group as ``setups[r] = (world, token, timeout)`` (thread-ranks,
+    Gloo); each rank's TransferError message, or None."""
+    def body(rank: int) -> str | None:
+        world, token, timeout = setups[rank]
+        try:
+            if rank == 0:
+                destroy_side_group(_trainer(port, world, token, timeout=timeout))
+            else:
+                _worker(rank, port, world, token, timeout=timeout).shutdown()
+        except TransferError as e:
+            return str(e)
+        return None
+
+    return {o.rank: o.value for o in run_threads(body, len(setups), deadline_s=60)}
+
+
+def test_with_a_token_an_honest_worker_still_reads_another_workers_precise_error():
+    """Worker 2 is told another world size: worker 1, answered by the trainer before it
+    fails, reads the precise message instead of a generic one."""
+    errors = _formation_errors(free_port(), {0: (3, "s3cret", 3.0), 1: (3, "s3cret", 3.0), 2: (4, "s3cret", 3.0)})
+    for rank, message in errors.items():
+        assert message and "rank 2 was given world_size=4 but the trainer has world_size=3" in message, (rank, message)
+
+
+@pytest.mark.parametrize("token", [None, "s3cret"], ids=["no_token", "token"])
+def test_a_worker_that_times_out_first_names_the_rank_that_never_came(token):
+    """Rank 2 never comes; worker 1's deadline comes before the trainer's: it names the missing
+    rank (hello/2), not the trainer's answer it was waiting for."""
+    port = free_port()
+
+    def body(rank: int) -> str | None:
+        try:
+            if rank == 0:
+                destroy_side_group(_trainer(port, 3, token, timeout=4.0))
+            else:
+                _worker(1, port, 3, token, timeout=1.0).shutdown()
+        except TransferError as e:
+            return str(e)
+        return None
+
+    worker_error = run_threads(body, 2, deadline_s=30)[1].value
+    assert worker_error and "timed out after 1 s waiting for every rank to join" in worker_error
+    assert "hello/2" in worker_error and "auth/1" not in worker_error, worker_error
+
+
+def test_counters_of_the_trainer_changed_by_a_stranger_are_reported_as_tampering():
+    """A stranger adds to one of the trainer's record counters (its nonce) once the trainer set
+    them; the worker joins after that: the trainer reports tampering, and no rank forms a group."""
+    port = free_port()
+    bumped = threading.Event()
+
+    def body(rank: int) -> str | None:
+        try:
+            if rank == 0:
+                destroy_side_group(_trainer(port, 2, "s3cret", timeout=3.0))
+            elif rank == 1:
+                assert bumped.wait(10)
+                _worker(1, port, 2, "s3cret", timeout=3.0).shutdown()
+            else:  # the stranger
+                store = dist.PrefixStore(PREFIX, _client(port))
+                _wait_key(store, "trainer")  # rank 0 sets its counters before this record
+                store.add("trainer/nonce0", 1)
+                bumped.set()
+        except TransferError as e:
+            return str(e)
+        return None
+
+    errors = [o.value for o in run_threads(body, 3, deadline_s=60)]
+    assert errors[0] and "the side group was tampered with" in errors[0], errors[0]
+    assert errors[1] is not None

@@ -58,6 +58,9 @@ _TRAINER_WORDS = ("protocol", "wire", "world_size", "nonce0", "nonce1", "nonce2"
 """Rank 0's record as store counters, for workers with a token (see :func:`rendezvous`)."""
 _PROOF_WORDS = 8
 """An HMAC-SHA256 in hex as store counters: 8 hex digits a counter."""
+_ANSWER_GRACE_S = 1.0
+"""A worker with a token that sees an error before rank 0's answer waits this long (never past
+its deadline) for the answer: rank 0 answers every worker whose proof holds before it fails."""
 
 
 def _wire_word() -> int:
@@ -268,6 +271,8 @@ class Rendezvous:
         # (listening on its address first) could make a worker allocate gigabytes; counters,
         # checks and waits have replies of fixed size.
         self.trusted = rank == 0 or token is None
+        self.mine = ""  # a worker's own nonce, once its hello is written (its answer can then come)
+        self.words: list[int] = []  # rank 0: its record as counters (_TRAINER_WORDS)
 
     # -- errors ----------------------------------------------------------------
 
@@ -286,7 +291,7 @@ class Rendezvous:
                 low, high = (mid, high) if len(record_of(message[:mid] + "...")) <= _MAX_VALUE_BYTES else (low, mid - 1)
             record = record_of(message[:low] + "...")
         with contextlib.suppress(Exception):
-            if self.store.add("error_claims", 1) == 1:  # the first rank to fail publishes (a reply of fixed size)
+            if not self.store.check(["error"]):  # not compare_set: its reply is a value, of any length
                 self.store.set("error", record)
         self._seen()
         raise TransferError(message)
@@ -320,12 +325,25 @@ class Rendezvous:
         return self.store.add("claimants", 0)  # one key, whatever the world size: rank 0 polls it
 
     def _raise_published(self) -> None:
+        refused = False
+        if not self.trusted and self.mine:  # rank 0 answers or refuses every worker's hello before it fails
+            answer, no = f"auth/{self.rank}", f"refused/{self.rank}"
+            end = min(time.monotonic() + _ANSWER_GRACE_S, self.deadline)
+            while not self.store.check([answer]) and not self.store.check([no]) and time.monotonic() < end:
+                time.sleep(POLL_S[0])
+            if self.store.check([answer]):
+                self.verify_answer()
+            refused = not self.trusted and self.store.check([no])
         if not self.trusted:
             self._seen()
+            if refused:
+                raise TransferError(f"authentication failed between the trainer (rank 0) and rank {self.rank}: the "
+                                    "store says the trainer refused this rank's proof (a wrong or missing token on "
+                                    "either side)")  # fmt: skip
             raise TransferError(
-                f"authentication failed between the trainer (rank 0) and rank {self.rank}, or the side group failed "
-                "before the trainer proved to this rank that it knows the token: the store holds an error, which "
-                "this rank does not read from a host it has not authenticated; the trainer's error names the cause")
+                f"the side group failed before the trainer answered rank {self.rank}: the store holds an error, "
+                "which a rank with a token does not read before the trainer proved it knows the token (a process "
+                "posing as the trainer could make it allocate without bound); the trainer's error names the cause")
         raw = self.store.get("error")
         self._seen()
         record = self._parse(raw, "error")
@@ -341,16 +359,19 @@ class Rendezvous:
 
     # -- reading ---------------------------------------------------------------
 
-    def _poll(self, keys: list[str], what: str, give_up: bool = False) -> list[str]:
-        """Wait until every key of ``keys`` is set (raising an error another rank published);
-        at the deadline fail, or (``give_up``) return the keys still missing. Returns [] once all are set."""
+    def _poll(self, keys: list[str], what: str, give_up: bool = False, keys_first: bool = False) -> list[str]:
+        """Wait until every key of ``keys`` is set, raising an error another rank published
+        meanwhile (``keys_first``: unless the keys are set); at the deadline fail, or
+        (``give_up``) return the keys still missing. Returns [] once all are set."""
         delay = POLL_S[0]
         while True:
             try:
-                if self.store.check(keys):  # first: a worker answered just before rank 0 failed reads the error trusted
+                if keys_first and self.store.check(keys):
                     return []
                 if self.store.check(["error"]):
                     self._raise_published()
+                if self.store.check(keys):
+                    return []
             except TransferError:
                 raise
             except Exception as e:  # the store's host (rank 0) went away
@@ -359,11 +380,12 @@ class Rendezvous:
                 missing = [k for k in keys if not self.store.check([k])]
                 if give_up:
                     return missing
-                self.fail(self.timed_out(what, missing))
+                self.fail(self._timed_out(what, missing))
             time.sleep(delay)
             delay = min(delay * 2, POLL_S[1])
 
-    def timed_out(self, what: str, missing: list[str]) -> str:
+    def _timed_out(self, what: str, missing: list[str]) -> str:
+        """The message of a wait for ``what`` that ended at the deadline with ``missing`` keys unset."""
         return f"timed out after {self.timeout_s:g} s waiting for {what}: missing {missing}"
 
     def _parse(self, raw: bytes, key: str) -> dict | None:
@@ -423,7 +445,9 @@ class Rendezvous:
             problem = self.version_problem(trainer, "the trainer (rank 0)")
             problem = problem or self.world_size_problem(trainer.get("world_size"))
         else:
-            self._poll(["trainer"], "the trainer (rank 0)")  # rank 0 sets its counters before this record
+            # Rank 0 sets its counters before this record. Once it is there, an error goes unread
+            # until this rank's hello is written: rank 0 may then still answer this rank.
+            self._poll(["trainer"], "the trainer (rank 0)", keys_first=True)
             words = [self.store.add(f"trainer/{key}", 0) for key in _TRAINER_WORDS]
             protocol, signature, trainer_world = words[:3]
             nonce = _from_words(words[3:])
@@ -442,26 +466,56 @@ class Rendezvous:
             self.fail(problem)
 
     def check_answer(self, mine: str) -> None:
-        """A worker: rank 0's proof that it knows the token, over its nonce and this rank's. With
-        a token, read from store counters; once it holds, this rank reads values of any length."""
-        expected = _mac(self.token, "trainer", self.nonce, mine, self.rank, self.world_size)
+        """A worker, once its hello is written: wait for rank 0's proof that it knows the token,
+        over its nonce and ``mine``. At the deadline, the ranks that have not joined are named
+        (what keeps rank 0 from answering), else the answer."""
+        self.mine = mine
+        missing = self._poll([f"auth/{self.rank}"], "the trainer's proof", give_up=True)
+        if missing:
+            absent = [f"hello/{r}" for r in range(self.world_size) if not self.store.check([f"hello/{r}"])]
+            self.fail(self._timed_out("every rank to join", absent) if absent else
+                      self._timed_out("the trainer's proof", missing))  # fmt: skip
         if self.token is None:
-            got: object = self.read(f"auth/{self.rank}", "the trainer's proof").get("proof", "")
-        else:
-            self._poll([f"auth/{self.rank}"], "the trainer's proof")  # rank 0 sets the counters before this key
-            got = _from_words([self.store.add(f"auth/{self.rank}/{i}", 0) for i in range(_PROOF_WORDS)])
-        if got is None or not _same(expected, str(got)[:128]):
-            self.fail(f"authentication failed between the trainer (rank 0) and rank {self.rank}: the trainer did not "
-                      "prove it knows the token (wrong or missing token, or a process posing as the trainer)")
+            if not _same("", str(self.read(f"auth/{self.rank}", "the trainer's proof").get("proof", ""))[:128]):
+                self._refused()
+        elif not self.trusted:
+            self.verify_answer()
+
+    def verify_answer(self) -> None:
+        """A worker with a token whose answer key is set: read the answer from store counters (set
+        before that key) and check it; from then on this rank reads values of any length."""
+        got = _from_words([self.store.add(f"auth/{self.rank}/{i}", 0) for i in range(_PROOF_WORDS)])
+        expected = _mac(self.token, "trainer", self.nonce, self.mine, self.rank, self.world_size)
+        if got is None or not _same(expected, got):
+            self._refused()
         self.trusted = True
+
+    def _refused(self) -> None:
+        self.fail(f"authentication failed between the trainer (rank 0) and rank {self.rank}: the trainer did not "
+                  "prove it knows the token (wrong or missing token, or a process posing as the trainer)")
 
     # -- the workers' hellos, as rank 0 reads and answers them ---------------------------
 
     def answer_workers(self, mine: str) -> dict[int, dict]:
-        """Rank 0: read every rank's hello and answer each worker whose proof holds (counters,
-        then a key that says they are set), before reporting any failure, so that those
-        workers can read it. Returns the hellos by rank."""
-        missing = self._poll([f"hello/{r}" for r in range(self.world_size)], "every rank to join", give_up=True)
+        """Rank 0: wait for every rank's hello (until all came, another rank published an error,
+        or the deadline), answer each worker whose proof holds (counters, then the key
+        ``auth/<rank>`` that says they are set), and only then report any failure, so that
+        those workers read it. Returns the hellos by rank."""
+        keys = [f"hello/{r}" for r in range(self.world_size)]
+        delay, grace_end = POLL_S[0], None
+        while not self.store.check(keys) and time.monotonic() < self.deadline:
+            if self.store.check(["error"]):
+                # Another rank failed: wait a little for the hellos of workers that claimed a rank.
+                grace_end = grace_end or min(time.monotonic() + _ANSWER_GRACE_S / 2, self.deadline)
+                arrived = sum(self.store.check([k]) for k in keys[1:])
+                if arrived >= self._claimants() or time.monotonic() >= grace_end:
+                    break
+            time.sleep(delay)
+            delay = min(delay * 2, POLL_S[1])
+        missing = [k for k in keys if not self.store.check([k])]
+        if [self.store.add(f"trainer/{key}", 0) for key in _TRAINER_WORDS] != self.words:
+            self.fail("the side group was tampered with: another process changed the trainer's record counters "
+                      "in the store, so no rank's proof can be checked")  # fmt: skip
         peers: dict[int, dict] = {}
         problems: list[str] = []
         for r in range(self.world_size):
@@ -489,17 +543,26 @@ class Rendezvous:
                     problem = f"authentication failed between the trainer (rank 0) and {who}: wrong or missing token"
             if problem is not None:
                 problems.append(problem)
+                self.store.set(f"refused/{r}", "1")  # the worker reports a failed authentication, not its cause
                 continue
             proof = _mac(self.token, "trainer", mine, info.get("nonce"), r, self.world_size)
             if self.token is not None:
                 for i, word in enumerate(_to_words(proof)):
-                    self.store.add(f"auth/{r}/{i}", word)
-            self.write(f"auth/{r}", {"proof": proof})
+                    self.add_word(f"auth/{r}/{i}", word)
+            self.write(f"auth/{r}", {"proof": proof})  # with a token, the key that says the counters are set
+        if self.store.check(["error"]):
+            self._raise_published()
         if problems:
             self.fail(problems[0])
         if missing:
-            self.fail(self.timed_out("every rank to join", missing))
+            self.fail(self._timed_out("every rank to join", missing))
         return peers
+
+    def add_word(self, key: str, word: int) -> None:
+        """Rank 0: publish ``word`` as the counter ``key``, which must not exist yet."""
+        if self.store.add(key, word) != word:
+            self.fail(f"the side group was tampered with: another process wrote the store's counter {key!r} "
+                      "before the trainer")  # fmt: skip
 
 
 def rendezvous(
@@ -525,8 +588,9 @@ def rendezvous(
     mine = secrets.token_hex(16)
     if rank == 0:
         rdv.nonce = mine
-        for key, word in zip(_TRAINER_WORDS, [wire.PROTOCOL_VERSION, _wire_word(), world_size, *_to_words(mine)]):
-            store.add(f"trainer/{key}", word)
+        rdv.words = [wire.PROTOCOL_VERSION, _wire_word(), world_size, *_to_words(mine)]
+        for key, word in zip(_TRAINER_WORDS, rdv.words):
+            rdv.add_word(f"trainer/{key}", word)
         rdv.write("trainer", {"nonce": mine, "world_size": world_size,
                               "protocol": wire.PROTOCOL_VERSION, "wire": wire.WIRE_SIGNATURE})  # fmt: skip
     rdv.claim()
