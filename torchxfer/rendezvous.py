@@ -535,7 +535,7 @@ class Rendezvous:
             problem = self.version_problem(info, who)
             if problem is None and not _same(_mac(self.token, "hello", mine, info.get("nonce"), r, self.world_size),
                                              str(info.get("proof", ""))[:128]):  # fmt: skip
-                trainer = self.read("trainer", "the trainer's own record")
+                trainer = self._parse(self.store.get("trainer"), "trainer") or {}  # its own record: set, never polled
                 if trainer.get("nonce") != mine:
                     problem = ("the side group was tampered with: another process rewrote the trainer's nonce "
                                "in the store, so no rank's proof can be checked")  # fmt: skip
