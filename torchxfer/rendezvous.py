@@ -63,9 +63,8 @@ _ANSWER_GRACE_S = 1.0
 its deadline) for the answer: rank 0 answers every worker whose proof holds before it fails."""
 
 
-def _wire_word() -> int:
-    """The wire signature as one counter."""
-    return int(hashlib.sha256(wire.WIRE_SIGNATURE.encode()).hexdigest()[:8], 16)
+_WIRE_WORD = int(hashlib.sha256(wire.WIRE_SIGNATURE.encode()).hexdigest()[:8], 16)
+"""The wire signature as one counter."""
 
 
 def _to_words(hex_text: str) -> list[int]:
@@ -456,12 +455,10 @@ class Rendezvous:
                 problem = (f"authentication failed between the trainer (rank 0) and rank {self.rank}: the trainer did "
                            "not prove it knows the token (its store holds no record of this protocol: a torchxfer "
                            "older than this rank's, or a process posing as the trainer)")  # fmt: skip
-            elif protocol != wire.PROTOCOL_VERSION or signature != _wire_word():
-                problem = (f"wire protocol mismatch: the trainer (rank 0) speaks protocol {protocol} (wire word "
-                           f"{signature:#x}), rank {self.rank} speaks protocol {wire.PROTOCOL_VERSION} (wire "
-                           f"{wire.WIRE_SIGNATURE}, word {_wire_word():#x}); install the same torchxfer on both sides")
             else:
-                problem = self.world_size_problem(trainer_world)
+                signature = wire.WIRE_SIGNATURE if signature == _WIRE_WORD else f"word {signature:#x}"
+                problem = self.version_problem({"protocol": protocol, "wire": signature}, "the trainer (rank 0)")
+                problem = problem or self.world_size_problem(trainer_world)
         if problem:
             self.fail(problem)
 
@@ -588,7 +585,7 @@ def rendezvous(
     mine = secrets.token_hex(16)
     if rank == 0:
         rdv.nonce = mine
-        rdv.words = [wire.PROTOCOL_VERSION, _wire_word(), world_size, *_to_words(mine)]
+        rdv.words = [wire.PROTOCOL_VERSION, _WIRE_WORD, world_size, *_to_words(mine)]
         for key, word in zip(_TRAINER_WORDS, rdv.words):
             rdv.add_word(f"trainer/{key}", word)
         rdv.write("trainer", {"nonce": mine, "world_size": world_size,
