@@ -303,3 +303,110 @@ def test_an_atomic_worker_that_cannot_stage_the_update_fails_it_for_every_rank(m
     (loads, version, broken), got, after = run_world(body, 2)[1]
     assert loads == [] and version is None and not broken, (loads, version, broken)
     assert same(got, final) and after == 1, (got, after)
+
+
+# -- an update of no tensor at all ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["packed", "unpacked", "colocated"])
+def test_an_empty_update_is_checked_against_update_info(mode):
+    """A trainer whose source yields nothing sends an update of no bucket at all (its count
+    is not known ahead: a generator). A worker whose update_info lists tensors fails it, on
+    every rank, as TransferError (not broken: the group stays usable) with nothing loaded and
+    its version unchanged; a worker without update_info, or with one listing no tensor,
+    accepts it and takes its version; the next update on the same group arrives whole."""
+    colocated = mode == "colocated"
+    names = [n for n, _ in W]
+    info = NCCLWeightTransferUpdateInfo(names=names, dtype_names=["float32"] * 3, shapes=[[4]] * 3,
+                                        packed=mode == "packed")  # fmt: skip
+    nothing = NCCLWeightTransferUpdateInfo(names=[], dtype_names=[], shapes=[], packed=mode == "packed")
+
+    def empty() -> Any:
+        yield from ()
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            pg = _ipc_trainer(port, 2) if colocated else trainer(port, 2)
+            send = (IPCWeightTransferEngine if colocated else NCCLWeightTransferEngine).trainer_send_weights
+            kw = {} if colocated else {"packed": mode == "packed"}
+            try:
+                with pytest.raises(TransferError, match="trainer sent 0 tensors, update_info lists 3") as err:
+                    send(empty(), pg, version=5, **kw)
+                assert not err.value.broken
+                send(empty(), pg, version=6, **kw)
+                send(empty(), pg, version=7, **kw)
+                send(iter(W), pg, version=8, **kw)
+            finally:
+                destroy_side_group(pg)
+            return None
+        engine = _ipc_worker(rank, port, 2) if colocated else worker(rank, port, 2)
+        try:
+            load = Collector()
+            before = engine.weights_version
+            with pytest.raises(TransferError, match="trainer sent 0 tensors, update_info lists 3") as err:
+                engine.receive_weights(info, load)
+            failed = (list(load.got), engine.weights_version == before, err.value.broken)
+            engine.receive_weights(None, load)
+            versions = [engine.weights_version]
+            engine.receive_weights(nothing, load)
+            versions.append(engine.weights_version)
+            empty_loads = list(load.got)
+            engine.receive_weights(info, load)
+            versions.append(engine.weights_version)
+            return failed, versions, empty_loads, load.got
+        finally:
+            engine.shutdown()
+
+    failed, versions, empty_loads, got = run_world(body, 2)[1]
+    assert failed == ([], True, False)
+    assert versions == [6, 7, 8] and empty_loads == []
+    assert same(got, W)
+
+
+def test_an_assembly_that_cannot_be_allocated_after_the_agreement_is_a_transfer_error(monkeypatch):
+    """A split tensor's head that shares its bucket with another split tensor's tail arrives in
+    the buffer and is copied into the assembly tensor after that bucket's load: memory the
+    worker's probe found free may be gone by then (simulated). The worker raises
+    TransferError (broken), not the allocator's RuntimeError; the trainer a TransferError."""
+    import threading
+
+    loading = threading.local()
+    real_assembly, real_after_load = ReceiverState.assembly_for, receiver_mod.Receiver.after_load
+
+    def failing(self: ReceiverState, nbytes: int, device: torch.device) -> None:
+        if getattr(loading, "on", False):
+            raise RuntimeError("out of memory (simulated)")
+        real_assembly(self, nbytes, device)
+
+    def after_load(self: Any) -> None:
+        loading.on = True
+        try:
+            real_after_load(self)
+        finally:
+            loading.on = False
+
+    monkeypatch.setattr(receiver_mod.ReceiverState, "assembly_for", failing)
+    monkeypatch.setattr(receiver_mod.Receiver, "after_load", after_load)
+    # Two tensors of 160 bytes in 96-byte buffers: w0 splits 96 + 64, w1's head shares w0's tail's bucket.
+    weights = [("w0", torch.arange(40, dtype=torch.float32)), ("w1", torch.arange(40, dtype=torch.float32) + 1)]
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            pg = trainer(port, 2)
+            try:
+                with pytest.raises(TransferError):
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(weights), pg, packed=True,
+                                                                  packed_buffer_size_bytes=96)  # fmt: skip
+            finally:
+                destroy_side_group(pg)
+            return None
+        engine = worker(rank, port, 2)
+        try:
+            with pytest.raises(TransferError) as err:
+                engine.receive_weights(None, Collector())
+            return str(err.value), err.value.broken
+        finally:
+            engine.shutdown()
+
+    message, broken = run_world(body, 2)[1]
+    assert broken and "cannot allocate memory to load bucket" in message and "simulated" in message, message

@@ -59,7 +59,7 @@ def jframe(kind: int, obj: object) -> bytes:
 def test_constants():
     assert PREFIX_BYTES == 12 == PREFIX.size
     assert MAGIC == b"TXFR"
-    assert PROTOCOL_VERSION == 10
+    assert PROTOCOL_VERSION == 11
     assert MAX_FRAME_BYTES == 64 << 20
     assert ROW_WORDS == 10
     assert ROW_MAGIC == int.from_bytes(b"TXFR", "little") << 16 | PROTOCOL_VERSION

@@ -385,8 +385,8 @@ class Receiver(WorkerSide):
                     rows = rows[:1] + later[1:]
             if self.speculated is not None and row.kind in (Kind.TABLE, Kind.END):
                 self.drop_speculated()
-            if row.kind == Kind.END:
-                return self.end(row, rows, last)
+            if row.kind == Kind.END:  # with no bucket at all, the update's checks still run (an END step's SYNC)
+                return self.end(row, rows, last and bucket > 0)
             self.arg(row, 0, "bucket", bucket, bucket)
             if row.kind == Kind.ABORT:
                 self.drain()
@@ -552,9 +552,15 @@ class Receiver(WorkerSide):
         except (RuntimeError, MemoryError) as e:
             # What ``reserve`` probed before the agreement was taken since (by another process on
             # the device, say): this rank cannot post the bucket's receives.
-            raise self.broken(f"rank {self.group.rank()} cannot allocate bucket {plan.index} of {self.what} on "
-                              f"{self.device}: {type(e).__name__}: {str(e)[:200]}") from None  # fmt: skip
+            raise self.cannot_allocate(plan, "post", e) from None
         return _Posted(plan, works, dests, None)
+
+    def cannot_allocate(self, plan: BucketPlan, step: str, e: BaseException) -> TransferError:
+        """An allocation failed after the agreement (``reserve`` probes each bucket's own needs
+        only, and memory can be taken since): the group is broken, as for a failed receive,
+        since this rank cannot post or load what the trainer's rows say."""
+        return self.broken(f"rank {self.group.rank()} cannot allocate memory to {step} bucket {plan.index} of "
+                           f"{self.what} on {self.device}: {type(e).__name__}: {str(e)[:200]}")  # fmt: skip
 
     def split_direct(self, plan: BucketPlan) -> set[int]:
         """Positions of the bucket's slots of split tensors that are received straight into
@@ -641,9 +647,12 @@ class Receiver(WorkerSide):
         buf = self.state.buffers[plan.index % self.num_buffers] if self.buffer_size is not None else None
         if posted.expected_checksum is not None:
             total = 0
-            for i, (start, end, pos) in enumerate(plan.runs):
-                part = control.checksum(posted.dests[pos] if pos in posted.dests else buf[start:end])
-                total = (total + part * (i + 1)) % (1 << 61)
+            try:
+                for i, (start, end, pos) in enumerate(plan.runs):
+                    part = control.checksum(posted.dests[pos] if pos in posted.dests else buf[start:end])
+                    total = (total + part * (i + 1)) % (1 << 61)
+            except (RuntimeError, MemoryError) as e:  # its scratch memory
+                raise self.cannot_allocate(plan, "check", e) from None
             if total != posted.expected_checksum:
                 names = ", ".join(repr(s.spec.name) for s in plan.slots)
                 self.fail(f"checksum mismatch in bucket {plan.index} on rank {self.group.rank()} (tensors {names})")
@@ -657,7 +666,10 @@ class Receiver(WorkerSide):
             self.stage(tensors, f"in bucket {plan.index}")
         elif tensors:
             self.call_load(tensors, f"in bucket {plan.index}")
-        self.after_load()
+        try:
+            self.after_load()
+        except (RuntimeError, MemoryError) as e:  # the assembly of a split tensor, sized after the agreement
+            raise self.cannot_allocate(plan, "load", e) from None
 
     def tensors(self, plan: BucketPlan, buf: torch.Tensor | None, dests: dict) -> list[tuple[str, torch.Tensor]]:
         """The bucket's complete tensors, in order: views into the buffer (made once per layout

@@ -281,7 +281,8 @@ class Sender(SendSide, Outbox):
         except Exception as e:  # a fault of this rank's own: tell the workers, then raise it
             self.abort(f"the trainer failed during {self.what}: {type(e).__name__}: {e}")
             raise
-        self.end(self.last_announced or not self.layout.buckets)  # no bucket at all: nothing to announce
+        # With no bucket at all no row announced the end: the workers check the (empty) update in a SYNC step.
+        self.end(self.last_announced)
         seconds = time.perf_counter() - start
         log.debug("sent %s: %d tensors, %d bytes in %.4f s (%.2f GB/s)%s", self.what, self.num_tensors,
                   self.layout.num_bytes, seconds, self.layout.num_bytes / max(seconds, 1e-9) / 1e9,

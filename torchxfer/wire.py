@@ -64,12 +64,13 @@ __all__ = [
     "frame_length",
 ]
 
-PROTOCOL_VERSION = 10  # 4: workers post the confirmed layout's bucket 0 before BEGIN; 5: END on the payload group;
+PROTOCOL_VERSION = 11  # 4: workers post the confirmed layout's bucket 0 before BEGIN; 5: END on the payload group;
 # 6: colocated direct reads (a BUCKET row may carry a map, a worker's row says whether one failed);
 # 7: unpacked layouts' buckets are posted ahead like packed ones (plan.first_bucket, plan.next_bucket);
 # 8: on NCCL every tensor from 8 MiB travels alone, a bucket's broadcasts go in NCCL groups (payload_groups);
 # 9: workers post their rows two steps ahead in a cached layout, the trainer matches them (Sender.after_row)
 # 10: the opt-in checksum sums 16-bit halves (control.checksum); a table may not repeat a name of its update
+# 11: an update of no bucket at all ends with a SYNC step (workers check it is whole, as after any unannounced end)
 MAGIC = b"TXFR"
 _PREFIX = struct.Struct("<4sHBBI")
 PREFIX_BYTES = _PREFIX.size
