@@ -69,7 +69,7 @@ def _instrument() -> None:
     loading._sliced = _timed(loading._sliced, "  ModuleLoader sliced copy")
     control.Step.__init__ = _timed(control.Step.__init__, "control step posted")
     control.Step.rows = _timed(control.Step.rows, "control step waited")
-    control.all_gather_row = _timed(control.all_gather_row, "  all_gather call")
+    group.SideGroup.gather_row = _timed(group.SideGroup.gather_row, "  all_gather call")
     group.SideGroup.wait = _timed(group.SideGroup.wait, "  SideGroup.wait")
     group.SideGroup.broadcast_group = _timed(group.SideGroup.broadcast_group, "  broadcast_group call")
     bench._sync = _timed(bench._sync, "bench sync (all_reduce + device sync)")

@@ -2079,7 +2079,7 @@ def test_payload_groups_as_on_nccl_carried_over_gloo_bit_exact(monkeypatch, pack
     posted: dict[int, list[list[int]]] = {}
     lock = threading.Lock()
 
-    def fake(pg: Any, tensors: Any) -> _AllOf:
+    def fake(pg: Any, tensors: Any, opts: Any) -> _AllOf:
         with lock:
             posted.setdefault(pg.rank(), []).append([t.numel() for t in tensors])
         return _AllOf([torch.distributed.broadcast(t, group=pg, group_src=0, async_op=True) for t in tensors])

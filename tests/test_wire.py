@@ -247,7 +247,7 @@ def test_wrong_magic(magic):
         decode(data)
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 256, 65535])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 256, 65535])
 def test_wrong_protocol_version(version):
     data = frame(BUCKET, json.dumps(GOOD_BUCKET).encode(), version=version)
     with pytest.raises(TransferError, match="version") as info:

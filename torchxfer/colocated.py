@@ -47,7 +47,6 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .config import env_flag
 from .control import ControlChannel, encode_message
@@ -115,9 +114,6 @@ def colocated_device(group: SideGroup) -> torch.device:
     return device
 
 
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
 def gather_blobs(group: SideGroup, blob: bytes, length: int, what: str) -> list[bytes]:
     """Every rank's ``length``-byte blob (rank 0 sends zeros); all ranks call this together, bounded."""
     mine = torch.zeros(length, dtype=torch.uint8)
@@ -125,7 +121,7 @@ def gather_blobs(group: SideGroup, blob: bytes, length: int, what: str) -> list[
         mine[: len(blob)] = torch.tensor(list(blob[:length]), dtype=torch.uint8)
     out = torch.empty(group.size() * length, dtype=torch.uint8)
     try:
-        work = _all_gather(out, mine, group=group.control, async_op=True)
+        work = group.gather_row(group.control, out, mine)
     except Exception as e:
         group.mark_broken(f"{what}: {e}")
         raise TransferError(f"{what} failed on rank {group.rank()}: {e}", broken=True) from e

@@ -14,10 +14,9 @@ import ctypes
 import struct
 
 import torch
-import torch.distributed as dist
 
 from .errors import TransferError
-from .group import SideGroup, all_gather_row
+from .group import SideGroup
 from .wire import MAX_FRAME_BYTES, ROW_WORDS, Kind, Row, parse_row
 
 __all__ = ["ControlChannel", "Step", "checksum", "MESSAGE_BYTES", "encode_message", "owned"]
@@ -73,7 +72,7 @@ class Step:
             row = torch.tensor(words, dtype=torch.int64)
             self._out = torch.empty(group.size() * ROW_WORDS, dtype=torch.int64)
         try:
-            self._work = all_gather_row(group.pg if payload else group.control, self._out, row)
+            self._work = group.gather_row(group.pg if payload else group.control, self._out, row)
         except Exception as e:
             group.mark_broken(f"{what}: {e}")
             raise TransferError(f"{what} failed on rank {group.rank()}: {e}", broken=True) from e
@@ -132,7 +131,7 @@ class ControlChannel:
     def _broadcast(self, tensor: torch.Tensor, what: str, src: int = 0) -> None:
         group = self.group
         try:
-            work = dist.broadcast(tensor, group=group.control, group_src=src, async_op=True)
+            work = group.control_broadcast(tensor, src)
         except Exception as e:
             group.mark_broken(f"{what}: {e}")
             raise TransferError(f"{what} failed on rank {group.rank()}: {e}", broken=True) from e

@@ -172,7 +172,8 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
             side = side_group(group)
             side.check_usable()
             try:
-                with gc_paused():  # thousands of views handed to load_weights: no collection meanwhile
+                # gc: thousands of views handed to load_weights, no collection meanwhile
+                with side.breaks_on_interrupt(), gc_paused():
                     return type(self)._receiver(side, info, load_weights, self.device, atomic=atomic,
                                                 progress=progress).run()  # fmt: skip
             except TransferError as e:

@@ -41,7 +41,6 @@ listener), and no store call can be interrupted.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import os
 import socket
@@ -140,6 +139,11 @@ class SideGroup:
         self._waiting = 0
         self._lock = threading.Lock()
         self._updating = threading.RLock()
+        # Every collective of this package on the group carries the group's own timeout: Gloo's
+        # backend takes the rest of the init window as its default when it connects (so a thread
+        # abandoned at the init deadline ends then), which would cut later waits short.
+        self._roots: dict[int, dist.BroadcastOptions] = {}
+        self._gather = _async(dist.distributed_c10d.AllgatherOptions(), timeout_s)
 
     @property
     def pg(self) -> dist.ProcessGroup:
@@ -181,10 +185,27 @@ class SideGroup:
         try:
             if check:
                 self.check_usable()
-            yield
+            with self.breaks_on_interrupt():
+                yield
         finally:
             if held:
                 self._updating.release()
+
+    @contextlib.contextmanager
+    def breaks_on_interrupt(self) -> Iterator[None]:
+        """Mark the group broken when a ``BaseException`` that is not an ``Exception``
+        (``KeyboardInterrupt``, a signal handler's ``SystemExit``) leaves an update of this
+        rank: the update stopped between two collectives and its peers cannot follow it
+        (they meet a silent peer, bounded by ``timeout_s``). Nothing is waited for: the
+        interrupt goes on at once, and closing the group no longer waits for what it left
+        posted (``close``). Local."""
+        try:
+            yield
+        except Exception:
+            raise
+        except BaseException as e:
+            self.mark_broken(f"rank {self.rank()} was interrupted during an update ({type(e).__name__})")
+            raise
 
     @property
     def broken(self) -> str | None:
@@ -236,9 +257,33 @@ class SideGroup:
         current stream issued before this call. Otherwise one work per tensor. Raises what
         torch raises for a collective that cannot be posted (the caller breaks the group).
         """
+        opts = self.root_options(0)
         if len(tensors) > 1 and self.coalesces:
-            return [_coalesced_broadcasts(self.pg, tensors)]
-        return [_broadcast(self.pg, t) for t in tensors]
+            return [_coalesced_broadcasts(self.pg, tensors, opts)]
+        return [_broadcast(self.pg, t, opts) for t in tensors]
+
+    def root_options(self, src: int) -> dist.BroadcastOptions:
+        """Options of a broadcast from group rank ``src`` on this group: asynchronous, and
+        bounded by the group's ``timeout_s`` (made once per root)."""
+        opts = self._roots.get(src)
+        if opts is None:
+            opts = _async(dist.BroadcastOptions(), self.timeout_s)
+            opts.rootRank, opts.rootTensor = src, 0
+            self._roots[src] = opts
+        return opts
+
+    def control_broadcast(self, tensor: torch.Tensor, src: int) -> Any:
+        """Post ``dist.broadcast(tensor, group=self.control, group_src=src, async_op=True)``
+        with the group's timeout; returns the work. Never blocks."""
+        return self.control.broadcast([tensor], self.root_options(src))
+
+    def gather_row(self, pg: dist.ProcessGroup, out: torch.Tensor, row: torch.Tensor) -> Any:
+        """Post an all-gather of ``row`` into ``out`` (one slice per rank) on this group's
+        payload or control group, with the group's timeout; returns the work. Never blocks.
+        ``all_gather_single`` from torch 2.13 on, ``_allgather_base`` before: the
+        ProcessGroup's own method, without the wrapper's checks (see ``control.Step``)."""
+        call = getattr(pg, "all_gather_single", None) or pg._allgather_base
+        return call(out, row, self._gather)
 
     @staticmethod
     def all_gather_within(pg: dist.ProcessGroup, outs: list[torch.Tensor], mine: torch.Tensor,
@@ -247,11 +292,7 @@ class SideGroup:
         group, given its own timeout: the backend's was fixed when it was built. A collective that a
         stopped peer leaves pending ends then, so the group's teardown does not block whichever
         thread drops it. Returns the work. (Private: ``AllgatherOptions``, torch 2.6-2.13.)"""
-        opts = dist.distributed_c10d.AllgatherOptions()
-        opts.timeout = datetime.timedelta(seconds=timeout_s)
-        if hasattr(opts, "asyncOp"):
-            opts.asyncOp = True
-        return pg.allgather([outs], [mine], opts)
+        return pg.allgather([outs], [mine], _async(dist.distributed_c10d.AllgatherOptions(), timeout_s))
 
     # -- waiting ---------------------------------------------------------------
 
@@ -443,7 +484,8 @@ def _env(**values: str) -> Iterator[None]:
 
 
 def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, timeout_s: float) -> Any:
-    """Make a Gloo or NCCL backend from the store and install it as ``pg``'s."""
+    """Make a Gloo or NCCL backend from the store and install it as ``pg``'s; ``timeout_s`` bounds
+    Gloo's connection and is each backend's default per operation (see ``SideGroup.root_options``)."""
     rank, world, timeout = pg.rank(), pg.size(), wait_timeout(timeout_s)
     types = dist.ProcessGroup.BackendType
     if backend_name == "gloo":
@@ -515,7 +557,11 @@ def _form(address: str, port: int, rank: int, world_size: int, backend: str, dat
             phase[0] = f"connecting the {name} group ({kind})"
             try:
                 sub = dist.PrefixStore(f"{_PREFIX}{name}/", store)
-                group._backends.append(_build_backend(which, kind, sub, rdv.left(deadline)))
+                # Gloo connects every pair in its constructor, bounded by the rest of the init window
+                # (then also its default per operation: the group's collectives pass their own). NCCL
+                # connects at its first collective: its default is the group's timeout.
+                limit = rdv.left(deadline) if kind == "gloo" else timeout_s
+                group._backends.append(_build_backend(which, kind, sub, limit))
             except Exception as e:
                 raise TransferError(f"rank {rank}: the {name} group ({kind}) could not connect: {e}") from None
         return pg, group, nonce  # the caller must hold pg: the SideGroup refers to it weakly
@@ -618,38 +664,28 @@ def create_side_group(
     return pg
 
 
-_ROOT_0 = dist.BroadcastOptions()
-_ROOT_0.rootRank, _ROOT_0.rootTensor = 0, 0
-if hasattr(_ROOT_0, "asyncOp"):  # torch 2.7+; earlier NCCL broadcasts are always asynchronous
-    _ROOT_0.asyncOp = True
+def _async(opts: Any, timeout_s: float) -> Any:
+    """Collective options (``BroadcastOptions``, ``AllgatherOptions``) that post without blocking
+    (``asyncOp``: torch 2.7+; earlier NCCL collectives are always asynchronous) and give up after
+    ``timeout_s``: Gloo honours an operation's own timeout over its backend's default."""
+    opts.timeout = wait_timeout(timeout_s)
+    if hasattr(opts, "asyncOp"):
+        opts.asyncOp = True
+    return opts
 
 
-def _broadcast(pg: dist.ProcessGroup, tensor: torch.Tensor) -> Any:
+def _broadcast(pg: dist.ProcessGroup, tensor: torch.Tensor, opts: dist.BroadcastOptions) -> Any:
     """``dist.broadcast(tensor, group=pg, group_src=0, async_op=True)`` for a payload tensor, which
     is always bytes (uint8: buffers, byte views, scratch; nothing for the wrapper to convert):
-    the ProcessGroup's own method with options made once. The wrapper's checks, logging
-    decorator and device-capability query cost tens of microseconds per call, as much as the
-    call itself, and a bucket makes one call per tensor sent alone."""
+    the ProcessGroup's own method with options made once per group (``SideGroup.root_options``).
+    The wrapper's checks, logging decorator and device-capability query cost tens of
+    microseconds per call, as much as the call itself, and a bucket makes one call per tensor
+    sent alone."""
     assert tensor.dtype == torch.uint8, tensor.dtype
-    return pg.broadcast([tensor], _ROOT_0)
+    return pg.broadcast([tensor], opts)
 
 
-_GATHER_ASYNC = dist.distributed_c10d.AllgatherOptions()
-if hasattr(_GATHER_ASYNC, "asyncOp"):
-    _GATHER_ASYNC.asyncOp = True
-
-
-def all_gather_row(pg: dist.ProcessGroup, out: torch.Tensor, row: torch.Tensor) -> Any:
-    """``dist.all_gather_single(out, row, group=pg, async_op=True)`` for a control row (int64,
-    never complex): the ProcessGroup's own method (``all_gather_single`` from torch 2.13 on,
-    ``_allgather_base`` before), with options made once. Every rank posts one per step, on the
-    trainer's critical path, and the wrapper's checks and decorators cost about as much as
-    the call. Returns the work; raises what torch raises for a collective it cannot post."""
-    call = getattr(pg, "all_gather_single", None) or pg._allgather_base
-    return call(out, row, _GATHER_ASYNC)
-
-
-def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> Any:
+def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor], opts: dist.BroadcastOptions) -> Any:
     """Broadcasts of ``tensors`` from group rank 0 as one NCCL group call; returns its one work.
 
     Private API: ``ProcessGroup._start_coalescing`` / ``_end_coalescing`` (torch 2.6-2.13), what
@@ -663,7 +699,7 @@ def _coalesced_broadcasts(pg: dist.ProcessGroup, tensors: Sequence[torch.Tensor]
     pg._start_coalescing(device)
     try:
         for tensor in tensors:
-            _broadcast(pg, tensor)
+            _broadcast(pg, tensor, opts)
     finally:
         work = pg._end_coalescing(device)
     if work is None:

@@ -281,7 +281,7 @@ class Receiver(WorkerSide):
             rows = self.control.post(self.row(), "update (begin)").rows()
             self.begin(rows)
             self.follow()
-        except BaseException:
+        except Exception:
             self.drain()
             raise
         seconds = time.perf_counter() - start

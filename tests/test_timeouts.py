@@ -1,0 +1,182 @@
+"""Every wait after the group formed has the whole ``timeout_s``; an interrupt leaves at once.
+
+Ranks are threads of this process (``tests.harness.run_world``, deadline ``DEADLINE``). The delays
+here are the scenario (a peer that joins late, a server that takes its update late), never a
+synchronization: the threads synchronize on events, and an interrupt is delivered to a rank's
+thread (``PyThreadState_SetAsyncExc``) once it is known to wait.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from tests.harness import gloo_trainer, gloo_worker, run_world
+from tests.test_hostile import Collector, same
+from torchxfer import NCCLWeightTransferEngine, TransferError, destroy_side_group, side_group
+from torchxfer.group import SideGroup
+
+DEADLINE = 60.0
+W = [(f"w{i}", torch.arange(64, dtype=torch.float32) * (i + 1)) for i in range(3)]
+
+
+# -- a group formed late in its init window -----------------------------------------------------
+
+
+@pytest.mark.parametrize("late", ["worker", "trainer"])
+def test_a_group_formed_late_in_the_init_window_keeps_the_whole_timeout_for_its_updates(late):
+    """A server loads its model before it joins: the group forms near the end of the other
+    side's init window. The first update then starts a while later (the other side is busy),
+    within ``timeout_s`` but after what was left of that window: it arrives whole on both
+    ranks (each collective carries the group's timeout, not what init had left)."""
+    timeout, join_late_s, update_late_s = 4.0, 2.0, 3.0
+
+    def body(rank: int, port: int) -> Any:
+        if (rank == 0) == (late == "trainer"):
+            time.sleep(join_late_s)  # this side joins late
+        if rank == 0:
+            pg = gloo_trainer(port, 2, timeout=timeout)
+            try:
+                if late == "worker":  # the side that joined early waits longest in its collectives
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(W), pg, packed=True)
+                else:
+                    time.sleep(update_late_s)  # the trainer's step takes a while
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(W), pg, packed=True)
+            finally:
+                destroy_side_group(pg)
+            return None
+        engine = gloo_worker(rank, port, 2, timeout=timeout, dp=True)
+        try:
+            load = Collector()
+            if late == "worker":
+                time.sleep(update_late_s)  # the server finishes a batch before it takes the update
+            engine.receive_weights(None, load)
+            return load.got
+        finally:
+            engine.shutdown()
+
+    assert same(run_world(body, 2, deadline_s=DEADLINE)[1], W)
+
+
+# -- interrupts -------------------------------------------------------------------------------
+
+
+def _interrupt(thread_id: int, exc: type[BaseException]) -> None:
+    """Raise ``exc`` in the thread ``thread_id`` at its next bytecode (its waits run in slices)."""
+    done = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc))
+    assert done == 1, done
+
+
+class _Waiting:
+    """Sets ``event`` when the thread named ``thread_id`` enters ``SideGroup.wait`` for ``what``."""
+
+    def __init__(self, monkeypatch: Any, what: str) -> None:
+        self.what, self.thread_id, self.event = what, None, threading.Event()
+        real = SideGroup.wait
+
+        def wait(group: SideGroup, work: Any, what: str, **kwargs: Any) -> None:
+            if threading.get_ident() == self.thread_id and self.what in what:
+                self.event.set()
+            return real(group, work, what, **kwargs)
+
+        monkeypatch.setattr(SideGroup, "wait", wait)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+def test_an_interrupted_receive_leaves_at_once_and_shutdown_does_not_wait(monkeypatch, exc):
+    """A server's SIGTERM handler raises SystemExit (or Ctrl-C a KeyboardInterrupt) while its
+    worker waits for an update, in the steady state (the layout's bucket 0 already posted):
+    ``receive_weights`` lets it go on at once, without draining the posted receives; the group
+    is broken; ``shutdown()`` returns at once; the trainer raises TransferError within its
+    timeout."""
+    timeout = 4.0
+    waiting = _Waiting(monkeypatch, "update (begin)")
+    interrupted = threading.Event()
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            pg = gloo_trainer(port, 2, timeout=timeout)
+            try:
+                NCCLWeightTransferEngine.trainer_send_weights(iter(W), pg, packed=True)
+                assert interrupted.wait(DEADLINE / 2)
+                start = time.monotonic()
+                with pytest.raises(TransferError):
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(W), pg, packed=True)
+                return time.monotonic() - start
+            finally:
+                destroy_side_group(pg)
+        engine = gloo_worker(rank, port, 2, timeout=timeout, dp=True)
+        try:
+            engine.receive_weights(None, Collector())
+            waiting.thread_id = threading.get_ident()
+            me = waiting.thread_id
+            threading.Thread(target=lambda: waiting.event.wait(DEADLINE / 2) and _interrupt(me, exc)).start()
+            start = time.monotonic()
+            with pytest.raises(exc):
+                engine.receive_weights(None, Collector())
+            left = time.monotonic() - start
+            broken = side_group(engine.model_update_group).broken
+            start = time.monotonic()
+            engine.shutdown()
+            shutdown = time.monotonic() - start
+            interrupted.set()
+            return left, broken, shutdown
+        finally:
+            interrupted.set()
+            engine.shutdown()
+
+    trainer_s, (left, broken, shutdown) = run_world(body, 2, deadline_s=DEADLINE)
+    assert left < timeout / 2 and shutdown < timeout / 4, (left, shutdown)
+    assert broken is not None and f"interrupted during an update ({exc.__name__})" in broken
+    assert trainer_s < timeout + 2.0
+
+
+def test_an_interrupted_send_leaves_at_once_and_the_group_is_released_at_once(monkeypatch):
+    """The trainer is interrupted while it waits for a worker that does not take the update:
+    ``trainer_send_weights`` lets the interrupt go on at once, the group is broken, and
+    ``destroy_side_group`` returns at once; the worker's next receive raises TransferError
+    within its timeout."""
+    timeout = 4.0
+    waiting = _Waiting(monkeypatch, "update")
+    interrupted = threading.Event()
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            pg = gloo_trainer(port, 2, timeout=timeout)
+            try:
+                NCCLWeightTransferEngine.trainer_send_weights(iter(W), pg, packed=True)
+                waiting.thread_id = threading.get_ident()
+                me = waiting.thread_id
+                threading.Thread(target=lambda: waiting.event.wait(DEADLINE / 2) and _interrupt(me, KeyboardInterrupt)
+                                 ).start()  # fmt: skip
+                start = time.monotonic()
+                with pytest.raises(KeyboardInterrupt):
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(W), pg, packed=True)
+                left = time.monotonic() - start
+                broken = side_group(pg).broken
+                start = time.monotonic()
+                destroy_side_group(pg)
+                return left, broken, time.monotonic() - start
+            finally:
+                interrupted.set()
+                destroy_side_group(pg)
+        engine = gloo_worker(rank, port, 2, timeout=timeout, dp=True)
+        try:
+            engine.receive_weights(None, Collector())
+            assert interrupted.wait(DEADLINE / 2)
+            start = time.monotonic()
+            with pytest.raises(TransferError):
+                engine.receive_weights(None, Collector())
+            return time.monotonic() - start
+        finally:
+            engine.shutdown()
+
+    (left, broken, released), worker_s = run_world(body, 2, deadline_s=DEADLINE)
+    assert left < timeout / 2 and released < timeout / 4, (left, released)
+    assert broken is not None and "interrupted during an update (KeyboardInterrupt)" in broken
+    assert worker_s < timeout + 2.0
