@@ -222,6 +222,15 @@ def test_weight_transfer_config_bad_device(bad):
         WeightTransferConfig(backend="gloo", device=bad)
 
 
+@pytest.mark.parametrize("bad", ["cuda:256", "cuda:128", "cuda:4096", 300])
+@pytest.mark.parametrize("backend", ["gloo", "nccl", "ipc"])
+def test_a_device_index_torch_would_wrap_is_a_value_error(bad, backend):
+    """torch keeps a device index in one signed byte: "cuda:256" reads as cuda:0, so a worker
+    would have taken another GPU than the one it was given, silently."""
+    with pytest.raises(ValueError, match=rf"device {bad!r} has an index torch cannot hold"):
+        WeightTransferConfig(backend=backend, device=bad)
+
+
 @pytest.mark.parametrize("backend", ["gloo", "ipc"])
 @pytest.mark.parametrize("device", ["meta", torch.device("meta"), "mps"])
 def test_weight_transfer_config_device_neither_cuda_nor_cpu(backend, device):
@@ -366,6 +375,11 @@ _GOOD_GROUP = dict(address="127.0.0.1", port=0, rank=0, world_size=2, backend="g
     ("token", 5, "token must be a non-empty string or None"),
     ("token", "", "token must be a non-empty string or None"),
     ("token", "\ud800", "token holds a character UTF-8 cannot encode"),
+    ("device", "garbage", "device 'garbage' is not a device"),
+    ("device", 12345, "device 12345 has an index torch cannot hold"),
+    ("device", "meta", "backend 'gloo' moves CPU or CUDA tensors, got device meta"),
+    ("device", "cuda:4096", "device 'cuda:4096' has an index torch cannot hold"),
+    ("device", "cuda:99", "device cuda:99 is not a CUDA device this process sees"),
 ])  # fmt: skip
 def test_create_side_group_bad_arguments_raise_value_error(field, bad, pattern):
     """Every argument is checked before any socket: a ValueError naming the value, never a

@@ -180,3 +180,68 @@ def test_an_interrupted_send_leaves_at_once_and_the_group_is_released_at_once(mo
     assert left < timeout / 2 and released < timeout / 4, (left, released)
     assert broken is not None and "interrupted during an update (KeyboardInterrupt)" in broken
     assert worker_s < timeout + 2.0
+
+
+# -- shutdown during init ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine_kind", ["broadcast", "colocated"])
+def test_shutdown_during_init_stops_it_and_the_engine_can_join_later(monkeypatch, engine_kind):
+    """A server's shutdown() from another thread while ``init_transfer_engine`` waits for a
+    trainer that has not come: the init raises TransferError(broken) within a second, the
+    engine stays uninitialized (it does not take the group once the trainer comes), and the
+    same engine then joins a trainer and receives an update."""
+    import torchxfer.engine as engine_mod
+    import torchxfer.ipc_engine as ipc_mod
+    from tests.test_hostile2 import _ipc_trainer
+    from torchxfer import (IPCWeightTransferEngine, IPCWeightTransferInitInfo, NCCLWeightTransferInitInfo,
+                           ParallelConfig, WeightTransferConfig, create_engine)  # fmt: skip
+
+    timeout = 6.0
+    colocated = engine_kind == "colocated"
+    forming = threading.Event()
+    mod = ipc_mod if colocated else engine_mod
+    real = mod.form_side_group
+
+    def form(*args: Any, **kwargs: Any) -> Any:
+        forming.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "form_side_group", form)
+    cancelled = threading.Event()
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            assert cancelled.wait(DEADLINE / 2)  # the trainer comes after the worker gave up its first init
+            pg = _ipc_trainer(port, 2) if colocated else gloo_trainer(port, 2, timeout=timeout)
+            try:
+                send = (IPCWeightTransferEngine if colocated else NCCLWeightTransferEngine).trainer_send_weights
+                send(iter(W), pg, **({} if colocated else {"packed": True}))
+            finally:
+                destroy_side_group(pg)
+            return None
+        config = WeightTransferConfig(backend="ipc", timeout_s=timeout, device="cpu") if colocated else \
+            WeightTransferConfig(backend="gloo", timeout_s=timeout)  # fmt: skip
+        engine = create_engine(config, ParallelConfig())
+        info = (IPCWeightTransferInitInfo if colocated else NCCLWeightTransferInitInfo)("127.0.0.1", port, 1, 2)
+        try:
+            stopper = threading.Thread(target=lambda: forming.wait(DEADLINE / 2) and engine.shutdown())
+            stopper.start()
+            start = time.monotonic()
+            with pytest.raises(TransferError, match="shutdown") as err:
+                engine.init_transfer_engine(info)
+            stopped = (time.monotonic() - start, err.value.broken, engine.model_update_group)
+            stopper.join()
+        finally:
+            cancelled.set()
+        try:
+            engine.init_transfer_engine(info)
+            load = Collector()
+            engine.receive_weights(None, load)
+            return stopped, load.got
+        finally:
+            engine.shutdown()
+
+    (seconds, broken, group), got = run_world(body, 2, deadline_s=DEADLINE)[1]
+    assert seconds < 1.0 and broken and group is None, (seconds, broken, group)
+    assert same(got, W)

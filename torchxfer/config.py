@@ -116,6 +116,22 @@ def wait_timeout(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=max(float(seconds), 1e-3))
 
 
+def parse_device(owner: str, value: Any) -> torch.device:
+    """``value`` as a torch.device, or a ValueError naming it. An index torch would store
+    wrapped ("cuda:256" is parsed as cuda:0: an index is one signed byte) is refused too."""
+    given = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        given = value
+    elif isinstance(value, str) and ":" in value and value.rsplit(":", 1)[1].strip().isdigit():
+        given = int(value.rsplit(":", 1)[1])
+    if given is not None and not 0 <= given < 128:
+        raise ValueError(f"{owner}: device {value!r:.80} has an index torch cannot hold (at most 127)")
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{owner}: device {value!r:.80} is not a device: {e}") from None
+
+
 def resolved_device(device: Any) -> torch.device:
     """``device`` as a torch.device, a CUDA device without an index made the current one
     ("cuda" -> "cuda:N"), so that tensors' devices compare equal to it."""
@@ -207,10 +223,7 @@ class WeightTransferConfig:
             raise ValueError(f"WeightTransferConfig.backend must be one of {ENGINE_BACKENDS}, got {self.backend!r}")
         self.timeout_s = check_timeout("WeightTransferConfig", self.timeout_s)
         if self.device is not None:
-            try:
-                self.device = torch.device(self.device)
-            except (RuntimeError, TypeError) as e:
-                raise ValueError(f"WeightTransferConfig.device {self.device!r} is not a device: {e}") from None
+            self.device = parse_device("WeightTransferConfig.device", self.device)
             if self.backend == "nccl" and self.device.type != "cuda":
                 raise ValueError(f"backend 'nccl' needs a CUDA device, got device {self.device}")
             if self.device.type not in ("cpu", "cuda"):  # what a side group's backends and shared buffers serve

@@ -47,7 +47,7 @@ from .errors import TransferError
 import torch.distributed as dist
 
 from .colocated import is_colocated
-from .group import create_side_group, destroy_side_group, side_group
+from .group import create_side_group, destroy_side_group, form_side_group, side_group
 from .receiver import LoadWeights, ReceiveProgress, Receiver
 from .pulling import gc_paused
 from .sender import Sender
@@ -116,6 +116,8 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
         super().__init__(config, parallel_config)
         self.model_update_group: dist.ProcessGroup | None = None
         self._lock = threading.Lock()
+        self._joining = threading.Lock()  # held for moments: an init installing its group, shutdown taking it
+        self._cancel = threading.Event()  # the running (or last) init's: set by shutdown()
         self._weights_version: int | None = None
         self._torn = False
 
@@ -136,8 +138,9 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
         return self._torn
 
     @abc.abstractmethod
-    def _join(self, info: Any, rank: int) -> dist.ProcessGroup:
-        """Form the group as ``rank`` (called under the lock); bounded by ``config.timeout_s``."""
+    def _join(self, info: Any, rank: int, cancel: threading.Event) -> dist.ProcessGroup:
+        """Form the group as ``rank`` (called under the lock); bounded by ``config.timeout_s``,
+        and stopped with TransferError once ``cancel`` is set."""
 
     def init_transfer_engine(self, init_info: Any) -> None:
         info = self.parse_init_info(init_info)
@@ -153,7 +156,16 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
                     f"{pc.rank} + rank_offset {info.rank_offset}) is outside the side group's world_size "
                     f"{info.world_size}"
                 )
-            self.model_update_group = self._join(info, rank)
+            with self._joining:
+                cancel = self._cancel = threading.Event()
+            group = self._join(info, rank, cancel)
+            with self._joining:
+                if not cancel.is_set():
+                    self.model_update_group = group
+                    return
+            destroy_side_group(group)  # shutdown() came as the group formed: it must not outlive that call
+            raise TransferError("shutdown() was called while init_transfer_engine formed the side group; "
+                                "the engine is not initialized", broken=True)  # fmt: skip
 
     def receive_weights(self, update_info: Any, load_weights: LoadWeights, *, atomic: bool = False) -> TransferStats:
         group = self.model_update_group
@@ -187,8 +199,14 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
                     self._torn = True
 
     def shutdown(self) -> None:
-        """Leave the group and free what it holds. Local, idempotent, never blocks on peers."""
-        group, self.model_update_group = self.model_update_group, None
+        """Leave the group and free what it holds. Local, idempotent, never blocks on peers.
+
+        Called from another thread while :meth:`init_transfer_engine` forms the group, it
+        stops that call (TransferError within 50 ms, or as soon as the group it was
+        forming is closed again) and leaves the engine uninitialized."""
+        with self._joining:
+            self._cancel.set()
+            group, self.model_update_group = self.model_update_group, None
         if group is not None:
             destroy_side_group(group)
 
@@ -238,10 +256,10 @@ class NCCLWeightTransferEngine(_WorkerEngine[NCCLWeightTransferInitInfo, NCCLWei
         """
         super().init_transfer_engine(init_info)
 
-    def _join(self, info: NCCLWeightTransferInitInfo, rank: int) -> dist.ProcessGroup:
-        return create_side_group(
-            info.master_address, info.master_port, rank, info.world_size,
-            backend=self.config.backend, device=self.device, timeout_s=self.config.timeout_s, token=info.token,
+    def _join(self, info: NCCLWeightTransferInitInfo, rank: int, cancel: threading.Event) -> dist.ProcessGroup:
+        return form_side_group(
+            info.master_address, info.master_port, rank, info.world_size, backend=self.config.backend,
+            device=self.device, timeout_s=self.config.timeout_s, token=info.token, cancel=cancel,
         )  # fmt: skip
 
     def receive_weights(

@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 from . import rendezvous as rdv
-from .config import MAX_WORLD_SIZE, check_address, check_timeout, check_token, wait_timeout
+from .config import MAX_WORLD_SIZE, check_address, check_timeout, check_token, parse_device, wait_timeout
 from .errors import TransferError
 
 __all__ = ["SideGroup", "create_side_group", "side_group", "destroy_side_group", "local_shard"]
@@ -527,13 +527,21 @@ def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, 
 
 def _form(address: str, port: int, rank: int, world_size: int, backend: str, data_device: torch.device | None,
           timeout_s: float, deadline: float, token: str | None, phase: list[str],
-          ) -> tuple[dist.ProcessGroup, SideGroup, str]:  # fmt: skip
-    """Store, rendezvous and backends; runs in the bounded init thread."""
+          cancel: threading.Event | None = None) -> tuple[dist.ProcessGroup, SideGroup, str]:  # fmt: skip
+    """Store, rendezvous and backends; runs in the bounded init thread. Once ``cancel`` is set
+    (the caller stopped waiting), it goes no further than the phase under way: in particular a
+    worker whose store connection completes after that never claims its rank."""
+
+    def next_phase(what: str) -> None:
+        if cancel is not None and cancel.is_set():
+            raise TransferError(f"rank {rank}: stopped before {what}: shutdown() was called", broken=True)
+        phase[0] = what
+
     phase[0] = f"connecting to the trainer's store at {address}:{port}" if rank else f"starting the store on {address}:{port}"
     store, real_port = rdv.make_store(address, port, rank, deadline)
     group = None
     try:
-        phase[0] = "the rendezvous through the trainer's store"
+        next_phase("the rendezvous through the trainer's store")
         uuid = gpu_uuid(data_device) if data_device is not None else None
         try:
             nonce = rdv.rendezvous(dist.PrefixStore(_PREFIX, store), rank, world_size, timeout_s, deadline, token, uuid)
@@ -554,7 +562,7 @@ def _form(address: str, port: int, rank: int, world_size: int, backend: str, dat
         if token is not None:  # what the backends write and read now carries the token's HMAC
             store.authenticate(token, nonce)
         for name, which, kind in (("payload", pg, backend), ("control", control, "gloo")):
-            phase[0] = f"connecting the {name} group ({kind})"
+            next_phase(f"connecting the {name} group ({kind})")
             try:
                 sub = dist.PrefixStore(f"{_PREFIX}{name}/", store)
                 # Gloo connects every pair in its constructor, bounded by the rest of the init window
@@ -596,14 +604,25 @@ def create_side_group(
         ValueError: an empty address, a world_size under 1, a rank outside
             ``[0, world_size)``, a port outside ``[0, 65535]`` (0: rank 0 only), a
             timeout_s that is not a positive number up to ``MAX_TIMEOUT_S``, a token
-            that is not None or a non-empty string, an unknown backend, or a
-            non-CUDA device for NCCL; raised before any socket is opened.
+            that is not None or a non-empty string, an unknown backend, a
+            non-CUDA device for NCCL, or a ``device`` that is not a CPU or visible
+            CUDA device; raised before any socket is opened.
         TransferError: port in use, store unreachable or silent, a rank claimed
             twice, world sizes or wire protocols that disagree, a failed token
             check (in the store or over the connections: "tampered with"), two
             NCCL ranks on one GPU, a missing rank, or a backend that cannot
             connect.
     """
+    return form_side_group(address, port, rank, world_size, backend=backend, device=device, timeout_s=timeout_s,
+                           token=token)  # fmt: skip
+
+
+def form_side_group(address: str, port: int, rank: int, world_size: int, *, backend: str,
+                    device: torch.device | None = None, timeout_s: float, token: str | None = None,
+                    cancel: threading.Event | None = None) -> dist.ProcessGroup:  # fmt: skip
+    """:func:`create_side_group`, which an engine's ``shutdown()`` can stop: once ``cancel``
+    is set, the wait for the group to form ends within 50 ms with TransferError (the forming
+    thread is left to finish or fail on its own, and a group it forms then is closed)."""
     start = time.monotonic()
     check_address("create_side_group", address, "address")
     if not _is_int(world_size) or not 1 <= world_size <= MAX_WORLD_SIZE:
@@ -621,10 +640,8 @@ def create_side_group(
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise ValueError("backend 'nccl' needs CUDA, which is not available here; use backend='gloo'")
-        try:
-            device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"create_side_group: device {device!r:.80} is not a device: {e}") from None
+        device = torch.device("cuda", torch.cuda.current_device()) if device is None else \
+            parse_device("create_side_group", device)  # fmt: skip
         if device.type != "cuda":
             raise ValueError(f"backend 'nccl' needs a CUDA device, got {device}")
         if device.index is None:
@@ -634,6 +651,13 @@ def create_side_group(
                              "CUDA devices this process sees")  # fmt: skip
         data_device = device
     else:
+        if device is not None:  # Gloo moves the tensors where they are: the device is only checked
+            checked = parse_device("create_side_group", device)
+            if checked.type not in ("cpu", "cuda"):
+                raise ValueError(f"backend 'gloo' moves CPU or CUDA tensors, got device {checked}")
+            if checked.type == "cuda" and not (torch.cuda.is_available() and (
+                    checked.index is None or 0 <= checked.index < torch.cuda.device_count())):  # fmt: skip
+                raise ValueError(f"create_side_group: device {checked} is not a CUDA device this process sees")
         data_device = None
 
     phase = ["starting"]
@@ -646,8 +670,8 @@ def create_side_group(
                 f"something that does not answer holds {address}:{port}")  # fmt: skip
 
     pg, group, nonce = rdv.bounded(
-        lambda: _form(address, port, rank, world_size, backend, data_device, timeout_s, deadline, token, phase),
-        deadline + _GRACE_S, late, too_long,
+        lambda: _form(address, port, rank, world_size, backend, data_device, timeout_s, deadline, token, phase, cancel),
+        deadline + _GRACE_S, late, too_long, cancel,
     )  # fmt: skip
     try:
         rdv.bind(group, token, nonce, deadline + _GRACE_S)

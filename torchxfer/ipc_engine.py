@@ -17,6 +17,7 @@ only control rows travel between the processes (see :mod:`torchxfer.colocated`).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -39,12 +40,13 @@ from .config import (
     check_source,
     check_timeout,
     check_visible,
+    parse_device,
     parse_info,
     source_length,
     resolved_device,
 )
 from .engine import _WorkerEngine
-from .group import create_side_group, destroy_side_group, side_group
+from .group import destroy_side_group, form_side_group, side_group
 from .receiver import LoadWeights
 
 __all__ = ["IPCWeightTransferEngine"]
@@ -53,10 +55,11 @@ def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _form(info: IPCWeightTransferInitInfo, rank: int, device: torch.device, timeout_s: float) -> dist.ProcessGroup:
+def _form(info: IPCWeightTransferInitInfo, rank: int, device: torch.device, timeout_s: float,
+          cancel: threading.Event | None = None) -> dist.ProcessGroup:  # fmt: skip
     """The side group (Gloo: it carries control rows only), then the colocated handshake."""
-    pg = create_side_group(info.master_address, info.master_port, rank, info.world_size, backend="gloo",
-                           timeout_s=timeout_s, token=info.token)  # fmt: skip
+    pg = form_side_group(info.master_address, info.master_port, rank, info.world_size, backend="gloo",
+                         timeout_s=timeout_s, token=info.token, cancel=cancel)  # fmt: skip
     try:
         (trainer_handshake if rank == 0 else worker_handshake)(side_group(pg), device)
     except BaseException:
@@ -105,8 +108,8 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
         """
         super().init_transfer_engine(init_info)
 
-    def _join(self, info: IPCWeightTransferInitInfo, rank: int) -> dist.ProcessGroup:
-        return _form(info, rank, self.device, self.config.timeout_s)
+    def _join(self, info: IPCWeightTransferInitInfo, rank: int, cancel: threading.Event) -> dist.ProcessGroup:
+        return _form(info, rank, self.device, self.config.timeout_s, cancel)
 
     def receive_weights(
         self,
@@ -161,10 +164,7 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
             init_info = {"rank_offset": 1, **init_info}
         info = parse_info(IPCWeightTransferInitInfo, init_info, "init info")
         timeout = check_timeout("trainer_init", DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
-        try:
-            dev = _default_device() if device is None else torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"trainer_init device {device!r} is not a device: {e}") from None
+        dev = _default_device() if device is None else parse_device("trainer_init", device)
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"trainer_init device must be a CUDA device or the CPU, got {dev}")
         if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():

@@ -640,11 +640,15 @@ def _abandon(thread: threading.Thread) -> None:
     _ABANDONED[:] = [t for t in _ABANDONED if t.is_alive()] + [thread]
 
 
+_CANCEL_POLL_S = 0.05
+
+
 def bounded(fn: Callable[[], Any], deadline: float, on_late: Callable[[Any], None],
-             what: Callable[[], str]) -> Any:  # fmt: skip
+            what: Callable[[], str], cancel: threading.Event | None = None) -> Any:  # fmt: skip
     """Run ``fn`` in a daemon thread; return its result or raise its error, or
-    raise TransferError if it is still running at ``deadline``. A result that
-    arrives after that is handed to ``on_late`` (to release it)."""
+    raise TransferError if it is still running at ``deadline`` or once ``cancel``
+    is set (noticed within 50 ms). A result that arrives after that is handed to
+    ``on_late`` (to release it)."""
     box: dict[str, Any] = {}
     lock = threading.Lock()
     done = threading.Event()
@@ -667,11 +671,15 @@ def bounded(fn: Callable[[], Any], deadline: float, on_late: Callable[[Any], Non
 
     thread = threading.Thread(target=body, daemon=True, name="torchxfer-init")
     thread.start()
-    done.wait(max(0.0, deadline - time.monotonic()))
+    while not done.wait(max(0.0, min(_CANCEL_POLL_S, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline or (cancel is not None and cancel.is_set()):
+            break
     with lock:
         if "error" not in box and "value" not in box:
             box["abandoned"] = True
             _abandon(thread)
+            if cancel is not None and cancel.is_set() and time.monotonic() < deadline:
+                raise TransferError("the side group was not formed: shutdown() was called while it formed", broken=True)
             raise TransferError(what())
     if "error" in box:
         error = box.pop("error")
