@@ -475,14 +475,14 @@ def test_trainer_killed_mid_update_worker_survives_rejoins_and_logs_no_cpp_trace
 # -- a worker dies mid-update --------------------------------------------------------------------------
 
 
-def _worker_dies(rank: int, port: int, world_port: int, backend: str, barrier: Any) -> Any:
+def _worker_dies(rank: int, port: int, world_port: int, backend: str, barrier: Any, checksum: bool = False) -> Any:
     # ranks 0, 1: the trainer world (its default group; rank 0 also holds the side
     # group) on cuda:0, cuda:1; rank 2: the worker on cuda:1, killed in load_weights.
     from torchxfer import NCCLWeightTransferEngine, TransferError, destroy_side_group
 
     torch.cuda.set_device(1 if rank == 2 else rank)
     barrier.wait(BARRIER_S)
-    mode = dict(packed=True, packed_buffer_size_bytes=4096)
+    mode = dict(packed=True, packed_buffer_size_bytes=4096, checksum=checksum)
     if rank in (0, 1):
         device = torch.device("cuda", rank)
         dist.init_process_group(backend, init_method=f"tcp://{ADDR}:{world_port}", rank=rank, world_size=2,
@@ -517,10 +517,14 @@ def _worker_dies(rank: int, port: int, world_port: int, backend: str, barrier: A
     return "not killed"
 
 
-@pytest.mark.parametrize("backend", ["gloo", "nccl"])
-def test_worker_killed_mid_update_trainer_raises_and_default_group_lives(backend):
+@pytest.mark.parametrize("backend, checksum", [("gloo", False), ("nccl", False), ("gloo", True)])
+def test_worker_killed_mid_update_trainer_raises_and_default_group_lives(backend, checksum):
+    """``backend`` is the trainer's default group's. With the checksum on, the trainer reads
+    each bucket's checksum on the CPU from its current stream, which waits for the buffer's
+    earlier broadcasts: those are polled first, so the dead worker is a TransferError within
+    the timeout there too, not a synchronization that never returns."""
     ctx = mp.get_context("spawn")
-    outcomes = run_processes(_worker_dies, 3, free_port(), free_port(), backend, ctx.Barrier(3),
+    outcomes = run_processes(_worker_dies, 3, free_port(), free_port(), backend, ctx.Barrier(3), checksum,
                              deadline_s=DEADLINE_S, expect_ok=False)  # fmt: skip
     assert outcomes[2].error is not None, outcomes[2]  # the killed worker
     for out in outcomes[:2]:

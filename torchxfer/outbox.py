@@ -96,7 +96,16 @@ class Outbox:
             self.pack(slot)
             self.deferred[pos] = None  # from the buffer
         if self.checksum and self.deferred[pos] is not None:
+            self.settle_stream()
             self.run_sums[pos] = control.checksum(self.deferred[pos])
+
+    def settle_stream(self) -> None:
+        """Before the checksum reads a result on the CPU: on NCCL the current stream may wait
+        for this update's broadcasts (``free_buffer``, ``release_sent``), and a CPU read there
+        would wait for them without bound if a worker died. Wait for them first, each polled
+        against ``timeout_s``: a dead peer is then a TransferError, not a hang."""
+        if self.stream_ordered and self.works:
+            self.group.wait_all(list(self.works.values()), f"payload broadcast of {self.what}", data=True)
 
     def in_place(self, tensor: torch.Tensor) -> bool:
         """Whether a stable tensor that travels alone is broadcast straight from its memory."""
@@ -230,6 +239,7 @@ class Outbox:
             return 0
         self.unready()
         self.flush()
+        self.settle_stream()
         buf = self.state.buffers[plan.index % self.num_buffers] if self.buffer_size is not None else None
         total = 0
         for i, (start, end, pos) in enumerate(plan.runs):
