@@ -115,6 +115,31 @@ def test_a_name_sent_twice_in_one_update_is_refused():
     other.finish()
 
 
+def test_the_names_of_one_update_are_bounded_on_both_sides(monkeypatch):
+    """A worker keeps a layout's names for the group's life: past MAX_UPDATE_NAME_CHARS (made
+    small here) a table is refused, counting the names of the cached buckets it follows too; the
+    trainer refuses such an update itself with ValueError before it is sent."""
+    import torchxfer.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "MAX_UPDATE_NAME_CHARS", 40)
+    names = ["a" * 16, "b" * 16, "c" * 16]
+    sp = [TensorSpec(n, torch.float32, (4,)) for n in names]
+    checker = TableChecker(None, 64)
+    checker.check(BucketHeader(0, (Slot(0, 0, sp[0], 0, 16, 0), Slot(0, 1, sp[1], 0, 16, 16))), 0)
+    with pytest.raises(TransferError, match="names of this update's tensors hold more than 40 characters"):
+        checker.check(BucketHeader(1, (Slot(1, 2, sp[2], 0, 16, 0),)), 1)
+    so_far = Layout(True, 64, 2)
+    so_far.append(BucketPlan.make(0, (Slot(0, 0, sp[0], 0, 16, 0), Slot(0, 1, sp[1], 0, 16, 16)), 64))
+    resumed = TableChecker(None, 64)
+    resumed.resume_after(so_far)
+    with pytest.raises(TransferError, match="more than 40 characters"):
+        resumed.check(BucketHeader(1, (Slot(1, 2, sp[2], 0, 16, 0),)), 1)
+    fresh = plan_mod.NewNames()
+    fresh.check(Layout(True, 64, 2), BucketPlan.make(0, (Slot(0, 0, sp[0], 0, 16, 0), Slot(0, 1, sp[1], 0, 16, 16)), 64))
+    with pytest.raises(ValueError, match="more than 40 characters together"):
+        fresh.check(so_far, BucketPlan.make(1, (Slot(1, 2, sp[2], 0, 16, 0),), 64))
+
+
 def test_fingerprints_tell_layouts_and_configurations_apart():
     def layout(sizes: tuple[int, ...], buffer_size: int = 64, num_buffers: int = 2) -> Layout:
         out = Layout(True, buffer_size, num_buffers)

@@ -19,7 +19,13 @@ from .errors import TransferError
 from .packing import Slot, TensorSpec, check_bucket, dtype_name, payload_groups, payload_runs
 from .wire import BucketHeader, encode
 
-__all__ = ["next_bucket", "rows_ahead", "BucketPlan", "Layout", "NewNames", "TableChecker", "describe", "first_bucket"]
+__all__ = ["next_bucket", "rows_ahead", "BucketPlan", "Layout", "NewNames", "TableChecker", "describe", "first_bucket",
+           "MAX_UPDATE_NAME_CHARS"]
+
+MAX_UPDATE_NAME_CHARS = 1 << 26
+"""The most characters the names of one update's tensors may hold together (a million names of
+64 characters): a worker keeps a layout's names as long as its group lives, so without a bound
+a trainer could make it keep any amount of them."""
 
 
 def describe(slot: Slot) -> str:
@@ -168,17 +174,24 @@ class NewNames:
 
     def __init__(self) -> None:
         self.names: set[str] | None = None
+        self.chars = 0
 
     def check(self, layout: Layout, plan: BucketPlan) -> None:
         """ValueError if a tensor that starts in ``plan`` (about to follow ``layout``'s buckets,
-        this update's so far) repeats a name of this update."""
+        this update's so far) repeats a name of this update, or the update's names grow past
+        :data:`MAX_UPDATE_NAME_CHARS` (which workers refuse)."""
         if self.names is None:
             self.names = {spec.name for spec in layout.specs}
+            self.chars = sum(len(name) for name in self.names)
         for spec in plan.specs:
             if spec.name in self.names:
                 raise ValueError(f"tensor name {spec.name!r} comes twice in one update (bucket {plan.index}): "
                                  "workers could not tell which one to load")  # fmt: skip
             self.names.add(spec.name)
+            self.chars += len(spec.name)
+            if self.chars > MAX_UPDATE_NAME_CHARS:
+                raise ValueError(f"the names of one update's tensors hold more than {MAX_UPDATE_NAME_CHARS} "
+                                 f"characters together (at {spec.name[:60]!r}, bucket {plan.index})")  # fmt: skip
 
 
 class TableChecker:
@@ -196,10 +209,12 @@ class TableChecker:
         self.next_index = 0
         self.partial: Slot | None = None
         self.names: set[str] = set()
+        self.chars = 0  # of the names so far (MAX_UPDATE_NAME_CHARS)
 
     def resume_after(self, layout: Layout) -> None:
         """Continue after the buckets of ``layout`` (this update's, so far: buckets of the cached layout)."""
         self.names = {spec.name for spec in layout.specs}
+        self.chars = sum(len(name) for name in self.names)
         previous = layout.buckets[-1] if layout.buckets else None
         last = previous.slots[-1] if previous is not None else None
         self.partial = last if last is not None and not last.is_last else None
@@ -227,6 +242,10 @@ class TableChecker:
                     raise TransferError(f"bucket {bucket}: {describe(slot)} repeats the name of an earlier tensor "
                                         "of this update")  # fmt: skip
                 self.names.add(slot.spec.name)
+                self.chars += len(slot.spec.name)
+                if self.chars > MAX_UPDATE_NAME_CHARS:
+                    raise TransferError(f"bucket {bucket}: the names of this update's tensors hold more than "
+                                        f"{MAX_UPDATE_NAME_CHARS} characters together")  # fmt: skip
             if slot.start == 0 and self.expected is not None:
                 if slot.index >= len(self.expected):
                     raise TransferError(f"trainer sends tensor {describe(slot)} but update_info lists only "
