@@ -42,6 +42,7 @@ from torchxfer import control as control_mod
 from torchxfer import receiver as receiver_mod
 from torchxfer import wire
 from torchxfer.control import ControlChannel
+from torchxfer.group import SideGroup
 from torchxfer.packing import TensorSpec
 from torchxfer.plan import BucketPlan, first_bucket
 from torchxfer.sender import SenderState
@@ -479,20 +480,19 @@ def test_header_frames_carry_exactly_the_frame(monkeypatch):
     sent: list[bytes] = []
     received: list[int] = []
     lock = threading.Lock()
-    real = dist.broadcast
+    real = SideGroup.control_broadcast
     controls: dict = {}
 
-    def spy(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        group = kwargs.get("group")
-        if group is not None and group in controls:
+    def spy(group: SideGroup, tensor: torch.Tensor, src: int) -> Any:
+        if group.control in controls and src == 0:
             with lock:
-                if controls[group] == 0:
+                if controls[group.control] == 0:
                     sent.append(bytes(tensor.tolist()))
                 else:
                     received.append(tensor.numel())
-        return real(tensor, *args, **kwargs)
+        return real(group, tensor, src)
 
-    monkeypatch.setattr(dist, "broadcast", spy)
+    monkeypatch.setattr(SideGroup, "control_broadcast", spy)
 
     def body(rank: int, port: int) -> Any:
         if rank == 0:

@@ -1885,12 +1885,12 @@ def test_void_broadcasts_from_a_send_buffer_are_done_before_it_is_packed_again(m
     real = group_module._broadcast
     _WritesBack.pending.clear()
 
-    def writing_back(pg: Any, tensor: torch.Tensor) -> Any:
+    def writing_back(pg: Any, tensor: torch.Tensor, opts: Any) -> Any:
         if pg.rank() != 0:
-            return real(pg, tensor)
+            return real(pg, tensor, opts)
         for earlier in list(_WritesBack.pending):
             earlier.land()
-        return _WritesBack(real(pg, tensor), tensor)
+        return _WritesBack(real(pg, tensor, opts), tensor)
 
     monkeypatch.setattr(group_module, "_broadcast", writing_back)
     models = [simple(30 + u, n=12) for u in range(5)]
