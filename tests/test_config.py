@@ -232,6 +232,20 @@ def test_a_device_index_torch_would_wrap_is_a_value_error(bad, backend):
 
 
 @pytest.mark.parametrize("backend", ["gloo", "ipc"])
+@pytest.mark.parametrize("bad", ["cpu:1", "cpu:7", torch.device("cpu", 3)])
+def test_a_cpu_device_with_an_index_other_than_0_is_a_value_error(bad, backend):
+    """CPU tensors report device "cpu" whatever index made them, so a worker on "cpu:1"
+    would have compared every tensor it received against a device none of them has."""
+    with pytest.raises(ValueError, match="names a CPU index"):
+        WeightTransferConfig(backend=backend, device=bad)
+
+
+@pytest.mark.parametrize("given", ["cpu:0", torch.device("cpu", 0), "cpu"])
+def test_cpu_0_is_the_cpu(given):
+    assert WeightTransferConfig(backend="gloo", device=given).device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
 @pytest.mark.parametrize("device", ["meta", torch.device("meta"), "mps"])
 def test_weight_transfer_config_device_neither_cuda_nor_cpu(backend, device):
     """A gloo worker on the meta device posted its receives into meta tensors and broke the

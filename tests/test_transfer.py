@@ -408,7 +408,7 @@ def test_trainer_bad_input_raises_there_and_transfer_error_on_every_worker():
             try:
                 # Bad arguments are refused before anything is sent: workers see only the next update.
                 for bad in (dict(packed="yes"), dict(packed_num_buffers=0), dict(packed_buffer_size_bytes=8),
-                            dict(src=1), dict(post_iter_func=3)):  # fmt: skip
+                            dict(src=1), dict(src=0.0), dict(src="0"), dict(post_iter_func=3)):  # fmt: skip
                     with pytest.raises(ValueError):
                         NCCLWeightTransferEngine.trainer_send_weights(simple(0), group, **bad)
                 with pytest.raises(ValueError):

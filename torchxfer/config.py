@@ -127,9 +127,15 @@ def parse_device(owner: str, value: Any) -> torch.device:
     if given is not None and not 0 <= given < 128:
         raise ValueError(f"{owner}: device {value!r:.80} has an index torch cannot hold (at most 127)")
     try:
-        return torch.device(value)
+        dev = torch.device(value)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"{owner}: device {value!r:.80} is not a device: {e}") from None
+    if dev.type == "cpu" and dev.index is not None:
+        # CPU tensors report device "cpu" whatever index made them: "cpu:1" would never match one
+        if dev.index != 0:
+            raise ValueError(f"{owner}: device {value!r:.80} names a CPU index; the CPU is one device: use 'cpu'")
+        dev = torch.device("cpu")
+    return dev
 
 
 def resolved_device(device: Any) -> torch.device:

@@ -18,6 +18,7 @@ import abc
 import contextlib
 import logging
 import itertools
+import numbers
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
@@ -408,7 +409,7 @@ def send_pairs(iterator: Iterable[tuple[str, torch.Tensor]], group: dist.Process
     if is_colocated(group):  # its workers read shared buffers and post no broadcast: nothing would arrive
         raise ValueError("the group is a colocated one (IPCWeightTransferEngine.trainer_init): send with "
                          "IPCWeightTransferEngine.trainer_send_weights, or torchxfer.send_model")  # fmt: skip
-    if isinstance(src, bool) or src != 0 or group.rank() != 0:
+    if isinstance(src, bool) or not isinstance(src, numbers.Integral) or src != 0 or group.rank() != 0:
         raise ValueError(f"the trainer sends as rank 0 of the side group; got src={src!r} on rank {group.rank()}")
     check_send("trainer_send_weights", packed, packed_buffer_size_bytes, packed_num_buffers, version,
                checksum=checksum, zero_copy=zero_copy)  # fmt: skip
