@@ -190,16 +190,26 @@ def test_an_allocation_that_fails_after_the_agreement_is_a_transfer_error(monkey
 
     monkeypatch.setattr(receiver_mod.ReceiverState, "buffer", failing)
 
+    message, broken = _both_fail(W, timeout=TIMEOUT)
+    assert broken and "cannot allocate" in message and "simulated" in message, message
+
+
+def _both_fail(weights: list, **kwargs: Any) -> tuple[str, str | None]:
+    """One packed update of ``weights`` (``kwargs`` to the group and the send) that the
+    trainer and one worker must each end with TransferError: the worker's message and
+    ``broken``."""
+    group_kwargs = {k: kwargs.pop(k) for k in ("timeout",) if k in kwargs}
+
     def body(rank: int, port: int) -> Any:
         if rank == 0:
-            pg = trainer(port, 2, timeout=TIMEOUT)
+            pg = trainer(port, 2, **group_kwargs)
             try:
                 with pytest.raises(TransferError):
-                    NCCLWeightTransferEngine.trainer_send_weights(iter(W), pg, packed=True)
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(weights), pg, packed=True, **kwargs)
             finally:
                 destroy_side_group(pg)
             return None
-        engine = worker(rank, port, 2, timeout=TIMEOUT)
+        engine = worker(rank, port, 2, **group_kwargs)
         try:
             with pytest.raises(TransferError) as err:
                 engine.receive_weights(None, Collector())
@@ -207,8 +217,7 @@ def test_an_allocation_that_fails_after_the_agreement_is_a_transfer_error(monkey
         finally:
             engine.shutdown()
 
-    message, broken = run_world(body, 2)[1]
-    assert broken and "cannot allocate" in message and "simulated" in message, message
+    return run_world(body, 2)[1]
 
 
 # -- what a worker keeps ---------------------------------------------------------------------------
@@ -390,23 +399,5 @@ def test_an_assembly_that_cannot_be_allocated_after_the_agreement_is_a_transfer_
     # Two tensors of 160 bytes in 96-byte buffers: w0 splits 96 + 64, w1's head shares w0's tail's bucket.
     weights = [("w0", torch.arange(40, dtype=torch.float32)), ("w1", torch.arange(40, dtype=torch.float32) + 1)]
 
-    def body(rank: int, port: int) -> Any:
-        if rank == 0:
-            pg = trainer(port, 2)
-            try:
-                with pytest.raises(TransferError):
-                    NCCLWeightTransferEngine.trainer_send_weights(iter(weights), pg, packed=True,
-                                                                  packed_buffer_size_bytes=96)  # fmt: skip
-            finally:
-                destroy_side_group(pg)
-            return None
-        engine = worker(rank, port, 2)
-        try:
-            with pytest.raises(TransferError) as err:
-                engine.receive_weights(None, Collector())
-            return str(err.value), err.value.broken
-        finally:
-            engine.shutdown()
-
-    message, broken = run_world(body, 2)[1]
+    message, broken = _both_fail(weights, packed_buffer_size_bytes=96)
     assert broken and "cannot allocate memory to load bucket" in message and "simulated" in message, message
