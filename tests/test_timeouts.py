@@ -245,3 +245,155 @@ def test_shutdown_during_init_stops_it_and_the_engine_can_join_later(monkeypatch
     (seconds, broken, group), got = run_world(body, 2, deadline_s=DEADLINE)[1]
     assert seconds < 1.0 and broken and group is None, (seconds, broken, group)
     assert same(got, W)
+
+
+@pytest.mark.parametrize("engine_kind", ["broadcast", "colocated"])
+def test_shutdown_after_the_group_formed_but_before_init_returned_stops_it_at_once(monkeypatch, engine_kind):
+    """The group has formed, and ``init_transfer_engine`` still proves the connections (the bind
+    step; the colocated handshake after it) while the trainer is slow to do its half: a
+    ``shutdown()`` then closes that group, and the init raises the shutdown TransferError within
+    a second, not at the end of its init window; the trainer gets TransferError too."""
+    import torchxfer.ipc_engine as ipc_mod
+    import torchxfer.rendezvous as rdv
+    from tests.test_hostile2 import _ipc_trainer
+    from torchxfer import IPCWeightTransferInitInfo, NCCLWeightTransferInitInfo, ParallelConfig, WeightTransferConfig
+    from torchxfer import create_engine
+
+    timeout = 8.0
+    colocated = engine_kind == "colocated"
+    entered, stopped = threading.Event(), threading.Event()
+    name = "trainer_handshake" if colocated else "bind"
+    mod, worker_name = (ipc_mod, "worker_handshake") if colocated else (rdv, "bind")
+    real_trainer, real_worker = getattr(mod, name), getattr(mod, worker_name)
+
+    def trainer_half(group: Any, *args: Any) -> Any:
+        assert stopped.wait(DEADLINE / 2)  # the trainer comes once the worker has given up
+        return real_trainer(group, *args)
+
+    def worker_half(group: Any, *args: Any) -> Any:
+        entered.set()
+        return real_worker(group, *args)
+
+    def either(group: Any, *args: Any) -> Any:
+        return (trainer_half if group.rank() == 0 else worker_half)(group, *args)
+
+    if colocated:
+        monkeypatch.setattr(mod, name, trainer_half)
+        monkeypatch.setattr(mod, worker_name, worker_half)
+    else:
+        monkeypatch.setattr(mod, name, either)
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            start = time.monotonic()
+            with pytest.raises(TransferError):
+                pg = _ipc_trainer(port, 2) if colocated else gloo_trainer(port, 2, timeout=timeout)
+                destroy_side_group(pg)
+            return time.monotonic() - start
+        config = WeightTransferConfig(backend="ipc", timeout_s=timeout, device="cpu") if colocated else \
+            WeightTransferConfig(backend="gloo", timeout_s=timeout)  # fmt: skip
+        engine = create_engine(config, ParallelConfig())
+        info = (IPCWeightTransferInitInfo if colocated else NCCLWeightTransferInitInfo)("127.0.0.1", port, 1, 2)
+        shut_at: list[float] = []
+
+        def stop() -> None:
+            if entered.wait(DEADLINE / 2):
+                shut_at.append(time.monotonic())
+                engine.shutdown()
+
+        stopper = threading.Thread(target=stop)
+        stopper.start()
+        try:
+            with pytest.raises(TransferError, match="shutdown") as err:
+                engine.init_transfer_engine(info)
+            took = time.monotonic() - shut_at[0]
+            stopper.join()
+            return took, err.value.broken, engine.model_update_group
+        finally:
+            stopped.set()
+            engine.shutdown()
+
+    trainer_s, (took, broken, group) = run_world(body, 2, deadline_s=DEADLINE)
+    assert took < 1.0 and broken and group is None, (took, broken, group)
+    assert trainer_s < 2 * timeout + 2.0
+
+
+def test_shutdown_stops_an_init_that_waits_for_another_one():
+    """Two ``init_transfer_engine`` calls on one engine (a retried request): the second waits for
+    the first. ``shutdown()`` stops both; the second does not form a group once the first is
+    gone, even when a trainer comes after ``shutdown()`` returned. An init called after
+    ``shutdown()`` returned joins that trainer."""
+    from torchxfer import NCCLWeightTransferInitInfo, ParallelConfig, WeightTransferConfig, create_engine
+    import torchxfer.engine as engine_mod
+
+    timeout = 6.0
+    forming, stopped = threading.Event(), threading.Event()
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            assert stopped.wait(DEADLINE / 2)  # the trainer comes after shutdown() returned
+            pg = gloo_trainer(port, 2, timeout=timeout)
+            try:
+                NCCLWeightTransferEngine.trainer_send_weights(iter(W), pg, packed=True)
+            finally:
+                destroy_side_group(pg)
+            return None
+        engine = create_engine(WeightTransferConfig(backend="gloo", timeout_s=timeout), ParallelConfig())
+        info = NCCLWeightTransferInitInfo("127.0.0.1", port, 1, 2)
+        outcomes: dict[str, BaseException | None] = {}
+        waiting = threading.Event()
+        real_acquire = engine._lock
+
+        class Lock:  # tells when the second call waits for the first one's lock
+            def __enter__(self) -> Any:
+                if threading.current_thread().name == "second":
+                    waiting.set()
+                return real_acquire.__enter__()
+
+            def __exit__(self, *exc: Any) -> Any:
+                return real_acquire.__exit__(*exc)
+
+        engine._lock = Lock()
+
+        def init(tag: str) -> None:
+            try:
+                engine.init_transfer_engine(info)
+                outcomes[tag] = None
+            except BaseException as e:  # noqa: BLE001 - reported below
+                outcomes[tag] = e
+
+        real_form = engine_mod.form_side_group
+
+        def form(*args: Any, **kwargs: Any) -> Any:
+            forming.set()
+            return real_form(*args, **kwargs)
+
+        engine_mod.form_side_group = form
+        try:
+            first = threading.Thread(target=init, args=("first",), name="first")
+            first.start()
+            assert forming.wait(DEADLINE / 2)
+            second = threading.Thread(target=init, args=("second",), name="second")
+            second.start()
+            assert waiting.wait(DEADLINE / 2)
+            engine.shutdown()
+            stopped.set()
+            first.join(DEADLINE / 2)
+            second.join(DEADLINE / 2)
+        finally:
+            engine_mod.form_side_group = real_form
+            stopped.set()
+        try:
+            left = engine.model_update_group
+            engine.init_transfer_engine(info)  # after shutdown(): joins the trainer
+            load = Collector()
+            engine.receive_weights(None, load)
+            return outcomes, left, load.got
+        finally:
+            engine.shutdown()
+
+    outcomes, left, got = run_world(body, 2, deadline_s=DEADLINE)[1]
+    assert left is None
+    for tag in ("first", "second"):
+        assert isinstance(outcomes[tag], TransferError) and "shutdown" in str(outcomes[tag]), (tag, outcomes[tag])
+    assert same(got, W)

@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from .colocated import is_colocated
 from .group import create_side_group, destroy_side_group, form_side_group, side_group
+from .rendezvous import Cancel
 from .receiver import LoadWeights, ReceiveProgress, Receiver
 from .pulling import gc_paused
 from .sender import Sender
@@ -118,7 +119,7 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
         self.model_update_group: dist.ProcessGroup | None = None
         self._lock = threading.Lock()
         self._joining = threading.Lock()  # held for moments: an init installing its group, shutdown taking it
-        self._cancel = threading.Event()  # the running (or last) init's: set by shutdown()
+        self._cancel = Cancel()  # the inits begun since the last shutdown(): it sets and replaces it
         self._weights_version: int | None = None
         self._torn = False
 
@@ -139,13 +140,17 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
         return self._torn
 
     @abc.abstractmethod
-    def _join(self, info: Any, rank: int, cancel: threading.Event) -> dist.ProcessGroup:
+    def _join(self, info: Any, rank: int, cancel: Cancel) -> dist.ProcessGroup:
         """Form the group as ``rank`` (called under the lock); bounded by ``config.timeout_s``,
         and stopped with TransferError once ``cancel`` is set."""
 
     def init_transfer_engine(self, init_info: Any) -> None:
+        with self._joining:  # first: a shutdown() from now on stops this call, wherever it is
+            cancel = self._cancel
         info = self.parse_init_info(init_info)
         with self._lock:
+            if cancel.is_set():  # shutdown() came while this call waited for another one
+                raise Cancel.error()
             if self.model_update_group is not None:
                 raise RuntimeError("the transfer engine is already initialized; call shutdown() first")
             check_visible("init_transfer_engine", self.device)
@@ -157,16 +162,14 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
                     f"{pc.rank} + rank_offset {info.rank_offset}) is outside the side group's world_size "
                     f"{info.world_size}"
                 )
-            with self._joining:
-                cancel = self._cancel = threading.Event()
             group = self._join(info, rank, cancel)
             with self._joining:
                 if not cancel.is_set():
+                    cancel.release()  # the group is the engine's now: shutdown() destroys it
                     self.model_update_group = group
                     return
             destroy_side_group(group)  # shutdown() came as the group formed: it must not outlive that call
-            raise TransferError("shutdown() was called while init_transfer_engine formed the side group; "
-                                "the engine is not initialized", broken=True)  # fmt: skip
+            raise Cancel.error()
 
     def receive_weights(self, update_info: Any, load_weights: LoadWeights, *, atomic: bool = False) -> TransferStats:
         group = self.model_update_group
@@ -202,11 +205,14 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
     def shutdown(self) -> None:
         """Leave the group and free what it holds. Local, idempotent, never blocks on peers.
 
-        Called from another thread while :meth:`init_transfer_engine` forms the group, it
-        stops that call (TransferError within 50 ms, or as soon as the group it was
-        forming is closed again) and leaves the engine uninitialized."""
+        Called from another thread while :meth:`init_transfer_engine` runs, it stops that
+        call and any other begun before it (each raises TransferError within about 50 ms,
+        wherever it is: waiting for the engine, forming the group, or proving its
+        connections) and leaves the engine uninitialized; an init called after it returns
+        joins as usual."""
         with self._joining:
-            self._cancel.set()
+            self._cancel.set()  # closes a group an init formed and has not handed over yet
+            self._cancel = Cancel()  # for the inits called from now on
             group, self.model_update_group = self.model_update_group, None
         if group is not None:
             destroy_side_group(group)
@@ -257,7 +263,7 @@ class NCCLWeightTransferEngine(_WorkerEngine[NCCLWeightTransferInitInfo, NCCLWei
         """
         super().init_transfer_engine(init_info)
 
-    def _join(self, info: NCCLWeightTransferInitInfo, rank: int, cancel: threading.Event) -> dist.ProcessGroup:
+    def _join(self, info: NCCLWeightTransferInitInfo, rank: int, cancel: Cancel) -> dist.ProcessGroup:
         return form_side_group(
             info.master_address, info.master_port, rank, info.world_size, backend=self.config.backend,
             device=self.device, timeout_s=self.config.timeout_s, token=info.token, cancel=cancel,

@@ -527,7 +527,7 @@ def _build_backend(pg: dist.ProcessGroup, backend_name: str, store: dist.Store, 
 
 def _form(address: str, port: int, rank: int, world_size: int, backend: str, data_device: torch.device | None,
           timeout_s: float, deadline: float, token: str | None, phase: list[str],
-          cancel: threading.Event | None = None) -> tuple[dist.ProcessGroup, SideGroup, str]:  # fmt: skip
+          cancel: rdv.Cancel | None = None) -> tuple[dist.ProcessGroup, SideGroup, str]:  # fmt: skip
     """Store, rendezvous and backends; runs in the bounded init thread. Once ``cancel`` is set
     (the caller stopped waiting), it goes no further than the phase under way: in particular a
     worker whose store connection completes after that never claims its rank."""
@@ -619,10 +619,12 @@ def create_side_group(
 
 def form_side_group(address: str, port: int, rank: int, world_size: int, *, backend: str,
                     device: torch.device | None = None, timeout_s: float, token: str | None = None,
-                    cancel: threading.Event | None = None) -> dist.ProcessGroup:  # fmt: skip
+                    cancel: rdv.Cancel | None = None) -> dist.ProcessGroup:  # fmt: skip
     """:func:`create_side_group`, which an engine's ``shutdown()`` can stop: once ``cancel``
-    is set, the wait for the group to form ends within 50 ms with TransferError (the forming
-    thread is left to finish or fail on its own, and a group it forms then is closed)."""
+    is set, the wait for the group to form ends within 50 ms with ``Cancel.error()`` (the
+    forming thread is left to finish or fail on its own, and a group it forms then is
+    closed). A group formed is held by ``cancel`` (closed when it is set) until the caller
+    calls ``cancel.release()``."""
     start = time.monotonic()
     check_address("create_side_group", address, "address")
     if not _is_int(world_size) or not 1 <= world_size <= MAX_WORLD_SIZE:
@@ -673,10 +675,14 @@ def form_side_group(address: str, port: int, rank: int, world_size: int, *, back
         lambda: _form(address, port, rank, world_size, backend, data_device, timeout_s, deadline, token, phase, cancel),
         deadline + _GRACE_S, late, too_long, cancel,
     )  # fmt: skip
+    if cancel is not None:
+        cancel.hold(group.close)
     try:
-        rdv.bind(group, token, nonce, deadline + _GRACE_S)
+        rdv.bind(group, token, nonce, deadline + _GRACE_S, cancel)
     except BaseException:
         group.close()
+        if cancel is not None and cancel.is_set():
+            raise rdv.Cancel.error() from None
         raise
     if group._store is not None:
         rdv.seal_listeners(group._store.written)

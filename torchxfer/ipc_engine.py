@@ -17,7 +17,6 @@ only control rows travel between the processes (see :mod:`torchxfer.colocated`).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -48,6 +47,7 @@ from .config import (
 from .engine import _WorkerEngine
 from .group import destroy_side_group, form_side_group, side_group
 from .receiver import LoadWeights
+from .rendezvous import Cancel
 
 __all__ = ["IPCWeightTransferEngine"]
 
@@ -56,14 +56,17 @@ def _default_device() -> torch.device:
 
 
 def _form(info: IPCWeightTransferInitInfo, rank: int, device: torch.device, timeout_s: float,
-          cancel: threading.Event | None = None) -> dist.ProcessGroup:  # fmt: skip
-    """The side group (Gloo: it carries control rows only), then the colocated handshake."""
+          cancel: Cancel | None = None) -> dist.ProcessGroup:  # fmt: skip
+    """The side group (Gloo: it carries control rows only), then the colocated handshake;
+    ``cancel`` (an engine's) stops either within 50 ms (see ``form_side_group``)."""
     pg = form_side_group(info.master_address, info.master_port, rank, info.world_size, backend="gloo",
                          timeout_s=timeout_s, token=info.token, cancel=cancel)  # fmt: skip
     try:
         (trainer_handshake if rank == 0 else worker_handshake)(side_group(pg), device)
     except BaseException:
         destroy_side_group(pg)
+        if cancel is not None and cancel.is_set():
+            raise Cancel.error() from None
         raise
     return pg
 
@@ -108,7 +111,7 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
         """
         super().init_transfer_engine(init_info)
 
-    def _join(self, info: IPCWeightTransferInitInfo, rank: int, cancel: threading.Event) -> dist.ProcessGroup:
+    def _join(self, info: IPCWeightTransferInitInfo, rank: int, cancel: Cancel) -> dist.ProcessGroup:
         return _form(info, rank, self.device, self.config.timeout_s, cancel)
 
     def receive_weights(

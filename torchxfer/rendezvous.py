@@ -643,6 +643,45 @@ def _abandon(thread: threading.Thread) -> None:
 _CANCEL_POLL_S = 0.05
 
 
+class Cancel(threading.Event):
+    """An engine's stop signal for the inits under way: set by its ``shutdown()``.
+
+    The waits of an init poll it (every 50 ms at most), and a group the init has formed
+    but not yet handed to the engine is registered with :meth:`hold`, so that ``set``
+    closes it at once: the collectives of the bind step and of the colocated handshake
+    then end with TransferError within 50 ms instead of at the init's deadline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held_lock = threading.Lock()
+        self._held: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        with self._held_lock:
+            super().set()
+            held, self._held = self._held, []
+        for close in held:
+            close()
+
+    def hold(self, close: Callable[[], None]) -> None:
+        """Call ``close`` when this is set (at once if it already is), until :meth:`release`."""
+        with self._held_lock:
+            if not self.is_set():
+                self._held.append(close)
+                return
+        close()
+
+    def release(self) -> None:
+        """Forget what :meth:`hold` registered: the init handed its group over."""
+        with self._held_lock:
+            self._held = []
+
+    @staticmethod
+    def error() -> TransferError:
+        return TransferError("shutdown() was called while init_transfer_engine formed the side group; the engine "
+                             "is not initialized", broken=True)  # fmt: skip
+
+
 def bounded(fn: Callable[[], Any], deadline: float, on_late: Callable[[Any], None],
             what: Callable[[], str], cancel: threading.Event | None = None) -> Any:  # fmt: skip
     """Run ``fn`` in a daemon thread; return its result or raise its error, or
@@ -679,7 +718,7 @@ def bounded(fn: Callable[[], Any], deadline: float, on_late: Callable[[Any], Non
             box["abandoned"] = True
             _abandon(thread)
             if cancel is not None and cancel.is_set() and time.monotonic() < deadline:
-                raise TransferError("the side group was not formed: shutdown() was called while it formed", broken=True)
+                raise Cancel.error()
             raise TransferError(what())
     if "error" in box:
         error = box.pop("error")
@@ -691,7 +730,7 @@ def bounded(fn: Callable[[], Any], deadline: float, on_late: Callable[[Any], Non
 
 
 def _all_gather_bytes(group: "SideGroup", which: dist.ProcessGroup, payload: bytes, device: torch.device,
-                      data: bool, deadline: float, what: str) -> list[bytes]:  # fmt: skip
+                      data: bool, deadline: float, what: str, cancel: Cancel | None) -> list[bytes]:  # fmt: skip
     # Memory torch owns (not torch.frombuffer): a Gloo thread freeing a Python-owned
     # buffer needs the GIL, which deadlocks against a thread enqueueing the next collective.
     mine = torch.tensor(list(payload), dtype=torch.uint8).to(device)
@@ -704,21 +743,22 @@ def _all_gather_bytes(group: "SideGroup", which: dist.ProcessGroup, payload: byt
     if data and group.backend_name == "nccl":
         # The first NCCL collective creates the communicator, which blocks until
         # every member's bootstrap answers.
-        work = bounded(issue, deadline, lambda w: None, lambda: f"{what}: the NCCL communicator did not form")
+        work = bounded(issue, deadline, lambda w: None, lambda: f"{what}: the NCCL communicator did not form", cancel)
     else:
         work = issue()
     group.wait(work, what, data=data, timeout_s=left(deadline))
     return [bytes(o.cpu().tolist()) for o in outs]
 
 
-def bind(group: "SideGroup", token: str | None, nonce: str, deadline: float) -> None:
+def bind(group: "SideGroup", token: str | None, nonce: str, deadline: float, cancel: Cancel | None = None) -> None:
     """Prove over each group's own connections that every member knows the token.
 
     Called by every rank together after the backends are built; blocks until
     ``deadline``. Each rank all_gathers a fresh nonce, then an HMAC of the
     transcript (every nonce, the group's name, rank 0's rendezvous nonce)
     and its rank, and checks every member's. Without a token the same
-    exchange only checks that every member saw the same transcript.
+    exchange only checks that every member saw the same transcript. Once
+    ``cancel`` is set (its holder closes the group), it raises ``Cancel.error()``.
     """
     rank, world = group.rank(), group.size()
     cpu = torch.device("cpu")
@@ -726,13 +766,17 @@ def bind(group: "SideGroup", token: str | None, nonce: str, deadline: float) -> 
                                       ("payload", group.pg, group.data_device or cpu, True)):  # fmt: skip
         mine = secrets.token_bytes(_NONCE_BYTES)
         try:
-            nonces = _all_gather_bytes(group, which, mine, device, data, deadline, f"the {name} group's nonce exchange")
+            nonces = _all_gather_bytes(group, which, mine, device, data, deadline, f"the {name} group's nonce exchange",
+                                       cancel)  # fmt: skip
             transcript = hashlib.sha256(b"|".join([f"bind|{name}|{world}|{nonce}".encode(), *nonces])).hexdigest()
             key = (token or "").encode()
             mac = hmac.new(key, f"{transcript}|{rank}".encode(), hashlib.sha256).digest()
-            macs = _all_gather_bytes(group, which, mac, device, data, deadline, f"the {name} group's proof exchange")
+            macs = _all_gather_bytes(group, which, mac, device, data, deadline, f"the {name} group's proof exchange",
+                                     cancel)  # fmt: skip
         except Exception as e:
             group.mark_broken(f"the {name} group could not be verified")
+            if cancel is not None and cancel.is_set():
+                raise Cancel.error() from None
             raise TransferError(f"rank {rank} could not verify the {name} group's connections ({e}); a peer died or "
                                 "stopped, or the side group was tampered with", broken=True) from None  # fmt: skip
         bad = [r for r in range(world)
