@@ -397,3 +397,42 @@ def test_shutdown_stops_an_init_that_waits_for_another_one():
     for tag in ("first", "second"):
         assert isinstance(outcomes[tag], TransferError) and "shutdown" in str(outcomes[tag]), (tag, outcomes[tag])
     assert same(got, W)
+
+
+def test_a_failed_init_leaves_nothing_of_its_group_on_the_engine(monkeypatch):
+    """A worker's init fails after its group formed (the connections' proof fails): the group is
+    closed and nothing of the engine keeps it (a server retrying its init would otherwise hold
+    one group per failed try until it shuts the engine down)."""
+    import gc
+    import weakref
+
+    import torchxfer.rendezvous as rdv
+    from torchxfer import NCCLWeightTransferInitInfo, ParallelConfig, WeightTransferConfig, create_engine
+
+    real_bind = rdv.bind
+    refs: list[Any] = []
+
+    def bind(group: Any, *args: Any, **kwargs: Any) -> Any:
+        if group.rank() == 1:
+            refs.append(weakref.ref(group))
+            raise TransferError("the proof failed (simulated)")
+        return real_bind(group, *args, **kwargs)
+
+    monkeypatch.setattr(rdv, "bind", bind)
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            with pytest.raises(TransferError):
+                destroy_side_group(gloo_trainer(port, 2, timeout=4.0))
+            return None
+        engine = create_engine(WeightTransferConfig(backend="gloo", timeout_s=4.0), ParallelConfig())
+        try:
+            with pytest.raises(TransferError, match="simulated"):
+                engine.init_transfer_engine(NCCLWeightTransferInitInfo("127.0.0.1", port, 1, 2))
+            gc.collect()
+            return refs[0]() is None, engine.model_update_group
+        finally:
+            engine.shutdown()
+
+    freed, group = run_world(body, 2, deadline_s=DEADLINE)[1]
+    assert freed and group is None

@@ -162,7 +162,11 @@ class _WorkerEngine(WeightTransferEngine[InitInfoT, UpdateInfoT]):
                     f"{pc.rank} + rank_offset {info.rank_offset}) is outside the side group's world_size "
                     f"{info.world_size}"
                 )
-            group = self._join(info, rank, cancel)
+            try:
+                group = self._join(info, rank, cancel)
+            except BaseException:
+                cancel.release()  # the group it held is closed: nothing keeps it for the next shutdown()
+                raise
             with self._joining:
                 if not cancel.is_set():
                     cancel.release()  # the group is the engine's now: shutdown() destroys it
