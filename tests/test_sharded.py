@@ -743,3 +743,163 @@ def test_send_model_carries_a_name_with_a_lone_surrogate():
         assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
     got = outcomes[2].value
     assert got == [(_ODD, [0.0, 1.0, 2.0, 3.0])], got
+
+
+# -- awkward shards on a 2 x 2 mesh ------------------------------------------------------------
+
+
+def _awkward_full() -> dict[str, torch.Tensor]:
+    """Full tensors every process can make: dtypes Gloo cannot gather as such (fp8, int16),
+    complex, and values for lazy conjugate and negative views."""
+    gen = torch.Generator().manual_seed(7)
+    real = torch.randn(8, 6, generator=gen)
+    return {
+        "fp8": (torch.randn(8, 6, generator=gen) * 4).to(torch.float8_e4m3fn),
+        "i16": torch.randint(-30000, 30000, (8, 6), generator=gen, dtype=torch.int32).to(torch.int16),
+        "c64": torch.complex(real, torch.randn(8, 6, generator=gen)),
+        "conj": torch.complex(torch.randn(9, 4, generator=gen), torch.randn(9, 4, generator=gen)),  # uneven rows
+        "neg": torch.randn(7, 5, generator=gen),
+    }
+
+
+def _awkward(rank: int, side_port: int, trainer_port: int) -> object:
+    import torch.distributed as dist
+
+    from torchxfer import NCCLWeightTransferEngine, NCCLWeightTransferInitInfo, ParallelConfig, TransferError
+    from torchxfer import WeightTransferConfig, destroy_side_group, send_model, update_info_for
+
+    if rank == 4:  # the worker
+        engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="gloo", timeout_s=SIDE_TIMEOUT),
+                                          ParallelConfig())  # fmt: skip
+        engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, side_port, 1, 2))
+        out: dict = {}
+
+        def keep(key: str) -> object:
+            out[key] = {}
+            return lambda batch: out[key].update((n, digest(t)) for n, t in batch)
+
+        engine.receive_weights(None, keep("awkward"))
+        try:
+            engine.receive_weights(None, keep("oom"))
+            out["oom_error"] = None
+        except TransferError as e:
+            out["oom_error"] = str(e)
+        engine.receive_weights(None, keep("last"))
+        out["version"] = engine.weights_version
+        engine.shutdown()
+        return out
+
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    import torchxfer.sources as sources_mod
+
+    dist.init_process_group("gloo", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank, world_size=4,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    mesh = init_device_mesh("cpu", (2, 2))
+    group = None
+    if rank == 0:
+        group = NCCLWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=side_port, world_size=2),
+                                                      backend="gloo", timeout_s=SIDE_TIMEOUT)  # fmt: skip
+    full = _awkward_full()
+    row, col = mesh.get_coordinate()
+    # distribute_tensor would scatter fp8 over Gloo, which has no fp8: each rank takes its block.
+    sd = {name: DTensor.from_local(full[name][4 * row : 4 * row + 4, 3 * col : 3 * col + 3], mesh,
+                                   [Shard(0), Shard(1)], run_check=False, shape=(8, 6), stride=(6, 1))
+          for name in ("fp8", "i16", "c64")}  # fmt: skip
+    # Lazy views as local shards, their values the full tensor's rows (Shard(0) over mesh dim 0):
+    # a conjugate view of conjugated memory, the imaginary part of a conjugate view (negative bit).
+    rows = [full["conj"][:5], full["conj"][5:]][row]
+    sd["conj"] = DTensor.from_local(rows.conj().resolve_conj().conj(), mesh, [Shard(0), Replicate()],
+                                    run_check=False, shape=full["conj"].shape, stride=(4, 1))  # fmt: skip
+    rows = [full["neg"][:4], full["neg"][4:]][row]
+    neg = torch.complex(torch.zeros_like(rows), -rows).conj().imag
+    assert neg.is_neg() and sd["conj"].to_local().is_conj()
+    sd["neg"] = DTensor.from_local(neg, mesh, [Shard(0), Replicate()], run_check=False, shape=full["neg"].shape,
+                                   stride=(5, 1))  # fmt: skip
+    out = {"info": [(s.name, str(s.dtype), tuple(s.shape)) for s in _specs(update_info_for(sd))]}
+    kw = dict(packed_buffer_size_bytes=256, timeout_s=SEND_TIMEOUT)
+    send_model(sd, group, **kw)
+    out["want"] = {n: digest(t) for n, t in full.items()}
+
+    def outcome(fn: object) -> str:
+        start = time.monotonic()
+        try:
+            fn()
+            return "sent"
+        except Exception as e:  # noqa: BLE001 - reported
+            return f"{type(e).__name__}: {e} ({time.monotonic() - start:.2f} s)"
+
+    # A dtype torch cannot cast to: ValueError before anything moves, on every rank.
+    float4 = getattr(torch, "float4_e2m1fn_x2", None)
+    if float4 is not None:
+        out["float4"] = outcome(lambda: send_model(sd, group, dtype=float4, **kw))
+    # A Partial tensor whose local shape is wrong on rank 1 (full_tensor() would abort a process).
+    part = torch.ones(3, 3) if rank != 1 else torch.ones(2, 3)
+    bad = {"p": DTensor.from_local(part, mesh, [Partial(), Replicate()], run_check=False, shape=(3, 3),
+                                   stride=(3, 1))}  # fmt: skip
+    out["partial_shape"] = outcome(lambda: send_model(bad, group, **kw))
+    # A DTensor on a mesh that leaves ranks 0 and 1 out.
+    sub = DeviceMesh("cpu", [2, 3])
+    out["submesh"] = outcome(lambda: send_model({"x": distribute_tensor(torch.ones(4, 2), sub, [Shard(0)])}, group, **kw))
+    # Rank 1 cannot stage its shard of a tensor gathered by full_tensor(): every rank learns it
+    # at once (before, the others waited in that gather for the mesh group's own timeout).
+    real, calls = DTensor.from_local, [0]
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls[0] += 1
+        if rank == 1 and calls[0] == 2:
+            raise torch.OutOfMemoryError("simulated: out of memory staging a shard on trainer rank 1")
+        return real(*args, **kwargs)
+
+    sources_mod.DTensor.from_local = failing
+    try:
+        out["oom"] = outcome(lambda: send_model(sd, group, **kw))
+    finally:
+        sources_mod.DTensor.from_local = real
+    send_model(sd, group, **kw)
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t)
+    out["all_reduce"] = t.item()
+    if group is not None:
+        destroy_side_group(group)
+    dist.destroy_process_group()
+    return out
+
+
+def _specs(info: object) -> list:
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(name=n, dtype=d, shape=s) for n, d, s in zip(info.names, info.dtype_names, info.shapes)]
+
+
+def test_awkward_shards_arrive_bit_exact_and_bad_ones_fail_on_every_rank_at_once():
+    """Four trainer ranks on a 2 x 2 CPU mesh, one worker. Gathered by full_tensor() (two mesh
+    dims sharded): fp8 and int16 (which Gloo cannot gather as such) and complex64; gathered
+    shard by shard: lazy conjugate and negative views as local shards. All arrive bit-exact.
+    Then, each on every trainer rank at once, before anything moves: a cast torch has no kernel
+    for, a Partial shard of the wrong shape on one rank, a DTensor on a mesh without the
+    sender; and once the update began, one rank failing to stage its shard of a full_tensor()
+    gather. The trainer's own group still works after all of it."""
+    outcomes = run_processes(_awkward, 5, free_port(), free_port(), deadline_s=150)
+    for o in outcomes:
+        assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
+    trainers, worker = [o.value for o in outcomes[:4]], outcomes[4].value
+    want = trainers[0]["want"]
+    assert worker["awkward"] == want and worker["last"] == want
+    assert worker["version"] == 2 and "simulated: out of memory" in worker["oom_error"], worker
+    assert trainers[0]["info"] == [("fp8", "float8_e4m3fn", (8, 6)), ("i16", "int16", (8, 6)),
+                                   ("c64", "complex64", (8, 6)), ("conj", "complex64", (9, 4)),
+                                   ("neg", "float32", (7, 5))]  # fmt: skip
+    for rank, t in enumerate(trainers):
+        assert t["all_reduce"] == 10.0
+        if "float4" in t:
+            assert t["float4"].startswith("ValueError") and "cannot cast" in t["float4"], t["float4"]
+        assert t["partial_shape"].startswith("ValueError") and "DTensor's rules give this rank [3, 3]" in \
+            t["partial_shape"], t["partial_shape"]  # fmt: skip
+        assert t["submesh"].startswith("ValueError") and "does not hold this rank" in t["submesh"], t["submesh"]
+        if rank == 1:
+            assert t["oom"].startswith("OutOfMemoryError: simulated"), t["oom"]
+        else:
+            assert "TransferError: send_model failed on another trainer rank" in t["oom"], t["oom"]
+        assert float(t["oom"].rsplit("(", 1)[1].split(" s)")[0]) < SIDE_TIMEOUT / 2, t["oom"]

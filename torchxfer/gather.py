@@ -55,7 +55,7 @@ from .config import wait_timeout
 from .errors import TransferError
 from .group import local_shard
 from .packing import align_up
-from .sources import Entry, is_dtensor, materialize, mesh_device
+from .sources import Entry, finish_full, gather_full, is_dtensor, mesh_device, stage_full
 
 __all__ = ["GatherFailed", "Gatherer", "Posted", "local_tensor", "peer_row"]
 
@@ -100,6 +100,7 @@ class Posted:
     full: list[int]
     works: list[Any] = dataclasses.field(default_factory=list)
     fulls: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    staged: dict[int, Any] = dataclasses.field(default_factory=dict)  # ``full`` entries, ready to gather
 
 
 _Copy = tuple[int, int, int, int, int]
@@ -234,8 +235,9 @@ class Gatherer:
                 full = fulls[i] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
             at = full.data_ptr()
             local = local_shard(entry.tensor)
+            plain = local.is_contiguous() and not local.is_conj() and not local.is_neg()  # its bytes are its values
             known = memo.get(i) if memo is not None else None
-            if known is not None and known[0] == at and known[1] == local.data_ptr() and local.is_contiguous():
+            if known is not None and known[0] == at and known[1] == local.data_ptr() and plain:
                 # The same buffer, shard and mapping as an earlier update of this plan (whose check
                 # says the shard's dtype, shape and device are unchanged): the same copies.
                 own, copies = known[2], known[3]
@@ -243,7 +245,7 @@ class Gatherer:
             else:
                 starts, widths, rows, pitch = _geometry(entry)
                 own, copies = [], []
-                if cuda and local.dtype == entry.dtype and local.device == device and local.is_contiguous() \
+                if cuda and local.dtype == entry.dtype and local.device == device and plain \
                         and local.numel() * local.element_size() == widths[op.me] * rows:  # fmt: skip
                     own.append((at + starts[op.me], local.data_ptr(), widths[op.me], rows, pitch))
                 else:
@@ -423,6 +425,8 @@ class Gatherer:
                 op = ops[id(pg)] = _Op(pg, dst, len(entry.shard.sizes), me, [], p2p=one_by_one(pg))
             op.entries.append(i)
         posted = Posted(g, list(ops.values()), full)
+        for i in full:  # casts and moves, which can fail: before this rank tells the others it is ready
+            posted.staged[i] = stage_full(self.entries[i])
         with torch.no_grad():
             if into is not None and self.is_sender:
                 for i, view in zip(self.groups[g], into):
@@ -441,6 +445,8 @@ class Gatherer:
         the copy that places it moves and casts it, one tensor at a time, with no device
         temporary per group. ValueError if its shape no longer fits the plan."""
         local = entry.tensor.to_local()  # under no_grad (prepare): no graph to detach from
+        if local.is_conj() or local.is_neg():  # a lazy view: its memory is not its values
+            local = local.resolve_conj().resolve_neg()
         want = entry.shard.local_shape(entry.shape, me)
         if tuple(local.shape) != want:
             raise ValueError(f"{entry.source_name!r}: local shard of shape {list(local.shape)}, expected {list(want)} "
@@ -546,19 +552,32 @@ class Gatherer:
             torch._foreach_copy_(*fused)
 
     def post(self, posted: Posted) -> None:
-        """Post the group's gathers (asynchronous), then its ``full`` entries' ``full_tensor()`` (blocking)."""
+        """Post the group's gathers (asynchronous), then its ``full`` entries' ``full_tensor()`` (blocking).
+
+        A collective that fails raises GatherFailed (the trainer groups are then unusable); the
+        local work after a gather (a ``Partial`` tensor's cast) raises as it is, so the caller
+        tells the other ranks, which wait for this one at the next lockstep point."""
         self.posted_groups += 1
         try:
             for op in posted.ops:
                 posted.works += self._post_messages(op)
-            for i in posted.full:
-                full = materialize(self.entries[i])
-                if self.is_sender:
-                    posted.fulls[i] = full
-                del full
         except Exception as e:
-            raise GatherFailed(f"gathering group {posted.index} of send_model failed on trainer rank "
-                               f"{dist.get_rank()}: {type(e).__name__}: {e}") from e  # fmt: skip
+            raise self._failed(posted, e) from e
+        for i in posted.full:
+            try:
+                gathered = gather_full(posted.staged.pop(i))
+            except Exception as e:
+                raise self._failed(posted, e) from e
+            full = finish_full(self.entries[i], gathered)
+            del gathered
+            if self.is_sender:
+                posted.fulls[i] = full
+            del full
+
+    @staticmethod
+    def _failed(posted: Posted, e: Exception) -> GatherFailed:
+        return GatherFailed(f"gathering group {posted.index} of send_model failed on trainer rank {dist.get_rank()}: "
+                            f"{type(e).__name__}: {e}")  # fmt: skip
 
     @staticmethod
     def _post_messages(op: _Op) -> list[Any]:
@@ -630,9 +649,11 @@ def peer_row(entries: list[Entry], is_sender: bool) -> torch.Tensor:
                         device = devices[id(mesh)] = mesh_device(mesh)
                     # A cast would have to be staged on rank 0 in the stored dtype, beyond the memory
                     # bound of two buckets; casting here would run kernels on this GPU.
-                    if local.device != device or not local.is_contiguous() or local.dtype != entry.dtype:
-                        raise peer_reads.PeerReadsUnavailable(f"{entry.source_name!r}: a shard off its GPU, "
-                                                              "not contiguous, or cast on the way")  # fmt: skip
+                    if local.device != device or not local.is_contiguous() or local.dtype != entry.dtype \
+                            or local.is_conj() or local.is_neg():  # fmt: skip
+                        raise peer_reads.PeerReadsUnavailable(f"{entry.source_name!r}: a shard off its GPU, not "
+                                                              "contiguous, a lazy conjugate or negative view, or "
+                                                              "cast on the way")  # fmt: skip
                     if local.numel():
                         tensors[k] = local
             pieces, segments = peer_reads.export(tensors)

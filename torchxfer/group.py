@@ -765,6 +765,20 @@ def local_shard(dtensor: Any) -> torch.Tensor:
     return local if isinstance(local, torch.Tensor) else dtensor.to_local()
 
 
+def dtensor_local_shape(dtensor: Any) -> tuple[int, ...] | None:
+    """The local shape DTensor's own rules give this rank for ``dtensor``'s global shape, mesh and
+    placements (``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``, torch
+    2.6-2.13), which ``full_tensor()`` assumes every rank holds; None where that helper is gone
+    or does not know a placement (then not checked)."""
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, _ = compute_local_shape_and_global_offset(dtensor.shape, dtensor.device_mesh, dtensor.placements)
+        return tuple(int(n) for n in shape)
+    except Exception:  # noqa: BLE001 - an unchecked shape, as before this check existed
+        return None
+
+
 def side_group(pg: Any) -> SideGroup:
     """torchxfer's state for a side group; ValueError if ``pg`` is not one (or was destroyed)."""
     try:

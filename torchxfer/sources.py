@@ -27,10 +27,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import DEFAULT_PACKED_BUFFER_SIZE_BYTES, DEFAULT_PACKED_NUM_BUFFERS, NCCLWeightTransferUpdateInfo
-from .group import local_shard, metadata_guard
+from .group import dtensor_local_shape, local_shard, metadata_guard
 from .packing import Planner, TensorSpec, dtype_name, parse_dtype
 
 __all__ = ["NameMap", "Source", "Entry", "ShardInfo", "plan", "gather_groups", "iter_named_tensors",
@@ -117,10 +118,19 @@ def _how(name: str, tensor: torch.Tensor) -> tuple[str, ShardInfo | None]:
     if not is_dtensor(tensor):
         return "local", None
     mesh, placements = tensor.device_mesh, tuple(tensor.placements)
+    if mesh.get_coordinate() is None:
+        raise ValueError(f"{name!r}: a DTensor on a mesh of ranks {mesh.mesh.flatten().tolist()[:16]}, which does "
+                         f"not hold this rank ({dist.get_rank()}): every trainer rank sends the tensors it holds")
     split = [i for i, p in enumerate(placements) if not p.is_replicate() and mesh.size(i) > 1]
     if not split:
         return "local", None
     if len(split) > 1 or type(placements[split[0]]) is not Shard:
+        # Gathered by full_tensor(), which takes every rank's local shape from DTensor's rules:
+        # a shard of another shape would make a backend abort the process mid-gather.
+        want, have = dtensor_local_shape(tensor), tuple(local_shard(tensor).shape)
+        if want is not None and have != want:
+            raise ValueError(f"{name!r}: local shard of shape {list(have)} on a DTensor of shape {list(tensor.shape)} "
+                             f"placed {list(placements)}; DTensor's rules give this rank {list(want)}")  # fmt: skip
         return "full", None
     i = split[0]
     dim = placements[i].dim % max(1, tensor.dim())
@@ -200,7 +210,26 @@ def _check_dtype(dtype: Any) -> torch.dtype | None:
     dtype_name(dtype)  # ValueError for a dtype the wire cannot carry
     if not dtype.is_floating_point:
         raise ValueError(f"dtype casts floating-point tensors and must be a floating-point dtype, got {dtype}")
+    if not castable(torch.float32, dtype):
+        raise ValueError(f"dtype {dtype}: torch cannot cast to it (no conversion kernel)")
     return dtype
+
+
+_castable: dict[tuple[torch.dtype, torch.dtype], bool] = {}
+
+
+def castable(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether torch converts ``src`` to ``dst`` (a one-element probe, once per pair): sub-byte
+    and some exotic dtypes have no conversion kernel, which would fail mid-update."""
+    known = _castable.get((src, dst))
+    if known is None:
+        try:
+            torch.zeros(1, dtype=src).to(dst)
+            known = True
+        except Exception:  # noqa: BLE001 - NotImplementedError, RuntimeError: no kernel
+            known = False
+        _castable[(src, dst)] = known
+    return known
 
 
 @dataclasses.dataclass
@@ -374,6 +403,9 @@ def _plan(source: Source, dtype: Any, name_map: NameMap, include_buffers: bool,
             problems.append(f"{name!r}: expected a tensor, got {type(tensor).__name__}")
             continue
         out_dtype = dtype if dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
+        if out_dtype != tensor.dtype and not castable(tensor.dtype, out_dtype):
+            problems.append(f"{name!r}: torch cannot cast {tensor.dtype} to {out_dtype}")
+            continue
         try:
             how, shard, placement = _classify(name, tensor)
             spec = TensorSpec(new, out_dtype, tuple(tensor.shape))
@@ -419,19 +451,48 @@ def materialize(entry: Entry) -> torch.Tensor:
     with torch.no_grad():
         if not is_dtensor(tensor):
             return tensor.detach().to(entry.dtype)
-        local = tensor.to_local().detach()
         if not entry.collective:
-            return local.to(entry.dtype)
-        cast_first = not any(p.is_partial() for p in tensor.placements)
-        if cast_first:
+            return tensor.to_local().detach().to(entry.dtype)
+    return finish_full(entry, gather_full(stage_full(entry)))
+
+
+def gather_full(staged: Any) -> torch.Tensor:
+    """``full_tensor()`` of a :func:`stage_full` DTensor: the collective, every rank of its mesh."""
+    with torch.no_grad():
+        return staged.full_tensor()
+
+
+def stage_full(entry: Entry) -> Any:
+    """The local half of a collective entry's :func:`materialize` (no collective): this rank's
+    shard cast (unless ``Partial``), moved to the mesh's device and wrapped as a DTensor whose
+    ``full_tensor()`` is the gather. Split off so that a trainer rank does this local work, which
+    can fail (out of memory), before it tells the others it is ready to gather."""
+    tensor = entry.tensor
+    with torch.no_grad():
+        local = local_shard(tensor).detach().resolve_conj().resolve_neg()
+        if not any(p.is_partial() for p in tensor.placements):
+            # Moved, not reduced: as bits of a dtype every backend gathers (Gloo has no fp8 or int16, NCCL
+            # no int16 or uint32), the same item size, so shapes and DTensor's chunking stay as they are.
             local = local.to(entry.dtype)
+            local = local.view(_CARRIERS.get(local.element_size(), local.dtype))
         mesh = tensor.device_mesh
-        local = local.to(mesh_device(mesh))
-        staged = DTensor.from_local(local, mesh, tensor.placements, run_check=False,
-                                    shape=tensor.shape, stride=tensor.stride())  # fmt: skip
-        del local
-        full = staged.full_tensor()
-        return full if cast_first else full.to(entry.dtype)
+        return DTensor.from_local(local.to(mesh_device(mesh)), mesh, tensor.placements, run_check=False,
+                                  shape=tensor.shape, stride=tensor.stride())  # fmt: skip
+
+
+_CARRIERS = {1: torch.uint8, 2: torch.float16, 4: torch.int32, 8: torch.int64}
+"""By item size: the dtype whose bits carry a gathered tensor that is only moved (no ``Partial``)."""
+
+
+def finish_full(entry: Entry, full: torch.Tensor) -> torch.Tensor:
+    """A gathered collective entry in the sent dtype: its bits viewed back, or (``Partial``, reduced
+    in its own dtype) cast after the reduction."""
+    with torch.no_grad():
+        if full.dtype == entry.dtype:
+            return full
+        if any(p.is_partial() for p in entry.tensor.placements):
+            return full.to(entry.dtype)
+        return full.view(entry.dtype)
 
 
 def mesh_device(mesh: Any) -> torch.device:
