@@ -6,6 +6,8 @@ bounded by the library's ``timeout_s`` (a few seconds) < the harness deadline.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -306,3 +308,39 @@ def test_colocated_buffers_the_host_cannot_map_are_a_transfer_error_and_the_grou
 
     got = _refused_then_sent(weights, refused)
     assert list(got) == ["w"] and bytes_equal(got["w"], weights[0][1])
+
+
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_a_server_switches_engines_by_its_config_alone(backend):
+    """The same server code, the same ``NCCLWeightTransferInitInfo`` (with a token) and trainer
+    dict (the workers' own, ``rank_offset`` 0 or 1, ignored by the trainer): only
+    ``WeightTransferConfig.backend`` differs, and the update arrives bit-exact either way."""
+    from torchxfer import NCCLWeightTransferInitInfo
+
+    weights = [("w", torch.arange(12.0).reshape(3, 4)), ("b", torch.arange(5, dtype=torch.int64))]
+    colocated = backend == "ipc"
+    engine_cls = IPCWeightTransferEngine if colocated else NCCLWeightTransferEngine
+
+    def body(rank: int, port: int) -> Any:
+        shared = dict(master_address=ADDR, master_port=port, world_size=2, token="s3cret")
+        if rank == 0:
+            extra = {"device": "cpu"} if colocated else {"backend": "gloo"}
+            group = engine_cls.trainer_init({**shared, "rank_offset": 0}, timeout_s=TIMEOUT, **extra)
+            try:
+                kwargs = {} if colocated else {"packed": True}
+                engine_cls.trainer_send_weights(iter(weights), group, **kwargs)
+            finally:
+                destroy_side_group(group)
+            return None
+        engine = create_engine(WeightTransferConfig(backend=backend, timeout_s=TIMEOUT, device="cpu"), ParallelConfig())
+        try:
+            engine.init_transfer_engine(NCCLWeightTransferInitInfo(rank_offset=1, **shared))
+            got: list = []
+            engine.receive_weights(None, lambda batch: got.extend((n, t.clone()) for n, t in batch))
+            return type(engine).__name__, got
+        finally:
+            engine.shutdown()
+
+    name, got = run_world(body, 2, deadline_s=60)[1]
+    assert name == engine_cls.__name__
+    assert [(n, t.dtype, t.tolist()) for n, t in got] == [(n, t.dtype, t.tolist()) for n, t in weights]

@@ -326,9 +326,11 @@ class IPCWeightTransferInitInfo(NCCLWeightTransferInitInfo):
 class NCCLWeightTransferUpdateInfo:
     """Out-of-band description of one update, checked against the in-band header.
 
-    Both producer and consumer must use the same ``packed``,
-    ``packed_buffer_size_bytes`` and ``packed_num_buffers``; any disagreement
-    raises TransferError on every rank before payload moves.
+    Both producer and consumer must use the same ``packed`` flag and, when they
+    pack, the same ``packed_buffer_size_bytes`` and ``packed_num_buffers``; any
+    disagreement raises TransferError on every rank before payload moves. Unpacked
+    (``packed=False`` on both sides), no buffer is used: the two sizes are not
+    compared.
     """
 
     names: list[str]

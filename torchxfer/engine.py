@@ -332,8 +332,8 @@ class NCCLWeightTransferEngine(_WorkerEngine[NCCLWeightTransferInitInfo, NCCLWei
             ``torchxfer.destroy_side_group(group)``; the port is free once the
             group is dropped.
         """
-        if isinstance(init_info, Mapping):
-            init_info = {"rank_offset": 1, **init_info}
+        if isinstance(init_info, Mapping):  # rank_offset is the workers': ignored here, whatever it is
+            init_info = {**init_info, "rank_offset": 1}
         info = parse_info(NCCLWeightTransferInitInfo, init_info, "init info")
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"

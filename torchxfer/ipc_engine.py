@@ -17,6 +17,7 @@ only control rows travel between the processes (see :mod:`torchxfer.colocated`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -31,6 +32,7 @@ from .config import (
     DEFAULT_PACKED_NUM_BUFFERS,
     DEFAULT_TIMEOUT_S,
     IPCWeightTransferInitInfo,
+    NCCLWeightTransferInitInfo,
     NCCLWeightTransferUpdateInfo,
     ParallelConfig,
     TransferStats,
@@ -50,6 +52,15 @@ from .receiver import LoadWeights
 from .rendezvous import Cancel
 
 __all__ = ["IPCWeightTransferEngine"]
+
+def _ipc_info(init_info: Any) -> IPCWeightTransferInitInfo:
+    """``init_info`` as an :class:`IPCWeightTransferInitInfo`: a dict, one, or the broadcast
+    engine's :class:`NCCLWeightTransferInitInfo` (the same fields), so that a server switches
+    engines by its config alone; ValueError for anything else."""
+    if isinstance(init_info, NCCLWeightTransferInitInfo) and not isinstance(init_info, IPCWeightTransferInitInfo):
+        init_info = {f.name: getattr(init_info, f.name) for f in dataclasses.fields(init_info) if f.init}
+    return parse_info(IPCWeightTransferInitInfo, init_info, "init info")
+
 
 def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -88,6 +99,13 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
     init_info_cls = IPCWeightTransferInitInfo
     update_info_cls = NCCLWeightTransferUpdateInfo
     _receiver = ColocatedReceiver
+
+    @classmethod
+    def parse_init_info(cls, init_dict: Any) -> IPCWeightTransferInitInfo:
+        """Build the init info from a dict, or take an :class:`IPCWeightTransferInitInfo` or an
+        :class:`NCCLWeightTransferInitInfo` (a server switched by its config alone); ValueError
+        on unknown, missing or bad values."""
+        return _ipc_info(init_dict)
 
     def __init__(self, config: WeightTransferConfig, parallel_config: ParallelConfig) -> None:
         super().__init__(config, parallel_config)
@@ -163,9 +181,9 @@ class IPCWeightTransferEngine(_WorkerEngine[IPCWeightTransferInitInfo, NCCLWeigh
         Returns:
             The side group; release it with ``torchxfer.destroy_side_group(group)``.
         """
-        if isinstance(init_info, Mapping):
-            init_info = {"rank_offset": 1, **init_info}
-        info = parse_info(IPCWeightTransferInitInfo, init_info, "init info")
+        if isinstance(init_info, Mapping):  # rank_offset is the workers': ignored here, whatever it is
+            init_info = {**init_info, "rank_offset": 1}
+        info = _ipc_info(init_info)
         timeout = check_timeout("trainer_init", DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
         dev = _default_device() if device is None else parse_device("trainer_init", device)
         if dev.type not in ("cpu", "cuda"):
