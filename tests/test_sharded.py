@@ -172,7 +172,6 @@ def _e2e(rank: int, side_port: int, trainer_port: int, info0: object) -> object:
         ParallelConfig,
         TransferError,
         WeightTransferConfig,
-        destroy_side_group,
         send_model,
         update_info_for,
     )
@@ -340,13 +339,22 @@ def _e2e(rank: int, side_port: int, trainer_port: int, info0: object) -> object:
 
     # u7: everything still works.
     send_model(sd4, group, **kw)
+    out["all_reduce"] = _trainer_group_works_then_close(rank, group)
+    return out
+
+
+def _trainer_group_works_then_close(rank: int, group: object) -> float:
+    """The trainer ranks' own group still reduces (the sum of rank + 1); then everything is released."""
+    import torch.distributed as dist
+
+    from torchxfer import destroy_side_group
+
     t = torch.tensor([rank + 1.0])
     dist.all_reduce(t)
-    out["all_reduce"] = t.item()
     if group is not None:
         destroy_side_group(group)
     dist.destroy_process_group()
-    return out
+    return t.item()
 
 
 def test_sharded_trainer_end_to_end_bit_exact_failures_and_misorder():
@@ -766,7 +774,7 @@ def _awkward(rank: int, side_port: int, trainer_port: int) -> object:
     import torch.distributed as dist
 
     from torchxfer import NCCLWeightTransferEngine, NCCLWeightTransferInitInfo, ParallelConfig, TransferError
-    from torchxfer import WeightTransferConfig, destroy_side_group, send_model, update_info_for
+    from torchxfer import WeightTransferConfig, send_model, update_info_for
 
     if rank == 4:  # the worker
         engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="gloo", timeout_s=SIDE_TIMEOUT),
@@ -858,12 +866,7 @@ def _awkward(rank: int, side_port: int, trainer_port: int) -> object:
     finally:
         sources_mod.DTensor.from_local = real
     send_model(sd, group, **kw)
-    t = torch.tensor([rank + 1.0])
-    dist.all_reduce(t)
-    out["all_reduce"] = t.item()
-    if group is not None:
-        destroy_side_group(group)
-    dist.destroy_process_group()
+    out["all_reduce"] = _trainer_group_works_then_close(rank, group)
     return out
 
 
