@@ -436,3 +436,57 @@ def test_a_failed_init_leaves_nothing_of_its_group_on_the_engine(monkeypatch):
 
     freed, group = run_world(body, 2, deadline_s=DEADLINE)[1]
     assert freed and group is None
+
+
+_EXIT_AFTER_SHUTDOWN = """
+import sys, threading
+from torchxfer import NCCLWeightTransferInitInfo, ParallelConfig, TransferError, WeightTransferConfig, create_engine
+import torchxfer.rendezvous as rdv
+
+engine = create_engine(WeightTransferConfig(backend="gloo", timeout_s=10), ParallelConfig())
+started = threading.Event()
+real = rdv.make_store
+
+def make_store(*args, **kwargs):
+    started.set()
+    return real(*args, **kwargs)
+
+rdv.make_store = make_store
+outcome = []
+
+def init():
+    try:
+        engine.init_transfer_engine(NCCLWeightTransferInitInfo("127.0.0.1", int(sys.argv[1]), 1, 2))
+    except TransferError as e:
+        outcome.append(str(e))
+
+thread = threading.Thread(target=init)
+thread.start()
+assert started.wait(30)
+engine.shutdown()
+thread.join(30)
+assert outcome and "shutdown" in outcome[0], outcome
+import time
+until = time.monotonic() + 2.0  # the abandoned init thread notices the stop within 50 ms
+while any(t.name == "torchxfer-init" for t in threading.enumerate()) and time.monotonic() < until:
+    time.sleep(0.01)
+print("exiting, init threads left:", sum(t.name == "torchxfer-init" for t in threading.enumerate()))
+"""
+
+
+def test_a_server_that_exits_right_after_shutdown_during_init_exits_cleanly():
+    """A server stops while its worker still waits for a trainer that never came: ``shutdown()``,
+    then the interpreter exits at once. The init thread the engine gave up on must be gone by
+    then (it waits for the trainer's store in plain connection attempts that poll the stop);
+    one left inside torch's store client made the interpreter abort at exit (SIGABRT)."""
+    import subprocess
+    import sys
+
+    from tests.harness import free_port
+
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _EXIT_AFTER_SHUTDOWN, str(free_port())], capture_output=True,
+                          text=True, timeout=DEADLINE)  # fmt: skip
+    assert done.returncode == 0 and "exiting, init threads left: 0" in done.stdout, \
+        (done.returncode, done.stdout, done.stderr[-2000:])  # fmt: skip
+    assert time.monotonic() - start < 10.0 + 5.0  # not the init window, whatever the start-up takes

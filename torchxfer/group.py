@@ -538,7 +538,7 @@ def _form(address: str, port: int, rank: int, world_size: int, backend: str, dat
         phase[0] = what
 
     phase[0] = f"connecting to the trainer's store at {address}:{port}" if rank else f"starting the store on {address}:{port}"
-    store, real_port = rdv.make_store(address, port, rank, deadline)
+    store, real_port = rdv.make_store(address, port, rank, deadline, cancel)
     group = None
     try:
         next_phase("the rendezvous through the trainer's store")

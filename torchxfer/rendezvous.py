@@ -189,12 +189,15 @@ def _listen(address: str, port: int) -> socket.socket:
     return sock
 
 
-def make_store(address: str, port: int, rank: int, deadline: float) -> tuple[Store, int]:
+def make_store(address: str, port: int, rank: int, deadline: float,
+               cancel: Cancel | None = None) -> tuple[Store, int]:  # fmt: skip
     """Rank 0 hosts the store on ``address:port``; the others connect to it.
 
     Blocks (a worker's connection can block without bound on a silent peer;
     the caller runs this in the bounded init thread). The TCPStore is held by
-    the returned wrapper alone, so detaching it releases the port.
+    the returned wrapper alone, so detaching it releases the port. A worker
+    first waits, polling ``cancel``, for anything to accept connections there
+    (see :func:`_await_listener`).
     """
     if rank == 0:
         sock = _listen(address, port)
@@ -212,12 +215,35 @@ def make_store(address: str, port: int, rank: int, deadline: float) -> tuple[Sto
             raise TransferError(f"cannot start the store on {address}:{real_port}: {e}") from None
         sock.detach()
         return store, real_port
+    _await_listener(address, port, rank, deadline, cancel)
     try:
         return Store(dist.TCPStore(address, port, None, False, wait_timeout(left(deadline)))), port
     except Exception as e:
         raise TransferError(
             f"rank {rank} could not reach the trainer's store at {address}:{port}: {e}"
         ) from None
+
+
+def _await_listener(address: str, port: int, rank: int, deadline: float, cancel: Cancel | None) -> None:
+    """Until something accepts a TCP connection on ``address:port`` (the trainer's store, which
+    often starts after its workers): plain connection attempts, a few a second, ``cancel``
+    polled between them. torch's store client would retry inside C++ until its own timeout,
+    which nothing can interrupt: a worker stopped by ``shutdown()`` would leave a thread there,
+    and a process exiting meanwhile aborts. TransferError at ``deadline``."""
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise Cancel.error()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TransferError(f"rank {rank} could not reach the trainer's store at {address}:{port}: nothing "
+                                "accepted a connection there within the init window (is the trainer up?)")  # fmt: skip
+        try:
+            with socket.create_connection((address, port), timeout=min(4 * _CANCEL_POLL_S, remaining)):
+                return
+        except OSError:
+            pass
+        wait = min(_CANCEL_POLL_S, max(0.0, deadline - time.monotonic()))
+        cancel.wait(wait) if cancel is not None else time.sleep(wait)
 
 
 # -- rendezvous ---------------------------------------------------------------------
