@@ -53,6 +53,7 @@ from .rendezvous import Cancel
 
 __all__ = ["IPCWeightTransferEngine"]
 
+
 def _ipc_info(init_info: Any) -> IPCWeightTransferInitInfo:
     """``init_info`` as an :class:`IPCWeightTransferInitInfo`: a dict, one, or the broadcast
     engine's :class:`NCCLWeightTransferInitInfo` (the same fields), so that a server switches
