@@ -1965,3 +1965,56 @@ def test_each_colocated_update_logs_one_debug_line_per_rank(caplog):
         ids = [m.group(1) for r in caplog.records if r.name == "torchxfer" and r.levelno == logging.DEBUG
                for m in [re.match(verb + " " + line, r.getMessage())] if m]  # fmt: skip
         assert ids == ["0", "1"], (verb, [r.getMessage() for r in caplog.records])
+
+
+def test_a_worker_that_answers_slowly_and_never_releases_is_bounded_by_one_timeout(monkeypatch):
+    """Rank 2 answers every row (fast at first) but, once the trainer waits for a buffer, only
+    just inside timeout_s each time, and never releases one: the trainer's wait for that buffer
+    still ends within timeout_s (each row's wait bounded by what is left of it; it took about
+    2.5 x timeout_s), with TransferError naming the bucket."""
+    from torchxfer import colocated_receiver, colocated_sender
+
+    timeout = 1.5
+    real_row, real_acquire = colocated_receiver.ColocatedReceiver.row, colocated_sender.ColocatedSender.acquire
+    acquired: list[float] = []
+
+    def slow(self):
+        words = real_row(self)
+        if self.group.rank() == 2:
+            words[6] = 0  # args[4]: buckets released
+            if len(getattr(getattr(self, "layout", None), "buckets", [])) >= 2:  # the scenario: a slow worker
+                time.sleep(0.8 * timeout)
+        return words
+
+    def timed(self, k):
+        start = time.monotonic()
+        try:
+            return real_acquire(self, k)
+        finally:
+            acquired.append(time.monotonic() - start)
+
+    monkeypatch.setattr(colocated_receiver.ColocatedReceiver, "row", slow)
+    monkeypatch.setattr(colocated_sender.ColocatedSender, "acquire", timed)
+    model = [(f"w{i}", torch.full((250,), float(i))) for i in range(6)]  # one 1000-byte tensor per 1 KiB bucket
+
+    def body(rank: int, port: int):
+        if rank == 0:
+            pg = _trainer(port, 3, timeout=timeout)
+            try:
+                with pytest.raises(TransferError) as info:
+                    IPCWeightTransferEngine.trainer_send_weights(model, pg, packed_buffer_size_bytes=1024,
+                                                                 packed_num_buffers=2)  # fmt: skip
+                return str(info.value)
+            finally:
+                destroy_side_group(pg)
+        engine = _worker(rank, port, 3, timeout=timeout)
+        try:
+            with pytest.raises(TransferError):
+                engine.receive_weights(None, _collect({}))
+            return None
+        finally:
+            engine.shutdown()
+
+    message = run_world(body, 3, deadline_s=60)[0]
+    assert "did not release bucket 0" in message, message
+    assert acquired and max(acquired) < timeout + 0.5, acquired

@@ -488,8 +488,8 @@ class ColocatedSender(SendSide):
         self.steps.append(step)
         return step
 
-    def read(self, step: Step) -> list[Row]:
-        rows = step.rows()
+    def read(self, step: Step, timeout_s: float | None = None) -> list[Row]:
+        rows = step.rows(timeout_s)
         self.released = min(r.args[4] for r in rows[1:]) if len(rows) > 1 else 1 << 62
         self.failed = self.failed or any(r.args[0] for r in rows[1:])
         if any(r.args[6] for r in rows[1:]) and self.state.direct_off is None:
@@ -516,17 +516,23 @@ class ColocatedSender(SendSide):
         """Before packing bucket ``k``: every worker released the bucket that last used its buffer."""
         need = k - self.num_buffers + 1
         self.check_failures()
-        deadline = None
+        deadline = time.monotonic() + self.group.timeout_s
         while self.released < need:
+            # One timeout_s in all, however the worker answers its rows: a worker that answers and
+            # never releases gets the agreed abort, one that stops answering breaks the group.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.abort_step(encode_message(
+                    f"a worker did not release bucket {need - 1} within {self.group.timeout_s:g} s"))  # fmt: skip
             if not self.steps:
-                # Rows answer at once: a worker that answers and never releases is bounded here.
-                now = time.monotonic()
-                deadline = now + self.group.timeout_s if deadline is None else deadline
-                if now > deadline:
-                    self.abort_step(encode_message(
-                        f"a worker did not release bucket {need - 1} within {self.group.timeout_s:g} s"))  # fmt: skip
                 self.post(make_row(Kind.SYNC), f"{self.what} (buffer {k % self.num_buffers})")
-            self.read(self.steps.popleft())
+            try:
+                self.read(self.steps.popleft(), left)
+            except TransferError as e:
+                if time.monotonic() < deadline:
+                    raise
+                raise TransferError(f"{self.what}: a worker did not release bucket {need - 1} within "
+                                    f"{self.group.timeout_s:g} s, nor answer its row ({e})", broken=True) from None
             if self.failed:
                 self.abort_step(b"")
         if self.device.type == "cuda":

@@ -82,15 +82,15 @@ class Step:
         """True once the step completed (never blocks)."""
         return self._rows is not None or self._work.is_completed()
 
-    def rows(self) -> list[Row]:
-        """Every rank's row, checked; blocks at most ``timeout_s``.
+    def rows(self, timeout_s: float | None = None) -> list[Row]:
+        """Every rank's row, checked; blocks at most ``timeout_s`` (default: the group's).
 
         A row that is not a row of this protocol breaks the group: its sender
         does not follow the same sequence of collectives.
         """
         if self._rows is None:
             group = self.channel.group
-            group.wait(self._work, self.what, data=self.payload)
+            group.wait(self._work, self.what, data=self.payload, timeout_s=timeout_s)
             words = self._out.tolist()  # on CUDA: ordered after the gather by the wait
             try:
                 self._rows = [parse_row(words[r * ROW_WORDS : (r + 1) * ROW_WORDS], r) for r in range(group.size())]
