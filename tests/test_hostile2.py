@@ -344,3 +344,47 @@ def test_a_server_switches_engines_by_its_config_alone(backend):
     name, got = run_world(body, 2, deadline_s=60)[1]
     assert name == engine_cls.__name__
     assert [(n, t.dtype, t.tolist()) for n, t in got] == [(n, t.dtype, t.tolist()) for n, t in weights]
+
+
+def test_a_peers_error_text_reaches_messages_and_logs_on_one_line_without_control_characters(caplog):
+    """A worker's load_weights raises with a newline and a terminal escape in its message (or a
+    hostile worker sends such text): every rank raises the same TransferError with them escaped,
+    and the WARNING lines carry no raw control character."""
+    import logging
+
+    from torchxfer import TransferError
+
+    caplog.set_level(logging.WARNING, logger="torchxfer")
+    weights = [("w", torch.arange(6.0))]
+
+    def body(rank: int, port: int) -> Any:
+        if rank == 0:
+            group = NCCLWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=port, world_size=2),
+                                                          backend="gloo", timeout_s=TIMEOUT)  # fmt: skip
+            try:
+                with pytest.raises(TransferError) as err:
+                    NCCLWeightTransferEngine.trainer_send_weights(iter(weights), group, packed=True)
+                return str(err.value)
+            finally:
+                destroy_side_group(group)
+        engine = create_engine(WeightTransferConfig(backend="gloo", timeout_s=TIMEOUT), ParallelConfig())
+        from torchxfer import NCCLWeightTransferInitInfo
+
+        engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, port, 1, 2))
+        try:
+            def load(batch: Any) -> None:
+                raise RuntimeError("line one\nforged: update 7 loaded\x1b[2K\x07")
+
+            with pytest.raises(TransferError) as err:
+                engine.receive_weights(None, load)
+            return str(err.value)
+        finally:
+            engine.shutdown()
+
+    trainer_msg, worker_msg = run_world(body, 2, deadline_s=60)
+    for message in (trainer_msg, worker_msg):
+        assert "line one\\nforged: update 7 loaded\\x1b[2K\\x07" in message, message
+        assert message.isprintable(), message
+    assert trainer_msg == worker_msg
+    for record in caplog.records:
+        assert record.getMessage().isprintable(), record.getMessage()

@@ -19,7 +19,7 @@ from .errors import TransferError
 from .group import SideGroup
 from .wire import MAX_FRAME_BYTES, ROW_WORDS, Kind, Row, parse_row
 
-__all__ = ["ControlChannel", "Step", "checksum", "MESSAGE_BYTES", "encode_message", "owned"]
+__all__ = ["ControlChannel", "Step", "checksum", "MESSAGE_BYTES", "encode_message", "owned", "printable"]
 
 MESSAGE_BYTES = 64 << 10
 """Most bytes of one rank's error message (enough for two descriptions with the longest names)."""
@@ -174,8 +174,16 @@ class ControlChannel:
             else:
                 text = torch.zeros(length, dtype=torch.uint8)  # a peer that sends fewer bytes leaks nothing
             self._broadcast(text, f"error broadcast ({what})", src=rank)
-            parts.append(f"[rank {rank}] {_bytes(text).decode('utf-8', 'replace')}")
+            parts.append(f"[rank {rank}] {printable(_bytes(text).decode('utf-8', 'replace'))}")
         raise TransferError(f"{what} failed: " + "; ".join(parts))
+
+
+def printable(text: str) -> str:
+    """``text`` (a peer's, say) with every character that is not printable escaped (``\\n``,
+    ``\\x1b`` ...): on one line, and no terminal control sequence reaches a log or a console."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _status(row: Row) -> int:
