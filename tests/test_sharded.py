@@ -906,3 +906,77 @@ def test_awkward_shards_arrive_bit_exact_and_bad_ones_fail_on_every_rank_at_once
         else:
             assert "TransferError: send_model failed on another trainer rank" in t["oom"], t["oom"]
         assert float(t["oom"].rsplit("(", 1)[1].split(" s)")[0]) < SIDE_TIMEOUT / 2, t["oom"]
+
+
+def _partial_cast_fails(rank: int, side_port: int, trainer_port: int) -> object:
+    import torch.distributed as dist
+
+    from torchxfer import NCCLWeightTransferEngine, NCCLWeightTransferInitInfo, ParallelConfig, TransferError
+    from torchxfer import WeightTransferConfig, send_model
+
+    if rank == 2:  # the worker
+        engine = NCCLWeightTransferEngine(WeightTransferConfig(backend="gloo", timeout_s=SIDE_TIMEOUT),
+                                          ParallelConfig())  # fmt: skip
+        engine.init_transfer_engine(NCCLWeightTransferInitInfo(ADDR, side_port, 1, 2))
+        got: list[dict] = [{}, {}]
+        for u in range(2):
+            try:
+                engine.receive_weights(None, lambda batch: got[u].update((n, t.tolist()) for n, t in batch))
+            except TransferError as e:
+                got[u] = {"failed": str(e)}
+        engine.shutdown()
+        return got
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    import torchxfer.gather as gather_mod
+
+    dist.init_process_group("gloo", init_method=f"tcp://{ADDR}:{trainer_port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    mesh = init_device_mesh("cpu", (2,))
+    group = None
+    if rank == 0:
+        group = NCCLWeightTransferEngine.trainer_init(dict(master_address=ADDR, master_port=side_port, world_size=2),
+                                                      backend="gloo", timeout_s=SIDE_TIMEOUT)  # fmt: skip
+    sd = {"p": DTensor.from_local(torch.full((2, 3), rank + 1.0), mesh, [Partial()], run_check=False, shape=(2, 3),
+                                  stride=(3, 1))}  # fmt: skip
+    kw = dict(dtype=torch.bfloat16, packed_buffer_size_bytes=256, timeout_s=SEND_TIMEOUT)
+    real = gather_mod.finish_full
+
+    def failing(entry: object, full: torch.Tensor) -> torch.Tensor:
+        if rank == 1:
+            raise torch.OutOfMemoryError("simulated: out of memory casting a reduced tensor on trainer rank 1")
+        return real(entry, full)
+
+    gather_mod.finish_full = failing
+    start = time.monotonic()
+    try:
+        send_model(sd, group, **kw)
+        outcome = "sent"
+    except Exception as e:  # noqa: BLE001 - reported
+        outcome = f"{type(e).__name__}: {e}"
+    finally:
+        gather_mod.finish_full = real
+    elapsed = time.monotonic() - start
+    send_model(sd, group, **kw)
+    return outcome, elapsed, _trainer_group_works_then_close(rank, group)
+
+
+def test_a_rank_failing_after_a_full_tensor_gather_stops_every_rank_at_once():
+    """A Partial tensor is reduced by full_tensor() on every rank, then cast; rank 1 fails in that
+    cast (local work after the collective, which used to leave rank 0 waiting at its next lockstep
+    point): it raises its own error and rank 0 a TransferError, both at once. Rank 0's own reduced
+    tensor is whole, so the worker either loaded it (3 = 1 + 2, in bf16) or had the update aborted,
+    never anything else; the next update goes through."""
+    outcomes = run_processes(_partial_cast_fails, 3, free_port(), free_port(), deadline_s=120)
+    for o in outcomes:
+        assert o.error is None, f"rank {o.rank}: {o.error}\n{o.tb}"
+    (out0, s0, sum0), (out1, s1, sum1), got = (o.value for o in outcomes)
+    assert out1.startswith("OutOfMemoryError: simulated"), out1
+    assert out0.startswith("TransferError: send_model failed on another trainer rank") and "simulated" in out0, out0
+    assert s0 < SIDE_TIMEOUT / 2 and s1 < SIDE_TIMEOUT / 2, (s0, s1)
+    want = {"p": [[3.0, 3.0, 3.0], [3.0, 3.0, 3.0]]}
+    assert got[0] == want or "simulated" in got[0].get("failed", ""), got[0]
+    assert got[1] == want, got[1]
+    assert sum0 == sum1 == 3.0

@@ -243,7 +243,10 @@ def _await_listener(address: str, port: int, rank: int, deadline: float, cancel:
         except OSError:
             pass
         wait = min(_CANCEL_POLL_S, max(0.0, deadline - time.monotonic()))
-        cancel.wait(wait) if cancel is not None else time.sleep(wait)
+        if cancel is not None:
+            cancel.wait(wait)
+        else:
+            time.sleep(wait)
 
 
 # -- rendezvous ---------------------------------------------------------------------
